@@ -26,6 +26,7 @@ class BaseConfig(msgspec.Struct, frozen=True, kw_only=True):
     log_format: str = "text"
     log_level: str = "INFO"
     metrics_port: int = 0
+    metrics_addr: str = "127.0.0.1"
     # Seconds a replica's session lease lives without a refresh.
     lease_ttl: float = 10.0
     # Seconds a replica waits, on SIGTERM, for in-flight turns before handing sessions over.

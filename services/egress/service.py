@@ -1,0 +1,105 @@
+"""Egress stage: TTS frames in, real-time playout into a sink, ``Playback`` progress out.
+
+The sink is a WAV file (``SessionStart.wav_out``) or nothing; the LiveKit track plugs in here
+too. A ``Cancel`` stops playout at once, and nothing of a cancelled turn plays afterwards.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from proto import events as ev
+from proto import subjects as sj
+from services.egress.playout import NullSink, Playout, PlayoutReport, Sink, WavSink
+from services.runtime import metrics
+from services.runtime.config import BaseConfig
+from services.runtime.service import SessionWorker, StageService
+
+FRAME_MS = 20
+
+
+class EgressConfig(BaseConfig, frozen=True, kw_only=True):
+    # Audio buffered before a turn starts playing: absorbs jitter between TTS frames.
+    egress_prebuffer_ms: int = 40
+    # How often Playback progress is published while the agent speaks.
+    egress_progress_ms: int = 250
+
+
+class EgressWorker(SessionWorker[EgressConfig]):
+    async def start(self) -> None:
+        self.playout: Playout | None = None
+        self.last_seq = 0
+        self.dropped = 0
+        await self.subscribe(sj.producer_all(self.session, "tts"), self.on_tts)
+
+    def _playout_for(self, sample_rate: int) -> Playout:
+        if self.playout is None:
+            path = self.start_event.wav_out
+            sink: Sink = WavSink(path, sample_rate) if path else NullSink()
+            self.playout = Playout(
+                sink, sample_rate, prebuffer_ms=self.config.egress_prebuffer_ms,
+                progress_ms=self.config.egress_progress_ms, on_progress=self.on_progress,
+            )
+            self.spawn(self.playout.run(), "playout")
+        return self.playout
+
+    def on_tts(self, event: ev.Event) -> None:
+        if isinstance(event, ev.AudioFrame):
+            self.on_frame(event)
+        elif isinstance(event, ev.SpeechDone):
+            self.on_done(event)
+
+    def on_frame(self, frame: ev.AudioFrame) -> None:
+        subject = sj.TTS_AUDIO.subject(self.session)
+        expected = frame.sample_rate * FRAME_MS // 1000 * 2
+        if not 8000 <= frame.sample_rate <= 48000 or frame.channels != 1 or len(frame.pcm) != expected:
+            self.bus.reject("bad_audio", f"{frame.sample_rate} Hz x{frame.channels}, "
+                            f"{len(frame.pcm)} bytes", subject)
+            return
+        playout = self._playout_for(frame.sample_rate)
+        if frame.sample_rate != playout.sample_rate:
+            self.bus.reject("rate_change", f"{frame.sample_rate} Hz on a {playout.sample_rate} Hz "
+                            "output", subject)
+            return
+        if self.last_seq and frame.seq > self.last_seq + 1:
+            lost = frame.seq - self.last_seq - 1
+            self.dropped += lost
+            metrics.FRAMES_DROPPED.labels("egress").inc(lost)
+        self.last_seq = max(self.last_seq, frame.seq)
+        self.idle.clear()
+        playout.push(frame.turn, frame.pcm, frame.text_offset)
+
+    def on_done(self, done: ev.SpeechDone) -> None:
+        if done.frames == 0 or self.playout is None:
+            # Nothing to play (an empty or failed reply): the turn is over for the user too.
+            self.spawn(self._publish(PlayoutReport(done.turn, 0, 0, True, done.interrupted, 0)),
+                       f"done-{done.turn}")
+            return
+        self.playout.finish(done.turn)
+
+    async def on_cancel(self, cancel: ev.Cancel) -> None:
+        if self.playout is not None:
+            self.playout.cancel(cancel.turn)
+
+    def on_progress(self, report: PlayoutReport) -> None:
+        self.spawn(self._publish(report), f"progress-{report.turn}")
+
+    async def _publish(self, report: PlayoutReport) -> None:
+        dropped = 0
+        if report.final:
+            dropped, self.dropped = self.dropped, 0
+            self.idle.set()
+        await self.emit(sj.EGRESS_PLAYBACK, ev.Playback, turn=report.turn,
+                        played_ms=report.played_ms, text_offset=report.text_offset,
+                        final=report.final, interrupted=report.interrupted,
+                        frames_dropped=dropped, underruns=report.underruns)
+
+    async def stop(self) -> None:
+        if self.playout is not None:
+            await self.playout.aclose()
+
+
+class EgressService(StageService[EgressConfig]):
+    stage: ClassVar[str] = "egress"
+    Config = EgressConfig
+    Worker = EgressWorker

@@ -1,0 +1,101 @@
+"""Ingress stage: the user's audio in, 16 kHz mono 20 ms frames and VAD edges out.
+
+``feed`` is the core: any async iterator of 16 kHz mono frames, paced in real time. The file
+source plays ``SessionStart.wav_in`` like a polite user: say one file, stay silent until the
+agent has finished its reply, say the next. (The LiveKit microphone source plugs in here too.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterable, AsyncIterator
+from typing import ClassVar
+
+from proto import events as ev
+from proto import subjects as sj
+from services.ingress.audio import FRAME_BYTES, SAMPLE_RATE, AudioFormatError, paced, wav_frames
+from services.ingress.vad import VadSegmenter
+from services.runtime.config import BaseConfig
+from services.runtime.service import SessionWorker, StageService
+
+SILENCE = bytes(FRAME_BYTES)
+FRAME_MS = 20
+
+
+class IngressConfig(BaseConfig, frozen=True, kw_only=True):
+    vad_threshold: float = 0.5
+    vad_neg_threshold: float = 0.35
+    vad_min_speech_ms: int = 64
+    # End of speech: this much silence after the last speech audio closes the user's turn.
+    vad_silence_ms: int = 300
+    # The file source waits at most this long (seconds) for the agent's reply to a file.
+    reply_timeout: float = 20.0
+
+
+class IngressWorker(SessionWorker[IngressConfig]):
+    async def start(self) -> None:
+        cfg = self.config
+        self.vad = VadSegmenter(threshold=cfg.vad_threshold, neg_threshold=cfg.vad_neg_threshold,
+                                min_speech_ms=cfg.vad_min_speech_ms, silence_ms=cfg.vad_silence_ms)
+        self.pts = 0
+        # Publish time of recent frames by pts, to stamp SpeechEnded with its last speech frame.
+        self.sent_at: dict[int, int] = {}
+        self.replies: set[int] = set()
+        self.reply_seen = asyncio.Event()
+        if self.start_event.wav_in:
+            await self.subscribe(sj.EGRESS_PLAYBACK.subject(self.session), self.on_playback)
+            self.spawn(self.play_files(), "file-source")
+
+    def on_playback(self, playback: ev.Playback) -> None:
+        if playback.final and playback.turn not in self.replies:
+            self.replies.add(playback.turn)
+            self.reply_seen.set()
+
+    async def play_files(self) -> None:
+        try:
+            await self.feed(paced(self.file_user()))
+        except (AudioFormatError, OSError) as exc:
+            self.log.error("cannot play input file: %s", exc)
+            await self.emit(sj.ERROR["ingress"], ev.StageError, stage="ingress",
+                            message=str(exc), retryable=False)
+
+    async def file_user(self) -> AsyncIterator[bytes]:
+        for path in self.start_event.wav_in:
+            replies_before = len(self.replies)
+            async for frame in wav_frames(path):
+                yield frame
+            deadline = time.monotonic() + self.config.reply_timeout
+            while len(self.replies) == replies_before and time.monotonic() < deadline:
+                yield SILENCE
+            if len(self.replies) == replies_before:
+                self.log.warning("no reply to %s within %.0fs", path, self.config.reply_timeout)
+        # A little trailing silence, as a microphone would give, then the source ends.
+        for _ in range(self.config.vad_silence_ms // FRAME_MS + 5):
+            yield SILENCE
+
+    async def feed(self, frames: AsyncIterable[bytes]) -> None:
+        """Publish every frame and the VAD edges it produces."""
+        horizon = 5000 // FRAME_MS  # remember publish times for the last 5 s
+        async for pcm in frames:
+            frame = await self.emit(sj.INGRESS_AUDIO, ev.AudioFrame, pcm=pcm,
+                                    sample_rate=SAMPLE_RATE, pts_ms=self.pts)
+            self.sent_at[self.pts] = frame.ts_ns
+            self.sent_at.pop(self.pts - horizon * FRAME_MS, None)
+            for edge in self.vad.push(pcm, self.pts):
+                await self._publish_edge(edge)
+            self.pts += FRAME_MS
+
+    async def _publish_edge(self, edge: object) -> None:
+        if edge.kind == "start":  # type: ignore[attr-defined]
+            await self.emit(sj.INGRESS_VAD, ev.SpeechStarted, pts_ms=edge.pts_ms)  # type: ignore[attr-defined]
+            return
+        last_ts = self.sent_at.get(edge.last_speech_frame_pts_ms, 0)  # type: ignore[attr-defined]
+        await self.emit(sj.INGRESS_VAD, ev.SpeechEnded, pts_ms=edge.pts_ms,  # type: ignore[attr-defined]
+                        speech_ms=edge.speech_ms, last_speech_ts_ns=last_ts)  # type: ignore[attr-defined]
+
+
+class IngressService(StageService[IngressConfig]):
+    stage: ClassVar[str] = "ingress"
+    Config = IngressConfig
+    Worker = IngressWorker

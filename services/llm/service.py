@@ -1,0 +1,129 @@
+"""LLM stage: a final transcript in, the reply streamed out as deltas, history in JetStream KV.
+
+Every final transcript gets exactly one ``ReplyDone`` (empty, interrupted or failed included),
+so each turn closes end to end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from contextlib import aclosing
+from typing import Any
+
+import msgspec
+
+from proto import events as ev
+from proto import subjects as sj
+from services.llm.config import LlmConfig
+from services.llm.provider import PROVIDERS, ChatMessage, LlmProvider
+from services.runtime import metrics
+from services.runtime.errors import ProviderError
+from services.runtime.providers import load_provider
+from services.runtime.service import SessionWorker, StageService
+
+HISTORY_BUCKET = "voicebus_history"
+_history_codec = (msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(list[ChatMessage]))
+
+
+class LlmWorker(SessionWorker[LlmConfig]):
+    service: LlmService
+
+    async def start(self) -> None:
+        self.kv = await self.bus.key_value(HISTORY_BUCKET)
+        self.history = await self._load_history()
+        self.reply: asyncio.Task[None] | None = None
+        self.reply_turn = 0
+        self.cancelled_upto = 0
+        await self.subscribe(sj.STT_FINAL.subject(self.session), self.on_final)
+
+    async def _load_history(self) -> list[ChatMessage]:
+        try:
+            entry = await self.kv.get(self.session)
+        except Exception:  # no history yet
+            return []
+        try:
+            return _history_codec[1].decode(entry.value or b"")
+        except msgspec.DecodeError:
+            self.log.warning("stored history is unreadable; starting a fresh one")
+            return []
+
+    async def on_final(self, final: ev.Transcript) -> None:
+        if final.turn <= self.cancelled_upto or final.turn <= self.reply_turn:
+            return  # a stale or repeated final
+        received = time.perf_counter()
+        if self.reply is not None:
+            self.reply.cancel()  # a newer user turn supersedes the old reply
+        self.reply_turn = final.turn
+        self.idle.clear()
+        self.reply = self.spawn(self.respond(final, received), f"turn-{final.turn}")
+
+    async def on_cancel(self, cancel: ev.Cancel) -> None:
+        self.cancelled_upto = max(self.cancelled_upto, cancel.turn)
+        if self.reply is not None and self.reply_turn <= cancel.turn:
+            self.reply.cancel()
+
+    def messages_for(self, text: str) -> list[ChatMessage]:
+        keep = self.history[-2 * self.config.llm_history_turns:] if self.config.llm_history_turns else []
+        return [ChatMessage("system", self.config.system_prompt), *keep, ChatMessage("user", text)]
+
+    async def respond(self, final: ev.Transcript, received: float) -> None:
+        parts: list[str] = []
+        outcome, error = ("ok", "") if final.text.strip() else ("empty", "")
+        try:
+            if outcome == "ok":
+                await self._stream_reply(final, received, parts)
+        except asyncio.CancelledError:
+            outcome = "interrupted"
+        except ProviderError as exc:
+            outcome, error = "error", str(exc)
+            await self._failed(final.turn, exc)
+        finally:
+            self.idle.set()
+        text = "".join(parts)
+        await self.emit(sj.LLM_DONE, ev.ReplyDone, turn=final.turn, text=text,
+                        compute_ms=(time.perf_counter() - received) * 1000,
+                        interrupted=outcome == "interrupted", error=error,
+                        provider=self.service.provider.name)
+        metrics.TURNS.labels("llm", outcome).inc()
+        if final.text.strip():
+            await self._remember(final.text, text, interrupted=outcome == "interrupted")
+
+    async def _stream_reply(self, final: ev.Transcript, received: float, parts: list[str]) -> None:
+        provider = self.service.provider
+        # aclosing: a cancelled turn must close the provider's stream at once.
+        async with aclosing(provider.complete(self.messages_for(final.text))) as stream:
+            async for delta in stream:
+                elapsed = (time.perf_counter() - received) * 1000
+                if not parts:
+                    metrics.PROVIDER_SECONDS.labels("llm", provider.name).observe(elapsed / 1000)
+                await self.emit(sj.LLM_DELTA, ev.ReplyDelta, turn=final.turn, text=delta,
+                                index=len(parts), compute_ms=elapsed)
+                parts.append(delta)
+
+    async def _failed(self, turn: int, exc: ProviderError) -> None:
+        metrics.PROVIDER_ERRORS.labels("llm", exc.provider, str(exc.retryable)).inc()
+        self.log.error("reply failed: %s", exc)
+        await self.emit(sj.ERROR["llm"], ev.StageError, stage="llm", turn=turn,
+                        message=str(exc), retryable=exc.retryable)
+
+    async def _remember(self, user: str, assistant: str, interrupted: bool) -> None:
+        self.history.append(ChatMessage("user", user))
+        if assistant:
+            self.history.append(ChatMessage("assistant", assistant, interrupted=interrupted))
+        await self.kv.put(self.session, _history_codec[0].encode(self.history))
+
+
+class LlmService(StageService[LlmConfig]):
+    stage = "llm"
+    Config = LlmConfig
+    Worker = LlmWorker
+    provider: Any
+
+    async def setup(self) -> None:
+        self.provider: LlmProvider = load_provider(
+            "llm", PROVIDERS, self.config.llm_provider, self.config
+        )
+
+    async def teardown(self) -> None:
+        await self.provider.aclose()

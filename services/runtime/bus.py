@@ -1,0 +1,115 @@
+"""The NATS connection every service shares: endless reconnect, typed publish, guarded subscribe.
+
+A subscription callback decodes with the one codec and checks the event belongs on its subject;
+anything malformed is counted, logged once per burst and dropped, never raised into nats-py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import nats
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js.api import KeyValueConfig
+from nats.js.errors import BucketNotFoundError
+from nats.js.kv import KeyValue
+
+from proto import codec
+from proto import events as ev
+from proto.subjects import Topic
+from services.runtime import metrics
+from services.runtime.logs import Throttle
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Any], Awaitable[None] | None]
+
+
+class Bus:
+    def __init__(self, nc: Client, stage: str) -> None:
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.stage = stage
+        self._throttle = Throttle()
+
+    @classmethod
+    async def connect(cls, url: str, stage: str, name: str, stop: asyncio.Event | None = None) -> Bus:
+        """Connect, retrying the first connection with backoff until it works (or ``stop``)."""
+        delay = 0.05
+        while True:
+            try:
+                nc = await nats.connect(
+                    url,
+                    name=name,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.5,
+                    connect_timeout=2,
+                    error_cb=_on_error,
+                    disconnected_cb=_on_disconnected,
+                    reconnected_cb=_on_reconnected,
+                )
+                return cls(nc, stage)
+            except (OSError, nats.errors.Error, asyncio.TimeoutError) as exc:
+                if stop is not None and stop.is_set():
+                    raise
+                log.warning("NATS at %s not reachable (%s); retrying in %.1fs", url, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def publish(self, topic: Topic, event: ev.Event) -> None:
+        await self.nc.publish(topic.subject(event.session), codec.encode(event))
+
+    async def subscribe(self, subject: str, handler: Handler, queue: str = "") -> Subscription:
+        async def on_msg(msg: Msg) -> None:
+            try:
+                event = codec.decode_on(msg.subject, msg.data)
+            except codec.Rejected as exc:
+                self.reject(exc.reason, exc.detail, msg.subject)
+                return
+            try:
+                result = handler(event)
+                if result is not None:
+                    await result
+            except Exception:
+                metrics.HANDLER_ERRORS.labels(self.stage).inc()
+                log.exception("error handling %s", type(event).__name__,
+                              extra={"stage": self.stage, "session": event.session})
+
+        return await self.nc.subscribe(subject, queue=queue, cb=on_msg)
+
+    def reject(self, reason: str, detail: str, subject: str) -> None:
+        metrics.REJECTED.labels(self.stage, reason).inc()
+        held = self._throttle.allow(reason)
+        if held is not None:
+            more = f" (+{held} more since last report)" if held else ""
+            log.warning("rejected message on %s: %s: %s%s", subject[:120], reason, detail[:200],
+                        more, extra={"stage": self.stage})
+
+    async def key_value(self, bucket: str, ttl: float = 0.0, history: int = 1) -> KeyValue:
+        """Open a JetStream KV bucket, creating it on first use."""
+        try:
+            return await self.js.key_value(bucket)
+        except BucketNotFoundError:
+            config = KeyValueConfig(bucket=bucket, history=history, ttl=ttl or None)
+            return await self.js.create_key_value(config=config)
+
+    async def drain(self) -> None:
+        if not self.nc.is_closed:
+            await self.nc.drain()
+
+
+async def _on_error(exc: Exception) -> None:
+    log.warning("NATS error: %s", exc)
+
+
+async def _on_disconnected() -> None:
+    log.warning("NATS disconnected; reconnecting")
+
+
+async def _on_reconnected() -> None:
+    log.info("NATS reconnected")

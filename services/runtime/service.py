@@ -1,0 +1,274 @@
+"""The skeleton every stage shares, written once.
+
+config from the environment → connect to NATS (reconnect forever) → claim sessions through a
+queue group named after the stage → one ``SessionWorker`` per owned session → on SIGTERM stop
+claiming, hand sessions over at a turn boundary, ``drain()``, exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import os
+import signal
+import socket
+import re
+import time
+from typing import Any, ClassVar, Generic, TypeVar
+
+from nats import micro
+from nats.aio.subscription import Subscription
+from nats.js.errors import KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
+
+from proto import events as ev
+from proto import subjects as sj
+from services.runtime import metrics
+from services.runtime.bus import Bus, Handler
+from services.runtime.config import BaseConfig
+from services.runtime.errors import ConfigError
+from services.runtime.logs import setup_logging
+
+log = logging.getLogger(__name__)
+
+C = TypeVar("C", bound=BaseConfig)
+E = TypeVar("E", bound=ev.Event)
+
+LEASE_BUCKET = "voicebus_leases"
+VERSION = "0.1.0"
+
+
+class SessionWorker(Generic[C]):
+    """One stage's work for one session. Subclasses subscribe in ``start`` and do long work in
+    tasks made with ``spawn`` (a subscription callback must never block)."""
+
+    def __init__(self, service: StageService[C], start: ev.SessionStart) -> None:
+        self.service = service
+        self.bus = service.bus
+        self.config: C = service.config
+        self.start_event = start
+        self.session = start.session
+        self.log = logging.LoggerAdapter(log, {"stage": service.stage, "session": self.session})
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self._seq = itertools.count(1)
+        self._subs: list[Subscription] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    async def start(self) -> None:
+        """Subscribe to this session's inputs."""
+
+    async def on_cancel(self, cancel: ev.Cancel) -> None:
+        """Barge-in: drop queued and in-flight work of turns <= cancel.turn."""
+
+    async def stop(self) -> None:
+        """Release resources; called after subscriptions and tasks are gone."""
+
+    def event(self, cls: type[E], **fields: Any) -> E:
+        return cls(session=self.session, seq=next(self._seq), ts_ns=time.time_ns(), **fields)
+
+    async def emit(self, topic: sj.Topic, cls: type[E], **fields: Any) -> E:
+        event = self.event(cls, **fields)
+        await self.bus.publish(topic, event)
+        return event
+
+    async def subscribe(self, subject: str, handler: Handler) -> None:
+        self._subs.append(await self.bus.subscribe(subject, handler))
+
+    def spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro, name=f"{self.service.stage}:{self.session}:{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            metrics.HANDLER_ERRORS.labels(self.service.stage).inc()
+            self.log.error("task %s failed", task.get_name(), exc_info=task.exception())
+
+    async def close(self) -> None:
+        for sub in self._subs:
+            try:
+                await sub.unsubscribe()
+            except Exception:  # the connection may already be closing
+                pass
+        self._subs.clear()
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.stop()
+
+
+class StageService(Generic[C]):
+    """A stage process: owns sessions, one worker each. Subclasses set ``stage``, ``Config``
+    and ``Worker``, and load providers in ``setup``."""
+
+    stage: ClassVar[str]
+    Config: ClassVar[type[BaseConfig]]
+    Worker: ClassVar[type[SessionWorker[Any]]]
+
+    def __init__(self, config: C, bus: Bus) -> None:
+        self.config = config
+        self.bus = bus
+        # The replica name goes into subjects: keep it to one token of safe characters.
+        name = config.replica or f"{socket.gethostname()}-{os.getpid()}"
+        self.replica = re.sub(r"[^A-Za-z0-9_-]", "_", name)
+        self.workers: dict[str, SessionWorker[C]] = {}
+        self._claim_sub: Subscription | None = None
+        self._subs: list[Subscription] = []
+        self._leases: KeyValue | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+
+    async def setup(self) -> None:
+        """Load models and providers before the first session is claimed."""
+
+    async def teardown(self) -> None:
+        """Close providers after the last session is gone."""
+
+    # ---- lifecycle -----------------------------------------------------------------------
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        await self.setup()
+        self._leases = await self.bus.key_value(LEASE_BUCKET, ttl=self.config.lease_ttl)
+        self._claim_sub = await self.bus.subscribe(
+            sj.CTL_START.every_session(), self._on_start, queue=self.stage
+        )
+        self._subs.append(await self.bus.subscribe(sj.CTL_END.every_session(), self._on_end))
+        self._subs.append(await self.bus.subscribe(sj.CTL_CANCEL.every_session(), self._on_cancel))
+        refresher = asyncio.create_task(self._refresh_leases())
+        # nats.micro gives discovery for free: $SRV.PING/INFO/STATS.voicebus-<stage>.
+        discovery = await micro.add_service(
+            self.bus.nc, name=f"voicebus-{self.stage}", version=VERSION,
+            metadata={"replica": self.replica},
+        )
+        await discovery.add_endpoint(
+            name="sessions", subject=f"voicebus.{self.stage}.{self.replica}.sessions",
+            handler=self._list_sessions,
+        )
+        log.info("%s replica %s ready", self.stage, self.replica, extra={"stage": self.stage})
+        await stop.wait()
+        log.info("shutting down: handing over %d session(s)", len(self.workers),
+                 extra={"stage": self.stage})
+        await self._claim_sub.unsubscribe()
+        await discovery.stop()
+        await self._hand_over_all()
+        refresher.cancel()
+        for sub in self._subs:
+            await sub.unsubscribe()
+        await self.teardown()
+        await self.bus.drain()
+
+    async def _list_sessions(self, request: micro.Request) -> None:
+        await request.respond(json.dumps(sorted(self.workers)).encode())
+
+    async def _on_start(self, start: ev.SessionStart) -> None:
+        if start.session in self.workers:
+            return
+        # Claiming talks to KV and the worker subscribes: keep it off the callback's path.
+        task = asyncio.create_task(self._claim(start))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _claim(self, start: ev.SessionStart) -> None:
+        key = f"{self.stage}.{start.session}"
+        assert self._leases is not None
+        try:
+            await self._leases.create(key, self.replica.encode())
+        except KeyWrongLastSequenceError:
+            log.warning("session already leased by another %s replica; not claiming", self.stage,
+                        extra={"stage": self.stage, "session": start.session})
+            return
+        worker = self.Worker(self, start)
+        self.workers[start.session] = worker
+        await worker.start()
+        metrics.SESSIONS_CLAIMED.labels(self.stage).inc()
+        metrics.SESSIONS_ACTIVE.labels(self.stage).set(len(self.workers))
+        await self.bus.publish(
+            sj.READY[self.stage],
+            worker.event(ev.StageReady, stage=self.stage, replica=self.replica),
+        )
+        log.info("claimed session", extra={"stage": self.stage, "session": start.session})
+
+    async def _on_end(self, end: ev.SessionEnd) -> None:
+        worker = self.workers.pop(end.session, None)
+        if worker is None:
+            return
+        await worker.close()
+        await self._release(end.session)
+        log.info("session ended (%s)", end.reason or "no reason",
+                 extra={"stage": self.stage, "session": end.session})
+
+    async def _on_cancel(self, cancel: ev.Cancel) -> None:
+        worker = self.workers.get(cancel.session)
+        if worker is not None:
+            await worker.on_cancel(cancel)
+
+    async def _release(self, session: str) -> None:
+        metrics.SESSIONS_ACTIVE.labels(self.stage).set(len(self.workers))
+        if self._leases is not None:
+            try:
+                await self._leases.delete(f"{self.stage}.{session}")
+            except Exception as exc:  # the lease expires on its own anyway
+                log.warning("could not release lease: %s", exc, extra={"stage": self.stage})
+
+    async def _refresh_leases(self) -> None:
+        assert self._leases is not None
+        while True:
+            await asyncio.sleep(self.config.lease_ttl / 3)
+            for session in list(self.workers):
+                try:
+                    await self._leases.put(f"{self.stage}.{session}", self.replica.encode())
+                except Exception as exc:
+                    log.warning("lease refresh failed: %s", exc, extra={"stage": self.stage})
+
+    async def _hand_over_all(self) -> None:
+        async def hand_over(worker: SessionWorker[C]) -> None:
+            try:
+                await asyncio.wait_for(worker.idle.wait(), self.config.shutdown_grace)
+            except asyncio.TimeoutError:
+                worker.log.warning("turn still running after %.1fs; handing over anyway",
+                                   self.config.shutdown_grace)
+            await worker.close()
+            self.workers.pop(worker.session, None)
+            await self._release(worker.session)
+            # Our claim subscription is gone, so the queue group gives this to another replica.
+            start = worker.event(
+                ev.SessionStart,
+                room=worker.start_event.room,
+                wav_in=worker.start_event.wav_in,
+                wav_out=worker.start_event.wav_out,
+                handover=True,
+            )
+            await self.bus.publish(sj.CTL_START, start)
+            metrics.SESSIONS_HANDED_OVER.labels(self.stage).inc()
+
+        await asyncio.gather(*(hand_over(w) for w in list(self.workers.values())))
+
+
+async def run(service_cls: type[StageService[Any]]) -> None:
+    try:
+        config = service_cls.Config.from_env()
+    except ConfigError as exc:
+        raise SystemExit(f"voicebus {service_cls.stage}: configuration error: {exc}") from None
+    setup_logging(config.log_format, config.log_level)
+    metrics.serve(config.metrics_port, config.metrics_addr)
+    log.info("starting with %s", config.redacted(), extra={"stage": service_cls.stage})
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    bus = await Bus.connect(config.nats_url, service_cls.stage, f"voicebus-{service_cls.stage}", stop)
+    service = service_cls(config, bus)
+    try:
+        await service.serve(stop)
+    except ConfigError as exc:
+        await bus.drain()
+        raise SystemExit(f"voicebus {service_cls.stage}: configuration error: {exc}") from None
+
+
+def main(service_cls: type[StageService[Any]]) -> None:
+    asyncio.run(run(service_cls))

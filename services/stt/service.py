@@ -1,0 +1,159 @@
+"""STT stage: ingress audio + VAD edges in, partial and final transcripts out.
+
+Only speech is decoded: frames are kept in a short pre-roll while the user is silent, and an
+utterance runs from ``SpeechStarted`` (plus pre-roll) to ``SpeechEnded``. Each utterance opens
+the next turn; the turn counter lives in JetStream KV so another replica can carry on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import Any
+
+from proto import events as ev
+from proto import subjects as sj
+from services.runtime import metrics
+from services.runtime.errors import ProviderError
+from services.runtime.providers import load_provider
+from services.runtime.service import SessionWorker, StageService
+from services.stt.config import SttConfig
+from services.stt.provider import PROVIDERS, SAMPLE_RATE, SttProvider
+
+FRAME_BYTES = SAMPLE_RATE * 2 // 50
+STATE_BUCKET = "voicebus_sessions"
+# An utterance longer than this is closed without waiting for the VAD (a lost SpeechEnded).
+MAX_UTTERANCE_FRAMES = 30 * 50
+
+
+class Utterance:
+    """Frames of one utterance on their way to the provider."""
+
+    def __init__(self, turn: int) -> None:
+        self.turn = turn
+        self.queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self.frames = 0
+        self.ended_at = 0.0
+        self.dropped = 0
+
+    def push(self, pcm: bytes) -> None:
+        self.frames += 1
+        self.queue.put_nowait(pcm)
+
+    def end(self) -> None:
+        if not self.ended_at:
+            self.ended_at = time.perf_counter()
+            self.queue.put_nowait(None)
+
+    async def frames_iter(self) -> AsyncIterator[bytes]:
+        while (pcm := await self.queue.get()) is not None:
+            yield pcm
+
+
+class SttWorker(SessionWorker[SttConfig]):
+    service: SttService
+
+    async def start(self) -> None:
+        self.kv = await self.bus.key_value(STATE_BUCKET)
+        self.turn = await self._load_turn()
+        self.preroll: deque[bytes] = deque(maxlen=max(1, self.config.stt_preroll_ms // 20))
+        self.utterance: Utterance | None = None
+        self.last_seq = 0
+        # One subscription for audio and VAD keeps them in publish order.
+        await self.subscribe(sj.producer_all(self.session, "ingress"), self.on_ingress)
+
+    async def _load_turn(self) -> int:
+        try:
+            entry = await self.kv.get(f"{self.session}.turn")
+            return int(entry.value or b"0")
+        except Exception:  # no key yet: a new session
+            return 0
+
+    def on_ingress(self, event: ev.Event) -> None:
+        if isinstance(event, ev.AudioFrame):
+            self.on_audio(event)
+        elif isinstance(event, ev.SpeechStarted):
+            self.begin_utterance()
+        elif isinstance(event, ev.SpeechEnded) and self.utterance is not None:
+            self.utterance.end()
+            self.utterance = None
+
+    def on_audio(self, frame: ev.AudioFrame) -> None:
+        if frame.sample_rate != SAMPLE_RATE or frame.channels != 1 or len(frame.pcm) != FRAME_BYTES:
+            self.bus.reject("bad_audio", f"{frame.sample_rate} Hz x{frame.channels}, "
+                            f"{len(frame.pcm)} bytes", sj.INGRESS_AUDIO.subject(self.session))
+            return
+        if self.last_seq and frame.seq > self.last_seq + 1:
+            lost = frame.seq - self.last_seq - 1
+            metrics.FRAMES_DROPPED.labels("stt").inc(lost)
+            if self.utterance is not None:
+                self.utterance.dropped += lost
+        self.last_seq = max(self.last_seq, frame.seq)
+        if self.utterance is None:
+            self.preroll.append(frame.pcm)
+            return
+        self.utterance.push(frame.pcm)
+        if self.utterance.frames >= MAX_UTTERANCE_FRAMES:
+            self.utterance.end()
+            self.utterance = None
+
+    def begin_utterance(self) -> None:
+        if self.utterance is not None:
+            self.utterance.end()
+        self.turn += 1
+        utterance = Utterance(self.turn)
+        for pcm in self.preroll:
+            utterance.push(pcm)
+        self.preroll.clear()
+        self.utterance = utterance
+        self.idle.clear()
+        self.spawn(self.transcribe(utterance), f"turn-{utterance.turn}")
+
+    async def transcribe(self, utt: Utterance) -> None:
+        provider = self.service.provider
+        text = ""
+        try:
+            async for result in provider.stream(utt.frames_iter()):
+                if not result.final:
+                    await self.emit(sj.STT_PARTIAL, ev.Transcript, turn=utt.turn,
+                                    text=result.text, provider=provider.name)
+                    continue
+                text = result.text
+                compute = time.perf_counter() - utt.ended_at
+                metrics.PROVIDER_SECONDS.labels("stt", provider.name).observe(compute)
+                await self.emit(sj.STT_FINAL, ev.Transcript, turn=utt.turn, text=text, final=True,
+                                confidence=result.confidence, compute_ms=compute * 1000,
+                                frames_dropped=utt.dropped, provider=provider.name)
+        except ProviderError as exc:
+            await self._failed(utt.turn, exc)
+        finally:
+            if self.utterance is None:
+                self.idle.set()
+        metrics.TURNS.labels("stt", "ok" if text else "empty").inc()
+        await self.kv.put(f"{self.session}.turn", str(utt.turn).encode())
+
+    async def _failed(self, turn: int, exc: ProviderError) -> None:
+        metrics.PROVIDER_ERRORS.labels("stt", exc.provider, str(exc.retryable)).inc()
+        self.log.error("transcription failed: %s", exc)
+        await self.emit(sj.ERROR["stt"], ev.StageError, stage="stt", turn=turn,
+                        message=str(exc), retryable=exc.retryable)
+        # A final with no words still closes the turn for every stage downstream.
+        await self.emit(sj.STT_FINAL, ev.Transcript, turn=turn, text="", final=True)
+
+
+class SttService(StageService[SttConfig]):
+    stage = "stt"
+    Config = SttConfig
+    Worker = SttWorker
+    provider: Any
+
+    async def setup(self) -> None:
+        self.provider: SttProvider = load_provider(
+            "stt", PROVIDERS, self.config.stt_provider, self.config
+        )
+
+    async def teardown(self) -> None:
+        await self.provider.aclose()
+

@@ -1,0 +1,4 @@
+from services.tts.service import TtsService
+from services.runtime.service import main
+
+main(TtsService)

@@ -1,0 +1,176 @@
+"""TTS stage: reply deltas in, 20 ms frames at the voice's native rate out.
+
+Text is cut into sentences as it streams, so the first sentence is being synthesized while the
+LLM is still writing the rest. Frames go out as fast as they are made; egress paces them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from typing import Any
+
+from proto import events as ev
+from proto import subjects as sj
+from services.runtime import metrics
+from services.runtime.errors import ProviderError
+from services.runtime.providers import load_provider
+from services.runtime.service import SessionWorker, StageService
+from services.tts.chunker import SentenceChunker
+from services.tts.config import TtsConfig
+from services.tts.provider import PROVIDERS, TtsProvider
+
+FRAME_MS = 20
+
+
+class TurnSpeech:
+    """One turn's text on its way to the provider, and what came out."""
+
+    def __init__(self, turn: int, max_chars: int) -> None:
+        self.turn = turn
+        self.chunker = SentenceChunker(max_chars=max_chars)
+        self.queue: asyncio.Queue[str | None] = asyncio.Queue()
+        self.spans: list[tuple[int, int]] = []
+        self.text = ""
+        self.llm_ms = 0.0
+        self.first_chunk_at = 0.0
+        self.task: asyncio.Task[None] | None = None
+
+    def add(self, chunks: list[Any], llm_ms: float) -> None:
+        for chunk in chunks:
+            if not self.spans:
+                self.llm_ms = llm_ms
+                self.first_chunk_at = time.perf_counter()
+            self.spans.append((chunk.start, chunk.end))
+            self.queue.put_nowait(chunk.text)
+
+    async def chunks(self) -> AsyncIterator[str]:
+        while (text := await self.queue.get()) is not None:
+            yield text
+
+
+class TtsWorker(SessionWorker[TtsConfig]):
+    service: TtsService
+
+    async def start(self) -> None:
+        self.current: TurnSpeech | None = None
+        self.cancelled_upto = 0
+        await self.subscribe(sj.producer_all(self.session, "llm"), self.on_llm)
+
+    def on_llm(self, event: ev.Event) -> None:
+        if not isinstance(event, ev.ReplyDelta | ev.ReplyDone) or event.turn <= self.cancelled_upto:
+            return
+        speech = self._speech_for(event.turn)
+        if speech is None:
+            return
+        if isinstance(event, ev.ReplyDelta):
+            speech.text += event.text
+            speech.add(speech.chunker.push(event.text), event.compute_ms)
+        else:
+            speech.add(speech.chunker.flush(), event.compute_ms)
+            speech.queue.put_nowait(None)
+
+    def _speech_for(self, turn: int) -> TurnSpeech | None:
+        current = self.current
+        if current is not None and turn < current.turn:
+            return None  # a late event of a superseded turn
+        if current is not None and turn == current.turn:
+            return current
+        if current is not None and current.task is not None:
+            current.task.cancel()  # a newer reply supersedes the one still being spoken
+        speech = TurnSpeech(turn, self.config.tts_max_chunk_chars)
+        speech.task = self.spawn(self.speak(speech), f"turn-{turn}")
+        self.current = speech
+        self.idle.clear()
+        return speech
+
+    async def on_cancel(self, cancel: ev.Cancel) -> None:
+        self.cancelled_upto = max(self.cancelled_upto, cancel.turn)
+        if self.current is not None and self.current.turn <= cancel.turn and self.current.task:
+            self.current.task.cancel()
+
+    async def speak(self, speech: TurnSpeech) -> None:
+        provider = self.service.provider
+        framer = _Framer(provider.sample_rate)
+        frames, first_ts, tts_ms = 0, 0, 0.0
+        interrupted = False
+        try:
+            async with aclosing(provider.synthesize(speech.chunks())) as audio:
+                async for piece in audio:
+                    start, end = speech.spans[piece.chunk]
+                    for pcm, share in framer.cut(piece.pcm):
+                        frame = await self.emit(
+                            sj.TTS_AUDIO, ev.AudioFrame, pcm=pcm, sample_rate=provider.sample_rate,
+                            pts_ms=frames * FRAME_MS, turn=speech.turn,
+                            text_offset=start + round((end - start) * share))
+                        if not frames:
+                            first_ts = frame.ts_ns
+                            tts_ms = (time.perf_counter() - speech.first_chunk_at) * 1000
+                            metrics.PROVIDER_SECONDS.labels("tts", provider.name).observe(tts_ms / 1000)
+                        frames += 1
+            if (tail := framer.flush()) is not None:
+                await self.emit(sj.TTS_AUDIO, ev.AudioFrame, pcm=tail, sample_rate=provider.sample_rate,
+                                pts_ms=frames * FRAME_MS, turn=speech.turn, text_offset=len(speech.text))
+                frames += 1
+        except asyncio.CancelledError:
+            interrupted = True
+        except ProviderError as exc:
+            await self._failed(speech.turn, exc)
+        finally:
+            if self.current is speech:
+                self.idle.set()
+        await self.emit(sj.TTS_DONE, ev.SpeechDone, turn=speech.turn, frames=frames,
+                        first_frame_ts_ns=first_ts, llm_ms=speech.llm_ms, tts_ms=tts_ms,
+                        text=speech.text, interrupted=interrupted)
+        metrics.TURNS.labels("tts", "interrupted" if interrupted else "ok").inc()
+
+    async def _failed(self, turn: int, exc: ProviderError) -> None:
+        metrics.PROVIDER_ERRORS.labels("tts", exc.provider, str(exc.retryable)).inc()
+        self.log.error("synthesis failed: %s", exc)
+        await self.emit(sj.ERROR["tts"], ev.StageError, stage="tts", turn=turn,
+                        message=str(exc), retryable=exc.retryable)
+
+
+class _Framer:
+    """Cuts provider audio into 20 ms frames, carrying the remainder to the next piece."""
+
+    def __init__(self, sample_rate: int) -> None:
+        self.frame_bytes = sample_rate * FRAME_MS // 1000 * 2
+        self.carry = b""
+
+    def cut(self, pcm: bytes) -> list[tuple[bytes, float]]:
+        """Frames and, for each, how far through ``pcm`` its end lies (0..1]."""
+        data = self.carry + pcm
+        offset = len(self.carry)
+        count = len(data) // self.frame_bytes
+        out = []
+        for i in range(count):
+            end = (i + 1) * self.frame_bytes
+            share = min(1.0, max(0, end - offset) / len(pcm)) if pcm else 1.0
+            out.append((data[i * self.frame_bytes:end], share))
+        self.carry = data[count * self.frame_bytes:]
+        return out
+
+    def flush(self) -> bytes | None:
+        if not self.carry:
+            return None
+        tail = self.carry.ljust(self.frame_bytes, b"\0")
+        self.carry = b""
+        return tail
+
+
+class TtsService(StageService[TtsConfig]):
+    stage = "tts"
+    Config = TtsConfig
+    Worker = TtsWorker
+    provider: Any
+
+    async def setup(self) -> None:
+        self.provider: TtsProvider = load_provider(
+            "tts", PROVIDERS, self.config.tts_provider, self.config
+        )
+
+    async def teardown(self) -> None:
+        await self.provider.aclose()

@@ -1,0 +1,61 @@
+"""Shared fixtures: real processes only (nats-server, the five stages), on free ports."""
+
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+
+import nats
+import pytest
+import pytest_asyncio
+
+from voicebus.client import Tap
+from voicebus.launcher import Stack
+
+
+class LogTail:
+    """Keeps every process's output for a failing test to show (and writes it to a file)."""
+
+    def __init__(self, path: Path) -> None:
+        self.lines: collections.deque[str] = collections.deque(maxlen=400)
+        self.file = path.open("w")
+
+    def __call__(self, line: str) -> None:
+        self.lines.append(line)
+        self.file.write(line + "\n")
+        self.file.flush()
+
+    def dump(self) -> str:
+        return "\n".join(self.lines)
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def stack(tmp_path_factory: pytest.TempPathFactory):
+    """nats-server with JetStream plus the five stages, each its own OS process."""
+    workdir = tmp_path_factory.mktemp("stack")
+    logs = LogTail(workdir / "stack.log")
+    stack = Stack(workdir, sink=logs, metrics=True)
+    stack.logs = logs  # type: ignore[attr-defined]
+    try:
+        await stack.start()
+    except Exception:
+        await stack.stop()
+        raise RuntimeError(f"stack failed to start; logs:\n{logs.dump()}") from None
+    yield stack
+    codes = await stack.stop()
+    # Every stage must exit cleanly on SIGTERM (drain, then 0).
+    assert all(code == 0 for code in codes.values()), f"{codes}\n{logs.dump()}"
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def bus(stack: Stack):
+    nc = await nats.connect(stack.nats_url)
+    yield nc
+    await nc.drain()
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def tap(bus):
+    tap = Tap(bus)
+    yield tap
+    await tap.close()

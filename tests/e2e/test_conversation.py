@@ -1,0 +1,89 @@
+"""A spoken question on NATS comes back as a spoken answer: every stage its own process."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from proto import events as ev
+from proto import subjects as sj
+from voicebus.client import dispatch, end_session
+from voicebus.speech import say_to_wav, transcribe_wav
+
+pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="module")]
+
+# What Piper says, and the words pocketsphinx must hear in it.
+QUESTIONS = {
+    "time": ("What time is it?", {"what", "time"}),
+    "weather": ("What is the weather like today?", {"weather", "today"}),
+    "hello": ("Hello, can you hear me?", {"hear"}),
+}
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def questions(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("questions")
+    return {key: await say_to_wav(text, folder / f"{key}.wav", lead_ms=400)
+            for key, (text, _) in QUESTIONS.items()}
+
+
+def _words(text: str) -> set[str]:
+    return set(text.lower().replace(".", " ").replace(",", " ").split())
+
+
+async def test_two_sessions_talk_at_once_without_mixing(stack, bus, tap, questions, tmp_path):
+    sessions = {"alice": ["time", "weather"], "bob": ["hello"]}
+    for name in sessions:
+        await tap.watch(sj.session_all(name))
+    replies = {name: tmp_path / f"{name}.wav" for name in sessions}
+    await asyncio.gather(*(
+        dispatch(bus, tap, name, wav_in=[str(questions[q]) for q in qs], wav_out=str(replies[name]))
+        for name, qs in sessions.items()
+    ))
+
+    def all_played() -> bool:
+        return all(len(tap.of(ev.Playback, name, final=True)) >= len(qs)
+                   for name, qs in sessions.items())
+
+    try:
+        await tap.wait_for(all_played, 90, "every reply to be played")
+    finally:
+        for name in sessions:
+            await end_session(bus, name)
+
+    for name, keys in sessions.items():
+        _check_session(tap, name, keys)
+    heard = {name: _words(await transcribe_wav(path)) for name, path in replies.items()}
+    assert {"time", "weather"} <= heard["alice"], heard
+    assert "hear" in heard["bob"], heard
+    # Nothing of one conversation leaks into the other.
+    assert not {"time", "weather"} & heard["bob"], heard
+    assert "hear" not in heard["alice"], heard
+
+
+def _check_session(tap, session: str, keys: list[str]) -> None:
+    n = len(keys)
+    assert len(tap.of(ev.SpeechStarted, session)) == n
+    assert len(tap.of(ev.SpeechEnded, session)) == n
+    finals = tap.of(ev.Transcript, session, final=True)
+    assert [f.turn for f in finals] == list(range(1, n + 1))
+    assert tap.of(ev.Transcript, session, final=False), "no partial transcripts"
+    for final, key in zip(finals, keys):
+        expected = QUESTIONS[key][1]
+        assert expected <= _words(final.text), (final.text, expected)
+    for turn in range(1, n + 1):
+        deltas = tap.of(ev.ReplyDelta, session, turn=turn)
+        done = tap.of(ev.ReplyDone, session, turn=turn)
+        assert deltas and len(done) == 1
+        assert "".join(d.text for d in deltas) == done[0].text
+        assert done[0].text.lower().rstrip().endswith("got it.")
+        tts_frames = tap.of(ev.AudioFrame, session, topic=sj.TTS_AUDIO, turn=turn)
+        speech = tap.of(ev.SpeechDone, session, turn=turn)
+        assert len(speech) == 1 and speech[0].frames == len(tts_frames) > 10
+        played = tap.of(ev.Playback, session, turn=turn, final=True)
+        assert len(played) == 1 and not played[0].interrupted
+        assert played[0].played_ms == 20 * len(tts_frames)
+        assert played[0].frames_dropped == 0

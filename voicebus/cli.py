@@ -1,0 +1,163 @@
+"""The ``voicebus`` command: run the stack, talk to it, watch it, measure it."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import secrets
+import sys
+import tempfile
+from pathlib import Path
+
+import nats
+
+from proto import events as ev
+from proto import subjects as sj
+from voicebus.client import Tap, dispatch, end_session
+
+DEFAULT_QUESTION = "What time is it?"
+
+
+def _describe(event: ev.Event) -> str | None:
+    """One human line for the events worth showing in a terminal (never audio frames)."""
+    match event:
+        case ev.Transcript(final=False, text=text) if text:
+            return f"  you (partial): {text}"
+        case ev.Transcript(final=True, text=text, turn=turn):
+            return f"  you  [turn {turn}]: {text or '(nothing recognised)'}"
+        case ev.ReplyDone(text=text, turn=turn, error=error):
+            return f"  agent[turn {turn}]: {text or '(no reply)'}" + (f"  error: {error}" if error else "")
+        case ev.Playback(final=True, turn=turn, played_ms=ms, interrupted=cut):
+            return f"  played turn {turn}: {ms} ms{' (interrupted)' if cut else ''}"
+        case ev.StageError(stage=stage, message=message):
+            return f"  ERROR from {stage}: {message}"
+    return None
+
+
+async def converse(nats_url: str, wavs: list[Path], out: Path, timeout: float = 120.0) -> int:
+    """Dispatch one session that says ``wavs`` in turn; print what happens; record the reply."""
+    session = f"cli-{secrets.token_hex(4)}"
+    nc = await nats.connect(nats_url)
+    tap = Tap(nc)
+    tap.on_event = lambda _s, e: (line := _describe(e)) and print(line, flush=True)
+    await tap.watch(sj.session_all(session))
+    try:
+        await dispatch(nc, tap, session, wav_in=[str(p.resolve()) for p in wavs],
+                       wav_out=str(out.resolve()))
+        print(f"session {session}: speaking {len(wavs)} file(s)", flush=True)
+        await tap.wait_for(lambda: len(tap.of(ev.Playback, session, final=True)) >= len(wavs),
+                           timeout, "the agent's replies")
+        for done in tap.of(ev.SpeechDone, session):
+            ended = tap.of(ev.SpeechEnded, session)
+            if ended and done.first_frame_ts_ns:
+                v2v = (done.first_frame_ts_ns - ended[0].last_speech_ts_ns) / 1e6
+                print(f"  turn {done.turn}: first reply audio {v2v:.0f} ms after your last word")
+                break
+        print(f"reply audio written to {out}")
+        return 0
+    except TimeoutError as exc:
+        print(f"voicebus: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        await end_session(nc, session)
+        await tap.close()
+        await nc.close()
+
+
+async def cmd_up(args: argparse.Namespace) -> int:
+    from voicebus.launcher import Stack
+    from voicebus.speech import say_to_wav
+
+    workdir = Path(tempfile.mkdtemp(prefix="voicebus-"))
+    stack = Stack(workdir, nats_port=args.nats_port)
+    wav = args.wav
+    if wav is None:
+        wav = await say_to_wav(DEFAULT_QUESTION, workdir / "question.wav", tail_ms=500)
+        print(f"no --wav given: asking {DEFAULT_QUESTION!r} (spoken by Piper)")
+    try:
+        await stack.start()
+        print(f"voicebus is up: NATS at {stack.nats_url} (Ctrl-C stops everything)", flush=True)
+        code = await converse(stack.nats_url, [wav], args.out)
+        if not args.once:
+            print("talk to it again with: voicebus session --nats "
+                  f"{stack.nats_url} --wav question.wav", flush=True)
+            await asyncio.Event().wait()
+        return code
+    finally:
+        codes = await stack.stop()
+        print(f"stopped: {codes}")
+
+
+async def cmd_tap(args: argparse.Namespace) -> int:
+    nc = await nats.connect(args.nats)
+    tap = Tap(nc)
+    tap.on_event = lambda subject, e: (
+        None if isinstance(e, ev.AudioFrame) and not args.audio else print(subject, e, flush=True))
+    await tap.watch(sj.session_all(args.session) if args.session else sj.everything())
+    await asyncio.Event().wait()
+    return 0
+
+
+async def cmd_say(args: argparse.Namespace) -> int:
+    from voicebus.speech import say_to_wav
+
+    await say_to_wav(args.text, args.out, tail_ms=500)
+    print(args.out)
+    return 0
+
+
+async def cmd_bench(args: argparse.Namespace) -> int:
+    from voicebus.bench.pipeline import run_pipeline_bench
+
+    result = await run_pipeline_bench(sessions=args.sessions, turns=args.turns,
+                                      stt_replicas=args.stt_replicas)
+    print(json.dumps(result, indent=None if args.json else 2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="voicebus", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="run nats-server and the five stages; talk to them once")
+    up.add_argument("--wav", type=Path, help="a spoken question (default: Piper says one)")
+    up.add_argument("--out", type=Path, default=Path("reply.wav"), help="where the reply goes")
+    up.add_argument("--nats-port", type=int, default=4222)
+    up.add_argument("--once", action="store_true", help="stop after the first reply")
+    up.set_defaults(run=cmd_up)
+
+    session = sub.add_parser("session", help="talk to a running stack with WAV files")
+    session.add_argument("--nats", default="nats://127.0.0.1:4222")
+    session.add_argument("--wav", type=Path, action="append", required=True)
+    session.add_argument("--out", type=Path, default=Path("reply.wav"))
+    session.set_defaults(run=lambda a: converse(a.nats, a.wav, a.out))
+
+    tap = sub.add_parser("tap", help="print a session's events (or every session's)")
+    tap.add_argument("session", nargs="?")
+    tap.add_argument("--nats", default="nats://127.0.0.1:4222")
+    tap.add_argument("--audio", action="store_true", help="print audio frames too")
+    tap.set_defaults(run=cmd_tap)
+
+    say = sub.add_parser("say", help="speak a sentence into a WAV file with Piper")
+    say.add_argument("text")
+    say.add_argument("-o", "--out", type=Path, default=Path("question.wav"))
+    say.set_defaults(run=cmd_say)
+
+    bench = sub.add_parser("bench", help="measure; prints one JSON object")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    pipeline = bench_sub.add_parser("pipeline", help="voice-to-voice over the bus, N sessions")
+    pipeline.add_argument("--sessions", type=int, default=1)
+    pipeline.add_argument("--turns", type=int, default=5)
+    pipeline.add_argument("--stt-replicas", type=int, default=1)
+    pipeline.add_argument("--json", action="store_true", help="one line of JSON")
+    pipeline.set_defaults(run=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        sys.exit(asyncio.run(args.run(args)))
+    except KeyboardInterrupt:
+        sys.exit(130)
