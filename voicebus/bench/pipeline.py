@@ -1,0 +1,128 @@
+"""``voicebus bench pipeline``: voice-to-voice over the bus, N concurrent sessions.
+
+Starts nats-server and the five stages as separate processes, lets N file users each ask T
+questions (Piper-spoken), and measures from the events on the bus:
+
+- ``v2v_ms``: the frame holding the user's last speech sample published → the first reply frame
+  published (both stamped by the publishing process);
+- ``eos_ms``: the end-of-speech window as it really passed (last speech frame → SpeechEnded);
+- per-stage compute on the critical path: STT finalisation, LLM time until the first spoken
+  chunk's text was complete, TTS synthesis of that chunk;
+- ``overhead_ms`` = v2v − eos − stt − llm − tts: what the bus and the processes add.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import nats
+import numpy as np
+
+from proto import events as ev
+from proto import subjects as sj
+from voicebus.client import Tap, dispatch, end_session
+from voicebus.launcher import Stack
+from voicebus.speech import say_to_wav
+
+PROMPTS = (
+    "What time is it?",
+    "What is the weather like today?",
+    "Can you hear me?",
+    "Tell me a story about a dog.",
+    "How far away is the moon?",
+)
+# Sessions start this far apart, so users do not all speak in the same instant.
+STAGGER_S = 0.15
+
+
+def stats(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"p50": float("nan"), "p95": float("nan"), "n": 0}
+    arr = np.asarray(values, dtype=float)
+    return {"p50": round(float(np.percentile(arr, 50)), 2),
+            "p95": round(float(np.percentile(arr, 95)), 2), "n": len(values)}
+
+
+async def run_pipeline_bench(sessions: int, turns: int, stt_replicas: int = 1) -> dict[str, Any]:
+    workdir = Path(tempfile.mkdtemp(prefix="voicebus-bench-"))
+    log_path = workdir / "stack.log"
+    log_file = log_path.open("w")
+    stack = Stack(workdir, sink=lambda line: log_file.write(line + "\n"),
+                  replicas={"stt": stt_replicas})
+    wavs = [await say_to_wav(PROMPTS[i % len(PROMPTS)], workdir / f"q{i}.wav", lead_ms=300)
+            for i in range(turns)]
+    await stack.start()
+    nc = await nats.connect(stack.nats_url)
+    tap = Tap(nc)
+    for subject in ("voice.*.ingress.vad", "voice.*.stt.final", "voice.*.tts.done",
+                    "voice.*.egress.playback", "voice.*.*.ready", "voice.*.*.error"):
+        await tap.watch(subject)
+    names = [f"bench-{i}" for i in range(sessions)]
+    started = time.monotonic()
+    try:
+        async def one(index: int, name: str) -> None:
+            await asyncio.sleep(index * STAGGER_S)
+            await dispatch(nc, tap, name, wav_in=[str(w) for w in wavs], timeout=60)
+
+        await asyncio.gather(*(one(i, n) for i, n in enumerate(names)))
+
+        def finished() -> bool:
+            return all(len(tap.of(ev.Playback, n, final=True)) >= turns for n in names)
+
+        try:
+            await tap.wait_for(finished, 30 + turns * 25, "every turn to be played")
+        except TimeoutError:
+            pass  # report what completed; turns_completed tells the shortfall
+        elapsed = time.monotonic() - started
+        for name in names:
+            await end_session(nc, name)
+    finally:
+        await tap.close()
+        await nc.close()
+        await stack.stop()
+        log_file.close()
+    result = summarise(tap, names, turns)
+    result.update(wall_s=round(elapsed, 1), stt_replicas=stt_replicas, logs=str(log_path))
+    return result
+
+
+def summarise(tap: Tap, names: list[str], turns: int) -> dict[str, Any]:
+    v2v, eos, overhead = [], [], []
+    compute: dict[str, list[float]] = {"stt": [], "llm": [], "tts": []}
+    completed = dropped = underruns = 0
+    for name in names:
+        ended = tap.of(ev.SpeechEnded, name)
+        for turn in range(1, turns + 1):
+            final = tap.of(ev.Transcript, name, turn=turn)
+            done = tap.of(ev.SpeechDone, name, turn=turn)
+            played = tap.of(ev.Playback, name, turn=turn, final=True)
+            dropped += sum(f.frames_dropped for f in final) + sum(p.frames_dropped for p in played)
+            underruns += sum(p.underruns for p in played)
+            if not (final and done and played and done[0].frames and len(ended) >= turn):
+                continue
+            completed += 1
+            edge, stt_ms = ended[turn - 1], final[0].compute_ms
+            total = (done[0].first_frame_ts_ns - edge.last_speech_ts_ns) / 1e6
+            window = (edge.ts_ns - edge.last_speech_ts_ns) / 1e6
+            v2v.append(total)
+            eos.append(window)
+            compute["stt"].append(stt_ms)
+            compute["llm"].append(done[0].llm_ms)
+            compute["tts"].append(done[0].tts_ms)
+            overhead.append(total - window - stt_ms - done[0].llm_ms - done[0].tts_ms)
+    return {
+        "sessions": len(names),
+        "turns_expected": len(names) * turns,
+        "turns_completed": completed,
+        "frames_dropped": dropped,
+        "underruns": underruns,
+        "errors": len(tap.of(ev.StageError)),
+        "v2v_ms": stats(v2v),
+        "eos_ms": stats(eos),
+        "overhead_ms": stats(overhead),
+        "compute_ms": {stage: stats(values) for stage, values in compute.items()},
+    }
