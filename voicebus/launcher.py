@@ -40,6 +40,10 @@ def nats_server_binary() -> str:
     return found
 
 
+async def _quiet(_exc: Exception) -> None:
+    """While nats-server starts, refused connections are expected, not news."""
+
+
 @dataclass
 class Proc:
     name: str
@@ -116,7 +120,8 @@ class Stack:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                nc = await nats.connect(self.nats_url, connect_timeout=1, allow_reconnect=False)
+                nc = await nats.connect(self.nats_url, connect_timeout=1, allow_reconnect=False,
+                                        error_cb=_quiet)
                 await nc.close()
                 return
             except Exception:

@@ -234,22 +234,27 @@ class Playout:
                 start, sent = self._clock(), 0
                 continue
             pcm = state.frames.popleft()
-            state.text_offset = state.offsets.popleft()
+            offset = state.offsets.popleft()
             n = len(pcm) // 2
             state.buffered -= n
             await self.sink.write(pcm)
             if state.cancelled:
                 return  # cancelled while the sink took the frame: the turn is already reported
             state.played += n
+            state.text_offset = offset
             sent += n
             if state.played >= next_progress and self._on_progress is not None:
                 self._on_progress(state.report(rate))
                 next_progress = state.played + self._progress
 
     async def _rebuffer(self, state: _Turn) -> bool:
-        """Underrun: wait for the jitter buffer to refill. Nothing is written meanwhile — silence
-        in the sink would shift the rest of the turn later in the recording and, on a live
-        track, would be indistinguishable from the agent pausing; the gap speaks for itself."""
+        """Underrun: wait until the jitter buffer refills (or the turn is finished or cancelled).
+
+        No silence is written meanwhile: a written frame cannot be taken back, so a real frame
+        arriving just after would queue behind it and every underrun would add latency to the
+        rest of the turn; silence would also count as "played" in the reports. A live track
+        goes quiet by itself when it is not fed.
+        """
         state.underruns += 1
         while not (self._ready(state) or state.cancelled or self._closed):
             await self._wait()

@@ -12,6 +12,7 @@ from proto import events as ev
 from proto import subjects as sj
 from services.egress.playout import NullSink, Playout, PlayoutReport, Sink, WavSink
 from services.runtime import metrics
+from services.runtime.bus import SeqGaps
 from services.runtime.config import BaseConfig
 from services.runtime.service import SessionWorker, StageService
 
@@ -28,7 +29,7 @@ class EgressConfig(BaseConfig, frozen=True, kw_only=True):
 class EgressWorker(SessionWorker[EgressConfig]):
     async def start(self) -> None:
         self.playout: Playout | None = None
-        self.last_seq = 0
+        self.gaps = SeqGaps()
         self.dropped = 0
         await self.subscribe(sj.producer_all(self.session, "tts"), self.on_tts)
 
@@ -44,6 +45,9 @@ class EgressWorker(SessionWorker[EgressConfig]):
         return self.playout
 
     def on_tts(self, event: ev.Event) -> None:
+        if lost := self.gaps.lost(event):
+            self.dropped += lost
+            metrics.FRAMES_DROPPED.labels("egress").inc(lost)
         if isinstance(event, ev.AudioFrame):
             self.on_frame(event)
         elif isinstance(event, ev.SpeechDone):
@@ -61,11 +65,6 @@ class EgressWorker(SessionWorker[EgressConfig]):
             self.bus.reject("rate_change", f"{frame.sample_rate} Hz on a {playout.sample_rate} Hz "
                             "output", subject)
             return
-        if self.last_seq and frame.seq > self.last_seq + 1:
-            lost = frame.seq - self.last_seq - 1
-            self.dropped += lost
-            metrics.FRAMES_DROPPED.labels("egress").inc(lost)
-        self.last_seq = max(self.last_seq, frame.seq)
         self.idle.clear()
         playout.push(frame.turn, frame.pcm, frame.text_offset)
 

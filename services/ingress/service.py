@@ -15,7 +15,7 @@ from typing import ClassVar
 from proto import events as ev
 from proto import subjects as sj
 from services.ingress.audio import FRAME_BYTES, SAMPLE_RATE, AudioFormatError, paced, wav_frames
-from services.ingress.vad import VadSegmenter
+from services.ingress.vad import VadEdge, VadSegmenter
 from services.runtime.config import BaseConfig
 from services.runtime.service import SessionWorker, StageService
 
@@ -86,13 +86,13 @@ class IngressWorker(SessionWorker[IngressConfig]):
                 await self._publish_edge(edge)
             self.pts += FRAME_MS
 
-    async def _publish_edge(self, edge: object) -> None:
-        if edge.kind == "start":  # type: ignore[attr-defined]
-            await self.emit(sj.INGRESS_VAD, ev.SpeechStarted, pts_ms=edge.pts_ms)  # type: ignore[attr-defined]
+    async def _publish_edge(self, edge: VadEdge) -> None:
+        if edge.kind == "start":
+            await self.emit(sj.INGRESS_VAD, ev.SpeechStarted, pts_ms=edge.pts_ms)
             return
-        last_ts = self.sent_at.get(edge.last_speech_frame_pts_ms, 0)  # type: ignore[attr-defined]
-        await self.emit(sj.INGRESS_VAD, ev.SpeechEnded, pts_ms=edge.pts_ms,  # type: ignore[attr-defined]
-                        speech_ms=edge.speech_ms, last_speech_ts_ns=last_ts)  # type: ignore[attr-defined]
+        last_ts = self.sent_at.get(edge.last_speech_frame_pts_ms, 0)
+        await self.emit(sj.INGRESS_VAD, ev.SpeechEnded, pts_ms=edge.pts_ms,
+                        speech_ms=edge.speech_ms, last_speech_ts_ns=last_ts)
 
 
 class IngressService(StageService[IngressConfig]):

@@ -5,9 +5,10 @@ windows straddle frames. The segmenter counts samples exactly, which gives every
 audio timestamp, and it remembers which frame completed the last speech window so the caller can
 tell when the user's last speech sample was published.
 
-Measured here (2-core VM): a detector costs ~1.6 ms and ~2.5 MB to construct and ~0.8 ms of CPU
-per window (≈2.5 % of a core per live session), so one detector per session is cheap — and
-required, because Silero is recurrent and its state belongs to one audio stream.
+Measured here (2-core VM): a detector costs ~1.7 ms and ~2.6 MB RSS to construct; a window
+takes ~0.75 ms wall / ~1.1 ms CPU (ggml runs it on a small thread pool shared by all detectors),
+i.e. ~3.5 % of a core per live session. So one detector per session is cheap — and required,
+because Silero is recurrent and its state belongs to one audio stream.
 """
 
 from __future__ import annotations

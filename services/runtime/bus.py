@@ -42,15 +42,21 @@ class Bus:
         """Connect, retrying the first connection with backoff until it works (or ``stop``)."""
         delay = 0.05
         while True:
+            nc = Client()
+
+            async def on_disconnected(nc: Client = nc) -> None:
+                if not (nc.is_draining or nc.is_closed):  # a drain on shutdown is no news
+                    log.warning("NATS disconnected; reconnecting")
+
             try:
-                nc = await nats.connect(
+                await nc.connect(
                     url,
                     name=name,
                     max_reconnect_attempts=-1,
                     reconnect_time_wait=0.5,
                     connect_timeout=2,
                     error_cb=_on_error,
-                    disconnected_cb=_on_disconnected,
+                    disconnected_cb=on_disconnected,
                     reconnected_cb=_on_reconnected,
                 )
                 return cls(nc, stage)
@@ -107,9 +113,21 @@ async def _on_error(exc: Exception) -> None:
     log.warning("NATS error: %s", exc)
 
 
-async def _on_disconnected() -> None:
-    log.warning("NATS disconnected; reconnecting")
-
-
 async def _on_reconnected() -> None:
     log.info("NATS reconnected")
+
+
+class SeqGaps:
+    """Counts events lost between one producer and us, from the producer's per-session ``seq``.
+
+    Feed it every event of the producer's subscription (``producer_all``): ``seq`` counts all of
+    a producer's events in a session, not only one kind.
+    """
+
+    def __init__(self) -> None:
+        self.last = 0
+
+    def lost(self, event: ev.Event) -> int:
+        missing = event.seq - self.last - 1 if self.last and event.seq > self.last else 0
+        self.last = max(self.last, event.seq)
+        return missing

@@ -16,6 +16,7 @@ from typing import Any
 from proto import events as ev
 from proto import subjects as sj
 from services.runtime import metrics
+from services.runtime.bus import SeqGaps
 from services.runtime.errors import ProviderError
 from services.runtime.providers import load_provider
 from services.runtime.service import SessionWorker, StageService
@@ -60,7 +61,7 @@ class SttWorker(SessionWorker[SttConfig]):
         self.turn = await self._load_turn()
         self.preroll: deque[bytes] = deque(maxlen=max(1, self.config.stt_preroll_ms // 20))
         self.utterance: Utterance | None = None
-        self.last_seq = 0
+        self.gaps = SeqGaps()
         # One subscription for audio and VAD keeps them in publish order.
         await self.subscribe(sj.producer_all(self.session, "ingress"), self.on_ingress)
 
@@ -72,6 +73,10 @@ class SttWorker(SessionWorker[SttConfig]):
             return 0
 
     def on_ingress(self, event: ev.Event) -> None:
+        if lost := self.gaps.lost(event):
+            metrics.FRAMES_DROPPED.labels("stt").inc(lost)
+            if self.utterance is not None:
+                self.utterance.dropped += lost
         if isinstance(event, ev.AudioFrame):
             self.on_audio(event)
         elif isinstance(event, ev.SpeechStarted):
@@ -85,12 +90,6 @@ class SttWorker(SessionWorker[SttConfig]):
             self.bus.reject("bad_audio", f"{frame.sample_rate} Hz x{frame.channels}, "
                             f"{len(frame.pcm)} bytes", sj.INGRESS_AUDIO.subject(self.session))
             return
-        if self.last_seq and frame.seq > self.last_seq + 1:
-            lost = frame.seq - self.last_seq - 1
-            metrics.FRAMES_DROPPED.labels("stt").inc(lost)
-            if self.utterance is not None:
-                self.utterance.dropped += lost
-        self.last_seq = max(self.last_seq, frame.seq)
         if self.utterance is None:
             self.preroll.append(frame.pcm)
             return

@@ -16,10 +16,11 @@ from voicebus.speech import say_to_wav, transcribe_wav
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="module")]
 
 # What Piper says, and the words pocketsphinx must hear in it.
+# (Piper's voice varies from run to run; these are the phrases pocketsphinx hears reliably.)
 QUESTIONS = {
     "time": ("What time is it?", {"what", "time"}),
-    "weather": ("What is the weather like today?", {"weather", "today"}),
-    "hello": ("Hello, can you hear me?", {"hear"}),
+    "dog": ("Tell me a story about a dog.", {"story", "dog"}),
+    "mother": ("Please call my mother.", {"call", "mother"}),
 }
 
 
@@ -35,7 +36,7 @@ def _words(text: str) -> set[str]:
 
 
 async def test_two_sessions_talk_at_once_without_mixing(stack, bus, tap, questions, tmp_path):
-    sessions = {"alice": ["time", "weather"], "bob": ["hello"]}
+    sessions = {"alice": ["time", "dog"], "bob": ["mother"]}
     for name in sessions:
         await tap.watch(sj.session_all(name))
     replies = {name: tmp_path / f"{name}.wav" for name in sessions}
@@ -57,11 +58,11 @@ async def test_two_sessions_talk_at_once_without_mixing(stack, bus, tap, questio
     for name, keys in sessions.items():
         _check_session(tap, name, keys)
     heard = {name: _words(await transcribe_wav(path)) for name, path in replies.items()}
-    assert {"time", "weather"} <= heard["alice"], heard
-    assert "hear" in heard["bob"], heard
+    assert {"time", "dog"} <= heard["alice"], heard
+    assert "mother" in heard["bob"], heard
     # Nothing of one conversation leaks into the other.
-    assert not {"time", "weather"} & heard["bob"], heard
-    assert "hear" not in heard["alice"], heard
+    assert not {"time", "dog"} & heard["bob"], heard
+    assert "mother" not in heard["alice"], heard
 
 
 def _check_session(tap, session: str, keys: list[str]) -> None:

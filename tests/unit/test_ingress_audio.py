@@ -211,7 +211,7 @@ async def test_paced_keeps_schedule_without_drift() -> None:
         fake.now += 0.005
     assert len(times) == 200
     for n, t in enumerate(times):
-        assert n * 0.020 <= t + 1e-9 <= n * 0.020 + 0.003 + 1e-9
+        assert n * 0.020 - 1e-9 <= t <= n * 0.020 + 0.003 + 1e-9
 
 
 async def test_paced_catches_up_without_sleeping_when_late() -> None:

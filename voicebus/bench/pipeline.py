@@ -30,10 +30,10 @@ from voicebus.speech import say_to_wav
 
 PROMPTS = (
     "What time is it?",
-    "What is the weather like today?",
-    "Can you hear me?",
     "Tell me a story about a dog.",
-    "How far away is the moon?",
+    "Please call my mother.",
+    "Where is the nearest train station?",
+    "Thank you very much.",
 )
 # Sessions start this far apart, so users do not all speak in the same instant.
 STAGGER_S = 0.15

@@ -1,0 +1,294 @@
+"""Egress playout on a virtual clock: pacing, prebuffer, barge-in, progress, underruns, sinks."""
+
+from __future__ import annotations
+
+import asyncio
+import wave
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from services.egress.playout import NullSink, Playout, PlayoutReport, WavSink
+
+RATE = 16000
+FRAME = RATE // 50 * 2  # 20 ms, 640 bytes
+
+
+def frame(turn: int, n: int) -> bytes:
+    """A recognisable 20 ms frame: turn and index in the first bytes."""
+    return bytes([turn, n]) + bytes(FRAME - 2)
+
+
+class VirtualTime:
+    """Time moves only when the playout sleeps; ``at(t, fn)`` runs ``fn`` when time passes t,
+    i.e. something happening while the playout waits for its next frame."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self._events: list[tuple[float, Callable[[], object]]] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    def at(self, when: float, fn: Callable[[], object]) -> None:
+        self._events.append((when, fn))
+        self._events.sort(key=lambda e: e[0])
+
+    async def sleep(self, delay: float) -> None:
+        target = self.now + delay
+        while self._events and self._events[0][0] <= target:
+            when, fn = self._events.pop(0)
+            self.now = max(self.now, when)
+            fn()
+        self.now = target
+        await asyncio.sleep(0)
+
+
+class RecordingSink:
+    def __init__(self, vt: VirtualTime) -> None:
+        self.vt = vt
+        self.writes: list[tuple[float, bytes]] = []
+        self.closed = False
+        self.wrote = asyncio.Event()
+
+    async def write(self, pcm: bytes) -> None:
+        self.writes.append((round(self.vt.now, 6), pcm))
+        self.wrote.set()
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+    def frames(self) -> list[bytes]:
+        return [pcm for _, pcm in self.writes]
+
+    def times(self) -> list[float]:
+        return [t for t, _ in self.writes]
+
+
+class Harness:
+    def __init__(self, **kwargs: object) -> None:
+        self.vt = VirtualTime()
+        self.sink = RecordingSink(self.vt)
+        self.reports: list[PlayoutReport] = []
+        self.final = asyncio.Event()
+        self.playout = Playout(self.sink, RATE, clock=self.vt.clock, sleep=self.vt.sleep,
+                               on_progress=self.on_progress, **kwargs)  # type: ignore[arg-type]
+        self.task: asyncio.Task[None] | None = None
+
+    def on_progress(self, report: PlayoutReport) -> None:
+        self.reports.append(report)
+        if report.final:
+            self.final.set()
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self.playout.run())
+
+    def push_turn(self, turn: int, frames: int, finish: bool = True, first: int = 0) -> None:
+        for n in range(first, first + frames):
+            self.playout.push(turn, frame(turn, n), text_offset=n + 1)
+        if finish:
+            self.playout.finish(turn)
+
+    async def finals(self, count: int) -> list[PlayoutReport]:
+        async with asyncio.timeout(5):
+            while sum(r.final for r in self.reports) < count:
+                self.final.clear()
+                await self.final.wait()
+        return [r for r in self.reports if r.final]
+
+    async def close(self) -> None:
+        await self.playout.aclose()
+        assert self.task is not None
+        async with asyncio.timeout(5):
+            await self.task
+
+
+async def settle() -> None:
+    """Let every ready task run until it blocks (scheduler passes, not wall time)."""
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+@pytest.fixture
+async def h():
+    harness = Harness()
+    yield harness
+    if harness.task is not None and not harness.task.done():
+        await harness.close()
+
+
+async def test_frames_play_in_order_on_a_drift_free_schedule(h: Harness) -> None:
+    h.push_turn(1, 10)
+    h.start()
+    (final,) = await h.finals(1)
+    assert h.sink.frames() == [frame(1, n) for n in range(10)]
+    assert h.sink.times() == pytest.approx([n * 0.02 for n in range(10)])
+    assert final == PlayoutReport(1, 200, 10, True, False, 0)
+    assert h.vt.now == pytest.approx(0.2)  # the final comes when the last frame has played
+
+
+async def test_turns_play_in_order_one_after_the_other(h: Harness) -> None:
+    h.push_turn(2, 3)
+    h.push_turn(1, 2)
+    h.start()
+    finals = await h.finals(2)
+    assert [r.turn for r in finals] == [1, 2]
+    assert h.sink.frames() == [frame(1, 0), frame(1, 1), frame(2, 0), frame(2, 1), frame(2, 2)]
+    assert h.sink.times() == pytest.approx([0, 0.02, 0.04, 0.06, 0.08])
+
+
+async def test_prebuffer_is_respected() -> None:
+    h = Harness(prebuffer_ms=60)
+    h.start()
+    h.push_turn(1, 2, finish=False)  # 40 ms < 60 ms: not yet
+    await settle()
+    assert h.sink.writes == []
+    h.vt.now = 1.0
+    h.push_turn(1, 1, finish=False, first=2)
+    await asyncio.wait_for(h.sink.wrote.wait(), 5)
+    assert h.sink.writes[0] == (1.0, frame(1, 0))
+    h.push_turn(2, 1)  # a newer turn ends turn 1 even though its SpeechDone was lost
+    finals = await h.finals(2)
+    assert [(r.turn, r.played_ms, r.interrupted) for r in finals] == [(1, 60, False), (2, 20, False)]
+    await h.close()
+
+
+async def test_a_finished_turn_shorter_than_the_prebuffer_plays(h: Harness) -> None:
+    h.start()
+    h.push_turn(1, 1)
+    (final,) = await h.finals(1)
+    assert h.sink.frames() == [frame(1, 0)]
+    assert final.played_ms == 20
+
+
+async def test_cancel_mid_turn_stops_at_once_and_the_next_turn_plays(h: Harness) -> None:
+    h.push_turn(1, 20, finish=False)
+    returned: list[PlayoutReport | None] = []
+
+    def barge_in() -> None:
+        # Between frames 4 and 5: cancel, then stragglers of turn 1 and the next reply arrive.
+        returned.append(h.playout.cancel(1))
+        h.push_turn(1, 5, first=20)
+        h.push_turn(2, 3)
+
+    h.vt.at(0.09, barge_in)
+    h.start()
+    finals = await h.finals(2)
+
+    assert h.sink.frames() == [frame(1, n) for n in range(5)] + [frame(2, n) for n in range(3)]
+    # Turn 2 starts as soon as the loop sees the cancel (its 60 ms were already buffered).
+    assert h.sink.times()[5:] == pytest.approx([0.1, 0.12, 0.14])
+    cut = PlayoutReport(1, 100, 5, True, True, 0)
+    assert returned == [cut]
+    assert finals == [cut, PlayoutReport(2, 60, 3, True, False, 0)]
+    assert h.playout.stale_dropped == 5
+    assert sum(r.turn == 1 for r in h.reports if r.final) == 1
+
+
+async def test_cancel_covers_queued_turns_and_late_frames(h: Harness) -> None:
+    h.push_turn(1, 3)
+    h.push_turn(2, 3)
+    assert h.playout.cancel(2) is None  # nothing was playing yet
+    h.playout.push(2, frame(2, 9), 10)  # a straggler of a cancelled turn
+    h.playout.cancel(3)  # before turn 3 even began to arrive
+    h.playout.push(3, frame(3, 0), 1)
+    h.playout.finish(3)  # turn 3 lost all its frames, yet still gets exactly one final
+    h.playout.finish(3)
+    h.push_turn(4, 1)
+    h.start()
+    finals = await h.finals(4)
+    assert [(r.turn, r.played_ms, r.interrupted) for r in finals] == [
+        (1, 0, True), (2, 0, True), (3, 0, True), (4, 20, False)]
+    assert h.sink.frames() == [frame(4, 0)]
+    assert h.playout.stale_dropped == 2
+
+
+async def test_progress_reports_are_spaced_and_end_with_one_final(h: Harness) -> None:
+    h.push_turn(1, 30)
+    h.start()
+    await h.finals(1)
+    progress = [r for r in h.reports if not r.final]
+    assert [r.played_ms for r in progress] == [20, 280, 540]
+    assert [r.text_offset for r in progress] == [1, 14, 27]
+    assert h.reports[-1] == PlayoutReport(1, 600, 30, True, False, 0)
+    assert sum(r.final for r in h.reports) == 1
+
+
+async def test_underrun_is_counted_and_playout_waits_without_writing(h: Harness) -> None:
+    h.push_turn(1, 3, finish=False)
+    h.start()
+    async with asyncio.timeout(5):
+        while len(h.sink.writes) < 3:
+            h.sink.wrote.clear()
+            await h.sink.wrote.wait()
+    await settle()
+    assert len(h.sink.writes) == 3  # nothing (no silence either) while the buffer is dry
+    h.vt.now = 1.0
+    h.push_turn(1, 3, first=3)
+    (final,) = await h.finals(1)
+    assert h.sink.frames() == [frame(1, n) for n in range(6)]
+    assert h.sink.times()[3:] == pytest.approx([1.0, 1.02, 1.04])  # schedule restarts
+    assert final == PlayoutReport(1, 120, 6, True, False, 1)
+
+
+async def test_aclose_stops_the_loop_and_closes_the_sink(h: Harness) -> None:
+    h.push_turn(1, 100)
+    h.start()
+    await asyncio.wait_for(h.sink.wrote.wait(), 5)
+    await h.close()
+    assert h.sink.closed
+    assert len(h.sink.writes) < 100
+    h.playout.push(1, frame(1, 100), 0)  # after close: dropped, never played
+    assert h.playout.stale_dropped == 1
+
+
+async def test_aclose_without_run_closes_the_sink() -> None:
+    sink = RecordingSink(VirtualTime())
+    await Playout(sink, RATE).aclose()
+    assert sink.closed
+
+
+async def test_real_clock_smoke() -> None:
+    # Real asyncio.sleep and monotonic clock, 5 ms frames: the loop really paces.
+    sink = NullSink()
+    finals: list[PlayoutReport] = []
+    done = asyncio.Event()
+
+    def on_progress(r: PlayoutReport) -> None:
+        if r.final:
+            finals.append(r)
+            done.set()
+
+    playout = Playout(sink, RATE, frame_ms=5, prebuffer_ms=10, on_progress=on_progress)
+    for n in range(10):
+        playout.push(1, bytes(RATE // 200 * 2), n)
+    playout.finish(1)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    task = asyncio.create_task(playout.run())
+    await asyncio.wait_for(done.wait(), 5)
+    assert loop.time() - started >= 0.045  # 50 ms of audio took at least ~50 ms
+    assert finals == [PlayoutReport(1, 50, 9, True, False, 0)]
+    await playout.aclose()
+    await task
+
+
+async def test_wav_sink_writes_exact_frames(tmp_path: Path) -> None:
+    path = tmp_path / "out.wav"
+    sink = WavSink(path, 22050)
+    frames = [bytes([n]) * 882 for n in range(5)]
+    for pcm in frames:
+        await sink.write(pcm)
+    await sink.aclose()
+    with wave.open(str(path), "rb") as wav:
+        assert (wav.getnchannels(), wav.getsampwidth(), wav.getframerate()) == (1, 2, 22050)
+        assert wav.getnframes() == 5 * 441
+        assert wav.readframes(wav.getnframes()) == b"".join(frames)
+
+
+async def test_wav_sink_creates_no_file_when_nothing_plays(tmp_path: Path) -> None:
+    path = tmp_path / "silent.wav"
+    sink = WavSink(path, 16000)
+    await sink.aclose()
+    assert not path.exists()
