@@ -27,30 +27,50 @@ class IngressConfig(BaseConfig, frozen=True, kw_only=True):
     vad_threshold: float = 0.5
     vad_neg_threshold: float = 0.35
     vad_min_speech_ms: int = 64
+    # Audio quieter than this (dBFS) is silence without running the model (-200: only
+    # digital silence is skipped).
+    vad_energy_floor_dbfs: float | None = -60.0
     # End of speech: this much silence after the last speech audio closes the user's turn.
     vad_silence_ms: int = 300
     # The file source waits at most this long (seconds) for the agent's reply to a file.
     reply_timeout: float = 20.0
+    # Seconds to hold audio back while no STT replica has claimed the session yet.
+    stt_wait: float = 10.0
 
 
 class IngressWorker(SessionWorker[IngressConfig]):
     async def start(self) -> None:
         cfg = self.config
         self.vad = VadSegmenter(threshold=cfg.vad_threshold, neg_threshold=cfg.vad_neg_threshold,
-                                min_speech_ms=cfg.vad_min_speech_ms, silence_ms=cfg.vad_silence_ms)
+                                min_speech_ms=cfg.vad_min_speech_ms, silence_ms=cfg.vad_silence_ms,
+                                energy_floor_dbfs=cfg.vad_energy_floor_dbfs)
         self.pts = 0
         # Publish time of recent frames by pts, to stamp SpeechEnded with its last speech frame.
         self.sent_at: dict[int, int] = {}
         self.replies: set[int] = set()
-        self.reply_seen = asyncio.Event()
+        self.stt_listening = asyncio.Event()
+        await self.subscribe(sj.READY["stt"].subject(self.session), self.on_stt_ready)
         if self.start_event.wav_in:
             await self.subscribe(sj.EGRESS_PLAYBACK.subject(self.session), self.on_playback)
             self.spawn(self.play_files(), "file-source")
 
+    def on_stt_ready(self, _ready: ev.StageReady) -> None:
+        self.stt_listening.set()
+
     def on_playback(self, playback: ev.Playback) -> None:
-        if playback.final and playback.turn not in self.replies:
+        if playback.final:
             self.replies.add(playback.turn)
-            self.reply_seen.set()
+
+    async def wait_for_stt(self) -> None:
+        """Hold the user's audio until an STT replica listens to this session: what it would
+        miss (the start of speech) cannot be recovered. A lease means it is subscribed."""
+        if await self.service.is_listening("stt", self.session):
+            return
+        try:
+            await asyncio.wait_for(self.stt_listening.wait(), self.config.stt_wait)
+        except asyncio.TimeoutError:
+            self.log.warning("no STT replica claimed the session within %.0fs; sending anyway",
+                             self.config.stt_wait)
 
     async def play_files(self) -> None:
         try:
@@ -76,6 +96,7 @@ class IngressWorker(SessionWorker[IngressConfig]):
 
     async def feed(self, frames: AsyncIterable[bytes]) -> None:
         """Publish every frame and the VAD edges it produces."""
+        await self.wait_for_stt()
         horizon = 5000 // FRAME_MS  # remember publish times for the last 5 s
         async for pcm in frames:
             frame = await self.emit(sj.INGRESS_AUDIO, ev.AudioFrame, pcm=pcm,

@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 from nats import micro
 from nats.aio.subscription import Subscription
-from nats.js.errors import KeyWrongLastSequenceError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from proto import events as ev
@@ -162,6 +162,15 @@ class StageService(Generic[C]):
         await self.teardown()
         await self.bus.drain()
 
+    async def is_listening(self, stage: str, session: str) -> bool:
+        """Whether some replica of ``stage`` holds the session (and so is subscribed to it)."""
+        assert self._leases is not None
+        try:
+            await self._leases.get(f"{stage}.{session}")
+            return True
+        except KeyNotFoundError:
+            return False
+
     async def _list_sessions(self, request: micro.Request) -> None:
         await request.respond(json.dumps(sorted(self.workers)).encode())
 
@@ -176,15 +185,19 @@ class StageService(Generic[C]):
     async def _claim(self, start: ev.SessionStart) -> None:
         key = f"{self.stage}.{start.session}"
         assert self._leases is not None
+        # Subscribe before taking the lease, so a lease in KV means "listening": upstream
+        # stages may check it to know their events will be heard.
+        worker = self.Worker(self, start)
+        self.workers[start.session] = worker
+        await worker.start()
         try:
             await self._leases.create(key, self.replica.encode())
         except KeyWrongLastSequenceError:
             log.warning("session already leased by another %s replica; not claiming", self.stage,
                         extra={"stage": self.stage, "session": start.session})
+            self.workers.pop(start.session, None)
+            await worker.close()
             return
-        worker = self.Worker(self, start)
-        self.workers[start.session] = worker
-        await worker.start()
         metrics.SESSIONS_CLAIMED.labels(self.stage).inc()
         metrics.SESSIONS_ACTIVE.labels(self.stage).set(len(self.workers))
         await self.bus.publish(

@@ -74,7 +74,8 @@ def longest_run_ms(probs: Sequence[float], threshold: float) -> int:
 def test_edges_from_scripted_probabilities() -> None:
     # Windows are 32 ms: window k spans [32k, 32k+32).
     probs = [0.0] * 5 + [0.9] + [0.1] + [0.6, 0.8, 0.4, 0.2, 0.36] + [0.1] * 12
-    vad = VadSegmenter(detector=Scripted(probs), min_speech_ms=64, silence_ms=SILENCE_MS)
+    vad = VadSegmenter(detector=Scripted(probs), min_speech_ms=64, silence_ms=SILENCE_MS,
+                       energy_floor_dbfs=None)
     edges = feed(vad, silence(len(probs) * WINDOW_MS + 100))
 
     # A lone window (5) is not enough; windows 7-8 are (64 ms): start at 7 * 32.
@@ -91,7 +92,7 @@ def test_edges_from_scripted_probabilities() -> None:
 
 def test_min_speech_zero_starts_on_one_window_and_reset_forgets() -> None:
     vad = VadSegmenter(detector=Scripted([0.0, 0.7] + [0.0] * 20), min_speech_ms=0,
-                       silence_ms=100)
+                       silence_ms=100, energy_floor_dbfs=None)
     edges = [e for _, e in feed(vad, silence(32 * 3))]
     assert edges == [VadEdge("start", 32)]
     assert vad.in_speech
@@ -102,7 +103,7 @@ def test_min_speech_zero_starts_on_one_window_and_reset_forgets() -> None:
 
 def test_pts_gap_restarts_the_window() -> None:
     detector = Scripted([0.0] * 50)
-    vad = VadSegmenter(detector=detector)
+    vad = VadSegmenter(detector=detector, energy_floor_dbfs=None)
     vad.push(bytes(FRAME_BYTES), 0)  # 320 samples buffered
     vad.push(bytes(FRAME_BYTES), 1000)  # a gap: the partial window is dropped, not glued on
     assert detector.calls == 0
@@ -201,3 +202,13 @@ def test_min_speech_decides_on_a_short_speech_burst(
         assert edges == []
     if min_speech_ms >= 150 + 2 * WINDOW_MS + WINDOW_MS:
         assert edges == []
+
+
+def test_windows_below_the_energy_floor_skip_the_model() -> None:
+    detector = Scripted([0.9] * 100)
+    vad = VadSegmenter(detector=detector, energy_floor_dbfs=-60.0)
+    assert feed(vad, silence(32 * 10)) == []  # digital silence: the model is never asked
+    assert detector.calls == 0 and vad.windows_skipped == 10
+    loud = (np.full(16 * 32 * 5, 3000, dtype=np.int16)).tobytes()  # about -21 dBFS
+    edges = [e for _, e in feed(vad, loud, start_pts=32 * 10)]
+    assert detector.calls == 5 and edges and edges[0].kind == "start"

@@ -14,6 +14,7 @@ questions (Piper-spoken), and measures from the events on the bus:
 from __future__ import annotations
 
 import asyncio
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -51,8 +52,10 @@ async def run_pipeline_bench(sessions: int, turns: int, stt_replicas: int = 1) -
     workdir = Path(tempfile.mkdtemp(prefix="voicebus-bench-"))
     log_path = workdir / "stack.log"
     log_file = log_path.open("w")
+    # Enough warm decoders that no replica stalls loading one mid-run (each is ~90 MB).
+    warm = min(12, math.ceil(sessions / stt_replicas))
     stack = Stack(workdir, sink=lambda line: log_file.write(line + "\n"),
-                  replicas={"stt": stt_replicas})
+                  replicas={"stt": stt_replicas}, env={"VOICEBUS_STT_WARM_DECODERS": str(warm)})
     wavs = [await say_to_wav(PROMPTS[i % len(PROMPTS)], workdir / f"q{i}.wav", lead_ms=300)
             for i in range(turns)]
     await stack.start()
