@@ -21,6 +21,7 @@ from pathlib import Path
 import nats
 
 from proto.subjects import STAGES
+from services.runtime.bus import replicas_of
 
 LogSink = Callable[[str], None]
 
@@ -141,20 +142,18 @@ class Stack:
         return proc
 
     async def wait_ready(self, stages: tuple[str, ...], timeout: float = 90.0) -> None:
-        """Wait until every stage answers nats.micro's ``$SRV.PING``."""
+        """Wait until every replica of every stage answers nats.micro's ``$SRV.PING``."""
         nc = await nats.connect(self.nats_url)
         try:
             deadline = time.monotonic() + timeout
             for stage in stages:
-                while True:
-                    try:
-                        await nc.request(f"$SRV.PING.voicebus-{stage}", b"", timeout=0.5)
-                        break
-                    except (nats.errors.TimeoutError, nats.errors.NoRespondersError):
-                        dead = [n for n, p in self.procs.items() if not p.alive]
-                        if dead or time.monotonic() > deadline:
-                            raise RuntimeError(f"stage {stage} not ready; exited: {dead}") from None
-                        await asyncio.sleep(0.1)
+                want = self.replicas.get(stage, 1)
+                while (seen := len(await replicas_of(nc, f"voicebus-{stage}"))) < want:
+                    dead = [n for n, p in self.procs.items() if not p.alive]
+                    if dead or time.monotonic() > deadline:
+                        raise RuntimeError(f"{stage}: {seen}/{want} replicas ready; "
+                                           f"exited: {dead}")
+                    await asyncio.sleep(0.1)
         finally:
             await nc.close()
 

@@ -7,6 +7,8 @@ anything malformed is counted, logged once per burst and dropped, never raised i
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -115,6 +117,25 @@ async def _on_error(exc: Exception) -> None:
 
 async def _on_reconnected() -> None:
     log.info("NATS reconnected")
+
+
+async def replicas_of(nc: Client, service: str, window: float = 0.3) -> set[str]:
+    """The replicas of a nats.micro service that answer ``$SRV.PING`` within ``window`` s
+    (named by their ``replica`` metadata, else their instance id)."""
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    names: set[str] = set()
+    try:
+        await nc.publish(f"$SRV.PING.{service}", b"", reply=inbox)
+        with contextlib.suppress(asyncio.TimeoutError):
+            async with asyncio.timeout(window):
+                async for msg in sub.messages:
+                    with contextlib.suppress(ValueError, AttributeError):
+                        info = json.loads(msg.data)
+                        names.add((info.get("metadata") or {}).get("replica") or info["id"])
+        return names
+    finally:
+        await sub.unsubscribe()
 
 
 class SeqGaps:

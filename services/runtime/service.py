@@ -26,7 +26,7 @@ from nats.js.kv import KeyValue
 from proto import events as ev
 from proto import subjects as sj
 from services.runtime import metrics
-from services.runtime.bus import Bus, Handler
+from services.runtime.bus import Bus, Handler, replicas_of
 from services.runtime.config import BaseConfig
 from services.runtime.errors import ConfigError
 from services.runtime.logs import setup_logging
@@ -239,6 +239,10 @@ class StageService(Generic[C]):
                     log.warning("lease refresh failed: %s", exc, extra={"stage": self.stage})
 
     async def _hand_over_all(self) -> None:
+        others: set[str] = set()
+        if self.workers:
+            others = await replicas_of(self.bus.nc, f"voicebus-{self.stage}") - {self.replica}
+
         async def hand_over(worker: SessionWorker[C]) -> None:
             try:
                 await asyncio.wait_for(worker.idle.wait(), self.config.shutdown_grace)
@@ -248,18 +252,37 @@ class StageService(Generic[C]):
             await worker.close()
             self.workers.pop(worker.session, None)
             await self._release(worker.session)
-            # Our claim subscription is gone, so the queue group gives this to another replica.
-            start = worker.event(
-                ev.SessionStart,
-                room=worker.start_event.room,
-                wav_in=worker.start_event.wav_in,
-                wav_out=worker.start_event.wav_out,
-                handover=True,
-            )
-            await self.bus.publish(sj.CTL_START, start)
-            metrics.SESSIONS_HANDED_OVER.labels(self.stage).inc()
+            if others:
+                await self._republish(worker)
+            else:
+                worker.log.warning("no other %s replica is running: session released, not handed "
+                                   "over", self.stage)
 
         await asyncio.gather(*(hand_over(w) for w in list(self.workers.values())))
+
+    async def _republish(self, worker: SessionWorker[C]) -> None:
+        """Give the session to another replica and wait until one has it. Our claim
+        subscription is gone, so the queue group hands the start to someone else."""
+        taken = asyncio.Event()
+
+        def on_ready(ready: ev.StageReady) -> None:
+            if ready.replica != self.replica:
+                taken.set()
+
+        sub = await self.bus.subscribe(sj.READY[self.stage].subject(worker.session), on_ready)
+        start = worker.event(
+            ev.SessionStart, room=worker.start_event.room, wav_in=worker.start_event.wav_in,
+            wav_out=worker.start_event.wav_out, handover=True,
+        )
+        await self.bus.publish(sj.CTL_START, start)
+        try:
+            await asyncio.wait_for(taken.wait(), self.config.shutdown_grace)
+            metrics.SESSIONS_HANDED_OVER.labels(self.stage).inc()
+        except asyncio.TimeoutError:
+            worker.log.error("no other %s replica took the session within %.0fs: it has no %s "
+                             "stage now", self.stage, self.config.shutdown_grace, self.stage)
+        finally:
+            await sub.unsubscribe()
 
 
 async def run(service_cls: type[StageService[Any]]) -> None:
