@@ -36,8 +36,9 @@ PROMPTS = (
     "Where is the nearest train station?",
     "Thank you very much.",
 )
-# Sessions start this far apart, so users do not all speak in the same instant.
-STAGGER_S = 0.15
+# Session starts are spread over this many seconds (about one question-and-answer cycle), so
+# that, as with real users, not everyone speaks in the same instant.
+DEFAULT_SPREAD_S = 5.0
 
 
 def stats(values: list[float]) -> dict[str, float]:
@@ -48,7 +49,8 @@ def stats(values: list[float]) -> dict[str, float]:
             "p95": round(float(np.percentile(arr, 95)), 2), "n": len(values)}
 
 
-async def run_pipeline_bench(sessions: int, turns: int, stt_replicas: int = 1) -> dict[str, Any]:
+async def run_pipeline_bench(sessions: int, turns: int, stt_replicas: int = 1,
+                             spread_s: float = DEFAULT_SPREAD_S) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="voicebus-bench-"))
     log_path = workdir / "stack.log"
     log_file = log_path.open("w")
@@ -68,7 +70,7 @@ async def run_pipeline_bench(sessions: int, turns: int, stt_replicas: int = 1) -
     started = time.monotonic()
     try:
         async def one(index: int, name: str) -> None:
-            await asyncio.sleep(index * STAGGER_S)
+            await asyncio.sleep(index * spread_s / sessions)
             await dispatch(nc, tap, name, wav_in=[str(w) for w in wavs], timeout=60)
 
         await asyncio.gather(*(one(i, n) for i, n in enumerate(names)))
@@ -89,12 +91,13 @@ async def run_pipeline_bench(sessions: int, turns: int, stt_replicas: int = 1) -
         await stack.stop()
         log_file.close()
     result = summarise(tap, names, turns)
-    result.update(wall_s=round(elapsed, 1), stt_replicas=stt_replicas, logs=str(log_path))
+    result.update(wall_s=round(elapsed, 1), stt_replicas=stt_replicas, spread_s=spread_s,
+                  logs=str(log_path))
     return result
 
 
 def summarise(tap: Tap, names: list[str], turns: int) -> dict[str, Any]:
-    v2v, eos, overhead = [], [], []
+    v2v, eos, overhead, stt_side, reply_side = [], [], [], [], []
     compute: dict[str, list[float]] = {"stt": [], "llm": [], "tts": []}
     completed = dropped = underruns = 0
     for name in names:
@@ -117,6 +120,10 @@ def summarise(tap: Tap, names: list[str], turns: int) -> dict[str, Any]:
             compute["llm"].append(done[0].llm_ms)
             compute["tts"].append(done[0].tts_ms)
             overhead.append(total - window - stt_ms - done[0].llm_ms - done[0].tts_ms)
+            # Where the overhead is: before the final transcript, or after it.
+            stt_side.append((final[0].ts_ns - edge.ts_ns) / 1e6 - stt_ms)
+            reply_side.append((done[0].first_frame_ts_ns - final[0].ts_ns) / 1e6
+                              - done[0].llm_ms - done[0].tts_ms)
     return {
         "sessions": len(names),
         "turns_expected": len(names) * turns,
@@ -127,5 +134,6 @@ def summarise(tap: Tap, names: list[str], turns: int) -> dict[str, Any]:
         "v2v_ms": stats(v2v),
         "eos_ms": stats(eos),
         "overhead_ms": stats(overhead),
+        "overhead_split_ms": {"to_final": stats(stt_side), "after_final": stats(reply_side)},
         "compute_ms": {stage: stats(values) for stage, values in compute.items()},
     }
