@@ -54,16 +54,15 @@ class EgressWorker(SessionWorker[EgressConfig]):
             self.on_done(event)
 
     def on_frame(self, frame: ev.AudioFrame) -> None:
-        subject = sj.TTS_AUDIO.subject(self.session)
         expected = frame.sample_rate * FRAME_MS // 1000 * 2
         if not 8000 <= frame.sample_rate <= 48000 or frame.channels != 1 or len(frame.pcm) != expected:
             self.bus.reject("bad_audio", f"{frame.sample_rate} Hz x{frame.channels}, "
-                            f"{len(frame.pcm)} bytes", subject)
+                            f"{len(frame.pcm)} bytes", sj.TTS_AUDIO.subject(self.session))
             return
         playout = self._playout_for(frame.sample_rate)
         if frame.sample_rate != playout.sample_rate:
             self.bus.reject("rate_change", f"{frame.sample_rate} Hz on a {playout.sample_rate} Hz "
-                            "output", subject)
+                            "output", sj.TTS_AUDIO.subject(self.session))
             return
         self.idle.clear()
         playout.push(frame.turn, frame.pcm, frame.text_offset)

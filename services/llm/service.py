@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import time
 from contextlib import aclosing
-from typing import Any
 
 import msgspec
 
@@ -19,8 +18,7 @@ from services.llm.config import LlmConfig
 from services.llm.provider import PROVIDERS, ChatMessage, LlmProvider
 from services.runtime import metrics
 from services.runtime.errors import ProviderError
-from services.runtime.providers import load_provider
-from services.runtime.service import SessionWorker, StageService
+from services.runtime.service import ProviderStage, SessionWorker
 
 HISTORY_BUCKET = "voicebus_history"
 _history_codec = (msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(list[ChatMessage]))
@@ -30,7 +28,7 @@ class LlmWorker(SessionWorker[LlmConfig]):
     service: LlmService
 
     async def start(self) -> None:
-        self.kv = await self.bus.key_value(HISTORY_BUCKET)
+        self.kv = await self.bus.key_value(HISTORY_BUCKET, ttl=self.config.state_ttl)
         self.history = await self._load_history()
         self.reply: asyncio.Task[None] | None = None
         self.reply_turn = 0
@@ -77,7 +75,7 @@ class LlmWorker(SessionWorker[LlmConfig]):
             outcome = "interrupted"
         except ProviderError as exc:
             outcome, error = "error", str(exc)
-            await self._failed(final.turn, exc)
+            await self.provider_failed(final.turn, exc, "reply")
         finally:
             self.idle.set()
         text = "".join(parts)
@@ -101,11 +99,6 @@ class LlmWorker(SessionWorker[LlmConfig]):
                                 index=len(parts), compute_ms=elapsed)
                 parts.append(delta)
 
-    async def _failed(self, turn: int, exc: ProviderError) -> None:
-        metrics.PROVIDER_ERRORS.labels("llm", exc.provider, str(exc.retryable)).inc()
-        self.log.error("reply failed: %s", exc)
-        await self.emit(sj.ERROR["llm"], ev.StageError, stage="llm", turn=turn,
-                        message=str(exc), retryable=exc.retryable)
 
     async def _remember(self, user: str, assistant: str, interrupted: bool) -> None:
         self.history.append(ChatMessage("user", user))
@@ -114,16 +107,9 @@ class LlmWorker(SessionWorker[LlmConfig]):
         await self.kv.put(self.session, _history_codec[0].encode(self.history))
 
 
-class LlmService(StageService[LlmConfig]):
+class LlmService(ProviderStage[LlmConfig]):
     stage = "llm"
     Config = LlmConfig
     Worker = LlmWorker
-    provider: Any
-
-    async def setup(self) -> None:
-        self.provider: LlmProvider = load_provider(
-            "llm", PROVIDERS, self.config.llm_provider, self.config
-        )
-
-    async def teardown(self) -> None:
-        await self.provider.aclose()
+    PROVIDERS = PROVIDERS
+    provider: LlmProvider

@@ -29,6 +29,8 @@ class BaseConfig(msgspec.Struct, frozen=True, kw_only=True):
     metrics_addr: str = "127.0.0.1"
     # Seconds a replica's session lease lives without a refresh.
     lease_ttl: float = 10.0
+    # Seconds session state (turn counter, history) is kept in JetStream KV after its last write.
+    state_ttl: float = 86400.0
     # Seconds a replica waits, on SIGTERM, for in-flight turns before handing sessions over.
     shutdown_grace: float = 10.0
 

@@ -16,6 +16,7 @@ import signal
 import socket
 import re
 import time
+from collections.abc import Mapping
 from typing import Any, ClassVar, Generic, TypeVar
 
 from nats import micro
@@ -28,8 +29,9 @@ from proto import subjects as sj
 from services.runtime import metrics
 from services.runtime.bus import Bus, Handler, replicas_of
 from services.runtime.config import BaseConfig
-from services.runtime.errors import ConfigError
+from services.runtime.errors import ConfigError, ProviderError
 from services.runtime.logs import setup_logging
+from services.runtime.providers import load_provider
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +78,14 @@ class SessionWorker(Generic[C]):
 
     async def subscribe(self, subject: str, handler: Handler) -> None:
         self._subs.append(await self.bus.subscribe(subject, handler))
+
+    async def provider_failed(self, turn: int, exc: ProviderError, doing: str) -> None:
+        """Count, log and announce (``<stage>.error``) a provider failure on ``turn``."""
+        stage = self.service.stage
+        metrics.PROVIDER_ERRORS.labels(stage, exc.provider, str(exc.retryable)).inc()
+        self.log.error("%s failed: %s", doing, exc)
+        await self.emit(sj.ERROR[stage], ev.StageError, stage=stage, turn=turn,
+                        message=str(exc), retryable=exc.retryable)
 
     def spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro, name=f"{self.service.stage}:{self.session}:{name}")
@@ -283,6 +293,21 @@ class StageService(Generic[C]):
                              "stage now", self.stage, self.config.shutdown_grace, self.stage)
         finally:
             await sub.unsubscribe()
+
+
+class ProviderStage(StageService[C]):
+    """A stage whose work is done by one provider, chosen by ``VOICEBUS_<STAGE>_PROVIDER``
+    from the stage's lazy ``PROVIDERS`` map."""
+
+    PROVIDERS: ClassVar[Mapping[str, str]]
+    provider: Any
+
+    async def setup(self) -> None:
+        name = getattr(self.config, f"{self.stage}_provider")
+        self.provider = load_provider(self.stage, self.PROVIDERS, name, self.config)
+
+    async def teardown(self) -> None:
+        await self.provider.aclose()
 
 
 async def run(service_cls: type[StageService[Any]]) -> None:

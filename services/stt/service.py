@@ -11,15 +11,13 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import AsyncIterator
-from typing import Any
 
 from proto import events as ev
 from proto import subjects as sj
 from services.runtime import metrics
 from services.runtime.bus import SeqGaps
 from services.runtime.errors import ProviderError
-from services.runtime.providers import load_provider
-from services.runtime.service import SessionWorker, StageService
+from services.runtime.service import ProviderStage, SessionWorker
 from services.stt.config import SttConfig
 from services.stt.provider import PROVIDERS, SAMPLE_RATE, SttProvider
 
@@ -57,7 +55,7 @@ class SttWorker(SessionWorker[SttConfig]):
     service: SttService
 
     async def start(self) -> None:
-        self.kv = await self.bus.key_value(STATE_BUCKET)
+        self.kv = await self.bus.key_value(STATE_BUCKET, ttl=self.config.state_ttl)
         self.turn = await self._load_turn()
         self.preroll: deque[bytes] = deque(maxlen=max(1, self.config.stt_preroll_ms // 20))
         self.utterance: Utterance | None = None
@@ -134,25 +132,13 @@ class SttWorker(SessionWorker[SttConfig]):
         await self.kv.put(f"{self.session}.turn", str(utt.turn).encode())
 
     async def _failed(self, turn: int, exc: ProviderError) -> None:
-        metrics.PROVIDER_ERRORS.labels("stt", exc.provider, str(exc.retryable)).inc()
-        self.log.error("transcription failed: %s", exc)
-        await self.emit(sj.ERROR["stt"], ev.StageError, stage="stt", turn=turn,
-                        message=str(exc), retryable=exc.retryable)
+        await self.provider_failed(turn, exc, "transcription")
         # A final with no words still closes the turn for every stage downstream.
         await self.emit(sj.STT_FINAL, ev.Transcript, turn=turn, text="", final=True)
 
-
-class SttService(StageService[SttConfig]):
+class SttService(ProviderStage[SttConfig]):
     stage = "stt"
     Config = SttConfig
     Worker = SttWorker
-    provider: Any
-
-    async def setup(self) -> None:
-        self.provider: SttProvider = load_provider(
-            "stt", PROVIDERS, self.config.stt_provider, self.config
-        )
-
-    async def teardown(self) -> None:
-        await self.provider.aclose()
-
+    PROVIDERS = PROVIDERS
+    provider: SttProvider

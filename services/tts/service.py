@@ -10,15 +10,13 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from typing import Any
 
 from proto import events as ev
 from proto import subjects as sj
 from services.runtime import metrics
 from services.runtime.errors import ProviderError
-from services.runtime.providers import load_provider
-from services.runtime.service import SessionWorker, StageService
-from services.tts.chunker import SentenceChunker
+from services.runtime.service import ProviderStage, SessionWorker
+from services.tts.chunker import Chunk, SentenceChunker
 from services.tts.config import TtsConfig
 from services.tts.provider import PROVIDERS, TtsProvider
 
@@ -38,7 +36,7 @@ class TurnSpeech:
         self.first_chunk_at = 0.0
         self.task: asyncio.Task[None] | None = None
 
-    def add(self, chunks: list[Any], llm_ms: float) -> None:
+    def add(self, chunks: list[Chunk], llm_ms: float) -> None:
         for chunk in chunks:
             if not self.spans:
                 self.llm_ms = llm_ms
@@ -117,7 +115,7 @@ class TtsWorker(SessionWorker[TtsConfig]):
         except asyncio.CancelledError:
             interrupted = True
         except ProviderError as exc:
-            await self._failed(speech.turn, exc)
+            await self.provider_failed(speech.turn, exc, "synthesis")
         finally:
             if self.current is speech:
                 self.idle.set()
@@ -125,12 +123,6 @@ class TtsWorker(SessionWorker[TtsConfig]):
                         first_frame_ts_ns=first_ts, llm_ms=speech.llm_ms, tts_ms=tts_ms,
                         text=speech.text, interrupted=interrupted)
         metrics.TURNS.labels("tts", "interrupted" if interrupted else "ok").inc()
-
-    async def _failed(self, turn: int, exc: ProviderError) -> None:
-        metrics.PROVIDER_ERRORS.labels("tts", exc.provider, str(exc.retryable)).inc()
-        self.log.error("synthesis failed: %s", exc)
-        await self.emit(sj.ERROR["tts"], ev.StageError, stage="tts", turn=turn,
-                        message=str(exc), retryable=exc.retryable)
 
 
 class _Framer:
@@ -161,16 +153,9 @@ class _Framer:
         return tail
 
 
-class TtsService(StageService[TtsConfig]):
+class TtsService(ProviderStage[TtsConfig]):
     stage = "tts"
     Config = TtsConfig
     Worker = TtsWorker
-    provider: Any
-
-    async def setup(self) -> None:
-        self.provider: TtsProvider = load_provider(
-            "tts", PROVIDERS, self.config.tts_provider, self.config
-        )
-
-    async def teardown(self) -> None:
-        await self.provider.aclose()
+    PROVIDERS = PROVIDERS
+    provider: TtsProvider

@@ -24,7 +24,6 @@ import nats
 import numpy as np
 
 from proto import events as ev
-from proto import subjects as sj
 from voicebus.client import Tap, dispatch, end_session
 from voicebus.launcher import Stack
 from voicebus.speech import say_to_wav
