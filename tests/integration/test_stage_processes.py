@@ -1,0 +1,112 @@
+"""Single stages as real processes on a real nats-server, driven through the bus."""
+
+from __future__ import annotations
+
+import time
+import wave
+
+import nats
+import pytest
+
+from proto import codec
+from proto import events as ev
+from proto import subjects as sj
+from tests.conftest import LogTail
+from tests.fakes.openai_server import start_fake_openai
+from voicebus.client import Tap, dispatch
+from voicebus.launcher import Stack
+
+
+async def publish(nc, topic: sj.Topic, event: ev.Event) -> None:
+    await nc.publish(topic.subject(event.session), codec.encode(event))
+
+
+@pytest.fixture
+async def bare_stack(tmp_path):
+    """nats-server only; each test starts the stage it needs with its own environment."""
+    logs = LogTail(tmp_path / "stack.log")
+    stack = Stack(tmp_path, sink=logs)
+    stack.logs = logs  # type: ignore[attr-defined]
+    await stack.start(stages=())
+    nc = await nats.connect(stack.nats_url)
+    tap = Tap(nc)
+    yield stack, nc, tap
+    await tap.close()
+    await nc.close()
+    codes = await stack.stop()
+    assert all(code == 0 for code in codes.values()), f"{codes}\n{logs.dump()}"
+
+
+def final(session: str, turn: int, text: str) -> ev.Transcript:
+    return ev.Transcript(session=session, seq=turn, ts_ns=time.time_ns(), turn=turn, text=text,
+                         final=True)
+
+
+async def test_llm_sends_system_prompt_and_kv_history_and_survives_a_dead_provider(bare_stack):
+    stack, nc, tap = bare_stack
+    fake = await start_fake_openai(api_key="test-key")
+    try:
+        await stack.start_stage("llm", VOICEBUS_LLM_PROVIDER="openai", OPENAI_API_KEY="test-key",
+                                OPENAI_BASE_URL=fake.base_url, VOICEBUS_SYSTEM_PROMPT="Be brief.")
+        await stack.wait_ready(("llm",))
+        await tap.watch(sj.session_all("chat"))
+        await dispatch(nc, tap, "chat", stages=("llm",))
+
+        await publish(nc, sj.STT_FINAL, final("chat", 1, "what time is it"))
+        await tap.wait_for(lambda: tap.of(ev.ReplyDone, "chat", turn=1), 10, "reply 1")
+        fake.fail_with_status(500, times=1)
+        await publish(nc, sj.STT_FINAL, final("chat", 2, "are you there"))
+        failed = await tap.wait_for(lambda: tap.of(ev.ReplyDone, "chat", turn=2), 10, "reply 2")
+        await publish(nc, sj.STT_FINAL, final("chat", 3, "call my mother"))
+        done = await tap.wait_for(lambda: tap.of(ev.ReplyDone, "chat", turn=3), 10, "reply 3")
+    finally:
+        await fake.close()
+
+    # The failed turn is closed with an error, announced, and the conversation goes on.
+    assert failed[0].error and not failed[0].text
+    errors = tap.of(ev.StageError, "chat")
+    assert errors and errors[0].stage == "llm" and errors[0].turn == 2 and errors[0].retryable
+    assert done[0].text == "You said: call my mother." and not done[0].error
+    assert "".join(d.text for d in tap.of(ev.ReplyDelta, "chat", turn=3)) == done[0].text
+    sent = fake.requests[-1]["messages"]
+    assert sent[0] == {"role": "system", "content": "Be brief."}
+    assert [m["content"] for m in sent[1:]] == [
+        "what time is it", "You said: what time is it.", "are you there", "call my mother"]
+
+
+async def test_egress_stops_at_once_on_cancel_and_never_plays_the_cancelled_turn(bare_stack, tmp_path):
+    stack, nc, tap = bare_stack
+    await stack.start_stage("egress")
+    await stack.wait_ready(("egress",))
+    out = tmp_path / "played.wav"
+    await tap.watch(sj.session_all("cut"))
+    await dispatch(nc, tap, "cut", stages=("egress",), wav_out=str(out))
+
+    rate, frame = 16000, bytes(range(256)) * 2 + bytes(128)  # 640 bytes: 20 ms at 16 kHz
+    seq = 100
+    for turn, frames in ((1, 150), (2, 10)):  # a 3 s reply, then a short one
+        for i in range(frames):
+            seq += 1
+            await publish(nc, sj.TTS_AUDIO, ev.AudioFrame(
+                session="cut", seq=seq, ts_ns=time.time_ns(), pcm=frame, sample_rate=rate,
+                pts_ms=20 * i, turn=turn, text_offset=i))
+        if turn == 1:
+            await tap.wait_for(lambda: tap.of(ev.Playback, "cut", turn=1), 5, "turn 1 playing")
+            await publish(nc, sj.CTL_CANCEL, ev.Cancel(session="cut", seq=1, ts_ns=time.time_ns(),
+                                                       turn=1))
+            await tap.wait_for(lambda: tap.of(ev.Playback, "cut", turn=1, final=True), 5, "cut")
+        seq += 1
+        await publish(nc, sj.TTS_DONE, ev.SpeechDone(session="cut", seq=seq, ts_ns=time.time_ns(),
+                                                     turn=turn, frames=frames))
+    # A late frame of the cancelled turn must never be played.
+    await publish(nc, sj.TTS_AUDIO, ev.AudioFrame(session="cut", seq=seq + 1, ts_ns=time.time_ns(),
+                                                  pcm=frame, sample_rate=rate, turn=1))
+    second = await tap.wait_for(lambda: tap.of(ev.Playback, "cut", turn=2, final=True), 5, "turn 2")
+    assert await stack.procs["egress"].stop() == 0  # closes the session's WAV on the way out
+
+    cut = tap.of(ev.Playback, "cut", turn=1, final=True)[0]
+    assert cut.interrupted and 0 < cut.played_ms < 1000
+    assert second[0].played_ms == 200 and not second[0].interrupted
+    with wave.open(str(out)) as wav:
+        played_ms = wav.getnframes() * 1000 // wav.getframerate()
+    assert played_ms == cut.played_ms + 200
