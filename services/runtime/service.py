@@ -132,6 +132,7 @@ class StageService(Generic[C]):
         self._subs: list[Subscription] = []
         self._leases: KeyValue | None = None
         self._background: set[asyncio.Task[Any]] = set()
+        self._claiming: set[str] = set()
 
     async def setup(self) -> None:
         """Load models and providers before the first session is claimed."""
@@ -185,36 +186,42 @@ class StageService(Generic[C]):
         await request.respond(json.dumps(sorted(self.workers)).encode())
 
     async def _on_start(self, start: ev.SessionStart) -> None:
-        if start.session in self.workers:
-            return
+        if start.session in self.workers or start.session in self._claiming:
+            return  # a repeated start: we already own (or are claiming) it
+        self._claiming.add(start.session)
         # Claiming talks to KV and the worker subscribes: keep it off the callback's path.
-        task = asyncio.create_task(self._claim(start))
+        task = asyncio.create_task(self._claim(self.Worker(self, start)))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _claim(self, start: ev.SessionStart) -> None:
-        key = f"{self.stage}.{start.session}"
+    async def _claim(self, worker: SessionWorker[C]) -> None:
         assert self._leases is not None
-        # Subscribe before taking the lease, so a lease in KV means "listening": upstream
-        # stages may check it to know their events will be heard.
-        worker = self.Worker(self, start)
-        self.workers[start.session] = worker
-        await worker.start()
+        session = worker.session
         try:
-            await self._leases.create(key, self.replica.encode())
+            # Subscribe before taking the lease, so a lease in KV means "listening": upstream
+            # stages may check it to know their events will be heard.
+            await worker.start()
+            await self._leases.create(f"{self.stage}.{session}", self.replica.encode())
         except KeyWrongLastSequenceError:
             log.warning("session already leased by another %s replica; not claiming", self.stage,
-                        extra={"stage": self.stage, "session": start.session})
-            self.workers.pop(start.session, None)
+                        extra={"stage": self.stage, "session": session})
             await worker.close()
             return
+        except Exception:
+            metrics.HANDLER_ERRORS.labels(self.stage).inc()
+            log.exception("could not claim session", extra={"stage": self.stage, "session": session})
+            await worker.close()
+            return
+        finally:
+            self._claiming.discard(session)
+        self.workers[session] = worker
         metrics.SESSIONS_CLAIMED.labels(self.stage).inc()
         metrics.SESSIONS_ACTIVE.labels(self.stage).set(len(self.workers))
         await self.bus.publish(
             sj.READY[self.stage],
             worker.event(ev.StageReady, stage=self.stage, replica=self.replica),
         )
-        log.info("claimed session", extra={"stage": self.stage, "session": start.session})
+        log.info("claimed session", extra={"stage": self.stage, "session": session})
 
     async def _on_end(self, end: ev.SessionEnd) -> None:
         worker = self.workers.pop(end.session, None)

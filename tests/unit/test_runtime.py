@@ -1,0 +1,48 @@
+"""Small shared pieces: log throttling, JSON logs, sequence gaps, TTS framing."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from proto import events as ev
+from services.runtime.bus import SeqGaps
+from services.runtime.logs import JsonFormatter, Throttle
+from services.tts.service import _Framer
+
+
+def test_throttle_allows_one_line_per_interval_and_counts_the_rest(monkeypatch) -> None:
+    now = [100.0]
+    monkeypatch.setattr("services.runtime.logs.time.monotonic", lambda: now[0])
+    throttle = Throttle(interval=5.0)
+    assert throttle.allow("decode") == 0
+    assert [throttle.allow("decode") for _ in range(3)] == [None, None, None]
+    assert throttle.allow("wrong_kind") == 0  # keys are independent
+    now[0] += 5.0
+    assert throttle.allow("decode") == 3
+
+
+def test_json_log_lines_carry_the_context() -> None:
+    record = logging.LogRecord("x", logging.WARNING, __file__, 1, "bad %s", ("frame",), None)
+    record.stage, record.session = "stt", "s1"
+    line = json.loads(JsonFormatter().format(record))
+    assert line["msg"] == "bad frame" and line["stage"] == "stt" and line["session"] == "s1"
+    assert line["level"] == "WARNING"
+
+
+def test_seq_gaps_count_lost_events_and_ignore_reordering() -> None:
+    gaps = SeqGaps()
+    seqs = [5, 6, 9, 8, 10, 14]
+    lost = [gaps.lost(ev.Cancel(session="s", seq=n, turn=0)) for n in seqs]
+    assert lost == [0, 0, 2, 0, 0, 3]
+
+
+def test_tts_framer_cuts_exact_frames_and_reports_progress_through_each_piece() -> None:
+    framer = _Framer(22050)  # 20 ms = 441 samples = 882 bytes
+    first = framer.cut(bytes(1000))
+    assert [len(f) for f, _ in first] == [882] and first[0][1] == 882 / 1000
+    second = framer.cut(bytes(2000))  # 118 carried + 2000 = 2118: two frames, 354 left
+    assert [len(f) for f, _ in second] == [882, 882]
+    assert [round(share, 3) for _, share in second] == [round(764 / 2000, 3), round(1646 / 2000, 3)]
+    tail = framer.flush()
+    assert tail is not None and len(tail) == 882 and framer.flush() is None
