@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import os
 from pathlib import Path
 
 import nats
@@ -11,6 +12,11 @@ import pytest_asyncio
 
 from voicebus.client import Tap
 from voicebus.launcher import Stack
+
+
+# Piper varies each utterance at random; tests want the same audio for the same text, in this
+# process (questions) and in every stage process started from it (replies).
+os.environ["VOICEBUS_PIPER_DETERMINISTIC"] = "true"
 
 
 class LogTail:

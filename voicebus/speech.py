@@ -19,7 +19,7 @@ async def say_to_wav(text: str, path: Path, *, lead_ms: int = 300, tail_ms: int 
     """Write ``text`` spoken by Piper to ``path`` (mono s16le, the voice's rate), with silence
     of ``lead_ms`` before it and ``tail_ms`` after."""
     own = tts is None
-    tts = tts or PiperTts.from_config(TtsConfig())
+    tts = tts or PiperTts.from_config(TtsConfig.from_env())
     try:
         async def one() -> AsyncIterator[str]:
             yield text
@@ -45,7 +45,7 @@ async def transcribe_wav(path: Path, stt: PocketSphinxStt | None = None) -> str:
     resampler = Resampler(rate, channels)
     audio = resampler.process(pcm) + resampler.flush()
     own = stt is None
-    stt = stt or PocketSphinxStt.from_config(SttConfig())
+    stt = stt or PocketSphinxStt.from_config(SttConfig.from_env())
 
     async def frames() -> AsyncIterator[bytes]:
         for i in range(0, len(audio) - FRAME_BYTES + 1, FRAME_BYTES):

@@ -57,18 +57,22 @@ class WavSink:
         if self._closed:
             raise RuntimeError(f"write to closed sink {self.path}")
         if self._wav is None:
-            self._wav = wave.open(str(self.path), "wb")
+            # Unbuffered, and ``writeframes`` patches the header's lengths on every write: the
+            # file is a complete WAV after each frame, so it can be read while the session runs.
+            self._file = open(self.path, "wb", buffering=0)  # noqa: SIM115 (closed in aclose)
+            self._wav = wave.open(self._file, "wb")
             self._wav.setnchannels(self.channels)
             self._wav.setsampwidth(2)
             self._wav.setframerate(self.sample_rate)
-        # A plain blocking write: a few hundred bytes into the page cache every 20 ms costs
+        # Plain blocking writes: a few hundred bytes into the page cache every 20 ms cost
         # microseconds, less than a thread hop would.
-        self._wav.writeframesraw(pcm)
+        self._wav.writeframes(pcm)
 
     async def aclose(self) -> None:
         self._closed = True
         if self._wav is not None:
-            self._wav.close()  # patches the header's lengths
+            self._wav.close()
+            self._file.close()
             self._wav = None
 
 

@@ -9,5 +9,7 @@ class TtsConfig(BaseConfig, frozen=True, kw_only=True):
     piper_voice: str = ""
     # Phoneme length scale: < 1 speaks faster, > 1 slower.
     piper_length_scale: float = 1.0
+    # Speak without Piper's random variation: the same text always gives the same audio.
+    piper_deterministic: bool = False
     # A text chunk is sent to synthesis at a sentence end, or at a clause break past this length.
     tts_max_chunk_chars: int = 160

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 from pathlib import Path
 
 import pytest
@@ -88,3 +89,16 @@ def _check_session(tap, session: str, keys: list[str]) -> None:
         assert len(played) == 1 and not played[0].interrupted
         assert played[0].played_ms == 20 * len(tts_frames)
         assert played[0].frames_dropped == 0
+
+
+async def test_the_session_command_talks_to_a_running_stack(stack, questions, tmp_path):
+    reply = tmp_path / "reply.wav"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "voicebus", "session", "--nats", stack.nats_url,
+        "--wav", str(questions["mother"]), "--out", str(reply),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    text = out.decode()
+    assert proc.returncode == 0, text
+    assert "please call my mother" in text and "Please call my mother... got it." in text
+    assert "mother" in _words(await transcribe_wav(reply))

@@ -30,7 +30,7 @@ class PiperTts:
     name = "piper"
 
     def __init__(self, model_path: str | Path, config_path: str | Path, *,
-                 length_scale: float = 1.0) -> None:
+                 length_scale: float = 1.0, deterministic: bool = False) -> None:
         started = time.perf_counter()
         try:
             self.voice = PiperVoice.load(model_path, config_path)
@@ -38,7 +38,10 @@ class PiperTts:
             raise ProviderError(f"loading voice {model_path} failed: {exc}", provider=self.name,
                                 retryable=False) from exc
         self.sample_rate: int = self.voice.config.sample_rate
-        self.syn_config = SynthesisConfig(length_scale=length_scale)
+        # Piper adds random variation to each utterance; without it the same text always
+        # gives the same audio (what reproducible tests want).
+        noise = {"noise_scale": 0.0, "noise_w_scale": 0.0} if deterministic else {}
+        self.syn_config = SynthesisConfig(length_scale=length_scale, **noise)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="piper")
         log.info("piper voice %s loaded in %.2f s (%d Hz)", Path(model_path).name,
                  time.perf_counter() - started, self.sample_rate, extra={"provider": self.name})
@@ -46,7 +49,8 @@ class PiperTts:
     @classmethod
     def from_config(cls, cfg: TtsConfig) -> PiperTts:
         model, config = _voice_paths(cfg.piper_voice)
-        return cls(model, config, length_scale=cfg.piper_length_scale)
+        return cls(model, config, length_scale=cfg.piper_length_scale,
+                   deterministic=cfg.piper_deterministic)
 
     async def synthesize(self, chunks: AsyncIterator[str]) -> AsyncIterator[SpokenAudio]:
         """Audio per Piper sentence, tagged with its chunk's index in ``chunks``.

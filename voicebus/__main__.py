@@ -1,0 +1,3 @@
+from voicebus.cli import main
+
+main()
