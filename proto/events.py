@@ -18,6 +18,8 @@ MAX_PCM_BYTES = 8192
 Pcm = Annotated[bytes, msgspec.Meta(max_length=MAX_PCM_BYTES)]
 Turn = Annotated[int, msgspec.Meta(ge=0)]
 Text = Annotated[str, msgspec.Meta(max_length=16384)]
+# A whole reply (done events) may be longer than one delta.
+LongText = Annotated[str, msgspec.Meta(max_length=262144)]
 
 
 class Event(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_field="kind"):
@@ -106,7 +108,7 @@ class ReplyDone(Event, frozen=True, tag="llm.done"):
     """The reply for ``turn`` is complete (or was cut short: ``interrupted``, ``error``)."""
 
     turn: Turn
-    text: Text = ""
+    text: LongText = ""
     compute_ms: float = 0.0
     interrupted: bool = False
     error: str = ""
@@ -128,7 +130,7 @@ class SpeechDone(Event, frozen=True, tag="tts.done"):
     first_frame_ts_ns: int = 0
     llm_ms: float = 0.0
     tts_ms: float = 0.0
-    text: Text = ""
+    text: LongText = ""
     interrupted: bool = False
 
 
@@ -154,13 +156,14 @@ class SessionStart(Event, frozen=True, tag="ctl.start"):
     """Dispatch: each stage's queue group hands this to one replica, which owns the session.
 
     ``wav_in``/``wav_out`` are the file edges used before LiveKit is wired in; ``handover`` marks
-    a start re-published by a replica that is shutting down.
+    a start re-published by a replica that is shutting down, for its ``stage`` only.
     """
 
     room: str = ""
     wav_in: tuple[str, ...] = ()
     wav_out: str = ""
     handover: bool = False
+    stage: str = ""
 
 
 class SessionEnd(Event, frozen=True, tag="ctl.end"):

@@ -6,6 +6,7 @@ event types allowed on it, so a consumer can reject an event that arrived on the
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -82,8 +83,11 @@ def everything() -> str:
     return f"{PREFIX}.>"
 
 
+@functools.lru_cache(maxsize=8192)
 def parse(subject: str) -> tuple[str, Topic]:
-    """Split a subject into (session, topic); raise ``BadSubject`` for anything else."""
+    """Split a subject into (session, topic); raise ``BadSubject`` for anything else.
+
+    Cached: every audio frame of a session arrives on the same few subjects."""
     parts = subject.split(".")
     if len(parts) != 4 or parts[0] != PREFIX:
         raise BadSubject(f"not a voicebus subject: {subject[:120]!r}")

@@ -6,6 +6,7 @@ too. A ``Cancel`` stops playout at once, and nothing of a cancelled turn plays a
 
 from __future__ import annotations
 
+import os
 from typing import ClassVar
 
 from proto import events as ev
@@ -13,7 +14,7 @@ from proto import subjects as sj
 from services.egress.playout import NullSink, Playout, PlayoutReport, Sink, WavSink
 from services.runtime import metrics
 from services.runtime.bus import SeqGaps
-from services.runtime.config import BaseConfig
+from services.runtime.config import BaseConfig, audio_file
 from services.runtime.service import SessionWorker, StageService
 
 FRAME_MS = 20
@@ -29,13 +30,26 @@ class EgressConfig(BaseConfig, frozen=True, kw_only=True):
 class EgressWorker(SessionWorker[EgressConfig]):
     async def start(self) -> None:
         self.playout: Playout | None = None
+        self.wav_out = ""
         self.gaps = SeqGaps()
         self.dropped = 0
         await self.subscribe(sj.producer_all(self.session, "tts"), self.on_tts)
 
+    async def begin(self) -> None:
+        self.wav_out = ""
+        if self.start_event.wav_out:
+            try:
+                self.wav_out = audio_file(self.start_event.wav_out, self.config.audio_dir)
+                if not os.access(os.path.dirname(self.wav_out), os.W_OK):
+                    raise ValueError(f"cannot write to {os.path.dirname(self.wav_out)}")
+            except ValueError as exc:
+                self.log.error("not recording the reply: %s", exc)
+                await self.emit(sj.ERROR["egress"], ev.StageError, stage="egress",
+                                message=str(exc), retryable=False)
+
     def _playout_for(self, sample_rate: int) -> Playout:
         if self.playout is None:
-            path = self.start_event.wav_out
+            path = self.wav_out
             sink: Sink = WavSink(path, sample_rate) if path else NullSink()
             self.playout = Playout(
                 sink, sample_rate, prebuffer_ms=self.config.egress_prebuffer_ms,

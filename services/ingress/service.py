@@ -16,7 +16,7 @@ from proto import events as ev
 from proto import subjects as sj
 from services.ingress.audio import FRAME_BYTES, SAMPLE_RATE, AudioFormatError, paced, wav_frames
 from services.ingress.vad import VadEdge, VadSegmenter
-from services.runtime.config import BaseConfig
+from services.runtime.config import BaseConfig, audio_file
 from services.runtime.service import SessionWorker, StageService
 
 SILENCE = bytes(FRAME_BYTES)
@@ -52,6 +52,11 @@ class IngressWorker(SessionWorker[IngressConfig]):
         await self.subscribe(sj.READY["stt"].subject(self.session), self.on_stt_ready)
         if self.start_event.wav_in:
             await self.subscribe(sj.EGRESS_PLAYBACK.subject(self.session), self.on_playback)
+
+    async def begin(self) -> None:
+        # A handed-over file source starts again from its first file: the file edges are a
+        # development aid; the LiveKit microphone (next) has no position to resume from.
+        if self.start_event.wav_in:
             self.spawn(self.play_files(), "file-source")
 
     def on_stt_ready(self, _ready: ev.StageReady) -> None:
@@ -74,8 +79,10 @@ class IngressWorker(SessionWorker[IngressConfig]):
 
     async def play_files(self) -> None:
         try:
+            for path in self.start_event.wav_in:
+                audio_file(path, self.config.audio_dir)
             await self.feed(paced(self.file_user()))
-        except (AudioFormatError, OSError) as exc:
+        except (AudioFormatError, OSError, ValueError) as exc:
             self.log.error("cannot play input file: %s", exc)
             await self.emit(sj.ERROR["ingress"], ev.StageError, stage="ingress",
                             message=str(exc), retryable=False)

@@ -11,6 +11,7 @@ import time
 from contextlib import aclosing
 
 import msgspec
+from nats.js.errors import KeyNotFoundError
 
 from proto import events as ev
 from proto import subjects as sj
@@ -38,7 +39,7 @@ class LlmWorker(SessionWorker[LlmConfig]):
     async def _load_history(self) -> list[ChatMessage]:
         try:
             entry = await self.kv.get(self.session)
-        except Exception:  # no history yet
+        except KeyNotFoundError:  # a new session (any other KV error fails the claim)
             return []
         try:
             return _history_codec[1].decode(entry.value or b"")
@@ -54,7 +55,7 @@ class LlmWorker(SessionWorker[LlmConfig]):
             self.reply.cancel()  # a newer user turn supersedes the old reply
         self.reply_turn = final.turn
         self.idle.clear()
-        self.reply = self.spawn(self.respond(final, received), f"turn-{final.turn}")
+        self.reply = self.spawn_turn(self.respond(final, received), final.turn, self._unstarted)
 
     async def on_cancel(self, cancel: ev.Cancel) -> None:
         self.cancelled_upto = max(self.cancelled_upto, cancel.turn)
@@ -76,8 +77,12 @@ class LlmWorker(SessionWorker[LlmConfig]):
         except ProviderError as exc:
             outcome, error = "error", str(exc)
             await self.provider_failed(final.turn, exc, "reply")
+        except Exception as exc:  # a bug must not leave the turn open downstream
+            outcome, error = "error", f"{type(exc).__name__}: {exc}"
+            self.log.exception("reply failed")
         finally:
-            self.idle.set()
+            if self.reply is asyncio.current_task():  # not when a newer turn took over
+                self.idle.set()
         text = "".join(parts)
         await self.emit(sj.LLM_DONE, ev.ReplyDone, turn=final.turn, text=text,
                         compute_ms=(time.perf_counter() - received) * 1000,
@@ -86,6 +91,10 @@ class LlmWorker(SessionWorker[LlmConfig]):
         metrics.TURNS.labels("llm", outcome).inc()
         if final.text.strip():
             await self._remember(final.text, text, interrupted=outcome == "interrupted")
+
+    async def _unstarted(self, turn: int) -> None:
+        await self.emit(sj.LLM_DONE, ev.ReplyDone, turn=turn, interrupted=True,
+                        provider=self.service.provider.name)
 
     async def _stream_reply(self, final: ev.Transcript, received: float, parts: list[str]) -> None:
         provider = self.service.provider

@@ -57,6 +57,7 @@ class Bus:
                     max_reconnect_attempts=-1,
                     reconnect_time_wait=0.5,
                     connect_timeout=2,
+                    drain_timeout=5,  # shutdown must fit in an orchestrator's grace period
                     error_cb=_on_error,
                     disconnected_cb=on_disconnected,
                     reconnected_cb=_on_reconnected,
@@ -69,8 +70,9 @@ class Bus:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    async def publish(self, topic: Topic, event: ev.Event) -> None:
-        await self.nc.publish(topic.subject(event.session), codec.encode(event))
+    async def publish(self, topic: Topic, event: ev.Event, subject: str = "") -> None:
+        """Publish ``event`` on ``topic`` (``subject``: the topic's subject, if known)."""
+        await self.nc.publish(subject or topic.subject(event.session), codec.encode(event))
 
     async def subscribe(self, subject: str, handler: Handler, queue: str = "") -> Subscription:
         async def on_msg(msg: Msg) -> None:

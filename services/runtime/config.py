@@ -29,6 +29,8 @@ class BaseConfig(msgspec.Struct, frozen=True, kw_only=True):
     metrics_addr: str = "127.0.0.1"
     # Seconds a replica's session lease lives without a refresh.
     lease_ttl: float = 10.0
+    # If set, the file edges (SessionStart.wav_in / wav_out) may only name WAV files below it.
+    audio_dir: str = ""
     # Seconds session state (turn counter, history) is kept in JetStream KV after its last write.
     state_ttl: float = 86400.0
     # Seconds a replica waits, on SIGTERM, for in-flight turns before handing sessions over.
@@ -70,3 +72,15 @@ def _env_hint(cls: type[BaseConfig], exc: Exception) -> str:
 
 def parse_list(value: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+def audio_file(path: str, audio_dir: str) -> str:
+    """Check a WAV path a bus client asked us to read or write: absolute, ``.wav``, and inside
+    ``audio_dir`` when one is configured. Raises ``ValueError`` with the reason."""
+    resolved = os.path.realpath(path)
+    if not os.path.isabs(path) or not resolved.endswith(".wav"):
+        raise ValueError(f"not an absolute path to a .wav file: {path[:200]!r}")
+    if audio_dir and os.path.commonpath([resolved, os.path.realpath(audio_dir)]) != \
+            os.path.realpath(audio_dir):
+        raise ValueError(f"{path[:200]!r} is outside VOICEBUS_AUDIO_DIR")
+    return resolved

@@ -16,7 +16,7 @@ import signal
 import socket
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, ClassVar, Generic, TypeVar
 
 from nats import micro
@@ -58,9 +58,13 @@ class SessionWorker(Generic[C]):
         self._seq = itertools.count(1)
         self._subs: list[Subscription] = []
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._subjects: dict[sj.Topic, str] = {}
 
     async def start(self) -> None:
-        """Subscribe to this session's inputs."""
+        """Subscribe to this session's inputs (before the lease is taken: no side effects)."""
+
+    async def begin(self) -> None:
+        """Start work with side effects (sources, files) once the session is ours."""
 
     async def on_cancel(self, cancel: ev.Cancel) -> None:
         """Barge-in: drop queued and in-flight work of turns <= cancel.turn."""
@@ -73,7 +77,10 @@ class SessionWorker(Generic[C]):
 
     async def emit(self, topic: sj.Topic, cls: type[E], **fields: Any) -> E:
         event = self.event(cls, **fields)
-        await self.bus.publish(topic, event)
+        subject = self._subjects.get(topic)
+        if subject is None:  # built (and checked) once per topic, not once per frame
+            subject = self._subjects[topic] = topic.subject(self.session)
+        await self.bus.publish(topic, event, subject)
         return event
 
     async def subscribe(self, subject: str, handler: Handler) -> None:
@@ -86,6 +93,19 @@ class SessionWorker(Generic[C]):
         self.log.error("%s failed: %s", doing, exc)
         await self.emit(sj.ERROR[stage], ev.StageError, stage=stage, turn=turn,
                         message=str(exc), retryable=exc.retryable)
+
+    def spawn_turn(self, coro: Any, turn: int,
+                   close: Callable[[int], Awaitable[None]]) -> asyncio.Task[Any]:
+        """Spawn a turn's work. A task cancelled before it ever ran never reaches its own
+        ``except CancelledError``; ``close(turn)`` then still announces the turn's end."""
+        task = self.spawn(coro, f"turn-{turn}")
+
+        def closed(done: asyncio.Task[Any]) -> None:
+            if done.cancelled():
+                self.spawn(close(turn), f"close-{turn}")
+
+        task.add_done_callback(closed)
+        return task
 
     def spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro, name=f"{self.service.stage}:{self.session}:{name}")
@@ -133,6 +153,8 @@ class StageService(Generic[C]):
         self._leases: KeyValue | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._claiming: set[str] = set()
+        self._ended: dict[str, None] = {}  # recently ended sessions, oldest first
+        self._lease_rev: dict[str, int] = {}
 
     async def setup(self) -> None:
         """Load models and providers before the first session is claimed."""
@@ -166,6 +188,8 @@ class StageService(Generic[C]):
                  extra={"stage": self.stage})
         await self._claim_sub.unsubscribe()
         await discovery.stop()
+        # Claims already under way finish first, so their sessions are handed over too.
+        await asyncio.gather(*self._background, return_exceptions=True)
         await self._hand_over_all()
         refresher.cancel()
         for sub in self._subs:
@@ -188,6 +212,9 @@ class StageService(Generic[C]):
     async def _on_start(self, start: ev.SessionStart) -> None:
         if start.session in self.workers or start.session in self._claiming:
             return  # a repeated start: we already own (or are claiming) it
+        if start.stage and start.stage != self.stage:
+            return  # another stage's handover
+        self._ended.pop(start.session, None)
         self._claiming.add(start.session)
         # Claiming talks to KV and the worker subscribes: keep it off the callback's path.
         task = asyncio.create_task(self._claim(self.Worker(self, start)))
@@ -201,7 +228,7 @@ class StageService(Generic[C]):
             # Subscribe before taking the lease, so a lease in KV means "listening": upstream
             # stages may check it to know their events will be heard.
             await worker.start()
-            await self._leases.create(f"{self.stage}.{session}", self.replica.encode())
+            revision = await self._leases.create(f"{self.stage}.{session}", self.replica.encode())
         except KeyWrongLastSequenceError:
             log.warning("session already leased by another %s replica; not claiming", self.stage,
                         extra={"stage": self.stage, "session": session})
@@ -214,7 +241,13 @@ class StageService(Generic[C]):
             return
         finally:
             self._claiming.discard(session)
+        if session in self._ended:  # ended while we were claiming it
+            await worker.close()
+            await self._leases.delete(f"{self.stage}.{session}")
+            return
+        self._lease_rev[session] = revision
         self.workers[session] = worker
+        await worker.begin()
         metrics.SESSIONS_CLAIMED.labels(self.stage).inc()
         metrics.SESSIONS_ACTIVE.labels(self.stage).set(len(self.workers))
         await self.bus.publish(
@@ -224,6 +257,9 @@ class StageService(Generic[C]):
         log.info("claimed session", extra={"stage": self.stage, "session": session})
 
     async def _on_end(self, end: ev.SessionEnd) -> None:
+        self._ended[end.session] = None
+        while len(self._ended) > 10_000:  # remembered only to stop claims in flight
+            del self._ended[next(iter(self._ended))]
         worker = self.workers.pop(end.session, None)
         if worker is None:
             return
@@ -239,6 +275,7 @@ class StageService(Generic[C]):
 
     async def _release(self, session: str) -> None:
         metrics.SESSIONS_ACTIVE.labels(self.stage).set(len(self.workers))
+        self._lease_rev.pop(session, None)
         if self._leases is not None:
             try:
                 await self._leases.delete(f"{self.stage}.{session}")
@@ -250,10 +287,24 @@ class StageService(Generic[C]):
         while True:
             await asyncio.sleep(self.config.lease_ttl / 3)
             for session in list(self.workers):
-                try:
-                    await self._leases.put(f"{self.stage}.{session}", self.replica.encode())
-                except Exception as exc:
-                    log.warning("lease refresh failed: %s", exc, extra={"stage": self.stage})
+                await self._refresh(session)
+
+    async def _refresh(self, session: str) -> None:
+        """Renew a lease only if it is still the one we wrote: a blind put could bring back a
+        lease we released, or overwrite one another replica took after ours expired."""
+        assert self._leases is not None
+        key = f"{self.stage}.{session}"
+        try:
+            self._lease_rev[session] = await self._leases.update(
+                key, self.replica.encode(), last=self._lease_rev.get(session, 0))
+        except KeyWrongLastSequenceError:
+            worker = self.workers.pop(session, None)
+            log.error("lease lost (expired or taken over): dropping the session",
+                      extra={"stage": self.stage, "session": session})
+            if worker is not None:
+                await worker.close()
+        except Exception as exc:
+            log.warning("lease refresh failed: %s", exc, extra={"stage": self.stage})
 
     async def _hand_over_all(self) -> None:
         others: set[str] = set()
@@ -289,7 +340,7 @@ class StageService(Generic[C]):
         sub = await self.bus.subscribe(sj.READY[self.stage].subject(worker.session), on_ready)
         start = worker.event(
             ev.SessionStart, room=worker.start_event.room, wav_in=worker.start_event.wav_in,
-            wav_out=worker.start_event.wav_out, handover=True,
+            wav_out=worker.start_event.wav_out, handover=True, stage=self.stage,
         )
         await self.bus.publish(sj.CTL_START, start)
         try:

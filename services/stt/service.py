@@ -12,6 +12,8 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator
 
+from nats.js.errors import KeyNotFoundError
+
 from proto import events as ev
 from proto import subjects as sj
 from services.runtime import metrics
@@ -66,9 +68,9 @@ class SttWorker(SessionWorker[SttConfig]):
     async def _load_turn(self) -> int:
         try:
             entry = await self.kv.get(f"{self.session}.turn")
-            return int(entry.value or b"0")
-        except Exception:  # no key yet: a new session
+        except KeyNotFoundError:  # a new session (any other KV error fails the claim)
             return 0
+        return int(entry.value or b"0")
 
     def on_ingress(self, event: ev.Event) -> None:
         if lost := self.gaps.lost(event):
@@ -125,6 +127,10 @@ class SttWorker(SessionWorker[SttConfig]):
                                 frames_dropped=utt.dropped, provider=provider.name)
         except ProviderError as exc:
             await self._failed(utt.turn, exc)
+        except Exception as exc:  # a bug must not leave the turn open downstream
+            self.log.exception("transcription failed")
+            await self._failed(utt.turn, ProviderError(f"{type(exc).__name__}: {exc}",
+                                                       provider=provider.name, retryable=False))
         finally:
             if self.utterance is None:
                 self.idle.set()

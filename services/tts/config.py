@@ -13,3 +13,5 @@ class TtsConfig(BaseConfig, frozen=True, kw_only=True):
     piper_deterministic: bool = False
     # A text chunk is sent to synthesis at a sentence end, or at a clause break past this length.
     tts_max_chunk_chars: int = 160
+    # Seconds without reply text after which a turn is closed (a lost ReplyDone).
+    tts_text_timeout: float = 30.0

@@ -7,6 +7,7 @@ LLM is still writing the rest. Frames go out as fast as they are made; egress pa
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -21,6 +22,7 @@ from services.tts.config import TtsConfig
 from services.tts.provider import PROVIDERS, TtsProvider
 
 FRAME_MS = 20
+log = logging.getLogger(__name__)
 
 
 class TurnSpeech:
@@ -44,8 +46,17 @@ class TurnSpeech:
             self.spans.append((chunk.start, chunk.end))
             self.queue.put_nowait(chunk.text)
 
-    async def chunks(self) -> AsyncIterator[str]:
-        while (text := await self.queue.get()) is not None:
+    async def chunks(self, timeout: float) -> AsyncIterator[str]:
+        """The turn's text chunks; ends at ReplyDone, or when the LLM went quiet (a lost
+        ReplyDone must not hold the turn open for ever)."""
+        while True:
+            try:
+                text = await asyncio.wait_for(self.queue.get(), timeout)
+            except asyncio.TimeoutError:
+                log.warning("no reply text for %.0fs: closing turn %d", timeout, self.turn)
+                return
+            if text is None:
+                return
             yield text
 
 
@@ -79,10 +90,13 @@ class TtsWorker(SessionWorker[TtsConfig]):
         if current is not None and current.task is not None:
             current.task.cancel()  # a newer reply supersedes the one still being spoken
         speech = TurnSpeech(turn, self.config.tts_max_chunk_chars)
-        speech.task = self.spawn(self.speak(speech), f"turn-{turn}")
+        speech.task = self.spawn_turn(self.speak(speech), turn, self._unstarted)
         self.current = speech
         self.idle.clear()
         return speech
+
+    async def _unstarted(self, turn: int) -> None:
+        await self.emit(sj.TTS_DONE, ev.SpeechDone, turn=turn, interrupted=True)
 
     async def on_cancel(self, cancel: ev.Cancel) -> None:
         self.cancelled_upto = max(self.cancelled_upto, cancel.turn)
@@ -95,7 +109,7 @@ class TtsWorker(SessionWorker[TtsConfig]):
         frames, first_ts, tts_ms = 0, 0, 0.0
         interrupted = False
         try:
-            async with aclosing(provider.synthesize(speech.chunks())) as audio:
+            async with aclosing(provider.synthesize(speech.chunks(self.config.tts_text_timeout))) as audio:
                 async for piece in audio:
                     start, end = speech.spans[piece.chunk]
                     for pcm, share in framer.cut(piece.pcm):
@@ -116,6 +130,10 @@ class TtsWorker(SessionWorker[TtsConfig]):
             interrupted = True
         except ProviderError as exc:
             await self.provider_failed(speech.turn, exc, "synthesis")
+        except Exception as exc:  # a bug must not leave the turn open downstream
+            self.log.exception("synthesis failed")
+            await self.provider_failed(speech.turn, ProviderError(
+                f"{type(exc).__name__}: {exc}", provider=provider.name, retryable=False), "synthesis")
         finally:
             if self.current is speech:
                 self.idle.set()

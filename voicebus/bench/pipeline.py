@@ -107,10 +107,12 @@ def summarise(tap: Tap, names: list[str], turns: int) -> dict[str, Any]:
             played = tap.of(ev.Playback, name, turn=turn, final=True)
             dropped += sum(f.frames_dropped for f in final) + sum(p.frames_dropped for p in played)
             underruns += sum(p.underruns for p in played)
-            if not (final and done and played and done[0].frames and len(ended) >= turn):
+            # The end of speech that produced this final: the last one published before it.
+            edges = [e for e in ended if final and e.ts_ns <= final[0].ts_ns]
+            if not (final and done and played and done[0].frames and edges):
                 continue
             completed += 1
-            edge, stt_ms = ended[turn - 1], final[0].compute_ms
+            edge, stt_ms = edges[-1], final[0].compute_ms
             total = (done[0].first_frame_ts_ns - edge.last_speech_ts_ns) / 1e6
             window = (edge.ts_ns - edge.last_speech_ts_ns) / 1e6
             v2v.append(total)
