@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import wave
 
@@ -110,3 +111,25 @@ async def test_egress_stops_at_once_on_cancel_and_never_plays_the_cancelled_turn
     with wave.open(str(out)) as wav:
         played_ms = wav.getnframes() * 1000 // wav.getframerate()
     assert played_ms == cut.played_ms + 200
+
+
+async def test_llm_cancel_closes_the_provider_stream_and_closes_the_turn(bare_stack):
+    stack, nc, tap = bare_stack
+    fake = await start_fake_openai(api_key="test-key")
+    try:
+        await stack.start_stage("llm", VOICEBUS_LLM_PROVIDER="openai", OPENAI_API_KEY="test-key",
+                                OPENAI_BASE_URL=fake.base_url)
+        await stack.wait_ready(("llm",))
+        await tap.watch(sj.session_all("bargein"))
+        await dispatch(nc, tap, "bargein", stages=("llm",))
+        fake.reply = "One two three four five six seven eight."
+        fake.hold_after(2)  # the model "keeps thinking" after two chunks
+        await publish(nc, sj.STT_FINAL, final("bargein", 1, "count for me"))
+        await tap.wait_for(lambda: len(tap.of(ev.ReplyDelta, "bargein", turn=1)) >= 2, 10, "deltas")
+        await publish(nc, sj.CTL_CANCEL, ev.Cancel(session="bargein", seq=9, ts_ns=time.time_ns(),
+                                                   turn=1))
+        done = await tap.wait_for(lambda: tap.of(ev.ReplyDone, "bargein", turn=1), 10, "done")
+        await asyncio.wait_for(fake.client_disconnected.wait(), 10)
+    finally:
+        await fake.close()
+    assert done[0].interrupted and done[0].text == "One two "
