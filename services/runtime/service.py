@@ -283,23 +283,26 @@ class StageService(Generic[C]):
                 log.warning("could not release lease: %s", exc, extra={"stage": self.stage})
 
     async def _refresh_leases(self) -> None:
-        assert self._leases is not None
         while True:
             await asyncio.sleep(self.config.lease_ttl / 3)
-            for session in list(self.workers):
-                await self._refresh(session)
+            await asyncio.gather(*(self._refresh(session) for session in list(self.workers)))
 
     async def _refresh(self, session: str) -> None:
-        """Renew a lease only if it is still the one we wrote: a blind put could bring back a
-        lease we released, or overwrite one another replica took after ours expired."""
+        """Renew a lease by revision: a blind put could bring back a lease we released, or
+        overwrite one another replica took. A lease that merely expired (a starved process) is
+        taken back; one that another replica holds means the session is no longer ours."""
         assert self._leases is not None
-        key = f"{self.stage}.{session}"
+        key, value = f"{self.stage}.{session}", self.replica.encode()
         try:
-            self._lease_rev[session] = await self._leases.update(
-                key, self.replica.encode(), last=self._lease_rev.get(session, 0))
+            try:
+                revision = await self._leases.update(key, value, last=self._lease_rev.get(session, 0))
+            except KeyWrongLastSequenceError:
+                revision = await self._leases.create(key, value)
+                log.warning("lease had expired; renewed", extra={"stage": self.stage, "session": session})
+            self._lease_rev[session] = revision
         except KeyWrongLastSequenceError:
             worker = self.workers.pop(session, None)
-            log.error("lease lost (expired or taken over): dropping the session",
+            log.error("another replica holds the lease: dropping the session",
                       extra={"stage": self.stage, "session": session})
             if worker is not None:
                 await worker.close()
