@@ -3,10 +3,13 @@ boundary, and carried on by another replica with the history it left in JetStrea
 
 from __future__ import annotations
 
+import asyncio
+import signal
 import time
 
 import nats
 import pytest
+from nats.js.errors import KeyNotFoundError
 
 from proto import codec
 from proto import events as ev
@@ -34,7 +37,8 @@ async def llm_pair(tmp_path):
     await stack.start(stages=("llm",))
     stack.logs = logs  # type: ignore[attr-defined]
     yield stack
-    await stack.stop()
+    codes = await stack.stop()
+    assert all(code == 0 for code in codes.values()), f"{codes}\n{logs.dump()}"
 
 
 async def test_sigterm_hands_the_session_to_another_replica_with_its_history(llm_pair):
@@ -66,3 +70,46 @@ async def test_sigterm_hands_the_session_to_another_replica_with_its_history(llm
     assert lease.value.decode() == handed[0].replica
     await tap.close()
     await nc.close()
+
+
+async def test_a_starved_replica_takes_back_its_expired_lease_and_keeps_the_session(tmp_path):
+    logs = LogTail(tmp_path / "stack.log")
+    stack = Stack(tmp_path, sink=logs, env={"VOICEBUS_LEASE_TTL": "1"})
+    await stack.start(stages=("llm",))
+    nc = await nats.connect(stack.nats_url)
+    tap = Tap(nc)
+    try:
+        await tap.watch(sj.session_all(SESSION))
+        await dispatch(nc, tap, SESSION, stages=("llm",))
+        leases = await nc.jetstream().key_value("voicebus_leases")
+        # Freeze the replica well past its lease's lifetime, as a starved process would be.
+        process = stack.procs["llm"].process
+        process.send_signal(signal.SIGSTOP)
+        await asyncio.sleep(2.5)
+        with pytest.raises(KeyNotFoundError):
+            await leases.get(f"llm.{SESSION}")
+        process.send_signal(signal.SIGCONT)
+
+        await say(nc, 1, "what time is it")
+        done = await tap.wait_for(lambda: tap.of(ev.ReplyDone, SESSION, turn=1), 10, "reply")
+        assert done[0].text == "What time is it... got it."
+        entry = await _eventually(lambda: leases.get(f"llm.{SESSION}"), 5)
+        assert entry.value == b"llm"
+    finally:
+        await tap.close()
+        await nc.close()
+        codes = await stack.stop()
+    assert all(code == 0 for code in codes.values()), logs.dump()
+
+
+async def _eventually(fetch, timeout: float):
+    """``await fetch()`` until it stops raising KeyNotFoundError (the lease refresh runs every
+    third of the lease's lifetime)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        try:
+            return await fetch()
+        except KeyNotFoundError:
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.1)
