@@ -133,3 +133,36 @@ async def test_llm_cancel_closes_the_provider_stream_and_closes_the_turn(bare_st
     finally:
         await fake.close()
     assert done[0].interrupted and done[0].text == "One two "
+
+
+async def test_tts_cancel_stops_synthesis_and_ignores_late_text(bare_stack):
+    stack, nc, tap = bare_stack
+    await stack.start_stage("tts")
+    await stack.wait_ready(("tts",))
+    await tap.watch(sj.session_all("speak"))
+    await dispatch(nc, tap, "speak", stages=("tts",))
+    seq = iter(range(1, 1000))
+
+    async def reply(turn: int, text: str, done: bool) -> None:
+        await publish(nc, sj.LLM_DELTA, ev.ReplyDelta(session="speak", seq=next(seq),
+                                                      ts_ns=time.time_ns(), turn=turn, text=text))
+        if done:
+            await publish(nc, sj.LLM_DONE, ev.ReplyDone(session="speak", seq=next(seq),
+                                                        ts_ns=time.time_ns(), turn=turn, text=text))
+
+    long = " ".join(f"This is sentence number {n} of a long answer." for n in range(1, 13))
+    await reply(1, long, done=True)
+    await tap.wait_for(lambda: tap.of(ev.AudioFrame, "speak", topic=sj.TTS_AUDIO, turn=1), 10,
+                       "the first audio of turn 1")
+    await publish(nc, sj.CTL_CANCEL, ev.Cancel(session="speak", seq=next(seq),
+                                               ts_ns=time.time_ns(), turn=1))
+    cut = await tap.wait_for(lambda: tap.of(ev.SpeechDone, "speak", turn=1), 10, "turn 1 closed")
+    await reply(1, "Late words of the cancelled turn.", done=False)
+    await reply(2, "Short answer.", done=True)
+    second = await tap.wait_for(lambda: tap.of(ev.SpeechDone, "speak", turn=2), 10, "turn 2")
+
+    assert cut[0].interrupted and not second[0].interrupted and second[0].frames > 0
+    frames_1 = tap.of(ev.AudioFrame, "speak", topic=sj.TTS_AUDIO, turn=1)
+    # Twelve sentences are ~30 s of speech; synthesis stopped after a sentence or two.
+    assert 0 < len(frames_1) == cut[0].frames < 600
+    assert len(tap.of(ev.SpeechDone, "speak", turn=1)) == 1
