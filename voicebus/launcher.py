@@ -108,6 +108,11 @@ class Stack:
                 await self.start_stage(stage, index)
         await self.wait_ready(stages, timeout)
 
+    async def restart_nats(self) -> None:
+        """Stop nats-server and start it again on the same port and store (an outage)."""
+        await self.procs.pop("nats").stop()
+        await self.start_nats()
+
     async def start_nats(self) -> None:
         self.nats_port = self.nats_port or free_port()
         store = self.workdir / "jetstream"

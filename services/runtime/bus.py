@@ -71,8 +71,19 @@ class Bus:
                 delay = min(delay * 2, 5.0)
 
     async def publish(self, topic: Topic, event: ev.Event, subject: str = "") -> None:
-        """Publish ``event`` on ``topic`` (``subject``: the topic's subject, if known)."""
-        await self.nc.publish(subject or topic.subject(event.session), codec.encode(event))
+        """Publish ``event`` on ``topic`` (``subject``: the topic's subject, if known).
+
+        While NATS is away nats-py buffers what we publish; once that buffer is full the event
+        is dropped and counted rather than raised: a stage keeps running through an outage."""
+        try:
+            await self.nc.publish(subject or topic.subject(event.session), codec.encode(event))
+        except (nats.errors.OutboundBufferLimitError, nats.errors.ConnectionClosedError) as exc:
+            metrics.PUBLISH_DROPPED.labels(self.stage).inc()
+            held = self._throttle.allow("publish")
+            if held is not None:
+                log.warning("dropped %s while NATS is unreachable (%s; +%d more)",
+                            type(event).__name__, type(exc).__name__, held,
+                            extra={"stage": self.stage, "session": event.session})
 
     async def subscribe(self, subject: str, handler: Handler, queue: str = "") -> Subscription:
         async def on_msg(msg: Msg) -> None:

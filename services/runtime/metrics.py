@@ -7,6 +7,9 @@ from prometheus_client import Counter, Gauge, Histogram, start_http_server
 REJECTED = Counter(
     "voicebus_messages_rejected", "Bus messages dropped as invalid", ["stage", "reason"]
 )
+PUBLISH_DROPPED = Counter(
+    "voicebus_publish_dropped", "Events dropped because NATS was unreachable", ["stage"]
+)
 HANDLER_ERRORS = Counter(
     "voicebus_handler_errors", "Exceptions raised while handling a valid event", ["stage"]
 )

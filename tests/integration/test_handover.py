@@ -113,3 +113,35 @@ async def _eventually(fetch, timeout: float):
             if asyncio.get_running_loop().time() > deadline:
                 raise
             await asyncio.sleep(0.1)
+
+
+async def test_a_restarted_nats_server_is_survived_with_history_intact(tmp_path):
+    logs = LogTail(tmp_path / "stack.log")
+    stack = Stack(tmp_path, sink=logs)
+    await stack.start(stages=("llm",))
+    try:
+        nc = await nats.connect(stack.nats_url)
+        tap = Tap(nc)
+        await tap.watch(sj.session_all(SESSION))
+        await dispatch(nc, tap, SESSION, stages=("llm",))
+        await say(nc, 1, "what time is it")
+        await tap.wait_for(lambda: tap.of(ev.ReplyDone, SESSION, turn=1), 10, "reply 1")
+        await tap.close()
+        await nc.close()
+
+        await stack.restart_nats()
+        await stack.wait_ready(("llm",), timeout=30)  # the replica reconnected and answers
+
+        nc = await nats.connect(stack.nats_url)
+        tap = Tap(nc)
+        await tap.watch(sj.session_all(SESSION))
+        await say(nc, 2, "please call my mother")
+        done = await tap.wait_for(lambda: tap.of(ev.ReplyDone, SESSION, turn=2), 10, "reply 2")
+        assert done[0].text == "Please call my mother... got it."
+        entry = await (await nc.jetstream().key_value("voicebus_history")).get(SESSION)
+        assert b"what time is it" in entry.value and b"please call my mother" in entry.value
+        await tap.close()
+        await nc.close()
+    finally:
+        codes = await stack.stop()
+    assert codes["llm"] == 0, logs.dump()
