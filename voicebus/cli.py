@@ -80,8 +80,8 @@ async def cmd_up(args: argparse.Namespace) -> int:
         print(f"voicebus is up: NATS at {stack.nats_url} (Ctrl-C stops everything)", flush=True)
         code = await converse(stack.nats_url, [wav], args.out)
         if not args.once:
-            print("talk to it again with: voicebus session --nats "
-                  f"{stack.nats_url} --wav question.wav", flush=True)
+            print(f"talk to it again with: {sys.argv[0]} session --nats {stack.nats_url} "
+                  "--wav question.wav  (make one with: say \"...\" -o question.wav)", flush=True)
             await asyncio.Event().wait()
         return code
     finally:
