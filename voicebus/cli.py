@@ -80,8 +80,9 @@ async def cmd_up(args: argparse.Namespace) -> int:
         print(f"voicebus is up: NATS at {stack.nats_url} (Ctrl-C stops everything)", flush=True)
         code = await converse(stack.nats_url, [wav], args.out)
         if not args.once:
-            print(f"talk to it again with: {sys.argv[0]} session --nats {stack.nats_url} "
-                  "--wav question.wav  (make one with: say \"...\" -o question.wav)", flush=True)
+            me = sys.argv[0]
+            print(f"talk to it again: {me} say 'Your question?' -o q.wav && "
+                  f"{me} session --nats {stack.nats_url} --wav q.wav", flush=True)
             await asyncio.Event().wait()
         return code
     finally:
