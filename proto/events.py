@@ -18,6 +18,26 @@ MAX_PCM_BYTES = 8192
 Pcm = Annotated[bytes, msgspec.Meta(max_length=MAX_PCM_BYTES)]
 Turn = Annotated[int, msgspec.Meta(ge=0)]
 Text = Annotated[str, msgspec.Meta(max_length=16384)]
+
+# Audio on the bus is s16le mono in 20 ms frames; ingress frames are 16 kHz.
+FRAME_MS = 20
+INGRESS_RATE = 16000
+
+
+def frame_bytes(sample_rate: int) -> int:
+    """Size of one 20 ms s16le mono frame at ``sample_rate``."""
+    return sample_rate * FRAME_MS // 1000 * 2
+
+
+def frame_problem(frame: "AudioFrame", sample_rate: int | None = None) -> str | None:
+    """Why ``frame`` is not a valid bus frame (at ``sample_rate``, if one is required)."""
+    if sample_rate is not None and frame.sample_rate != sample_rate:
+        return f"{frame.sample_rate} Hz where {sample_rate} Hz is due"
+    if not 8000 <= frame.sample_rate <= 48000 or frame.channels != 1:
+        return f"{frame.sample_rate} Hz x{frame.channels}: not mono 8-48 kHz"
+    if len(frame.pcm) != frame_bytes(frame.sample_rate):
+        return f"{len(frame.pcm)} bytes is not 20 ms at {frame.sample_rate} Hz"
+    return None
 # A whole reply (done events) may be longer than one delta.
 LongText = Annotated[str, msgspec.Meta(max_length=262144)]
 

@@ -17,7 +17,6 @@ from services.runtime.bus import SeqGaps
 from services.runtime.config import BaseConfig, audio_file
 from services.runtime.service import SessionWorker, StageService
 
-FRAME_MS = 20
 
 
 class EgressConfig(BaseConfig, frozen=True, kw_only=True):
@@ -68,10 +67,8 @@ class EgressWorker(SessionWorker[EgressConfig]):
             self.on_done(event)
 
     def on_frame(self, frame: ev.AudioFrame) -> None:
-        expected = frame.sample_rate * FRAME_MS // 1000 * 2
-        if not 8000 <= frame.sample_rate <= 48000 or frame.channels != 1 or len(frame.pcm) != expected:
-            self.bus.reject("bad_audio", f"{frame.sample_rate} Hz x{frame.channels}, "
-                            f"{len(frame.pcm)} bytes", sj.TTS_AUDIO.subject(self.session))
+        if problem := ev.frame_problem(frame):
+            self.bus.reject("bad_audio", problem, sj.TTS_AUDIO.subject(self.session))
             return
         playout = self._playout_for(frame.sample_rate)
         if frame.sample_rate != playout.sample_rate:

@@ -16,9 +16,10 @@ from os import PathLike
 import numpy as np
 import soxr
 
-FRAME_MS = 20
-SAMPLE_RATE = 16000
-FRAME_BYTES = SAMPLE_RATE * FRAME_MS // 1000 * 2  # 640: s16le mono
+from proto.events import FRAME_MS, INGRESS_RATE, frame_bytes
+
+SAMPLE_RATE = INGRESS_RATE
+FRAME_BYTES = frame_bytes(SAMPLE_RATE)  # 640: s16le mono
 # wav_frames hands the resampler this much input at a time (whole sample frames), so a long file
 # never becomes one huge resampling call.
 _READ_MS = 200

@@ -14,13 +14,14 @@ from typing import ClassVar
 
 from proto import events as ev
 from proto import subjects as sj
-from services.ingress.audio import FRAME_BYTES, SAMPLE_RATE, AudioFormatError, paced, wav_frames
+from services.ingress.audio import (
+    FRAME_BYTES, FRAME_MS, SAMPLE_RATE, AudioFormatError, paced, wav_frames,
+)
 from services.ingress.vad import VadEdge, VadSegmenter
 from services.runtime.config import BaseConfig, audio_file
 from services.runtime.service import SessionWorker, StageService
 
 SILENCE = bytes(FRAME_BYTES)
-FRAME_MS = 20
 
 
 class IngressConfig(BaseConfig, frozen=True, kw_only=True):

@@ -7,7 +7,9 @@ from typing import Protocol
 
 import msgspec
 
-SAMPLE_RATE = 16_000
+from proto.events import INGRESS_RATE
+
+SAMPLE_RATE = INGRESS_RATE  # what ingress publishes
 
 
 class SttResult(msgspec.Struct, frozen=True):

@@ -23,7 +23,6 @@ from services.runtime.service import ProviderStage, SessionWorker
 from services.stt.config import SttConfig
 from services.stt.provider import PROVIDERS, SAMPLE_RATE, SttProvider
 
-FRAME_BYTES = SAMPLE_RATE * 2 // 50
 STATE_BUCKET = "voicebus_sessions"
 # An utterance longer than this is closed without waiting for the VAD (a lost SpeechEnded).
 MAX_UTTERANCE_FRAMES = 30 * 50
@@ -86,9 +85,8 @@ class SttWorker(SessionWorker[SttConfig]):
             self.utterance = None
 
     def on_audio(self, frame: ev.AudioFrame) -> None:
-        if frame.sample_rate != SAMPLE_RATE or frame.channels != 1 or len(frame.pcm) != FRAME_BYTES:
-            self.bus.reject("bad_audio", f"{frame.sample_rate} Hz x{frame.channels}, "
-                            f"{len(frame.pcm)} bytes", sj.INGRESS_AUDIO.subject(self.session))
+        if problem := ev.frame_problem(frame, SAMPLE_RATE):
+            self.bus.reject("bad_audio", problem, sj.INGRESS_AUDIO.subject(self.session))
             return
         if self.utterance is None:
             self.preroll.append(frame.pcm)

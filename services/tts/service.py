@@ -21,7 +21,7 @@ from services.tts.chunker import Chunk, SentenceChunker
 from services.tts.config import TtsConfig
 from services.tts.provider import PROVIDERS, TtsProvider
 
-FRAME_MS = 20
+FRAME_MS = ev.FRAME_MS
 log = logging.getLogger(__name__)
 
 
@@ -147,7 +147,7 @@ class _Framer:
     """Cuts provider audio into 20 ms frames, carrying the remainder to the next piece."""
 
     def __init__(self, sample_rate: int) -> None:
-        self.frame_bytes = sample_rate * FRAME_MS // 1000 * 2
+        self.frame_bytes = ev.frame_bytes(sample_rate)
         self.carry = b""
 
     def cut(self, pcm: bytes) -> list[tuple[bytes, float]]:

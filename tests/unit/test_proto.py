@@ -118,3 +118,21 @@ def test_validation_limits_are_enforced_at_decode() -> None:
     raw = msgspec.msgpack.encode({"kind": "ctl.cancel", "session": "s1", "turn": -1})
     with pytest.raises(codec.Rejected):
         codec.decode(raw)
+
+
+@pytest.mark.parametrize(
+    ("pcm", "rate", "channels", "required", "ok"),
+    [
+        (640, 16000, 1, 16000, True),
+        (882, 22050, 1, None, True),
+        (320, 8000, 1, 16000, False),  # a rate other than the one required
+        (640, 16000, 2, None, False),  # stereo
+        (641, 16000, 1, None, False),  # not 20 ms
+        (1764, 44100, 1, None, True),
+        (200, 5000, 1, None, False),  # outside 8-48 kHz
+    ],
+)
+def test_frame_problem_names_what_is_wrong(pcm, rate, channels, required, ok) -> None:
+    frame = ev.AudioFrame(session="s", pcm=bytes(pcm), sample_rate=rate, channels=channels)
+    problem = ev.frame_problem(frame, required)
+    assert (problem is None) == ok, problem
