@@ -18,7 +18,6 @@ from proto import subjects as sj
 from services.llm.config import LlmConfig
 from services.llm.provider import PROVIDERS, ChatMessage, LlmProvider
 from services.runtime import metrics
-from services.runtime.errors import ProviderError
 from services.runtime.service import ProviderStage, SessionWorker
 
 HISTORY_BUCKET = "voicebus_history"
@@ -74,12 +73,8 @@ class LlmWorker(SessionWorker[LlmConfig]):
                 await self._stream_reply(final, received, parts)
         except asyncio.CancelledError:
             outcome = "interrupted"
-        except ProviderError as exc:
-            outcome, error = "error", str(exc)
-            await self.provider_failed(final.turn, exc, "reply")
-        except Exception as exc:  # a bug must not leave the turn open downstream
-            outcome, error = "error", f"{type(exc).__name__}: {exc}"
-            self.log.exception("reply failed")
+        except Exception as exc:  # a provider failure or a bug: the turn still closes
+            outcome, error = "error", await self.provider_failed(final.turn, exc, "reply")
         finally:
             if self.reply is asyncio.current_task():  # not when a newer turn took over
                 self.idle.set()

@@ -86,13 +86,22 @@ class SessionWorker(Generic[C]):
     async def subscribe(self, subject: str, handler: Handler) -> None:
         self._subs.append(await self.bus.subscribe(subject, handler))
 
-    async def provider_failed(self, turn: int, exc: ProviderError, doing: str) -> None:
-        """Count, log and announce (``<stage>.error``) a provider failure on ``turn``."""
+    async def provider_failed(self, turn: int, exc: Exception, doing: str) -> str:
+        """Count, log and announce (``<stage>.error``) a failure on ``turn``; return its message.
+
+        ``exc`` is a provider's ``ProviderError`` or, for a bug, anything else: either way the
+        turn must still be closed downstream by the caller."""
         stage = self.service.stage
-        metrics.PROVIDER_ERRORS.labels(stage, exc.provider, str(exc.retryable)).inc()
-        self.log.error("%s failed: %s", doing, exc)
+        if isinstance(exc, ProviderError):
+            provider, retryable, message = exc.provider, exc.retryable, str(exc)
+            self.log.error("%s failed: %s", doing, exc)
+        else:
+            provider, retryable, message = "", False, f"{type(exc).__name__}: {exc}"
+            self.log.exception("%s failed", doing)
+        metrics.PROVIDER_ERRORS.labels(stage, provider, str(retryable)).inc()
         await self.emit(sj.ERROR[stage], ev.StageError, stage=stage, turn=turn,
-                        message=str(exc), retryable=exc.retryable)
+                        message=message, retryable=retryable)
+        return message
 
     def spawn_turn(self, coro: Any, turn: int,
                    close: Callable[[int], Awaitable[None]]) -> asyncio.Task[Any]:

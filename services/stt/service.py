@@ -18,7 +18,6 @@ from proto import events as ev
 from proto import subjects as sj
 from services.runtime import metrics
 from services.runtime.bus import SeqGaps
-from services.runtime.errors import ProviderError
 from services.runtime.service import ProviderStage, SessionWorker
 from services.stt.config import SttConfig
 from services.stt.provider import PROVIDERS, SAMPLE_RATE, SttProvider
@@ -123,19 +122,15 @@ class SttWorker(SessionWorker[SttConfig]):
                 await self.emit(sj.STT_FINAL, ev.Transcript, turn=utt.turn, text=text, final=True,
                                 confidence=result.confidence, compute_ms=compute * 1000,
                                 frames_dropped=utt.dropped, provider=provider.name)
-        except ProviderError as exc:
+        except Exception as exc:  # a provider failure or a bug: the turn still closes
             await self._failed(utt.turn, exc)
-        except Exception as exc:  # a bug must not leave the turn open downstream
-            self.log.exception("transcription failed")
-            await self._failed(utt.turn, ProviderError(f"{type(exc).__name__}: {exc}",
-                                                       provider=provider.name, retryable=False))
         finally:
             if self.utterance is None:
                 self.idle.set()
         metrics.TURNS.labels("stt", "ok" if text else "empty").inc()
         await self.kv.put(f"{self.session}.turn", str(utt.turn).encode())
 
-    async def _failed(self, turn: int, exc: ProviderError) -> None:
+    async def _failed(self, turn: int, exc: Exception) -> None:
         await self.provider_failed(turn, exc, "transcription")
         # A final with no words still closes the turn for every stage downstream.
         await self.emit(sj.STT_FINAL, ev.Transcript, turn=turn, text="", final=True)

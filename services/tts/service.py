@@ -15,7 +15,6 @@ from contextlib import aclosing
 from proto import events as ev
 from proto import subjects as sj
 from services.runtime import metrics
-from services.runtime.errors import ProviderError
 from services.runtime.service import ProviderStage, SessionWorker
 from services.tts.chunker import Chunk, SentenceChunker
 from services.tts.config import TtsConfig
@@ -128,12 +127,8 @@ class TtsWorker(SessionWorker[TtsConfig]):
                 frames += 1
         except asyncio.CancelledError:
             interrupted = True
-        except ProviderError as exc:
+        except Exception as exc:  # a provider failure or a bug: the turn still closes
             await self.provider_failed(speech.turn, exc, "synthesis")
-        except Exception as exc:  # a bug must not leave the turn open downstream
-            self.log.exception("synthesis failed")
-            await self.provider_failed(speech.turn, ProviderError(
-                f"{type(exc).__name__}: {exc}", provider=provider.name, retryable=False), "synthesis")
         finally:
             if self.current is speech:
                 self.idle.set()
