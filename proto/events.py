@@ -90,6 +90,16 @@ class SpeechEnded(Event, frozen=True, tag="vad.end"):
     last_speech_ts_ns: int = 0
 
 
+class InputTrack(Event, frozen=True, tag="ingress.track"):
+    """The user's microphone as ingress hears it. ``active``: subscribed, frames flow and an STT
+    replica listens (the agent is ready to hear the user); false when the track, or the user,
+    went away. ``track_sid`` is what transcripts of this user name as their track."""
+
+    participant: str
+    track_sid: str = ""
+    active: bool = False
+
+
 # ---- stt -----------------------------------------------------------------------------------
 
 
@@ -236,6 +246,7 @@ AnyEvent = (
     | AgentState
     | StageReady
     | StageError
+    | InputTrack
 )
 
 

