@@ -90,6 +90,37 @@ async def cmd_up(args: argparse.Namespace) -> int:
         print(f"stopped: {codes}")
 
 
+async def cmd_call(args: argparse.Namespace) -> int:
+    from services.ingress.audio import SAMPLE_RATE, AudioFormatError, Resampler, read_wav
+    from voicebus.call import CallError, call
+    from voicebus.speech import say_to_wav
+
+    def mono16k(path: Path) -> tuple[bytes, int]:
+        pcm, rate, channels = read_wav(path)
+        resampler = Resampler(rate, channels)
+        return resampler.process(pcm) + resampler.flush(), SAMPLE_RATE
+
+    try:
+        utterances = [mono16k(path) for path in args.wav or []]
+    except (AudioFormatError, OSError) as exc:
+        print(f"voicebus call: {exc}", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory() as tmp:
+        for index, text in enumerate(args.say or []):
+            wav = await say_to_wav(text, Path(tmp) / f"say{index}.wav", lead_ms=0)
+            utterances.append(mono16k(wav))
+    if not utterances:
+        print("voicebus call: give --wav FILE or --say TEXT", file=sys.stderr)
+        return 2
+    try:
+        await call(args.token_url, args.room, utterances, args.out, identity=args.identity,
+                   timeout=args.timeout)
+    except (CallError, OSError, TimeoutError) as exc:
+        print(f"voicebus call: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 async def cmd_tap(args: argparse.Namespace) -> int:
     nc = await nats.connect(args.nats)
     tap = Tap(nc)
@@ -133,6 +164,18 @@ def build_parser() -> argparse.ArgumentParser:
     session.add_argument("--wav", type=Path, action="append", required=True)
     session.add_argument("--out", type=Path, default=Path("reply.wav"))
     session.set_defaults(run=lambda a: converse(a.nats, a.wav, a.out))
+
+    call = sub.add_parser("call", help="join a LiveKit room like a user: speak, record the reply")
+    call.add_argument("--token-url", default="http://127.0.0.1:8080",
+                      help="the token service (it also dispatches the agent)")
+    call.add_argument("--room", default=f"call-{secrets.token_hex(3)}")
+    call.add_argument("--identity", default="caller")
+    call.add_argument("--wav", type=Path, action="append", help="a spoken question (repeatable)")
+    call.add_argument("--say", action="append", help="a sentence for Piper to say (repeatable)")
+    call.add_argument("--out", type=Path, default=Path("reply.wav"),
+                      help="where the agent's voice is recorded")
+    call.add_argument("--timeout", type=float, default=60.0, help="seconds to wait per reply")
+    call.set_defaults(run=cmd_call)
 
     tap = sub.add_parser("tap", help="print a session's events (or every session's)")
     tap.add_argument("session", nargs="?")

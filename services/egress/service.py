@@ -1,7 +1,9 @@
 """Egress stage: TTS frames in, real-time playout into a sink, ``Playback`` progress out.
 
-The sink is a WAV file (``SessionStart.wav_out``) or nothing; the LiveKit track plugs in here
-too. A ``Cancel`` stops playout at once, and nothing of a cancelled turn plays afterwards.
+For a session with a room, the sink is the agent participant's audio track, and egress also
+speaks for the agent in the room: transcripts of both sides and the agent's state (see
+``agent.py``). Otherwise the sink is a WAV file (``SessionStart.wav_out``) or nothing. A
+``Cancel`` stops playout at once, and nothing of a cancelled turn plays afterwards.
 """
 
 from __future__ import annotations
@@ -11,19 +13,22 @@ from typing import ClassVar
 
 from proto import events as ev
 from proto import subjects as sj
+from services.egress.agent import AgentParticipant, TrackSink, Transcripts
 from services.egress.playout import NullSink, Playout, PlayoutReport, Sink, WavSink
 from services.runtime import metrics
 from services.runtime.bus import SeqGaps
-from services.runtime.config import BaseConfig, audio_file
+from services.runtime.config import audio_file
+from services.runtime.livekit import LiveKitConfig
 from services.runtime.service import SessionWorker, StageService
 
 
-
-class EgressConfig(BaseConfig, frozen=True, kw_only=True):
+class EgressConfig(LiveKitConfig, frozen=True, kw_only=True):
     # Audio buffered before a turn starts playing: absorbs jitter between TTS frames.
     egress_prebuffer_ms: int = 40
     # How often Playback progress is published while the agent speaks.
     egress_progress_ms: int = 250
+    # Audio the agent's LiveKit track may hold ahead of real time (dropped at once on cancel).
+    egress_track_queue_ms: int = 100
 
 
 class EgressWorker(SessionWorker[EgressConfig]):
@@ -32,11 +37,23 @@ class EgressWorker(SessionWorker[EgressConfig]):
         self.wav_out = ""
         self.gaps = SeqGaps()
         self.dropped = 0
+        self.agent: AgentParticipant | None = None
+        self.transcripts: Transcripts | None = None
+        self.speaking: set[int] = set()
         await self.subscribe(sj.producer_all(self.session, "tts"), self.on_tts)
+        if self.start_event.room and not self.start_event.wav_out:
+            self.agent = AgentParticipant(self.config, self.start_event.room,
+                                          queue_ms=self.config.egress_track_queue_ms)
+            self.transcripts = Transcripts(self.agent)
+            await self.subscribe(sj.INGRESS_TRACK.subject(self.session), self.on_input_track)
+            await self.subscribe(sj.producer_all(self.session, "stt"), self.on_transcript)
+            await self.subscribe(sj.producer_all(self.session, "llm"), self.on_reply)
 
     async def begin(self) -> None:
         self.wav_out = ""
-        if self.start_event.wav_out:
+        if self.agent is not None:
+            self.spawn(self.join_room(self.agent), "agent")
+        elif self.start_event.wav_out:
             try:
                 self.wav_out = audio_file(self.start_event.wav_out, self.config.audio_dir)
                 if not os.access(os.path.dirname(self.wav_out), os.W_OK):
@@ -50,6 +67,8 @@ class EgressWorker(SessionWorker[EgressConfig]):
         if self.playout is None:
             path = self.wav_out
             sink: Sink = WavSink(path, sample_rate) if path else NullSink()
+            if self.agent is not None:
+                sink = TrackSink(self.agent, sample_rate)
             self.playout = Playout(
                 sink, sample_rate, prebuffer_ms=self.config.egress_prebuffer_ms,
                 progress_ms=self.config.egress_progress_ms, on_progress=self.on_progress,
@@ -88,10 +107,61 @@ class EgressWorker(SessionWorker[EgressConfig]):
 
     async def on_cancel(self, cancel: ev.Cancel) -> None:
         if self.playout is not None:
-            self.playout.cancel(cancel.turn)
+            cut = self.playout.cancel(cancel.turn)
+            if cut is not None and isinstance(self.playout.sink, TrackSink):
+                self.playout.sink.clear()  # what the track still holds must not play either
 
     def on_progress(self, report: PlayoutReport) -> None:
+        if report.final:
+            self.speaking.discard(report.turn)
+            self.set_state("listening", report.turn)
+        elif report.turn not in self.speaking:
+            self.speaking.add(report.turn)
+            self.set_state("speaking", report.turn)
         self.spawn(self._publish(report), f"progress-{report.turn}")
+
+    # ---- the agent in the room ------------------------------------------------------------------
+
+    async def join_room(self, agent: AgentParticipant) -> None:
+        try:
+            await agent.start()
+        except ConnectionError as exc:
+            self.log.error("%s", exc)
+            await self.emit(sj.ERROR["egress"], ev.StageError, stage="egress",
+                            message=str(exc), retryable=True)
+            return
+        if not self.agent.state:  # the user's microphone may already be heard
+            self.set_state("initializing")
+
+    def set_state(self, state: ev.AgentStateName, turn: int = 0) -> None:
+        """The agent's state for LiveKit's front-ends (attribute) and for the bus."""
+        if self.agent is None or self.agent.state == state:
+            return
+        self.agent.set_state(state)
+        self.spawn(self.emit(sj.CTL_STATE, ev.AgentState, state=state, turn=turn), "state")
+
+    def on_input_track(self, track: ev.InputTrack) -> None:
+        assert self.transcripts is not None
+        if track.active:
+            self.transcripts.user_identity = track.participant
+            self.transcripts.user_track = track.track_sid
+            if self.agent is not None and self.agent.state in ("", "initializing"):
+                self.set_state("listening")
+
+    def on_transcript(self, event: ev.Event) -> None:
+        if isinstance(event, ev.Transcript) and self.transcripts is not None:
+            if event.text:
+                self.transcripts.user(event.turn, event.text, event.final)
+            if event.final and event.text:
+                self.set_state("thinking", event.turn)
+
+    def on_reply(self, event: ev.Event) -> None:
+        if self.transcripts is None:
+            return
+        if isinstance(event, ev.ReplyDelta) and event.text:
+            self.transcripts.agent_delta(event.turn, event.text)
+        elif isinstance(event, ev.ReplyDone):
+            self.transcripts.agent_done(event.turn, event.text)
 
     async def _publish(self, report: PlayoutReport) -> None:
         dropped = 0
@@ -106,6 +176,8 @@ class EgressWorker(SessionWorker[EgressConfig]):
     async def stop(self) -> None:
         if self.playout is not None:
             await self.playout.aclose()
+        if self.agent is not None:
+            await self.agent.aclose()
 
 
 class EgressService(StageService[EgressConfig]):

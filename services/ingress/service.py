@@ -17,14 +17,16 @@ from proto import subjects as sj
 from services.ingress.audio import (
     FRAME_BYTES, FRAME_MS, SAMPLE_RATE, AudioFormatError, paced, wav_frames,
 )
+from services.ingress.microphone import MicrophoneSource
 from services.ingress.vad import VadEdge, VadSegmenter
-from services.runtime.config import BaseConfig, audio_file
+from services.runtime.config import audio_file
+from services.runtime.livekit import LiveKitConfig
 from services.runtime.service import SessionWorker, StageService
 
 SILENCE = bytes(FRAME_BYTES)
 
 
-class IngressConfig(BaseConfig, frozen=True, kw_only=True):
+class IngressConfig(LiveKitConfig, frozen=True, kw_only=True):
     vad_threshold: float = 0.5
     vad_neg_threshold: float = 0.35
     vad_min_speech_ms: int = 64
@@ -54,11 +56,42 @@ class IngressWorker(SessionWorker[IngressConfig]):
         if self.start_event.wav_in:
             await self.subscribe(sj.EGRESS_PLAYBACK.subject(self.session), self.on_playback)
 
+        self.microphone: MicrophoneSource | None = None
+
     async def begin(self) -> None:
         # A handed-over file source starts again from its first file: the file edges are a
-        # development aid; the LiveKit microphone (next) has no position to resume from.
+        # development aid; the LiveKit microphone has no position to resume from.
         if self.start_event.wav_in:
             self.spawn(self.play_files(), "file-source")
+        elif self.start_event.room:
+            self.spawn(self.hear_room(self.start_event.room), "microphone")
+
+    async def stop(self) -> None:
+        if self.microphone is not None:
+            await self.microphone.aclose()
+
+    async def hear_room(self, room: str) -> None:
+        self.microphone = MicrophoneSource(
+            self.config, room, trailing_silence_ms=self.config.vad_silence_ms,
+            on_change=self.on_track_change)
+        try:
+            await self.microphone.start()
+        except ConnectionError as exc:
+            self.log.error("%s", exc)
+            await self.emit(sj.ERROR["ingress"], ev.StageError, stage="ingress",
+                            message=str(exc), retryable=True)
+            return
+        await self.feed(self.microphone.frames())
+
+    def on_track_change(self, participant: str, track_sid: str, active: bool) -> None:
+        self.spawn(self.announce_track(participant, track_sid, active), "input-track")
+
+    async def announce_track(self, participant: str, track_sid: str, active: bool) -> None:
+        # "Active" promises the agent can hear the user: only once STT listens too.
+        if active:
+            await self.wait_for_stt()
+        await self.emit(sj.INGRESS_TRACK, ev.InputTrack, participant=participant,
+                        track_sid=track_sid, active=active)
 
     def on_stt_ready(self, _ready: ev.StageReady) -> None:
         self.stt_listening.set()

@@ -1,0 +1,132 @@
+"""The user's microphone from a LiveKit room, as 16 kHz mono 20 ms frames.
+
+Ingress joins the session's room as a hidden participant that publishes nothing, subscribes to
+the microphone of the room's user (a standard participant that is not one of ours), and hands
+the frames to the ingress core. The user may leave, come back, or republish the track: the
+newest microphone wins, and when a track goes away mid-sentence the source adds the silence a
+muted microphone would have given, so the user's turn still ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+
+from livekit import api, rtc
+
+from services.ingress.audio import FRAME_BYTES, FRAME_MS, SAMPLE_RATE, Framer
+from services.runtime import metrics
+from services.runtime.livekit import INGRESS_IDENTITY, LiveKitConfig, is_user, join
+
+log = logging.getLogger("voicebus.ingress.microphone")
+
+# (participant identity, track sid, active) — a microphone came or went.
+TrackChange = Callable[[str, str, bool], None]
+
+
+class MicrophoneSource:
+    def __init__(self, config: LiveKitConfig, room_name: str, *, trailing_silence_ms: int,
+                 on_change: TrackChange, max_queued_ms: int = 2000) -> None:
+        self.config = config
+        self.room_name = room_name
+        self.room = rtc.Room()
+        self.on_change = on_change
+        self.trailing_frames = trailing_silence_ms // FRAME_MS + 2
+        self.queue: asyncio.Queue[bytes] = asyncio.Queue(max_queued_ms // FRAME_MS)
+        self.current: tuple[str, str] | None = None  # (identity, track sid) being heard
+        self._reader: asyncio.Task[None] | None = None
+        self.dropped = 0
+
+    async def start(self) -> None:
+        self.room.on("track_published", self._on_published)
+        self.room.on("track_subscribed", self._on_subscribed)
+        self.room.on("track_unsubscribed", lambda _track, pub, who: self._on_gone(pub, who))
+        self.room.on("track_unpublished", self._on_gone)
+        self.room.on("participant_disconnected", self._on_left)
+        grants = api.VideoGrants(room_join=True, room=self.room_name, hidden=True,
+                                 can_publish=False, can_publish_data=False, can_subscribe=True)
+        await join(self.config, self.room_name, INGRESS_IDENTITY, grants=grants, room=self.room)
+        for participant in self.room.remote_participants.values():
+            for publication in participant.track_publications.values():
+                self._on_published(publication, participant)
+
+    async def frames(self) -> AsyncIterator[bytes]:
+        while True:
+            yield await self.queue.get()
+
+    async def aclose(self) -> None:
+        await self._stop_reader()
+        await self.room.disconnect()
+
+    # ---- room events (plain callbacks: never block the SDK's event loop work) ------------------
+
+    def _on_published(self, publication: rtc.RemoteTrackPublication,
+                      participant: rtc.RemoteParticipant) -> None:
+        if is_user(participant) and publication.source == rtc.TrackSource.SOURCE_MICROPHONE:
+            publication.set_subscribed(True)
+
+    def _on_subscribed(self, track: rtc.Track, publication: rtc.RemoteTrackPublication,
+                       participant: rtc.RemoteParticipant) -> None:
+        if not (is_user(participant) and isinstance(track, rtc.RemoteAudioTrack)):
+            return
+        previous = self._reader
+        self.current = (participant.identity, publication.sid)
+        self._reader = asyncio.create_task(self._read(track, previous), name="microphone")
+        log.info("hearing %s (track %s)", participant.identity, publication.sid)
+        self.on_change(participant.identity, publication.sid, True)
+
+    def _on_gone(self, publication: rtc.RemoteTrackPublication,
+                 participant: rtc.RemoteParticipant) -> None:
+        if self.current == (participant.identity, publication.sid):
+            self._lost(participant.identity, publication.sid)
+
+    def _on_left(self, participant: rtc.RemoteParticipant) -> None:
+        if self.current is not None and self.current[0] == participant.identity:
+            self._lost(*self.current)
+
+    def _lost(self, identity: str, sid: str) -> None:
+        log.info("%s's microphone went away (track %s)", identity, sid)
+        self.current = None
+        self._reader = asyncio.create_task(self._silence(self._reader), name="trailing-silence")
+        self.on_change(identity, sid, False)
+
+    # ---- audio ----------------------------------------------------------------------------------
+
+    async def _read(self, track: rtc.RemoteAudioTrack, previous: asyncio.Task[None] | None) -> None:
+        await _cancel(previous)
+        # The SDK resamples and downmixes for us; Framer guarantees exact 20 ms frames.
+        stream = rtc.AudioStream.from_track(track=track, sample_rate=SAMPLE_RATE, num_channels=1,
+                                            frame_size_ms=FRAME_MS)
+        framer = Framer(FRAME_BYTES)
+        try:
+            async for event in stream:
+                for frame in framer.push(bytes(event.frame.data)):
+                    self._put(frame)
+        finally:
+            await stream.aclose()
+
+    async def _silence(self, previous: asyncio.Task[None] | None) -> None:
+        await _cancel(previous)
+        for _ in range(self.trailing_frames):
+            self._put(bytes(FRAME_BYTES))
+
+    def _put(self, frame: bytes) -> None:
+        if self.queue.full():
+            # The bus side stalled (NATS down): keep the newest audio, count what is lost.
+            self.queue.get_nowait()
+            self.dropped += 1
+            metrics.FRAMES_DROPPED.labels("ingress").inc()
+        self.queue.put_nowait(frame)
+
+    async def _stop_reader(self) -> None:
+        await _cancel(self._reader)
+        self._reader = None
+
+
+async def _cancel(task: asyncio.Task[None] | None) -> None:
+    if task is not None and not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

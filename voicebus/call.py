@@ -1,0 +1,255 @@
+"""A user on the command line: ``voicebus call`` joins a room like the web page does, speaks a
+WAV file (or a sentence said by Piper) into its microphone, records the agent's voice, and
+collects the transcripts and agent states LiveKit delivers. The tests and ``bench livekit`` use
+the same ``Caller``.
+
+The microphone never stops: between utterances it sends silence, as a real one would, so the
+agent hears a continuous track and its end-of-speech window runs on real time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import wave
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+from livekit import rtc
+
+from services.runtime.livekit import (
+    ATTR_AGENT_STATE, ATTR_FINAL, ATTR_SEGMENT_ID, TOPIC_TRANSCRIPTION,
+)
+
+MIC_RATE = 48000
+MIC_FRAME = MIC_RATE // 100  # 10 ms, what WebRTC itself uses
+RECORD_RATE = 24000
+# A sample above this (of 32767) counts as sound: well above Opus's noise on digital silence.
+LOUD = 500
+
+
+class CallError(RuntimeError):
+    pass
+
+
+@dataclass
+class Segment:
+    speaker: str
+    segment_id: str
+    text: str = ""
+    final: bool = False
+
+
+@dataclass
+class Turn:
+    """What one utterance got: timestamps are ``time.monotonic()`` seconds."""
+
+    speech_end: float = 0.0  # the last sample of the utterance left the microphone
+    first_sound: float = 0.0  # the agent's first audible sample arrived
+    states: list[tuple[float, str]] = field(default_factory=list)
+
+    @property
+    def v2v_ms(self) -> float:
+        return (self.first_sound - self.speech_end) * 1000 if self.first_sound else float("nan")
+
+
+async def fetch_token(token_url: str, room: str, identity: str) -> dict[str, str]:
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{token_url.rstrip('/')}/api/token",
+                             json={"room": room, "identity": identity}) as resp:
+            body = await resp.json(content_type=None)
+            if resp.status != 200:
+                raise CallError(f"token service said {resp.status}: {body.get('detail', body)}")
+            return body
+
+
+class Caller:
+    def __init__(self, token_url: str, room: str, identity: str = "caller") -> None:
+        self.token_url = token_url
+        self.room_name = room
+        self.identity = identity
+        self.room = rtc.Room()
+        self.source = rtc.AudioSource(MIC_RATE, 1, queue_size_ms=40)
+        self.segments: dict[str, Segment] = {}
+        self.state = ""
+        self.state_changed = asyncio.Event()
+        self.turn = Turn()
+        self.recording: list[bytes] = []
+        self._speech: deque[bytes] = deque()
+        self._speech_done: asyncio.Event | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # ---- joining -------------------------------------------------------------------------------
+
+    async def join(self) -> None:
+        grant = await fetch_token(self.token_url, self.room_name, self.identity)
+        self.room.register_text_stream_handler(TOPIC_TRANSCRIPTION, self._on_text)
+        self.room.on("participant_attributes_changed", self._on_attributes)
+        self.room.on("participant_connected", self._on_participant)
+        self.room.on("track_subscribed", self._on_track)
+        await self.room.connect(grant["url"], grant["token"],
+                                rtc.RoomOptions(auto_subscribe=True))
+        for participant in self.room.remote_participants.values():
+            self._on_participant(participant)
+        track = rtc.LocalAudioTrack.create_audio_track("microphone", self.source)
+        await self.room.local_participant.publish_track(
+            track, rtc.TrackPublishOptions(source=rtc.TrackSource.SOURCE_MICROPHONE))
+        self._tasks.append(asyncio.create_task(self._microphone(), name="microphone"))
+
+    async def leave(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        await self.room.disconnect()
+        await self.source.aclose()
+
+    # ---- speaking ------------------------------------------------------------------------------
+
+    async def say(self, pcm: bytes, sample_rate: int) -> Turn:
+        """Speak ``pcm`` (mono s16le); return when its last sample has left the microphone.
+        Starts a new ``Turn`` record."""
+        audio = _resample(pcm, sample_rate, MIC_RATE)
+        frames = [audio[i:i + MIC_FRAME * 2] for i in range(0, len(audio), MIC_FRAME * 2)]
+        frames[-1] = frames[-1] + bytes(MIC_FRAME * 2 - len(frames[-1]))
+        last_loud = max((i for i, f in enumerate(frames) if _loud(f)), default=len(frames) - 1)
+        self.turn = Turn()
+        self._speech_done = asyncio.Event()
+        self._speech.extend(frames[:last_loud + 1])
+        await self._speech_done.wait()
+        self._speech.extend(frames[last_loud + 1:])
+        return self.turn
+
+    async def _microphone(self) -> None:
+        silence = bytes(MIC_FRAME * 2)
+        while True:
+            pcm = self._speech.popleft() if self._speech else silence
+            await self.source.capture_frame(rtc.AudioFrame(pcm, MIC_RATE, 1, MIC_FRAME))
+            if not self._speech and self._speech_done is not None \
+                    and not self._speech_done.is_set():
+                # The last speech frame is queued: it leaves after what is queued before it.
+                self.turn.speech_end = time.monotonic() + self.source.queued_duration
+                self._speech_done.set()
+
+    # ---- listening -----------------------------------------------------------------------------
+
+    def _on_participant(self, participant: rtc.RemoteParticipant) -> None:
+        if state := participant.attributes.get(ATTR_AGENT_STATE):
+            self._set_state(state)
+
+    def _on_attributes(self, changed: dict[str, str], participant: rtc.Participant) -> None:
+        if ATTR_AGENT_STATE in changed:
+            self._set_state(changed[ATTR_AGENT_STATE])
+
+    def _set_state(self, state: str) -> None:
+        self.state = state
+        self.turn.states.append((time.monotonic(), state))
+        self.state_changed.set()
+
+    async def wait_state(self, *states: str, timeout: float = 30.0) -> str:
+        deadline = time.monotonic() + timeout
+        while self.state not in states:
+            self.state_changed.clear()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise CallError(f"agent state stayed {self.state!r}; wanted one of {states}")
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.state_changed.wait(), left)
+        return self.state
+
+    async def wait_reply(self, timeout: float = 30.0) -> Turn:
+        """Wait for the agent to think, speak and listen again after the last ``say``."""
+        turn = self.turn
+        deadline = time.monotonic() + timeout
+        await self.wait_state("speaking", timeout=timeout)
+        await self.wait_state("listening", timeout=max(0.1, deadline - time.monotonic()))
+        return turn
+
+    def _on_track(self, track: rtc.Track, _pub: rtc.RemoteTrackPublication,
+                  participant: rtc.RemoteParticipant) -> None:
+        if isinstance(track, rtc.RemoteAudioTrack) and participant.kind == \
+                rtc.ParticipantKind.PARTICIPANT_KIND_AGENT:
+            self._tasks.append(asyncio.create_task(self._record(track), name="agent-voice"))
+
+    async def _record(self, track: rtc.RemoteAudioTrack) -> None:
+        stream = rtc.AudioStream.from_track(track=track, sample_rate=RECORD_RATE, num_channels=1)
+        try:
+            async for event in stream:
+                pcm = bytes(event.frame.data)
+                if self.state in ("speaking", "thinking") or _loud(pcm):
+                    self.recording.append(pcm)
+                if not self.turn.first_sound and self.turn.speech_end and _loud(pcm):
+                    self.turn.first_sound = time.monotonic()
+        finally:
+            await stream.aclose()
+
+    def _on_text(self, reader: rtc.TextStreamReader, sender: str) -> None:
+        self._tasks.append(asyncio.create_task(self._read_text(reader, sender)))
+
+    async def _read_text(self, reader: rtc.TextStreamReader, sender: str) -> None:
+        attrs = reader.info.attributes or {}
+        segment_id = attrs.get(ATTR_SEGMENT_ID, reader.info.stream_id)
+        segment = self.segments.setdefault(segment_id, Segment(sender, segment_id))
+        text = ""
+        async for chunk in reader:
+            text += chunk
+            segment.text = text  # a stream replaces what earlier streams of its segment said
+        segment.final = attrs.get(ATTR_FINAL) == "true"
+
+    def transcript(self, speaker: str) -> list[str]:
+        """Final texts said by ``speaker`` (an identity), in order."""
+        return [s.text for s in self.segments.values() if s.speaker == speaker and s.final]
+
+    def save_recording(self, path: Path) -> Path:
+        with wave.open(str(path), "wb") as out:
+            out.setnchannels(1)
+            out.setsampwidth(2)
+            out.setframerate(RECORD_RATE)
+            out.writeframes(b"".join(self.recording))
+        return path
+
+
+def _loud(pcm: bytes) -> bool:
+    samples = np.frombuffer(pcm, dtype=np.int16)
+    return bool(len(samples)) and int(np.abs(samples.astype(np.int32)).max()) > LOUD
+
+
+def _resample(pcm: bytes, rate_in: int, rate_out: int) -> bytes:
+    if rate_in == rate_out:
+        return pcm
+    import soxr
+
+    samples = np.frombuffer(pcm, dtype=np.int16)
+    return soxr.resample(samples, rate_in, rate_out).astype(np.int16).tobytes()
+
+
+async def call(token_url: str, room: str, utterances: list[tuple[bytes, int]], out: Path | None,
+               identity: str = "caller", timeout: float = 60.0) -> list[Turn]:
+    """Join, say each utterance after the agent has answered the one before, print both sides'
+    transcripts and the V2V heard here; record the agent's voice into ``out``."""
+    caller = Caller(token_url, room, identity)
+    await caller.join()
+    turns = []
+    try:
+        print(f"joined room {room!r} as {identity!r}; waiting for the agent", flush=True)
+        await caller.wait_state("listening", timeout=timeout)
+        for pcm, rate in utterances:
+            turn = await caller.say(pcm, rate)
+            await caller.wait_reply(timeout)
+            turns.append(turn)
+            user = caller.transcript(identity)
+            agent = caller.transcript("voicebus-agent")
+            print(f"  you:   {user[-1] if user else '(nothing recognised)'}", flush=True)
+            print(f"  agent: {agent[-1] if agent else '(no transcript)'}", flush=True)
+            print(f"  voice-to-voice here: {turn.v2v_ms:.0f} ms", flush=True)
+    finally:
+        if out is not None:
+            caller.save_recording(out)
+            print(f"the agent's voice is in {out}")
+        await caller.leave()
+    return turns
