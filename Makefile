@@ -3,8 +3,10 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LIVEKIT := .cache/livekit-v1.13.5/livekit-server
+WEB := web/node_modules/.package-lock.json
 
-.PHONY: up test install bench clean
+.PHONY: up test install bench bench-livekit chromium clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -12,17 +14,31 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
 	@touch $(STAMP)
 
-install: $(STAMP)
+# livekit-server has no PyPI/npm package: built once from its pinned Go module into .cache/.
+$(LIVEKIT): scripts/install-livekit.sh
+	scripts/install-livekit.sh >/dev/null
 
-# Run the offline stack on one spoken question: WAV=path/to/question.wav (default: Piper says one).
-up: $(STAMP)
-	$(BIN)/voicebus up $(if $(WAV),--wav $(WAV)) $(if $(OUT),--out $(OUT))
+# The web page's livekit-client comes from npm at install time (never committed).
+$(WEB): web/package.json web/package-lock.json
+	cd web && npm ci --no-audit --no-fund --loglevel=error
 
-test: $(STAMP)
+chromium:
+	scripts/install-chromium.sh
+
+install: $(STAMP) $(LIVEKIT) $(WEB)
+
+# The whole offline stack; open the printed URL. SAY="What time is it?" also asks once.
+up: install
+	$(BIN)/voicebus up $(if $(SAY),--say "$(SAY)") $(if $(WAV),--wav $(WAV))
+
+test: install chromium
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-bench: $(STAMP)
+bench: install
 	$(BIN)/voicebus bench pipeline --sessions 1 --turns 5 --json
 
+bench-livekit: install
+	$(BIN)/voicebus bench livekit --turns 5 --json
+
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache build *.egg-info web/node_modules .cache

@@ -1,4 +1,5 @@
-"""Shared fixtures: real processes only (nats-server, the five stages), on free ports."""
+"""Shared fixtures: real processes only (nats-server, livekit-server, the five stages, the token
+service), on free ports."""
 
 from __future__ import annotations
 
@@ -38,9 +39,22 @@ class LogTail:
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def stack(tmp_path_factory: pytest.TempPathFactory):
     """nats-server with JetStream plus the five stages, each its own OS process."""
+    async for running in _running_stack(tmp_path_factory, livekit=False):
+        yield running
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def lk_stack(tmp_path_factory: pytest.TempPathFactory):
+    """Everything ``make up`` runs: nats-server, livekit-server, the five stages and the token
+    service, each its own OS process."""
+    async for running in _running_stack(tmp_path_factory, livekit=True):
+        yield running
+
+
+async def _running_stack(tmp_path_factory: pytest.TempPathFactory, livekit: bool):
     workdir = tmp_path_factory.mktemp("stack")
     logs = LogTail(workdir / "stack.log")
-    stack = Stack(workdir, sink=logs, metrics=True)
+    stack = Stack(workdir, sink=logs, metrics=True, livekit=livekit)
     stack.logs = logs  # type: ignore[attr-defined]
     try:
         await stack.start()

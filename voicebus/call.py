@@ -22,7 +22,8 @@ import numpy as np
 from livekit import rtc
 
 from services.runtime.livekit import (
-    ATTR_AGENT_STATE, ATTR_FINAL, ATTR_SEGMENT_ID, TOPIC_TRANSCRIPTION,
+    AGENT_IDENTITY, ATTR_AGENT_STATE, ATTR_FINAL, ATTR_SEGMENT_ID, ATTR_TRACK_ID,
+    TOPIC_TRANSCRIPTION,
 )
 
 MIC_RATE = 48000
@@ -42,6 +43,8 @@ class Segment:
     segment_id: str
     text: str = ""
     final: bool = False
+    track_id: str = ""
+    streams: int = 0  # partials arrive as streams of their own
 
 
 @dataclass
@@ -81,6 +84,8 @@ class Caller:
         self.recording: list[bytes] = []
         self._speech: deque[bytes] = deque()
         self._speech_done: asyncio.Event | None = None
+        self.mic_sid = ""
+        self.agent_track_sid = ""
         self._tasks: list[asyncio.Task[None]] = []
 
     # ---- joining -------------------------------------------------------------------------------
@@ -95,10 +100,18 @@ class Caller:
                                 rtc.RoomOptions(auto_subscribe=True))
         for participant in self.room.remote_participants.values():
             self._on_participant(participant)
-        track = rtc.LocalAudioTrack.create_audio_track("microphone", self.source)
-        await self.room.local_participant.publish_track(
-            track, rtc.TrackPublishOptions(source=rtc.TrackSource.SOURCE_MICROPHONE))
+        await self.publish_microphone()
         self._tasks.append(asyncio.create_task(self._microphone(), name="microphone"))
+
+    async def publish_microphone(self) -> str:
+        """(Re)publish the microphone track; returns its sid."""
+        if self.mic_sid:
+            await self.room.local_participant.unpublish_track(self.mic_sid)
+        track = rtc.LocalAudioTrack.create_audio_track("microphone", self.source)
+        publication = await self.room.local_participant.publish_track(
+            track, rtc.TrackPublishOptions(source=rtc.TrackSource.SOURCE_MICROPHONE))
+        self.mic_sid = publication.sid
+        return self.mic_sid
 
     async def leave(self) -> None:
         for task in self._tasks:
@@ -174,6 +187,7 @@ class Caller:
                   participant: rtc.RemoteParticipant) -> None:
         if isinstance(track, rtc.RemoteAudioTrack) and participant.kind == \
                 rtc.ParticipantKind.PARTICIPANT_KIND_AGENT:
+            self.agent_track_sid = _pub.sid
             self._tasks.append(asyncio.create_task(self._record(track), name="agent-voice"))
 
     async def _record(self, track: rtc.RemoteAudioTrack) -> None:
@@ -195,6 +209,8 @@ class Caller:
         attrs = reader.info.attributes or {}
         segment_id = attrs.get(ATTR_SEGMENT_ID, reader.info.stream_id)
         segment = self.segments.setdefault(segment_id, Segment(sender, segment_id))
+        segment.streams += 1
+        segment.track_id = attrs.get(ATTR_TRACK_ID, "")
         text = ""
         async for chunk in reader:
             text += chunk
@@ -243,7 +259,7 @@ async def call(token_url: str, room: str, utterances: list[tuple[bytes, int]], o
             await caller.wait_reply(timeout)
             turns.append(turn)
             user = caller.transcript(identity)
-            agent = caller.transcript("voicebus-agent")
+            agent = caller.transcript(AGENT_IDENTITY)
             print(f"  you:   {user[-1] if user else '(nothing recognised)'}", flush=True)
             print(f"  agent: {agent[-1] if agent else '(no transcript)'}", flush=True)
             print(f"  voice-to-voice here: {turn.v2v_ms:.0f} ms", flush=True)

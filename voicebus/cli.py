@@ -67,22 +67,24 @@ async def converse(nats_url: str, wavs: list[Path], out: Path, timeout: float = 
 
 async def cmd_up(args: argparse.Namespace) -> int:
     from voicebus.launcher import Stack
-    from voicebus.speech import say_to_wav
 
     workdir = Path(tempfile.mkdtemp(prefix="voicebus-"))
-    stack = Stack(workdir, nats_port=args.nats_port)
-    wav = args.wav
-    if wav is None:
-        wav = await say_to_wav(DEFAULT_QUESTION, workdir / "question.wav", tail_ms=500)
-        print(f"no --wav given: asking {DEFAULT_QUESTION!r} (spoken by Piper)")
+    stack = Stack(workdir, nats_port=args.nats_port, livekit=True,
+                  livekit_port=args.livekit_port, token_port=args.port)
     try:
         await stack.start()
-        print(f"voicebus is up: NATS at {stack.nats_url} (Ctrl-C stops everything)", flush=True)
-        code = await converse(stack.nats_url, [wav], args.out)
+        me = Path(sys.argv[0]).name
+        print(f"\nvoicebus is up — open {stack.token_url}/ and talk to the agent.\n"
+              f"  or from a terminal: {me} call --token-url {stack.token_url} "
+              f"--say {DEFAULT_QUESTION!r}\n"
+              f"  watch the bus:      {me} tap --nats {stack.nats_url}\n"
+              "Ctrl-C stops everything.\n", flush=True)
+        code = 0
+        if args.say or args.wav:
+            args.token_url, args.room, args.identity, args.timeout = \
+                stack.token_url, f"demo-{secrets.token_hex(3)}", "demo-user", 60.0
+            code = await cmd_call(args)
         if not args.once:
-            me = sys.argv[0]
-            print(f"talk to it again: {me} say 'Your question?' -o q.wav && "
-                  f"{me} session --nats {stack.nats_url} --wav q.wav", flush=True)
             await asyncio.Event().wait()
         return code
     finally:
@@ -140,10 +142,15 @@ async def cmd_say(args: argparse.Namespace) -> int:
 
 
 async def cmd_bench(args: argparse.Namespace) -> int:
-    from voicebus.bench.pipeline import run_pipeline_bench
+    if args.bench == "livekit":
+        from voicebus.bench.livekit import run_livekit_bench
 
-    result = await run_pipeline_bench(sessions=args.sessions, turns=args.turns,
-                                      stt_replicas=args.stt_replicas, spread_s=args.spread)
+        result = await run_livekit_bench(turns=args.turns)
+    else:
+        from voicebus.bench.pipeline import run_pipeline_bench
+
+        result = await run_pipeline_bench(sessions=args.sessions, turns=args.turns,
+                                          stt_replicas=args.stt_replicas, spread_s=args.spread)
     print(json.dumps(result, indent=None if args.json else 2))
     return 0
 
@@ -152,11 +159,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="voicebus", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    up = sub.add_parser("up", help="run nats-server and the five stages; talk to them once")
-    up.add_argument("--wav", type=Path, help="a spoken question (default: Piper says one)")
-    up.add_argument("--out", type=Path, default=Path("reply.wav"), help="where the reply goes")
+    up = sub.add_parser("up", help="run the whole stack: nats-server, livekit-server, the five "
+                        "stages and the token service with the web page")
+    up.add_argument("--port", type=int, default=8080, help="the token service and web page")
+    up.add_argument("--livekit-port", type=int, default=7880)
     up.add_argument("--nats-port", type=int, default=4222)
-    up.add_argument("--once", action="store_true", help="stop after the first reply")
+    up.add_argument("--wav", type=Path, action="append", help="ask this once it is up (a call)")
+    up.add_argument("--say", action="append", help="ask this sentence (Piper) once it is up")
+    up.add_argument("--out", type=Path, default=Path("reply.wav"), help="where that reply goes")
+    up.add_argument("--once", action="store_true", help="stop after the --wav/--say call")
     up.set_defaults(run=cmd_up)
 
     session = sub.add_parser("session", help="talk to a running stack with WAV files")
@@ -198,6 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="seconds over which session starts are spread")
     pipeline.add_argument("--json", action="store_true", help="one line of JSON")
     pipeline.set_defaults(run=cmd_bench)
+    livekit = bench_sub.add_parser("livekit", help="voice-to-voice at a user in a LiveKit room")
+    livekit.add_argument("--turns", type=int, default=5)
+    livekit.add_argument("--json", action="store_true", help="one line of JSON")
+    livekit.set_defaults(run=cmd_bench)
     return parser
 
 

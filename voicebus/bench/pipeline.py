@@ -95,46 +95,56 @@ async def run_pipeline_bench(sessions: int, turns: int, stt_replicas: int = 1,
     return result
 
 
+def measure_turn(tap: Tap, name: str, turn: int) -> dict[str, float] | None:
+    """The bus's view of one turn (milliseconds), or None if it did not complete."""
+    final = tap.of(ev.Transcript, name, turn=turn)
+    done = tap.of(ev.SpeechDone, name, turn=turn)
+    played = tap.of(ev.Playback, name, turn=turn, final=True)
+    # The end of speech that produced this final: the last one published before it.
+    edges = [e for e in tap.of(ev.SpeechEnded, name) if final and e.ts_ns <= final[0].ts_ns]
+    if not (final and done and played and done[0].frames and edges):
+        return None
+    edge, stt_ms, reply = edges[-1], final[0].compute_ms, done[0]
+    v2v = (reply.first_frame_ts_ns - edge.last_speech_ts_ns) / 1e6
+    eos = (edge.ts_ns - edge.last_speech_ts_ns) / 1e6
+    return {
+        "v2v": v2v, "eos": eos, "stt": stt_ms, "llm": reply.llm_ms, "tts": reply.tts_ms,
+        "overhead": v2v - eos - stt_ms - reply.llm_ms - reply.tts_ms,
+        # Where the overhead is: before the final transcript, or after it.
+        "to_final": (final[0].ts_ns - edge.ts_ns) / 1e6 - stt_ms,
+        "after_final": (reply.first_frame_ts_ns - final[0].ts_ns) / 1e6 - reply.llm_ms
+        - reply.tts_ms,
+    }
+
+
+def turn_losses(tap: Tap, name: str, turn: int) -> tuple[int, int]:
+    """(frames dropped, playout underruns) reported for one turn."""
+    final = tap.of(ev.Transcript, name, turn=turn)
+    played = tap.of(ev.Playback, name, turn=turn, final=True)
+    dropped = sum(f.frames_dropped for f in final) + sum(p.frames_dropped for p in played)
+    return dropped, sum(p.underruns for p in played)
+
+
 def summarise(tap: Tap, names: list[str], turns: int) -> dict[str, Any]:
-    v2v, eos, overhead, stt_side, reply_side = [], [], [], [], []
-    compute: dict[str, list[float]] = {"stt": [], "llm": [], "tts": []}
-    completed = dropped = underruns = 0
+    rows = []
+    dropped = underruns = 0
     for name in names:
-        ended = tap.of(ev.SpeechEnded, name)
         for turn in range(1, turns + 1):
-            final = tap.of(ev.Transcript, name, turn=turn)
-            done = tap.of(ev.SpeechDone, name, turn=turn)
-            played = tap.of(ev.Playback, name, turn=turn, final=True)
-            dropped += sum(f.frames_dropped for f in final) + sum(p.frames_dropped for p in played)
-            underruns += sum(p.underruns for p in played)
-            # The end of speech that produced this final: the last one published before it.
-            edges = [e for e in ended if final and e.ts_ns <= final[0].ts_ns]
-            if not (final and done and played and done[0].frames and edges):
-                continue
-            completed += 1
-            edge, stt_ms = edges[-1], final[0].compute_ms
-            total = (done[0].first_frame_ts_ns - edge.last_speech_ts_ns) / 1e6
-            window = (edge.ts_ns - edge.last_speech_ts_ns) / 1e6
-            v2v.append(total)
-            eos.append(window)
-            compute["stt"].append(stt_ms)
-            compute["llm"].append(done[0].llm_ms)
-            compute["tts"].append(done[0].tts_ms)
-            overhead.append(total - window - stt_ms - done[0].llm_ms - done[0].tts_ms)
-            # Where the overhead is: before the final transcript, or after it.
-            stt_side.append((final[0].ts_ns - edge.ts_ns) / 1e6 - stt_ms)
-            reply_side.append((done[0].first_frame_ts_ns - final[0].ts_ns) / 1e6
-                              - done[0].llm_ms - done[0].tts_ms)
+            lost, under = turn_losses(tap, name, turn)
+            dropped, underruns = dropped + lost, underruns + under
+            if (row := measure_turn(tap, name, turn)) is not None:
+                rows.append(row)
+    column = lambda key: stats([row[key] for row in rows])  # noqa: E731
     return {
         "sessions": len(names),
         "turns_expected": len(names) * turns,
-        "turns_completed": completed,
+        "turns_completed": len(rows),
         "frames_dropped": dropped,
         "underruns": underruns,
         "errors": len(tap.of(ev.StageError)),
-        "v2v_ms": stats(v2v),
-        "eos_ms": stats(eos),
-        "overhead_ms": stats(overhead),
-        "overhead_split_ms": {"to_final": stats(stt_side), "after_final": stats(reply_side)},
-        "compute_ms": {stage: stats(values) for stage, values in compute.items()},
+        "v2v_ms": column("v2v"),
+        "eos_ms": column("eos"),
+        "overhead_ms": column("overhead"),
+        "overhead_split_ms": {"to_final": column("to_final"), "after_final": column("after_final")},
+        "compute_ms": {stage: column(stage) for stage in ("stt", "llm", "tts")},
     }

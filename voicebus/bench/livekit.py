@@ -1,0 +1,87 @@
+"""``voicebus bench livekit``: voice-to-voice as a user in a LiveKit room hears it.
+
+Starts the whole stack (nats-server, livekit-server, the five stages, the token service) as
+separate processes; one ``Caller`` gets a token, joins, and asks T Piper-spoken questions, each
+after the agent has answered the one before. Per turn:
+
+- ``v2v_ms``: the user's last speech sample left the microphone → the agent's first audible
+  sample arrived at the user (measured in the caller process);
+- ``pipeline_v2v_ms``, ``eos_ms``, ``overhead_ms``, ``compute_ms``: the bus's view of the same
+  turn, exactly as ``bench pipeline`` computes them;
+- ``transport_ms`` = v2v − pipeline v2v: both LiveKit legs (WebRTC, Opus, jitter buffers) plus
+  egress's playout buffer and the agent track's queue.
+"""
+
+from __future__ import annotations
+
+import secrets
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import nats
+
+from proto import subjects as sj
+from services.ingress.audio import read_wav
+from voicebus.bench.pipeline import PROMPTS, measure_turn, stats, turn_losses
+from voicebus.call import Caller
+from voicebus.client import Tap
+from voicebus.launcher import Stack
+from voicebus.speech import say_to_wav
+
+
+async def run_livekit_bench(turns: int, timeout: float = 30.0) -> dict[str, Any]:
+    workdir = Path(tempfile.mkdtemp(prefix="voicebus-bench-lk-"))
+    log_path = workdir / "stack.log"
+    log_file = log_path.open("w")
+    stack = Stack(workdir, sink=lambda line: log_file.write(line + "\n"), livekit=True)
+    utterances = []
+    for i in range(turns):
+        pcm, rate, _ = read_wav(await say_to_wav(PROMPTS[i % len(PROMPTS)],
+                                                 workdir / f"q{i}.wav", lead_ms=0))
+        utterances.append((pcm, rate))
+    room = f"bench-{secrets.token_hex(3)}"
+    rows: list[dict[str, float]] = []
+    failures: list[str] = []
+    await stack.start()
+    nc = await nats.connect(stack.nats_url)
+    tap = Tap(nc)
+    await tap.watch(sj.session_all(room))
+    caller = Caller(stack.token_url, room, "bench-user")
+    try:
+        await caller.join()
+        await caller.wait_state("listening", timeout=timeout)
+        for index, (pcm, rate) in enumerate(utterances, start=1):
+            try:
+                heard = await caller.say(pcm, rate)
+                await caller.wait_reply(timeout)
+            except Exception as exc:  # report the turn as failed; keep measuring the rest
+                failures.append(f"turn {index}: {exc}")
+                continue
+            bus = measure_turn(tap, room, index)
+            if bus is None or not heard.first_sound:
+                failures.append(f"turn {index}: incomplete on the bus or silent at the user")
+                continue
+            rows.append({**bus, "pipeline_v2v": bus["v2v"], "v2v": heard.v2v_ms,
+                         "transport": heard.v2v_ms - bus["v2v"]})
+    finally:
+        await caller.leave()
+        await tap.close()
+        await nc.close()
+        await stack.stop()
+        log_file.close()
+    dropped = sum(turn_losses(tap, room, t)[0] for t in range(1, turns + 1))
+    column = lambda key: stats([row[key] for row in rows])  # noqa: E731
+    return {
+        "turns_expected": turns,
+        "turns_completed": len(rows),
+        "frames_dropped": dropped,
+        "v2v_ms": column("v2v"),
+        "pipeline_v2v_ms": column("pipeline_v2v"),
+        "transport_ms": column("transport"),
+        "eos_ms": column("eos"),
+        "overhead_ms": column("overhead"),
+        "compute_ms": {stage: column(stage) for stage in ("stt", "llm", "tts")},
+        "failures": failures,
+        "logs": str(log_path),
+    }
