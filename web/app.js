@@ -1,0 +1,399 @@
+// voicebus in the browser: join a LiveKit room with a token from the token service, talk to the
+// agent, and show what both sides said, the agent's state and how long each answer took.
+// A plain script with no build step: livekit-client's UMD build defines the global LivekitClient.
+'use strict';
+
+(() => {
+  const LK = window.LivekitClient;
+  const AGENT = 'voicebus-agent';
+  const STATE_ATTR = 'lk.agent.state';
+  const TOPIC = 'lk.transcription';
+  const ROOM_RE = /^[A-Za-z0-9_-]{1,64}$/; // what the token service accepts
+
+  // Levels are the RMS of the analyser's waveform in dBFS. Speech into a microphone sits around
+  // -35..-15 dBFS, noise-suppressed room noise well below -50, decoded Opus silence near -inf.
+  const USER_SPEECH_DBFS = -45;
+  const AGENT_AUDIO_DBFS = -50;
+  const METER_FLOOR_DBFS = -60; // the bottom of the #level meter
+  // Levels are polled on a timer rather than per animation frame: the poll period is the
+  // resolution of the latency figures, and a timer keeps going when the page is not painted.
+  const SAMPLE_MS = 20;
+
+  const $ = (id) => document.getElementById(id);
+  const ui = {
+    form: $('join-form'), room: $('room'), name: $('name'), join: $('join'), leave: $('leave'),
+    mic: $('mic'), level: $('level'), state: $('state'), transcript: $('transcript'),
+    latency: $('latency').tBodies[0], error: $('error'), status: $('status'),
+    startAudio: $('start-audio'), audio: $('agent-audio'),
+  };
+
+  let room = null;        // the LiveKit Room while joining or joined
+  let audioCtx = null;    // one AudioContext for both level meters
+  let sampler = 0;        // setInterval id of the level poll
+  let meters = {};        // 'mic' | 'agent' -> {mst, source, analyser, buf}
+  let agentTrack = null;  // the agent's RemoteAudioTrack
+  let segments = new Map(); // lk.segment_id -> {el, seq, final}
+  let agentState = '';
+  let lastSpeechAt = 0;   // performance.now() of the last mic sample above USER_SPEECH_DBFS
+  let lastTurnAt = 0;     // when the previous turn started: older speech belongs to that turn
+  let turns = 0;
+  let pending = null;     // the turn being timed: {speechEnd, row, spoke, heard}
+  const left = new WeakSet(); // rooms the user left: their failures are not errors
+
+  // ---- joining and leaving ----
+
+  async function join() {
+    clearError();
+    const roomName = ui.room.value.trim();
+    if (!ROOM_RE.test(roomName)) {
+      showError('Room name: 1 to 64 letters, digits, "_" or "-".');
+      return;
+    }
+    // Made (or resumed) inside the click: browsers only let audio start from a user gesture.
+    audioCtx = audioCtx || new AudioContext();
+    audioCtx.resume().catch(() => {});
+    resetSession();
+    const r = room = newRoom();
+    setPhase('connecting', 'asking for a token…');
+    try {
+      const grant = await fetchToken(roomName, ui.name.value.trim());
+      if (room !== r) return; // Leave was clicked meanwhile
+      setPhase('connecting', 'connecting…');
+      await r.connect(grant.url, grant.token);
+      if (room !== r) return;
+      setPhase('connected', `in room ${grant.room} as ${grant.identity}`);
+      for (const p of r.remoteParticipants.values()) { if (p.identity === AGENT) showState(p.attributes[STATE_ATTR]); }
+      sampler = setInterval(sample, SAMPLE_MS);
+      // Still close enough to the click for autoplay; the button covers browsers that disagree.
+      const playable = () => { if (room === r) ui.startAudio.hidden = r.canPlaybackAudio; };
+      r.startAudio().then(playable, playable);
+    } catch (err) {
+      if (left.has(r)) return; // cancelled by Leave: not an error
+      showError(err); // after a Disconnected event, if any: the connect error says more
+      if (room === r) teardown();
+      r.disconnect();
+      return;
+    }
+    // Without a microphone the user can still listen, so a refusal does not end the call.
+    try {
+      await r.localParticipant.setMicrophoneEnabled(true);
+    } catch (err) {
+      if (room === r) showError(micError(err));
+    }
+    showMic();
+  }
+
+  async function leave() {
+    const r = room;
+    if (!r) return;
+    left.add(r);
+    teardown(); // first, so the Disconnected event of this room is not shown as an error
+    await r.disconnect();
+  }
+
+  async function fetchToken(roomName, name) {
+    const body = { room: roomName };
+    if (name) body.name = name;
+    let res;
+    try {
+      res = await fetch('/api/token', {
+        method: 'POST', headers: { 'Content-Type': 'application/json' }, body: JSON.stringify(body),
+      });
+    } catch (err) {
+      throw new Error(`Cannot reach the token service (${err.message}).`);
+    }
+    const data = await res.json().catch(() => ({}));
+    if (res.status === 429) {
+      const wait = retryAfter(res.headers.get('Retry-After'));
+      throw new Error(wait == null ? 'Too many requests, retry later.' : `Too many requests, retry in ${wait} s.`);
+    }
+    if (!res.ok) throw new Error(`Token service: ${detailText(data.detail) || `${res.status} ${res.statusText}`}`);
+    return data;
+  }
+
+  // Retry-After is either seconds or an HTTP date.
+  function retryAfter(header) {
+    if (!header) return null;
+    const seconds = Number(header);
+    if (Number.isFinite(seconds)) return Math.max(0, Math.ceil(seconds));
+    const at = Date.parse(header);
+    return Number.isNaN(at) ? null : Math.max(0, Math.ceil((at - Date.now()) / 1000));
+  }
+
+  // FastAPI's detail is a string, or for a malformed request a list of {loc, msg}.
+  function detailText(detail) {
+    if (!detail || typeof detail === 'string') return detail || '';
+    if (!Array.isArray(detail)) return JSON.stringify(detail);
+    return detail.map((e) => {
+      const where = ((e && e.loc) || []).filter((part) => part !== 'body').join('.');
+      return e && e.msg ? (where ? `${where}: ${e.msg}` : e.msg) : JSON.stringify(e);
+    }).join('; ');
+  }
+
+  function newRoom() {
+    const E = LK.RoomEvent;
+    // Audio only, one remote speaker: adaptive stream and dynacast are for video.
+    const r = new LK.Room({ adaptiveStream: false, dynacast: false });
+    const mine = (fn) => (...args) => { if (room === r) fn(...args); }; // ignore a room we left
+    r.on(E.ParticipantConnected, mine((p) => { if (p.identity === AGENT) showState(p.attributes[STATE_ATTR]); }))
+      .on(E.ParticipantDisconnected, mine((p) => { if (p.identity === AGENT) showState(''); }))
+      .on(E.ParticipantAttributesChanged, mine((changed, p) => {
+        if (p.identity === AGENT && STATE_ATTR in changed) showState(changed[STATE_ATTR]);
+      }))
+      .on(E.TrackSubscribed, mine(onTrackSubscribed))
+      .on(E.TrackUnsubscribed, mine((track) => {
+        track.detach().forEach((el) => el.remove());
+        if (track === agentTrack) agentTrack = null;
+      }))
+      .on(E.AudioPlaybackStatusChanged, mine(() => { ui.startAudio.hidden = r.canPlaybackAudio; }))
+      .on(E.Reconnecting, mine(() => { ui.status.textContent = 'reconnecting…'; }))
+      .on(E.Reconnected, mine(() => { ui.status.textContent = `in room ${r.name}`; }))
+      .on(E.MediaDevicesError, mine((err) => showError(micError(err))))
+      .on(E.Disconnected, mine((reason) => {
+        const name = LK.DisconnectReason[reason] || 'connection lost';
+        showError(`Disconnected: ${name.toLowerCase().replace(/_/g, ' ')}.`);
+        teardown();
+      }));
+    r.registerTextStreamHandler(TOPIC, (reader, info) => { if (room === r) onTranscript(reader, info); });
+    return r;
+  }
+
+  function onTrackSubscribed(track, publication, participant) {
+    if (track.kind !== LK.Track.Kind.Audio) return;
+    ui.audio.appendChild(track.attach()); // playing it is also what feeds Chrome's Web Audio
+    if (participant.identity === AGENT) agentTrack = track;
+  }
+
+  // Stops everything of the current room in the page; the caller disconnects the room itself.
+  function teardown() {
+    room = null;
+    clearInterval(sampler);
+    for (const m of Object.values(meters)) m.source.disconnect();
+    meters = {};
+    agentTrack = null;
+    ui.audio.replaceChildren();
+    ui.startAudio.hidden = true;
+    showState('');
+    finishTurn();
+    ui.level.value = 0;
+    setPhase('idle', 'not connected');
+    showMic();
+  }
+
+  function resetSession() {
+    segments = new Map();
+    ui.transcript.replaceChildren();
+    ui.latency.replaceChildren();
+    turns = 0;
+    pending = null;
+    lastSpeechAt = lastTurnAt = 0;
+  }
+
+  // ---- microphone ----
+
+  async function toggleMic() {
+    const r = room;
+    if (!r) return;
+    ui.mic.disabled = true;
+    try {
+      await r.localParticipant.setMicrophoneEnabled(!r.localParticipant.isMicrophoneEnabled);
+    } catch (err) {
+      showError(micError(err));
+    } finally {
+      ui.mic.disabled = room !== r;
+      showMic();
+    }
+  }
+
+  function showMic() {
+    const on = !!room && room.localParticipant.isMicrophoneEnabled;
+    ui.mic.textContent = on ? 'Mic on' : 'Mic off';
+    ui.mic.setAttribute('aria-pressed', String(on));
+    ui.mic.dataset.on = String(on);
+  }
+
+  function micError(err) {
+    const name = err && err.name;
+    if (name === 'NotAllowedError') return 'Microphone blocked: allow it for this page, then click the mic button.';
+    if (name === 'NotFoundError') return 'No microphone found.';
+    if (name === 'NotReadableError') return 'The microphone is in use by another program.';
+    return `Microphone: ${err && err.message ? err.message : err}`;
+  }
+
+  // ---- levels and latency ----
+
+  // The mic's MediaStreamTrack, or null while muted. Muting may stop the track and unmuting
+  // start a new one, so the meter follows whatever the publication holds now.
+  function micTrack() {
+    const pub = room && room.localParticipant.getTrackPublication(LK.Track.Source.Microphone);
+    return pub && pub.track && !pub.isMuted ? pub.track.mediaStreamTrack : null;
+  }
+
+  function level(key, mst) {
+    let m = meters[key];
+    if (!m || m.mst !== mst) {
+      if (m) m.source.disconnect();
+      m = mst ? makeMeter(mst) : undefined;
+      if (m) meters[key] = m; else delete meters[key];
+    }
+    if (!m) return -Infinity;
+    m.analyser.getFloatTimeDomainData(m.buf);
+    let sum = 0;
+    for (const v of m.buf) sum += v * v;
+    return sum > 0 ? 10 * Math.log10(sum / m.buf.length) : -Infinity;
+  }
+
+  function makeMeter(mst) {
+    const source = audioCtx.createMediaStreamSource(new MediaStream([mst]));
+    const analyser = audioCtx.createAnalyser();
+    analyser.fftSize = 1024; // ~21 ms at 48 kHz: about one poll period of audio
+    source.connect(analyser); // not to the speakers: the <audio> element plays the agent
+    return { mst, source, analyser, buf: new Float32Array(analyser.fftSize) };
+  }
+
+  function sample() {
+    const now = performance.now();
+    const mic = level('mic', micTrack());
+    ui.level.value = Math.min(1, Math.max(0, 1 - mic / METER_FLOOR_DBFS));
+    if (mic > USER_SPEECH_DBFS) lastSpeechAt = now;
+    const agent = level('agent', agentTrack && agentTrack.mediaStreamTrack);
+    if (pending && !pending.heard && agent > AGENT_AUDIO_DBFS) { pending.heard = true; mark(2, now); }
+  }
+
+  // A turn starts when the agent starts thinking; its latency runs from the last moment the
+  // user's mic was loud before that to the agent's state "speaking" and to its first sound.
+  // Both ends are clocked here, so the figures include the network both ways.
+  function startTurn(now) {
+    finishTurn();
+    const row = ui.latency.insertRow();
+    row.dataset.turn = String(++turns);
+    for (const text of [String(turns), '…', '…']) row.insertCell().textContent = text;
+    pending = { speechEnd: lastSpeechAt > lastTurnAt ? lastSpeechAt : null, row, spoke: false, heard: false };
+    lastTurnAt = now;
+  }
+
+  function mark(column, now) {
+    const cell = pending.row.cells[column];
+    if (pending.speechEnd == null) {
+      cell.textContent = 'n/a';
+      cell.title = 'no speech above the threshold on the microphone before this turn';
+      return;
+    }
+    const ms = Math.round(now - pending.speechEnd);
+    cell.textContent = `${ms} ms`;
+    pending.row.dataset[column === 1 ? 'stateMs' : 'audioMs'] = String(ms);
+  }
+
+  function finishTurn() {
+    if (!pending) return;
+    for (const cell of [...pending.row.cells].slice(1)) if (cell.textContent === '…') cell.textContent = '—';
+    pending = null;
+  }
+
+  function showState(state) {
+    const prev = agentState;
+    agentState = state || '';
+    ui.state.textContent = agentState || 'not here';
+    ui.state.dataset.state = agentState || 'absent';
+    if (agentState === prev) return;
+    const now = performance.now();
+    if (agentState === 'thinking') startTurn(now);
+    else if (agentState === 'speaking' && pending && !pending.spoke) { pending.spoke = true; mark(1, now); }
+    else if (agentState !== 'speaking') finishTurn();
+  }
+
+  // ---- transcripts ----
+
+  // Each stream carries a segment's whole text so far (read in chunks); a later stream of the
+  // same segment replaces it. Only the newest stream of a segment may write, so a slow older
+  // stream cannot overwrite a newer one, and nothing replaces a final.
+  async function onTranscript(reader, info) {
+    const attrs = reader.info.attributes || {};
+    const id = attrs['lk.segment_id'] || reader.info.id;
+    const final = attrs['lk.transcription_final'] === 'true';
+    let seg = segments.get(id);
+    if (!seg) {
+      const el = document.createElement('p');
+      el.dataset.speaker = speakerOf(info.identity, attrs['lk.transcribed_track_id']);
+      el.dataset.identity = info.identity;
+      el.dataset.segment = id;
+      el.dataset.final = 'false';
+      ui.transcript.appendChild(el);
+      seg = { el, seq: 0, final: false };
+      segments.set(id, seg);
+    }
+    if (seg.final) return;
+    const seq = ++seg.seq;
+    let text = '';
+    try {
+      for await (const chunk of reader) { // each chunk is a delta in livekit-client 2.23
+        text += chunk;
+        if (seq === seg.seq) render(seg, text, false);
+      }
+    } catch (err) {
+      console.warn('transcript stream broke off', err);
+      return;
+    }
+    if (seq === seg.seq) render(seg, text, final);
+  }
+
+  function render(seg, text, final) {
+    const stick = ui.transcript.scrollTop + ui.transcript.clientHeight >= ui.transcript.scrollHeight - 4;
+    seg.el.textContent = text;
+    seg.el.dataset.final = String(final);
+    seg.final = final;
+    if (stick) ui.transcript.scrollTop = ui.transcript.scrollHeight;
+  }
+
+  // The agent sends both sides' transcripts; the sender identity says whose words they are,
+  // and the transcribed track is a second witness for the user's own speech.
+  function speakerOf(identity, trackId) {
+    const local = room.localParticipant;
+    if (identity === local.identity) return 'user';
+    for (const pub of local.trackPublications.values()) if (trackId && pub.trackSid === trackId) return 'user';
+    return identity === AGENT ? 'agent' : 'user';
+  }
+
+  // ---- page state ----
+
+  function setPhase(phase, status) {
+    document.body.dataset.connected = String(phase === 'connected');
+    ui.join.disabled = phase !== 'idle';
+    ui.leave.disabled = phase === 'idle';
+    ui.mic.disabled = phase !== 'connected';
+    ui.room.disabled = ui.name.disabled = phase !== 'idle';
+    ui.status.textContent = status;
+  }
+
+  function showError(err) {
+    ui.error.textContent = typeof err === 'string' ? err : (err && err.message) || String(err);
+    ui.error.hidden = false;
+  }
+
+  function clearError() { ui.error.textContent = ''; ui.error.hidden = true; }
+
+  function boot() {
+    const query = new URLSearchParams(location.search);
+    if (query.get('room')) ui.room.value = query.get('room');
+    if (query.get('name')) ui.name.value = query.get('name');
+    setPhase('idle', 'not connected');
+    if (!LK) {
+      ui.join.disabled = true;
+      showError('livekit-client did not load (/vendor/livekit-client.umd.js).');
+      return;
+    }
+    LK.setLogLevel(query.has('debug') ? 'debug' : 'warn'); // the SDK's info lines are noise
+    if (!LK.isBrowserSupported()) showError('This browser lacks the WebRTC support LiveKit needs.');
+    ui.form.addEventListener('submit', (e) => { e.preventDefault(); join(); });
+    ui.leave.addEventListener('click', leave);
+    ui.mic.addEventListener('click', toggleMic);
+    ui.startAudio.addEventListener('click', () => {
+      const r = room; // must be called right in the click, the one gesture browsers accept
+      if (r) r.startAudio().then(() => { if (room === r) ui.startAudio.hidden = r.canPlaybackAudio; }, showError);
+    });
+    // Leave at once rather than have the agent wait for a timeout.
+    window.addEventListener('pagehide', () => { if (room) room.disconnect(); });
+  }
+
+  boot();
+})();
