@@ -52,6 +52,7 @@ class Turn:
     """What one utterance got: timestamps are ``time.monotonic()`` seconds."""
 
     speech_end: float = 0.0  # the last sample of the utterance left the microphone
+    speech_end_wall_ns: int = 0  # the same moment on the wall clock (to match bus events)
     first_sound: float = 0.0  # the agent's first audible sample arrived
     states: list[tuple[float, str]] = field(default_factory=list)
 
@@ -146,7 +147,9 @@ class Caller:
             if not self._speech and self._speech_done is not None \
                     and not self._speech_done.is_set():
                 # The last speech frame is queued: it leaves after what is queued before it.
-                self.turn.speech_end = time.monotonic() + self.source.queued_duration
+                queued = self.source.queued_duration
+                self.turn.speech_end = time.monotonic() + queued
+                self.turn.speech_end_wall_ns = time.time_ns() + int(queued * 1e9)
                 self._speech_done.set()
 
     # ---- listening -----------------------------------------------------------------------------

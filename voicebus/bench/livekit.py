@@ -21,6 +21,7 @@ from typing import Any
 
 import nats
 
+from proto import events as ev
 from proto import subjects as sj
 from services.ingress.audio import read_wav
 from voicebus.bench.pipeline import PROMPTS, measure_turn, stats, turn_losses
@@ -28,6 +29,16 @@ from voicebus.call import Caller
 from voicebus.client import Tap
 from voicebus.launcher import Stack
 from voicebus.speech import say_to_wav
+
+
+def _bus_view(tap: Tap, room: str, speech_end_ns: int) -> dict[str, float] | None:
+    """The bus's measures of the reply the user heard: the first one whose audio went out after
+    the utterance ended (an utterance the VAD split in two still has one reply heard first)."""
+    replies = [d for d in tap.of(ev.SpeechDone, room)
+               if d.frames and d.first_frame_ts_ns > speech_end_ns]
+    if not replies:
+        return None
+    return measure_turn(tap, room, min(replies, key=lambda d: d.first_frame_ts_ns).turn)
 
 
 async def run_livekit_bench(turns: int, timeout: float = 30.0) -> dict[str, Any]:
@@ -58,7 +69,7 @@ async def run_livekit_bench(turns: int, timeout: float = 30.0) -> dict[str, Any]
             except Exception as exc:  # report the turn as failed; keep measuring the rest
                 failures.append(f"turn {index}: {exc}")
                 continue
-            bus = measure_turn(tap, room, index)
+            bus = _bus_view(tap, room, heard.speech_end_wall_ns)
             if bus is None or not heard.first_sound:
                 failures.append(f"turn {index}: incomplete on the bus or silent at the user")
                 continue
@@ -70,11 +81,13 @@ async def run_livekit_bench(turns: int, timeout: float = 30.0) -> dict[str, Any]
         await nc.close()
         await stack.stop()
         log_file.close()
-    dropped = sum(turn_losses(tap, room, t)[0] for t in range(1, turns + 1))
+    opened = max((t.turn for t in tap.of(ev.Transcript, room, final=True)), default=0)
+    dropped = sum(turn_losses(tap, room, t)[0] for t in range(1, opened + 1))
     column = lambda key: stats([row[key] for row in rows])  # noqa: E731
     return {
         "turns_expected": turns,
         "turns_completed": len(rows),
+        "turns_opened": opened,  # more than expected: the VAD split an utterance
         "frames_dropped": dropped,
         "v2v_ms": column("v2v"),
         "pipeline_v2v_ms": column("pipeline_v2v"),
