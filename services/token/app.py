@@ -1,0 +1,229 @@
+"""The token service: user tokens with the least grants, agent dispatch, session end on an
+empty room (livekit-server's webhooks), the web page, ``/health`` and ``/metrics``.
+
+Minting and dispatch go together: a token is handed out only after its ``SessionStart`` has
+reached nats-server, so no user waits in a room no agent was sent to.
+
+Anyone who can reach ``POST /api/token`` gets a token unless ``VOICEBUS_TOKEN_AUTHORIZE`` names
+a hook (see ``services.token.authorize``): put a hook or an authenticating reverse proxy in
+front before exposing the service beyond a trusted network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import jwt
+import nats.errors
+from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from livekit import api
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from proto import events as ev
+from proto import subjects as sj
+from services.runtime.bus import Bus
+from services.runtime.livekit import token_for
+from services.token import metrics
+from services.token.authorize import Authorizer, is_allowed
+from services.token.config import TokenConfig
+from services.token.ratelimit import RateLimiter, retry_after
+from services.token.schema import TokenRequest, TokenResponse, read_limited, read_token_request
+from services.token.webhook import Webhooks
+
+log = logging.getLogger("voicebus.token")
+
+E = TypeVar("E", bound=ev.Event)
+
+STAGE = "token"
+MAX_WEBHOOK_BODY = 1 << 20
+# What each refusal of POST /api/token is counted as.
+REJECT_REASONS = {400: "bad_json", 403: "forbidden", 413: "too_large", 415: "content_type",
+                  422: "invalid", 429: "rate_limited", 500: "hook_failed", 503: "unavailable"}
+
+
+class TokenService:
+    """The state behind the routes: settings, the bus, the rate limiter, the webhook handler."""
+
+    def __init__(self, config: TokenConfig, authorize: Authorizer | None) -> None:
+        self.config = config
+        self.authorize = authorize
+        self.limiter = RateLimiter(config.token_rate_per_minute / 60.0, config.token_burst)
+        self.webhooks = Webhooks(config, self.end_session)
+        self.bus: Bus | None = None
+        # One counter for every session: monotonic per session too, without a dict per room.
+        self._seq = itertools.count(1)
+        self._connecting: asyncio.Task[None] | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self.bus is not None and self.bus.nc.is_connected
+
+    async def start(self) -> None:
+        # Connect in the background: /health answers (503) while nats-server is unreachable.
+        self._connecting = asyncio.create_task(self._connect(), name="nats-connect")
+
+    async def _connect(self) -> None:
+        self.bus = await Bus.connect(self.config.nats_url, STAGE, "voicebus-token")
+        log.info("connected to NATS", extra={"stage": STAGE})
+
+    async def stop(self) -> None:
+        if self._connecting is not None and not self._connecting.done():
+            self._connecting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._connecting
+        await self.webhooks.aclose()
+        if self.bus is not None:
+            await self.bus.drain()
+
+    def check_rate(self, request: Request) -> None:
+        client = request.client.host if request.client else "unknown"
+        wait = self.limiter.take(client)
+        if wait:
+            seconds = retry_after(wait)
+            raise HTTPException(429, f"too many token requests; retry in {seconds} s",
+                                headers={"Retry-After": str(seconds)})
+
+    def mint(self, room: str, identity: str, name: str) -> TokenResponse:
+        grants = api.VideoGrants(
+            room_join=True, room=room, can_publish=True, can_publish_sources=["microphone"],
+            can_subscribe=True, can_publish_data=True, can_update_own_metadata=False)
+        token = token_for(self.config, room, identity, grants=grants, kind="standard", name=name,
+                          ttl=self.config.token_ttl)
+        # The expiry as written into the token (the SDK rounds to whole seconds).
+        expires = jwt.decode(token, options={"verify_signature": False})["exp"]
+        return TokenResponse(token=token, url=self.config.public_url, room=room,
+                             identity=identity, expires_at=int(expires))
+
+    def event(self, cls: type[E], session: str, **fields: Any) -> E:
+        return cls(session=session, seq=next(self._seq), ts_ns=time.time_ns(), **fields)
+
+    async def dispatch(self, room: str) -> None:
+        """Send the agent: stages ignore a repeated start for a session they own, so every
+        token dispatches. Returns once nats-server has the start; else 503."""
+        if self.bus is None or not self.connected:
+            raise HTTPException(503, "the agent cannot be dispatched: not connected to NATS")
+        await self.bus.publish(sj.CTL_START, self.event(ev.SessionStart, room, room=room))
+        try:
+            await self.bus.nc.flush(timeout=2)
+        except (nats.errors.Error, asyncio.TimeoutError):
+            raise HTTPException(503, "the agent cannot be dispatched: NATS did not confirm") \
+                from None
+
+    async def end_session(self, room: str, reason: str) -> None:
+        if self.bus is None:
+            raise HTTPException(503, "not connected to NATS")
+        await self.bus.publish(sj.CTL_END, self.event(ev.SessionEnd, room, reason=reason))
+        metrics.SESSIONS_ENDED.labels(reason).inc()
+        log.info("session ended: %s", reason, extra={"stage": STAGE, "session": room})
+
+
+def create_app(config: TokenConfig, authorize: Authorizer | None = None) -> FastAPI:
+    service = TokenService(config, authorize)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await service.start()
+        try:
+            yield
+        finally:
+            await service.stop()
+
+    app = FastAPI(title="voicebus token service", version="0.1.0", lifespan=lifespan)
+    app.state.service = service
+    _add_api_routes(app, service)
+    _add_ops_routes(app, service)
+    _add_web_routes(app, config.web_path)
+    return app
+
+
+def _add_api_routes(app: FastAPI, service: TokenService) -> None:
+    body_schema = {"required": True, "content": {
+        "application/json": {"schema": TokenRequest.model_json_schema()}}}
+
+    @app.post("/api/token", response_model=TokenResponse,
+              openapi_extra={"requestBody": body_schema},
+              responses={status: {"description": reason} for status, reason in
+                         REJECT_REASONS.items()})
+    async def token(request: Request, response: Response) -> TokenResponse:
+        """A token to join ``room`` as ``identity`` (generated if missing); dispatches the agent."""
+        try:
+            granted = await _mint_for(service, request)
+        except HTTPException as exc:
+            metrics.REQUESTS_REJECTED.labels(REJECT_REASONS.get(exc.status_code, "other")).inc()
+            raise
+        response.headers["Cache-Control"] = "no-store"  # a credential: no cache may keep it
+        return granted
+
+    @app.post("/livekit/webhook", include_in_schema=False)
+    async def webhook(request: Request) -> dict[str, bool]:
+        body = await read_limited(request, MAX_WEBHOOK_BODY)
+        event = service.webhooks.verify(body, request.headers.get("authorization", ""))
+        await service.webhooks.handle(event)
+        return {"ok": True}
+
+
+async def _mint_for(service: TokenService, request: Request) -> TokenResponse:
+    service.check_rate(request)  # before the body is read: the cheapest refusal first
+    wanted = await read_token_request(request)
+    identity = wanted.identity or f"user-{secrets.token_hex(6)}"
+    try:
+        allowed = await is_allowed(service.authorize, request, wanted.room, identity)
+    except HTTPException:
+        raise
+    except Exception:
+        log.exception("the authorisation hook failed", extra={"stage": STAGE})
+        raise HTTPException(500, "authorisation failed") from None
+    if not allowed:
+        raise HTTPException(403, "not allowed to join this room")
+    granted = service.mint(wanted.room, identity, wanted.name or "")
+    await service.dispatch(wanted.room)
+    metrics.TOKENS_MINTED.inc()
+    log.info("token for %s", identity, extra={"stage": STAGE, "session": wanted.room})
+    return granted
+
+
+def _add_ops_routes(app: FastAPI, service: TokenService) -> None:
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if service.connected:
+            return JSONResponse({"status": "ok", "nats": "connected"})
+        state = "connecting" if service.bus is None else "disconnected"
+        return JSONResponse({"status": "unavailable", "nats": state}, status_code=503)
+
+    @app.get("/metrics", include_in_schema=False)
+    def prometheus() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+def _add_web_routes(app: FastAPI, web: Path) -> None:
+    vendor = web / "node_modules" / "livekit-client" / "dist" / "livekit-client.umd.js"
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return _file(web / "index.html", f"the web page is missing ({web}/index.html)")
+
+    @app.get("/vendor/livekit-client.umd.js", include_in_schema=False)
+    async def livekit_client() -> FileResponse:
+        return _file(vendor, "livekit-client is not installed: run `make install`")
+
+    if web.is_dir():
+        # StaticFiles resolves paths inside ``web`` only: no traversal, no symlinks out.
+        app.mount("/static", StaticFiles(directory=web), name="static")
+    else:
+        log.warning("web directory %s does not exist: no web page", web, extra={"stage": STAGE})
+
+
+def _file(path: Path, missing: str) -> FileResponse:
+    if not path.is_file():
+        raise HTTPException(404, missing)
+    return FileResponse(path)

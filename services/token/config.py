@@ -1,0 +1,63 @@
+"""Settings of the token service (``VOICEBUS_TOKEN_*``, ``LIVEKIT_*``), checked at start-up."""
+
+from __future__ import annotations
+
+import math
+import urllib.parse
+from collections.abc import Mapping
+from pathlib import Path
+
+from services.runtime.errors import ConfigError
+from services.runtime.livekit import LiveKitConfig
+
+WEB_DIR = Path(__file__).resolve().parents[2] / "web"
+MAX_TTL = 86400.0
+
+
+class TokenConfig(LiveKitConfig, frozen=True, kw_only=True):
+    token_host: str = "127.0.0.1"
+    token_port: int = 8080
+    # Seconds a user token lives (it only has to outlive joining: a connected participant stays).
+    token_ttl: float = 900.0
+    # Per client address: ``token_burst`` requests at once, refilled at this rate.
+    token_rate_per_minute: float = 30.0
+    token_burst: int = 10
+    # "package.module:function" deciding who gets a token; empty lets everyone in.
+    token_authorize: str = ""
+    # The LiveKit URL handed to browsers (empty: livekit_url), e.g. wss://lk.example.com.
+    livekit_public_url: str = ""
+    # The web page's directory (empty: web/ of this checkout).
+    web_dir: str = ""
+
+    @property
+    def public_url(self) -> str:
+        return self.livekit_public_url or self.livekit_url
+
+    @property
+    def web_path(self) -> Path:
+        return Path(self.web_dir) if self.web_dir else WEB_DIR
+
+    @property
+    def livekit_http_url(self) -> str:
+        """The server API's URL: the same host as the signalling WebSocket, over HTTP(S)."""
+        parts = urllib.parse.urlsplit(self.livekit_url)
+        scheme = {"ws": "http", "wss": "https"}.get(parts.scheme, parts.scheme)
+        return urllib.parse.urlunsplit(parts._replace(scheme=scheme))
+
+
+def load_config(environ: Mapping[str, str] | None = None) -> TokenConfig:
+    """Read and check the settings; raises ``ConfigError`` naming the variable to fix."""
+    config = TokenConfig.from_env(environ)
+    checks = [
+        ("token_ttl", 0 < config.token_ttl <= MAX_TTL, f"must be in (0, {MAX_TTL:.0f}] seconds"),
+        ("token_rate_per_minute", 0 < config.token_rate_per_minute < math.inf,
+         "must be a positive number"),
+        ("token_burst", config.token_burst >= 1, "must be >= 1"),
+        ("token_port", 0 < config.token_port < 65536, "must be a TCP port"),
+    ]
+    for field, ok, rule in checks:
+        if not ok:
+            raise ConfigError(f"{TokenConfig.env_name(field)}={getattr(config, field)}: {rule}")
+    if urllib.parse.urlsplit(config.livekit_url).scheme not in ("ws", "wss", "http", "https"):
+        raise ConfigError(f"LIVEKIT_URL={config.livekit_url!r}: must be ws://, wss://, http(s)://")
+    return config

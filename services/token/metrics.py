@@ -1,0 +1,17 @@
+"""Prometheus metrics of the token service (served on its own ``GET /metrics``)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter
+
+TOKENS_MINTED = Counter(
+    "voicebus_tokens_minted", "User tokens handed out (each dispatched the agent)"
+)
+REQUESTS_REJECTED = Counter(
+    "voicebus_token_requests_rejected", "Token requests refused", ["reason"]
+)
+WEBHOOKS = Counter("voicebus_livekit_webhooks", "Verified livekit-server webhooks", ["event"])
+WEBHOOKS_REJECTED = Counter(
+    "voicebus_livekit_webhooks_rejected", "Webhooks refused (bad signature, body)", ["reason"]
+)
+SESSIONS_ENDED = Counter("voicebus_token_sessions_ended", "SessionEnd published", ["reason"])
