@@ -29,4 +29,7 @@ class TtsProvider(Protocol):
 
 PROVIDERS = {
     "piper": "services.tts.providers.piper:PiperTts",
+    "cartesia": "services.tts.providers.cartesia:CartesiaTts",
+    "openai": "services.tts.providers.openai:OpenAITts",
+    "deepgram": "services.tts.providers.deepgram:DeepgramTts",
 }

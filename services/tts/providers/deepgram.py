@@ -1,0 +1,175 @@
+"""Deepgram Aura text-to-speech over the REST ``/v1/speak`` API, through the ``deepgram-sdk``.
+
+One request per text chunk for ``linear16`` audio without a container (raw s16le mono at the
+configured rate), its body passed on as it arrives. REST rather than the speak WebSocket: our
+chunks are whole sentences already, and a request per sentence needs no per-turn socket state,
+while the socket's Flush is rate-limited (20 a minute) — about one per sentence here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import ClassVar
+
+import httpx
+from deepgram import AsyncDeepgramClient
+from deepgram.core.api_error import ApiError
+from deepgram.environment import DeepgramClientEnvironment
+
+from services.runtime.config import BaseConfig
+from services.runtime.errors import (
+    APIConnectionError,
+    APIStatusError,
+    APITimeoutError,
+    ConfigError,
+    ProviderError,
+)
+from services.tts.config import TtsConfig
+from services.tts.provider import SpokenAudio
+
+log = logging.getLogger(__name__)
+
+_RATES = (8000, 16000, 24000, 32000, 48000)  # what linear16 allows
+
+
+class DeepgramTtsConfig(BaseConfig, frozen=True, kw_only=True):
+    ENV: ClassVar[dict[str, str]] = {"deepgram_api_key": "DEEPGRAM_API_KEY"}
+    SECRETS: ClassVar[frozenset[str]] = frozenset({"deepgram_api_key"})
+
+    deepgram_api_key: str = ""
+    # Base URL of the API (http:// or https://); empty means Deepgram's own.
+    deepgram_url: str = ""
+    # The Aura model names the voice too.
+    deepgram_tts_model: str = "aura-2-thalia-en"
+    deepgram_tts_sample_rate: int = 24000
+    # Seconds to connect, and the longest silence before or between pieces of audio.
+    tts_timeout: float = 10.0
+
+
+class DeepgramTts:
+    name = "deepgram"
+
+    def __init__(self, cfg: DeepgramTtsConfig) -> None:
+        if not cfg.deepgram_api_key:
+            raise ConfigError("the deepgram TTS provider needs an API key: set DEEPGRAM_API_KEY "
+                              "(or VOICEBUS_TTS_PROVIDER=piper to run offline)")
+        if cfg.deepgram_tts_sample_rate not in _RATES:
+            raise ConfigError(f"VOICEBUS_DEEPGRAM_TTS_SAMPLE_RATE must be one of {_RATES}")
+        self.sample_rate: int = cfg.deepgram_tts_sample_rate
+        self._cfg = cfg
+        # Our own HTTP client, so aclose() can close it; its timeout applies per connect/read.
+        self._http = httpx.AsyncClient(timeout=cfg.tts_timeout, follow_redirects=True)
+        self._client = AsyncDeepgramClient(
+            api_key=cfg.deepgram_api_key, environment=_environment(cfg.deepgram_url),
+            httpx_client=self._http, timeout=cfg.tts_timeout, max_retries=0)
+        log.info("deepgram tts: model %s, %d Hz", cfg.deepgram_tts_model, self.sample_rate,
+                 extra={"provider": self.name})
+
+    @classmethod
+    def from_config(cls, _stage: TtsConfig) -> DeepgramTts:
+        return cls(DeepgramTtsConfig.from_env())
+
+    async def synthesize(self, chunks: AsyncIterator[str]) -> AsyncIterator[SpokenAudio]:
+        """Audio per chunk as it streams in. An error raised by ``chunks`` passes through."""
+        index = -1
+        async for text in chunks:
+            index += 1  # counts skipped chunks too: indices match the caller's chunk list
+            if not _speakable(text):
+                continue
+            # Leaving this block early (closed, cancelled) closes the response, which is what
+            # tells the server to stop.
+            async with contextlib.AsyncExitStack() as stack:
+                body = await self._open(stack, text)
+                carry = _Carry()
+                while (pcm := await self._next_pcm(body, carry)) is not None:
+                    if pcm:
+                        yield SpokenAudio(pcm, chunk=index)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _open(self, stack: contextlib.AsyncExitStack, text: str) -> AsyncIterator[bytes]:
+        request = self._client.speak.v1.audio.with_raw_response.generate(
+            text=text, model=self._cfg.deepgram_tts_model, encoding="linear16",
+            container="none", sample_rate=self.sample_rate)
+        try:
+            response = await stack.enter_async_context(request)
+        except Exception as exc:
+            raise self._map_error(exc) from exc
+        _require_audio(response.headers.get("content-type", ""), self.name)
+        return response.data
+
+    async def _next_pcm(self, body: AsyncIterator[bytes], carry: _Carry) -> bytes | None:
+        # Error mapping lives here, not around the ``yield``, so an exception the consumer
+        # throws into the generator is never mistaken for a provider failure.
+        try:
+            data = await anext(body)
+        except StopAsyncIteration:
+            if carry.pending:
+                log.warning("speech ended in half a sample; dropped", extra={"provider": self.name})
+            return None
+        except Exception as exc:
+            raise self._map_error(exc) from exc
+        return carry.whole(data)
+
+    def _map_error(self, exc: Exception) -> ProviderError:
+        """Broad on purpose: read errors in a streamed body reach us as httpx's own, and the
+        stage must only ever see ``ProviderError``."""
+        if isinstance(exc, ApiError) and exc.status_code:
+            return APIStatusError(self._redact(_describe(exc)), status=exc.status_code,
+                                  provider=self.name)
+        message = self._redact(f"{type(exc).__name__}: {exc}")
+        if isinstance(exc, httpx.TimeoutException):
+            return APITimeoutError(message, provider=self.name)
+        if isinstance(exc, httpx.TransportError):
+            return APIConnectionError(message, provider=self.name)
+        return ProviderError(message, provider=self.name)
+
+    def _redact(self, text: str) -> str:
+        # Some servers echo the key they rejected; it must never reach a log line.
+        return text.replace(self._cfg.deepgram_api_key, "<redacted>")
+
+
+class _Carry:
+    """Keeps samples whole: HTTP reads may end in the middle of one."""
+
+    def __init__(self) -> None:
+        self.pending = b""
+
+    def whole(self, data: bytes) -> bytes:
+        data = self.pending + data
+        cut = len(data) & ~1
+        self.pending = data[cut:]
+        return data[:cut]
+
+
+def _environment(url: str) -> DeepgramClientEnvironment:
+    if not url:
+        return DeepgramClientEnvironment.PRODUCTION
+    if not url.startswith(("http://", "https://")):
+        raise ConfigError(f"VOICEBUS_DEEPGRAM_URL={url!r}: expected an http(s):// URL")
+    base = url.rstrip("/")
+    production = DeepgramClientEnvironment.PRODUCTION
+    return DeepgramClientEnvironment(base=base, production="ws" + base[len("http"):],
+                                     agent=production.agent, agent_rest=production.agent_rest)
+
+
+def _require_audio(content_type: str, provider: str) -> None:
+    # A proxy's error page or a JSON error with status 200 must not be played as noise.
+    if content_type.startswith(("application/json", "text/")):
+        raise ProviderError(f"expected audio, got {content_type}", provider=provider)
+
+
+def _describe(exc: ApiError) -> str:
+    # Deepgram's errors are {"err_code", "err_msg", "request_id"}; the SDK's str() dumps headers.
+    body = exc.body
+    if isinstance(body, dict):
+        return str(body.get("err_msg") or body.get("message") or body.get("err_code") or body)
+    return str(body)[:200] if body else "error"
+
+
+def _speakable(text: str) -> bool:
+    """Whether a chunk has anything to say: punctuation or whitespace alone has not."""
+    return any(ch.isalnum() for ch in text)
