@@ -34,4 +34,6 @@ class SttProvider(Protocol):
 
 PROVIDERS = {
     "pocketsphinx": "services.stt.providers.pocketsphinx:PocketSphinxStt",
+    "deepgram": "services.stt.providers.deepgram:DeepgramStt",
+    "openai": "services.stt.providers.openai:OpenAIStt",
 }
