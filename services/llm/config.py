@@ -2,17 +2,23 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from services.runtime.config import BaseConfig
+from services.runtime.fallback import ChainConfig
 
 
-class LlmConfig(BaseConfig, frozen=True, kw_only=True):
+class LlmConfig(ChainConfig, frozen=True, kw_only=True):
     ENV: ClassVar[dict[str, str]] = {
         "openai_api_key": "OPENAI_API_KEY",
         "openai_base_url": "OPENAI_BASE_URL",
     }
     SECRETS: ClassVar[frozenset[str]] = frozenset({"openai_api_key"})
 
+    # The one provider, used when VOICEBUS_LLM_PROVIDERS is not set.
     llm_provider: str = "echo"
+    # A fallback chain, in order (e.g. "a,b"); when set it wins over the single provider.
+    llm_providers: str = ""
+    # Seconds from the request to a provider's first text delta before the turn moves to the
+    # next provider in VOICEBUS_LLM_PROVIDERS (not applied to the last one left).
+    llm_first_result_timeout: float = 5.0
     # The echo modifier's fixed acknowledgement, appended to what was heard.
     echo_ack: str = "got it."
     system_prompt: str = (
@@ -22,6 +28,18 @@ class LlmConfig(BaseConfig, frozen=True, kw_only=True):
     llm_model: str = "gpt-4o-mini"
     # How many past user/assistant turns are sent to the model.
     llm_history_turns: int = 20
+    # The openai provider (any OpenAI-compatible server: OPENAI_BASE_URL).
+    # Seconds it waits for the next bytes of a response (the first included) before failing.
     llm_timeout: float = 30.0
+    # Seconds to open a connection: a dead host should fail fast, not after llm_timeout.
+    llm_connect_timeout: float = 5.0
+    # Extra attempts after a connection error, timeout or 5xx, made only before the first
+    # token (after it the user has heard the start). 429 goes to the fallback chain instead.
+    llm_retries: int = 2
+    # Seconds before the first retry; doubled for each one after.
+    llm_retry_backoff: float = 0.25
+    # Ask for token usage in the stream (stream_options.include_usage); turn off for a
+    # compatible server that rejects the option.
+    llm_stream_usage: bool = True
     openai_api_key: str = ""
     openai_base_url: str = ""

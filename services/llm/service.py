@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 
 import msgspec
@@ -18,10 +19,27 @@ from proto import subjects as sj
 from services.llm.config import LlmConfig
 from services.llm.provider import PROVIDERS, ChatMessage, LlmProvider
 from services.runtime import metrics
+from services.runtime.fallback import FallbackAdapter, answered_by
 from services.runtime.service import ProviderStage, SessionWorker
 
 HISTORY_BUCKET = "voicebus_history"
 _history_codec = (msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(list[ChatMessage]))
+_PROBE = (ChatMessage("system", "Answer with one word."), ChatMessage("user", "Say OK."))
+
+
+class LlmFallback(FallbackAdapter[LlmProvider]):
+    """The LLM chain, itself an ``LlmProvider``: the conversation is the whole input, so a turn
+    can move on at any point before the first delta."""
+
+    stage = "llm"
+
+    def complete(self, messages: Sequence[ChatMessage]) -> AsyncIterator[str]:
+        return self.run(lambda provider, _: provider.complete(messages))
+
+    async def probe(self, provider: LlmProvider) -> None:
+        async with aclosing(provider.complete(_PROBE)) as deltas:
+            async for _ in deltas:
+                pass
 
 
 class LlmWorker(SessionWorker[LlmConfig]):
@@ -68,9 +86,12 @@ class LlmWorker(SessionWorker[LlmConfig]):
     async def respond(self, final: ev.Transcript, received: float) -> None:
         parts: list[str] = []
         outcome, error = ("ok", "") if final.text.strip() else ("empty", "")
+        provider = self.service.provider
+        # Not started until iterated; it names the provider that answered (or failed last).
+        stream = provider.complete(self.messages_for(final.text))
         try:
             if outcome == "ok":
-                await self._stream_reply(final, received, parts)
+                await self._stream_reply(stream, final, received, parts)
         except asyncio.CancelledError:
             outcome = "interrupted"
         except Exception as exc:  # a provider failure or a bug: the turn still closes
@@ -82,7 +103,7 @@ class LlmWorker(SessionWorker[LlmConfig]):
         await self.emit(sj.LLM_DONE, ev.ReplyDone, turn=final.turn, text=text,
                         compute_ms=(time.perf_counter() - received) * 1000,
                         interrupted=outcome == "interrupted", error=error,
-                        provider=self.service.provider.name)
+                        provider=answered_by(stream, provider))
         metrics.TURNS.labels("llm", outcome).inc()
         if final.text.strip():
             await self._remember(final.text, text, interrupted=outcome == "interrupted")
@@ -91,14 +112,15 @@ class LlmWorker(SessionWorker[LlmConfig]):
         await self.emit(sj.LLM_DONE, ev.ReplyDone, turn=turn, interrupted=True,
                         provider=self.service.provider.name)
 
-    async def _stream_reply(self, final: ev.Transcript, received: float, parts: list[str]) -> None:
-        provider = self.service.provider
+    async def _stream_reply(self, stream: AsyncIterator[str], final: ev.Transcript,
+                            received: float, parts: list[str]) -> None:
         # aclosing: a cancelled turn must close the provider's stream at once.
-        async with aclosing(provider.complete(self.messages_for(final.text))) as stream:
+        async with aclosing(stream):
             async for delta in stream:
                 elapsed = (time.perf_counter() - received) * 1000
                 if not parts:
-                    metrics.PROVIDER_SECONDS.labels("llm", provider.name).observe(elapsed / 1000)
+                    name = answered_by(stream, self.service.provider)
+                    metrics.PROVIDER_SECONDS.labels("llm", name).observe(elapsed / 1000)
                 await self.emit(sj.LLM_DELTA, ev.ReplyDelta, turn=final.turn, text=delta,
                                 index=len(parts), compute_ms=elapsed)
                 parts.append(delta)
@@ -116,4 +138,5 @@ class LlmService(ProviderStage[LlmConfig]):
     Config = LlmConfig
     Worker = LlmWorker
     PROVIDERS = PROVIDERS
-    provider: LlmProvider
+    Fallback = LlmFallback
+    provider: LlmFallback

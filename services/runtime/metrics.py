@@ -32,6 +32,34 @@ PROVIDER_ERRORS = Counter(
     "voicebus_provider_errors", "Provider failures", ["stage", "provider", "retryable"]
 )
 
+# Fallback chains (services/runtime/fallback.py). Counters get prometheus' ``_total`` suffix.
+PROVIDER_REQUESTS = Counter(
+    "voicebus_provider_requests", "Turns a provider was asked to serve, by outcome",
+    ["stage", "provider", "outcome"],  # success | failure | timeout
+)
+PROVIDER_FIRST_RESULT = Histogram(
+    "voicebus_provider_first_result_seconds",
+    "Time from a provider having its input (LLM: the request, STT: the end of speech, "
+    "TTS: the first text) to its first result",
+    ["stage", "provider"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2.5, 5, 10),
+)
+PROVIDER_AVAILABLE = Gauge(
+    "voicebus_provider_available", "1 while a provider is in use, 0 while it is being probed",
+    ["stage", "provider"],
+)
+PROVIDER_FALLBACKS = Counter(
+    "voicebus_provider_fallbacks", "Turns moved from one provider to the next",
+    ["stage", "from_provider", "to_provider"],
+)
+PROVIDER_PROBES = Counter(
+    "voicebus_provider_probes", "Background probes of unavailable providers, by outcome",
+    ["stage", "provider", "outcome"],
+)
+LLM_TOKENS = Counter(
+    "voicebus_llm_tokens", "Tokens as reported by the LLM API", ["provider", "kind"]
+)
+
 
 def serve(port: int, addr: str = "127.0.0.1") -> None:
     if port:

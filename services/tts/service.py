@@ -9,19 +9,75 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
+from importlib.util import find_spec
+
+import numpy as np
 
 from proto import events as ev
 from proto import subjects as sj
 from services.runtime import metrics
+from services.runtime.errors import ConfigError, ProviderError
+from services.runtime.fallback import READY_FIRST, FallbackAdapter, answered_by
 from services.runtime.service import ProviderStage, SessionWorker
 from services.tts.chunker import Chunk, SentenceChunker
 from services.tts.config import TtsConfig
-from services.tts.provider import PROVIDERS, TtsProvider
+from services.tts.provider import PROVIDERS, SpokenAudio, TtsProvider
 
 FRAME_MS = ev.FRAME_MS
 log = logging.getLogger(__name__)
+
+
+class TtsFallback(FallbackAdapter[TtsProvider]):
+    """The TTS chain, itself a ``TtsProvider``. Text chunks are kept so the next provider
+    speaks the turn from its first chunk; the budget runs from the first chunk (nothing can be
+    spoken before text exists). Audio always leaves at the first provider's rate: egress plays
+    one rate per session, so a fallback voice with another rate is resampled."""
+
+    stage = "tts"
+
+    def __init__(self, providers: Sequence[TtsProvider], **settings: float) -> None:
+        super().__init__(providers, **settings)
+        self.sample_rate = providers[0].sample_rate
+        # soxr is needed only when rates differ; missing, it must stop the start, not a turn.
+        if any(p.sample_rate != self.sample_rate for p in providers) and not find_spec("soxr"):
+            raise ConfigError("TTS providers with different sample rates need soxr: "
+                              "pip install 'voicebus[tts]'")
+
+    def synthesize(self, chunks: AsyncIterator[str]) -> AsyncIterator[SpokenAudio]:
+        return self.run(self._speak, chunks, READY_FIRST)
+
+    def _speak(self, provider: TtsProvider, chunks: AsyncIterator[str]) -> AsyncIterator[SpokenAudio]:
+        audio = provider.synthesize(chunks)
+        if provider.sample_rate == self.sample_rate:
+            return audio
+        return _resampled(audio, provider.sample_rate, self.sample_rate)
+
+    async def probe(self, provider: TtsProvider) -> None:
+        async def text() -> AsyncIterator[str]:
+            yield "Hi."
+
+        async with aclosing(provider.synthesize(text())) as audio:
+            spoke = [piece async for piece in audio if piece.pcm]
+        if not spoke:
+            raise ProviderError("the probe produced no audio", provider=provider.name)
+
+
+async def _resampled(audio: AsyncIterator[SpokenAudio], rate: int, to: int) -> AsyncIterator[SpokenAudio]:
+    import soxr  # the tts extra: checked at start-up by TtsFallback
+
+    resampler = soxr.ResampleStream(rate, to, 1, dtype="int16")
+    chunk = 0
+    async with aclosing(audio):  # type: ignore[type-var]
+        async for piece in audio:
+            chunk = piece.chunk
+            pcm = resampler.resample_chunk(np.frombuffer(piece.pcm, dtype=np.int16)).tobytes()
+            if pcm:
+                yield SpokenAudio(pcm, chunk)
+    tail = resampler.resample_chunk(np.empty(0, dtype=np.int16), last=True).tobytes()
+    if tail:
+        yield SpokenAudio(tail, chunk)
 
 
 class TurnSpeech:
@@ -119,7 +175,8 @@ class TtsWorker(SessionWorker[TtsConfig]):
                         if not frames:
                             first_ts = frame.ts_ns
                             tts_ms = (time.perf_counter() - speech.first_chunk_at) * 1000
-                            metrics.PROVIDER_SECONDS.labels("tts", provider.name).observe(tts_ms / 1000)
+                            metrics.PROVIDER_SECONDS.labels(
+                                "tts", answered_by(audio, provider)).observe(tts_ms / 1000)
                         frames += 1
             if (tail := framer.flush()) is not None:
                 await self.emit(sj.TTS_AUDIO, ev.AudioFrame, pcm=tail, sample_rate=provider.sample_rate,
@@ -171,4 +228,5 @@ class TtsService(ProviderStage[TtsConfig]):
     Config = TtsConfig
     Worker = TtsWorker
     PROVIDERS = PROVIDERS
-    provider: TtsProvider
+    Fallback = TtsFallback
+    provider: TtsFallback

@@ -48,7 +48,9 @@ async def test_llm_sends_system_prompt_and_kv_history_and_survives_a_dead_provid
     fake = await start_fake_openai(api_key="test-key")
     try:
         await stack.start_stage("llm", VOICEBUS_LLM_PROVIDER="openai", OPENAI_API_KEY="test-key",
-                                OPENAI_BASE_URL=fake.base_url, VOICEBUS_SYSTEM_PROMPT="Be brief.")
+                                OPENAI_BASE_URL=fake.base_url, VOICEBUS_SYSTEM_PROMPT="Be brief.",
+                                # No retry: the injected 500 must reach the turn as a failure.
+                                VOICEBUS_LLM_RETRIES="0")
         await stack.wait_ready(("llm",))
         await tap.watch(sj.session_all("chat"))
         await dispatch(nc, tap, "chat", stages=("llm",))

@@ -1,21 +1,25 @@
 """Streaming chat completions through the official ``openai`` SDK.
 
-Works with any OpenAI-compatible server (``OPENAI_BASE_URL``). The SDK's own retries are off:
-whether to retry, and with which provider, is the fallback chain's decision, and a retry after
-the first delta went out would make the user hear the start of the reply twice.
+Works with any OpenAI-compatible server (``OPENAI_BASE_URL``: Groq, Gemini, Ollama…). The
+SDK's own retries are off because it would retry at any point; ours happen only before the
+first token (a retry after it would make the user hear the start of the reply twice), and only
+for failures a second try can fix. Past that, which provider to try is the fallback chain's call.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+import httpx
 import openai
 from openai.types.chat import ChatCompletionChunk
 
 from services.llm.config import LlmConfig
 from services.llm.provider import ChatMessage
+from services.runtime import metrics
 from services.runtime.errors import (
     APIConnectionError,
     APIStatusError,
@@ -31,9 +35,13 @@ _LOG_EXTRA = {"stage": "llm", "provider": "openai"}
 class OpenAILlm:
     name = "openai"
 
-    def __init__(self, client: openai.AsyncOpenAI, *, model: str) -> None:
+    def __init__(self, client: openai.AsyncOpenAI, *, model: str, retries: int = 2,
+                 retry_backoff: float = 0.25, stream_usage: bool = True) -> None:
         self._client = client
         self.model = model
+        self.retries = retries
+        self.retry_backoff = retry_backoff
+        self.stream_usage = stream_usage
         # Token usage of the last finished completion, as the API reported it.
         self.last_usage: dict[str, Any] | None = None
 
@@ -48,32 +56,70 @@ class OpenAILlm:
             api_key=cfg.openai_api_key,
             # None lets the SDK use its default endpoint.
             base_url=cfg.openai_base_url or None,
-            # The SDK applies this per connect/read, so a stream that keeps trickling is fine
+            # httpx applies the read timeout per read, so a stream that keeps trickling is fine
             # but one that stalls (before or between chunks) fails fast.
-            timeout=cfg.llm_timeout,
+            timeout=httpx.Timeout(cfg.llm_timeout, connect=cfg.llm_connect_timeout),
             max_retries=0,
         )
-        return cls(client, model=cfg.llm_model)
+        return cls(client, model=cfg.llm_model, retries=cfg.llm_retries,
+                   retry_backoff=cfg.llm_retry_backoff, stream_usage=cfg.llm_stream_usage)
 
     async def complete(self, messages: Sequence[ChatMessage]) -> AsyncIterator[str]:
         self.last_usage = None
-        try:
-            stream = await self._client.chat.completions.create(
-                model=self.model,
-                messages=[_wire_message(m) for m in messages],
-                stream=True,
-                stream_options={"include_usage": True},
-            )
-        except Exception as exc:
-            raise self._map_error(exc) from exc
+        request: dict[str, Any] = {
+            "model": self.model, "messages": [_wire_message(m) for m in messages], "stream": True,
+        }
+        if self.stream_usage:
+            request["stream_options"] = {"include_usage": True}
+        usage: dict[str, Any] = {}  # per call: one provider serves many sessions at once
+        stream, first = await self._first_delta(request, usage)
         # Leaving this block early (the turn was cancelled, aclose()) closes the HTTP response,
         # which is what tells the server to stop generating.
         async with stream:
-            while (chunk := await self._next_chunk(stream)) is not None:
-                if chunk.usage is not None:
-                    self.last_usage = chunk.usage.model_dump(exclude_none=True)
-                if chunk.choices and chunk.choices[0].delta.content:
-                    yield chunk.choices[0].delta.content
+            if first is not None:
+                yield first
+                while (chunk := await self._next_chunk(stream)) is not None:
+                    if text := _read(chunk, usage):
+                        yield text
+        self._count_usage(usage)
+
+    async def _first_delta(self, request: dict[str, Any], usage: dict[str, Any]
+                           ) -> tuple[openai.AsyncStream[ChatCompletionChunk], str | None]:
+        """Open the stream and read up to its first text delta (None: it ended without one),
+        retrying transient failures: until then nothing reached the user."""
+        for attempt in range(self.retries + 1):
+            stream = None
+            try:
+                stream = await self._open(request)
+                while (chunk := await self._next_chunk(stream)) is not None:
+                    if text := _read(chunk, usage):
+                        return stream, text
+                return stream, None
+            except ProviderError as exc:
+                if stream is not None:
+                    await stream.close()
+                if attempt >= self.retries or not _transient(exc):
+                    raise
+                delay = self.retry_backoff * 2 ** attempt
+                log.info("retrying in %.2fs after: %s", delay, exc, extra=_LOG_EXTRA)
+                await asyncio.sleep(delay)
+            except BaseException:  # cancelled: the connection must not linger
+                if stream is not None:
+                    await stream.close()
+                raise
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    async def _open(self, request: dict[str, Any]) -> openai.AsyncStream[ChatCompletionChunk]:
+        try:
+            return await self._client.chat.completions.create(**request)
+        except Exception as exc:
+            raise self._map_error(exc) from exc
+
+    def _count_usage(self, usage: dict[str, Any]) -> None:
+        self.last_usage = usage or None
+        for kind in ("prompt", "completion"):
+            if isinstance(tokens := usage.get(f"{kind}_tokens"), int):
+                metrics.LLM_TOKENS.labels(self.name, kind).inc(tokens)
         log.debug("completion usage: %s", self.last_usage, extra=_LOG_EXTRA)
 
     async def _next_chunk(self, stream: openai.AsyncStream[ChatCompletionChunk]) -> ChatCompletionChunk | None:
@@ -112,6 +158,33 @@ def _wire_message(message: ChatMessage) -> dict[str, str]:
     # OpenAI-compatible servers reject unknown keys), and writing a marker into the content
     # teaches the model to say the marker itself.
     return {"role": message.role, "content": message.content}
+
+
+def _transient(exc: ProviderError) -> bool:
+    """Worth a second try at once: the connection broke or timed out, or the server erred.
+    A 429 is not: retrying a rate-limited key right away makes it worse."""
+    if isinstance(exc, APIStatusError):
+        return exc.status >= 500
+    return isinstance(exc, APIConnectionError)
+
+
+def _read(chunk: ChatCompletionChunk, usage: dict[str, Any]) -> str:
+    """The chunk's text; notes the token usage the last chunk carries."""
+    if (reported := _usage_of(chunk)) is not None:
+        usage.update(reported)
+    if chunk.choices and chunk.choices[0].delta.content:
+        return chunk.choices[0].delta.content
+    return ""
+
+
+def _usage_of(chunk: ChatCompletionChunk) -> dict[str, Any] | None:
+    if chunk.usage is not None:
+        return chunk.usage.model_dump(exclude_none=True)
+    # Groq puts it under its own key on the last chunk.
+    groq = (chunk.model_extra or {}).get("x_groq")
+    if isinstance(groq, dict) and isinstance(groq.get("usage"), dict):
+        return groq["usage"]
+    return None
 
 
 def _describe(exc: Exception) -> str:
