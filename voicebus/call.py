@@ -131,7 +131,7 @@ class Caller:
         audio = _resample(pcm, sample_rate, MIC_RATE)
         frames = [audio[i:i + MIC_FRAME * 2] for i in range(0, len(audio), MIC_FRAME * 2)]
         frames[-1] = frames[-1] + bytes(MIC_FRAME * 2 - len(frames[-1]))
-        last_loud = max((i for i, f in enumerate(frames) if _loud(f)), default=len(frames) - 1)
+        last_loud = max((i for i, f in enumerate(frames) if loud(f)), default=len(frames) - 1)
         self.turn = Turn()
         self._speech_done = asyncio.Event()
         self._speech.extend(frames[:last_loud + 1])
@@ -198,9 +198,9 @@ class Caller:
         try:
             async for event in stream:
                 pcm = bytes(event.frame.data)
-                if self.state in ("speaking", "thinking") or _loud(pcm):
+                if self.state in ("speaking", "thinking") or loud(pcm):
                     self.recording.append(pcm)
-                if not self.turn.first_sound and self.turn.speech_end and _loud(pcm):
+                if not self.turn.first_sound and self.turn.speech_end and loud(pcm):
                     self.turn.first_sound = time.monotonic()
         finally:
             await stream.aclose()
@@ -233,7 +233,7 @@ class Caller:
         return path
 
 
-def _loud(pcm: bytes) -> bool:
+def loud(pcm: bytes) -> bool:
     samples = np.frombuffer(pcm, dtype=np.int16)
     return bool(len(samples)) and int(np.abs(samples.astype(np.int32)).max()) > LOUD
 

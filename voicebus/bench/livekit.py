@@ -8,8 +8,10 @@ after the agent has answered the one before. Per turn:
   sample arrived at the user (measured in the caller process);
 - ``pipeline_v2v_ms``, ``eos_ms``, ``overhead_ms``, ``compute_ms``: the bus's view of the same
   turn, exactly as ``bench pipeline`` computes them;
-- ``transport_ms`` = v2v − pipeline v2v: both LiveKit legs (WebRTC, Opus, jitter buffers) plus
-  egress's playout buffer and the agent track's queue.
+- ``onset_ms``: the reply's first frame → its first audible frame on the bus (the silence a
+  voice starts with: the user cannot hear it, so it is part of V2V but not of transport);
+- ``transport_ms`` = v2v − (pipeline v2v + onset): both LiveKit legs (WebRTC, Opus, jitter
+  buffers) plus egress's playout buffer and the agent track's queue.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from proto import events as ev
 from proto import subjects as sj
 from services.ingress.audio import read_wav
 from voicebus.bench.pipeline import PROMPTS, measure_turn, stats, turn_losses
-from voicebus.call import Caller
+from voicebus.call import Caller, loud
 from voicebus.client import Tap
 from voicebus.launcher import Stack
 from voicebus.speech import say_to_wav
@@ -38,7 +40,12 @@ def _bus_view(tap: Tap, room: str, speech_end_ns: int) -> dict[str, float] | Non
                if d.frames and d.first_frame_ts_ns > speech_end_ns]
     if not replies:
         return None
-    return measure_turn(tap, room, min(replies, key=lambda d: d.first_frame_ts_ns).turn)
+    reply = min(replies, key=lambda d: d.first_frame_ts_ns)
+    measures = measure_turn(tap, room, reply.turn)
+    audible = [f.ts_ns for f in tap.of(ev.AudioFrame, room, turn=reply.turn) if loud(f.pcm)]
+    if measures is None or not audible:
+        return None
+    return {**measures, "onset": (min(audible) - reply.first_frame_ts_ns) / 1e6}
 
 
 async def run_livekit_bench(turns: int, timeout: float = 30.0) -> dict[str, Any]:
@@ -74,7 +81,7 @@ async def run_livekit_bench(turns: int, timeout: float = 30.0) -> dict[str, Any]
                 failures.append(f"turn {index}: incomplete on the bus or silent at the user")
                 continue
             rows.append({**bus, "pipeline_v2v": bus["v2v"], "v2v": heard.v2v_ms,
-                         "transport": heard.v2v_ms - bus["v2v"]})
+                         "transport": heard.v2v_ms - bus["v2v"] - bus["onset"]})
     finally:
         await caller.leave()
         await tap.close()
@@ -91,6 +98,7 @@ async def run_livekit_bench(turns: int, timeout: float = 30.0) -> dict[str, Any]
         "frames_dropped": dropped,
         "v2v_ms": column("v2v"),
         "pipeline_v2v_ms": column("pipeline_v2v"),
+        "onset_ms": column("onset"),
         "transport_ms": column("transport"),
         "eos_ms": column("eos"),
         "overhead_ms": column("overhead"),

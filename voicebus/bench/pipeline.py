@@ -97,7 +97,7 @@ async def run_pipeline_bench(sessions: int, turns: int, stt_replicas: int = 1,
 
 def measure_turn(tap: Tap, name: str, turn: int) -> dict[str, float] | None:
     """The bus's view of one turn (milliseconds), or None if it did not complete."""
-    final = tap.of(ev.Transcript, name, turn=turn)
+    final = tap.of(ev.Transcript, name, turn=turn, final=True)
     done = tap.of(ev.SpeechDone, name, turn=turn)
     played = tap.of(ev.Playback, name, turn=turn, final=True)
     # The end of speech that produced this final: the last one published before it.
@@ -119,7 +119,7 @@ def measure_turn(tap: Tap, name: str, turn: int) -> dict[str, float] | None:
 
 def turn_losses(tap: Tap, name: str, turn: int) -> tuple[int, int]:
     """(frames dropped, playout underruns) reported for one turn."""
-    final = tap.of(ev.Transcript, name, turn=turn)
+    final = tap.of(ev.Transcript, name, turn=turn, final=True)
     played = tap.of(ev.Playback, name, turn=turn, final=True)
     dropped = sum(f.frames_dropped for f in final) + sum(p.frames_dropped for p in played)
     return dropped, sum(p.underruns for p in played)
