@@ -11,7 +11,7 @@ import contextlib
 import json
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import nats
 from nats.aio.client import Client
@@ -27,9 +27,31 @@ from proto.subjects import Topic
 from services.runtime import metrics
 from services.runtime.logs import Throttle
 
+T = TypeVar("T")
+
 log = logging.getLogger(__name__)
 
 Handler = Callable[[Any], Awaitable[None] | None]
+
+
+class Stopped(Exception):
+    """The service was told to stop before it could connect."""
+
+
+async def _unless_stopped(stop: asyncio.Event, work: Awaitable[T]) -> T:
+    """Await ``work``; if ``stop`` is set first, cancel it and raise ``Stopped``."""
+    task = asyncio.ensure_future(work)
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        raise Stopped("stopped before NATS was reachable")
+    return task.result()
 
 
 class Bus:
@@ -41,8 +63,10 @@ class Bus:
 
     @classmethod
     async def connect(cls, url: str, stage: str, name: str, stop: asyncio.Event | None = None) -> Bus:
-        """Connect, retrying the first connection with backoff until it works (or ``stop``)."""
+        """Connect, retrying the first connection with backoff until it works. Raises
+        ``Stopped`` if ``stop`` is set first (SIGTERM while nats-server is unreachable)."""
         delay = 0.05
+        stop = stop or asyncio.Event()
         while True:
             nc = Client()
 
@@ -51,7 +75,9 @@ class Bus:
                     log.warning("NATS disconnected; reconnecting")
 
             try:
-                await nc.connect(
+                # nats-py keeps trying inside connect() (endless reconnects apply to the first
+                # connection too), so the stop signal has to be raced against it.
+                await _unless_stopped(stop, nc.connect(
                     url,
                     name=name,
                     max_reconnect_attempts=-1,
@@ -61,13 +87,17 @@ class Bus:
                     error_cb=_on_error,
                     disconnected_cb=on_disconnected,
                     reconnected_cb=_on_reconnected,
-                )
+                ))
                 return cls(nc, stage)
+            except Stopped:
+                await nc.close()
+                raise
             except (OSError, nats.errors.Error, asyncio.TimeoutError) as exc:
-                if stop is not None and stop.is_set():
-                    raise
                 log.warning("NATS at %s not reachable (%s); retrying in %.1fs", url, exc, delay)
-                await asyncio.sleep(delay)
+                with contextlib.suppress(Stopped):
+                    await _unless_stopped(stop, asyncio.sleep(delay))
+                if stop.is_set():
+                    raise Stopped("stopped before NATS was reachable") from None
                 delay = min(delay * 2, 5.0)
 
     async def publish(self, topic: Topic, event: ev.Event, subject: str = "") -> None:

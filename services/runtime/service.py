@@ -27,7 +27,7 @@ from nats.js.kv import KeyValue
 from proto import events as ev
 from proto import subjects as sj
 from services.runtime import metrics
-from services.runtime.bus import Bus, Handler, replicas_of
+from services.runtime.bus import Bus, Handler, Stopped, replicas_of
 from services.runtime.config import BaseConfig
 from services.runtime.errors import ConfigError, ProviderError
 from services.runtime.fallback import FallbackAdapter, chain_names
@@ -396,7 +396,12 @@ async def run(service_cls: type[StageService[Any]]) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    bus = await Bus.connect(config.nats_url, service_cls.stage, f"voicebus-{service_cls.stage}", stop)
+    try:
+        bus = await Bus.connect(config.nats_url, service_cls.stage, f"voicebus-{service_cls.stage}",
+                                stop)
+    except Stopped:
+        log.info("stopped before NATS was reachable", extra={"stage": service_cls.stage})
+        return
     service = service_cls(config, bus)
     try:
         await service.serve(stop)

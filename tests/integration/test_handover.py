@@ -145,3 +145,21 @@ async def test_a_restarted_nats_server_is_survived_with_history_intact(tmp_path)
     finally:
         codes = await stack.stop()
     assert codes["llm"] == 0, logs.dump()
+
+
+async def test_sigterm_while_nats_is_unreachable_exits_cleanly(tmp_path):
+    """A replica started while nats-server is down keeps retrying; SIGTERM still stops it at
+    once with exit code 0 (an orchestrator must be able to stop it)."""
+    from voicebus.launcher import free_port
+
+    logs = LogTail(tmp_path / "stack.log")
+    stack = Stack(tmp_path, sink=logs, nats_port=free_port())  # nothing listens there
+    proc = await stack.start_stage("llm")
+    deadline = time.monotonic() + 30
+    while not any("Connect call failed" in line for line in logs.lines):
+        assert proc.alive and time.monotonic() < deadline, logs.dump()
+        await asyncio.sleep(0.05)
+    started = time.monotonic()
+    code = await proc.stop(timeout=10)
+    assert code == 0, logs.dump()
+    assert time.monotonic() - started < 5, logs.dump()
