@@ -146,4 +146,5 @@ class Transcripts:
     async def _finish(self, turn: int, text: str, attrs: dict[str, str]) -> None:
         if (writer := self._writers.pop(turn, None)) is not None:
             await writer.aclose()
-        await self._send(text, attrs, AGENT_IDENTITY)
+        if text:  # an empty or failed reply leaves no line in the transcript
+            await self._send(text, attrs, AGENT_IDENTITY)
