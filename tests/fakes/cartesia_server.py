@@ -25,25 +25,27 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import WSMsgType, web
 
+from tests.fakes._base import BaseFaults, FakeServer, drop, pause
 from tests.fakes.openai_speech import MS_PER_CHAR, tone_pcm
 
 _RATES = {8000, 16000, 22050, 24000, 44100, 48000}
 
 
 @dataclass
-class Faults:
-    handshake_status: int | None = None
-    stall_handshake: bool = False
+class Faults(BaseFaults):
+    # ``status`` refuses the WebSocket upgrade. Chunk counts are audio chunks of one context.
+    stall_handshake: float = 0.0
     disconnect_after: int | None = None
     malformed_after: int | None = None
     error_after: int | None = None
     error_status: int = 500
-    hold_after: int | None = None
+    hold_after: int | None = None  # until the context is cancelled or the socket closed
 
 
 @dataclass
@@ -66,74 +68,46 @@ class _Socket:
         self.closed = asyncio.Event()
 
 
-class FakeCartesia:
+class FakeCartesia(FakeServer):
+    Faults = Faults
+
     def __init__(self, api_key: str = "test-key", *, host: str = "127.0.0.1") -> None:
-        self.api_key = api_key
-        self.host = host
-        self.faults = Faults()
+        super().__init__(api_key, host=host)
         self.handshakes: list[dict[str, str]] = []  # headers (lower-cased) of each upgrade
         self.requests: list[dict[str, Any]] = []  # every JSON message received, in order
         self.cancelled: list[str] = []
         self.contexts_done = 0
-        self.stopped = asyncio.Event()
-        self.port = 0
-        self._runner: web.AppRunner | None = None
 
     @property
     def url(self) -> str:
-        return f"ws://{self.host}:{self.port}"
+        return self.address("ws")
 
-    async def start(self) -> FakeCartesia:
-        app = web.Application()
-        app.router.add_get("/tts/websocket", self._handle)
-        self._runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=1.0,
-                                     access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, 0)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
-        return self
-
-    async def close(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+    def routes(self) -> list[web.RouteDef]:
+        return [web.get("/tts/websocket", self._handle)]
 
     # -- failure injection ----------------------------------------------------------------------
 
-    def fail_handshake(self, status: int) -> None:
-        self.faults.handshake_status = status
+    # The faults of a WebSocket come at the upgrade: a refused one is a failed handshake.
+    fail_handshake = FakeServer.fail_with_status
 
-    def stall_handshake(self) -> None:
-        self.faults.stall_handshake = True
-
-    def stall(self) -> None:
-        self.faults.hold_after = 0
-
-    def disconnect_after(self, chunks: int) -> None:
-        self.faults.disconnect_after = chunks
-
-    def malformed_after(self, chunks: int) -> None:
-        self.faults.malformed_after = chunks
+    def stall(self, seconds: float = math.inf) -> None:
+        """Accept text and send nothing back until the client cancels or hangs up."""
+        if seconds != math.inf:
+            raise TypeError("FakeCartesia stalls only until the client gives up")
+        self.hold_after(0)
 
     def error_after(self, chunks: int, *, status: int = 500) -> None:
+        """An error message for the context after ``chunks`` audio chunks."""
         self.faults.error_after, self.faults.error_status = chunks, status
-
-    def hold_after(self, chunks: int) -> None:
-        self.faults.hold_after = chunks
-
-    def reset(self) -> None:
-        self.faults = Faults()
 
     # -- the socket -----------------------------------------------------------------------------
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         if request.headers.get("Authorization") != f"Bearer {self.api_key}":
             return web.json_response({"error": "Invalid API key"}, status=401)
-        if self.faults.handshake_status is not None:
-            return web.json_response({"error": "Unavailable"}, status=self.faults.handshake_status)
-        if self.faults.stall_handshake:
-            await asyncio.Event().wait()  # until the client gives up and we are cancelled
+        if (status := self._take_status()) is not None:
+            return web.json_response({"error": "Unavailable"}, status=status)
+        await pause(self.faults.stall_handshake)
         self.handshakes.append({k.lower(): v for k, v in request.headers.items()})
         ws = web.WebSocketResponse()
         await ws.prepare(request)
@@ -219,8 +193,7 @@ class FakeCartesia:
         """Apply faults before an audio chunk; False ends this context's audio."""
         faults, count = self.faults, context.chunks_sent
         if count == faults.disconnect_after:
-            assert sock.request.transport is not None
-            sock.request.transport.close()
+            drop(sock.request)
             return False
         if count == faults.malformed_after:
             await sock.ws.send_str('{"type": "chunk", "data": ')

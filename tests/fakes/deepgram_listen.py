@@ -32,10 +32,12 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
+from tests.fakes._base import BaseFaults, FakeServer, drop, pause
+
 BYTES_PER_SECOND = 16000 * 2
 _CLOSE = object()  # queued after Metadata: the server closes the socket
-_STATUS_BODIES = {
-    400: ("Bad Request", "Failed to process the query parameters."),
+_ERRORS = {
+    400: ("Bad Request", "Failed to process the request."),
     401: ("INVALID_AUTH", "Invalid credentials."),
     429: ("TOO_MANY_REQUESTS", "Too many requests. Please try again later."),
     500: ("INTERNAL_SERVER_ERROR", "Something went wrong."),
@@ -44,13 +46,12 @@ _STATUS_BODIES = {
 
 
 @dataclass
-class Faults:
-    status: int | None = None
-    status_times: int | None = None  # how many handshakes get ``status``; None: all
+class Faults(BaseFaults):
+    # ``status`` refuses the WebSocket upgrade, with Deepgram's error JSON.
     stall_handshake: float = 0.0
     stall: float = 0.0  # before the first message of a connection (audio is still read)
-    disconnect_after: int | None = None
-    malformed_after: int | None = None
+    disconnect_after: int | None = None  # counts Results; the TCP connection, no close frame
+    malformed_after: int | None = None  # counts Results
     malformed_frame: str = '{"type": "Results", "channel": {"alternatives": ['
     answer_finalize: bool = True
 
@@ -68,55 +69,33 @@ class Connection:
     clean: bool = False
 
 
-class FakeDeepgram:
+class FakeDeepgram(FakeServer):
+    Faults = Faults
+
     def __init__(self, api_key: str = "dg-test-key", *, host: str = "127.0.0.1") -> None:
-        self.api_key = api_key
-        self.host = host
+        super().__init__(api_key, host=host)
         self.transcript = "what time is it"
         self.bytes_per_word = BYTES_PER_SECOND // 5  # 0.2 s of audio per word
         self.segment_words = 3
         self.confidence = 0.9
-        self.faults = Faults()
         self.connections: list[Connection] = []
         self.handshakes = 0  # every attempt, refused ones too
-        self.url = ""
-        self._runner: web.AppRunner | None = None
 
-    async def start(self) -> FakeDeepgram:
-        app = web.Application()
-        app.router.add_get("/v1/listen", self._listen)
-        self._runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=1.0,
-                                     access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, self.host, 0).start()
-        self.url = f"ws://{self.host}:{self._runner.addresses[0][1]}"
-        return self
+    @property
+    def url(self) -> str:
+        return self.address("ws")  # an origin, as VOICEBUS_DEEPGRAM_URL takes it
 
-    async def close(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+    def routes(self) -> list[web.RouteDef]:
+        return [web.get("/v1/listen", self._listen)]
 
     # -- failure injection --------------------------------------------------------------------
 
-    def fail_handshake(self, status: int, *, times: int | None = None) -> None:
-        """Refuse the WebSocket upgrade with an HTTP ``status`` and Deepgram's error JSON."""
-        self.faults.status, self.faults.status_times = status, times
+    # The faults of a WebSocket come at the upgrade: a refused one is a failed handshake.
+    fail_handshake = FakeServer.fail_with_status
 
-    def stall_handshake(self, seconds: float) -> None:
-        self.faults.stall_handshake = seconds
-
-    def stall(self, seconds: float) -> None:
-        """Send nothing for ``seconds`` after the upgrade (audio is still read)."""
-        self.faults.stall = seconds
-
-    def disconnect_after(self, results: int) -> None:
-        """Drop the TCP connection, without a close frame, after ``results`` Results."""
-        self.faults.disconnect_after = results
-
-    def malformed_after(self, results: int, frame: str | None = None) -> None:
-        """Send a broken text frame (by default, not even JSON) after ``results`` Results."""
-        self.faults.malformed_after = results
+    def malformed_after(self, count: int, frame: str | None = None) -> None:
+        """Send a broken text frame (by default, not even JSON) after ``count`` Results."""
+        super().malformed_after(count)
         if frame is not None:
             self.faults.malformed_frame = frame
 
@@ -128,15 +107,14 @@ class FakeDeepgram:
 
     async def _listen(self, request: web.Request) -> web.StreamResponse:
         self.handshakes += 1
-        if self.faults.stall_handshake:
-            await asyncio.sleep(self.faults.stall_handshake)
+        await pause(self.faults.stall_handshake)
         if request.headers.get("Authorization") != f"Token {self.api_key}":
-            return _refuse(401)
+            return deepgram_error(401)
         if (status := self._take_status()) is not None:
-            return _refuse(status)
+            return deepgram_error(status)
         query = dict(request.query)
         if not _valid_query(query):
-            return _refuse(400)
+            return deepgram_error(400, "Failed to process the query parameters.")
         ws = web.WebSocketResponse(autoping=True)
         await ws.prepare(request)
         conn = Connection(query)
@@ -147,14 +125,6 @@ class FakeDeepgram:
         finally:
             conn.ended.set()
         return ws
-
-    def _take_status(self) -> int | None:
-        faults = self.faults
-        if faults.status is None or faults.status_times == 0:
-            return None
-        if faults.status_times is not None:
-            faults.status_times -= 1
-        return faults.status
 
 
 class _Session:
@@ -233,13 +203,11 @@ class _Session:
 
     async def _write_all(self) -> None:
         faults = self.fake.faults
-        if faults.stall:
-            await asyncio.sleep(faults.stall)
+        await pause(faults.stall)
         while (item := await self.outbox.get()) is not _CLOSE:
             if item["type"] == "Results":
                 if faults.disconnect_after == self.conn.results_sent:
-                    assert self.request.transport is not None
-                    self.request.transport.close()  # no close frame: an abrupt loss
+                    drop(self.request)  # no close frame: an abrupt loss
                     return
                 if faults.malformed_after == self.conn.results_sent:
                     await self.ws.send_str(faults.malformed_frame)
@@ -280,8 +248,11 @@ def _valid_query(query: dict[str, str]) -> bool:
     return query.get("encoding") != "linear16" or query.get("sample_rate", "").isdigit()
 
 
-def _refuse(status: int) -> web.Response:
-    code, message = _STATUS_BODIES.get(status, ("ERROR", f"Fake error {status}."))
+def deepgram_error(status: int, message: str | None = None) -> web.Response:
+    """An error ``status`` with Deepgram's error JSON: its own wording for it, or ``message``
+    (what was wrong with the request)."""
+    code, default = _ERRORS.get(status, ("ERROR", f"Fake error {status}."))
+    message = message or default
     body = {"err_code": code, "err_msg": message, "request_id": str(uuid.uuid4())}
     return web.json_response(body, status=status, headers={"dg-error": message})
 

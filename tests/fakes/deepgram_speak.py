@@ -3,7 +3,7 @@
 Speaks the real wire protocol as ``deepgram-sdk`` uses it: ``Authorization: Token <key>``, the
 options as query parameters (``model``, ``encoding``, ``container``, ``sample_rate``), the text
 as ``{"text": ...}``, and errors as ``{"err_code", "err_msg", "request_id"}``. Failure injection
-and the deterministic tone come from the shared base (``tests.fakes.openai_speech``):
+and the deterministic tone come from the streaming base (``tests.fakes.openai_speech``):
 
     fake = await FakeDeepgramSpeak(api_key="test-key").start()
     fake.fail_with_status(429)  # or stall(), disconnect_after(n), hold_after(n), malformed()
@@ -12,39 +12,29 @@ and the deterministic tone come from the shared base (``tests.fakes.openai_speec
 
 from __future__ import annotations
 
-import itertools
 from typing import Any
 
 from aiohttp import web
 
+from tests.fakes.deepgram_listen import deepgram_error
 from tests.fakes.openai_speech import PcmSpeechServer
 
-_ERRORS = {
-    400: ("Bad Request", "Failed to process the request."),
-    401: ("INVALID_AUTH", "Invalid credentials."),
-    429: ("TOO_MANY_REQUESTS", "Too many requests. Please try again later."),
-    500: ("INTERNAL_SERVER_ERROR", "Something went wrong."),
-    503: ("SERVICE_UNAVAILABLE", "The service is temporarily unavailable."),
-}
 _LINEAR16_RATES = {"8000", "16000", "24000", "32000", "48000"}
 
 
 class FakeDeepgramSpeak(PcmSpeechServer):
     route = "/v1/speak"
     content_type = "audio/l16"
-    _ids = itertools.count(1)
 
     @property
     def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return self.address("http")
 
     def authorized(self, request: web.Request) -> bool:
         return request.headers.get("Authorization") == f"Token {self.api_key}"
 
     def error(self, status: int) -> web.Response:
-        code, message = _ERRORS.get(status, ("ERROR", f"Fake error {status}."))
-        body = {"err_code": code, "err_msg": message, "request_id": f"fake-{next(self._ids)}"}
-        return web.json_response(body, status=status)
+        return deepgram_error(status)
 
     def speech(self, request: web.Request, body: dict[str, Any]) -> tuple[str, int] | web.Response:
         text, query = body.get("text"), request.query

@@ -16,7 +16,6 @@ Token counts in ``usage`` are word counts: deterministic, not a real tokenizer.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import json
 import re
@@ -26,8 +25,11 @@ from typing import Any
 
 from aiohttp import web
 
+from tests.fakes._base import BaseFaults, FakeServer, drop, hold, pause
+
 _PIECE = re.compile(r"\S+\s*")
 _ERRORS: dict[int, tuple[str, str, str | None]] = {
+    400: ("Invalid request body.", "invalid_request_error", None),
     401: ("Incorrect API key provided.", "invalid_request_error", "invalid_api_key"),
     429: ("Rate limit reached for requests.", "requests", "rate_limit_exceeded"),
     500: ("The server had an error while processing your request. Sorry about that!",
@@ -37,128 +39,49 @@ _ERRORS: dict[int, tuple[str, str, str | None]] = {
 
 
 @dataclass
-class Faults:
+class Faults(BaseFaults):
     """What the next requests should suffer. Chunk counts are content chunks."""
 
-    status: int | None = None
-    # How many more requests get ``status``; None means all of them.
-    status_times: int | None = None
-    stall: float = 0.0
+    stall: float = 0.0  # before the first byte
     disconnect_after: int | None = None
-    malformed_after: int | None = None
+    malformed_after: int | None = None  # an SSE event whose data is not JSON
     hold_after: int | None = None
 
 
-class FakeOpenAI:
+class FakeOpenAI(FakeServer):
+    Faults = Faults
+
     def __init__(self, api_key: str = "test-key", *, host: str = "127.0.0.1") -> None:
-        self.api_key = api_key
-        self.host = host
+        super().__init__(api_key, host=host)
         # The reply text; None means "You said: <last user message>."
         self.reply: str | None = None
-        self.faults = Faults()
         self.requests: list[dict[str, Any]] = []
-        self.streams_completed = 0
-        # Set when a client went away while a response was still being produced.
-        self.client_disconnected = asyncio.Event()
-        self.base_url = ""
-        self._runner: web.AppRunner | None = None
-        self._handlers: set[asyncio.Task[Any]] = set()
         self._ids = itertools.count(1)
 
-    # -- lifecycle ----------------------------------------------------------------------------
+    @property
+    def base_url(self) -> str:
+        return self.address("http", "/v1")
 
-    async def start(self) -> FakeOpenAI:
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", self._chat_completions)
-        # handler_cancellation: a client that hangs up cancels its handler, which is how the
-        # fake notices an early close even while it is holding or stalling.
-        self._runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=1.0,
-                                     access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, 0)
-        await site.start()
-        port = self._runner.addresses[0][1]
-        self.base_url = f"http://{self.host}:{port}/v1"
-        return self
-
-    async def close(self) -> None:
-        for task in list(self._handlers):
-            task.cancel()
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    async def __aenter__(self) -> FakeOpenAI:
-        return self if self._runner is not None else await self.start()
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()
-
-    # -- failure injection --------------------------------------------------------------------
-
-    def fail_with_status(self, status: int, *, times: int | None = None) -> None:
-        """Answer with ``status`` and OpenAI's error JSON before any streaming."""
-        self.faults.status, self.faults.status_times = status, times
-
-    def stall(self, seconds: float) -> None:
-        """Wait ``seconds`` before sending the first byte of the response."""
-        self.faults.stall = seconds
-
-    def disconnect_after(self, chunks: int) -> None:
-        """Close the connection after ``chunks`` content chunks, mid-stream."""
-        self.faults.disconnect_after = chunks
-
-    def malformed_after(self, chunks: int) -> None:
-        """Send an SSE event whose data is not JSON after ``chunks`` content chunks."""
-        self.faults.malformed_after = chunks
-
-    def hold_after(self, chunks: int) -> None:
-        """Stop after ``chunks`` content chunks and keep the stream open until the client
-        leaves, so a test can prove that closing early really closes the connection."""
-        self.faults.hold_after = chunks
-
-    def reset(self) -> None:
-        self.faults = Faults()
+    def routes(self) -> list[web.RouteDef]:
+        return [web.post("/v1/chat/completions", self._watched(self._answer))]
 
     # -- the endpoint -------------------------------------------------------------------------
-
-    async def _chat_completions(self, request: web.Request) -> web.StreamResponse:
-        task = asyncio.current_task()
-        assert task is not None
-        self._handlers.add(task)
-        try:
-            return await self._answer(request)
-        except asyncio.CancelledError:
-            self.client_disconnected.set()
-            raise
-        finally:
-            self._handlers.discard(task)
 
     async def _answer(self, request: web.Request) -> web.StreamResponse:
         try:
             body = await request.json()
         except ValueError:
-            return _error(400, "We could not parse the JSON body of your request.",
-                          "invalid_request_error", None)
+            return openai_error(400, "We could not parse the JSON body of your request.")
         self.requests.append(body)
         if request.headers.get("Authorization") != f"Bearer {self.api_key}":
-            return _error(401, *_ERRORS[401])
+            return openai_error(401)
         if (status := self._take_status()) is not None:
-            return _error(status, *_ERRORS.get(status, (f"Fake error {status}.", "api_error", None)))
-        if self.faults.stall:
-            await asyncio.sleep(self.faults.stall)
+            return openai_error(status)
+        await pause(self.faults.stall)
         reply = self._reply_text(body)
         if body.get("stream"):
-            return await self._stream(request, body, reply)
+            return await self._stream_reply(request, body, reply)
         return web.json_response(self._completion(body, reply), headers=self._headers())
-
-    def _take_status(self) -> int | None:
-        faults = self.faults
-        if faults.status is None or faults.status_times == 0:
-            return None
-        if faults.status_times is not None:
-            faults.status_times -= 1
-        return faults.status
 
     def _reply_text(self, body: dict[str, Any]) -> str:
         if self.reply is not None:
@@ -170,41 +93,36 @@ class FakeOpenAI:
     def _headers(self) -> dict[str, str]:
         return {"x-request-id": f"req_fake{next(self._ids)}", "openai-processing-ms": "1"}
 
-    async def _stream(self, request: web.Request, body: dict[str, Any], reply: str) -> web.StreamResponse:
-        response = web.StreamResponse(headers={
-            "Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
-            **self._headers(),
-        })
-        await response.prepare(request)
+    async def _stream_reply(self, request: web.Request, body: dict[str, Any],
+                            reply: str) -> web.StreamResponse:
         chunks = _Chunks(body.get("model", "gpt-4o-mini"), body)
-        try:
+
+        async def write(response: web.StreamResponse) -> bool:
             await _send(response, chunks.delta({"role": "assistant", "content": ""}))
             for index, piece in enumerate(_PIECE.findall(reply)):
                 if not await self._inject(request, response, index):
-                    return response
+                    return False
                 await _send(response, chunks.delta({"content": piece}))
             await _send(response, chunks.delta({}, finish_reason="stop"))
             if chunks.include_usage:
                 await _send(response, chunks.usage(reply))
             await response.write(b"data: [DONE]\n\n")
-            await response.write_eof()
-        except ConnectionResetError:
-            self.client_disconnected.set()
-            return response
-        self.streams_completed += 1
-        return response
+            return True
+
+        headers = {"Content-Type": "text/event-stream; charset=utf-8",
+                   "Cache-Control": "no-cache", **self._headers()}
+        return await self._stream(request, headers, write)
 
     async def _inject(self, request: web.Request, response: web.StreamResponse, index: int) -> bool:
         """Apply mid-stream faults before content chunk ``index``; False ends the response."""
         faults = self.faults
         if faults.disconnect_after == index:
-            assert request.transport is not None
-            request.transport.close()  # flushes what was written, then drops the connection
+            drop(request)
             return False
         if faults.malformed_after == index:
             await response.write(b'data: {"id": "chatcmpl-broken", "choices": [\n\n')
         if faults.hold_after == index:
-            await asyncio.Event().wait()  # until the client hangs up and we are cancelled
+            await hold()
         return True
 
     def _completion(self, body: dict[str, Any], reply: str) -> dict[str, Any]:
@@ -258,8 +176,11 @@ async def _send(response: web.StreamResponse, chunk: dict[str, Any]) -> None:
     await response.write(f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n".encode())
 
 
-def _error(status: int, message: str, type_: str, code: str | None) -> web.Response:
-    body = {"error": {"message": message, "type": type_, "param": None, "code": code}}
+def openai_error(status: int, message: str | None = None) -> web.Response:
+    """An error ``status`` with OpenAI's error JSON: the API's own wording for it, or
+    ``message`` (what was wrong with the request)."""
+    default, type_, code = _ERRORS.get(status, (f"Fake error {status}.", "api_error", None))
+    body = {"error": {"message": message or default, "type": type_, "param": None, "code": code}}
     return web.json_response(body, status=status)
 
 

@@ -18,12 +18,14 @@ chunk must sound like. Bodies are written in odd-sized pieces, as TCP may delive
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from aiohttp import web
+
+from tests.fakes._base import BaseFaults, FakeServer, drop, hold, pause
+from tests.fakes.openai_server import openai_error
 
 MS_PER_CHAR = 10
 
@@ -36,36 +38,30 @@ def tone_pcm(text: str, sample_rate: int) -> bytes:
 
 
 @dataclass
-class Faults:
-    status: int | None = None
-    # How many more requests get ``status``; None means all of them.
-    status_times: int | None = None
-    stall: bool = False
-    disconnect_after: int | None = None
+class Faults(BaseFaults):
+    stall: float = 0.0  # before the headers
+    disconnect_after: int | None = None  # counts body writes
     hold_after: int | None = None
-    malformed: bool = False
+    malformed: bool = False  # an HTML page, as a misrouted proxy sends
 
 
-class PcmSpeechServer:
+class PcmSpeechServer(FakeServer):
     """A POST endpoint streaming raw s16le; subclasses say how the vendor authenticates, reads
     the request and words its errors."""
 
+    Faults = Faults
     route = "/"
     content_type = "application/octet-stream"
     # Odd on purpose: a client must not assume reads end on a sample boundary.
     piece_bytes = 4801
 
     def __init__(self, api_key: str = "test-key", *, host: str = "127.0.0.1") -> None:
-        self.api_key = api_key
-        self.host = host
-        self.faults = Faults()
+        super().__init__(api_key, host=host)
         # Each request: {"body", "query", "headers" (lower-cased names)}.
         self.requests: list[dict[str, Any]] = []
-        self.streams_completed = 0
-        # Set when a client hung up while audio was still owed (stalled, held or mid-body).
-        self.stopped = asyncio.Event()
-        self.port = 0
-        self._runner: web.AppRunner | None = None
+
+    def routes(self) -> list[web.RouteDef]:
+        return [web.post(self.route, self._watched(self._answer))]
 
     # -- to override ----------------------------------------------------------------------------
 
@@ -79,59 +75,7 @@ class PcmSpeechServer:
         """(text, sample rate) of a valid request, or the error response for an invalid one."""
         raise NotImplementedError
 
-    # -- lifecycle ------------------------------------------------------------------------------
-
-    async def start(self) -> PcmSpeechServer:
-        app = web.Application()
-        app.router.add_post(self.route, self._handle)
-        # handler_cancellation: a client that hangs up cancels its handler, which is how the
-        # fake notices an early close even while it is holding or stalling.
-        self._runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=1.0,
-                                     access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, 0)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
-        return self
-
-    async def close(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    # -- failure injection ----------------------------------------------------------------------
-
-    def fail_with_status(self, status: int, *, times: int | None = None) -> None:
-        self.faults.status, self.faults.status_times = status, times
-
-    def stall(self) -> None:
-        """Send nothing, not even headers, until the client gives up."""
-        self.faults.stall = True
-
-    def disconnect_after(self, pieces: int) -> None:
-        """Drop the connection after ``pieces`` body writes."""
-        self.faults.disconnect_after = pieces
-
-    def hold_after(self, pieces: int) -> None:
-        """Stop after ``pieces`` body writes and keep the response open until the client
-        leaves, so a test can prove that closing early really closes the connection."""
-        self.faults.hold_after = pieces
-
-    def malformed(self) -> None:
-        """Answer 200 with an HTML page, as a misrouted proxy does."""
-        self.faults.malformed = True
-
-    def reset(self) -> None:
-        self.faults = Faults()
-
     # -- the endpoint ---------------------------------------------------------------------------
-
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
-        try:
-            return await self._answer(request)
-        except asyncio.CancelledError:
-            self.stopped.set()
-            raise
 
     async def _answer(self, request: web.Request) -> web.StreamResponse:
         try:
@@ -144,51 +88,29 @@ class PcmSpeechServer:
             return self.error(401)
         if (status := self._take_status()) is not None:
             return self.error(status)
-        if self.faults.stall:
-            await asyncio.Event().wait()  # until the client hangs up and we are cancelled
+        await pause(self.faults.stall)
         if self.faults.malformed:
             return web.Response(text="<html><body>502 Bad Gateway</body></html>",
                                 content_type="text/html")
         speech = self.speech(request, body)
         if isinstance(speech, web.Response):
             return speech
-        return await self._stream(request, tone_pcm(*speech))
+        return await self._speak(request, tone_pcm(*speech))
 
-    def _take_status(self) -> int | None:
-        faults = self.faults
-        if faults.status is None or faults.status_times == 0:
-            return None
-        if faults.status_times is not None:
-            faults.status_times -= 1
-        return faults.status
-
-    async def _stream(self, request: web.Request, pcm: bytes) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": self.content_type})
-        await response.prepare(request)
-        try:
+    async def _speak(self, request: web.Request, pcm: bytes) -> web.StreamResponse:
+        async def write(response: web.StreamResponse) -> bool:
             for count, start in enumerate(range(0, len(pcm), self.piece_bytes)):
                 if count == self.faults.disconnect_after:
-                    assert request.transport is not None
-                    request.transport.close()  # flushes what was written, then drops it
-                    return response
+                    drop(request)
+                    return False
                 if count == self.faults.hold_after:
-                    await asyncio.Event().wait()  # until the client hangs up
+                    await hold()
                 await response.write(pcm[start:start + self.piece_bytes])
-            await response.write_eof()
-        except ConnectionResetError:
-            self.stopped.set()
-            return response
-        self.streams_completed += 1
-        return response
+            return True
+
+        return await self._stream(request, {"Content-Type": self.content_type}, write)
 
 
-_OPENAI_ERRORS: dict[int, tuple[str, str, str | None]] = {
-    400: ("Invalid request body.", "invalid_request_error", None),
-    401: ("Incorrect API key provided.", "invalid_request_error", "invalid_api_key"),
-    429: ("Rate limit reached for requests.", "requests", "rate_limit_exceeded"),
-    500: ("The server had an error while processing your request.", "server_error", None),
-    503: ("The engine is currently overloaded, please try again later.", "server_error", None),
-}
 _VOICES = {"alloy", "ash", "ballad", "coral", "echo", "fable", "onyx", "nova", "sage",
            "shimmer", "verse", "marin", "cedar"}
 
@@ -200,16 +122,13 @@ class FakeOpenAISpeech(PcmSpeechServer):
 
     @property
     def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}/v1"
+        return self.address("http", "/v1")
 
     def authorized(self, request: web.Request) -> bool:
         return request.headers.get("Authorization") == f"Bearer {self.api_key}"
 
     def error(self, status: int) -> web.Response:
-        default = (f"Fake error {status}.", "api_error", None)
-        message, type_, code = _OPENAI_ERRORS.get(status, default)
-        body = {"error": {"message": message, "type": type_, "param": None, "code": code}}
-        return web.json_response(body, status=status)
+        return openai_error(status)
 
     def speech(self, request: web.Request, body: dict[str, Any]) -> tuple[str, int] | web.Response:
         text = body.get("input")

@@ -14,7 +14,6 @@ that the file is a WAV of 16 kHz mono 16-bit audio (what our provider promises t
 
 from __future__ import annotations
 
-import asyncio
 import io
 import wave
 from dataclasses import dataclass
@@ -22,15 +21,14 @@ from typing import Any
 
 from aiohttp import web
 
-from tests.fakes.openai_server import _ERRORS, _error
+from tests.fakes._base import BaseFaults, FakeServer, pause
+from tests.fakes.openai_server import openai_error
 
 EXPECTED_RATE = 16000
 
 
 @dataclass
-class Faults:
-    status: int | None = None
-    status_times: int | None = None  # how many requests get ``status``; None: all
+class Faults(BaseFaults):
     stall: float = 0.0  # before answering
     malformed: bool = False  # answer 200 with a body that is not JSON
 
@@ -47,77 +45,40 @@ class Upload:
     frames: int
 
 
-class FakeTranscribe:
+class FakeTranscribe(FakeServer):
+    Faults = Faults
+
     def __init__(self, api_key: str = "test-key", *, host: str = "127.0.0.1") -> None:
-        self.api_key = api_key
-        self.host = host
+        super().__init__(api_key, host=host)
         self.transcript = "what time is it"
-        self.faults = Faults()
         self.uploads: list[Upload] = []
         self.requests = 0  # every request that reached the endpoint
-        # Set when a client hung up while its request was still being answered.
-        self.client_disconnected = asyncio.Event()
-        self.base_url = ""
-        self._runner: web.AppRunner | None = None
 
-    async def start(self) -> FakeTranscribe:
-        app = web.Application()
-        app.router.add_post("/v1/audio/transcriptions", self._transcriptions)
-        self._runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=1.0,
-                                     access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, self.host, 0).start()
-        self.base_url = f"http://{self.host}:{self._runner.addresses[0][1]}/v1"
-        return self
+    @property
+    def base_url(self) -> str:
+        return self.address("http", "/v1")
 
-    async def close(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    def fail_with_status(self, status: int, *, times: int | None = None) -> None:
-        self.faults.status, self.faults.status_times = status, times
-
-    def stall(self, seconds: float) -> None:
-        self.faults.stall = seconds
-
-    def malformed(self) -> None:
-        self.faults.malformed = True
-
-    async def _transcriptions(self, request: web.Request) -> web.StreamResponse:
-        self.requests += 1
-        try:
-            return await self._answer(request)
-        except asyncio.CancelledError:
-            self.client_disconnected.set()
-            raise
+    def routes(self) -> list[web.RouteDef]:
+        return [web.post("/v1/audio/transcriptions", self._watched(self._answer))]
 
     async def _answer(self, request: web.Request) -> web.StreamResponse:
+        self.requests += 1
         if request.headers.get("Authorization") != f"Bearer {self.api_key}":
-            return _error(401, *_ERRORS[401])
+            return openai_error(401)
         if (status := self._take_status()) is not None:
-            return _error(status, *_ERRORS.get(status, (f"Fake error {status}.", "api_error", None)))
+            return openai_error(status)
         form = await request.post()
         upload = _read_upload(form)
         if isinstance(upload, str):
-            return _error(400, upload, "invalid_request_error", None)
+            return openai_error(400, upload)
         self.uploads.append(upload)
-        if self.faults.stall:
-            await asyncio.sleep(self.faults.stall)
+        await pause(self.faults.stall)
         if self.faults.malformed:
             return web.Response(text='{"text": "what ti', content_type="application/json")
         if upload.fields.get("response_format", "json") == "text":
             return web.Response(text=self.transcript + "\n")
         return web.json_response({"text": self.transcript, "usage": {
             "type": "duration", "seconds": max(1, round(upload.frames / upload.rate))}})
-
-    def _take_status(self) -> int | None:
-        faults = self.faults
-        if faults.status is None or faults.status_times == 0:
-            return None
-        if faults.status_times is not None:
-            faults.status_times -= 1
-        return faults.status
 
 
 def _read_upload(form: Any) -> Upload | str:

@@ -152,7 +152,7 @@ async def test_closing_the_generator_early_closes_the_stream(fake: FakeOpenAI, l
     stream = llm.complete(HISTORY)
     assert [await anext(stream), await anext(stream)] == ["Rome ", "is "]
     await stream.aclose()
-    await asyncio.wait_for(fake.client_disconnected.wait(), timeout=5)
+    await asyncio.wait_for(fake.stopped.wait(), timeout=5)
     assert fake.streams_completed == 0
 
 

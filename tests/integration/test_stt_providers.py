@@ -354,7 +354,7 @@ async def test_openai_cancelled_turn_closes_the_request(oa: OpenAIStt,
         while not oa_fake.uploads:  # wait until the request is being answered
             await asyncio.sleep(0.01)
         task.cancel()
-        await oa_fake.client_disconnected.wait()
+        await oa_fake.stopped.wait()
     assert task.cancelled()
 
 

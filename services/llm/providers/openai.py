@@ -20,13 +20,8 @@ from openai.types.chat import ChatCompletionChunk
 from services.llm.config import LlmConfig
 from services.llm.provider import ChatMessage
 from services.runtime import metrics
-from services.runtime.errors import (
-    APIConnectionError,
-    APIStatusError,
-    APITimeoutError,
-    ConfigError,
-    ProviderError,
-)
+from services.runtime.errors import APIConnectionError, APIStatusError, ConfigError, ProviderError
+from services.runtime.openai_api import make_client, map_openai_error
 
 log = logging.getLogger(__name__)
 _LOG_EXTRA = {"stage": "llm", "provider": "openai"}
@@ -52,15 +47,8 @@ class OpenAILlm:
                 "the openai LLM provider needs an API key: set OPENAI_API_KEY "
                 "(or VOICEBUS_LLM_PROVIDER=echo to run offline)"
             )
-        client = openai.AsyncOpenAI(
-            api_key=cfg.openai_api_key,
-            # None lets the SDK use its default endpoint.
-            base_url=cfg.openai_base_url or None,
-            # httpx applies the read timeout per read, so a stream that keeps trickling is fine
-            # but one that stalls (before or between chunks) fails fast.
-            timeout=httpx.Timeout(cfg.llm_timeout, connect=cfg.llm_connect_timeout),
-            max_retries=0,
-        )
+        client = make_client(cfg.openai_api_key, cfg.openai_base_url,
+                             httpx.Timeout(cfg.llm_timeout, connect=cfg.llm_connect_timeout))
         return cls(client, model=cfg.llm_model, retries=cfg.llm_retries,
                    retry_backoff=cfg.llm_retry_backoff, stream_usage=cfg.llm_stream_usage)
 
@@ -133,21 +121,7 @@ class OpenAILlm:
             raise self._map_error(exc) from exc
 
     def _map_error(self, exc: Exception) -> ProviderError:
-        """Translate into our taxonomy. Broad on purpose: on a malformed stream the SDK lets
-        JSON errors escape unwrapped, and the stage must only ever see ``ProviderError``."""
-        message = self._redact(_describe(exc))
-        if isinstance(exc, openai.APIStatusError):
-            return APIStatusError(message, status=exc.status_code, provider=self.name)
-        if isinstance(exc, openai.APITimeoutError):
-            return APITimeoutError(message, provider=self.name)
-        if isinstance(exc, openai.APIConnectionError):
-            return APIConnectionError(message, provider=self.name)
-        return ProviderError(f"{type(exc).__name__}: {message}", provider=self.name)
-
-    def _redact(self, text: str) -> str:
-        # Some servers echo the key they rejected; it must never reach a log line.
-        key = self._client.api_key
-        return text.replace(key, "<redacted>") if isinstance(key, str) and key else text
+        return map_openai_error(exc, provider=self.name, client=self._client)
 
     async def aclose(self) -> None:
         await self._client.close()
@@ -185,11 +159,3 @@ def _usage_of(chunk: ChatCompletionChunk) -> dict[str, Any] | None:
     if isinstance(groq, dict) and isinstance(groq.get("usage"), dict):
         return groq["usage"]
     return None
-
-
-def _describe(exc: Exception) -> str:
-    # Prefer the API's own error message over the SDK's "Error code: 500 - {...}" dump.
-    body = getattr(exc, "body", None)
-    if isinstance(body, dict) and isinstance(body.get("message"), str):
-        return body["message"]
-    return str(exc) or type(exc).__name__

@@ -12,13 +12,11 @@ import io
 import logging
 import wave
 from collections.abc import AsyncIterator
-from typing import ClassVar
 
 import openai
 
-from services.llm.providers.openai import OpenAILlm
-from services.runtime.config import BaseConfig
 from services.runtime.errors import ConfigError, ProviderError
+from services.runtime.openai_api import OpenAIConfig, make_client, map_openai_error
 from services.stt.config import SttConfig
 from services.stt.provider import SAMPLE_RATE, SttResult
 
@@ -28,15 +26,7 @@ log = logging.getLogger(__name__)
 MIN_AUDIO_BYTES = SAMPLE_RATE * 2 // 10
 
 
-class OpenAISttConfig(BaseConfig, frozen=True, kw_only=True):
-    ENV: ClassVar[dict[str, str]] = {
-        "openai_api_key": "OPENAI_API_KEY",
-        "openai_base_url": "OPENAI_BASE_URL",
-    }
-    SECRETS: ClassVar[frozenset[str]] = frozenset({"openai_api_key"})
-
-    openai_api_key: str = ""
-    openai_base_url: str = ""
+class OpenAISttConfig(OpenAIConfig, frozen=True, kw_only=True):
     openai_stt_model: str = "gpt-4o-mini-transcribe"
     # Seconds for the whole request (upload, transcription, answer).
     openai_stt_timeout: float = 15.0
@@ -44,11 +34,6 @@ class OpenAISttConfig(BaseConfig, frozen=True, kw_only=True):
 
 class OpenAIStt:
     name = "openai"
-
-    # One translation of SDK errors for every OpenAI provider: the LLM's, reused as is (it
-    # needs only ``name`` and ``_client``, and redacts the key from every message).
-    _map_error = OpenAILlm._map_error
-    _redact = OpenAILlm._redact
 
     def __init__(self, client: openai.AsyncOpenAI, *, model: str, language: str | None) -> None:
         self._client = client
@@ -63,12 +48,7 @@ class OpenAIStt:
                 "the openai STT provider needs an API key: set OPENAI_API_KEY "
                 "(or VOICEBUS_STT_PROVIDER=pocketsphinx to run offline)"
             )
-        client = openai.AsyncOpenAI(
-            api_key=own.openai_api_key,
-            base_url=own.openai_base_url or None,  # None: the SDK's default endpoint
-            timeout=own.openai_stt_timeout,
-            max_retries=0,
-        )
+        client = make_client(own.openai_api_key, own.openai_base_url, own.openai_stt_timeout)
         provider = cls(client, model=own.openai_stt_model, language=_iso639(cfg.stt_language))
         log.info("openai STT at %s, model %s", client.base_url, provider.model,
                  extra={"stage": "stt", "provider": cls.name})
@@ -103,6 +83,9 @@ class OpenAIStt:
 
     async def aclose(self) -> None:
         await self._client.close()
+
+    def _map_error(self, exc: Exception) -> ProviderError:
+        return map_openai_error(exc, provider=self.name, client=self._client)
 
 
 def _wav(pcm: bytes) -> bytes:

@@ -47,6 +47,7 @@ from services.runtime.errors import (
 )
 from services.tts.config import TtsConfig
 from services.tts.provider import SpokenAudio
+from services.tts.providers._common import WholeSamples, speakable
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +151,7 @@ class CartesiaTts:
             index = -1
             async for text in chunks:
                 index += 1  # counts skipped chunks too: indices match the caller's chunk list
-                if not _speakable(text):
+                if not speakable(text):
                     continue
                 turn.sent.append(index)  # before sending: its audio may arrive at once
                 await self._send(conn, self._request(turn, text))
@@ -252,7 +253,7 @@ class _Turn:
         self.input_done = False
         self.done = False
         self.failed = False
-        self.carry = b""
+        self.carry = WholeSamples()  # a byte left over waits for the next chunk
 
     def finished(self) -> bool:
         return self.done or (self.input_done and not self.sent)
@@ -296,17 +297,14 @@ class _Turn:
             raise ProviderError("audio chunk is not base64", provider=CartesiaTts.name) from None
         if not self.sent:
             raise ProviderError("audio before any text was sent", provider=CartesiaTts.name)
-        # Keep samples whole: a byte left over waits for the next chunk.
-        data = self.carry + data
-        whole = len(data) & ~1
-        self.carry = data[whole:]
-        if not whole:
+        pcm = self.carry.whole(data)
+        if not pcm:
             return None
         # Flush ids count from 1, one per flushed chunk; audio without one belongs to the
         # oldest chunk whose flush has not completed.
         position = event.flush_id - 1 if event.flush_id else self.flushes_done
         index = self.sent[min(max(position, 0), len(self.sent) - 1)]
-        return SpokenAudio(data[:whole], chunk=index)
+        return SpokenAudio(pcm, chunk=index)
 
 
 def _server_error(event: Any) -> ProviderError:
@@ -354,11 +352,6 @@ def _websocket_url(url: str) -> str | None:
     if not url.startswith(("ws://", "wss://")):
         raise ConfigError(f"VOICEBUS_CARTESIA_URL={url!r}: expected a ws(s):// or http(s):// URL")
     return url.rstrip("/")
-
-
-def _speakable(text: str) -> bool:
-    """Whether a chunk has anything to say: punctuation or whitespace alone has not."""
-    return any(ch.isalnum() for ch in text)
 
 
 async def _close_quietly(conn: AsyncTTSResourceConnection) -> None:

@@ -8,10 +8,10 @@ while the socket's Flush is rate-limited (20 a minute) — about one per sentenc
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import AsyncIterator
-from typing import ClassVar
+from contextlib import AbstractAsyncContextManager
+from typing import Any, ClassVar
 
 import httpx
 from deepgram import AsyncDeepgramClient
@@ -27,7 +27,7 @@ from services.runtime.errors import (
     ProviderError,
 )
 from services.tts.config import TtsConfig
-from services.tts.provider import SpokenAudio
+from services.tts.providers._common import RequestPerChunk
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,9 @@ class DeepgramTtsConfig(BaseConfig, frozen=True, kw_only=True):
     tts_timeout: float = 10.0
 
 
-class DeepgramTts:
+class DeepgramTts(RequestPerChunk):
+    """Speaks each chunk with one request; ``RequestPerChunk`` streams the audio back."""
+
     name = "deepgram"
 
     def __init__(self, cfg: DeepgramTtsConfig) -> None:
@@ -71,48 +73,16 @@ class DeepgramTts:
     def from_config(cls, _stage: TtsConfig) -> DeepgramTts:
         return cls(DeepgramTtsConfig.from_env())
 
-    async def synthesize(self, chunks: AsyncIterator[str]) -> AsyncIterator[SpokenAudio]:
-        """Audio per chunk as it streams in. An error raised by ``chunks`` passes through."""
-        index = -1
-        async for text in chunks:
-            index += 1  # counts skipped chunks too: indices match the caller's chunk list
-            if not _speakable(text):
-                continue
-            # Leaving this block early (closed, cancelled) closes the response, which is what
-            # tells the server to stop.
-            async with contextlib.AsyncExitStack() as stack:
-                body = await self._open(stack, text)
-                carry = _Carry()
-                while (pcm := await self._next_pcm(body, carry)) is not None:
-                    if pcm:
-                        yield SpokenAudio(pcm, chunk=index)
-
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def _open(self, stack: contextlib.AsyncExitStack, text: str) -> AsyncIterator[bytes]:
-        request = self._client.speak.v1.audio.with_raw_response.generate(
+    def _request(self, text: str) -> AbstractAsyncContextManager[Any]:
+        return self._client.speak.v1.audio.with_raw_response.generate(
             text=text, model=self._cfg.deepgram_tts_model, encoding="linear16",
             container="none", sample_rate=self.sample_rate)
-        try:
-            response = await stack.enter_async_context(request)
-        except Exception as exc:
-            raise self._map_error(exc) from exc
-        _require_audio(response.headers.get("content-type", ""), self.name)
-        return response.data
 
-    async def _next_pcm(self, body: AsyncIterator[bytes], carry: _Carry) -> bytes | None:
-        # Error mapping lives here, not around the ``yield``, so an exception the consumer
-        # throws into the generator is never mistaken for a provider failure.
-        try:
-            data = await anext(body)
-        except StopAsyncIteration:
-            if carry.pending:
-                log.warning("speech ended in half a sample; dropped", extra={"provider": self.name})
-            return None
-        except Exception as exc:
-            raise self._map_error(exc) from exc
-        return carry.whole(data)
+    def _body(self, response: Any) -> AsyncIterator[bytes]:
+        return response.data
 
     def _map_error(self, exc: Exception) -> ProviderError:
         """Broad on purpose: read errors in a streamed body reach us as httpx's own, and the
@@ -132,19 +102,6 @@ class DeepgramTts:
         return text.replace(self._cfg.deepgram_api_key, "<redacted>")
 
 
-class _Carry:
-    """Keeps samples whole: HTTP reads may end in the middle of one."""
-
-    def __init__(self) -> None:
-        self.pending = b""
-
-    def whole(self, data: bytes) -> bytes:
-        data = self.pending + data
-        cut = len(data) & ~1
-        self.pending = data[cut:]
-        return data[:cut]
-
-
 def _environment(url: str) -> DeepgramClientEnvironment:
     if not url:
         return DeepgramClientEnvironment.PRODUCTION
@@ -156,20 +113,9 @@ def _environment(url: str) -> DeepgramClientEnvironment:
                                      agent=production.agent, agent_rest=production.agent_rest)
 
 
-def _require_audio(content_type: str, provider: str) -> None:
-    # A proxy's error page or a JSON error with status 200 must not be played as noise.
-    if content_type.startswith(("application/json", "text/")):
-        raise ProviderError(f"expected audio, got {content_type}", provider=provider)
-
-
 def _describe(exc: ApiError) -> str:
     # Deepgram's errors are {"err_code", "err_msg", "request_id"}; the SDK's str() dumps headers.
     body = exc.body
     if isinstance(body, dict):
         return str(body.get("err_msg") or body.get("message") or body.get("err_code") or body)
     return str(body)[:200] if body else "error"
-
-
-def _speakable(text: str) -> bool:
-    """Whether a chunk has anything to say: punctuation or whitespace alone has not."""
-    return any(ch.isalnum() for ch in text)
