@@ -20,6 +20,7 @@ from piper import PiperVoice, SynthesisConfig
 from services.runtime.errors import ConfigError, ProviderError
 from services.tts.config import TtsConfig
 from services.tts.provider import SpokenAudio
+from services.tts.providers._common import speakable
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ class PiperTts:
         index = -1
         async for text in chunks:
             index += 1  # counts skipped chunks too: indices match the caller's chunk list
-            if not _speakable(text):
+            if not speakable(text):
                 continue
             # A generator function: nothing runs until the first step in the worker.
             audio = self.voice.synthesize(text, self.syn_config)
@@ -85,11 +86,6 @@ class PiperTts:
 def _next_pcm(audio: Iterator[Any]) -> bytes | None:
     chunk = next(audio, None)
     return None if chunk is None else chunk.audio_int16_bytes
-
-
-def _speakable(text: str) -> bool:
-    """Whether a chunk has anything to say: punctuation or whitespace alone has not."""
-    return any(ch.isalnum() for ch in text)
 
 
 def _voice_paths(voice: str) -> tuple[Path, Path]:
