@@ -40,6 +40,7 @@ class EgressWorker(SessionWorker[EgressConfig]):
         self.agent: AgentParticipant | None = None
         self.transcripts: Transcripts | None = None
         self.speaking: set[int] = set()
+        self.state_turn = 0
         await self.subscribe(sj.producer_all(self.session, "tts"), self.on_tts)
         if self.start_event.room and not self.start_event.wav_out:
             self.agent = AgentParticipant(self.config, self.start_event.room,
@@ -99,9 +100,9 @@ class EgressWorker(SessionWorker[EgressConfig]):
 
     def on_done(self, done: ev.SpeechDone) -> None:
         if done.frames == 0 or self.playout is None:
-            # Nothing to play (an empty or failed reply): the turn is over for the user too.
-            self.spawn(self._publish(PlayoutReport(done.turn, 0, 0, True, done.interrupted, 0)),
-                       f"done-{done.turn}")
+            # Nothing to play (an empty or failed reply): the turn is over for the user too,
+            # and the agent listens again.
+            self.on_progress(PlayoutReport(done.turn, 0, 0, True, done.interrupted, 0))
             return
         self.playout.finish(done.turn)
 
@@ -134,9 +135,11 @@ class EgressWorker(SessionWorker[EgressConfig]):
             self.set_state("initializing")
 
     def set_state(self, state: ev.AgentStateName, turn: int = 0) -> None:
-        """The agent's state for LiveKit's front-ends (attribute) and for the bus."""
-        if self.agent is None or self.agent.state == state:
+        """The agent's state for LiveKit's front-ends (attribute) and for the bus. News of an
+        older turn (a cancelled turn closing late) never overrides a newer turn's state."""
+        if self.agent is None or self.agent.state == state or turn < self.state_turn:
             return
+        self.state_turn = turn
         self.agent.set_state(state)
         self.spawn(self.emit(sj.CTL_STATE, ev.AgentState, state=state, turn=turn), "state")
 

@@ -37,6 +37,7 @@ class MicrophoneSource:
         self.queue: asyncio.Queue[bytes] = asyncio.Queue(max_queued_ms // FRAME_MS)
         self.current: tuple[str, str] | None = None  # (identity, track sid) being heard
         self._reader: asyncio.Task[None] | None = None
+        self._closed = False
         self.dropped = 0
 
     async def start(self) -> None:
@@ -57,6 +58,7 @@ class MicrophoneSource:
             yield await self.queue.get()
 
     async def aclose(self) -> None:
+        self._closed = True  # the disconnect's own track events must not start anything
         await self._stop_reader()
         await self.room.disconnect()
 
@@ -69,11 +71,12 @@ class MicrophoneSource:
 
     def _on_subscribed(self, track: rtc.Track, publication: rtc.RemoteTrackPublication,
                        participant: rtc.RemoteParticipant) -> None:
-        if not (is_user(participant) and isinstance(track, rtc.RemoteAudioTrack)):
+        if self._closed or not (is_user(participant) and isinstance(track, rtc.RemoteAudioTrack)):
             return
         previous = self._reader
         self.current = (participant.identity, publication.sid)
         self._reader = asyncio.create_task(self._read(track, previous), name="microphone")
+        self._reader.add_done_callback(_log_failure)
         log.info("hearing %s (track %s)", participant.identity, publication.sid)
         self.on_change(participant.identity, publication.sid, True)
 
@@ -87,6 +90,8 @@ class MicrophoneSource:
             self._lost(*self.current)
 
     def _lost(self, identity: str, sid: str) -> None:
+        if self._closed:
+            return
         log.info("%s's microphone went away (track %s)", identity, sid)
         self.current = None
         self._reader = asyncio.create_task(self._silence(self._reader), name="trailing-silence")
@@ -130,3 +135,8 @@ async def _cancel(task: asyncio.Task[None] | None) -> None:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.error("reading the microphone failed: %r", exc)

@@ -53,6 +53,8 @@ class IngressWorker(SessionWorker[IngressConfig]):
         self.replies: set[int] = set()
         self.stt_listening = asyncio.Event()
         await self.subscribe(sj.READY["stt"].subject(self.session), self.on_stt_ready)
+        # A new egress replica (session start, handover) must learn whose microphone it is.
+        await self.subscribe(sj.READY["egress"].subject(self.session), self.on_egress_ready)
         if self.start_event.wav_in:
             await self.subscribe(sj.EGRESS_PLAYBACK.subject(self.session), self.on_playback)
 
@@ -86,10 +88,17 @@ class IngressWorker(SessionWorker[IngressConfig]):
     def on_track_change(self, participant: str, track_sid: str, active: bool) -> None:
         self.spawn(self.announce_track(participant, track_sid, active), "input-track")
 
+    def on_egress_ready(self, _ready: ev.StageReady) -> None:
+        if self.microphone is not None and self.microphone.current is not None:
+            self.on_track_change(*self.microphone.current, True)
+
     async def announce_track(self, participant: str, track_sid: str, active: bool) -> None:
         # "Active" promises the agent can hear the user: only once STT listens too.
         if active:
             await self.wait_for_stt()
+            mic = self.microphone
+            if mic is None or mic.current != (participant, track_sid):
+                return  # gone (or replaced) while we waited: its end was announced already
         await self.emit(sj.INGRESS_TRACK, ev.InputTrack, participant=participant,
                         track_sid=track_sid, active=active)
 

@@ -8,6 +8,7 @@ the next turn; the turn counter lives in JetStream KV so another replica can car
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
 from collections.abc import AsyncIterator
@@ -136,19 +137,22 @@ class SttWorker(SessionWorker[SttConfig]):
         provider = self.service.provider
         text = ""
         try:
-            stream = provider.stream(utt.frames_iter())
-            async for result in stream:
-                name = answered_by(stream, provider)
-                if not result.final:
-                    await self.emit(sj.STT_PARTIAL, ev.Transcript, turn=utt.turn,
-                                    text=result.text, provider=name)
-                    continue
-                text = result.text
-                compute = time.perf_counter() - utt.ended_at
-                metrics.PROVIDER_SECONDS.labels("stt", name).observe(compute)
-                await self.emit(sj.STT_FINAL, ev.Transcript, turn=utt.turn, text=text, final=True,
-                                confidence=result.confidence, compute_ms=compute * 1000,
-                                frames_dropped=utt.dropped, provider=name)
+            # Closed on every way out (a cancelled turn too): a provider's socket must not
+            # outlive its turn.
+            async with contextlib.aclosing(provider.stream(utt.frames_iter())) as stream:
+                async for result in stream:
+                    name = answered_by(stream, provider)
+                    if not result.final:
+                        await self.emit(sj.STT_PARTIAL, ev.Transcript, turn=utt.turn,
+                                        text=result.text, provider=name)
+                        continue
+                    text = result.text
+                    compute = time.perf_counter() - utt.ended_at
+                    metrics.PROVIDER_SECONDS.labels("stt", name).observe(compute)
+                    await self.emit(sj.STT_FINAL, ev.Transcript, turn=utt.turn, text=text,
+                                    final=True, confidence=result.confidence,
+                                    compute_ms=compute * 1000, frames_dropped=utt.dropped,
+                                    provider=name)
         except Exception as exc:  # a provider failure or a bug: the turn still closes
             await self._failed(utt.turn, exc)
         finally:

@@ -187,6 +187,7 @@ async def _mint_for(service: TokenService, request: Request) -> TokenResponse:
         raise HTTPException(403, "not allowed to join this room")
     granted = service.mint(wanted.room, identity, wanted.name or "")
     await service.dispatch(wanted.room)
+    service.webhooks.token_minted(wanted.room)
     metrics.TOKENS_MINTED.inc()
     log.info("token for %s", identity, extra={"stage": STAGE, "session": wanted.room})
     return granted

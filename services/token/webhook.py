@@ -1,12 +1,20 @@
 """livekit-server's webhooks: the session ends when no user is left in its room.
 
+Not at once: a user who reloads the page or loses the network for a moment comes back within
+seconds, and ending the session under them would leave them in a room without an agent. So the
+end waits ``VOICEBUS_TOKEN_EMPTY_GRACE`` seconds, and is called off if by then a user is in the
+room again or a token for the room was handed out since the last user left.
+
 Webhooks are signed with our API key/secret (a JWT in ``Authorization`` carrying the body's
 SHA-256); anything that fails verification is refused before a byte of it is interpreted.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from fastapi import HTTPException
@@ -36,6 +44,8 @@ class Webhooks:
     def __init__(self, config: TokenConfig, end_session: EndSession) -> None:
         self.config = config
         self.end_session = end_session
+        self.minted: dict[str, float] = {}  # room -> monotonic time of its last token
+        self._pending: dict[str, asyncio.Task[None]] = {}
         self.receiver = api.WebhookReceiver(
             api.TokenVerifier(config.livekit_api_key, config.livekit_api_secret))
         self._lkapi: api.LiveKitAPI | None = None
@@ -71,9 +81,27 @@ class Webhooks:
         if event.event == "room_finished":
             await self.end_session(room, "room finished")
         elif _is_user(event.participant) and not await self._users_left(room, event.participant):
-            await self.end_session(room, "room empty")
+            if room not in self._pending:
+                self._pending[room] = asyncio.create_task(self._end_if_still_empty(room))
 
-    async def _users_left(self, room: str, leaving: ParticipantInfo) -> bool:
+    def token_minted(self, room: str) -> None:
+        self.minted[room] = time.monotonic()
+
+    async def _end_if_still_empty(self, room: str) -> None:
+        left_at = time.monotonic()
+        try:
+            await asyncio.sleep(self.config.token_empty_grace)  # the grace period itself
+            if self.minted.get(room, 0.0) > left_at or await self._users_left(room, None):
+                log.info("a user came back: the session goes on", extra={"session": room})
+                return
+            self.minted.pop(room, None)
+            await self.end_session(room, "room empty")
+        except Exception as exc:  # the next webhook (or room_finished) gets another chance
+            log.warning("could not end session: %s", type(exc).__name__, extra={"session": room})
+        finally:
+            self._pending.pop(room, None)
+
+    async def _users_left(self, room: str, leaving: ParticipantInfo | None) -> bool:
         """Whether a user other than ``leaving`` (by sid: the same identity may have rejoined)
         is still in ``room``. Raises HTTPException(502) if livekit-server cannot tell us."""
         try:
@@ -83,7 +111,8 @@ class Webhooks:
             log.warning("cannot list the participants of %s: %s", room, type(exc).__name__,
                         extra={"session": room})
             raise HTTPException(502, "could not ask livekit-server who is in the room") from None
-        return any(_is_user(p) and p.sid != leaving.sid
+        gone = leaving.sid if leaving is not None else ""
+        return any(_is_user(p) and p.sid != gone
                    and p.state != ParticipantInfo.State.DISCONNECTED
                    for p in listed.participants)
 
@@ -96,6 +125,10 @@ class Webhooks:
         return self._lkapi
 
     async def aclose(self) -> None:
+        for task in list(self._pending.values()):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         if self._lkapi is not None:
             await self._lkapi.aclose()
 

@@ -4,6 +4,9 @@ token from the token service, exactly what ``voicebus call`` does."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import nats
 import pytest
 import pytest_asyncio
@@ -83,41 +86,54 @@ async def test_user_hears_the_agent_with_transcripts_and_states(lk_stack, lk_tap
 
 
 async def test_user_rejoins_and_republishes(lk_stack, lk_tap, tmp_path):
-    """The user leaves and comes back (a new track), then republishes the microphone: ingress
-    follows each new track and the conversation goes on with its history."""
-    turns_before = len(lk_tap.of(ev.Transcript, ROOM, final=True))
-    caller = Caller(lk_stack.token_url, ROOM, "alice")
-    await caller.join()
+    """Within one session the user leaves and comes back (a page reload: a new participant and
+    track), then republishes the microphone: ingress follows each new track, the session is not
+    ended under them, and the conversation goes on with its turn counter and history."""
+    room = "lk-e2e-rejoin"
+    await lk_tap.watch(sj.session_all(room))
+    asks = [("What time is it?", {"what", "time"}), ("Please call my mother.", {"call", "mother"}),
+            ("Where is the nearest train station?", {"train", "station"})]
+
+    async def ask(caller: Caller, index: int) -> None:
+        await caller.say(*await _utterance(asks[index][0], tmp_path))
+        await caller.wait_reply(timeout=30)
+
+    first = Caller(lk_stack.token_url, room, "carol")
+    await first.join()
+    await first.wait_state("listening", timeout=30)
+    await ask(first, 0)
+    old_sid = first.mic_sid
+    await first.leave()
+
+    again = Caller(lk_stack.token_url, room, "carol")
+    await again.join()
     try:
-        await caller.wait_state("listening", timeout=30)
         await lk_tap.wait_for(
-            lambda: lk_tap.of(ev.InputTrack, ROOM, track_sid=caller.mic_sid, active=True), 15,
-            "ingress to hear the new track")
-        await caller.say(*await _utterance("Please call my mother.", tmp_path))
-        await caller.wait_reply(timeout=30)
-
-        old_sid = caller.mic_sid
-        new_sid = await caller.publish_microphone()
-        assert new_sid != old_sid
+            lambda: lk_tap.of(ev.InputTrack, room, track_sid=again.mic_sid, active=True), 15,
+            "ingress to hear the rejoined user's track")
+        await again.wait_state("listening", timeout=30)
+        await ask(again, 1)
+        new_sid = await again.publish_microphone()
         await lk_tap.wait_for(
-            lambda: lk_tap.of(ev.InputTrack, ROOM, track_sid=new_sid, active=True), 15,
+            lambda: lk_tap.of(ev.InputTrack, room, track_sid=new_sid, active=True), 15,
             "ingress to follow the republished track")
-        await caller.say(*await _utterance("Where is the nearest train station?", tmp_path))
-        await caller.wait_reply(timeout=30)
+        await ask(again, 2)
     finally:
-        await caller.leave()
+        await again.leave()
 
-    finals = lk_tap.of(ev.Transcript, ROOM, final=True)[turns_before:]
-    assert [f.turn for f in finals] == [turns_before + 1, turns_before + 2], finals
-    assert {"call", "mother"} <= _words(finals[0].text), finals[0]
-    assert {"train", "station"} <= _words(finals[1].text), finals[1]
-    # The old track's end reached the bus too.
-    assert lk_tap.of(ev.InputTrack, ROOM, track_sid=old_sid, active=False)
+    finals = lk_tap.of(ev.Transcript, room, final=True)
+    assert [f.turn for f in finals] == [1, 2, 3], finals
+    for final, (_, words) in zip(finals, asks):
+        assert words <= _words(final.text), final
+    # One session throughout: no end between the leave and the last answer.
+    last_answer = lk_tap.of(ev.Playback, room, turn=3, final=True)[0]
+    assert all(e.ts_ns > last_answer.ts_ns for e in lk_tap.of(ev.SessionEnd, room))
+    assert lk_tap.of(ev.InputTrack, room, track_sid=old_sid, active=False)
 
 
 async def test_room_emptied_ends_the_session(lk_stack, lk_tap, tmp_path):
-    """When the last user leaves, livekit-server's webhook makes the token service end the
-    session; every stage lets it go."""
+    """When the last user leaves (and nobody comes back within the grace), livekit-server's
+    webhook makes the token service end the session, and the agent leaves the room."""
     room = "lk-e2e-end"
     await lk_tap.watch(sj.session_all(room))
     caller = Caller(lk_stack.token_url, room, "bob")
@@ -126,3 +142,21 @@ async def test_room_emptied_ends_the_session(lk_stack, lk_tap, tmp_path):
     await caller.leave()
     ends = await lk_tap.wait_for(lambda: lk_tap.of(ev.SessionEnd, room), 30, "the session end")
     assert ends[0].reason == "room empty"
+
+    # Every stage let the session go: the agent and ingress left the room.
+    from livekit import api
+
+    env = lk_stack.livekit_env
+    async with api.LiveKitAPI(env["LIVEKIT_URL"].replace("ws://", "http://"),
+                              env["LIVEKIT_API_KEY"], env["LIVEKIT_API_SECRET"]) as lkapi:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                listed = await lkapi.room.list_participants(api.ListParticipantsRequest(room=room))
+                present = [p.identity for p in listed.participants]
+            except api.TwirpError:  # the room itself is gone
+                present = []
+            if not present:
+                break
+            assert time.monotonic() < deadline, f"still in the room: {present}"
+            await asyncio.sleep(0.2)

@@ -72,7 +72,7 @@ async def main(tmp_path_factory: pytest.TempPathFactory):
     (web / "sub" / "app.js").write_text("console.log('hi')")
     (tmp / "outside.txt").write_text("not for the web")
     stack = _stack(tmp, LogTail(tmp / "stack.log"), VOICEBUS_TOKEN_BURST="1000",
-                   VOICEBUS_WEB_DIR=str(web))
+                   VOICEBUS_WEB_DIR=str(web), VOICEBUS_TOKEN_EMPTY_GRACE="1")
     try:
         await stack.start_nats()
         await stack.start_livekit()
@@ -415,6 +415,25 @@ async def test_the_last_user_leaving_ends_the_session(main: Service, nc) -> None
     msg = await sub.next_msg(timeout=20)
     end = codec.decode_on(msg.subject, msg.data)
     assert isinstance(end, ev.SessionEnd) and end.reason == "room empty"
+    await sub.unsubscribe()
+
+
+async def test_a_user_back_within_the_grace_keeps_the_session(main: Service, nc) -> None:
+    """A reload: the user leaves and is back at once. The session survives that; it ends only
+    after the second departure, when nobody comes back."""
+    sub = await nc.subscribe(sj.CTL_END.subject("reload"))
+    await nc.flush()
+    alice = await _join(await _token(main.http, room="reload", identity="alice"))
+    await alice.disconnect()
+    alice = await _join(await _token(main.http, room="reload", identity="alice"))
+    # What is tested is time passing: the first departure's grace (1 s) runs out while alice is
+    # back, so had the session been ended for it, that end would be published now.
+    await asyncio.sleep(2.5)
+    await alice.disconnect()
+    second_leave_ns = time.time_ns()
+    msg = await sub.next_msg(timeout=20)
+    end = codec.decode_on(msg.subject, msg.data)
+    assert end.reason == "room empty" and end.ts_ns > second_leave_ns, end
     await sub.unsubscribe()
 
 
