@@ -87,6 +87,7 @@ class Caller:
         self._speech_done: asyncio.Event | None = None
         self.mic_sid = ""
         self.agent_track_sid = ""
+        self._reading: set[asyncio.Task[None]] = set()  # text streams being read
         self._tasks: list[asyncio.Task[None]] = []
 
     # ---- joining -------------------------------------------------------------------------------
@@ -184,6 +185,10 @@ class Caller:
         deadline = time.monotonic() + timeout
         await self.wait_state("speaking", timeout=timeout)
         await self.wait_state("listening", timeout=max(0.1, deadline - time.monotonic()))
+        # The state (an attribute) and the transcripts (text streams) travel separately: let
+        # the streams still open finish, so the reply's transcript is complete.
+        if self._reading:
+            await asyncio.wait(set(self._reading), timeout=max(0.1, deadline - time.monotonic()))
         return turn
 
     def _on_track(self, track: rtc.Track, _pub: rtc.RemoteTrackPublication,
@@ -206,19 +211,28 @@ class Caller:
             await stream.aclose()
 
     def _on_text(self, reader: rtc.TextStreamReader, sender: str) -> None:
-        self._tasks.append(asyncio.create_task(self._read_text(reader, sender)))
+        task = asyncio.create_task(self._read_text(reader, sender))
+        self._tasks.append(task)
+        self._reading.add(task)
+        task.add_done_callback(self._reading.discard)
 
     async def _read_text(self, reader: rtc.TextStreamReader, sender: str) -> None:
         attrs = reader.info.attributes or {}
         segment_id = attrs.get(ATTR_SEGMENT_ID, reader.info.stream_id)
         segment = self.segments.setdefault(segment_id, Segment(sender, segment_id))
         segment.streams += 1
-        segment.track_id = attrs.get(ATTR_TRACK_ID, "")
+        mine = segment.streams
         text = ""
         async for chunk in reader:
             text += chunk
-            segment.text = text  # a stream replaces what earlier streams of its segment said
-        segment.final = attrs.get(ATTR_FINAL) == "true"
+            # A newer stream of the segment replaces this one (streams may finish out of
+            # order); nothing replaces a final.
+            if mine == segment.streams and not segment.final:
+                segment.text = text
+                segment.track_id = attrs.get(ATTR_TRACK_ID, "")
+        if mine == segment.streams and not segment.final:
+            segment.text = text
+            segment.final = attrs.get(ATTR_FINAL) == "true"
 
     def transcript(self, speaker: str) -> list[str]:
         """Final texts said by ``speaker`` (an identity), in order."""

@@ -126,7 +126,7 @@ class EgressWorker(SessionWorker[EgressConfig]):
     async def join_room(self, agent: AgentParticipant) -> None:
         try:
             await agent.start()
-        except ConnectionError as exc:
+        except Exception as exc:  # unreachable server, refused publish…: say so on the bus
             self.log.error("%s", exc)
             await self.emit(sj.ERROR["egress"], ev.StageError, stage="egress",
                             message=str(exc), retryable=True)

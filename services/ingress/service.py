@@ -78,7 +78,7 @@ class IngressWorker(SessionWorker[IngressConfig]):
             on_change=self.on_track_change)
         try:
             await self.microphone.start()
-        except ConnectionError as exc:
+        except Exception as exc:  # unreachable server, refused join…: say so on the bus
             self.log.error("%s", exc)
             await self.emit(sj.ERROR["ingress"], ev.StageError, stage="ingress",
                             message=str(exc), retryable=True)
