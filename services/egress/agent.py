@@ -86,7 +86,16 @@ class TrackSink:
         self.resampler = soxr.ResampleStream(sample_rate, TRACK_RATE, 1, dtype="int16")
 
     async def write(self, pcm: bytes) -> None:
-        samples = self.resampler.resample_chunk(np.frombuffer(pcm, dtype=np.int16))
+        await self._capture(self.resampler.resample_chunk(np.frombuffer(pcm, dtype=np.int16)))
+
+    async def end_turn(self) -> None:
+        # The resampler's delay line still holds the turn's last milliseconds: play them now,
+        # not at the start of the next turn.
+        await self._capture(self.resampler.resample_chunk(np.empty(0, dtype=np.int16),
+                                                          last=True))
+        self.resampler.clear()
+
+    async def _capture(self, samples: np.ndarray) -> None:
         if len(samples):
             frame = rtc.AudioFrame(samples.tobytes(), TRACK_RATE, 1, len(samples))
             await self.agent.source.capture_frame(frame)

@@ -33,6 +33,13 @@ class Sink(Protocol):
     async def aclose(self) -> None: ...
 
 
+class TurnAwareSink(Sink, Protocol):
+    async def end_turn(self) -> None:
+        """A turn was played to its end: flush what the sink still holds of it (a resampler's
+        delay line) before the next turn's first frame."""
+        ...
+
+
 class NullSink:
     """Plays into nothing (a session without an output): the pacing still happens."""
 
@@ -231,6 +238,8 @@ class Playout:
                 return  # the pending frame is dropped; cancel() already reported the turn
             if not state.frames:
                 if state.finished:
+                    if (end_turn := getattr(self.sink, "end_turn", None)) is not None:
+                        await end_turn()
                     self._final(state)
                     return
                 if not await self._rebuffer(state):

@@ -292,3 +292,29 @@ async def test_wav_sink_creates_no_file_when_nothing_plays(tmp_path: Path) -> No
     sink = WavSink(path, 16000)
     await sink.aclose()
     assert not path.exists()
+
+
+async def test_a_turn_aware_sink_is_told_each_played_turn_end_before_the_next_starts():
+    h = Harness(prebuffer_ms=20)
+    events: list[object] = []
+
+    async def write(pcm: bytes) -> None:
+        events.append(pcm[0])  # the frame's turn
+
+    async def end_turn() -> None:
+        events.append("end")
+
+    h.sink.write = write  # type: ignore[method-assign]
+    h.sink.end_turn = end_turn  # type: ignore[attr-defined]
+    h.start()
+    h.push_turn(1, 2)
+    h.push_turn(2, 2)
+    await h.finals(2)
+    # A cancelled turn is not "played to its end": the sink is cleared instead (egress).
+    h.push_turn(3, 50, finish=False)
+    await settle()
+    h.playout.cancel(3)
+    await h.finals(3)
+    await h.close()
+    assert events[:6] == [1, 1, "end", 2, 2, "end"], events
+    assert events.count("end") == 2, events
