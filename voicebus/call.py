@@ -88,6 +88,7 @@ class Caller:
         self.mic_sid = ""
         self.agent_track_sid = ""
         self._reading: set[asyncio.Task[None]] = set()  # text streams being read
+        self._recorder: asyncio.Task[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
     # ---- joining -------------------------------------------------------------------------------
@@ -196,7 +197,12 @@ class Caller:
         if isinstance(track, rtc.RemoteAudioTrack) and participant.kind == \
                 rtc.ParticipantKind.PARTICIPANT_KIND_AGENT:
             self.agent_track_sid = _pub.sid
-            self._tasks.append(asyncio.create_task(self._record(track), name="agent-voice"))
+            # One voice at a time: a new agent (a handed-over egress) replaces the old track,
+            # whose stream must not keep adding its silence to the recording.
+            if self._recorder is not None:
+                self._recorder.cancel()
+            self._recorder = asyncio.create_task(self._record(track), name="agent-voice")
+            self._tasks.append(self._recorder)
 
     async def _record(self, track: rtc.RemoteAudioTrack) -> None:
         stream = rtc.AudioStream.from_track(track=track, sample_rate=RECORD_RATE, num_channels=1)

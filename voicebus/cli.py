@@ -14,6 +14,7 @@ import nats
 
 from proto import events as ev
 from proto import subjects as sj
+from services.runtime.livekit import exit_process
 from voicebus.client import Tap, dispatch, end_session
 
 DEFAULT_QUESTION = "What time is it?"
@@ -219,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
-        sys.exit(asyncio.run(args.run(args)))
+        code = asyncio.run(args.run(args))
     except KeyboardInterrupt:
-        sys.exit(130)
+        code = 130
+    exit_process(code or 0)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
+import os
+import sys
 import time
 from typing import TYPE_CHECKING, ClassVar
 
@@ -34,6 +36,23 @@ ATTR_AGENT_STATE = "lk.agent.state"
 RESERVED_PREFIX = "voicebus-"
 AGENT_IDENTITY = "voicebus-agent"
 INGRESS_IDENTITY = "voicebus-ingress"
+
+
+def exit_process(code: int) -> None:
+    """End a process that may have used ``livekit.rtc`` without tearing its native runtime down.
+
+    The SDK's Rust threads call into Python for every log line and event. Python 3.11 ends a
+    thread that asks for the GIL while the interpreter finalizes with ``pthread_exit``, whose
+    unwinding through the SDK's ``extern "C"`` frames aborts the process ("panic in a function
+    that cannot unwind", exit -6) after an otherwise clean shutdown. Call this once the rooms
+    are disconnected: logs are flushed and the process ends before finalization starts.
+    """
+    if "livekit.rtc" not in sys.modules:
+        sys.exit(code)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 class LiveKitConfig(BaseConfig, frozen=True, kw_only=True):

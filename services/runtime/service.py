@@ -31,6 +31,7 @@ from services.runtime.bus import Bus, Handler, Stopped, replicas_of
 from services.runtime.config import BaseConfig
 from services.runtime.errors import ConfigError, ProviderError
 from services.runtime.fallback import FallbackAdapter, chain_names
+from services.runtime.livekit import exit_process
 from services.runtime.logs import setup_logging
 from services.runtime.providers import load_provider
 
@@ -412,3 +413,4 @@ async def run(service_cls: type[StageService[Any]]) -> None:
 
 def main(service_cls: type[StageService[Any]]) -> None:
     asyncio.run(run(service_cls))
+    exit_process(0)
