@@ -6,6 +6,7 @@ class never changes the wire; new fields get defaults and go last.
 
 from __future__ import annotations
 
+import bisect
 import time
 from typing import Annotated, Literal
 
@@ -148,11 +149,30 @@ class ReplyDone(Event, frozen=True, tag="llm.done"):
 # ---- tts -----------------------------------------------------------------------------------
 
 
+class WordMark(msgspec.Struct, frozen=True, array_like=True):
+    """Where a spoken word ends: ``end_ms`` on the turn's ``pts_ms`` clock, ``text_end`` the
+    number of characters of the reply up to and including the word."""
+
+    end_ms: Annotated[int, msgspec.Meta(ge=0)]
+    text_end: Annotated[int, msgspec.Meta(ge=0)]
+
+
+def heard_offset(played_ms: int, marks: list[WordMark], estimate: int) -> int:
+    """How much of a reply was heard after ``played_ms`` of its audio: up to the last word that
+    ended by then, when the words were timed that far; else ``estimate`` (the frames' offset)."""
+    if not marks or played_ms > marks[-1].end_ms:
+        return estimate
+    index = bisect.bisect_right([mark.end_ms for mark in marks], played_ms)
+    return marks[index - 1].text_end if index else 0
+
+
 class SpeechDone(Event, frozen=True, tag="tts.done"):
     """All audio of ``turn`` has been published.
 
     ``first_frame_ts_ns`` is when the first frame went out; ``llm_ms`` is the LLM time until
     the text of the first spoken chunk was complete; ``tts_ms`` the synthesis time of that chunk.
+    ``words`` are the word ends the TTS provider timed (Cartesia does), in order; empty when the
+    provider gives no timings, and then a frame's ``text_offset`` is a proportional estimate.
     """
 
     turn: Turn
@@ -162,6 +182,7 @@ class SpeechDone(Event, frozen=True, tag="tts.done"):
     tts_ms: float = 0.0
     text: LongText = ""
     interrupted: bool = False
+    words: Annotated[list[WordMark], msgspec.Meta(max_length=65536)] = []
 
 
 # ---- egress --------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ class EgressWorker(SessionWorker[EgressConfig]):
         self.agent: AgentParticipant | None = None
         self.transcripts: Transcripts | None = None
         self.speaking: set[int] = set()
+        self.words: dict[int, list[ev.WordMark]] = {}  # per turn, from SpeechDone
         self.state_turn = 0
         await self.subscribe(sj.producer_all(self.session, "tts"), self.on_tts)
         if self.start_event.room and not self.start_event.wav_out:
@@ -99,6 +100,8 @@ class EgressWorker(SessionWorker[EgressConfig]):
         playout.push(frame.turn, frame.pcm, frame.text_offset)
 
     def on_done(self, done: ev.SpeechDone) -> None:
+        if done.words:
+            self.words[done.turn] = done.words
         if done.frames == 0 or self.playout is None:
             # Nothing to play (an empty or failed reply): the turn is over for the user too,
             # and the agent listens again.
@@ -168,11 +171,15 @@ class EgressWorker(SessionWorker[EgressConfig]):
 
     async def _publish(self, report: PlayoutReport) -> None:
         dropped = 0
+        # Timed words, when the TTS gave them, say exactly what was heard.
+        heard = ev.heard_offset(report.played_ms, self.words.get(report.turn, []),
+                                report.text_offset)
         if report.final:
             dropped, self.dropped = self.dropped, 0
+            self.words.pop(report.turn, None)
             self.idle.set()
         await self.emit(sj.EGRESS_PLAYBACK, ev.Playback, turn=report.turn,
-                        played_ms=report.played_ms, text_offset=report.text_offset,
+                        played_ms=report.played_ms, text_offset=heard,
                         final=report.final, interrupted=report.interrupted,
                         frames_dropped=dropped, underruns=report.underruns)
 

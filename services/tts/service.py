@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
+from functools import partial
 from importlib.util import find_spec
 
 import numpy as np
@@ -23,7 +24,7 @@ from services.runtime.fallback import READY_FIRST, FallbackAdapter, answered_by
 from services.runtime.service import ProviderStage, SessionWorker
 from services.tts.chunker import Chunk, SentenceChunker
 from services.tts.config import TtsConfig
-from services.tts.provider import PROVIDERS, SpokenAudio, TtsProvider
+from services.tts.provider import PROVIDERS, SpokenAudio, TtsProvider, WordTiming, word_marks
 
 FRAME_MS = ev.FRAME_MS
 log = logging.getLogger(__name__)
@@ -40,16 +41,26 @@ class TtsFallback(FallbackAdapter[TtsProvider]):
     def __init__(self, providers: Sequence[TtsProvider], **settings: float) -> None:
         super().__init__(providers, **settings)
         self.sample_rate = providers[0].sample_rate
+        self.word_timestamps = any(_times_words(p) for p in providers)
         # soxr is needed only when rates differ; missing, it must stop the start, not a turn.
         if any(p.sample_rate != self.sample_rate for p in providers) and not find_spec("soxr"):
             raise ConfigError("TTS providers with different sample rates need soxr: "
                               "pip install 'voicebus[tts]'")
 
-    def synthesize(self, chunks: AsyncIterator[str]) -> AsyncIterator[SpokenAudio]:
-        return self.run(self._speak, chunks, READY_FIRST)
+    def synthesize(self, chunks: AsyncIterator[str], *,
+                   words: list[WordTiming] | None = None) -> AsyncIterator[SpokenAudio]:
+        """The turn's audio from the first provider that answers; word timings of the provider
+        that speaks go to ``words`` when it gives them."""
+        return self.run(partial(self._speak, words=words), chunks, READY_FIRST)
 
-    def _speak(self, provider: TtsProvider, chunks: AsyncIterator[str]) -> AsyncIterator[SpokenAudio]:
-        audio = provider.synthesize(chunks)
+    def _speak(self, provider: TtsProvider, chunks: AsyncIterator[str],
+               words: list[WordTiming] | None = None) -> AsyncIterator[SpokenAudio]:
+        if words is not None:
+            words.clear()  # a provider that failed before speaking leaves no timings behind
+        if words is not None and _times_words(provider):
+            audio = provider.synthesize(chunks, words=words)  # type: ignore[call-arg]
+        else:
+            audio = provider.synthesize(chunks)
         if provider.sample_rate == self.sample_rate:
             return audio
         return _resampled(audio, provider.sample_rate, self.sample_rate)
@@ -62,6 +73,10 @@ class TtsFallback(FallbackAdapter[TtsProvider]):
             spoke = [piece async for piece in audio if piece.pcm]
         if not spoke:
             raise ProviderError("the probe produced no audio", provider=provider.name)
+
+
+def _times_words(provider: TtsProvider) -> bool:
+    return bool(getattr(provider, "word_timestamps", False))
 
 
 async def _resampled(audio: AsyncIterator[SpokenAudio], rate: int, to: int) -> AsyncIterator[SpokenAudio]:
@@ -163,8 +178,10 @@ class TtsWorker(SessionWorker[TtsConfig]):
         framer = _Framer(provider.sample_rate)
         frames, first_ts, tts_ms = 0, 0, 0.0
         interrupted = False
+        words: list[WordTiming] | None = [] if provider.word_timestamps else None
+        chunks = speech.chunks(self.config.tts_text_timeout)
         try:
-            async with aclosing(provider.synthesize(speech.chunks(self.config.tts_text_timeout))) as audio:
+            async with aclosing(provider.synthesize(chunks, words=words)) as audio:
                 async for piece in audio:
                     start, end = speech.spans[piece.chunk]
                     for pcm, share in framer.cut(piece.pcm):
@@ -191,7 +208,8 @@ class TtsWorker(SessionWorker[TtsConfig]):
                 self.idle.set()
         await self.emit(sj.TTS_DONE, ev.SpeechDone, turn=speech.turn, frames=frames,
                         first_frame_ts_ns=first_ts, llm_ms=speech.llm_ms, tts_ms=tts_ms,
-                        text=speech.text, interrupted=interrupted)
+                        text=speech.text, interrupted=interrupted,
+                        words=word_marks(speech.text, words or []))
         metrics.TURNS.labels("tts", "interrupted" if interrupted else "ok").inc()
 
 

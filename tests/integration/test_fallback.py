@@ -370,6 +370,8 @@ async def test_tts_falls_back_to_piper_at_the_chain_rate_and_returns_to_cartesia
     inject(cartesia)
     done = await speak(run, "voice", 1, "This is the first answer.")
     assert done.frames > 0 and not done.interrupted
+    # Piper times no words, and whatever cartesia timed before it failed was not spoken.
+    assert done.words == []
     assert await tts_successes(port, "piper") == 1
     assert await metric(port, "voicebus_provider_requests_total", stage="tts",
                         provider="cartesia", outcome=outcome) == 1
@@ -378,8 +380,14 @@ async def test_tts_falls_back_to_piper_at_the_chain_rate_and_returns_to_cartesia
     cartesia.reset()
     await recovered(port, "tts", "cartesia")
 
-    done = await speak(run, "voice", 2, "Back to the first voice.")
+    text = "Back to the first voice."
+    done = await speak(run, "voice", 2, text)
     assert done.frames > 0 and await tts_successes(port, "cartesia") == 1
+    # Cartesia's word timings, placed in the reply, on the clock of the turn's frames.
+    assert [text[:w.text_end] for w in done.words] == [
+        "Back", "Back to", "Back to the", "Back to the first", text]
+    ends = [w.end_ms for w in done.words]
+    assert ends == sorted(ends) and 0 < ends[-1] <= done.frames * ev.FRAME_MS
     # One rate for the whole session (cartesia's): piper's turn was resampled to it.
     assert {f.sample_rate for f in run.tap.of(ev.AudioFrame, "voice", topic=sj.TTS_AUDIO)} == {24000}
     assert not run.tap.of(ev.StageError, "voice") and run.stack.procs["tts"].alive

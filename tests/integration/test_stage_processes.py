@@ -115,6 +115,41 @@ async def test_egress_stops_at_once_on_cancel_and_never_plays_the_cancelled_turn
     assert played_ms == cut.played_ms + 200
 
 
+async def test_egress_reports_whole_timed_words_as_heard(bare_stack):
+    """With word timings from the TTS, Playback says which words were heard, not an estimate."""
+    stack, nc, tap = bare_stack
+    await stack.start_stage("egress", VOICEBUS_EGRESS_PROGRESS_MS="100")
+    await stack.wait_ready(("egress",))
+    await tap.watch(sj.session_all("words"))
+    await dispatch(nc, tap, "words", stages=("egress",))
+
+    text = "one two three four five six seven eight nine ten"
+    frames, rate = 150, 16000  # 3 s; a word ends every 300 ms
+    ends = [i + len(w) for i, w in ((text.index(w), w) for w in text.split())]
+    marks = [ev.WordMark(end_ms=300 * (n + 1), text_end=end) for n, end in enumerate(ends)]
+    for i in range(frames):  # offsets that a proportional estimate could give: never on a word
+        await publish(nc, sj.TTS_AUDIO, ev.AudioFrame(
+            session="words", seq=i + 1, ts_ns=time.time_ns(), pcm=bytes(640), sample_rate=rate,
+            pts_ms=20 * i, turn=1, text_offset=(i + 1) * len(text) // frames))
+    await publish(nc, sj.TTS_DONE, ev.SpeechDone(
+        session="words", seq=frames + 1, ts_ns=time.time_ns(), turn=1, frames=frames, text=text,
+        words=marks))
+    await tap.wait_for(lambda: [p for p in tap.of(ev.Playback, "words", turn=1)
+                                if p.played_ms >= 700], 10, "two words played")
+    await publish(nc, sj.CTL_CANCEL, ev.Cancel(session="words", seq=1, ts_ns=time.time_ns(),
+                                               turn=1))
+    await tap.wait_for(lambda: tap.of(ev.Playback, "words", turn=1, final=True), 5, "the cut")
+
+    reports = tap.of(ev.Playback, "words", turn=1)
+    cut = reports[-1]
+    assert cut.final and cut.interrupted and 700 <= cut.played_ms < 3000
+    heard = [end for end, mark in zip(ends, marks, strict=True) if mark.end_ms <= cut.played_ms]
+    assert cut.text_offset == heard[-1] and text[:cut.text_offset].split() == \
+        text.split()[:len(heard)]
+    # Every report after the timings arrived stands on a word's end (or the start).
+    assert all(p.text_offset in (0, *ends) for p in reports if p.played_ms >= 700)
+
+
 async def test_llm_cancel_closes_the_provider_stream_and_closes_the_turn(bare_stack):
     stack, nc, tap = bare_stack
     fake = await start_fake_openai(api_key="test-key")

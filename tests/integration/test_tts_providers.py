@@ -297,7 +297,7 @@ async def test_cartesia_turn_is_one_context_streamed_and_flushed(build: Build, f
 
 @cartesia_only
 async def test_cartesia_word_timestamps_follow_the_turns_audio(build: Build) -> None:
-    from services.tts.providers.cartesia import WordTiming
+    from services.tts.provider import WordTiming
 
     words: list[WordTiming] = []
     pieces = await speak(await build(), "Hello there.", "How are you?", words=words)

@@ -16,7 +16,8 @@ SAMPLES = [
     ev.Transcript(session="s1", seq=1, ts_ns=5, turn=1, text="hello", final=True),
     ev.ReplyDelta(session="s1", seq=1, ts_ns=6, turn=1, text="Hi ", index=0),
     ev.ReplyDone(session="s1", seq=2, ts_ns=7, turn=1, text="Hi there."),
-    ev.SpeechDone(session="s1", seq=9, ts_ns=8, turn=1, frames=40),
+    ev.SpeechDone(session="s1", seq=9, ts_ns=8, turn=1, frames=40, text="Hi there.",
+                  words=[ev.WordMark(end_ms=300, text_end=2), ev.WordMark(end_ms=700, text_end=9)]),
     ev.Playback(session="s1", seq=1, ts_ns=9, turn=1, played_ms=800, final=True),
     ev.SessionStart(session="s1", seq=1, ts_ns=1, wav_in=("a.wav",), wav_out="b.wav"),
     ev.SessionEnd(session="s1", seq=2, ts_ns=1, reason="bye"),
@@ -136,3 +137,23 @@ def test_frame_problem_names_what_is_wrong(pcm, rate, channels, required, ok) ->
     frame = ev.AudioFrame(session="s", pcm=bytes(pcm), sample_rate=rate, channels=channels)
     problem = ev.frame_problem(frame, required)
     assert (problem is None) == ok, problem
+
+
+MARKS = [ev.WordMark(end_ms=200, text_end=3), ev.WordMark(end_ms=450, text_end=7),
+         ev.WordMark(end_ms=800, text_end=13)]  # "one two three"
+
+
+@pytest.mark.parametrize(("played_ms", "estimate", "heard"), [
+    (0, 1, 0),        # nothing finished yet: not even the estimate's first letter
+    (199, 2, 0),
+    (200, 2, 3),      # a word counts once its end was played
+    (600, 10, 7),     # mid-word: only the words that ended
+    (800, 12, 13),
+    (900, 13, 13),    # past the timed words: the frames' estimate
+])
+def test_heard_offset_counts_whole_timed_words(played_ms: int, estimate: int, heard: int) -> None:
+    assert ev.heard_offset(played_ms, MARKS, estimate) == heard
+
+
+def test_heard_offset_without_timings_is_the_estimate() -> None:
+    assert ev.heard_offset(500, [], 9) == 9

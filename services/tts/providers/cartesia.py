@@ -16,9 +16,9 @@ waiting for ever, while ``recv`` raises ``ConnectionClosed``, which we can repor
 
 Word timestamps are requested. To get them pass a list: ``synthesize(chunks, words=[])`` appends
 a ``WordTiming`` per word, in seconds from the start of the turn's audio, which is the turn's
-``pts_ms`` clock too. After a barge-in, turn-taking can keep in the history exactly the words
-whose ``end`` is at or before the played position (``Playback`` ms / 1000) instead of guessing
-from character offsets. The ``word_timestamps`` class attribute says a provider can do this.
+``pts_ms`` clock too. The TTS stage places them in the reply (``SpeechDone.words``) and egress
+then reports in ``Playback.text_offset`` the words heard up to the played position, not a guess
+from character counts. The ``word_timestamps`` class attribute says a provider can do this.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from collections.abc import AsyncIterator
 from typing import Any, ClassVar
 
 import cartesia
-import msgspec
 from cartesia.lib._tts import AsyncTTSResourceConnection
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 from websockets.protocol import State
@@ -46,7 +45,7 @@ from services.runtime.errors import (
     ProviderError,
 )
 from services.tts.config import TtsConfig
-from services.tts.provider import SpokenAudio
+from services.tts.provider import SpokenAudio, WordTiming
 from services.tts.providers._common import WholeSamples, speakable
 
 log = logging.getLogger(__name__)
@@ -70,14 +69,6 @@ class CartesiaConfig(BaseConfig, frozen=True, kw_only=True):
     cartesia_tts_sample_rate: int = 24000
     # Seconds the server may stay silent while it owes us audio (and to open a socket).
     tts_timeout: float = 10.0
-
-
-class WordTiming(msgspec.Struct, frozen=True):
-    """One spoken word, in seconds from the start of the turn's audio."""
-
-    word: str
-    start: float
-    end: float
 
 
 class CartesiaTts:
