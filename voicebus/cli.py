@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import secrets
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -90,6 +91,7 @@ async def cmd_up(args: argparse.Namespace) -> int:
         return code
     finally:
         codes = await stack.stop()
+        shutil.rmtree(workdir, ignore_errors=True)  # its livekit.yaml holds the API secret
         print(f"stopped: {codes}")
 
 

@@ -133,9 +133,13 @@ class Stack:
     def livekit_env(self) -> dict[str, str]:
         if not self.livekit:
             return {}
+        # Keys given to the stack, else the environment's (LiveKit's names), else the dev ones.
+        def key(name: str, default: str) -> str:
+            return self.env.get(name) or os.environ.get(name) or default
+
         return {"LIVEKIT_URL": self.livekit_url,
-                "LIVEKIT_API_KEY": self.env.get("LIVEKIT_API_KEY", DEV_API_KEY),
-                "LIVEKIT_API_SECRET": self.env.get("LIVEKIT_API_SECRET", DEV_API_SECRET)}
+                "LIVEKIT_API_KEY": key("LIVEKIT_API_KEY", DEV_API_KEY),
+                "LIVEKIT_API_SECRET": key("LIVEKIT_API_SECRET", DEV_API_SECRET)}
 
     async def start(self, stages: tuple[str, ...] = STAGES, timeout: float = 90.0) -> None:
         await self.start_nats()

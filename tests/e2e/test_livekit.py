@@ -5,6 +5,7 @@ token from the token service, exactly what ``voicebus call`` does."""
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 
 import nats
@@ -160,3 +161,26 @@ async def test_room_emptied_ends_the_session(lk_stack, lk_tap, tmp_path):
                 break
             assert time.monotonic() < deadline, f"still in the room: {present}"
             await asyncio.sleep(0.2)
+
+
+async def test_voicebus_call_command(lk_stack, lk_tap, tmp_path):
+    """The command a user without a browser runs: a 22 kHz Piper WAV is resampled, spoken into
+    the room, the reply recorded and both transcripts printed; exit status 0."""
+    room = "lk-e2e-cli"
+    await lk_tap.watch(sj.session_all(room))
+    question = await say_to_wav("What time is it?", tmp_path / "question.wav")
+    out = tmp_path / "reply.wav"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "voicebus", "call", "--token-url", lk_stack.token_url,
+        "--room", room, "--identity", "carol", "--wav", str(question), "--out", str(out),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    printed, _ = await asyncio.wait_for(proc.communicate(), 90)
+    text = printed.decode()
+    assert proc.returncode == 0, text
+
+    said = {line.split(":", 1)[0].strip(): line.split(":", 1)[1] for line in text.splitlines()
+            if line.strip().startswith(("you:", "agent:"))}
+    assert {"what", "time"} <= _words(said["you"]), text
+    reply = lk_tap.of(ev.ReplyDone, room, turn=1)[0]
+    assert said["agent"].strip() == reply.text, text
+    assert {"what", "time"} <= _words(await transcribe_wav(out)), text

@@ -1,0 +1,29 @@
+"""What the launcher hands its processes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from services.runtime.livekit import DEV_API_KEY, DEV_API_SECRET
+from voicebus.launcher import Stack
+
+
+def test_livekit_keys_come_from_the_environment_of_make_up(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LIVEKIT_API_KEY", "prod-key")
+    monkeypatch.setenv("LIVEKIT_API_SECRET", "a-secret-of-our-own")
+    env = Stack(tmp_path, livekit=True).livekit_env
+    assert (env["LIVEKIT_API_KEY"], env["LIVEKIT_API_SECRET"]) == ("prod-key", "a-secret-of-our-own")
+
+
+def test_keys_given_to_the_stack_win_and_the_dev_keys_are_the_last_resort(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LIVEKIT_API_SECRET", "from-the-shell")
+    given = Stack(tmp_path, livekit=True, env={"LIVEKIT_API_SECRET": "given"}).livekit_env
+    assert given["LIVEKIT_API_SECRET"] == "given"
+    monkeypatch.delenv("LIVEKIT_API_SECRET")
+    monkeypatch.delenv("LIVEKIT_API_KEY", raising=False)
+    dev = Stack(tmp_path, livekit=True).livekit_env
+    assert (dev["LIVEKIT_API_KEY"], dev["LIVEKIT_API_SECRET"]) == (DEV_API_KEY, DEV_API_SECRET)
