@@ -212,6 +212,7 @@ FRAME = bytes(640)  # 20 ms of 16 kHz silence: the fake "hears" its script whate
 
 STT_FAULTS: list[tuple[str, Callable[[FakeDeepgram], None], str]] = [
     ("handshake refused", lambda f: f.fail_handshake(503), "failure"),
+    ("bad key", lambda f: f.fail_handshake(401), "failure"),
     ("silent after the handshake", lambda f: f.stall(30), "timeout"),
     ("disconnect before the first result", lambda f: f.disconnect_after(0), "failure"),
     ("malformed message", lambda f: f.malformed_after(0), "failure"),
@@ -317,7 +318,9 @@ async def test_stt_falls_back_to_pocketsphinx_with_the_whole_utterance(
 
 TTS_FAULTS: list[tuple[str, Callable[[FakeCartesia], None], str]] = [
     ("handshake refused", lambda f: f.fail_handshake(503), "failure"),
+    ("bad key", lambda f: f.fail_handshake(401), "failure"),
     ("no audio after the text", lambda f: f.stall(), "timeout"),
+    ("disconnect before the first audio", lambda f: f.disconnect_after(0), "failure"),
     ("an error for the context", lambda f: f.error_after(0, status=500), "failure"),
     ("malformed message", lambda f: f.malformed_after(0), "failure"),
 ]
