@@ -1,8 +1,9 @@
-"""The pipeline benchmark's arithmetic, on hand-made events (the measuring is the bench's job)."""
+"""The benchmarks' arithmetic, on hand-made events (the measuring is the bench's job)."""
 
 from __future__ import annotations
 
 from proto import events as ev
+from voicebus.bench import livekit
 from voicebus.bench.pipeline import stats, summarise
 from voicebus.client import Tap
 
@@ -47,3 +48,23 @@ def test_turns_without_audio_or_playback_do_not_count() -> None:
 
 def test_stats_report_percentiles() -> None:
     assert stats([float(i) for i in range(1, 101)]) == {"p50": 50.5, "p95": 95.05, "n": 100}
+
+
+def test_livekit_bench_has_the_pipeline_keys_and_splits_off_transport() -> None:
+    t0 = 10_000 * MS
+    silent, voiced = bytes(640), (b"\x00\x40" * 320)  # 20 ms at 16 kHz: quiet, then loud
+    events = [*one_turn("r", 1, t0),
+              ev.AudioFrame(session="r", ts_ns=t0 + 442 * MS, pcm=silent, sample_rate=16000, turn=1),
+              ev.AudioFrame(session="r", ts_ns=t0 + 462 * MS, pcm=voiced, sample_rate=16000, turn=1),
+              ev.StageError(session="r", stage="tts", turn=1, message="late")]
+    tap = tap_with(*events)
+    bus = livekit._bus_view(tap, "r", speech_end_ns=t0)
+    assert bus is not None and bus["v2v"] == 442.0 and bus["onset"] == 20.0
+    row = livekit.heard_row(bus, v2v_ms=700.0)  # heard at the user
+    assert row["transport"] == 700.0 - 442.0 - 20.0 and row["pipeline_v2v"] == 442.0
+
+    result = livekit.summarise(tap, "r", 1, [row], failures=[])
+    pipeline = summarise(tap_with(*one_turn("r", 1, t0)), ["r"], turns=1)
+    assert set(pipeline) <= set(result)
+    assert result["v2v_ms"]["p50"] == 700.0 and result["transport_ms"]["p50"] == 238.0
+    assert result["overhead_ms"] == pipeline["overhead_ms"] and result["errors"] == 1

@@ -80,29 +80,43 @@ async def run_livekit_bench(turns: int, timeout: float = 30.0) -> dict[str, Any]
             if bus is None or not heard.first_sound:
                 failures.append(f"turn {index}: incomplete on the bus or silent at the user")
                 continue
-            rows.append({**bus, "pipeline_v2v": bus["v2v"], "v2v": heard.v2v_ms,
-                         "transport": heard.v2v_ms - bus["v2v"] - bus["onset"]})
+            rows.append(heard_row(bus, heard.v2v_ms))
     finally:
         await caller.leave()
         await tap.close()
         await nc.close()
         await stack.stop()
         log_file.close()
+    return {**summarise(tap, room, turns, rows, failures), "logs": str(log_path)}
+
+
+def heard_row(bus: dict[str, float], v2v_ms: float) -> dict[str, float]:
+    """One turn: the bus's measures, with V2V as the user heard it and what transport took."""
+    return {**bus, "pipeline_v2v": bus["v2v"], "v2v": v2v_ms,
+            "transport": v2v_ms - bus["v2v"] - bus["onset"]}
+
+
+def summarise(tap: Tap, room: str, turns: int, rows: list[dict[str, float]],
+              failures: list[str]) -> dict[str, Any]:
+    """The pipeline bench's keys for one session, plus the user's view."""
     opened = max((t.turn for t in tap.of(ev.Transcript, room, final=True)), default=0)
-    dropped = sum(turn_losses(tap, room, t)[0] for t in range(1, opened + 1))
+    losses = [turn_losses(tap, room, t) for t in range(1, opened + 1)]
     column = lambda key: stats([row[key] for row in rows])  # noqa: E731
     return {
+        "sessions": 1,
         "turns_expected": turns,
         "turns_completed": len(rows),
         "turns_opened": opened,  # more than expected: the VAD split an utterance
-        "frames_dropped": dropped,
+        "frames_dropped": sum(lost for lost, _ in losses),
+        "underruns": sum(under for _, under in losses),
+        "errors": len(tap.of(ev.StageError)),
         "v2v_ms": column("v2v"),
         "pipeline_v2v_ms": column("pipeline_v2v"),
         "onset_ms": column("onset"),
         "transport_ms": column("transport"),
         "eos_ms": column("eos"),
         "overhead_ms": column("overhead"),
+        "overhead_split_ms": {"to_final": column("to_final"), "after_final": column("after_final")},
         "compute_ms": {stage: column(stage) for stage in ("stt", "llm", "tts")},
         "failures": failures,
-        "logs": str(log_path),
     }
