@@ -152,9 +152,10 @@ class StageService(Generic[C]):
     Config: ClassVar[type[BaseConfig]]
     Worker: ClassVar[type[SessionWorker[Any]]]
 
-    def __init__(self, config: C, bus: Bus) -> None:
+    bus: Bus  # connected by ``run`` after ``setup``, before ``serve``
+
+    def __init__(self, config: C) -> None:
         self.config = config
-        self.bus = bus
         # The replica name goes into subjects: keep it to one token of safe characters.
         name = config.replica or f"{socket.gethostname()}-{os.getpid()}"
         self.replica = re.sub(r"[^A-Za-z0-9_-]", "_", name)
@@ -168,7 +169,8 @@ class StageService(Generic[C]):
         self._lease_rev: dict[str, int] = {}
 
     async def setup(self) -> None:
-        """Load models and providers before the first session is claimed."""
+        """Load models and providers, before NATS is even connected: a configuration error
+        (a missing key) stops the start at once, whatever the state of the bus."""
 
     async def teardown(self) -> None:
         """Close providers after the last session is gone."""
@@ -176,7 +178,6 @@ class StageService(Generic[C]):
     # ---- lifecycle -----------------------------------------------------------------------
 
     async def serve(self, stop: asyncio.Event) -> None:
-        await self.setup()
         self._leases = await self.bus.key_value(LEASE_BUCKET, ttl=self.config.lease_ttl)
         self._claim_sub = await self.bus.subscribe(
             sj.CTL_START.every_session(), self._on_start, queue=self.stage
@@ -397,17 +398,22 @@ async def run(service_cls: type[StageService[Any]]) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    service = service_cls(config)
     try:
-        bus = await Bus.connect(config.nats_url, service_cls.stage, f"voicebus-{service_cls.stage}",
-                                stop)
+        await service.setup()
+    except ConfigError as exc:
+        raise SystemExit(f"voicebus {service_cls.stage}: configuration error: {exc}") from None
+    try:
+        service.bus = await Bus.connect(config.nats_url, service_cls.stage,
+                                        f"voicebus-{service_cls.stage}", stop)
     except Stopped:
         log.info("stopped before NATS was reachable", extra={"stage": service_cls.stage})
+        await service.teardown()
         return
-    service = service_cls(config, bus)
     try:
         await service.serve(stop)
     except ConfigError as exc:
-        await bus.drain()
+        await service.bus.drain()
         raise SystemExit(f"voicebus {service_cls.stage}: configuration error: {exc}") from None
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import time
 import wave
 
@@ -15,7 +17,7 @@ from proto import subjects as sj
 from tests.conftest import LogTail
 from tests.fakes.openai_server import start_fake_openai
 from voicebus.client import Tap, dispatch
-from voicebus.launcher import Stack
+from voicebus.launcher import Stack, free_port
 
 
 async def publish(nc, topic: sj.Topic, event: ev.Event) -> None:
@@ -204,3 +206,22 @@ async def test_tts_cancel_stops_synthesis_and_ignores_late_text(bare_stack):
     # Sixty sentences are ~2.5 min of speech; synthesis stopped after a sentence or a few.
     assert 0 < len(frames_1) == cut[0].frames < 600
     assert len(tap.of(ev.SpeechDone, "speak", turn=1)) == 1
+
+
+@pytest.mark.parametrize(("stage", "chain", "key"), [
+    ("stt", "deepgram,pocketsphinx", "DEEPGRAM_API_KEY"),
+    ("llm", "openai,echo", "OPENAI_API_KEY"),
+    ("tts", "cartesia,piper", "CARTESIA_API_KEY"),
+])
+async def test_a_missing_key_stops_the_start_even_without_nats(stage, chain, key):
+    """The configuration is checked before the bus: nothing listens on the NATS port, and the
+    stage still says at once which variable is missing, and exits 1."""
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
+    env.update({f"VOICEBUS_{stage.upper()}_PROVIDERS": chain,
+                "VOICEBUS_NATS_URL": f"nats://127.0.0.1:{free_port()}"})
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", f"services.{stage}", env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 1, err.decode()
+    assert f"voicebus {stage}: configuration error" in err.decode() and key in err.decode()
