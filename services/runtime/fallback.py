@@ -7,8 +7,10 @@ The rules (after LiveKit Agents' ``fallback_adapter``):
 - A provider that fails (any error, retryable or not) or gives no first result within the
   stage's budget is marked unavailable and probed in the background with a cheap real call
   until one succeeds; then it is used again.
-- Once a provider's first result went out, the turn is committed to it: a later failure ends
-  the turn with an error, never a retry (the user would hear the start twice).
+- Once a provider's first committing result went out, the turn is committed to it: a later
+  failure ends the turn with an error, never a retry (the user would hear the start twice).
+  Every result commits, except where the stage says otherwise (``commits``): STT commits on
+  its final, so a provider that fails or stalls after partials still hands the utterance on.
 - The budget does not apply to the last provider a turn can try: nothing is left to move to,
   and a late answer beats none (that provider's own timeouts still apply). So a chain of one
   behaves exactly as a bare provider, with no buffering.
@@ -187,6 +189,10 @@ class FallbackAdapter(Generic[P]):
         for slot in self.slots:
             metrics.PROVIDER_AVAILABLE.labels(self.stage, slot.name).set(1)
 
+    def commits(self, item: Any) -> bool:
+        """Whether ``item`` going out ties the turn to the provider that gave it."""
+        return True
+
     @classmethod
     def from_config(cls, providers: Sequence[P], config: Any) -> FallbackAdapter[P]:
         return cls(providers,
@@ -240,13 +246,19 @@ class FallbackAdapter(Generic[P]):
                 stream.provider = slot.name
                 items = call(slot.provider, replay.reader() if replay else None)
                 budget = self.first_result_timeout if index < len(slots) - 1 else None
+                ready = replay.ready(ready_on) if replay else None
+                started = asyncio.get_running_loop().time()
                 committed = failed = False
                 try:
-                    first = await self._first(slot, items, budget,
-                                              replay.ready(ready_on) if replay else None)
+                    # Results before the committing one (STT partials) go out too, but the
+                    # budget still runs and a failure still moves the turn on.
+                    item = await self._next(slot, items, budget, ready, started, first=True)
+                    while item is not _END and not self.commits(item):
+                        yield item
+                        item = await self._next(slot, items, budget, ready, started)
                     committed = True
-                    if first is not _END:
-                        yield first
+                    if item is not _END:
+                        yield item
                         async for item in items:
                             yield item
                     return
@@ -266,16 +278,17 @@ class FallbackAdapter(Generic[P]):
             if replay is not None:
                 await replay.close()
 
-    async def _first(self, slot: _Slot, items: AsyncIterator[T], budget: float | None,
-                     ready: asyncio.Future[float] | None) -> T:
-        """The provider's first result (or ``_END``) within ``budget`` seconds of the moment
-        its input was ready (the later of now and ``ready``)."""
+    async def _next(self, slot: _Slot, items: AsyncIterator[T], budget: float | None,
+                    ready: asyncio.Future[float] | None, started: float, first: bool = False,
+                    ) -> T:
+        """The provider's next result (or ``_END``), due within ``budget`` seconds of the moment
+        its input was ready (the later of ``started`` and ``ready``)."""
         loop = asyncio.get_running_loop()
-        started = loop.time()
         try:
+            waiting = True  # a done callback already scheduled may run after we stopped
             async with asyncio.timeout(None) as timer:
                 def arm(fut: asyncio.Future[float] | None = None) -> None:
-                    if budget is not None and not (fut and fut.cancelled()):
+                    if waiting and budget is not None and not (fut and fut.cancelled()):
                         timer.reschedule(max(started, fut.result() if fut else started) + budget)
 
                 if ready is None or ready.done():
@@ -283,22 +296,23 @@ class FallbackAdapter(Generic[P]):
                 else:  # the clock starts when the input is there, not before
                     ready.add_done_callback(arm)
                 try:
-                    first = await anext(items, _END)
+                    item = await anext(items, _END)
                 finally:
+                    waiting = False
                     if ready is not None:
                         ready.remove_done_callback(arm)
         except TimeoutError:
             if not timer.expired():
                 raise  # the provider's own, not ours
-            raise BudgetExceeded(f"no first result within {budget:g}s",
+            raise BudgetExceeded(f"no result within {budget:g}s",
                                  provider=slot.name) from None
-        if first is not _END:
+        if first and item is not _END:
             since = started if ready is None else (
                 max(started, ready.result()) if ready.done() else None)
             # A result before the input was complete (an STT partial mid-speech) waited on nothing.
             waited = loop.time() - since if since is not None else 0.0
             metrics.PROVIDER_FIRST_RESULT.labels(self.stage, slot.name).observe(waited)
-        return first
+        return item
 
     def _succeeded(self, slot: _Slot) -> None:
         metrics.PROVIDER_REQUESTS.labels(self.stage, slot.name, "success").inc()

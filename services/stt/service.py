@@ -35,10 +35,15 @@ _SILENCE = bytes(SAMPLE_RATE * 2 // 50)
 
 class SttFallback(FallbackAdapter[SttProvider]):
     """The STT chain, itself an ``SttProvider``. The utterance's frames are kept so the next
-    provider hears it from the start; the budget runs from the end of speech (a provider
-    cannot be asked for a final before it has heard everything)."""
+    provider hears it from the start; the budget for the final runs from the end of speech (a
+    provider cannot be asked for a final before it has heard everything). Only the final
+    commits: a provider that fails or stalls after partials hands the utterance on."""
 
     stage = "stt"
+
+    def commits(self, item: SttResult) -> bool:
+        # Partials are shown but bind nothing: until a final, the utterance can move on.
+        return item.final
 
     def stream(self, frames: AsyncIterator[bytes]) -> AsyncIterator[SttResult]:
         return self.run(lambda provider, replay: provider.stream(replay), frames, READY_END)

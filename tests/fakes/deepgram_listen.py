@@ -13,6 +13,7 @@ audio came at all: no audio, no words.
     fake = await start_fake_deepgram(api_key="dg-test-key")
     fake.transcript = "what time is it"
     fake.disconnect_after(2)             # drop the TCP connection after two Results
+    fake.hold_after(1)                   # one Result, then silence on an open socket
     ...
     conn = fake.connections[0]            # what one WebSocket carried
     assert conn.query["model"] == "nova-3" and conn.controls == ["Finalize", "CloseStream"]
@@ -52,6 +53,7 @@ class Faults(BaseFaults):
     stall: float = 0.0  # before the first message of a connection (audio is still read)
     disconnect_after: int | None = None  # counts Results; the TCP connection, no close frame
     malformed_after: int | None = None  # counts Results
+    hold_after: int | None = None  # counts Results: then silence until the client leaves
     malformed_frame: str = '{"type": "Results", "channel": {"alternatives": ['
     answer_finalize: bool = True
 
@@ -211,6 +213,9 @@ class _Session:
                     return
                 if faults.malformed_after == self.conn.results_sent:
                     await self.ws.send_str(faults.malformed_frame)
+                if faults.hold_after == self.conn.results_sent:
+                    await self.conn.ended.wait()  # the socket stays open, nothing more comes
+                    return
                 self.conn.results_sent += 1
             await self.ws.send_str(json.dumps(item, separators=(",", ":")))
         await self.ws.close(code=1000)

@@ -221,12 +221,14 @@ async def test_aclose_stops_probes_and_closes_every_provider() -> None:
 
 class FakeStt:
     """Hears frames and answers with how many it heard. ``fail_at``: fail on that frame;
-    ``partial_then_fail``: yield a partial, then fail."""
+    ``partial_then_fail``/``_stall``: yield a partial, then fail / never answer again."""
 
-    def __init__(self, fail_at: int | None = None, partial_then_fail: bool = False) -> None:
+    def __init__(self, fail_at: int | None = None, partial_then_fail: bool = False,
+                 partial_then_stall: bool = False) -> None:
         self.name = unique("stt")
         self.fail_at = fail_at
         self.partial_then_fail = partial_then_fail
+        self.partial_then_stall = partial_then_stall
         self.heard: list[list[bytes]] = []
         self.listening = asyncio.Event()  # it has heard a frame
 
@@ -241,6 +243,9 @@ class FakeStt:
             if self.partial_then_fail and len(heard) == 2:
                 yield SttResult("hel")
                 raise APIConnectionError("socket closed", provider=self.name)
+            if self.partial_then_stall and len(heard) == 2:
+                yield SttResult("hel")
+                await asyncio.Event().wait()  # never a final
         yield SttResult(f"{len(heard)} frames", final=True)
 
     async def aclose(self) -> None:
@@ -298,16 +303,37 @@ async def test_stt_budget_runs_from_the_end_of_speech() -> None:
     assert spare.heard == []
 
 
-async def test_stt_does_not_fall_back_after_a_partial() -> None:
-    first, second = FakeStt(partial_then_fail=True), FakeStt()
-    chain = stt_chain(first, second)
+@pytest.mark.parametrize("fault", ["partial_then_fail", "partial_then_stall"])
+async def test_stt_partials_bind_nothing_the_utterance_moves_on(fault: str) -> None:
+    first, second = FakeStt(**{fault: True}), FakeStt()
+    chain = stt_chain(first, second, budget=0.2)
     speech = Speech()
     speech.say(bytes(640), bytes(640), bytes(640), None)
+    got = await transcripts(chain.stream(speech.frames()))
+    # The partial went out; the next provider heard the whole utterance and gave the final.
+    assert got == [SttResult("hel"), SttResult("3 frames", final=True)]
+    assert len(second.heard) == 1 and len(second.heard[0]) == 3
+    assert not chain.available(first.name) and chain.available(second.name)
+    await chain.aclose()
+
+
+async def test_stt_final_commits_a_later_failure_is_an_error() -> None:
+    class FinalThenFail(FakeStt):
+        async def stream(self, frames: AsyncIterator[bytes]) -> AsyncIterator[SttResult]:
+            async for _ in frames:
+                pass
+            yield SttResult("done", final=True)
+            raise APIConnectionError("socket closed", provider=self.name)
+
+    first, second = FinalThenFail(), FakeStt()
+    chain = stt_chain(first, second)
+    speech = Speech()
+    speech.say(bytes(640), None)
     got: list[SttResult] = []
     with pytest.raises(APIConnectionError):
         async for result in chain.stream(speech.frames()):
             got.append(result)
-    assert got == [SttResult("hel")] and second.heard == []
+    assert got == [SttResult("done", final=True)] and second.heard == []
     await chain.aclose()
 
 
