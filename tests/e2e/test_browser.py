@@ -3,7 +3,8 @@ page, the page joins the LiveKit room, Chromium's fake microphone plays a spoken
 the page shows both sides' transcripts, the agent's state and the turn's latency.
 
 Debian's Chromium (``make chromium``) drives it through Playwright; no browser is downloaded.
-The screenshot goes to ``artifacts/browser-test.png``."""
+The screenshot goes to ``artifacts/browser-test.png`` (``browser-test-failure.png`` when it
+fails)."""
 
 from __future__ import annotations
 
@@ -52,6 +53,7 @@ async def test_a_person_talks_to_the_agent_in_the_browser(lk_stack, chromium, tm
         browser = await pw.chromium.launch(
             executable_path=str(chromium),
             args=[*BROWSER_ARGS, f"--use-file-for-fake-audio-capture={question}"])
+        page = None
         try:
             page = await browser.new_page()
             page.on("pageerror", lambda exc: errors.append(str(exc)))
@@ -93,6 +95,15 @@ async def test_a_person_talks_to_the_agent_in_the_browser(lk_stack, chromium, tm
             await page.click("#leave")
             await expect(page.locator("body")).to_have_attribute("data-connected", "false")
             await expect(page.locator("#state")).to_have_attribute("data-state", "absent")
+        except Exception:
+            if page is None:
+                raise
+            # What the page showed when it went wrong is the first thing to look at.
+            failed = SCREENSHOT.with_name("browser-test-failure.png")
+            failed.parent.mkdir(parents=True, exist_ok=True)
+            await page.screenshot(path=str(failed), full_page=True)
+            print(f"screenshot of the failure: {failed}")
+            raise
         finally:
             await browser.close()
     assert not errors, errors
