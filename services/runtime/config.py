@@ -70,6 +70,19 @@ def _env_hint(cls: type[BaseConfig], exc: Exception) -> str:
     return "?"
 
 
+# What each stage runs without a key or a network, named in the hint of a missing key.
+OFFLINE_PROVIDER = {"stt": "pocketsphinx", "llm": "echo", "tts": "piper"}
+
+
+def require_key(key: str, *, provider: str, stage: str, variable: str) -> None:
+    """A cloud provider cannot start without its key: say which variable to set, and how to
+    run offline instead."""
+    if not key:
+        raise ConfigError(f"the {provider} {stage.upper()} provider needs an API key: set "
+                          f"{variable} (or VOICEBUS_{stage.upper()}_PROVIDER="
+                          f"{OFFLINE_PROVIDER[stage]} to run offline)")
+
+
 def parse_list(value: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in value.split(",") if part.strip())
 

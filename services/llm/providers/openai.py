@@ -20,7 +20,8 @@ from openai.types.chat import ChatCompletionChunk
 from services.llm.config import LlmConfig
 from services.llm.provider import ChatMessage
 from services.runtime import metrics
-from services.runtime.errors import APIConnectionError, APIStatusError, ConfigError, ProviderError
+from services.runtime.config import require_key
+from services.runtime.errors import APIConnectionError, APIStatusError, ProviderError
 from services.runtime.openai_api import make_client, map_openai_error
 
 log = logging.getLogger(__name__)
@@ -42,11 +43,8 @@ class OpenAILlm:
 
     @classmethod
     def from_config(cls, cfg: LlmConfig) -> OpenAILlm:
-        if not cfg.openai_api_key:
-            raise ConfigError(
-                "the openai LLM provider needs an API key: set OPENAI_API_KEY "
-                "(or VOICEBUS_LLM_PROVIDER=echo to run offline)"
-            )
+        require_key(cfg.openai_api_key, provider=cls.name, stage="llm",
+                    variable="OPENAI_API_KEY")
         client = make_client(cfg.openai_api_key, cfg.openai_base_url,
                              httpx.Timeout(cfg.llm_timeout, connect=cfg.llm_connect_timeout))
         return cls(client, model=cfg.llm_model, retries=cfg.llm_retries,

@@ -26,7 +26,7 @@ from deepgram.environment import DeepgramClientEnvironment
 from deepgram.listen.v1.socket_client import AsyncV1SocketClient
 from deepgram.listen.v1.types import ListenV1Error, ListenV1Results
 
-from services.runtime.config import BaseConfig
+from services.runtime.config import BaseConfig, require_key
 from services.runtime.errors import (
     APIConnectionError,
     APIStatusError,
@@ -77,11 +77,8 @@ class DeepgramStt:
     @classmethod
     def from_config(cls, cfg: SttConfig) -> DeepgramStt:
         own = DeepgramSttConfig.from_env()
-        if not own.deepgram_api_key:
-            raise ConfigError(
-                "the deepgram STT provider needs an API key: set DEEPGRAM_API_KEY "
-                "(or VOICEBUS_STT_PROVIDER=pocketsphinx to run offline)"
-            )
+        require_key(own.deepgram_api_key, provider=cls.name, stage="stt",
+                    variable="DEEPGRAM_API_KEY")
         origin = own.deepgram_url.rstrip("/")
         if not re.match(r"wss?://[^/]+$", origin):
             raise ConfigError(f"VOICEBUS_DEEPGRAM_URL must be a ws:// or wss:// origin without a "

@@ -15,7 +15,8 @@ from collections.abc import AsyncIterator
 
 import openai
 
-from services.runtime.errors import ConfigError, ProviderError
+from services.runtime.config import require_key
+from services.runtime.errors import ProviderError
 from services.runtime.openai_api import OpenAIConfig, make_client, map_openai_error
 from services.stt.config import SttConfig
 from services.stt.provider import SAMPLE_RATE, SttResult
@@ -43,11 +44,8 @@ class OpenAIStt:
     @classmethod
     def from_config(cls, cfg: SttConfig) -> OpenAIStt:
         own = OpenAISttConfig.from_env()
-        if not own.openai_api_key:
-            raise ConfigError(
-                "the openai STT provider needs an API key: set OPENAI_API_KEY "
-                "(or VOICEBUS_STT_PROVIDER=pocketsphinx to run offline)"
-            )
+        require_key(own.openai_api_key, provider=cls.name, stage="stt",
+                    variable="OPENAI_API_KEY")
         client = make_client(own.openai_api_key, own.openai_base_url, own.openai_stt_timeout)
         provider = cls(client, model=own.openai_stt_model, language=_iso639(cfg.stt_language))
         log.info("openai STT at %s, model %s", client.base_url, provider.model,

@@ -36,7 +36,7 @@ from cartesia.lib._tts import AsyncTTSResourceConnection
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 from websockets.protocol import State
 
-from services.runtime.config import BaseConfig
+from services.runtime.config import BaseConfig, require_key
 from services.runtime.errors import (
     APIConnectionError,
     APIStatusError,
@@ -76,9 +76,8 @@ class CartesiaTts:
     word_timestamps = True
 
     def __init__(self, cfg: CartesiaConfig) -> None:
-        if not cfg.cartesia_api_key:
-            raise ConfigError("the cartesia TTS provider needs an API key: set CARTESIA_API_KEY "
-                              "(or VOICEBUS_TTS_PROVIDER=piper to run offline)")
+        require_key(cfg.cartesia_api_key, provider=self.name, stage="tts",
+                    variable="CARTESIA_API_KEY")
         if cfg.cartesia_tts_sample_rate not in _RATES:
             raise ConfigError(f"VOICEBUS_CARTESIA_TTS_SAMPLE_RATE must be one of {_RATES}")
         self.sample_rate: int = cfg.cartesia_tts_sample_rate

@@ -18,7 +18,7 @@ from deepgram import AsyncDeepgramClient
 from deepgram.core.api_error import ApiError
 from deepgram.environment import DeepgramClientEnvironment
 
-from services.runtime.config import BaseConfig
+from services.runtime.config import BaseConfig, require_key
 from services.runtime.errors import (
     APIConnectionError,
     APIStatusError,
@@ -54,9 +54,8 @@ class DeepgramTts(RequestPerChunk):
     name = "deepgram"
 
     def __init__(self, cfg: DeepgramTtsConfig) -> None:
-        if not cfg.deepgram_api_key:
-            raise ConfigError("the deepgram TTS provider needs an API key: set DEEPGRAM_API_KEY "
-                              "(or VOICEBUS_TTS_PROVIDER=piper to run offline)")
+        require_key(cfg.deepgram_api_key, provider=self.name, stage="tts",
+                    variable="DEEPGRAM_API_KEY")
         if cfg.deepgram_tts_sample_rate not in _RATES:
             raise ConfigError(f"VOICEBUS_DEEPGRAM_TTS_SAMPLE_RATE must be one of {_RATES}")
         self.sample_rate: int = cfg.deepgram_tts_sample_rate

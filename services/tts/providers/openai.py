@@ -13,7 +13,8 @@ from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
-from services.runtime.errors import ConfigError, ProviderError
+from services.runtime.config import require_key
+from services.runtime.errors import ProviderError
 from services.runtime.openai_api import OpenAIConfig, make_client, map_openai_error
 from services.tts.config import TtsConfig
 from services.tts.providers._common import RequestPerChunk
@@ -37,9 +38,8 @@ class OpenAITts(RequestPerChunk):
     sample_rate = SAMPLE_RATE
 
     def __init__(self, cfg: OpenAITtsConfig) -> None:
-        if not cfg.openai_api_key:
-            raise ConfigError("the openai TTS provider needs an API key: set OPENAI_API_KEY "
-                              "(or VOICEBUS_TTS_PROVIDER=piper to run offline)")
+        require_key(cfg.openai_api_key, provider=self.name, stage="tts",
+                    variable="OPENAI_API_KEY")
         self._cfg = cfg
         self._client = make_client(cfg.openai_api_key, cfg.openai_base_url, cfg.tts_timeout)
         log.info("openai tts: model %s, voice %s", cfg.openai_tts_model, cfg.openai_tts_voice,
