@@ -26,7 +26,7 @@ FRAME_BYTES = SAMPLE_RATE * 2 // 50  # 20 ms
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def tts() -> AsyncIterator[PiperTts]:
-    provider = PiperTts.from_config(TtsConfig())
+    provider = PiperTts.from_config(TtsConfig(piper_deterministic=True))
     yield provider
     await provider.aclose()
 
@@ -112,6 +112,26 @@ async def test_concurrent_utterances_on_one_provider(stt: PocketSphinxStt, tts: 
     # The two streams really overlapped: b was fed before a was done.
     assert pulls.index("b") < len(pulls) - 1 - pulls[::-1].index("a")
     assert stt.decoders >= 2
+
+
+async def test_words_do_not_depend_on_what_the_decoder_heard_before(tts: PiperTts,
+                                                                   what_time: bytes) -> None:
+    # One decoder for everything, so each utterance reuses the one before's decoder.
+    stt = PocketSphinxStt(warm_decoders=1)
+    morning = await speech_16k(tts, "Good morning.")
+    try:
+        fresh = await transcribe(stt, frames_of(morning))
+        for _ in range(3):
+            await transcribe(stt, frames_of(what_time))
+        reused = await transcribe(stt, frames_of(morning))
+    finally:
+        await stt.aclose()
+    assert stt.decoders == 1
+    assert fresh[-1].text == "good morning"
+    # Same partials and final, and the confidence within rounding (it differs by ~1e-4 of
+    # itself): no noise estimate or cepstral mean carried over.
+    assert [r.text for r in reused] == [r.text for r in fresh]
+    assert reused[-1].confidence == pytest.approx(fresh[-1].confidence, rel=1e-3)
 
 
 async def test_decoding_hands_the_loop_back(stt: PocketSphinxStt, what_time: bytes) -> None:

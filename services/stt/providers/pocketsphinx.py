@@ -6,6 +6,12 @@ borrows an idle decoder (or loads a new one when all are busy) and gives it back
 
 Decoder calls hold the GIL (measured), so a worker thread would buy nothing: they run inline on
 the event loop, and the loop is handed back every few milliseconds of decoding.
+
+A decoder adapts its noise estimate and cepstral mean (CMN) to the audio it hears and keeps them
+across utterances.
+In a pool shared by every session that would let one caller's microphone colour the next
+caller's words (seen: "good morning" heard as "midmorning" after another utterance), so each
+utterance starts from the model's initial mean and the words depend only on the audio.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ class PocketSphinxStt:
         }
         self._idle: list[Decoder] = []
         self._loaded = 0
+        self._initial_cmn = ""
         self._closed = False
         for _ in range(warm_decoders):
             self._idle.append(self._load_decoder())
@@ -72,7 +79,7 @@ class PocketSphinxStt:
         """
         utt = _Utterance(self._acquire(), self.partial_interval_ms * BYTES_PER_MS)
         try:
-            utt.start()
+            utt.start(self._initial_cmn)
             async for pcm in frames:
                 partial = utt.feed(pcm)
                 if partial is not None:
@@ -99,6 +106,7 @@ class PocketSphinxStt:
             raise ProviderError(f"loading the decoder failed: {exc}", provider=self.name,
                                 retryable=False) from exc
         self._loaded += 1
+        self._initial_cmn = self._initial_cmn or decoder.get_cmn()
         log.info("pocketsphinx decoder %d loaded in %.2f s", self._loaded,
                  time.perf_counter() - started, extra={"provider": self.name})
         return decoder
@@ -134,7 +142,10 @@ class _Utterance:
         self.active = False
         self.broken = False
 
-    def start(self) -> None:
+    def start(self, cmn: str) -> None:
+        # Both are needed (measured): reinit_feat forgets the noise estimate, set_cmn the mean.
+        self._call(self.decoder.reinit_feat)
+        self._call(self.decoder.set_cmn, cmn)
         self._call(self.decoder.start_utt)
         self.active = True
 
