@@ -8,10 +8,9 @@ Decoder calls hold the GIL (measured), so a worker thread would buy nothing: the
 the event loop, and the loop is handed back every few milliseconds of decoding.
 
 A decoder adapts its noise estimate and cepstral mean (CMN) to the audio it hears and keeps them
-across utterances.
-In a pool shared by every session that would let one caller's microphone colour the next
-caller's words (seen: "good morning" heard as "midmorning" after another utterance), so each
-utterance starts from the model's initial mean and the words depend only on the audio.
+across utterances. In a pool shared by every session that would let one caller's microphone
+colour the next caller's words, so each utterance starts from the model's initial state and its
+words depend only on its own audio.
 """
 
 from __future__ import annotations
