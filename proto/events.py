@@ -109,6 +109,9 @@ class Transcript(Event, frozen=True, tag="stt.transcript"):
 
     ``compute_ms`` on a final is the provider time between end of speech and the final.
     ``frames_dropped`` counts audio frames of this utterance that never arrived.
+    ``speech_ms`` on a final is how long the user spoke (the VAD's measure, all utterances of
+    the turn). ``idle`` > 0 marks a final with no speech at all: the user stayed silent for
+    that many idle periods in a row while the agent listened.
     """
 
     turn: Turn
@@ -118,6 +121,8 @@ class Transcript(Event, frozen=True, tag="stt.transcript"):
     compute_ms: float = 0.0
     frames_dropped: int = 0
     provider: str = ""
+    speech_ms: int = 0
+    idle: int = 0
 
 
 # ---- llm -----------------------------------------------------------------------------------
@@ -136,7 +141,13 @@ class ReplyDelta(Event, frozen=True, tag="llm.delta"):
 
 
 class ReplyDone(Event, frozen=True, tag="llm.done"):
-    """The reply for ``turn`` is complete (or was cut short: ``interrupted``, ``error``)."""
+    """The reply for ``turn`` is complete (or was cut short: ``interrupted``, ``error``).
+
+    ``ignored``: the final was not taken as the user's turn (a backchannel such as "uh-huh"
+    while the agent held the floor), so there is no reply and the agent's reply goes on.
+    ``end_session``: the agent says goodbye with this reply (user idle); the session ends once
+    it has been played.
+    """
 
     turn: Turn
     text: LongText = ""
@@ -144,6 +155,8 @@ class ReplyDone(Event, frozen=True, tag="llm.done"):
     interrupted: bool = False
     error: str = ""
     provider: str = ""
+    ignored: bool = False
+    end_session: bool = False
 
 
 # ---- tts -----------------------------------------------------------------------------------
@@ -208,6 +221,7 @@ class SessionStart(Event, frozen=True, tag="ctl.start"):
 
     ``wav_in``/``wav_out`` are the file edges used before LiveKit is wired in; ``handover`` marks
     a start re-published by a replica that is shutting down, for its ``stage`` only.
+    ``greeting``: what the agent says (as turn 0) once it first hears the user; empty for none.
     """
 
     room: str = ""
@@ -215,6 +229,7 @@ class SessionStart(Event, frozen=True, tag="ctl.start"):
     wav_out: str = ""
     handover: bool = False
     stage: str = ""
+    greeting: Text = ""
 
 
 class SessionEnd(Event, frozen=True, tag="ctl.end"):
@@ -222,7 +237,9 @@ class SessionEnd(Event, frozen=True, tag="ctl.end"):
 
 
 class Cancel(Event, frozen=True, tag="ctl.cancel"):
-    """Barge-in: every stage drops queued and in-flight work of turns <= ``turn``."""
+    """Barge-in: every stage drops queued and in-flight work of turns <= ``turn``.
+
+    Turn 0 is the greeting; user turns count from 1."""
 
     turn: Turn
     reason: str = ""

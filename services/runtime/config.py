@@ -13,6 +13,7 @@ from typing import Any, ClassVar, TypeVar
 import msgspec
 
 from services.runtime.errors import ConfigError
+from services.runtime.turns import DEFAULT_BACKCHANNEL, TurnRules
 
 T = TypeVar("T", bound="BaseConfig")
 
@@ -35,6 +36,17 @@ class BaseConfig(msgspec.Struct, frozen=True, kw_only=True):
     state_ttl: float = 86400.0
     # Seconds a replica waits, on SIGTERM, for in-flight turns before handing sessions over.
     shutdown_grace: float = 10.0
+    # Turn-taking (services/runtime/turns.py); egress and the LLM must agree, so every stage
+    # reads them. The user's speech over the agent's reply interrupts it only after this long…
+    interrupt_min_speech_ms: int = 200
+    # …and with at least this many words that are not backchannel (0: duration alone).
+    interrupt_min_words: int = 1
+    # Comma-separated words and two-word phrases that never interrupt ("go on", "uh-huh").
+    backchannel_words: str = DEFAULT_BACKCHANNEL
+
+    def turn_rules(self) -> TurnRules:
+        return TurnRules.parse(self.interrupt_min_speech_ms, self.interrupt_min_words,
+                               self.backchannel_words)
 
     @classmethod
     def env_name(cls, field: str) -> str:

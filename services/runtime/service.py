@@ -355,7 +355,8 @@ class StageService(Generic[C]):
         sub = await self.bus.subscribe(sj.READY[self.stage].subject(worker.session), on_ready)
         start = worker.event(
             ev.SessionStart, room=worker.start_event.room, wav_in=worker.start_event.wav_in,
-            wav_out=worker.start_event.wav_out, handover=True, stage=self.stage,
+            wav_out=worker.start_event.wav_out, greeting=worker.start_event.greeting,
+            handover=True, stage=self.stage,
         )
         await self.bus.publish(sj.CTL_START, start)
         try:

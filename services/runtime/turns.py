@@ -1,0 +1,96 @@
+"""Turn-taking rules: what the user's words and speech say about who holds the floor.
+
+Egress (which pauses and cuts the agent's voice) and the LLM (which decides whether a final
+transcript is a new turn to answer) must reach the same verdict on the same utterance, so the
+rules live here once, and both read the same settings (``VOICEBUS_INTERRUPT_*``,
+``VOICEBUS_BACKCHANNEL_WORDS``). The end-of-turn rule (``end_of_turn``) is the STT stage's.
+
+An utterance over the agent's reply **interrupts** it when the user spoke for at least
+``min_speech_ms`` and the transcript holds at least ``min_words`` words that are not a
+backchannel ("uh-huh", "yeah", "okay"…). With ``min_words`` = 0 duration alone decides (the
+reply is cut before any transcript exists), except that a final with no words never does.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+import msgspec
+
+# Acknowledgements and fillers: said over someone's speech, they mean "go on", not "stop".
+DEFAULT_BACKCHANNEL = (
+    "ah,aha,alright,hm,hmm,huh,mhm,mm,mmhmm,mm-hmm,mm-hm,oh,ok,okay,right,sure,uh,uh-huh,um,"
+    "yeah,yep,yes,yup,i see,got it,go on"
+)
+# A final that ends on one of these is most likely not the end of the user's turn.
+_CONTINUES = frozenset(
+    # conjunctions and fillers
+    "and but or so because cause then um uh er erm like if that which who when while although "
+    # prepositions and articles
+    "to of in on at for with from by about into onto over under after before between through "
+    "the a an my your our their his her its this these those some any "
+    # auxiliaries left hanging ("I want to", "can you")
+    "is are was were am be can could would should will i'm i've i'd we're you're".split()
+)
+_QUESTION_START = frozenset(
+    "what when where who whom whose why how which is are am was were do does did can could "
+    "would will should shall may might have has had isn't aren't don't doesn't didn't can't "
+    "won't wouldn't couldn't shouldn't what's where's who's how's".split()
+)
+_WORD = re.compile(r"[a-z0-9']+(?:-[a-z0-9']+)*")
+
+EndOfTurn = Literal["question", "statement", "incomplete"]
+
+
+def words(text: str) -> list[str]:
+    """Lower-case words of ``text``, punctuation dropped ("Uh-huh, OK." → ["uh-huh", "ok"])."""
+    return _WORD.findall(text.lower())
+
+
+def end_of_turn(text: str) -> EndOfTurn:
+    """How a final transcript ends: ``incomplete`` when its last word leaves the phrase open
+    ("and", "um", "to", "the"), ``question`` when it opens like a question and ends complete,
+    else ``statement``."""
+    said = words(text)
+    if not said:
+        return "statement"
+    if said[-1] in _CONTINUES:
+        return "incomplete"
+    if text.rstrip().endswith("?") or said[0] in _QUESTION_START:
+        return "question"
+    return "statement"
+
+
+class TurnRules(msgspec.Struct, frozen=True):
+    min_speech_ms: int = 200
+    min_words: int = 1
+    backchannel: frozenset[str] = frozenset()
+
+    @classmethod
+    def parse(cls, min_speech_ms: int, min_words: int, backchannel: str) -> TurnRules:
+        phrases = (" ".join(words(p)) for p in backchannel.split(","))
+        return cls(min_speech_ms, min_words, frozenset(p for p in phrases if p))
+
+    def substantive(self, text: str) -> list[str]:
+        """The words of ``text`` that are not backchannel (single words or whole phrases)."""
+        said = words(text)
+        kept: list[str] = []
+        i = 0
+        while i < len(said):
+            if i + 1 < len(said) and f"{said[i]} {said[i + 1]}" in self.backchannel:
+                i += 2
+                continue
+            if said[i] not in self.backchannel:
+                kept.append(said[i])
+            i += 1
+        return kept
+
+    def interrupts(self, text: str, speech_ms: float, *, final: bool) -> bool:
+        """Whether an utterance heard over the agent's reply takes the floor: ``text`` is its
+        transcript so far (``final`` when complete), ``speech_ms`` how long the user spoke."""
+        if speech_ms < self.min_speech_ms:
+            return False
+        if final and not words(text):
+            return False
+        return len(self.substantive(text)) >= self.min_words
