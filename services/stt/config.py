@@ -1,6 +1,13 @@
 from __future__ import annotations
 
+from typing import Annotated
+
+import msgspec
+
 from services.runtime.fallback import ChainConfig
+
+Ms = Annotated[int, msgspec.Meta(ge=0)]
+Seconds = Annotated[float, msgspec.Meta(ge=0)]
 
 
 class SttConfig(ChainConfig, frozen=True, kw_only=True):
@@ -19,3 +26,14 @@ class SttConfig(ChainConfig, frozen=True, kw_only=True):
     # Decoders loaded at start-up. Loading one later (more people talking at once than this)
     # blocks the process for ~0.5 s, so set it to the utterances you expect at the same time.
     stt_warm_decoders: int = 2
+    # End of turn (docs/turn-taking.md). The VAD's silence window (VOICEBUS_VAD_SILENCE_MS)
+    # ends an utterance; its final is then held back this many ms, by how its words end, and
+    # speech that starts meanwhile continues the same turn. A question is over at once…
+    stt_eot_question_ms: Ms = 0
+    # …a statement after a short pause…
+    stt_eot_statement_ms: Ms = 200
+    # …and a phrase left hanging ("I want to", "and um") waits long for the rest of it.
+    stt_eot_incomplete_ms: Ms = 1500
+    # Seconds the user may stay silent while the agent listens before the STT opens a turn
+    # with no speech (a final with idle=1, 2, … in a row) for the agent to prompt them; 0: off.
+    stt_user_idle_s: Seconds = 0.0

@@ -1,8 +1,10 @@
 """STT stage: ingress audio + VAD edges in, partial and final transcripts out.
 
 Only speech is decoded: frames are kept in a short pre-roll while the user is silent, and an
-utterance runs from ``SpeechStarted`` (plus pre-roll) to ``SpeechEnded``. Each utterance opens
-the next turn; the turn counter lives in JetStream KV so another replica can carry on.
+utterance runs from ``SpeechStarted`` (plus pre-roll) to ``SpeechEnded``. An utterance opens the
+next turn, unless the previous turn's final is still held back (``endpoint.py``: a phrase left
+hanging waits for more speech): then it continues that turn, and the turn ends in one final of
+all its words. The turn counter lives in JetStream KV so another replica can carry on.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from services.runtime.bus import SeqGaps
 from services.runtime.fallback import READY_END, FallbackAdapter, answered_by
 from services.runtime.service import ProviderStage, SessionWorker
 from services.stt.config import SttConfig
+from services.stt.endpoint import EndOfTurnHolds, TurnSoFar, UserIdle
 from services.stt.provider import PROVIDERS, SAMPLE_RATE, SttProvider, SttResult
 
 STATE_BUCKET = "voicebus_sessions"
@@ -61,25 +64,49 @@ class SttFallback(FallbackAdapter[SttProvider]):
 class Utterance:
     """Frames of one utterance on their way to the provider."""
 
-    def __init__(self, turn: int) -> None:
-        self.turn = turn
+    def __init__(self) -> None:
         self.queue: asyncio.Queue[bytes | None] = asyncio.Queue()
         self.frames = 0
+        self.speech_frames = 0  # after the speech edge (the pre-roll is not speech)
+        self.vad_speech_ms = 0
         self.ended_at = 0.0
         self.dropped = 0
 
-    def push(self, pcm: bytes) -> None:
+    def push(self, pcm: bytes, *, speech: bool = True) -> None:
         self.frames += 1
+        self.speech_frames += int(speech)
         self.queue.put_nowait(pcm)
 
-    def end(self) -> None:
+    def end(self, speech_ms: int = 0) -> None:
+        """End of speech: the VAD's measure of it, or 0 when the VAD did not close it."""
         if not self.ended_at:
             self.ended_at = time.perf_counter()
+            self.vad_speech_ms = speech_ms
             self.queue.put_nowait(None)
+
+    @property
+    def speech_ms(self) -> int:
+        return self.vad_speech_ms or self.speech_frames * ev.FRAME_MS
 
     async def frames_iter(self) -> AsyncIterator[bytes]:
         while (pcm := await self.queue.get()) is not None:
             yield pcm
+
+
+class OpenTurn:
+    """A turn whose final has not been published yet. Its utterances are transcribed in order
+    (a continuation's partials show the words before it), by one task."""
+
+    def __init__(self, turn: int) -> None:
+        self.so_far = TurnSoFar(turn)
+        self.pending: deque[Utterance] = deque()
+        self.more = asyncio.Event()
+        self.compute_ms = 0.0  # of the last utterance: end of speech to its provider final
+        self.provider = ""
+
+    def add(self, utterance: Utterance) -> None:
+        self.pending.append(utterance)
+        self.more.set()
 
 
 class SttWorker(SessionWorker[SttConfig]):
@@ -90,9 +117,18 @@ class SttWorker(SessionWorker[SttConfig]):
         self.turn = await self._load_turn()
         self.preroll: deque[bytes] = deque(maxlen=max(1, self.config.stt_preroll_ms // 20))
         self.utterance: Utterance | None = None
+        self.open_turn: OpenTurn | None = None
+        self.publishing = 0  # finals on their way out (publish, then the turn counter saved)
+        self.holds = EndOfTurnHolds(self.config.stt_eot_question_ms,
+                                    self.config.stt_eot_statement_ms,
+                                    self.config.stt_eot_incomplete_ms)
+        self.user_idle = UserIdle()
+        self.idle_timer: asyncio.Task[None] | None = None
         self.gaps = SeqGaps()
         # One subscription for audio and VAD keeps them in publish order.
         await self.subscribe(sj.producer_all(self.session, "ingress"), self.on_ingress)
+        if self.config.stt_user_idle_s > 0:
+            await self.subscribe(sj.CTL_STATE.subject(self.session), self.on_state)
 
     async def _load_turn(self) -> int:
         try:
@@ -100,6 +136,12 @@ class SttWorker(SessionWorker[SttConfig]):
         except KeyNotFoundError:  # a new session (any other KV error fails the claim)
             return 0
         return int(entry.value or b"0")
+
+    async def _save_turn(self) -> None:
+        # The highest turn opened, not the one just closed: a turn id is never used twice.
+        await self.kv.put(f"{self.session}.turn", str(self.turn).encode())
+
+    # ---- ingress ---------------------------------------------------------------------------
 
     def on_ingress(self, event: ev.Event) -> None:
         if lost := self.gaps.lost(event):
@@ -111,8 +153,7 @@ class SttWorker(SessionWorker[SttConfig]):
         elif isinstance(event, ev.SpeechStarted):
             self.begin_utterance()
         elif isinstance(event, ev.SpeechEnded) and self.utterance is not None:
-            self.utterance.end()
-            self.utterance = None
+            self.end_utterance(event.speech_ms)
 
     def on_audio(self, frame: ev.AudioFrame) -> None:
         if problem := ev.frame_problem(frame, SAMPLE_RATE):
@@ -123,24 +164,71 @@ class SttWorker(SessionWorker[SttConfig]):
             return
         self.utterance.push(frame.pcm)
         if self.utterance.frames >= MAX_UTTERANCE_FRAMES:
-            self.utterance.end()
-            self.utterance = None
+            self.end_utterance()
 
     def begin_utterance(self) -> None:
         if self.utterance is not None:
-            self.utterance.end()
-        self.turn += 1
-        utterance = Utterance(self.turn)
+            self.end_utterance()  # its SpeechEnded was lost
+        self.user_idle.user_spoke()
+        utterance = Utterance()
         for pcm in self.preroll:
-            utterance.push(pcm)
+            utterance.push(pcm, speech=False)
         self.preroll.clear()
         self.utterance = utterance
-        self.idle.clear()
-        self.spawn(self.transcribe(utterance), f"turn-{utterance.turn}")
+        if self.open_turn is None:
+            self.turn += 1
+            self.open_turn = OpenTurn(self.turn)
+            self.spawn(self.run_turn(self.open_turn), f"turn-{self.turn}")
+        self.open_turn.add(utterance)  # a held final's turn goes on with this utterance
+        self._activity_changed()
 
-    async def transcribe(self, utt: Utterance) -> None:
-        provider = self.service.provider
-        text = ""
+    def end_utterance(self, speech_ms: int = 0) -> None:
+        assert self.utterance is not None
+        self.utterance.end(speech_ms)
+        self.utterance = None
+        self._activity_changed()
+
+    # ---- one turn: its utterances, the end-of-turn hold, its final ---------------------------
+
+    async def run_turn(self, open_turn: OpenTurn) -> None:
+        so_far = open_turn.so_far
+        try:
+            while True:
+                failed = False
+                while open_turn.pending:
+                    failed = not await self.transcribe(open_turn, open_turn.pending.popleft())
+                hold = 0 if failed else self.holds.hold_ms(so_far.text)
+                if hold and not open_turn.pending:
+                    open_turn.more.clear()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(hold / 1000):
+                            await open_turn.more.wait()  # the user speaks again: same turn
+                if not open_turn.pending:
+                    break
+                self.log.debug("turn %d goes on after %r", so_far.turn, so_far.text)
+        finally:
+            # No await since the last look at ``pending``: speech from now on opens the next
+            # turn (and a turn that died of a bug does not swallow the speech after it).
+            if self.open_turn is open_turn:
+                self.open_turn = None
+        self.publishing += 1
+        try:
+            await self.emit(sj.STT_FINAL, ev.Transcript, turn=so_far.turn, text=so_far.text,
+                            final=True, confidence=so_far.confidence,
+                            compute_ms=open_turn.compute_ms,
+                            frames_dropped=so_far.frames_dropped, provider=open_turn.provider,
+                            speech_ms=so_far.speech_ms)
+            metrics.TURNS.labels("stt", "ok" if so_far.text else "empty").inc()
+            await self._save_turn()
+        finally:
+            self.publishing -= 1
+            self._activity_changed()
+
+    async def transcribe(self, open_turn: OpenTurn, utt: Utterance) -> bool:
+        """Transcribe one utterance into the turn; False when every provider failed (the turn
+        then ends at once with what it has)."""
+        so_far, provider = open_turn.so_far, self.service.provider
+        text, confidence, ok = "", 0.0, True
         try:
             # Closed on every way out (a cancelled turn too): a provider's socket must not
             # outlive its turn.
@@ -148,28 +236,59 @@ class SttWorker(SessionWorker[SttConfig]):
                 async for result in stream:
                     name = answered_by(stream, provider)
                     if not result.final:
-                        await self.emit(sj.STT_PARTIAL, ev.Transcript, turn=utt.turn,
-                                        text=result.text, provider=name)
+                        await self.emit(sj.STT_PARTIAL, ev.Transcript, turn=so_far.turn,
+                                        text=so_far.shown(result.text), provider=name)
                         continue
-                    text = result.text
+                    text, confidence = result.text, result.confidence
                     compute = time.perf_counter() - utt.ended_at
                     metrics.PROVIDER_SECONDS.labels("stt", name).observe(compute)
-                    await self.emit(sj.STT_FINAL, ev.Transcript, turn=utt.turn, text=text,
-                                    final=True, confidence=result.confidence,
-                                    compute_ms=compute * 1000, frames_dropped=utt.dropped,
-                                    provider=name)
+                    open_turn.compute_ms, open_turn.provider = compute * 1000, name
         except Exception as exc:  # a provider failure or a bug: the turn still closes
-            await self._failed(utt.turn, exc)
-        finally:
-            if self.utterance is None:
-                self.idle.set()
-        metrics.TURNS.labels("stt", "ok" if text else "empty").inc()
-        await self.kv.put(f"{self.session}.turn", str(utt.turn).encode())
+            await self.provider_failed(so_far.turn, exc, "transcription")
+            ok = False
+        so_far.add(text, utt.speech_ms, utt.dropped, confidence)
+        return ok
 
-    async def _failed(self, turn: int, exc: Exception) -> None:
-        await self.provider_failed(turn, exc, "transcription")
-        # A final with no words still closes the turn for every stage downstream.
-        await self.emit(sj.STT_FINAL, ev.Transcript, turn=turn, text="", final=True)
+    # ---- user idle -----------------------------------------------------------------------
+
+    def on_state(self, state: ev.AgentState) -> None:
+        self.user_idle.agent_state(state.state)
+        self._activity_changed()
+
+    def _activity_changed(self) -> None:
+        """The user or a turn started or stopped: keep ``idle`` (the handover's "no turn in
+        progress") and the user-idle timer in step."""
+        busy = self.utterance is not None or self.open_turn is not None or self.publishing > 0
+        if busy:
+            self.idle.clear()
+        else:
+            self.idle.set()
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+            self.idle_timer = None
+        if self.config.stt_user_idle_s > 0 and self.user_idle.may_run(busy):
+            self.idle_timer = self.spawn(self._user_idle_after(self.config.stt_user_idle_s),
+                                         "user-idle")
+
+    async def _user_idle_after(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+        # From here on the idle turn is taken: nothing cancels this task but the session's end.
+        self.idle_timer = None
+        count = self.user_idle.fire()
+        self.turn += 1
+        turn = self.turn
+        self.publishing += 1
+        self._activity_changed()
+        try:
+            # A turn with no speech: the LLM answers it with a prompt or a goodbye.
+            await self.emit(sj.STT_FINAL, ev.Transcript, turn=turn, text="", final=True,
+                            idle=count)
+            metrics.TURNS.labels("stt", "idle").inc()
+            await self._save_turn()
+        finally:
+            self.publishing -= 1
+            self._activity_changed()
+
 
 class SttService(ProviderStage[SttConfig]):
     stage = "stt"

@@ -1,0 +1,346 @@
+"""The STT's turn-taking: end-of-turn holds, turns of several utterances, user-idle finals.
+
+The rules alone (``services/stt/endpoint.py``), then the STT worker itself in this process with
+a scripted provider and a bus that records what is published, so every ordering of speech,
+provider finals and hold timers can be set up exactly (the real process on a real bus is
+tests/integration/test_stt_turns.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from proto import events as ev
+from proto import subjects as sj
+from services.runtime.errors import APIConnectionError
+from services.stt.config import SttConfig
+from services.stt.endpoint import EndOfTurnHolds, TurnSoFar, UserIdle, joined
+from services.stt.provider import SttResult
+from services.stt.service import MAX_UTTERANCE_FRAMES, SttWorker
+
+HOLDS = EndOfTurnHolds(question_ms=0, statement_ms=200, incomplete_ms=1500)
+FRAME = bytes(640)
+
+
+# ---- the rules -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("text", "hold"), [
+    ("what time is it", 0),               # a question
+    ("Is it raining?", 0),
+    ("I need a taxi", 200),               # a statement
+    ("I want to", 1500),                  # left hanging
+    ("book a flight and um", 1500),
+    ("", 0),                              # no words: nothing to wait for
+    ("   ", 0),
+])
+def test_the_hold_follows_how_the_words_end(text: str, hold: int) -> None:
+    assert HOLDS.hold_ms(text) == hold
+
+
+def test_the_holds_come_from_the_environment_with_the_documented_defaults() -> None:
+    config = SttConfig.from_env({})
+    assert (config.stt_eot_question_ms, config.stt_eot_statement_ms,
+            config.stt_eot_incomplete_ms, config.stt_user_idle_s) == (0, 200, 1500, 0.0)
+    config = SttConfig.from_env({"VOICEBUS_STT_EOT_QUESTION_MS": "50",
+                                 "VOICEBUS_STT_EOT_STATEMENT_MS": "300",
+                                 "VOICEBUS_STT_EOT_INCOMPLETE_MS": "900",
+                                 "VOICEBUS_STT_USER_IDLE_S": "7.5"})
+    assert (config.stt_eot_question_ms, config.stt_eot_statement_ms,
+            config.stt_eot_incomplete_ms, config.stt_user_idle_s) == (50, 300, 900, 7.5)
+    with pytest.raises(Exception, match="VOICEBUS_STT_EOT_INCOMPLETE_MS"):
+        SttConfig.from_env({"VOICEBUS_STT_EOT_INCOMPLETE_MS": "-1"})
+    with pytest.raises(Exception, match="VOICEBUS_STT_USER_IDLE_S"):
+        SttConfig.from_env({"VOICEBUS_STT_USER_IDLE_S": "soon"})
+
+
+def test_a_turn_joins_its_utterances_and_sums_their_speech() -> None:
+    assert joined("I want to ", " book a flight") == "I want to book a flight"
+    assert joined("", "hello") == "hello" and joined("hello", "") == "hello"
+    turn = TurnSoFar(3)
+    turn.add("I want to", 700, 1, 0.9)
+    assert turn.shown("book") == "I want to book"
+    turn.add("", 120, 0, 0.0)  # a cough: speech, no words, no say in the confidence
+    turn.add("book a flight", 900, 2, 0.6)
+    assert (turn.text, turn.speech_ms, turn.frames_dropped, turn.utterances) == (
+        "I want to book a flight", 1720, 3, 3)
+    assert turn.confidence == 0.6  # the least sure part
+
+
+def test_user_idle_runs_only_while_listening_and_once_per_listening() -> None:
+    idle = UserIdle()
+    assert not idle.may_run(False)                   # no state yet
+    idle.agent_state("listening")
+    assert idle.may_run(False) and not idle.may_run(True)
+    assert idle.fire() == 1
+    assert not idle.may_run(False)                   # fired: wait for the next listening
+    idle.agent_state("thinking")
+    idle.agent_state("speaking")
+    assert not idle.may_run(False)
+    idle.agent_state("listening")
+    assert idle.may_run(False) and idle.fire() == 2  # in a row
+    idle.user_spoke()
+    idle.agent_state("listening")
+    assert idle.fire() == 1
+
+
+# ---- the worker, in this process -----------------------------------------------------------
+
+class ScriptedStt:
+    """Hears the next text of ``script`` in each utterance: one partial (its first word) with
+    the first frame, the final once the frames end and ``release`` is set."""
+
+    name = "scripted"
+
+    def __init__(self, *script: str) -> None:
+        self.script = list(script)
+        self.release = asyncio.Event()
+        self.release.set()
+        self.fail_next = False
+
+    async def stream(self, frames: AsyncIterator[bytes]) -> AsyncIterator[SttResult]:
+        text = self.script.pop(0)
+        fail, self.fail_next = self.fail_next, False
+        first = True
+        async for _ in frames:
+            if first and text:
+                first = False
+                yield SttResult(text.split()[0])
+        if fail:
+            raise APIConnectionError("connection reset", provider="scripted")
+        await self.release.wait()
+        yield SttResult(text, final=True, confidence=0.8)
+
+    async def aclose(self) -> None:
+        pass
+
+
+class FakeKv:
+    def __init__(self) -> None:
+        self.data: dict[str, bytes] = {}
+
+    async def get(self, key: str) -> Any:
+        from nats.js.errors import KeyNotFoundError
+        if key not in self.data:
+            raise KeyNotFoundError
+        return type("Entry", (), {"value": self.data[key]})()
+
+    async def put(self, key: str, value: bytes) -> int:
+        self.data[key] = value
+        return 1
+
+
+class FakeBus:
+    def __init__(self) -> None:
+        self.kv = FakeKv()
+        self.published: list[tuple[sj.Topic, ev.Event]] = []
+        self.changed = asyncio.Event()
+        self.handlers: dict[str, Any] = {}
+
+    async def key_value(self, bucket: str, ttl: float) -> FakeKv:
+        return self.kv
+
+    async def publish(self, topic: sj.Topic, event: ev.Event, subject: str = "") -> None:
+        self.published.append((topic, event))
+        self.changed.set()
+
+    async def subscribe(self, subject: str, handler: Any, queue: str = "") -> Any:
+        self.handlers[subject] = handler
+        return type("Sub", (), {"unsubscribe": staticmethod(_nothing)})()
+
+    def reject(self, *args: Any) -> None:
+        raise AssertionError(f"rejected: {args}")
+
+
+async def _nothing() -> None:
+    pass
+
+
+class FakeService:
+    stage = "stt"
+
+    def __init__(self, provider: ScriptedStt, config: SttConfig) -> None:
+        self.provider, self.config, self.bus = provider, config, FakeBus()
+
+
+class User:
+    """Drives one worker as ingress and egress would, and reads what it published."""
+
+    def __init__(self, provider: ScriptedStt, **settings: Any) -> None:
+        config = SttConfig(stt_preroll_ms=40, **settings)
+        self.service = FakeService(provider, config)
+        self.bus = self.service.bus
+        self.worker = SttWorker(self.service, ev.SessionStart(session="s"))  # type: ignore[arg-type]
+        self.seq = 0
+
+    def send(self, cls: type[Any], **fields: Any) -> None:
+        self.seq += 1
+        self.worker.on_ingress(cls(session="s", seq=self.seq, **fields))
+
+    def speak(self, frames: int = 10) -> None:
+        self.send(ev.SpeechStarted, pts_ms=0)
+        for i in range(frames):
+            self.send(ev.AudioFrame, pcm=FRAME, sample_rate=16000, pts_ms=20 * i)
+
+    def stop(self, speech_ms: int) -> None:
+        self.send(ev.SpeechEnded, pts_ms=0, speech_ms=speech_ms)
+
+    def state(self, name: str) -> None:
+        self.worker.on_state(ev.AgentState(session="s", state=name))  # type: ignore[arg-type]
+
+    def of(self, topic: sj.Topic) -> list[ev.Transcript]:
+        return [e for t, e in self.bus.published if t is topic]  # type: ignore[misc]
+
+    async def finals(self, count: int, timeout: float = 5.0) -> list[ev.Transcript]:
+        async with asyncio.timeout(timeout):
+            while len(self.of(sj.STT_FINAL)) < count:
+                self.bus.changed.clear()
+                await self.bus.changed.wait()
+        return self.of(sj.STT_FINAL)
+
+    async def settle(self) -> None:
+        for _ in range(20):  # let every ready task run (no time passes)
+            await asyncio.sleep(0)
+
+
+@pytest.fixture
+async def started() -> Any:
+    users: list[User] = []
+
+    async def make(provider: ScriptedStt, **settings: Any) -> User:
+        user = User(provider, **settings)
+        await user.worker.start()
+        users.append(user)
+        return user
+
+    yield make
+    for user in users:
+        await user.worker.close()
+
+
+async def test_speech_during_the_hold_continues_the_turn_in_one_final(started: Any) -> None:
+    user = await started(ScriptedStt("I want to", "book a flight"), stt_eot_incomplete_ms=60_000)
+    user.speak()
+    user.stop(700)
+    await user.settle()
+    assert not user.worker.idle.is_set()  # a held final is a turn in progress (handover waits)
+    assert user.worker.open_turn is not None and user.worker.open_turn.so_far.text == "I want to"
+    user.speak()                          # within the hold: the same turn
+    await user.settle()
+    user.stop(900)
+    # "book a flight" is a statement: published after the (default) 200 ms hold.
+    (final,) = await user.finals(1)
+    assert (final.turn, final.text, final.speech_ms, final.idle) == (
+        1, "I want to book a flight", 1600, 0)
+    assert [p.text for p in user.of(sj.STT_PARTIAL)] == ["I", "I want to book"]
+    assert {p.turn for p in user.of(sj.STT_PARTIAL)} == {1}
+    assert final.compute_ms < 200  # the provider's time, not the hold's
+    await user.settle()
+    assert user.worker.idle.is_set() and user.bus.kv.data["s.turn"] == b"1"
+    # After the final, speech opens the next turn.
+    user.speak()
+    user.stop(300)
+    (_, final2) = await user.finals(2)
+    assert final2.turn == 2
+
+
+async def test_speech_before_the_provider_final_also_continues_the_turn(started: Any) -> None:
+    provider = ScriptedStt("what time is it", "in Lisbon")
+    user = await started(provider)
+    provider.release.clear()              # the provider is slow with its final
+    user.speak()
+    user.stop(800)
+    await user.settle()
+    user.speak()                          # the user goes on before the first final arrives
+    user.stop(500)
+    await user.settle()
+    assert not user.of(sj.STT_FINAL)
+    provider.release.set()
+    (final,) = await user.finals(1)
+    assert (final.turn, final.text, final.speech_ms) == (1, "what time is it in Lisbon", 1300)
+
+
+async def test_a_question_goes_out_without_a_hold_and_the_next_speech_is_a_new_turn(
+        started: Any) -> None:
+    user = await started(ScriptedStt("what time is it", "thanks"), stt_eot_statement_ms=60_000,
+                         stt_eot_incomplete_ms=60_000)
+    user.speak()
+    user.stop(800)
+    (final,) = await user.finals(1)       # no hold: a 60 s statement hold would time out here
+    assert (final.turn, final.text, final.speech_ms) == (1, "what time is it", 800)
+    user.speak()
+    user.stop(300)
+    await user.settle()
+    assert user.worker.open_turn is not None and user.worker.open_turn.so_far.turn == 2
+
+
+async def test_a_failed_utterance_closes_the_turn_at_once_with_what_was_heard(
+        started: Any) -> None:
+    provider = ScriptedStt("I want to", "book a flight")
+    user = await started(provider, stt_eot_incomplete_ms=60_000)
+    user.speak()
+    user.stop(700)
+    await user.settle()
+    provider.fail_next = True
+    user.speak()
+    user.stop(400)
+    (final,) = await user.finals(1)
+    assert (final.turn, final.text, final.speech_ms) == (1, "I want to", 1100)
+    errors = user.of(sj.ERROR["stt"])
+    assert [e.turn for e in errors] == [1]  # type: ignore[attr-defined]
+
+
+async def test_an_utterance_cut_at_the_length_limit_counts_its_frames(started: Any) -> None:
+    user = await started(ScriptedStt("go on and on"), stt_eot_incomplete_ms=0)
+    for _ in range(2):                    # two frames of pre-roll (not speech)…
+        user.send(ev.AudioFrame, pcm=FRAME, sample_rate=16000, pts_ms=0)
+    user.speak(MAX_UTTERANCE_FRAMES)      # …then speech past the limit, and no SpeechEnded
+    assert user.worker.utterance is None
+    (final,) = await user.finals(1)
+    assert final.speech_ms == (MAX_UTTERANCE_FRAMES - 2) * 20
+
+
+async def test_idle_finals_count_up_once_per_listening_and_stop_while_speaking(
+        started: Any) -> None:
+    user = await started(ScriptedStt("hello there"), stt_user_idle_s=0.05)
+    await asyncio.sleep(0.1)
+    assert not user.of(sj.STT_FINAL)      # no state yet: not listening
+    user.state("listening")
+    (first,) = await user.finals(1)
+    assert (first.turn, first.text, first.final, first.idle) == (1, "", True, 1)
+    await asyncio.sleep(0.1)
+    assert len(user.of(sj.STT_FINAL)) == 1  # once per listening
+    user.state("thinking")
+    user.state("speaking")
+    await asyncio.sleep(0.1)
+    assert len(user.of(sj.STT_FINAL)) == 1  # not while the agent speaks
+    user.state("listening")
+    (_, second) = await user.finals(2)
+    assert (second.turn, second.idle) == (2, 2)
+    assert user.bus.kv.data["s.turn"] == b"2"
+    user.state("listening")
+    user.speak()                          # the user speaks: no timer, and the count restarts
+    await asyncio.sleep(0.1)
+    assert len(user.of(sj.STT_FINAL)) == 2
+    user.stop(400)
+    (_, _, spoken, third) = await user.finals(4)
+    assert (spoken.turn, spoken.text, spoken.idle) == (3, "hello there", 0)
+    # The agent's state stayed "listening" (say the reply was ignored): timed from the turn end.
+    assert (third.turn, third.idle) == (4, 1)
+    assert user.worker.idle.is_set()
+
+
+async def test_the_idle_timer_is_off_by_default_and_gone_on_close(started: Any) -> None:
+    user = await started(ScriptedStt())
+    assert sj.CTL_STATE.subject("s") not in user.bus.handlers
+    user.worker.on_state(ev.AgentState(session="s", state="listening"))
+    assert user.worker.idle_timer is None
+    timed = await started(ScriptedStt(), stt_user_idle_s=30)
+    timed.state("listening")
+    timer = timed.worker.idle_timer
+    assert timer is not None and not timer.done()
+    await timed.worker.close()
+    assert timer.cancelled()
