@@ -31,6 +31,8 @@ MIC_FRAME = MIC_RATE // 100  # 10 ms, what WebRTC itself uses
 RECORD_RATE = 24000
 # A sample above this (of 32767) counts as sound: well above Opus's noise on digital silence.
 LOUD = 500
+# Arrivals of loud agent frames kept (10 ms each: the last ten minutes of the agent's voice).
+LOUD_FRAMES_KEPT = 60_000
 
 
 class CallError(RuntimeError):
@@ -55,6 +57,8 @@ class Turn:
     speech_end_wall_ns: int = 0  # the same moment on the wall clock (to match bus events)
     first_sound: float = 0.0  # the agent's first audible sample arrived
     states: list[tuple[float, str]] = field(default_factory=list)
+    speech_start: float = 0.0  # the first loud sample of the utterance left the microphone
+    speech_start_wall_ns: int = 0  # the same moment on the wall clock
 
     @property
     def v2v_ms(self) -> float:
@@ -83,6 +87,11 @@ class Caller:
         self.state_changed = asyncio.Event()
         self.turn = Turn()
         self.recording: list[bytes] = []
+        # Arrival of every loud agent frame: (time.monotonic(), time.time_ns()) — the second
+        # to match bus events; ``sound`` is set at each one.
+        self.loud_frames: deque[tuple[float, int]] = deque(maxlen=LOUD_FRAMES_KEPT)
+        self.sound = asyncio.Event()
+        self._onset: tuple[bytes, int] | None = None  # first loud frame of an utterance, sample
         self._speech: deque[bytes] = deque()
         self._speech_done: asyncio.Event | None = None
         self.mic_sid = ""
@@ -134,7 +143,10 @@ class Caller:
         frames = [audio[i:i + MIC_FRAME * 2] for i in range(0, len(audio), MIC_FRAME * 2)]
         frames[-1] = frames[-1] + bytes(MIC_FRAME * 2 - len(frames[-1]))
         last_loud = max((i for i, f in enumerate(frames) if loud(f)), default=len(frames) - 1)
+        first_loud = next((i for i, f in enumerate(frames) if loud(f)), None)
         self.turn = Turn()
+        self._onset = None if first_loud is None else \
+            (frames[first_loud], first_loud_sample(frames[first_loud]))
         self._speech_done = asyncio.Event()
         self._speech.extend(frames[:last_loud + 1])
         await self._speech_done.wait()
@@ -146,6 +158,13 @@ class Caller:
         while True:
             pcm = self._speech.popleft() if self._speech else silence
             await self.source.capture_frame(rtc.AudioFrame(pcm, MIC_RATE, 1, MIC_FRAME))
+            if self._onset is not None and pcm is self._onset[0]:
+                # This frame leaves after what is queued before it; its first loud sample
+                # leaves that long before the frame's end.
+                ahead = self.source.queued_duration - (MIC_FRAME - self._onset[1]) / MIC_RATE
+                self.turn.speech_start = time.monotonic() + ahead
+                self.turn.speech_start_wall_ns = time.time_ns() + int(ahead * 1e9)
+                self._onset = None
             if not self._speech and self._speech_done is not None \
                     and not self._speech_done.is_set():
                 # The last speech frame is queued: it leaves after what is queued before it.
@@ -209,10 +228,15 @@ class Caller:
         try:
             async for event in stream:
                 pcm = bytes(event.frame.data)
-                if self.state in ("speaking", "thinking") or loud(pcm):
+                audible = loud(pcm)
+                if self.state in ("speaking", "thinking") or audible:
                     self.recording.append(pcm)
-                if not self.turn.first_sound and self.turn.speech_end and loud(pcm):
-                    self.turn.first_sound = time.monotonic()
+                if audible:
+                    now = time.monotonic()
+                    self.loud_frames.append((now, time.time_ns()))
+                    if not self.turn.first_sound and self.turn.speech_end:
+                        self.turn.first_sound = now
+                    self.sound.set()
         finally:
             await stream.aclose()
 
@@ -256,6 +280,12 @@ class Caller:
 def loud(pcm: bytes) -> bool:
     samples = np.frombuffer(pcm, dtype=np.int16)
     return bool(len(samples)) and int(np.abs(samples.astype(np.int32)).max()) > LOUD
+
+
+def first_loud_sample(pcm: bytes) -> int:
+    """Index of the first sample of ``pcm`` that counts as sound (0 if none does)."""
+    samples = np.abs(np.frombuffer(pcm, dtype=np.int16).astype(np.int32))
+    return int(np.argmax(samples > LOUD))
 
 
 def _resample(pcm: bytes, rate_in: int, rate_out: int) -> bytes:

@@ -149,6 +149,10 @@ async def cmd_bench(args: argparse.Namespace) -> int:
         from voicebus.bench.livekit import run_livekit_bench
 
         result = await run_livekit_bench(turns=args.turns)
+    elif args.bench == "barge-in":
+        from voicebus.bench.bargein import run_bargein_bench
+
+        result = await run_bargein_bench(trials=args.trials, seed=args.seed)
     else:
         from voicebus.bench.pipeline import run_pipeline_bench
 
@@ -216,6 +220,13 @@ def build_parser() -> argparse.ArgumentParser:
     livekit.add_argument("--turns", type=int, default=5)
     livekit.add_argument("--json", action="store_true", help="one line of JSON")
     livekit.set_defaults(run=cmd_bench)
+    bargein = bench_sub.add_parser("barge-in", help="how fast the agent falls silent when the "
+                                   "user cuts in; false interruptions by a cough or an uh-huh")
+    bargein.add_argument("--trials", type=int, default=5,
+                         help="each: one interruption, one cough, one backchannel")
+    bargein.add_argument("--seed", type=int, default=1, help="cough noise and listening times")
+    bargein.add_argument("--json", action="store_true", help="one line of JSON")
+    bargein.set_defaults(run=cmd_bench)
     return parser
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from proto import events as ev
-from voicebus.bench import livekit
+from voicebus.bench import bargein, livekit
 from voicebus.bench.pipeline import stats, summarise
 from voicebus.client import Tap
 
@@ -68,3 +70,142 @@ def test_livekit_bench_has_the_pipeline_keys_and_splits_off_transport() -> None:
     assert set(pipeline) <= set(result)
     assert result["v2v_ms"]["p50"] == 700.0 and result["transport_ms"]["p50"] == 238.0
     assert result["overhead_ms"] == pipeline["overhead_ms"] and result["errors"] == 1
+
+
+# ---- bench barge-in -------------------------------------------------------------------------------
+
+def test_barge_in_silence_is_onset_to_the_last_loud_frame_before_the_answer() -> None:
+    onset, answer = 10.0, 12.0
+    frames = [9.90, 9.95, 10.01, 10.12, 10.18, 12.3, 12.4]  # reply, pause at 10.18, answer
+    assert round(bargein.silence_after_onset_ms(onset, frames, until=answer), 6) == 180.0
+    # the agent already silent when the user began: 0, not the answer's start
+    assert bargein.silence_after_onset_ms(onset, [9.5, 9.6, 12.3], until=answer) == 0.0
+    assert bargein.silence_after_onset_ms(onset, [], until=answer) == 0.0
+
+
+def test_barge_in_wall_clock_to_the_callers_clock() -> None:
+    ref = (100.0, 1_700_000_000 * 10**9)  # one moment on both clocks
+    assert bargein.to_monotonic(ref[1] + 250 * MS, ref) == 100.25
+    assert bargein.to_monotonic(ref[1] - 500 * MS, ref) == 99.5
+
+
+def test_barge_in_stale_frames_are_those_between_cancel_and_the_next_reply() -> None:
+    cancel, answer = 10_000 * MS, 11_000 * MS
+    arrivals = [9_990 * MS, 10_000 * MS, 10_020 * MS, 10_900 * MS, 11_000 * MS, 11_010 * MS]
+    assert bargein.stale_frames(arrivals, cancel, answer) == 2
+    assert bargein.stale_frames([9_000 * MS, 11_500 * MS], cancel, answer) == 0
+
+
+def test_barge_in_answer_holds_the_questions_words_in_order() -> None:
+    assert bargein.heard_in("What time is it?", "what time is it... Let me think.")
+    assert not bargein.heard_in("What time is it?", "it is time... what")
+    assert not bargein.heard_in("", "anything")
+
+
+def test_barge_in_reply_cut_by_cancel_or_interrupted_playback() -> None:
+    tap = tap_with(ev.Cancel(session="r", turn=2, reason="barge-in"),
+                   ev.Playback(session="r", turn=3, final=True, interrupted=True),
+                   ev.Playback(session="r", turn=4, final=True))
+    assert bargein.reply_cut(tap, "r", 2) and bargein.reply_cut(tap, "r", 3)
+    assert not bargein.reply_cut(tap, "r", 4) and not bargein.reply_cut(tap, "r", 1)
+
+
+def test_barge_in_finds_the_cancel_and_the_answers_speaking_state() -> None:
+    t0 = 10_000 * MS
+    tap = tap_with(ev.AgentState(session="r", ts_ns=t0 - 900 * MS, state="speaking", turn=1),
+                   ev.AgentState(session="r", ts_ns=t0 + 150 * MS, state="listening", turn=1),
+                   ev.AgentState(session="r", ts_ns=t0 + 200 * MS, state="speaking", turn=1),
+                   ev.Cancel(session="r", ts_ns=t0 + 600 * MS, turn=1, reason="barge-in"),
+                   ev.AgentState(session="r", ts_ns=t0 + 1500 * MS, state="speaking", turn=2))
+    assert bargein.first_cancel(tap, "r", turn=1, after_ns=t0).ts_ns == t0 + 600 * MS
+    assert bargein.first_cancel(tap, "r", turn=2, after_ns=t0) is None
+    assert bargein.next_speaking(tap, "r", t0, after_turn=1).turn == 2  # a resume is not it
+    assert bargein.next_speaking(tap, "r", t0 - 1000 * MS).turn == 1
+
+
+def test_barge_in_settles_only_when_every_owed_reply_is_played_or_cut() -> None:
+    t0 = 10_000 * MS
+    started = ev.SpeechStarted(session="r", ts_ns=t0, pts_ms=0)
+    ended = ev.SpeechEnded(session="r", ts_ns=t0 + 900 * MS, pts_ms=900)
+    heard = ev.Transcript(session="r", ts_ns=t0 + 950 * MS, turn=1, text="what time is it",
+                          final=True)
+    answer = ev.ReplyDone(session="r", turn=1, text="what time is it... ok")
+    played = ev.Playback(session="r", turn=1, final=True)
+    assert bargein.pending(tap_with(started), "r") == ["a final transcript of the user's speech"]
+    assert bargein.pending(tap_with(started, ended), "r") == \
+        ["a final transcript of the user's speech"]
+    assert bargein.pending(tap_with(started, ended, heard), "r") == ["an answer to turn 1"]
+    assert bargein.pending(tap_with(started, ended, heard, answer), "r") == \
+        ["the playout of turn 1"]
+    assert bargein.pending(tap_with(started, ended, heard, answer, played), "r") == []
+    cut = ev.Cancel(session="r", turn=1, reason="barge-in")
+    assert bargein.pending(tap_with(started, ended, heard, answer, cut), "r") == []
+    # a backchannel over the reply: its final is answered with "ignored", which owes nothing
+    again = [ev.SpeechStarted(session="r", ts_ns=t0 + 2000 * MS, pts_ms=2000),
+             ev.SpeechEnded(session="r", ts_ns=t0 + 2300 * MS, pts_ms=2300)]
+    okay = ev.Transcript(session="r", ts_ns=t0 + 2500 * MS, turn=2, text="okay", final=True)
+    ignored = ev.ReplyDone(session="r", turn=2, ignored=True)
+    assert bargein.pending(tap_with(heard, answer, *again), "r") == \
+        ["a final transcript of the user's speech", "the playout of turn 1"]
+    assert bargein.pending(tap_with(heard, answer, played, *again, okay, ignored), "r") == []
+    # a cough: a final with no words owes no answer
+    cough = ev.Transcript(session="r", ts_ns=t0 + 2500 * MS, turn=2, text="", final=True)
+    assert bargein.pending(tap_with(heard, answer, played, *again, cough), "r") == []
+
+
+def test_barge_in_names_what_stt_made_of_a_sound() -> None:
+    t0 = 10_000 * MS
+    old = ev.Transcript(session="r", ts_ns=t0 - MS, turn=1, text="tell me", final=True)
+    partial = ev.Transcript(session="r", ts_ns=t0 + 300 * MS, turn=2, text="a")
+    final = ev.Transcript(session="r", ts_ns=t0 + 700 * MS, turn=2, text="a ha", final=True)
+    again = ev.Transcript(session="r", ts_ns=t0 + 400 * MS, turn=2, text="a")
+    other = ev.Transcript(session="r", ts_ns=t0 + 500 * MS, turn=2, text="i")
+    assert bargein.transcribed(tap_with(old, partial, again, other, final), "r", t0) == \
+        "partials 'a', 'i'; final 'a ha'"
+    assert bargein.transcribed(tap_with(old, final), "r", t0) == "final 'a ha'"
+    assert bargein.transcribed(tap_with(old, partial), "r", t0) == "partials 'a'"
+    assert bargein.transcribed(tap_with(old), "r", t0) == "nothing"
+
+
+def test_barge_in_summary() -> None:
+    results = bargein.Results(
+        interruptions=[bargein.Interruption(120.0, 450.0, 0, True),
+                       bargein.Interruption(200.0, 550.0, 0, True),
+                       bargein.Interruption(900.0, None, None, False)],
+        quiet_cases=[bargein.QuietCase("trial 1 cough", False),
+                     bargein.QuietCase("trial 1 Uh-huh.", True, "final 'a ha'"),
+                     bargein.QuietCase("trial 2 cough", False),
+                     bargein.QuietCase("trial 2 Okay.", False)],
+        failures=["trial 3 interrupt: no Cancel of reply 7"])
+    result = bargein.summarise(results, trials=3)
+    assert result["trials"] == 3
+    assert result["silence_after_onset_ms"] == {"p50": 200.0, "p95": 830.0, "n": 3, "max": 900.0}
+    assert result["cancel_ms"] == {"p50": 500.0, "p95": 545.0, "n": 2}
+    assert result["stale_frames"] == 0 and result["stale_frames_counted_in"] == 2
+    assert result["interrupts_heard"] == 2 and result["interrupts_measured"] == 3
+    assert result["false_interruptions"] == 1 and result["no_interrupt_cases"] == 4
+    assert result["falsely_cut"] == ["trial 1 Uh-huh. (heard: final 'a ha')"]
+    assert result["failures"] == ["trial 3 interrupt: no Cancel of reply 7"]
+    empty = bargein.summarise(bargein.Results(), trials=0)
+    assert empty["silence_after_onset_ms"]["n"] == 0 and empty["false_interruptions"] == 0
+
+
+def test_barge_in_cough_is_a_short_loud_seeded_burst() -> None:
+    one = bargein.cough(np.random.default_rng(7))
+    assert one == bargein.cough(np.random.default_rng(7))
+    assert one != bargein.cough(np.random.default_rng(8))
+    samples = np.frombuffer(one, dtype=np.int16).astype(np.int32)
+    assert len(samples) == bargein.COUGH_RATE * 150 // 1000
+    assert 15000 < np.abs(samples).max() <= 16384
+    assert np.abs(samples[:16]).max() < np.abs(samples).max() / 2  # attack, not a click
+    assert np.abs(samples[-40:]).max() < 1000  # decayed by the end
+
+
+def test_caller_finds_the_first_loud_sample() -> None:
+    from voicebus.call import first_loud_sample
+
+    frame = np.zeros(480, dtype=np.int16)
+    frame[37] = 900
+    frame[100] = 30000
+    assert first_loud_sample(frame.tobytes()) == 37
+    assert first_loud_sample(bytes(960)) == 0
