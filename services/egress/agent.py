@@ -83,6 +83,7 @@ class TrackSink:
 
     def __init__(self, agent: AgentParticipant, sample_rate: int) -> None:
         self.agent = agent
+        self.sample_rate = sample_rate
         self.resampler = soxr.ResampleStream(sample_rate, TRACK_RATE, 1, dtype="int16")
 
     async def write(self, pcm: bytes) -> None:
@@ -100,9 +101,12 @@ class TrackSink:
             frame = rtc.AudioFrame(samples.tobytes(), TRACK_RATE, 1, len(samples))
             await self.agent.source.capture_frame(frame)
 
-    def clear(self) -> None:
+    def clear(self) -> int:
+        """Drop what the track has queued; return how much that was, in input samples."""
+        queued = self.agent.source.queued_duration
         self.agent.source.clear_queue()
         self.resampler.clear()
+        return round(queued * self.sample_rate)
 
     async def aclose(self) -> None:
         return None

@@ -18,6 +18,10 @@ from os import PathLike
 from typing import NamedTuple, Protocol
 
 
+# How far a pause can take audio back: more than any sink's queue (the agent track holds 100 ms).
+REWIND_FRAMES = 25
+
+
 class PlayoutReport(NamedTuple):
     turn: int
     played_ms: int
@@ -37,6 +41,13 @@ class TurnAwareSink(Sink, Protocol):
     async def end_turn(self) -> None:
         """A turn was played to its end: flush what the sink still holds of it (a resampler's
         delay line) before the next turn's first frame."""
+        ...
+
+
+class BufferedSink(Sink, Protocol):
+    def clear(self) -> int:
+        """Drop what the sink holds but has not played yet; return how many samples (at the
+        playout's rate) that was."""
         ...
 
 
@@ -85,7 +96,7 @@ class WavSink:
 
 class _Turn:
     __slots__ = ("turn", "frames", "offsets", "buffered", "finished", "cancelled", "played",
-                 "text_offset", "underruns")
+                 "text_offset", "underruns", "recent")
 
     def __init__(self, turn: int) -> None:
         self.turn = turn
@@ -98,6 +109,20 @@ class _Turn:
         self.played = 0  # samples written to the sink
         self.text_offset = 0
         self.underruns = 0
+        # Frames last written, with the offset before each: a pause may have to take them back.
+        self.recent: deque[tuple[bytes, int, int]] = deque(maxlen=REWIND_FRAMES)
+
+    def rewind(self, samples: int) -> None:
+        """Put back frames whose audio the sink dropped unplayed (``samples`` of it)."""
+        while samples > 0 and self.recent:
+            pcm, offset, before = self.recent.pop()
+            self.frames.appendleft(pcm)
+            self.offsets.appendleft(offset)
+            n = len(pcm) // 2
+            self.buffered += n
+            self.played -= n
+            self.text_offset = before
+            samples -= n
 
     def report(self, rate: int, final: bool = False, interrupted: bool = False) -> PlayoutReport:
         return PlayoutReport(self.turn, self.played * 1000 // rate, self.text_offset, final,
@@ -127,6 +152,7 @@ class Playout:
         self._floor = 0
         self._last_final = -1  # highest turn given its final report (finals go in turn order)
         self._playing: _Turn | None = None
+        self.paused = False
         self._wake = asyncio.Event()
         self._closed = False
         self._stopped = asyncio.Event()
@@ -181,6 +207,25 @@ class Playout:
         self._wake.set()
         return cut
 
+    def pause(self) -> None:
+        """Stop the agent's voice now, keeping its place: nothing more reaches the sink (and no
+        turn starts) until ``resume``; what the sink held unplayed is played again then."""
+        if self.paused:
+            return
+        self.paused = True
+        self._take_back()
+
+    def _take_back(self) -> None:
+        clear = getattr(self.sink, "clear", None)
+        dropped = clear() if clear is not None else 0
+        if self._playing is not None and dropped:
+            self._playing.rewind(dropped)
+
+    def resume(self) -> None:
+        if self.paused:
+            self.paused = False
+            self._wake.set()
+
     # ---- the playout loop --------------------------------------------------------------------
 
     async def run(self) -> None:
@@ -219,7 +264,7 @@ class Playout:
         return None
 
     def _ready(self, state: _Turn) -> bool:
-        return state.finished or state.buffered >= self._prebuffer
+        return not self.paused and (state.finished or state.buffered >= self._prebuffer)
 
     async def _wait(self) -> None:
         self._wake.clear()
@@ -236,6 +281,11 @@ class Playout:
                 await self._sleep(delay)
             if state.cancelled or self._closed:
                 return  # the pending frame is dropped; cancel() already reported the turn
+            if self.paused:
+                if not await self._hold(state):
+                    return
+                start, sent = self._clock(), 0
+                continue
             if not state.frames:
                 if state.finished:
                     if (end_turn := getattr(self.sink, "end_turn", None)) is not None:
@@ -250,15 +300,25 @@ class Playout:
             offset = state.offsets.popleft()
             n = len(pcm) // 2
             state.buffered -= n
+            before = state.text_offset
             await self.sink.write(pcm)
             if state.cancelled:
                 return  # cancelled while the sink took the frame: the turn is already reported
+            state.recent.append((pcm, offset, before))
             state.played += n
             state.text_offset = offset
+            if self.paused:  # paused while the sink took the frame: it must not play either
+                self._take_back()
             sent += n
             if state.played >= next_progress and self._on_progress is not None:
                 self._on_progress(state.report(rate))
                 next_progress = state.played + self._progress
+
+    async def _hold(self, state: _Turn) -> bool:
+        """Paused: wait for ``resume`` (or the turn's end by cancel or close)."""
+        while self.paused and not (state.cancelled or self._closed):
+            await self._wait()
+        return not (state.cancelled or self._closed)
 
     async def _rebuffer(self, state: _Turn) -> bool:
         """Underrun: wait until the jitter buffer refills (or the turn is finished or cancelled).

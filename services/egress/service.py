@@ -4,16 +4,23 @@ For a session with a room, the sink is the agent participant's audio track, and 
 speaks for the agent in the room: transcripts of both sides and the agent's state (see
 ``agent.py``). Otherwise the sink is a WAV file (``SessionStart.wav_out``) or nothing. A
 ``Cancel`` stops playout at once, and nothing of a cancelled turn plays afterwards.
+
+Egress is where barge-in is decided (``floor.py``): it hears the user's speech edges and
+transcripts, pauses the agent's voice the moment the user speaks over it, and either resumes
+or cuts the reply and publishes the ``Cancel``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
+import time
 from typing import ClassVar
 
 from proto import events as ev
 from proto import subjects as sj
 from services.egress.agent import AgentParticipant, TrackSink, Transcripts
+from services.egress.floor import Floor
 from services.egress.playout import NullSink, Playout, PlayoutReport, Sink, WavSink
 from services.runtime import metrics
 from services.runtime.bus import SeqGaps
@@ -41,15 +48,22 @@ class EgressWorker(SessionWorker[EgressConfig]):
         self.transcripts: Transcripts | None = None
         self.speaking: set[int] = set()
         self.words: dict[int, list[ev.WordMark]] = {}  # per turn, from SpeechDone
-        self.state_turn = 0
-        await self.subscribe(sj.producer_all(self.session, "tts"), self.on_tts)
-        if self.start_event.room and not self.start_event.wav_out:
-            self.agent = AgentParticipant(self.config, self.start_event.room,
+        start = self.start_event
+        if start.room and not start.wav_out:
+            self.agent = AgentParticipant(self.config, start.room,
                                           queue_ms=self.config.egress_track_queue_ms)
             self.transcripts = Transcripts(self.agent)
+        # A handed-over session has had its greeting (or the user is past it).
+        self.floor = Floor(self.config.turn_rules(), self,
+                           greeting=bool(self.agent and start.greeting and not start.handover))
+        self.cut_upto = -1  # replies cut by barge-in: their late frames never play
+        self.min_speech_timer: asyncio.TimerHandle | None = None
+        await self.subscribe(sj.producer_all(self.session, "tts"), self.on_tts)
+        await self.subscribe(sj.INGRESS_VAD.subject(self.session), self.on_vad)
+        await self.subscribe(sj.producer_all(self.session, "stt"), self.on_transcript)
+        await self.subscribe(sj.producer_all(self.session, "llm"), self.on_reply)
+        if self.agent is not None:
             await self.subscribe(sj.INGRESS_TRACK.subject(self.session), self.on_input_track)
-            await self.subscribe(sj.producer_all(self.session, "stt"), self.on_transcript)
-            await self.subscribe(sj.producer_all(self.session, "llm"), self.on_reply)
 
     async def begin(self) -> None:
         self.wav_out = ""
@@ -75,6 +89,8 @@ class EgressWorker(SessionWorker[EgressConfig]):
                 sink, sample_rate, prebuffer_ms=self.config.egress_prebuffer_ms,
                 progress_ms=self.config.egress_progress_ms, on_progress=self.on_progress,
             )
+            if self.floor.paused:
+                self.playout.pause()
             self.spawn(self.playout.run(), "playout")
         return self.playout
 
@@ -91,6 +107,8 @@ class EgressWorker(SessionWorker[EgressConfig]):
         if problem := ev.frame_problem(frame):
             self.bus.reject("bad_audio", problem, sj.TTS_AUDIO.subject(self.session))
             return
+        if frame.turn <= self.cut_upto:
+            return  # a straggler of a reply the user interrupted
         playout = self._playout_for(frame.sample_rate)
         if frame.sample_rate != playout.sample_rate:
             self.bus.reject("rate_change", f"{frame.sample_rate} Hz on a {playout.sample_rate} Hz "
@@ -103,13 +121,15 @@ class EgressWorker(SessionWorker[EgressConfig]):
         if done.words:
             self.words[done.turn] = done.words
         if done.frames == 0 or self.playout is None:
-            # Nothing to play (an empty or failed reply): the turn is over for the user too,
-            # and the agent listens again.
-            self.on_progress(PlayoutReport(done.turn, 0, 0, True, done.interrupted, 0))
+            # Nothing to play (an empty, failed or cut reply): the turn is over for the user
+            # too, and the agent listens again.
+            cut = done.interrupted or done.turn <= self.cut_upto
+            self.on_progress(PlayoutReport(done.turn, 0, 0, True, cut, 0))
             return
         self.playout.finish(done.turn)
 
     async def on_cancel(self, cancel: ev.Cancel) -> None:
+        self.cut_upto = max(self.cut_upto, cancel.turn)
         if self.playout is not None:
             cut = self.playout.cancel(cancel.turn)
             if cut is not None and isinstance(self.playout.sink, TrackSink):
@@ -118,11 +138,51 @@ class EgressWorker(SessionWorker[EgressConfig]):
     def on_progress(self, report: PlayoutReport) -> None:
         if report.final:
             self.speaking.discard(report.turn)
-            self.set_state("listening", report.turn)
+            self.floor.played(report.turn)
         elif report.turn not in self.speaking:
             self.speaking.add(report.turn)
-            self.set_state("speaking", report.turn)
+            self.floor.playing(report.turn)
         self.spawn(self._publish(report), f"progress-{report.turn}")
+
+    # ---- turn-taking (FloorActions) -------------------------------------------------------------
+
+    def on_vad(self, event: ev.Event) -> None:
+        if self.min_speech_timer is not None:
+            self.min_speech_timer.cancel()
+            self.min_speech_timer = None
+        if isinstance(event, ev.SpeechStarted):
+            self.floor.speech_started(time.monotonic())
+            # Duration alone may decide (VOICEBUS_INTERRUPT_MIN_WORDS=0): judge again then.
+            self.min_speech_timer = asyncio.get_running_loop().call_later(
+                self.floor.rules.min_speech_ms / 1000, self._speech_long_enough)
+        elif isinstance(event, ev.SpeechEnded):
+            self.floor.speech_ended()
+
+    def _speech_long_enough(self) -> None:
+        self.min_speech_timer = None
+        self.floor.check(time.monotonic())
+
+    def pause(self) -> None:
+        if self.playout is not None:
+            self.playout.pause()
+
+    def resume(self) -> None:
+        if self.playout is not None:
+            self.playout.resume()
+
+    def interrupt(self, turn: int) -> None:
+        self.cut_upto = max(self.cut_upto, turn)
+        if self.playout is not None:
+            self.playout.cancel(turn)
+        self.log.info("barge-in: reply %d cut", turn)
+        self.spawn(self.emit(sj.CTL_CANCEL, ev.Cancel, turn=turn, reason="barge-in"), "cancel")
+
+    def show(self, state: ev.AgentStateName, turn: int) -> None:
+        """The agent's state for LiveKit's front-ends (attribute) and for the bus."""
+        if self.agent is None:
+            return
+        self.agent.set_state(state)
+        self.spawn(self.emit(sj.CTL_STATE, ev.AgentState, state=state, turn=turn), "state")
 
     # ---- the agent in the room ------------------------------------------------------------------
 
@@ -134,40 +194,35 @@ class EgressWorker(SessionWorker[EgressConfig]):
             await self.emit(sj.ERROR["egress"], ev.StageError, stage="egress",
                             message=str(exc), retryable=True)
             return
-        if not self.agent.state:  # the user's microphone may already be heard
-            self.set_state("initializing")
-
-    def set_state(self, state: ev.AgentStateName, turn: int = 0) -> None:
-        """The agent's state for LiveKit's front-ends (attribute) and for the bus. News of an
-        older turn (a cancelled turn closing late) never overrides a newer turn's state."""
-        if self.agent is None or self.agent.state == state or turn < self.state_turn:
-            return
-        self.state_turn = turn
-        self.agent.set_state(state)
-        self.spawn(self.emit(sj.CTL_STATE, ev.AgentState, state=state, turn=turn), "state")
+        self.floor.refresh()  # "initializing", unless the user's microphone is heard already
 
     def on_input_track(self, track: ev.InputTrack) -> None:
         assert self.transcripts is not None
         if track.active:
             self.transcripts.user_identity = track.participant
             self.transcripts.user_track = track.track_sid
-            if self.agent is not None and self.agent.state in ("", "initializing"):
-                self.set_state("listening")
+        self.floor.user_track(track.active)
 
     def on_transcript(self, event: ev.Event) -> None:
-        if isinstance(event, ev.Transcript) and self.transcripts is not None:
-            if event.text:
-                self.transcripts.user(event.turn, event.text, event.final)
-            if event.final and event.text:
-                self.set_state("thinking", event.turn)
+        if not isinstance(event, ev.Transcript):
+            return
+        if event.text and self.transcripts is not None:
+            self.transcripts.user(event.turn, event.text, event.final)
+        if event.final:
+            self.floor.final_transcript(event.turn, event.text, event.speech_ms, event.idle)
+        else:
+            self.floor.partial_transcript(event.turn, event.text, time.monotonic())
 
     def on_reply(self, event: ev.Event) -> None:
-        if self.transcripts is None:
-            return
         if isinstance(event, ev.ReplyDelta) and event.text:
-            self.transcripts.agent_delta(event.turn, event.text)
+            self.floor.reply_text(event.turn)
+            if self.transcripts is not None:
+                self.transcripts.agent_delta(event.turn, event.text)
         elif isinstance(event, ev.ReplyDone):
-            self.transcripts.agent_done(event.turn, event.text)
+            if event.text and not event.ignored:
+                self.floor.reply_text(event.turn)
+            if self.transcripts is not None and not event.ignored:
+                self.transcripts.agent_done(event.turn, event.text)
 
     async def _publish(self, report: PlayoutReport) -> None:
         dropped = 0

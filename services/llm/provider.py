@@ -15,6 +15,8 @@ class ChatMessage(msgspec.Struct, frozen=True, omit_defaults=True):
     content: str
     # Set on an assistant message the user did not hear in full (barge-in).
     interrupted: bool = False
+    # The turn a message belongs to (0: the greeting): how a Playback report finds its reply.
+    turn: int = 0
 
 
 class LlmProvider(Protocol):

@@ -7,8 +7,9 @@ rules live here once, and both read the same settings (``VOICEBUS_INTERRUPT_*``,
 
 An utterance over the agent's reply **interrupts** it when the user spoke for at least
 ``min_speech_ms`` and the transcript holds at least ``min_words`` words that are not a
-backchannel ("uh-huh", "yeah", "okay"…). With ``min_words`` = 0 duration alone decides (the
-reply is cut before any transcript exists), except that a final with no words never does.
+backchannel ("uh-huh", "yeah", "okay"…); a partial transcript needs one such word more, as the
+STT still revises it. With ``min_words`` = 0 duration alone decides (the reply is cut before any
+transcript exists), except that a final with no words never does.
 """
 
 from __future__ import annotations
@@ -88,9 +89,13 @@ class TurnRules(msgspec.Struct, frozen=True):
 
     def interrupts(self, text: str, speech_ms: float, *, final: bool) -> bool:
         """Whether an utterance heard over the agent's reply takes the floor: ``text`` is its
-        transcript so far (``final`` when complete), ``speech_ms`` how long the user spoke."""
-        if speech_ms < self.min_speech_ms:
+        transcript so far (``final`` when complete), ``speech_ms`` how long the user spoke
+        (0: not measured, as from a producer older than the field)."""
+        if 0 < speech_ms < self.min_speech_ms:
             return False
         if final and not words(text):
             return False
-        return len(self.substantive(text)) >= self.min_words
+        # A partial is a guess the STT still revises (its first word for a hum or a cough is
+        # often a stray "i" or "the"): it must carry one real word more than a final.
+        needed = self.min_words if final or not self.min_words else self.min_words + 1
+        return len(self.substantive(text)) >= needed

@@ -112,7 +112,8 @@ class TokenService:
         token dispatches. Returns once nats-server has the start; else 503."""
         if self.bus is None or not self.connected:
             raise HTTPException(503, "the agent cannot be dispatched: not connected to NATS")
-        await self.bus.publish(sj.CTL_START, self.event(ev.SessionStart, room, room=room))
+        await self.bus.publish(sj.CTL_START, self.event(ev.SessionStart, room, room=room,
+                                                        greeting=self.config.greeting))
         try:
             await self.bus.nc.flush(timeout=2)
         except (nats.errors.Error, asyncio.TimeoutError):

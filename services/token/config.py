@@ -30,6 +30,9 @@ class TokenConfig(LiveKitConfig, frozen=True, kw_only=True):
     livekit_public_url: str = ""
     # The web page's directory (empty: web/ of this checkout).
     web_dir: str = ""
+    # What the agent says when it first hears the user (dispatched with the session; "" for
+    # none). Turn 0 of the session: it can be interrupted like any reply.
+    greeting: str = "Hello! How can I help you today?"
 
     @property
     def public_url(self) -> str:

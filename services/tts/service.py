@@ -135,11 +135,25 @@ class TtsWorker(SessionWorker[TtsConfig]):
 
     async def start(self) -> None:
         self.current: TurnSpeech | None = None
-        self.cancelled_upto = 0
+        # The greeting is turn 0: nothing is cancelled until a Cancel says so.
+        self.cancelled_upto = -1
+        self.started: dict[int, None] = {}  # turns that have (had) their SpeechDone coming
         await self.subscribe(sj.producer_all(self.session, "llm"), self.on_llm)
 
     def on_llm(self, event: ev.Event) -> None:
-        if not isinstance(event, ev.ReplyDelta | ev.ReplyDone) or event.turn <= self.cancelled_upto:
+        if not isinstance(event, ev.ReplyDelta | ev.ReplyDone):
+            return
+        if event.turn in self.started:
+            pass  # the turn's own task closes it
+        elif event.turn <= self.cancelled_upto or (isinstance(event, ev.ReplyDone) and not event.text):
+            # Nothing to say: a turn cut before its text came, an empty or ignored reply. It
+            # still gets its SpeechDone, and a reply still being spoken is not disturbed.
+            if isinstance(event, ev.ReplyDone):
+                self._mark_started(event.turn)
+                self.spawn(self._unstarted(event.turn, event.interrupted or
+                                           event.turn <= self.cancelled_upto), "done")
+            return
+        if event.turn <= self.cancelled_upto:
             return
         speech = self._speech_for(event.turn)
         if speech is None:
@@ -160,13 +174,19 @@ class TtsWorker(SessionWorker[TtsConfig]):
         if current is not None and current.task is not None:
             current.task.cancel()  # a newer reply supersedes the one still being spoken
         speech = TurnSpeech(turn, self.config.tts_max_chunk_chars)
+        self._mark_started(turn)
         speech.task = self.spawn_turn(self.speak(speech), turn, self._unstarted)
         self.current = speech
         self.idle.clear()
         return speech
 
-    async def _unstarted(self, turn: int) -> None:
-        await self.emit(sj.TTS_DONE, ev.SpeechDone, turn=turn, interrupted=True)
+    def _mark_started(self, turn: int) -> None:
+        self.started[turn] = None
+        while len(self.started) > 64:  # only late events of recent turns need the memory
+            del self.started[next(iter(self.started))]
+
+    async def _unstarted(self, turn: int, interrupted: bool = True) -> None:
+        await self.emit(sj.TTS_DONE, ev.SpeechDone, turn=turn, interrupted=interrupted)
 
     async def on_cancel(self, cancel: ev.Cancel) -> None:
         self.cancelled_upto = max(self.cancelled_upto, cancel.turn)

@@ -76,8 +76,9 @@ async def test_user_hears_the_agent_with_transcripts_and_states(lk_stack, lk_tap
     assert len(user) == 1 and user[0].final and {"what", "time"} <= _words(user[0].text), user
     assert user[0].streams >= 2, "no partial transcript reached the room before the final"
     assert user[0].track_id == caller.mic_sid
-    assert len(agent) == 1 and agent[0].final and agent[0].text == reply.text, agent
-    assert agent[0].track_id == caller.agent_track_sid != ""
+    # The greeting first (turn 0), then the reply.
+    assert len(agent) == 2 and agent[1].final and agent[1].text == reply.text, agent
+    assert agent[1].track_id == caller.agent_track_sid != ""
 
     # lk.agent.state went listening → thinking → speaking → listening, and the bus agrees.
     states = [state for _, state in turn.states]

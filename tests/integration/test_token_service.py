@@ -361,6 +361,8 @@ async def test_a_token_dispatches_the_agent(main: Service, nc) -> None:
     start = codec.decode_on(msg.subject, msg.data)
     assert isinstance(start, ev.SessionStart)
     assert (start.session, start.room) == ("dispatch-me", "dispatch-me") and start.ts_ns > 0
+    # The agent is sent with its greeting (VOICEBUS_GREETING; the default here).
+    assert start.greeting == "Hello! How can I help you today?"
     await sub.unsubscribe()
 
 

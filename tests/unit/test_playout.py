@@ -318,3 +318,73 @@ async def test_a_turn_aware_sink_is_told_each_played_turn_end_before_the_next_st
     await h.close()
     assert events[:6] == [1, 1, "end", 2, 2, "end"], events
     assert events.count("end") == 2, events
+
+
+class QueueSink(RecordingSink):
+    """A sink that holds the last ``held`` frames unplayed, like the agent's track queue."""
+
+    def __init__(self, vt: VirtualTime, held: int) -> None:
+        super().__init__(vt)
+        self.held = held
+        self.cleared: list[bytes] = []
+
+    def clear(self) -> int:
+        dropped = self.writes[-self.held:] if self.held else []
+        del self.writes[len(self.writes) - len(dropped):]
+        self.cleared += [pcm for _, pcm in dropped]
+        return sum(len(pcm) // 2 for _, pcm in dropped)
+
+
+async def test_pause_silences_at_once_and_resume_plays_on_from_what_was_not_heard() -> None:
+    h = Harness()
+    h.sink = QueueSink(h.vt, held=2)
+    h.playout.sink = h.sink
+    h.push_turn(1, 10)
+    h.vt.at(0.09, h.playout.pause)  # between frames 4 and 5; frames 3 and 4 still queued
+    h.start()
+    await settle()
+    assert h.sink.frames() == [frame(1, n) for n in range(3)]
+    assert h.sink.cleared == [frame(1, 3), frame(1, 4)]
+    h.vt.now = 2.0  # the user talks for a while: nothing plays, nothing is final
+    await settle()
+    assert len(h.sink.writes) == 3 and not any(r.final for r in h.reports)
+    h.playout.resume()
+    (final,) = await h.finals(1)
+    # Every frame reached the sink and stayed there exactly once, in order: nothing skipped.
+    assert h.sink.frames() == [frame(1, n) for n in range(10)]
+    assert h.sink.times()[3] == pytest.approx(2.0)
+    assert final == PlayoutReport(1, 200, 10, True, False, 0)
+    await h.close()
+
+
+async def test_a_pause_holds_back_a_turn_not_yet_started_and_cancel_ends_a_paused_turn(h: Harness) -> None:
+    h.playout.pause()
+    h.push_turn(1, 5)
+    h.start()
+    await settle()
+    assert h.sink.writes == []
+    cut = h.playout.cancel(1)
+    (final,) = await h.finals(1)
+    assert cut is None and final == PlayoutReport(1, 0, 0, True, True, 0)
+    h.playout.resume()
+    h.push_turn(2, 2)
+    finals = await h.finals(2)
+    assert finals[-1] == PlayoutReport(2, 40, 2, True, False, 0)
+    assert h.sink.frames() == [frame(2, 0), frame(2, 1)]
+
+
+async def test_text_offset_after_a_pause_is_what_was_heard() -> None:
+    h = Harness(progress_ms=20)
+    h.sink = QueueSink(h.vt, held=2)
+    h.playout.sink = h.sink
+    h.push_turn(1, 10)
+
+    def pause_then_cut() -> None:
+        h.playout.pause()
+        h.playout.cancel(1)
+
+    h.vt.at(0.09, pause_then_cut)
+    h.start()
+    (final,) = await h.finals(1)
+    # Frames 0-2 were heard (offsets 1..3); 3 and 4 were dropped from the queue unplayed.
+    assert (final.played_ms, final.text_offset, final.interrupted) == (60, 3, True)

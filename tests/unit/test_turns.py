@@ -16,7 +16,9 @@ def test_words_drop_punctuation_and_keep_hyphenated_words() -> None:
 
 @pytest.mark.parametrize(("text", "speech_ms", "final", "verdict"), [
     ("what time is it", 600, False, True),      # a question over the reply takes the floor
-    ("what", 250, False, True),                 # one real word is enough by default
+    ("what", 250, True, True),                  # one real word is enough in a final…
+    ("i", 250, False, False),                   # …but a partial needs one more
+    ("what time", 250, False, True),
     ("what time is it", 150, True, False),      # too short to be meant
     ("uh-huh", 400, True, False),               # a backchannel
     ("yeah okay", 500, True, False),            # two of them

@@ -1,0 +1,192 @@
+"""Turn-taking through LiveKit, as a user hears it: the greeting, the agent's states in order,
+barge-in (silence at once, nothing stale, history cut to what was heard) and the false-
+interruption guard (a cough and a backchannel let the reply finish).
+
+Real livekit-server, nats-server, the five stages and the token service, each its own process.
+The echo LLM's acknowledgement is made long so that replies last several seconds."""
+
+from __future__ import annotations
+
+import msgspec
+import nats
+import numpy as np
+import pytest
+import pytest_asyncio
+
+from proto import events as ev
+from proto import subjects as sj
+from services.ingress.audio import read_wav
+from services.llm.provider import ChatMessage
+from services.runtime.livekit import AGENT_IDENTITY
+from tests.conftest import LogTail
+from voicebus.call import MIC_RATE, Caller
+from voicebus.client import Tap
+from voicebus.launcher import Stack
+from voicebus.speech import say_to_wav
+
+pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="module")]
+
+GREETING = "Hello! How can I help you today?"
+ACK = ("got it. Let me tell you everything I know about that, one thing after another, "
+       "slowly and carefully, so that nothing important is left out of the answer.")
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def turn_stack(tmp_path_factory: pytest.TempPathFactory):
+    workdir = tmp_path_factory.mktemp("turns")
+    logs = LogTail(workdir / "stack.log")
+    stack = Stack(workdir, sink=logs, livekit=True, env={"VOICEBUS_ECHO_ACK": ACK})
+    try:
+        await stack.start()
+    except Exception:
+        await stack.stop()
+        raise RuntimeError(f"stack failed to start; logs:\n{logs.dump()}") from None
+    nc = await nats.connect(stack.nats_url)
+    tap = Tap(nc)
+    yield stack, nc, tap
+    await tap.close()
+    await nc.drain()
+    codes = await stack.stop()
+    assert all(code == 0 for code in codes.values()), f"{codes}\n{logs.dump()}"
+
+
+async def _speech(text: str, folder) -> tuple[bytes, int]:
+    pcm, rate, _ = read_wav(await say_to_wav(text, folder / "say.wav", lead_ms=0))
+    return pcm, rate
+
+
+def _cough(ms: int = 150, seed: int = 7) -> bytes:
+    """A cough-like burst: noise shaped by a sharp attack and a fast decay, at mic rate."""
+    n = MIC_RATE * ms // 1000
+    rng = np.random.default_rng(seed)
+    envelope = np.minimum(1.0, np.arange(n) / (MIC_RATE * 0.005)) * np.exp(-np.arange(n) / (n / 3))
+    burst = rng.standard_normal(n) * envelope * 9000
+    silence = np.zeros(MIC_RATE // 5)
+    return np.concatenate([burst, silence]).clip(-32767, 32767).astype(np.int16).tobytes()
+
+
+def _states(tap: Tap, room: str) -> list[str]:
+    return [s.state for s in tap.of(ev.AgentState, room)]
+
+
+def _in_order(states: list[str], *wanted: str) -> bool:
+    it = iter(states)
+    return all(any(s == w for s in it) for w in wanted)
+
+
+async def _join(stack: Stack, tap: Tap, room: str) -> Caller:
+    await tap.watch(sj.session_all(room))
+    caller = Caller(stack.token_url, room, "user")
+    await caller.join()
+    await caller.wait_state("listening", timeout=60)  # after the greeting
+    return caller
+
+
+async def _history(nc, room: str) -> list[ChatMessage]:
+    entry = await (await nc.jetstream().key_value("voicebus_history")).get(room)
+    return msgspec.msgpack.decode(entry.value, type=list[ChatMessage])
+
+
+async def _reply_playing(tap: Tap, room: str, turn: int, ms: int) -> None:
+    await tap.wait_for(lambda: [p for p in tap.of(ev.Playback, room, turn=turn)
+                                if p.played_ms >= ms and not p.final], 30,
+                       f"{ms} ms of reply {turn} played")
+
+
+async def test_greeting_on_join_and_states_in_order(turn_stack, tmp_path) -> None:
+    stack, nc, tap = turn_stack
+    room = "greet"
+    caller = await _join(stack, tap, room)
+    try:
+        greeting_states = [state for _, state in caller.turn.states]
+        await caller.say(*await _speech("What time is it?", tmp_path))
+        await caller.wait_reply(timeout=30)
+        await tap.wait_for(lambda: tap.of(ev.Playback, room, turn=1, final=True), 10, "reply")
+    finally:
+        await caller.leave()
+
+    played = tap.of(ev.Playback, room, turn=0, final=True)
+    assert played and not played[0].interrupted and played[0].played_ms > 1000
+    assert caller.transcript(AGENT_IDENTITY)[0] == GREETING
+    assert tap.of(ev.ReplyDone, room, turn=0)[0].text == GREETING
+    # The user's page saw the greeting before "listening"; the bus holds the whole order.
+    assert _in_order(greeting_states, "initializing", "speaking", "listening"), greeting_states
+    states = _states(tap, room)
+    assert states == ["initializing", "thinking", "speaking", "listening",
+                      "thinking", "speaking", "listening"], states
+
+
+async def test_a_question_interrupts_the_reply(turn_stack, tmp_path) -> None:
+    stack, nc, tap = turn_stack
+    room = "barge"
+    caller = await _join(stack, tap, room)
+    try:
+        await caller.say(*await _speech("Tell me about the weather.", tmp_path))
+        await caller.wait_state("speaking", timeout=30)
+        await _reply_playing(tap, room, 1, 1500)
+        question = await caller.say(*await _speech("What time is it?", tmp_path))
+        await caller.wait_reply(timeout=30)
+        await tap.wait_for(lambda: tap.of(ev.Playback, room, turn=2, final=True), 10, "reply 2")
+        history = await _history(nc, room)
+    finally:
+        await caller.leave()
+
+    (cancel,) = tap.of(ev.Cancel, room)
+    assert (cancel.turn, cancel.reason) == (1, "barge-in")
+    first = tap.of(ev.ReplyDone, room, turn=1)[0]
+    (cut,) = tap.of(ev.Playback, room, turn=1, final=True)
+    assert cut.interrupted and 0 < cut.text_offset < len(first.text)
+
+    # At the user: the agent went quiet after the question began, and nothing of the cut
+    # reply arrived after the cancel (the next sound is the answer to the question).
+    answer_starts = min(s.ts_ns for s in tap.of(ev.AgentState, room, turn=2)
+                        if s.state == "speaking")
+    stale = [ns for _, ns in caller.loud_frames if cancel.ts_ns < ns < answer_starts]
+    assert stale == []
+    before_cancel = [ns for _, ns in caller.loud_frames
+                     if question.speech_start_wall_ns < ns < cancel.ts_ns]
+    assert not before_cancel or max(before_cancel) < question.speech_start_wall_ns + 1e9
+
+    second = tap.of(ev.ReplyDone, room, turn=2)[0]
+    assert "what time" in second.text.lower() and not second.interrupted
+    assert not tap.of(ev.Playback, room, turn=2, final=True)[0].interrupted
+
+    # The history keeps of the first reply exactly what was heard, marked interrupted.
+    kept = [m for m in history if m.role == "assistant" and m.turn == 1]
+    assert kept == [ChatMessage("assistant", first.text[:cut.text_offset].rstrip(),
+                                interrupted=True, turn=1)]
+    assert [m.content for m in history if m.role == "user"] == [
+        tap.of(ev.Transcript, room, turn=1, final=True)[0].text,
+        tap.of(ev.Transcript, room, turn=2, final=True)[0].text]
+
+
+async def test_a_cough_and_a_backchannel_do_not_cut_the_reply(turn_stack, tmp_path) -> None:
+    stack, nc, tap = turn_stack
+    room = "polite"
+    caller = await _join(stack, tap, room)
+    try:
+        await caller.say(*await _speech("Tell me about the weather.", tmp_path))
+        await caller.wait_state("speaking", timeout=30)
+        await _reply_playing(tap, room, 1, 1000)
+        await caller.say(_cough(), MIC_RATE)
+        await _reply_playing(tap, room, 1, 3500)
+        await caller.say(*await _speech("Uh-huh.", tmp_path))
+        await tap.wait_for(lambda: tap.of(ev.Playback, room, turn=1, final=True), 60,
+                           "the end of the reply")
+        await caller.wait_state("listening", timeout=30)
+    finally:
+        await caller.leave()
+
+    heard = [(t.turn, t.text, t.final, t.speech_ms) for t in tap.of(ev.Transcript, room)]
+    assert tap.of(ev.Cancel, room) == [], [h for h in heard if h[0] > 1 or h[2]]
+    (played,) = tap.of(ev.Playback, room, turn=1, final=True)
+    spoken = tap.of(ev.SpeechDone, room, turn=1)[0]
+    reply = tap.of(ev.ReplyDone, room, turn=1)[0]
+    # The whole reply was heard: every frame played, up to its last character.
+    assert not played.interrupted
+    assert played.played_ms == spoken.frames * ev.FRAME_MS
+    assert played.text_offset == len(reply.text)
+    # The backchannel reached the STT and was judged not to be a turn: no answer to it.
+    later = [d for d in tap.of(ev.ReplyDone, room) if d.turn > 1]
+    assert later and all(d.ignored or not d.text for d in later), later
+    assert tap.of(ev.SpeechStarted, room), "the user's sounds never reached the VAD"
