@@ -79,3 +79,19 @@ async def tap(bus):
     tap = Tap(bus)
     yield tap
     await tap.close()
+
+
+@pytest.fixture
+async def bare_stack(tmp_path):
+    """nats-server only; each test starts the stage it needs with its own environment."""
+    logs = LogTail(tmp_path / "stack.log")
+    stack = Stack(tmp_path, sink=logs)
+    stack.logs = logs  # type: ignore[attr-defined]
+    await stack.start(stages=())
+    nc = await nats.connect(stack.nats_url)
+    tap = Tap(nc)
+    yield stack, nc, tap
+    await tap.close()
+    await nc.close()
+    codes = await stack.stop()
+    assert all(code == 0 for code in codes.values()), f"{codes}\n{logs.dump()}"

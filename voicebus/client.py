@@ -78,13 +78,13 @@ class Tap:
 
 async def dispatch(nc: Client, tap: Tap, session: str, *, wav_in: Sequence[str] = (),
                    wav_out: str = "", room: str = "", stages: Sequence[str] = sj.STAGES,
-                   timeout: float = 30.0) -> dict[str, str]:
+                   greeting: str = "", timeout: float = 30.0) -> dict[str, str]:
     """Publish ``SessionStart`` and wait until every stage has claimed it.
 
     ``tap`` must already watch the session. Returns stage -> replica.
     """
     start = ev.SessionStart(session=session, seq=1, ts_ns=time.time_ns(),
-                            wav_in=tuple(wav_in), wav_out=wav_out, room=room)
+                            wav_in=tuple(wav_in), wav_out=wav_out, room=room, greeting=greeting)
     await nc.publish(sj.CTL_START.subject(session), codec.encode(start))
 
     def claimed() -> dict[str, str] | None:

@@ -8,36 +8,18 @@ import sys
 import time
 import wave
 
-import nats
 import pytest
 
 from proto import codec
 from proto import events as ev
 from proto import subjects as sj
-from tests.conftest import LogTail
 from tests.fakes.openai_server import start_fake_openai
-from voicebus.client import Tap, dispatch
-from voicebus.launcher import Stack, free_port
+from voicebus.client import dispatch
+from voicebus.launcher import free_port
 
 
 async def publish(nc, topic: sj.Topic, event: ev.Event) -> None:
     await nc.publish(topic.subject(event.session), codec.encode(event))
-
-
-@pytest.fixture
-async def bare_stack(tmp_path):
-    """nats-server only; each test starts the stage it needs with its own environment."""
-    logs = LogTail(tmp_path / "stack.log")
-    stack = Stack(tmp_path, sink=logs)
-    stack.logs = logs  # type: ignore[attr-defined]
-    await stack.start(stages=())
-    nc = await nats.connect(stack.nats_url)
-    tap = Tap(nc)
-    yield stack, nc, tap
-    await tap.close()
-    await nc.close()
-    codes = await stack.stop()
-    assert all(code == 0 for code in codes.values()), f"{codes}\n{logs.dump()}"
 
 
 def final(session: str, turn: int, text: str) -> ev.Transcript:
