@@ -25,9 +25,10 @@ SESSION = "storm"
 # Which stages subscribe to each subject of a live session (what they must count).
 ALL = ("ingress", "stt", "llm", "tts", "egress")
 RECEIVERS = {
-    sj.INGRESS_AUDIO: ("stt",), sj.INGRESS_VAD: ("stt",), sj.STT_PARTIAL: (),
-    sj.STT_FINAL: ("llm",), sj.LLM_DELTA: ("tts",), sj.LLM_DONE: ("tts",),
-    sj.TTS_AUDIO: ("egress",), sj.TTS_DONE: ("egress",), sj.EGRESS_PLAYBACK: ("ingress",),
+    sj.INGRESS_AUDIO: ("stt",), sj.INGRESS_VAD: ("stt", "egress"), sj.STT_PARTIAL: ("egress",),
+    sj.STT_FINAL: ("llm", "egress"), sj.LLM_DELTA: ("tts", "egress"),
+    sj.LLM_DONE: ("tts", "egress"), sj.TTS_AUDIO: ("egress",), sj.TTS_DONE: ("egress",),
+    sj.EGRESS_PLAYBACK: ("ingress", "llm"),
     sj.CTL_START: ALL, sj.CTL_END: ALL, sj.CTL_CANCEL: ALL, sj.CTL_STATE: (),
 }
 
