@@ -263,22 +263,20 @@
   // A turn starts when the agent starts thinking; its latency runs from the last moment the
   // user's mic was loud before that to the agent's state "speaking" and to its first sound.
   // Both ends are clocked here, so the figures include the network both ways.
+  // Turns the agent starts on its own (the greeting, an idle re-prompt) follow no speech of
+  // the user's: they get no row.
   function startTurn(now) {
     finishTurn();
+    if (lastSpeechAt <= lastTurnAt) { lastTurnAt = now; return; }
     const row = ui.latency.insertRow();
     row.dataset.turn = String(++turns);
     for (const text of [String(turns), '…', '…']) row.insertCell().textContent = text;
-    pending = { speechEnd: lastSpeechAt > lastTurnAt ? lastSpeechAt : null, row, spoke: false, heard: false };
+    pending = { speechEnd: lastSpeechAt, row, spoke: false, heard: false };
     lastTurnAt = now;
   }
 
   function mark(column, now) {
     const cell = pending.row.cells[column];
-    if (pending.speechEnd == null) {
-      cell.textContent = 'n/a';
-      cell.title = 'no speech above the threshold on the microphone before this turn';
-      return;
-    }
     const ms = Math.round(now - pending.speechEnd);
     cell.textContent = `${ms} ms`;
     pending.row.dataset[column === 1 ? 'stateMs' : 'audioMs'] = String(ms);

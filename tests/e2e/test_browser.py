@@ -65,11 +65,14 @@ async def test_a_person_talks_to_the_agent_in_the_browser(lk_stack, chromium, tm
                 "data-connected", "true", timeout=TIMEOUT_MS)
             await expect(page.locator("#mic")).to_have_attribute("data-on", "true")
 
-            # The agent answers: the echo LLM repeats the question and adds "got it.".
+            # The agent greets, then answers: the echo LLM repeats the question and adds
+            # "got it.".
             agent = page.locator('#transcript [data-speaker="agent"][data-final="true"]')
-            await expect(agent.first).to_contain_text("got it", ignore_case=True,
+            await expect(agent.first).to_contain_text("how can i help", ignore_case=True,
                                                       timeout=TIMEOUT_MS)
-            reply = _words(await agent.first.inner_text())
+            answer = agent.filter(has_text=re.compile("got it", re.IGNORECASE))
+            await expect(answer.first).to_be_visible(timeout=TIMEOUT_MS)
+            reply = _words(await answer.first.inner_text())
             user = page.locator('#transcript [data-speaker="user"][data-final="true"]')
             await expect(user.first).to_be_visible()
             heard = _words(await user.first.inner_text())
