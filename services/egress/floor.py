@@ -75,7 +75,8 @@ class Floor:
             self._interrupt()
 
     def final_transcript(self, turn: int, text: str, speech_ms: int, idle: int) -> None:
-        self.speaking_since = None
+        # The user's speech has turned into a turn of theirs: no greeting is coming any more.
+        self.greeting_due = self.greeting_due and not words(text)
         answered = bool(words(text)) or idle > 0
         if self.reply is not None and turn > self.reply:
             if idle == 0 and not self.rules.interrupts(text, speech_ms, final=True):
@@ -115,6 +116,15 @@ class Floor:
         if turn > self.cut_upto and (self.reply is None or turn > self.reply):
             self.reply = turn
             self.audible = False
+            if self.speaking_since is not None:
+                self._pause()  # the user already speaks again: the reply waits its turn
+
+    def give_up_pause(self) -> None:
+        """No verdict came for the speech that paused the reply (its final was lost): the reply
+        goes on rather than leave the user in silence."""
+        if self.paused and self.speaking_since is None:
+            self._resume()
+            self._show()
 
     def _pause(self) -> None:
         if not self.paused:

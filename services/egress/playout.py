@@ -153,6 +153,7 @@ class Playout:
         self._last_final = -1  # highest turn given its final report (finals go in turn order)
         self._playing: _Turn | None = None
         self.paused = False
+        self._writing = False
         self._wake = asyncio.Event()
         self._closed = False
         self._stopped = asyncio.Event()
@@ -213,13 +214,19 @@ class Playout:
         if self.paused:
             return
         self.paused = True
-        self._take_back()
+        if not self._writing:  # else the loop takes back once the write is done
+            self._take_back()
 
     def _take_back(self) -> None:
         clear = getattr(self.sink, "clear", None)
         dropped = clear() if clear is not None else 0
         if self._playing is not None and dropped:
             self._playing.rewind(dropped)
+
+    @property
+    def busy(self) -> bool:
+        """A turn is playing or queued."""
+        return self._playing is not None or bool(self._turns)
 
     def resume(self) -> None:
         if self.paused:
@@ -301,7 +308,11 @@ class Playout:
             n = len(pcm) // 2
             state.buffered -= n
             before = state.text_offset
-            await self.sink.write(pcm)
+            self._writing = True
+            try:
+                await self.sink.write(pcm)
+            finally:
+                self._writing = False
             if state.cancelled:
                 return  # cancelled while the sink took the frame: the turn is already reported
             state.recent.append((pcm, offset, before))

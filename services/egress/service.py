@@ -38,6 +38,10 @@ class EgressConfig(LiveKitConfig, frozen=True, kw_only=True):
     egress_track_queue_ms: int = 100
 
 
+# Seconds after the user's speech ended that a reply paused by it waits for the final's verdict.
+PAUSE_VERDICT_TIMEOUT_S = 5.0
+
+
 class EgressWorker(SessionWorker[EgressConfig]):
     async def start(self) -> None:
         self.playout: Playout | None = None
@@ -57,7 +61,7 @@ class EgressWorker(SessionWorker[EgressConfig]):
         self.floor = Floor(self.config.turn_rules(), self,
                            greeting=bool(self.agent and start.greeting and not start.handover))
         self.cut_upto = -1  # replies cut by barge-in: their late frames never play
-        self.min_speech_timer: asyncio.TimerHandle | None = None
+        self.vad_timer: asyncio.TimerHandle | None = None
         await self.subscribe(sj.producer_all(self.session, "tts"), self.on_tts)
         await self.subscribe(sj.INGRESS_VAD.subject(self.session), self.on_vad)
         await self.subscribe(sj.producer_all(self.session, "stt"), self.on_transcript)
@@ -147,19 +151,23 @@ class EgressWorker(SessionWorker[EgressConfig]):
     # ---- turn-taking (FloorActions) -------------------------------------------------------------
 
     def on_vad(self, event: ev.Event) -> None:
-        if self.min_speech_timer is not None:
-            self.min_speech_timer.cancel()
-            self.min_speech_timer = None
+        if self.vad_timer is not None:
+            self.vad_timer.cancel()
+            self.vad_timer = None
         if isinstance(event, ev.SpeechStarted):
             self.floor.speech_started(time.monotonic())
             # Duration alone may decide (VOICEBUS_INTERRUPT_MIN_WORDS=0): judge again then.
-            self.min_speech_timer = asyncio.get_running_loop().call_later(
+            self.vad_timer = asyncio.get_running_loop().call_later(
                 self.floor.rules.min_speech_ms / 1000, self._speech_long_enough)
         elif isinstance(event, ev.SpeechEnded):
             self.floor.speech_ended()
+            # The final normally comes within the STT's end-of-turn hold; if it never does,
+            # a paused reply must not stay paused for ever.
+            self.vad_timer = asyncio.get_running_loop().call_later(
+                PAUSE_VERDICT_TIMEOUT_S, self.floor.give_up_pause)
 
     def _speech_long_enough(self) -> None:
-        self.min_speech_timer = None
+        self.vad_timer = None
         self.floor.check(time.monotonic())
 
     def pause(self) -> None:
@@ -174,6 +182,9 @@ class EgressWorker(SessionWorker[EgressConfig]):
         self.cut_upto = max(self.cut_upto, turn)
         if self.playout is not None:
             self.playout.cancel(turn)
+            clear = getattr(self.playout.sink, "clear", None)
+            if clear is not None:
+                clear()  # not paused first (the user spoke before the reply began): drop it now
         self.log.info("barge-in: reply %d cut", turn)
         self.spawn(self.emit(sj.CTL_CANCEL, ev.Cancel, turn=turn, reason="barge-in"), "cancel")
 
@@ -232,7 +243,8 @@ class EgressWorker(SessionWorker[EgressConfig]):
         if report.final:
             dropped, self.dropped = self.dropped, 0
             self.words.pop(report.turn, None)
-            self.idle.set()
+            if self.playout is None or not self.playout.busy:
+                self.idle.set()  # a handover now loses nothing still to be played
         await self.emit(sj.EGRESS_PLAYBACK, ev.Playback, turn=report.turn,
                         played_ms=report.played_ms, text_offset=heard,
                         final=report.final, interrupted=report.interrupted,

@@ -60,10 +60,10 @@ class LlmWorker(SessionWorker[LlmConfig]):
         self.floor: int | None = None  # our reply the user has not finished hearing
         self.heard: dict[int, int] = {}  # Playback cuts that came before their reply was stored
         self.goodbyes: set[int] = set()  # replies after which the session ends
-        self.greeted = bool(self.history) or self.start_event.handover
+        self.greeting_closed = False
         await self.subscribe(sj.STT_FINAL.subject(self.session), self.on_final)
         await self.subscribe(sj.EGRESS_PLAYBACK.subject(self.session), self.on_playback)
-        if self.start_event.greeting and not self.greeted:
+        if self.start_event.greeting:
             await self.subscribe(sj.INGRESS_TRACK.subject(self.session), self.on_input_track)
 
     async def _load_history(self) -> list[ChatMessage]:
@@ -89,11 +89,10 @@ class LlmWorker(SessionWorker[LlmConfig]):
         if not said or (self.floor is not None and
                         not self.rules.interrupts(final.text, final.speech_ms, final=True)):
             # No words, or a backchannel over our reply: not a turn. The reply goes on.
+            # A backchannel is not stored either: it belongs to no turn of the conversation.
             await self.emit(sj.LLM_DONE, ev.ReplyDone, turn=final.turn, ignored=bool(said),
                             provider=self.service.provider.name)
             metrics.TURNS.labels("llm", "ignored" if said else "empty").inc()
-            if said:
-                await self._remember(final.text, "", interrupted=False, turn=final.turn)
             return
         self._take_floor(final.turn)
         self.reply = self.spawn_turn(self.respond(final, received), final.turn, self._unstarted)
@@ -107,15 +106,22 @@ class LlmWorker(SessionWorker[LlmConfig]):
     async def on_cancel(self, cancel: ev.Cancel) -> None:
         self.cancelled_upto = max(self.cancelled_upto, cancel.turn)
         if self.floor is not None and self.floor <= cancel.turn:
-            self.floor = None
+            self._release_floor()
         if self.reply is not None and self.reply_turn <= cancel.turn:
             self.reply.cancel()
+
+    def _release_floor(self) -> None:
+        # Until then a handover waits: the next replica could not tell a backchannel from a
+        # turn, nor cut the history, nor end the session after a goodbye.
+        self.floor = None
+        if self.reply is None or self.reply.done():
+            self.idle.set()
 
     async def on_playback(self, playback: ev.Playback) -> None:
         if not playback.final:
             return
         if playback.turn == self.floor:
-            self.floor = None
+            self._release_floor()
         if playback.interrupted:
             await self._cut(playback.turn, playback.text_offset)
         elif playback.turn in self.goodbyes:
@@ -125,10 +131,17 @@ class LlmWorker(SessionWorker[LlmConfig]):
     # ---- what the agent says on its own: the greeting, idle re-prompts ---------------------------
 
     async def on_input_track(self, track: ev.InputTrack) -> None:
-        if track.active and not self.greeted:
-            self.greeted = True  # once per session, however often the user reconnects
-            self._take_floor(0)
-            await self._say(0, self.start_event.greeting)
+        if not track.active or self.greeting_closed:
+            return
+        self.greeting_closed = True
+        if any(message.turn == 0 and message.role == "assistant" for message in self.history) \
+                or self.final_upto:
+            # Greeted already (a reconnect, a handed-over session) or the user spoke first:
+            # turn 0 still closes, so egress stops waiting for it.
+            await self.emit(sj.LLM_DONE, ev.ReplyDone, turn=0, provider="voicebus")
+            return
+        self._take_floor(0)
+        await self._say(0, self.start_event.greeting)
 
     async def _say_idle(self, final: ev.Transcript) -> None:
         goodbye = final.idle > self.config.idle_prompts
@@ -144,7 +157,6 @@ class LlmWorker(SessionWorker[LlmConfig]):
             await self.emit(sj.LLM_DELTA, ev.ReplyDelta, turn=turn, text=text)
         await self.emit(sj.LLM_DONE, ev.ReplyDone, turn=turn, text=text, provider="voicebus",
                         end_session=end_session)
-        self.idle.set()
         await self._remember("", text, interrupted=False, turn=turn)
 
     # ---- answering -------------------------------------------------------------------------------
@@ -166,8 +178,8 @@ class LlmWorker(SessionWorker[LlmConfig]):
         except Exception as exc:  # a provider failure or a bug: the turn still closes
             outcome, error = "error", await self.provider_failed(final.turn, exc, "reply")
         finally:
-            if self.reply is asyncio.current_task():  # not when a newer turn took over
-                self.idle.set()
+            if self.reply is asyncio.current_task() and self.floor is None:
+                self.idle.set()  # else when the reply has been heard (or cut)
         text = "".join(parts)
         await self.emit(sj.LLM_DONE, ev.ReplyDone, turn=final.turn, text=text,
                         compute_ms=(time.perf_counter() - received) * 1000,
@@ -220,8 +232,10 @@ class LlmWorker(SessionWorker[LlmConfig]):
                     del self.history[index]
                 await self.kv.put(self.session, _history_codec[0].encode(self.history))
                 return
-        if turn >= self.reply_turn:  # not stored yet: the reply is still being written
-            self.heard[turn] = heard
+        # Not stored yet (still being written, or closing after a newer turn took over).
+        self.heard[turn] = heard
+        while len(self.heard) > 64:  # cuts of replies that never had text
+            del self.heard[min(self.heard)]
 
 
 def _heard_part(message: ChatMessage, heard: int) -> ChatMessage:

@@ -74,7 +74,6 @@ async def test_llm_greets_ignores_backchannels_cuts_history_and_says_goodbye(bar
     history = msgspec.msgpack.decode(entry.value, type=list[ChatMessage])
     assert history == [
         ChatMessage("assistant", "Hi there.", turn=0),
-        ChatMessage("user", "uh-huh", turn=1),
         ChatMessage("user", "tell me about the weather", turn=2),
         ChatMessage("assistant", answer.text[:11].rstrip(), interrupted=True, turn=2),
         ChatMessage("assistant", "Are you still there?", turn=3),

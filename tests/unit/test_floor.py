@@ -53,6 +53,7 @@ def test_a_real_question_pauses_at_once_then_cuts_the_reply_on_its_words() -> No
     assert actions.log == ["pause"]
     floor.partial_transcript(2, "what time", 10.3)
     assert actions.log == ["pause", "cut 1", "resume"]
+    floor.speech_ended()  # (the VAD's end always comes before the STT's final)
     floor.final_transcript(2, "what time is it", 700, 0)
     floor.played(1)  # the cut reply's final report arrives late: it changes nothing
     assert floor.reply == 2 and actions.states[-1] == "thinking"
@@ -79,6 +80,7 @@ def test_speech_during_thinking_holds_the_reply_back_and_a_real_turn_supersedes_
     floor.final_transcript(1, "I want", 400, 0)
     floor.speech_started(2.0)  # the user goes on before the agent spoke a word
     assert actions.log == ["pause"]
+    floor.speech_ended()
     floor.final_transcript(2, "to book a flight", 900, 0)
     assert actions.log == ["pause", "cut 1", "resume"] and floor.reply == 2
 
@@ -111,6 +113,7 @@ def test_an_interrupted_greeting_lets_the_user_in() -> None:
     floor.reply_text(0)
     floor.playing(0)
     floor.speech_started(1.0)
+    floor.speech_ended()
     floor.final_transcript(1, "what time is it", 800, 0)
     assert actions.log == ["pause", "cut 0", "resume"]
     assert actions.states[-1] == "thinking" and not floor.greeting_due
@@ -121,3 +124,23 @@ def test_an_idle_final_takes_the_floor_for_the_re_prompt() -> None:
     floor.played(1)
     floor.final_transcript(2, "", 0, 1)
     assert floor.reply == 2 and actions.states[-1] == "thinking"
+
+
+def test_a_reply_due_while_the_user_already_speaks_again_waits() -> None:
+    actions = Actions()
+    floor = Floor(BaseConfig().turn_rules(), actions, greeting=False)
+    floor.user_track(True)
+    floor.speech_started(1.0)  # the next utterance began before the last one's final came
+    floor.final_transcript(1, "what time is it", 800, 0)
+    assert actions.log == ["pause"] and actions.states[-1] == "listening"
+    floor.partial_transcript(2, "and the date", 1.5)
+    assert actions.log == ["pause", "cut 1", "resume"]
+
+
+def test_a_pause_without_a_verdict_is_given_up() -> None:
+    floor, actions = speaking_floor()
+    floor.speech_started(1.0)
+    floor.give_up_pause()  # still speaking: nothing to give up yet
+    floor.speech_ended()
+    floor.give_up_pause()  # the final never came
+    assert actions.log == ["pause", "resume"] and actions.states[-1] == "speaking"

@@ -388,3 +388,40 @@ async def test_text_offset_after_a_pause_is_what_was_heard() -> None:
     (final,) = await h.finals(1)
     # Frames 0-2 were heard (offsets 1..3); 3 and 4 were dropped from the queue unplayed.
     assert (final.played_ms, final.text_offset, final.interrupted) == (60, 3, True)
+
+
+class GatedSink(QueueSink):
+    """The track's queue is full: a write waits until ``gate`` opens (then the frame is queued)."""
+
+    def __init__(self, vt: VirtualTime, held: int) -> None:
+        super().__init__(vt, held)
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.waiting = asyncio.Event()
+
+    async def write(self, pcm: bytes) -> None:
+        if not self.gate.is_set():
+            self.waiting.set()
+            await self.gate.wait()
+        await super().write(pcm)
+
+
+async def test_a_pause_during_a_write_keeps_every_frame_in_order() -> None:
+    h = Harness()
+    h.sink = GatedSink(h.vt, held=2)
+    h.playout.sink = h.sink
+    h.push_turn(1, 10)
+    h.vt.at(0.09, h.sink.gate.clear)  # frame 5's write will block
+    h.start()
+    await asyncio.wait_for(h.sink.waiting.wait(), 5)
+    h.playout.pause()  # while frame 5 waits to be queued
+    h.sink.gate.set()
+    await settle()
+    # Frame 5 was queued after the pause began; it and frame 4 were taken back, in order.
+    assert h.sink.frames() == [frame(1, n) for n in range(4)]
+    assert h.sink.cleared == [frame(1, 4), frame(1, 5)]
+    h.playout.resume()
+    (final,) = await h.finals(1)
+    assert h.sink.frames() == [frame(1, n) for n in range(10)]
+    assert final.text_offset == 10 and not final.interrupted
+    await h.close()
