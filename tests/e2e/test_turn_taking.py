@@ -27,6 +27,8 @@ from voicebus.speech import say_to_wav
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="module")]
 
 GREETING = "Hello! How can I help you today?"
+# Long enough that no other test leaves the user silent this long while the agent listens.
+IDLE_S = 4
 ACK = ("got it. Let me tell you everything I know about that, one thing after another, "
        "slowly and carefully, so that nothing important is left out of the answer.")
 
@@ -35,7 +37,8 @@ ACK = ("got it. Let me tell you everything I know about that, one thing after an
 async def turn_stack(tmp_path_factory: pytest.TempPathFactory):
     workdir = tmp_path_factory.mktemp("turns")
     logs = LogTail(workdir / "stack.log")
-    stack = Stack(workdir, sink=logs, livekit=True, env={"VOICEBUS_ECHO_ACK": ACK})
+    stack = Stack(workdir, sink=logs, livekit=True,
+                  env={"VOICEBUS_ECHO_ACK": ACK, "VOICEBUS_STT_USER_IDLE_S": str(IDLE_S)})
     try:
         await stack.start()
     except Exception:
@@ -190,3 +193,25 @@ async def test_a_cough_and_a_backchannel_do_not_cut_the_reply(turn_stack, tmp_pa
     later = [d for d in tap.of(ev.ReplyDone, room) if d.turn > 1]
     assert later and all(d.ignored or not d.text for d in later), later
     assert tap.of(ev.SpeechStarted, room), "the user's sounds never reached the VAD"
+
+
+async def test_an_idle_user_is_prompted_then_said_goodbye_to(turn_stack) -> None:
+    stack, nc, tap = turn_stack
+    room = "idle"
+    caller = await _join(stack, tap, room)
+    try:
+        ended = await tap.wait_for(lambda: tap.of(ev.SessionEnd, room), 4 * IDLE_S + 30,
+                                   "the session's end")
+        await tap.wait_for(lambda: tap.of(ev.Playback, room, turn=2, final=True), 10, "goodbye")
+    finally:
+        await caller.leave()
+
+    finals = [(t.turn, t.text, t.idle) for t in tap.of(ev.Transcript, room) if t.final]
+    assert finals == [(1, "", 1), (2, "", 2)], finals
+    prompt, goodbye = (tap.of(ev.ReplyDone, room, turn=t)[0] for t in (1, 2))
+    assert prompt.text == "Are you still there?" and not prompt.end_session
+    assert goodbye.end_session and goodbye.text
+    assert [p.interrupted for p in tap.of(ev.Playback, room) if p.final] == [False] * 3
+    assert ended[0].reason == "user idle"
+    # The user heard it all: the greeting, the prompt and the goodbye, in order.
+    assert caller.transcript(AGENT_IDENTITY) == [GREETING, prompt.text, goodbye.text]
