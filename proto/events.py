@@ -111,7 +111,8 @@ class Transcript(Event, frozen=True, tag="stt.transcript"):
     ``frames_dropped`` counts audio frames of this utterance that never arrived.
     ``speech_ms`` on a final is how long the user spoke (the VAD's measure, all utterances of
     the turn). ``idle`` > 0 marks a final with no speech at all: the user stayed silent for
-    that many idle periods in a row while the agent listened.
+    that many idle periods in a row while the agent listened. ``hold_ms``: how long the final
+    was held back for more speech by the end-of-turn rule (a wait by design, like the VAD's).
     """
 
     turn: Turn
@@ -123,6 +124,7 @@ class Transcript(Event, frozen=True, tag="stt.transcript"):
     provider: str = ""
     speech_ms: int = 0
     idle: int = 0
+    hold_ms: int = 0
 
 
 # ---- llm -----------------------------------------------------------------------------------

@@ -217,7 +217,7 @@ class SttWorker(SessionWorker[SttConfig]):
                             final=True, confidence=so_far.confidence,
                             compute_ms=open_turn.compute_ms,
                             frames_dropped=so_far.frames_dropped, provider=open_turn.provider,
-                            speech_ms=so_far.speech_ms)
+                            speech_ms=so_far.speech_ms, hold_ms=hold)
             metrics.TURNS.labels("stt", "ok" if so_far.text else "empty").inc()
             await self._save_turn()
         finally:

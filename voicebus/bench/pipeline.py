@@ -6,9 +6,10 @@ questions (Piper-spoken), and measures from the events on the bus:
 - ``v2v_ms``: the frame holding the user's last speech sample published → the first reply frame
   published (both stamped by the publishing process);
 - ``eos_ms``: the end-of-speech window as it really passed (last speech frame → SpeechEnded);
+- ``hold_ms``: the end-of-turn hold the STT applied for more speech (0 for a question);
 - per-stage compute on the critical path: STT finalisation, LLM time until the first spoken
   chunk's text was complete, TTS synthesis of that chunk;
-- ``overhead_ms`` = v2v − eos − stt − llm − tts: what the bus and the processes add.
+- ``overhead_ms`` = v2v − eos − hold − stt − llm − tts: what the bus and the processes add.
 """
 
 from __future__ import annotations
@@ -107,11 +108,12 @@ def measure_turn(tap: Tap, name: str, turn: int) -> dict[str, float] | None:
     edge, stt_ms, reply = edges[-1], final[0].compute_ms, done[0]
     v2v = (reply.first_frame_ts_ns - edge.last_speech_ts_ns) / 1e6
     eos = (edge.ts_ns - edge.last_speech_ts_ns) / 1e6
+    hold = final[0].hold_ms  # the end-of-turn rule's wait for more speech: by design too
     return {
-        "v2v": v2v, "eos": eos, "stt": stt_ms, "llm": reply.llm_ms, "tts": reply.tts_ms,
-        "overhead": v2v - eos - stt_ms - reply.llm_ms - reply.tts_ms,
+        "v2v": v2v, "eos": eos, "hold": hold, "stt": stt_ms, "llm": reply.llm_ms,
+        "tts": reply.tts_ms, "overhead": v2v - eos - hold - stt_ms - reply.llm_ms - reply.tts_ms,
         # Where the overhead is: before the final transcript, or after it.
-        "to_final": (final[0].ts_ns - edge.ts_ns) / 1e6 - stt_ms,
+        "to_final": (final[0].ts_ns - edge.ts_ns) / 1e6 - hold - stt_ms,
         "after_final": (reply.first_frame_ts_ns - final[0].ts_ns) / 1e6 - reply.llm_ms
         - reply.tts_ms,
     }
@@ -144,6 +146,7 @@ def summarise(tap: Tap, names: list[str], turns: int) -> dict[str, Any]:
         "errors": len(tap.of(ev.StageError)),
         "v2v_ms": column("v2v"),
         "eos_ms": column("eos"),
+        "hold_ms": column("hold"),
         "overhead_ms": column("overhead"),
         "overhead_split_ms": {"to_final": column("to_final"), "after_final": column("after_final")},
         "compute_ms": {stage: column(stage) for stage in ("stt", "llm", "tts")},
