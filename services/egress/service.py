@@ -251,6 +251,8 @@ class EgressWorker(SessionWorker[EgressConfig]):
                         frames_dropped=dropped, underruns=report.underruns)
 
     async def stop(self) -> None:
+        if self.vad_timer is not None:
+            self.vad_timer.cancel()
         if self.playout is not None:
             await self.playout.aclose()
         if self.agent is not None:
