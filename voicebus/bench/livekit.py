@@ -48,6 +48,14 @@ def _bus_view(tap: Tap, room: str, speech_end_ns: int) -> dict[str, float] | Non
     return {**measures, "onset": (min(audible) - reply.first_frame_ts_ns) / 1e6}
 
 
+def _what_the_bus_saw(tap: Tap, room: str, since_ns: int) -> str:
+    finals = [(t.turn, t.text, t.ts_ns - since_ns) for t in tap.of(ev.Transcript, room)
+              if t.final and t.ts_ns > since_ns - 5_000_000_000]
+    done = [(d.turn, d.frames, d.first_frame_ts_ns - since_ns) for d in tap.of(ev.SpeechDone, room)
+            if d.ts_ns > since_ns - 5_000_000_000]
+    return f"finals (turn, text, ns after speech end) {finals}; speech done {done}"
+
+
 async def run_livekit_bench(turns: int, timeout: float = 30.0) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="voicebus-bench-lk-"))
     log_path = workdir / "stack.log"
@@ -73,12 +81,16 @@ async def run_livekit_bench(turns: int, timeout: float = 30.0) -> dict[str, Any]
             try:
                 heard = await caller.say(pcm, rate)
                 await caller.wait_reply(timeout)
+                # The state reached us through LiveKit; the bus's report of the same moment may
+                # still be on its way through this (busy) process's tap.
+                bus = await tap.wait_for(lambda: _bus_view(tap, room, heard.speech_end_wall_ns),
+                                         10, "the reply's final Playback on the bus")
             except Exception as exc:  # report the turn as failed; keep measuring the rest
-                failures.append(f"turn {index}: {exc}")
+                failures.append(f"turn {index}: {exc} "
+                                f"({_what_the_bus_saw(tap, room, caller.turn.speech_end_wall_ns)})")
                 continue
-            bus = _bus_view(tap, room, heard.speech_end_wall_ns)
-            if bus is None or not heard.first_sound:
-                failures.append(f"turn {index}: incomplete on the bus or silent at the user")
+            if not heard.first_sound:
+                failures.append(f"turn {index}: silent at the user")
                 continue
             rows.append(heard_row(bus, heard.v2v_ms))
     finally:
