@@ -307,6 +307,8 @@ async def call(token_url: str, room: str, utterances: list[tuple[bytes, int]], o
     try:
         print(f"joined room {room!r} as {identity!r}; waiting for the agent", flush=True)
         await caller.wait_state("listening", timeout=timeout)
+        for greeting in caller.transcript(AGENT_IDENTITY):
+            print(f"  agent: {greeting}", flush=True)
         for pcm, rate in utterances:
             turn = await caller.say(pcm, rate)
             await caller.wait_reply(timeout)
