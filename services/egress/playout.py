@@ -214,7 +214,8 @@ class Playout:
         if self.paused:
             return
         self.paused = True
-        if not self._writing:  # else the loop takes back once the write is done
+        # Nothing playing: what the sink holds is the end of a turn already reported as heard.
+        if self._playing is not None and not self._writing:  # (if writing: after the write)
             self._take_back()
 
     def _take_back(self) -> None:

@@ -94,8 +94,10 @@ class LlmWorker(SessionWorker[LlmConfig]):
                             provider=self.service.provider.name)
             metrics.TURNS.labels("llm", "ignored" if said else "empty").inc()
             return
+        superseded = self.reply
         self._take_floor(final.turn)
-        self.reply = self.spawn_turn(self.respond(final, received), final.turn, self._unstarted)
+        self.reply = self.spawn_turn(self.respond(final, received, superseded), final.turn,
+                                     self._unstarted)
 
     def _take_floor(self, turn: int) -> None:
         if self.reply is not None:
@@ -165,7 +167,12 @@ class LlmWorker(SessionWorker[LlmConfig]):
         keep = self.history[-2 * self.config.llm_history_turns:] if self.config.llm_history_turns else []
         return [ChatMessage("system", self.config.system_prompt), *keep, ChatMessage("user", text)]
 
-    async def respond(self, final: ev.Transcript, received: float) -> None:
+    async def respond(self, final: ev.Transcript, received: float,
+                      superseded: asyncio.Task[None] | None = None) -> None:
+        if superseded is not None:
+            # It stores its user message (and what it said) as it closes: the model must see
+            # that turn before this one.
+            await asyncio.wait([superseded])
         parts: list[str] = []
         outcome, error = "ok", ""
         provider = self.service.provider
