@@ -39,7 +39,7 @@ class LogTail:
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def stack(tmp_path_factory: pytest.TempPathFactory):
     """nats-server with JetStream plus the five stages, each its own OS process."""
-    async for running in _running_stack(tmp_path_factory, livekit=False):
+    async for running in running_stack(tmp_path_factory, livekit=False):
         yield running
 
 
@@ -47,14 +47,16 @@ async def stack(tmp_path_factory: pytest.TempPathFactory):
 async def lk_stack(tmp_path_factory: pytest.TempPathFactory):
     """Everything ``make up`` runs: nats-server, livekit-server, the five stages and the token
     service, each its own OS process."""
-    async for running in _running_stack(tmp_path_factory, livekit=True):
+    async for running in running_stack(tmp_path_factory, livekit=True):
         yield running
 
 
-async def _running_stack(tmp_path_factory: pytest.TempPathFactory, livekit: bool):
+async def running_stack(tmp_path_factory: pytest.TempPathFactory, livekit: bool,
+                        env: dict[str, str] | None = None):
+    """A started stack for a fixture to yield; on teardown every process must exit with 0."""
     workdir = tmp_path_factory.mktemp("stack")
     logs = LogTail(workdir / "stack.log")
-    stack = Stack(workdir, sink=logs, metrics=True, livekit=livekit)
+    stack = Stack(workdir, sink=logs, metrics=True, livekit=livekit, env=env or {})
     stack.logs = logs  # type: ignore[attr-defined]
     try:
         await stack.start()

@@ -96,7 +96,7 @@ class WavSink:
 
 class _Turn:
     __slots__ = ("turn", "frames", "offsets", "buffered", "finished", "cancelled", "played",
-                 "text_offset", "underruns", "recent")
+                 "text_offset", "underruns", "recent", "recent_offsets")
 
     def __init__(self, turn: int) -> None:
         self.turn = turn
@@ -109,20 +109,24 @@ class _Turn:
         self.played = 0  # samples written to the sink
         self.text_offset = 0
         self.underruns = 0
-        # Frames last written, with the offset before each: a pause may have to take them back.
-        self.recent: deque[tuple[bytes, int, int]] = deque(maxlen=REWIND_FRAMES)
+        # Frames last written and their offsets (parallel, like ``frames``): a pause may have to
+        # take them back.
+        self.recent: deque[bytes] = deque(maxlen=REWIND_FRAMES)
+        self.recent_offsets: deque[int] = deque(maxlen=REWIND_FRAMES)
 
     def rewind(self, samples: int) -> None:
         """Put back frames whose audio the sink dropped unplayed (``samples`` of it)."""
         while samples > 0 and self.recent:
-            pcm, offset, before = self.recent.pop()
+            pcm = self.recent.pop()
             self.frames.appendleft(pcm)
-            self.offsets.appendleft(offset)
+            self.offsets.appendleft(self.recent_offsets.pop())
             n = len(pcm) // 2
             self.buffered += n
             self.played -= n
-            self.text_offset = before
             samples -= n
+        # What was heard ends with the last frame still played (a rewind is far shorter than
+        # the memory, so an empty memory means the turn's start).
+        self.text_offset = self.recent_offsets[-1] if self.recent_offsets else 0
 
     def report(self, rate: int, final: bool = False, interrupted: bool = False) -> PlayoutReport:
         return PlayoutReport(self.turn, self.played * 1000 // rate, self.text_offset, final,
@@ -308,7 +312,6 @@ class Playout:
             offset = state.offsets.popleft()
             n = len(pcm) // 2
             state.buffered -= n
-            before = state.text_offset
             self._writing = True
             try:
                 await self.sink.write(pcm)
@@ -316,7 +319,8 @@ class Playout:
                 self._writing = False
             if state.cancelled:
                 return  # cancelled while the sink took the frame: the turn is already reported
-            state.recent.append((pcm, offset, before))
+            state.recent.append(pcm)
+            state.recent_offsets.append(offset)
             state.played += n
             state.text_offset = offset
             if self.paused:  # paused while the sink took the frame: it must not play either

@@ -143,18 +143,17 @@ class TtsWorker(SessionWorker[TtsConfig]):
     def on_llm(self, event: ev.Event) -> None:
         if not isinstance(event, ev.ReplyDelta | ev.ReplyDone):
             return
-        if event.turn in self.started:
-            pass  # the turn's own task closes it
-        elif event.turn <= self.cancelled_upto or (isinstance(event, ev.ReplyDone) and not event.text):
-            # Nothing to say: a turn cut before its text came, an empty or ignored reply. It
-            # still gets its SpeechDone, and a reply still being spoken is not disturbed.
+        cut = event.turn <= self.cancelled_upto
+        nothing_to_say = cut or (isinstance(event, ev.ReplyDone) and not event.text)
+        if nothing_to_say and event.turn not in self.started:
+            # A turn cut before its text came, an empty or ignored reply: it still gets its
+            # SpeechDone, and a reply still being spoken is not disturbed.
             if isinstance(event, ev.ReplyDone):
                 self._mark_started(event.turn)
-                self.spawn(self._unstarted(event.turn, event.interrupted or
-                                           event.turn <= self.cancelled_upto), "done")
+                self.spawn(self._unstarted(event.turn, event.interrupted or cut), "done")
             return
-        if event.turn <= self.cancelled_upto:
-            return
+        if cut:
+            return  # the turn's own task closes it
         speech = self._speech_for(event.turn)
         if speech is None:
             return

@@ -18,7 +18,7 @@ from proto import subjects as sj
 from services.ingress.audio import read_wav
 from services.llm.provider import ChatMessage
 from services.runtime.livekit import AGENT_IDENTITY
-from tests.conftest import LogTail
+from tests.conftest import running_stack
 from voicebus.call import MIC_RATE, Caller
 from voicebus.client import Tap
 from voicebus.launcher import Stack
@@ -35,22 +35,13 @@ ACK = ("got it. Let me tell you everything I know about that, one thing after an
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def turn_stack(tmp_path_factory: pytest.TempPathFactory):
-    workdir = tmp_path_factory.mktemp("turns")
-    logs = LogTail(workdir / "stack.log")
-    stack = Stack(workdir, sink=logs, livekit=True,
-                  env={"VOICEBUS_ECHO_ACK": ACK, "VOICEBUS_STT_USER_IDLE_S": str(IDLE_S)})
-    try:
-        await stack.start()
-    except Exception:
-        await stack.stop()
-        raise RuntimeError(f"stack failed to start; logs:\n{logs.dump()}") from None
-    nc = await nats.connect(stack.nats_url)
-    tap = Tap(nc)
-    yield stack, nc, tap
-    await tap.close()
-    await nc.drain()
-    codes = await stack.stop()
-    assert all(code == 0 for code in codes.values()), f"{codes}\n{logs.dump()}"
+    env = {"VOICEBUS_ECHO_ACK": ACK, "VOICEBUS_STT_USER_IDLE_S": str(IDLE_S)}
+    async for stack in running_stack(tmp_path_factory, livekit=True, env=env):
+        nc = await nats.connect(stack.nats_url)
+        tap = Tap(nc)
+        yield stack, nc, tap
+        await tap.close()
+        await nc.drain()
 
 
 async def _speech(text: str, folder) -> tuple[bytes, int]:
@@ -90,6 +81,13 @@ async def _history(nc, room: str) -> list[ChatMessage]:
     return msgspec.msgpack.decode(entry.value, type=list[ChatMessage])
 
 
+async def _ask_and_hear(caller: Caller, tap: Tap, room: str, folder, ms: int) -> None:
+    """Ask for a long reply (turn 1) and wait until ``ms`` of it have been played."""
+    await caller.say(*await _speech("Tell me about the weather.", folder))
+    await caller.wait_state("speaking", timeout=30)
+    await _reply_playing(tap, room, 1, ms)
+
+
 async def _reply_playing(tap: Tap, room: str, turn: int, ms: int) -> None:
     await tap.wait_for(lambda: [p for p in tap.of(ev.Playback, room, turn=turn)
                                 if p.played_ms >= ms and not p.final], 30,
@@ -124,9 +122,7 @@ async def test_a_question_interrupts_the_reply(turn_stack, tmp_path) -> None:
     room = "barge"
     caller = await _join(stack, tap, room)
     try:
-        await caller.say(*await _speech("Tell me about the weather.", tmp_path))
-        await caller.wait_state("speaking", timeout=30)
-        await _reply_playing(tap, room, 1, 1500)
+        await _ask_and_hear(caller, tap, room, tmp_path, 1500)
         question = await caller.say(*await _speech("What time is it?", tmp_path))
         await caller.wait_reply(timeout=30)
         await tap.wait_for(lambda: tap.of(ev.Playback, room, turn=2, final=True), 10, "reply 2")
@@ -168,9 +164,7 @@ async def test_a_cough_and_a_backchannel_do_not_cut_the_reply(turn_stack, tmp_pa
     room = "polite"
     caller = await _join(stack, tap, room)
     try:
-        await caller.say(*await _speech("Tell me about the weather.", tmp_path))
-        await caller.wait_state("speaking", timeout=30)
-        await _reply_playing(tap, room, 1, 1000)
+        await _ask_and_hear(caller, tap, room, tmp_path, 1000)
         await caller.say(_cough(), MIC_RATE)
         await _reply_playing(tap, room, 1, 3500)
         await caller.say(*await _speech("Uh-huh.", tmp_path))
