@@ -1,53 +1,58 @@
-"""Event types of the voicebus bus contract.
+"""Event types of the voicebus bus contract (version ``proto.CONTRACT_VERSION``).
 
 Every event is a frozen msgspec Struct tagged with a stable wire name (``kind``). Renaming a
-class never changes the wire; new fields get defaults and go last.
+class never changes the wire; new fields get defaults and go last. Data events carry data;
+decisions are events of their own (``Verdict``, ``Cancel``, ``UserIdle``, ``SessionEnd``);
+measurements ride in one optional ``Timing`` record that nothing but benches and traces reads.
 """
 
 from __future__ import annotations
 
-import bisect
 import time
 from typing import Annotated, Literal
 
 import msgspec
 
-SESSION_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+SESSION_CHARS = r"[A-Za-z0-9_-]{1,64}"
+# ``\Z``, not ``$``: Python's ``$`` also matches before a final newline ("demo\n").
+SESSION_PATTERN = rf"^{SESSION_CHARS}\Z"
 SessionId = Annotated[str, msgspec.Meta(pattern=SESSION_PATTERN)]
 # 20 ms of 48 kHz stereo s16le is 3 840 bytes; nothing legitimate is larger than this.
 MAX_PCM_BYTES = 8192
 Pcm = Annotated[bytes, msgspec.Meta(max_length=MAX_PCM_BYTES)]
 Turn = Annotated[int, msgspec.Meta(ge=0)]
 Text = Annotated[str, msgspec.Meta(max_length=16384)]
+# A whole reply (done events) may be longer than one delta.
+LongText = Annotated[str, msgspec.Meta(max_length=262144)]
 
 # Audio on the bus is s16le mono in 20 ms frames; ingress frames are 16 kHz.
 FRAME_MS = 20
 INGRESS_RATE = 16000
 
 
-def frame_bytes(sample_rate: int) -> int:
-    """Size of one 20 ms s16le mono frame at ``sample_rate``."""
-    return sample_rate * FRAME_MS // 1000 * 2
+class Timing(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Measurements of the stage that made an event. Only benches and traces read them; no
+    stage decides anything on them. Each event fills the fields that apply to it."""
 
-
-def frame_problem(frame: "AudioFrame", sample_rate: int | None = None) -> str | None:
-    """Why ``frame`` is not a valid bus frame (at ``sample_rate``, if one is required)."""
-    if sample_rate is not None and frame.sample_rate != sample_rate:
-        return f"{frame.sample_rate} Hz where {sample_rate} Hz is due"
-    if not 8000 <= frame.sample_rate <= 48000 or frame.channels != 1:
-        return f"{frame.sample_rate} Hz x{frame.channels}: not mono 8-48 kHz"
-    if len(frame.pcm) != frame_bytes(frame.sample_rate):
-        return f"{len(frame.pcm)} bytes is not 20 ms at {frame.sample_rate} Hz"
-    return None
-# A whole reply (done events) may be longer than one delta.
-LongText = Annotated[str, msgspec.Meta(max_length=262144)]
+    # The stage's own time for this event: STT final = end of speech → provider final;
+    # LLM delta/done = verdict received → this text.
+    compute_ms: float = 0.0
+    # STT final: how long the final was held back for more speech (the end-of-turn rule).
+    hold_ms: int = 0
+    # SpeechEnded: when the frame holding the last speech sample was published.
+    last_speech_ts_ns: int = 0
+    # SynthesisDone: when the first frame went out, the LLM's time until the first spoken
+    # chunk's text was complete, and the synthesis time of that chunk.
+    first_frame_ts_ns: int = 0
+    llm_ms: float = 0.0
+    tts_ms: float = 0.0
 
 
 class Event(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_field="kind"):
     """Base of every bus event.
 
-    ``seq`` is monotonic per producer and session; ``ts_ns`` is the wall clock at creation, which
-    is how latency across processes is measured.
+    ``seq`` is monotonic per producer (the subject's second part) and session; ``ts_ns`` is the
+    wall clock at creation, which is how latency across processes is measured.
     """
 
     session: SessionId
@@ -55,7 +60,7 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_f
     ts_ns: int = 0
 
 
-# ---- ingress -------------------------------------------------------------------------------
+# ---- ingress: the user's audio -------------------------------------------------------------
 
 
 class AudioFrame(Event, frozen=True, tag="audio"):
@@ -80,15 +85,12 @@ class SpeechStarted(Event, frozen=True, tag="vad.start"):
 
 
 class SpeechEnded(Event, frozen=True, tag="vad.end"):
-    """The user stopped speaking at audio time ``pts_ms`` (end of the last speech audio).
-
-    ``last_speech_ts_ns`` is when the frame holding the last speech sample was published, so
-    consumers can measure the end-of-speech window as it was really experienced.
-    """
+    """The user stopped speaking at audio time ``pts_ms`` (end of the last speech audio), after
+    ``speech_ms`` of speech."""
 
     pts_ms: int
     speech_ms: int = 0
-    last_speech_ts_ns: int = 0
+    timing: Timing | None = None
 
 
 class InputTrack(Event, frozen=True, tag="ingress.track"):
@@ -101,67 +103,91 @@ class InputTrack(Event, frozen=True, tag="ingress.track"):
     active: bool = False
 
 
-# ---- stt -----------------------------------------------------------------------------------
+# ---- stt: the user's words -----------------------------------------------------------------
 
 
 class Transcript(Event, frozen=True, tag="stt.transcript"):
-    """What the user said. A final transcript ends the user turn and opens ``turn``.
-
-    ``compute_ms`` on a final is the provider time between end of speech and the final.
-    ``frames_dropped`` counts audio frames of this utterance that never arrived.
-    ``speech_ms`` on a final is how long the user spoke (the VAD's measure, all utterances of
-    the turn). ``idle`` > 0 marks a final with no speech at all: the user stayed silent for
-    that many idle periods in a row while the agent listened. ``hold_ms``: how long the final
-    was held back for more speech by the end-of-turn rule (a wait by design, like the VAD's).
-    """
+    """What the user said in ``turn``. A final ends the user's turn (opened by the STT, one step
+    at a time). ``speech_ms``: how long the user spoke in the turn (the VAD's measure);
+    ``frames_dropped``: audio frames of the turn that never arrived."""
 
     turn: Turn
     text: Text
     final: bool = False
     confidence: float = 0.0
-    compute_ms: float = 0.0
     frames_dropped: int = 0
     provider: str = ""
     speech_ms: int = 0
-    idle: int = 0
-    hold_ms: int = 0
+    timing: Timing | None = None
 
 
-# ---- llm -----------------------------------------------------------------------------------
+class UserIdle(Event, frozen=True, tag="stt.idle"):
+    """The user said nothing for a while as the agent listened: the STT opens ``turn`` for it.
+    ``count`` is how many idle turns in a row (1, 2, …; back to 0 when the user speaks)."""
+
+    turn: Turn
+    count: int = 1
+
+
+# ---- floor: the one judge of turn-taking (in egress) -----------------------------------------
+
+VerdictAction = Literal["answer", "ignore", "greet", "prompt", "goodbye"]
+
+
+class Verdict(Event, frozen=True, tag="floor.verdict"):
+    """The judge's decision on ``turn``: ``answer`` the user's ``text``; ``ignore`` it (a
+    backchannel, a cough, no words, a turn out of order — ``reason`` says which): no reply;
+    or speak a fixed text the agent starts on its own: ``greet`` (turn 0), ``prompt`` or
+    ``goodbye`` (a user-idle turn). The LLM answers verdicts; nobody else judges."""
+
+    turn: Turn
+    action: VerdictAction
+    text: Text = ""
+    reason: str = ""
+
+
+class Cancel(Event, frozen=True, tag="ctl.cancel"):
+    """The judge's interruption: every stage drops queued and in-flight work of turns <= ``turn``.
+
+    Turn 0 is the greeting; user turns count from 1."""
+
+    turn: Turn
+    reason: str = ""
+
+
+AgentStateName = Literal["initializing", "listening", "thinking", "speaking"]
+
+
+class AgentState(Event, frozen=True, tag="ctl.state"):
+    state: AgentStateName
+    turn: Turn = 0
+
+
+# ---- llm: the agent's words ----------------------------------------------------------------
 
 
 class ReplyDelta(Event, frozen=True, tag="llm.delta"):
-    """A piece of the agent's reply for ``turn``.
-
-    ``compute_ms`` is the time since the LLM stage received the final transcript.
-    """
+    """A piece of the agent's reply for ``turn``; ``index`` counts the pieces."""
 
     turn: Turn
     text: Text
     index: int = 0
-    compute_ms: float = 0.0
+    timing: Timing | None = None
 
 
 class ReplyDone(Event, frozen=True, tag="llm.done"):
     """The reply for ``turn`` is complete (or was cut short: ``interrupted``, ``error``).
-
-    ``ignored``: the final was not taken as the user's turn (a backchannel such as "uh-huh"
-    while the agent held the floor), so there is no reply and the agent's reply goes on.
-    ``end_session``: the agent says goodbye with this reply (user idle); the session ends once
-    it has been played.
-    """
+    Every verdict the LLM answers gets exactly one."""
 
     turn: Turn
     text: LongText = ""
-    compute_ms: float = 0.0
     interrupted: bool = False
     error: str = ""
     provider: str = ""
-    ignored: bool = False
-    end_session: bool = False
+    timing: Timing | None = None
 
 
-# ---- tts -----------------------------------------------------------------------------------
+# ---- tts: the agent's voice ----------------------------------------------------------------
 
 
 class WordMark(msgspec.Struct, frozen=True, array_like=True):
@@ -172,35 +198,22 @@ class WordMark(msgspec.Struct, frozen=True, array_like=True):
     text_end: Annotated[int, msgspec.Meta(ge=0)]
 
 
-def heard_offset(played_ms: int, marks: list[WordMark], estimate: int) -> int:
-    """How much of a reply was heard after ``played_ms`` of its audio: up to the last word that
-    ended by then, when the words were timed that far; else ``estimate`` (the frames' offset)."""
-    if not marks or played_ms > marks[-1].end_ms:
-        return estimate
-    index = bisect.bisect_right([mark.end_ms for mark in marks], played_ms)
-    return marks[index - 1].text_end if index else 0
+class SynthesisDone(Event, frozen=True, tag="tts.done"):
+    """All audio of reply ``turn`` has been published (``frames`` of it).
 
-
-class SpeechDone(Event, frozen=True, tag="tts.done"):
-    """All audio of ``turn`` has been published.
-
-    ``first_frame_ts_ns`` is when the first frame went out; ``llm_ms`` is the LLM time until
-    the text of the first spoken chunk was complete; ``tts_ms`` the synthesis time of that chunk.
     ``words`` are the word ends the TTS provider timed (Cartesia does), in order; empty when the
     provider gives no timings, and then a frame's ``text_offset`` is a proportional estimate.
     """
 
     turn: Turn
     frames: int = 0
-    first_frame_ts_ns: int = 0
-    llm_ms: float = 0.0
-    tts_ms: float = 0.0
     text: LongText = ""
     interrupted: bool = False
     words: Annotated[list[WordMark], msgspec.Meta(max_length=65536)] = []
+    timing: Timing | None = None
 
 
-# ---- egress --------------------------------------------------------------------------------
+# ---- egress: what the user heard -----------------------------------------------------------
 
 
 class Playback(Event, frozen=True, tag="egress.playback"):
@@ -215,44 +228,29 @@ class Playback(Event, frozen=True, tag="egress.playback"):
     underruns: int = 0
 
 
-# ---- control -------------------------------------------------------------------------------
+# ---- ctl: dispatch and the replicas' own protocol --------------------------------------------
 
 
 class SessionStart(Event, frozen=True, tag="ctl.start"):
     """Dispatch: each stage's queue group hands this to one replica, which owns the session.
-
-    ``wav_in``/``wav_out`` are the file edges used before LiveKit is wired in; ``handover`` marks
-    a start re-published by a replica that is shutting down, for its ``stage`` only.
     ``greeting``: what the agent says (as turn 0) once it first hears the user; empty for none.
-    """
+    The same event on ``<stage>.handover`` gives a session to another replica of that stage."""
 
     room: str = ""
+    greeting: Text = ""
+
+
+class FileSessionStart(SessionStart, frozen=True, tag="dev.start"):
+    """Development only: a session whose user is WAV files (``wav_in``, said one after the
+    other) and whose agent's voice goes to ``wav_out`` (absolute ``.wav`` paths, below
+    ``VOICEBUS_AUDIO_DIR`` when that is set)."""
+
     wav_in: tuple[str, ...] = ()
     wav_out: str = ""
-    handover: bool = False
-    stage: str = ""
-    greeting: Text = ""
 
 
 class SessionEnd(Event, frozen=True, tag="ctl.end"):
     reason: str = ""
-
-
-class Cancel(Event, frozen=True, tag="ctl.cancel"):
-    """Barge-in: every stage drops queued and in-flight work of turns <= ``turn``.
-
-    Turn 0 is the greeting; user turns count from 1."""
-
-    turn: Turn
-    reason: str = ""
-
-
-AgentStateName = Literal["initializing", "listening", "thinking", "speaking", "idle"]
-
-
-class AgentState(Event, frozen=True, tag="ctl.state"):
-    state: AgentStateName
-    turn: Turn = 0
 
 
 class StageReady(Event, frozen=True, tag="ctl.ready"):
@@ -275,18 +273,21 @@ AnyEvent = (
     AudioFrame
     | SpeechStarted
     | SpeechEnded
+    | InputTrack
     | Transcript
-    | ReplyDelta
-    | ReplyDone
-    | SpeechDone
-    | Playback
-    | SessionStart
-    | SessionEnd
+    | UserIdle
+    | Verdict
     | Cancel
     | AgentState
+    | ReplyDelta
+    | ReplyDone
+    | SynthesisDone
+    | Playback
+    | SessionStart
+    | FileSessionStart
+    | SessionEnd
     | StageReady
     | StageError
-    | InputTrack
 )
 
 

@@ -21,7 +21,7 @@ class BadSubject(ValueError):
 
 
 def check_session(session: str) -> str:
-    if not _SESSION_RE.match(session):
+    if not _SESSION_RE.fullmatch(session):
         raise BadSubject(f"invalid session id {session[:80]!r}: must match {ev.SESSION_PATTERN}")
     return session
 
@@ -45,29 +45,41 @@ INGRESS_VAD = Topic("ingress", "vad", (ev.SpeechStarted, ev.SpeechEnded))
 INGRESS_TRACK = Topic("ingress", "track", (ev.InputTrack,))
 STT_PARTIAL = Topic("stt", "partial", (ev.Transcript,))
 STT_FINAL = Topic("stt", "final", (ev.Transcript,))
+STT_IDLE = Topic("stt", "idle", (ev.UserIdle,))
+# The one judge of turn-taking (it runs in egress): its decisions, and the state they make.
+FLOOR_VERDICT = Topic("floor", "verdict", (ev.Verdict,))
+FLOOR_CANCEL = Topic("floor", "cancel", (ev.Cancel,))
+FLOOR_STATE = Topic("floor", "state", (ev.AgentState,))
+FLOOR_END = Topic("floor", "end", (ev.SessionEnd,))
 LLM_DELTA = Topic("llm", "delta", (ev.ReplyDelta,))
 LLM_DONE = Topic("llm", "done", (ev.ReplyDone,))
 TTS_AUDIO = Topic("tts", "audio", (ev.AudioFrame,))
-TTS_DONE = Topic("tts", "done", (ev.SpeechDone,))
+TTS_DONE = Topic("tts", "done", (ev.SynthesisDone,))
 EGRESS_PLAYBACK = Topic("egress", "playback", (ev.Playback,))
+# Dispatch: the token service (or an operator's tool) starts and ends sessions.
 CTL_START = Topic("ctl", "start", (ev.SessionStart,))
 CTL_END = Topic("ctl", "end", (ev.SessionEnd,))
-CTL_CANCEL = Topic("ctl", "cancel", (ev.Cancel,))
-CTL_STATE = Topic("ctl", "state", (ev.AgentState,))
 
 STAGES = ("ingress", "stt", "llm", "tts", "egress")
-# Per-stage status topics: voice.S.<stage>.ready / voice.S.<stage>.error
+# Per-stage topics of the replicas' own protocol: voice.S.<stage>.ready / .error / .handover
 READY = {stage: Topic(stage, "ready", (ev.StageReady,)) for stage in STAGES}
 ERROR = {stage: Topic(stage, "error", (ev.StageError,)) for stage in STAGES}
+HANDOVER = {stage: Topic(stage, "handover", (ev.SessionStart,)) for stage in STAGES}
+# Where a session's end may come from: dispatch (the room is gone) or the judge (user idle).
+SESSION_ENDS = (CTL_END, FLOOR_END)
 
 TOPICS: dict[tuple[str, str], Topic] = {
     (t.producer, t.kind): t
     for t in (
-        INGRESS_AUDIO, INGRESS_VAD, INGRESS_TRACK, STT_PARTIAL, STT_FINAL, LLM_DELTA, LLM_DONE, TTS_AUDIO,
-        TTS_DONE, EGRESS_PLAYBACK, CTL_START, CTL_END, CTL_CANCEL, CTL_STATE,
-        *READY.values(), *ERROR.values(),
+        INGRESS_AUDIO, INGRESS_VAD, INGRESS_TRACK, STT_PARTIAL, STT_FINAL, STT_IDLE,
+        FLOOR_VERDICT, FLOOR_CANCEL, FLOOR_STATE, FLOOR_END, LLM_DELTA, LLM_DONE, TTS_AUDIO,
+        TTS_DONE, EGRESS_PLAYBACK, CTL_START, CTL_END,
+        *READY.values(), *ERROR.values(), *HANDOVER.values(),
     )
 }
+# Every subject has exactly one producer: the stage named in it (``floor`` is egress's judge,
+# ``ctl`` is dispatch).
+PRODUCERS = frozenset(producer for producer, _ in TOPICS)
 
 
 def session_all(session: str) -> str:
@@ -78,6 +90,11 @@ def session_all(session: str) -> str:
 def producer_all(session: str, producer: str) -> str:
     """Everything one producer says in one session, in publish order on one subscription."""
     return f"{PREFIX}.{check_session(session)}.{producer}.*"
+
+
+def every_stage(kind: str) -> str:
+    """One kind of every producer in every session (e.g. ``ready``, ``error``)."""
+    return f"{PREFIX}.*.*.{kind}"
 
 
 def everything() -> str:

@@ -16,7 +16,7 @@ import nats
 from proto import events as ev
 from proto import subjects as sj
 from services.runtime.livekit import exit_process
-from voicebus.client import Tap, dispatch, end_session
+from voicebus.client import Tap, dispatch, end_session, timing
 
 DEFAULT_QUESTION = "What time is it?"
 
@@ -50,10 +50,10 @@ async def converse(nats_url: str, wavs: list[Path], out: Path, timeout: float = 
         print(f"session {session}: speaking {len(wavs)} file(s)", flush=True)
         await tap.wait_for(lambda: len(tap.of(ev.Playback, session, final=True)) >= len(wavs),
                            timeout, "the agent's replies")
-        for done in tap.of(ev.SpeechDone, session):
+        for done in tap.of(ev.SynthesisDone, session):
             ended = tap.of(ev.SpeechEnded, session)
-            if ended and done.first_frame_ts_ns:
-                v2v = (done.first_frame_ts_ns - ended[0].last_speech_ts_ns) / 1e6
+            if ended and timing(done).first_frame_ts_ns:
+                v2v = (timing(done).first_frame_ts_ns - timing(ended[0]).last_speech_ts_ns) / 1e6
                 print(f"  turn {done.turn}: first reply audio {v2v:.0f} ms after your last word")
                 break
         print(f"reply audio written to {out}")

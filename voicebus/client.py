@@ -76,15 +76,29 @@ class Tap:
             await sub.unsubscribe()
 
 
+_NO_TIMING = ev.Timing()
+
+
+def timing(event: ev.Event) -> ev.Timing:
+    """An event's measurements (all zero when its producer sent none)."""
+    return getattr(event, "timing", None) or _NO_TIMING
+
+
 async def dispatch(nc: Client, tap: Tap, session: str, *, wav_in: Sequence[str] = (),
                    wav_out: str = "", room: str = "", stages: Sequence[str] = sj.STAGES,
                    greeting: str = "", timeout: float = 30.0) -> dict[str, str]:
-    """Publish ``SessionStart`` and wait until every stage has claimed it.
+    """Publish ``SessionStart`` (``FileSessionStart`` with WAV file edges, a development aid)
+    and wait until every stage has claimed it.
 
     ``tap`` must already watch the session. Returns stage -> replica.
     """
-    start = ev.SessionStart(session=session, seq=1, ts_ns=time.time_ns(),
-                            wav_in=tuple(wav_in), wav_out=wav_out, room=room, greeting=greeting)
+    start: ev.SessionStart
+    if wav_in or wav_out:
+        start = ev.FileSessionStart(session=session, seq=1, ts_ns=time.time_ns(), room=room,
+                                    greeting=greeting, wav_in=tuple(wav_in), wav_out=wav_out)
+    else:
+        start = ev.SessionStart(session=session, seq=1, ts_ns=time.time_ns(), room=room,
+                                greeting=greeting)
     await nc.publish(sj.CTL_START.subject(session), codec.encode(start))
 
     def claimed() -> dict[str, str] | None:

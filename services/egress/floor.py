@@ -1,24 +1,32 @@
-"""Who holds the floor in one session, as egress sees it: the agent's manners as a listener.
+"""The one judge of turn-taking: who holds the floor in one session, and what each utterance means.
 
-The agent holds the floor from the moment a reply is due (a final transcript it will answer, or
-the first text of a reply) until that reply's final ``Playback``. When the user starts speaking
-over it, the agent's voice pauses at once (the fast path: no transcript needed). Then:
+It runs in egress, beside the agent's voice, because the fastest decision — stop talking the
+moment the user talks over the agent — needs no transcript and must not wait for a bus hop.
+Every other stage acts on what it publishes and never judges again:
 
-- the utterance interrupts (``TurnRules.interrupts``: long enough, with real words, judged on
-  partials as they come and on the final) → the reply is cut for good: ``Cancel`` on the bus;
-- it ends without interrupting (a cough, "uh-huh", no words) → the reply resumes where the
-  user stopped hearing it.
+- ``Verdict`` for each user turn (``answer`` / ``ignore``) and for the turns the agent takes on
+  its own (``greet``, and ``prompt`` / ``goodbye`` for a user-idle turn);
+- ``Cancel`` when an utterance interrupts the reply (the agent's reply turn, and all before it);
+- ``AgentState`` as it changes, and ``SessionEnd`` once a goodbye has been heard.
 
-The LLM applies the same rule to the same final, so a backchannel is neither answered nor
-allowed to supersede the reply. ``Floor`` is pure logic; the worker feeds it events and carries
-out what it asks through ``FloorActions``.
+The agent holds the floor from a verdict that it speaks until that reply's final ``Playback``.
+When the user starts speaking over it, the voice pauses at once (no transcript needed). Then the
+utterance interrupts (``TurnRules.interrupts``: long enough, with real words, judged on partials
+as they come and on the final) and the reply is cut for good; or it ends without interrupting
+(a cough, "uh-huh", no words) and the reply resumes where the user stopped hearing it.
+
+``Floor`` is pure logic: the worker feeds it events in any order NATS delivers them across
+subjects and carries out what it asks through ``FloorActions``. Its state is the shared turn
+ledger plus a ``FloorRecord`` it hands to ``FloorActions.record`` after each decision, kept in
+KV, from which a new replica carries on.
 """
 
 from __future__ import annotations
 
 from typing import Protocol
 
-from proto.events import AgentStateName
+from proto.events import AgentStateName, VerdictAction
+from services.runtime.ledger import FloorRecord, TurnLedger
 from services.runtime.turns import TurnRules, words
 
 
@@ -31,27 +39,43 @@ class FloorActions(Protocol):
         """Cut reply ``turn`` (and all before it) for good."""
         ...
 
+    def verdict(self, turn: int, action: VerdictAction, text: str, reason: str) -> None: ...
+
     def show(self, state: AgentStateName, turn: int) -> None: ...
+
+    def end_session(self, reason: str) -> None: ...
+
+    def record(self, record: FloorRecord) -> None:
+        """Keep the judge's state where a new replica finds it."""
+        ...
 
 
 class Floor:
-    def __init__(self, rules: TurnRules, actions: FloorActions, *, greeting: bool) -> None:
+    def __init__(self, rules: TurnRules, actions: FloorActions, ledger: TurnLedger, *,
+                 greeting: bool, idle_prompts: int = 1,
+                 record: FloorRecord | None = None) -> None:
+        record = record or FloorRecord()
         self.rules = rules
         self.actions = actions
-        self.reply: int | None = None  # the agent's turn holding the floor
+        self.ledger = ledger  # turns judged (opened when spoken, passed over when ignored), cut
+        self.idle_prompts = idle_prompts
+        self.reply: int | None = record.reply if record.reply >= 0 else None  # holds the floor
+        self.goodbye: int | None = record.goodbye if record.goodbye >= 0 else None
+        self.greeted = record.greeted
+        self.greeting = greeting and not record.greeted  # a greeting is configured and due
         self.audible = False  # the reply is being played
         self.user_heard = False  # the user's microphone reaches the agent
-        self.greeting_due = greeting
-        self.speaking_since: float | None = None  # monotonic s; the user speaks over the reply
+        self.speaking_since: float | None = None  # monotonic s; the user speaks
         self.paused = False
         self.partial = ""
-        self.cut_upto = -1  # highest turn cut by an interruption
         self.shown: tuple[AgentStateName, int] | None = None
 
     # ---- the user ------------------------------------------------------------------------------
 
     def user_track(self, active: bool) -> None:
         self.user_heard = self.user_heard or active
+        if active and self.greeting and self.reply is None and self.ledger.newest < 0:
+            self._speak(0, "greet")
         self._show()
 
     def speech_started(self, now: float) -> None:
@@ -63,7 +87,7 @@ class Floor:
     def speech_ended(self) -> None:
         self.speaking_since = None  # the final transcript decides what happens to a pause
 
-    def partial_transcript(self, turn: int, text: str, now: float) -> None:
+    def partial_transcript(self, text: str, now: float) -> None:
         self.partial = text
         self.check(now)
 
@@ -74,50 +98,53 @@ class Floor:
         if self.rules.interrupts(self.partial, (now - self.speaking_since) * 1000, final=False):
             self._interrupt()
 
-    def final_transcript(self, turn: int, text: str, speech_ms: int, idle: int) -> None:
-        # The user's speech has turned into a turn of theirs: no greeting is coming any more.
-        self.greeting_due = self.greeting_due and not words(text)
-        answered = bool(words(text)) or idle > 0
+    def final_transcript(self, turn: int, text: str, speech_ms: int) -> None:
+        if not self._judgeable(turn):
+            return
+        said = words(text)
+        # The user spoke first: no greeting is coming any more.
+        self.greeting = self.greeting and not said
         if self.reply is not None and turn > self.reply:
-            if idle == 0 and not self.rules.interrupts(text, speech_ms, final=True):
+            if not self.rules.interrupts(text, speech_ms, final=True):
                 self._resume()  # a cough, a backchannel: the reply goes on, unanswered
-                self._show()
+                self._ignore(turn, self._not_a_turn(text, speech_ms))
                 return
             self._interrupt()
-        if answered:
-            self._hold(turn)
-        self._show()
+        if said:
+            self._speak(turn, "answer", text)
+        else:
+            self._ignore(turn, "no words")
+
+    def user_idle(self, turn: int, count: int) -> None:
+        """The STT opened ``turn`` because the user stayed silent ``count`` times in a row."""
+        if not self._judgeable(turn):
+            return
+        if self.reply is not None or self.speaking_since is not None:
+            self._ignore(turn, "not idle")  # the agent took the floor meanwhile
+            return
+        self._speak(turn, "goodbye" if count > self.idle_prompts else "prompt")
 
     # ---- the agent -----------------------------------------------------------------------------
-
-    def reply_text(self, turn: int) -> None:
-        """Text of reply ``turn`` exists (the greeting, or an answer seen before its final)."""
-        self._hold(turn)
-        self._show()
 
     def playing(self, turn: int) -> None:
         if turn == self.reply:
             self.audible = True
             self._show()
 
-    def played(self, turn: int) -> None:
+    def played(self, turn: int, interrupted: bool) -> None:
         """Reply ``turn`` has its final Playback: played out, cut, or empty."""
-        if turn == 0:
-            self.greeting_due = False
+        if turn == 0 and not self.greeted:
+            self.greeted, self.greeting = True, False
         if turn == self.reply:
             self.reply = None
             self.audible = False
             self._resume()
+        if turn == self.goodbye:
+            self.goodbye = None
+            if not interrupted:
+                self.actions.end_session("user idle")
+        self._record()
         self._show(turn)
-
-    # ---- inside --------------------------------------------------------------------------------
-
-    def _hold(self, turn: int) -> None:
-        if turn > self.cut_upto and (self.reply is None or turn > self.reply):
-            self.reply = turn
-            self.audible = False
-            if self.speaking_since is not None:
-                self._pause()  # the user already speaks again: the reply waits its turn
 
     def give_up_pause(self) -> None:
         """No verdict came for the speech that paused the reply (its final was lost): the reply
@@ -125,6 +152,48 @@ class Floor:
         if self.paused and self.speaking_since is None:
             self._resume()
             self._show()
+
+    def refresh(self) -> None:
+        self._show()
+
+    # ---- inside --------------------------------------------------------------------------------
+
+    def _judgeable(self, turn: int) -> bool:
+        """A turn is judged once, in order, and only within reach of the last one judged: a
+        repeat or a straggler is dropped (it was judged already, or a newer turn was); a turn
+        far ahead (forged, or a counter gone wrong) is refused with a verdict that says so."""
+        if turn <= self.ledger.newest:
+            return False
+        if not self.ledger.admits(turn):
+            self.actions.verdict(turn, "ignore", "", "out of reach")
+            return False
+        return True
+
+    def _not_a_turn(self, text: str, speech_ms: int) -> str:
+        """Why an utterance over the agent's reply does not take the floor."""
+        if not words(text):
+            return "no words"
+        if 0 < speech_ms < self.rules.min_speech_ms:
+            return "too short"
+        return "backchannel"
+
+    def _ignore(self, turn: int, reason: str) -> None:
+        self.ledger.pass_over(turn)
+        self.actions.verdict(turn, "ignore", "", reason)
+        self._record()
+        self._show()
+
+    def _speak(self, turn: int, action: VerdictAction, text: str = "") -> None:
+        self.ledger.open(turn)
+        self.reply = turn
+        self.audible = False
+        if action == "goodbye":
+            self.goodbye = turn
+        self.actions.verdict(turn, action, text, "")
+        if self.speaking_since is not None:
+            self._pause()  # the user already speaks again: the reply waits its turn
+        self._record()
+        self._show()
 
     def _pause(self) -> None:
         if not self.paused:
@@ -140,22 +209,28 @@ class Floor:
     def _interrupt(self) -> None:
         assert self.reply is not None
         turn, self.reply = self.reply, None
-        self.cut_upto = max(self.cut_upto, turn)
+        self.ledger.cancel(turn)
         self.audible = False
         if turn == 0:
-            self.greeting_due = False
+            self.greeting = False
+        if turn == self.goodbye:
+            self.goodbye = None
         self.actions.interrupt(turn)
         self._resume()  # nothing of the cut turn can play; the next reply must not wait
+        self._record()
         self._show()
 
-    def refresh(self) -> None:
-        self._show()
+    def _record(self) -> None:
+        self.actions.record(FloorRecord(
+            judged=self.ledger.newest, cut=self.ledger.cut, greeted=self.greeted,
+            reply=-1 if self.reply is None else self.reply,
+            goodbye=-1 if self.goodbye is None else self.goodbye))
 
     def _show(self, turn: int | None = None) -> None:
         state: AgentStateName
         if self.reply is not None:
             state = "listening" if self.paused else "speaking" if self.audible else "thinking"
-        elif not self.user_heard or self.greeting_due:
+        elif not self.user_heard or self.greeting:
             state = "initializing"
         else:
             state = "listening"

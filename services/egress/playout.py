@@ -152,8 +152,9 @@ class Playout:
         self._clock = clock
         self._sleep = sleep
         self._turns: dict[int, _Turn] = {}
-        # Turns below the floor can never play again: cancelled, played, or overtaken.
-        self._floor = 0
+        # Playout order: turns below this can never play again (cut, played, or overtaken by a
+        # newer one). The cut itself is the session ledger's; this only keeps turns in order.
+        self._first_playable = 0
         self._last_final = -1  # highest turn given its final report (finals go in turn order)
         self._playing: _Turn | None = None
         self.paused = False
@@ -167,7 +168,7 @@ class Playout:
     # ---- producer side (never blocks) --------------------------------------------------------
 
     def push(self, turn: int, pcm: bytes, text_offset: int) -> None:
-        if turn < self._floor or self._closed:
+        if turn < self._first_playable or self._closed:
             self.stale_dropped += 1
             return
         state = self._turns.get(turn) or self._new_turn(turn)
@@ -178,7 +179,7 @@ class Playout:
 
     def finish(self, turn: int) -> None:
         """All frames of ``turn`` have been pushed."""
-        if turn < self._floor:
+        if turn < self._first_playable:
             if turn > self._last_final and turn not in self._turns:
                 # Its frames were all stale (cancel came first): the turn still needs its end.
                 self._final(_Turn(turn), interrupted=True)
@@ -189,7 +190,7 @@ class Playout:
 
     def _new_turn(self, turn: int) -> _Turn:
         # TTS speaks turns in order, so a newer turn means the older ones have all their frames:
-        # finishing them here keeps a lost SpeechDone from stalling playout until the next cancel.
+        # finishing them here keeps a lost SynthesisDone from stalling playout until the next cancel.
         for older in self._turns.values():
             if older.turn < turn:
                 older.finished = True
@@ -199,7 +200,7 @@ class Playout:
     def cancel(self, up_to_turn: int) -> PlayoutReport | None:
         """Drop every turn <= ``up_to_turn``, now and forever; return the report of the turn cut
         off mid-play, if any. Nothing of those turns reaches the sink after this returns."""
-        self._floor = max(self._floor, up_to_turn + 1)
+        self._first_playable = max(self._first_playable, up_to_turn + 1)
         cut: PlayoutReport | None = None
         for turn in sorted(t for t in self._turns if t <= up_to_turn):
             state = self._turns.pop(turn)
@@ -270,7 +271,7 @@ class Playout:
             if self._turns:
                 state = self._turns[min(self._turns)]
                 if self._ready(state):
-                    self._floor = max(self._floor, state.turn)
+                    self._first_playable = max(self._first_playable, state.turn)
                     return state
             await self._wait()
         return None
@@ -352,7 +353,7 @@ class Playout:
     def _final(self, state: _Turn, interrupted: bool = False) -> PlayoutReport:
         report = state.report(self.sample_rate, final=True, interrupted=interrupted)
         self._last_final = max(self._last_final, state.turn)
-        self._floor = max(self._floor, state.turn + 1)
+        self._first_playable = max(self._first_playable, state.turn + 1)
         if self._on_progress is not None:
             self._on_progress(report)
         return report

@@ -16,7 +16,8 @@ from os import PathLike
 import numpy as np
 import soxr
 
-from proto.events import FRAME_MS, INGRESS_RATE, frame_bytes
+from proto.events import FRAME_MS, INGRESS_RATE
+from services.runtime.audio import frame_bytes
 
 SAMPLE_RATE = INGRESS_RATE
 FRAME_BYTES = frame_bytes(SAMPLE_RATE)  # 640: s16le mono

@@ -1,7 +1,7 @@
 """Ingress stage: the user's audio in, 16 kHz mono 20 ms frames and VAD edges out.
 
 ``feed`` is the core: any async iterator of 16 kHz mono frames, paced in real time. The file
-source plays ``SessionStart.wav_in`` like a polite user: say one file, stay silent until the
+source (development only) plays ``FileSessionStart.wav_in`` like a polite user: say one file, stay silent until the
 agent has finished its reply, say the next. (The LiveKit microphone source plugs in here too.)
 """
 
@@ -14,6 +14,7 @@ from typing import ClassVar
 
 from proto import events as ev
 from proto import subjects as sj
+from proto.events import Timing
 from services.ingress.audio import (
     FRAME_BYTES, FRAME_MS, SAMPLE_RATE, AudioFormatError, paced, wav_frames,
 )
@@ -42,7 +43,7 @@ class IngressConfig(LiveKitConfig, frozen=True, kw_only=True):
 
 
 class IngressWorker(SessionWorker[IngressConfig]):
-    async def start(self) -> None:
+    async def subscribe_inputs(self) -> None:
         cfg = self.config
         self.vad = VadSegmenter(threshold=cfg.vad_threshold, neg_threshold=cfg.vad_neg_threshold,
                                 min_speech_ms=cfg.vad_min_speech_ms, silence_ms=cfg.vad_silence_ms,
@@ -52,21 +53,32 @@ class IngressWorker(SessionWorker[IngressConfig]):
         self.sent_at: dict[int, int] = {}
         self.replies: set[int] = set()
         self.stt_listening = asyncio.Event()
-        await self.subscribe(sj.READY["stt"].subject(self.session), self.on_stt_ready)
-        # A new egress replica (session start, handover) must learn whose microphone it is.
-        await self.subscribe(sj.READY["egress"].subject(self.session), self.on_egress_ready)
-        if self.start_event.wav_in:
-            await self.subscribe(sj.EGRESS_PLAYBACK.subject(self.session), self.on_playback)
-
         self.microphone: MicrophoneSource | None = None
+        start = self.start_event
+        self.wav_in = start.wav_in if isinstance(start, ev.FileSessionStart) else ()
+        await self.subscribe(sj.READY["stt"].subject(self.session), self.handle)
+        # A new egress replica (session start, handover) must learn whose microphone it is.
+        await self.subscribe(sj.READY["egress"].subject(self.session), self.handle)
+        if self.wav_in:
+            await self.subscribe(sj.EGRESS_PLAYBACK.subject(self.session), self.handle)
 
-    async def begin(self) -> None:
+    async def on_claimed(self) -> None:
         # A handed-over file source starts again from its first file: the file edges are a
         # development aid; the LiveKit microphone has no position to resume from.
-        if self.start_event.wav_in:
+        if self.wav_in:
             self.spawn(self.play_files(), "file-source")
         elif self.start_event.room:
             self.spawn(self.hear_room(self.start_event.room), "microphone")
+
+    def handle(self, event: ev.Event) -> None:
+        match event:
+            case ev.StageReady(stage="stt"):
+                self.stt_listening.set()
+            case ev.StageReady(stage="egress"):
+                if self.microphone is not None and self.microphone.current is not None:
+                    self.on_track_change(*self.microphone.current, True)
+            case ev.Playback(final=True):
+                self.replies.add(event.turn)
 
     async def stop(self) -> None:
         if self.microphone is not None:
@@ -79,18 +91,12 @@ class IngressWorker(SessionWorker[IngressConfig]):
         try:
             await self.microphone.start()
         except Exception as exc:  # unreachable server, refused join…: say so on the bus
-            self.log.error("%s", exc)
-            await self.emit(sj.ERROR["ingress"], ev.StageError, stage="ingress",
-                            message=str(exc), retryable=True)
+            await self.stage_error(str(exc), retryable=True)
             return
         await self.feed(self.microphone.frames())
 
     def on_track_change(self, participant: str, track_sid: str, active: bool) -> None:
         self.spawn(self.announce_track(participant, track_sid, active), "input-track")
-
-    def on_egress_ready(self, _ready: ev.StageReady) -> None:
-        if self.microphone is not None and self.microphone.current is not None:
-            self.on_track_change(*self.microphone.current, True)
 
     async def announce_track(self, participant: str, track_sid: str, active: bool) -> None:
         # "Active" promises the agent can hear the user: only once STT listens too.
@@ -101,13 +107,6 @@ class IngressWorker(SessionWorker[IngressConfig]):
                 return  # gone (or replaced) while we waited: its end was announced already
         await self.emit(sj.INGRESS_TRACK, ev.InputTrack, participant=participant,
                         track_sid=track_sid, active=active)
-
-    def on_stt_ready(self, _ready: ev.StageReady) -> None:
-        self.stt_listening.set()
-
-    def on_playback(self, playback: ev.Playback) -> None:
-        if playback.final:
-            self.replies.add(playback.turn)
 
     async def wait_for_stt(self) -> None:
         """Hold the user's audio until an STT replica listens to this session: what it would
@@ -122,16 +121,14 @@ class IngressWorker(SessionWorker[IngressConfig]):
 
     async def play_files(self) -> None:
         try:
-            for path in self.start_event.wav_in:
+            for path in self.wav_in:
                 audio_file(path, self.config.audio_dir)
             await self.feed(paced(self.file_user()))
         except (AudioFormatError, OSError, ValueError) as exc:
-            self.log.error("cannot play input file: %s", exc)
-            await self.emit(sj.ERROR["ingress"], ev.StageError, stage="ingress",
-                            message=str(exc), retryable=False)
+            await self.stage_error(str(exc), retryable=False, doing="playing the input file")
 
     async def file_user(self) -> AsyncIterator[bytes]:
-        for path in self.start_event.wav_in:
+        for path in self.wav_in:
             replies_before = len(self.replies)
             async for frame in wav_frames(path):
                 yield frame
@@ -163,7 +160,7 @@ class IngressWorker(SessionWorker[IngressConfig]):
             return
         last_ts = self.sent_at.get(edge.last_speech_frame_pts_ms, 0)
         await self.emit(sj.INGRESS_VAD, ev.SpeechEnded, pts_ms=edge.pts_ms,
-                        speech_ms=edge.speech_ms, last_speech_ts_ns=last_ts)
+                        speech_ms=edge.speech_ms, timing=Timing(last_speech_ts_ns=last_ts))
 
 
 class IngressService(StageService[IngressConfig]):

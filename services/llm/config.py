@@ -25,10 +25,9 @@ class LlmConfig(ChainConfig, frozen=True, kw_only=True):
         "You are a helpful voice assistant. Answer in one or two short spoken sentences, "
         "with no lists, markup or emoji."
     )
-    # What the agent says to a user who stays silent (the STT's idle finals,
-    # VOICEBUS_STT_USER_IDLE_S), how many times, and the goodbye that then ends the session.
+    # What the agent says to a user who stays silent (user-idle turns, VOICEBUS_STT_USER_IDLE_S;
+    # how many re-prompts before the goodbye is the judge's VOICEBUS_IDLE_PROMPTS, in egress).
     idle_prompt: str = "Are you still there?"
-    idle_prompts: int = 1
     idle_goodbye: str = "It seems you have stepped away. Goodbye!"
     llm_model: str = "gpt-4o-mini"
     # How many past user/assistant turns are sent to the model.

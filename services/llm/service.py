@@ -1,10 +1,9 @@
-"""LLM stage: a final transcript in, the reply streamed out as deltas, history in JetStream KV.
+"""LLM stage: the judge's verdicts in, the reply streamed out as deltas, history in JetStream KV.
 
-Every final transcript gets exactly one ``ReplyDone`` (empty, ignored, interrupted or failed
-included), so each turn closes end to end. A final heard over our reply that does not
-interrupt it (``services.runtime.turns``, the rule egress applies too) is ignored: no answer,
-and the reply goes on. The history keeps of each reply what the user heard (``Playback``).
-The greeting (turn 0) and the re-prompts of an idle user are fixed texts, not the model's.
+The LLM answers verdicts and never judges: ``answer`` asks the model with the user's words;
+``greet``, ``prompt`` and ``goodbye`` say fixed texts; ``ignore`` needs nothing. Every verdict it
+speaks gets exactly one ``ReplyDone`` (empty, interrupted or failed included), so each turn
+closes end to end. The history keeps of each reply what the user heard (``Playback``).
 """
 
 from __future__ import annotations
@@ -19,12 +18,13 @@ from nats.js.errors import KeyNotFoundError
 
 from proto import events as ev
 from proto import subjects as sj
+from proto.events import Timing
 from services.llm.config import LlmConfig
 from services.llm.provider import PROVIDERS, ChatMessage, LlmProvider
 from services.runtime import metrics
 from services.runtime.fallback import FallbackAdapter, answered_by
+from services.runtime.ledger import TurnLedger
 from services.runtime.service import ProviderStage, SessionWorker
-from services.runtime.turns import words
 
 HISTORY_BUCKET = "voicebus_history"
 _history_codec = (msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(list[ChatMessage]))
@@ -49,22 +49,17 @@ class LlmFallback(FallbackAdapter[LlmProvider]):
 class LlmWorker(SessionWorker[LlmConfig]):
     service: LlmService
 
-    async def start(self) -> None:
+    async def subscribe_inputs(self) -> None:
         self.kv = await self.bus.key_value(HISTORY_BUCKET, ttl=self.config.state_ttl)
         self.history = await self._load_history()
-        self.rules = self.config.turn_rules()
+        self.ledger = TurnLedger.following(await self.load_floor())
         self.reply: asyncio.Task[None] | None = None
         self.reply_turn = -1
-        self.final_upto = 0  # the newest final handled (repeats and stale ones are dropped)
-        self.cancelled_upto = -1
-        self.floor: int | None = None  # our reply the user has not finished hearing
         self.heard: dict[int, int] = {}  # Playback cuts that came before their reply was stored
-        self.goodbyes: set[int] = set()  # replies after which the session ends
-        self.greeting_closed = False
-        await self.subscribe(sj.STT_FINAL.subject(self.session), self.on_final)
-        await self.subscribe(sj.EGRESS_PLAYBACK.subject(self.session), self.on_playback)
-        if self.start_event.greeting:
-            await self.subscribe(sj.INGRESS_TRACK.subject(self.session), self.on_input_track)
+        # The judge's decisions in one subscription: a cancel and the verdict after it stay in
+        # order.
+        await self.subscribe(sj.producer_all(self.session, "floor"), self.handle)
+        await self.subscribe(sj.EGRESS_PLAYBACK.subject(self.session), self.handle)
 
     async def _load_history(self) -> list[ChatMessage]:
         try:
@@ -77,89 +72,44 @@ class LlmWorker(SessionWorker[LlmConfig]):
             self.log.warning("stored history is unreadable; starting a fresh one")
             return []
 
-    async def on_final(self, final: ev.Transcript) -> None:
-        if final.turn <= max(self.cancelled_upto, self.final_upto):
-            return  # a stale or repeated final
-        self.final_upto = final.turn
-        received = time.perf_counter()
-        said = words(final.text)
-        if final.idle:
-            await self._say_idle(final)
-            return
-        if not said or (self.floor is not None and
-                        not self.rules.interrupts(final.text, final.speech_ms, final=True)):
-            # No words, or a backchannel over our reply: not a turn. The reply goes on.
-            # A backchannel is not stored either: it belongs to no turn of the conversation.
-            await self.emit(sj.LLM_DONE, ev.ReplyDone, turn=final.turn, ignored=bool(said),
-                            provider=self.service.provider.name)
-            metrics.TURNS.labels("llm", "ignored" if said else "empty").inc()
-            return
+    async def handle(self, event: ev.Event) -> None:
+        match event:
+            case ev.Verdict(action="ignore"):
+                self.ledger.pass_over(event.turn)
+            case ev.Verdict() if self.ledger.open(event.turn):
+                self._take(event)
+            case ev.Cancel() if self.ledger.cancel(event.turn):
+                if self.reply is not None and self.ledger.is_cut(self.reply_turn):
+                    self.reply.cancel()
+            case ev.Playback(final=True, interrupted=True):
+                await self._cut(event.turn, event.text_offset)
+
+    def _take(self, verdict: ev.Verdict) -> None:
         superseded = self.reply
-        self._take_floor(final.turn)
-        self.reply = self.spawn_turn(self.respond(final, received, superseded), final.turn,
-                                     self._unstarted)
+        if superseded is not None:
+            superseded.cancel()  # a newer turn supersedes the old reply (the judge cut it)
+        self.reply_turn = verdict.turn
+        if verdict.action == "answer":
+            work = self.respond(verdict, time.perf_counter(), superseded)
+        else:
+            work = self._say(verdict.turn, self._fixed_text(verdict.action))
+        self.reply = self.spawn_turn(work, verdict.turn, self._unstarted)
 
-    def _take_floor(self, turn: int) -> None:
-        if self.reply is not None:
-            self.reply.cancel()  # a newer user turn supersedes the old reply
-        self.reply_turn = self.floor = turn
-        self.idle.clear()
+    def _fixed_text(self, action: str) -> str:
+        """What the agent says on its own: the greeting, or the words to a silent user."""
+        if action == "greet":
+            return self.start_event.greeting
+        return self.config.idle_goodbye if action == "goodbye" else self.config.idle_prompt
 
-    async def on_cancel(self, cancel: ev.Cancel) -> None:
-        self.cancelled_upto = max(self.cancelled_upto, cancel.turn)
-        if self.floor is not None and self.floor <= cancel.turn:
-            self._release_floor()
-        if self.reply is not None and self.reply_turn <= cancel.turn:
-            self.reply.cancel()
-
-    def _release_floor(self) -> None:
-        # Until then a handover waits: the next replica could not tell a backchannel from a
-        # turn, nor cut the history, nor end the session after a goodbye.
-        self.floor = None
-        if self.reply is None or self.reply.done():
-            self.idle.set()
-
-    async def on_playback(self, playback: ev.Playback) -> None:
-        if not playback.final:
-            return
-        if playback.turn == self.floor:
-            self._release_floor()
-        if playback.interrupted:
-            await self._cut(playback.turn, playback.text_offset)
-        elif playback.turn in self.goodbyes:
-            self.log.info("user idle: the goodbye was heard; ending the session")
-            await self.emit(sj.CTL_END, ev.SessionEnd, reason="user idle")
-
-    # ---- what the agent says on its own: the greeting, idle re-prompts ---------------------------
-
-    async def on_input_track(self, track: ev.InputTrack) -> None:
-        if not track.active or self.greeting_closed:
-            return
-        self.greeting_closed = True
-        if any(message.turn == 0 and message.role == "assistant" for message in self.history) \
-                or self.final_upto:
-            # Greeted already (a reconnect, a handed-over session) or the user spoke first:
-            # turn 0 still closes, so egress stops waiting for it.
-            await self.emit(sj.LLM_DONE, ev.ReplyDone, turn=0, provider="voicebus")
-            return
-        self._take_floor(0)
-        await self._say(0, self.start_event.greeting)
-
-    async def _say_idle(self, final: ev.Transcript) -> None:
-        goodbye = final.idle > self.config.idle_prompts
-        text = self.config.idle_goodbye if goodbye else self.config.idle_prompt
-        self._take_floor(final.turn)
-        if goodbye:
-            self.goodbyes.add(final.turn)
-        await self._say(final.turn, text, end_session=goodbye)
-
-    async def _say(self, turn: int, text: str, end_session: bool = False) -> None:
+    async def _say(self, turn: int, text: str) -> None:
         """A reply of fixed text (not the model's), spoken and remembered like any other."""
-        if text:
-            await self.emit(sj.LLM_DELTA, ev.ReplyDelta, turn=turn, text=text)
-        await self.emit(sj.LLM_DONE, ev.ReplyDone, turn=turn, text=text, provider="voicebus",
-                        end_session=end_session)
-        await self._remember("", text, interrupted=False, turn=turn)
+        try:
+            if text:
+                await self.emit(sj.LLM_DELTA, ev.ReplyDelta, turn=turn, text=text)
+            await self.emit(sj.LLM_DONE, ev.ReplyDone, turn=turn, text=text, provider="voicebus")
+            await self._remember("", text, interrupted=False, turn=turn)
+        finally:
+            self.ledger.close(turn)
 
     # ---- answering -------------------------------------------------------------------------------
 
@@ -167,7 +117,7 @@ class LlmWorker(SessionWorker[LlmConfig]):
         keep = self.history[-2 * self.config.llm_history_turns:] if self.config.llm_history_turns else []
         return [ChatMessage("system", self.config.system_prompt), *keep, ChatMessage("user", text)]
 
-    async def respond(self, final: ev.Transcript, received: float,
+    async def respond(self, verdict: ev.Verdict, received: float,
                       superseded: asyncio.Task[None] | None = None) -> None:
         if superseded is not None:
             # It stores its user message (and what it said) as it closes: the model must see
@@ -177,31 +127,34 @@ class LlmWorker(SessionWorker[LlmConfig]):
         outcome, error = "ok", ""
         provider = self.service.provider
         # Not started until iterated; it names the provider that answered (or failed last).
-        stream = provider.complete(self.messages_for(final.text))
+        stream = provider.complete(self.messages_for(verdict.text))
         try:
-            await self._stream_reply(stream, final, received, parts)
+            await self._stream_reply(stream, verdict.turn, received, parts)
         except asyncio.CancelledError:
             outcome = "interrupted"
         except Exception as exc:  # a provider failure or a bug: the turn still closes
-            outcome, error = "error", await self.provider_failed(final.turn, exc, "reply")
-        finally:
-            if self.reply is asyncio.current_task() and self.floor is None:
-                self.idle.set()  # else when the reply has been heard (or cut)
+            outcome, error = "error", await self.provider_failed(verdict.turn, exc, "reply")
         text = "".join(parts)
-        await self.emit(sj.LLM_DONE, ev.ReplyDone, turn=final.turn, text=text,
-                        compute_ms=(time.perf_counter() - received) * 1000,
-                        interrupted=outcome == "interrupted", error=error,
-                        provider=answered_by(stream, provider))
-        metrics.TURNS.labels("llm", outcome).inc()
-        await self._remember(final.text, text, interrupted=outcome == "interrupted",
-                             turn=final.turn)
+        try:
+            await self.emit(sj.LLM_DONE, ev.ReplyDone, turn=verdict.turn, text=text,
+                            interrupted=outcome == "interrupted", error=error,
+                            provider=answered_by(stream, provider),
+                            timing=Timing(compute_ms=(time.perf_counter() - received) * 1000))
+            metrics.TURNS.labels("llm", outcome).inc()
+            await self._remember(verdict.text, text, interrupted=outcome == "interrupted",
+                                 turn=verdict.turn)
+        finally:
+            self.ledger.close(verdict.turn)
 
     async def _unstarted(self, turn: int) -> None:
-        await self.emit(sj.LLM_DONE, ev.ReplyDone, turn=turn, interrupted=True,
-                        provider=self.service.provider.name)
+        try:
+            await self.emit(sj.LLM_DONE, ev.ReplyDone, turn=turn, interrupted=True,
+                            provider=self.service.provider.name)
+        finally:
+            self.ledger.close(turn)
 
-    async def _stream_reply(self, stream: AsyncIterator[str], final: ev.Transcript,
-                            received: float, parts: list[str]) -> None:
+    async def _stream_reply(self, stream: AsyncIterator[str], turn: int, received: float,
+                            parts: list[str]) -> None:
         # aclosing: a cancelled turn must close the provider's stream at once.
         async with aclosing(stream):
             async for delta in stream:
@@ -209,8 +162,8 @@ class LlmWorker(SessionWorker[LlmConfig]):
                 if not parts:
                     name = answered_by(stream, self.service.provider)
                     metrics.PROVIDER_SECONDS.labels("llm", name).observe(elapsed / 1000)
-                await self.emit(sj.LLM_DELTA, ev.ReplyDelta, turn=final.turn, text=delta,
-                                index=len(parts), compute_ms=elapsed)
+                await self.emit(sj.LLM_DELTA, ev.ReplyDelta, turn=turn, text=delta,
+                                index=len(parts), timing=Timing(compute_ms=elapsed))
                 parts.append(delta)
 
     # ---- history ---------------------------------------------------------------------------------

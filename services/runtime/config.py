@@ -13,7 +13,6 @@ from typing import Any, ClassVar, TypeVar
 import msgspec
 
 from services.runtime.errors import ConfigError
-from services.runtime.turns import DEFAULT_BACKCHANNEL, TurnRules
 
 T = TypeVar("T", bound="BaseConfig")
 
@@ -30,24 +29,13 @@ class BaseConfig(msgspec.Struct, frozen=True, kw_only=True):
     metrics_addr: str = "127.0.0.1"
     # Seconds a replica's session lease lives without a refresh.
     lease_ttl: float = 10.0
-    # If set, the file edges (SessionStart.wav_in / wav_out) may only name WAV files below it.
+    # If set, the development file edges (FileSessionStart.wav_in / wav_out) may only name WAV
+    # files below it.
     audio_dir: str = ""
     # Seconds session state (turn counter, history) is kept in JetStream KV after its last write.
     state_ttl: float = 86400.0
     # Seconds a replica waits, on SIGTERM, for in-flight turns before handing sessions over.
     shutdown_grace: float = 10.0
-    # Turn-taking (services/runtime/turns.py); egress and the LLM must agree, so every stage
-    # reads them. The user's speech over the agent's reply interrupts it only after this long…
-    interrupt_min_speech_ms: int = 200
-    # …and with at least this many words that are not backchannel (0: duration alone).
-    interrupt_min_words: int = 1
-    # Comma-separated words and two-word phrases that never interrupt ("go on", "uh-huh").
-    backchannel_words: str = DEFAULT_BACKCHANNEL
-
-    def turn_rules(self) -> TurnRules:
-        return TurnRules.parse(self.interrupt_min_speech_ms, self.interrupt_min_words,
-                               self.backchannel_words)
-
     @classmethod
     def env_name(cls, field: str) -> str:
         return cls.ENV.get(field) or f"VOICEBUS_{field.upper()}"

@@ -1,13 +1,15 @@
 """The skeleton every stage shares, written once.
 
 config from the environment → connect to NATS (reconnect forever) → claim sessions through a
-queue group named after the stage → one ``SessionWorker`` per owned session → on SIGTERM stop
-claiming, hand sessions over at a turn boundary, ``drain()``, exit.
+queue group named after the stage → one ``SessionWorker`` per owned session, whose one verb is
+``handle(event)`` → on SIGTERM stop claiming, hand sessions over once the worker's turn ledger is
+settled, ``drain()``, exit.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import json
 import logging
@@ -19,11 +21,13 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, ClassVar, Generic, TypeVar
 
+import msgspec
 from nats import micro
 from nats.aio.subscription import Subscription
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
+import proto
 from proto import events as ev
 from proto import subjects as sj
 from services.runtime import metrics
@@ -31,6 +35,7 @@ from services.runtime.bus import Bus, Handler, Stopped, replicas_of
 from services.runtime.config import BaseConfig
 from services.runtime.errors import ConfigError, ProviderError
 from services.runtime.fallback import FallbackAdapter, chain_names
+from services.runtime.ledger import RECORD_CODEC, STATE_BUCKET, FloorRecord, TurnLedger, floor_key
 from services.runtime.livekit import exit_process
 from services.runtime.logs import setup_logging
 from services.runtime.providers import load_provider
@@ -45,8 +50,10 @@ VERSION = "0.1.0"
 
 
 class SessionWorker(Generic[C]):
-    """One stage's work for one session. Subclasses subscribe in ``start`` and do long work in
-    tasks made with ``spawn`` (a subscription callback must never block)."""
+    """One stage's work for one session. Subclasses subscribe in ``subscribe_inputs`` (usually
+    every subject to ``handle``, one ``match`` over the events) and do long work in tasks made
+    with ``spawn`` (a subscription callback must never block). ``ledger`` is the session's turn
+    book; a replica hands the session over once it is settled."""
 
     def __init__(self, service: StageService[C], start: ev.SessionStart) -> None:
         self.service = service
@@ -55,30 +62,43 @@ class SessionWorker(Generic[C]):
         self.start_event = start
         self.session = start.session
         self.log = logging.LoggerAdapter(log, {"stage": service.stage, "session": self.session})
-        self.idle = asyncio.Event()
-        self.idle.set()
-        self._seq = itertools.count(1)
+        self.ledger = TurnLedger()
+        # ``seq`` counts per producer: egress speaks as "egress" and as the judge, "floor".
+        self._seq: collections.defaultdict[str, itertools.count[int]] = collections.defaultdict(
+            lambda: itertools.count(1))
         self._subs: list[Subscription] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._subjects: dict[sj.Topic, str] = {}
 
-    async def start(self) -> None:
+    async def subscribe_inputs(self) -> None:
         """Subscribe to this session's inputs (before the lease is taken: no side effects)."""
 
-    async def begin(self) -> None:
+    async def on_claimed(self) -> None:
         """Start work with side effects (sources, files) once the session is ours."""
-
-    async def on_cancel(self, cancel: ev.Cancel) -> None:
-        """Barge-in: drop queued and in-flight work of turns <= cancel.turn."""
 
     async def stop(self) -> None:
         """Release resources; called after subscriptions and tasks are gone."""
 
-    def event(self, cls: type[E], **fields: Any) -> E:
-        return cls(session=self.session, seq=next(self._seq), ts_ns=time.time_ns(), **fields)
+    async def load_floor(self) -> FloorRecord:
+        """The judge's record of the session (a fresh one for a new session): a replica seeds
+        its ledger from it, so turn numbers stay bounded across handovers."""
+        kv = await self.bus.key_value(STATE_BUCKET, ttl=self.config.state_ttl)
+        try:
+            entry = await kv.get(floor_key(self.session))
+        except KeyNotFoundError:
+            return FloorRecord()
+        try:
+            return RECORD_CODEC[1].decode(entry.value or b"")
+        except msgspec.DecodeError:
+            self.log.warning("the judge's record is unreadable; starting a fresh one")
+            return FloorRecord()
+
+    def event(self, cls: type[E], producer: str = "", **fields: Any) -> E:
+        seq = next(self._seq[producer or self.service.stage])
+        return cls(session=self.session, seq=seq, ts_ns=time.time_ns(), **fields)
 
     async def emit(self, topic: sj.Topic, cls: type[E], **fields: Any) -> E:
-        event = self.event(cls, **fields)
+        event = self.event(cls, topic.producer, **fields)
         subject = self._subjects.get(topic)
         if subject is None:  # built (and checked) once per topic, not once per frame
             subject = self._subjects[topic] = topic.subject(self.session)
@@ -88,21 +108,28 @@ class SessionWorker(Generic[C]):
     async def subscribe(self, subject: str, handler: Handler) -> None:
         self._subs.append(await self.bus.subscribe(subject, handler))
 
+    async def stage_error(self, message: str, *, retryable: bool, turn: int = 0,
+                          doing: str = "", bug: BaseException | None = None) -> None:
+        """Log (with the traceback of a ``bug``) and announce (``<stage>.error``) that this stage
+        could not do its work."""
+        stage = self.service.stage
+        self.log.error("%s failed: %s" if doing else "%s%s", doing, message, exc_info=bug)
+        await self.emit(sj.ERROR[stage], ev.StageError, stage=stage, turn=turn,
+                        message=message, retryable=retryable)
+
     async def provider_failed(self, turn: int, exc: Exception, doing: str) -> str:
         """Count, log and announce (``<stage>.error``) a failure on ``turn``; return its message.
 
         ``exc`` is a provider's ``ProviderError`` or, for a bug, anything else: either way the
         turn must still be closed downstream by the caller."""
         stage = self.service.stage
+        bug = None if isinstance(exc, ProviderError) else exc
         if isinstance(exc, ProviderError):
             provider, retryable, message = exc.provider, exc.retryable, str(exc)
-            self.log.error("%s failed: %s", doing, exc)
         else:
             provider, retryable, message = "", False, f"{type(exc).__name__}: {exc}"
-            self.log.exception("%s failed", doing)
         metrics.PROVIDER_ERRORS.labels(stage, provider, str(retryable)).inc()
-        await self.emit(sj.ERROR[stage], ev.StageError, stage=stage, turn=turn,
-                        message=message, retryable=retryable)
+        await self.stage_error(message, retryable=retryable, turn=turn, doing=doing, bug=bug)
         return message
 
     def spawn_turn(self, coro: Any, turn: int,
@@ -160,7 +187,7 @@ class StageService(Generic[C]):
         name = config.replica or f"{socket.gethostname()}-{os.getpid()}"
         self.replica = re.sub(r"[^A-Za-z0-9_-]", "_", name)
         self.workers: dict[str, SessionWorker[C]] = {}
-        self._claim_sub: Subscription | None = None
+        self._claim_subs: list[Subscription] = []
         self._subs: list[Subscription] = []
         self._leases: KeyValue | None = None
         self._background: set[asyncio.Task[Any]] = set()
@@ -179,16 +206,17 @@ class StageService(Generic[C]):
 
     async def serve(self, stop: asyncio.Event) -> None:
         self._leases = await self.bus.key_value(LEASE_BUCKET, ttl=self.config.lease_ttl)
-        self._claim_sub = await self.bus.subscribe(
-            sj.CTL_START.every_session(), self._on_start, queue=self.stage
-        )
-        self._subs.append(await self.bus.subscribe(sj.CTL_END.every_session(), self._on_end))
-        self._subs.append(await self.bus.subscribe(sj.CTL_CANCEL.every_session(), self._on_cancel))
+        # A session comes from dispatch, or from a replica of ours that hands it over.
+        for topic in (sj.CTL_START, sj.HANDOVER[self.stage]):
+            self._claim_subs.append(await self.bus.subscribe(
+                topic.every_session(), self._on_start, queue=self.stage))
+        for topic in sj.SESSION_ENDS:
+            self._subs.append(await self.bus.subscribe(topic.every_session(), self._on_end))
         refresher = asyncio.create_task(self._refresh_leases())
         # nats.micro gives discovery for free: $SRV.PING/INFO/STATS.voicebus-<stage>.
         discovery = await micro.add_service(
             self.bus.nc, name=f"voicebus-{self.stage}", version=VERSION,
-            metadata={"replica": self.replica},
+            metadata={"replica": self.replica, "contract": str(proto.CONTRACT_VERSION)},
         )
         await discovery.add_endpoint(
             name="sessions", subject=f"voicebus.{self.stage}.{self.replica}.sessions",
@@ -198,7 +226,8 @@ class StageService(Generic[C]):
         await stop.wait()
         log.info("shutting down: handing over %d session(s)", len(self.workers),
                  extra={"stage": self.stage})
-        await self._claim_sub.unsubscribe()
+        for sub in self._claim_subs:
+            await sub.unsubscribe()
         await discovery.stop()
         # Claims already under way finish first, so their sessions are handed over too.
         await asyncio.gather(*self._background, return_exceptions=True)
@@ -224,8 +253,6 @@ class StageService(Generic[C]):
     async def _on_start(self, start: ev.SessionStart) -> None:
         if start.session in self.workers or start.session in self._claiming:
             return  # a repeated start: we already own (or are claiming) it
-        if start.stage and start.stage != self.stage:
-            return  # another stage's handover
         self._ended.pop(start.session, None)
         self._claiming.add(start.session)
         # Claiming talks to KV and the worker subscribes: keep it off the callback's path.
@@ -239,7 +266,7 @@ class StageService(Generic[C]):
         try:
             # Subscribe before taking the lease, so a lease in KV means "listening": upstream
             # stages may check it to know their events will be heard.
-            await worker.start()
+            await worker.subscribe_inputs()
             revision = await self._leases.create(f"{self.stage}.{session}", self.replica.encode())
         except KeyWrongLastSequenceError:
             log.warning("session already leased by another %s replica; not claiming", self.stage,
@@ -259,7 +286,7 @@ class StageService(Generic[C]):
             return
         self._lease_rev[session] = revision
         self.workers[session] = worker
-        await worker.begin()
+        await worker.on_claimed()
         metrics.SESSIONS_CLAIMED.labels(self.stage).inc()
         metrics.SESSIONS_ACTIVE.labels(self.stage).set(len(self.workers))
         await self.bus.publish(
@@ -279,11 +306,6 @@ class StageService(Generic[C]):
         await self._release(end.session)
         log.info("session ended (%s)", end.reason or "no reason",
                  extra={"stage": self.stage, "session": end.session})
-
-    async def _on_cancel(self, cancel: ev.Cancel) -> None:
-        worker = self.workers.get(cancel.session)
-        if worker is not None:
-            await worker.on_cancel(cancel)
 
     async def _release(self, session: str) -> None:
         metrics.SESSIONS_ACTIVE.labels(self.stage).set(len(self.workers))
@@ -328,7 +350,7 @@ class StageService(Generic[C]):
 
         async def hand_over(worker: SessionWorker[C]) -> None:
             try:
-                await asyncio.wait_for(worker.idle.wait(), self.config.shutdown_grace)
+                await asyncio.wait_for(worker.ledger.settled.wait(), self.config.shutdown_grace)
             except asyncio.TimeoutError:
                 worker.log.warning("turn still running after %.1fs; handing over anyway",
                                    self.config.shutdown_grace)
@@ -353,12 +375,10 @@ class StageService(Generic[C]):
                 taken.set()
 
         sub = await self.bus.subscribe(sj.READY[self.stage].subject(worker.session), on_ready)
-        start = worker.event(
-            ev.SessionStart, room=worker.start_event.room, wav_in=worker.start_event.wav_in,
-            wav_out=worker.start_event.wav_out, greeting=worker.start_event.greeting,
-            handover=True, stage=self.stage,
-        )
-        await self.bus.publish(sj.CTL_START, start)
+        # The same start (file edges included), on our stage's own handover subject.
+        start = msgspec.structs.replace(worker.start_event, seq=next(worker._seq[self.stage]),
+                                        ts_ns=time.time_ns())
+        await self.bus.publish(sj.HANDOVER[self.stage], start)
         try:
             await asyncio.wait_for(taken.wait(), self.config.shutdown_grace)
             metrics.SESSIONS_HANDED_OVER.labels(self.stage).inc()

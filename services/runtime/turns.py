@@ -1,9 +1,9 @@
 """Turn-taking rules: what the user's words and speech say about who holds the floor.
 
-Egress (which pauses and cuts the agent's voice) and the LLM (which decides whether a final
-transcript is a new turn to answer) must reach the same verdict on the same utterance, so the
-rules live here once, and both read the same settings (``VOICEBUS_INTERRUPT_*``,
-``VOICEBUS_BACKCHANNEL_WORDS``). The end-of-turn rule (``end_of_turn``) is the STT stage's.
+The interruption rule (``TurnRules``) is applied by one judge only, in egress
+(``services/egress/floor.py``), configured by ``VOICEBUS_INTERRUPT_*`` and
+``VOICEBUS_BACKCHANNEL_WORDS``; every other stage acts on its verdicts. The end-of-turn rule
+(``end_of_turn``) is the STT stage's.
 
 An utterance over the agent's reply **interrupts** it when the user spoke for at least
 ``min_speech_ms`` and the transcript holds at least ``min_words`` words that are not a

@@ -7,7 +7,7 @@ over at once, a statement after a short pause, a phrase left hanging ("I want to
 one. Speech that starts before the turn's final went out continues the same turn.
 
 User idle: while the agent listens and the user says nothing for a while, the STT opens a turn
-with no speech (an idle final), so the agent can prompt the user or say goodbye.
+with no speech (``UserIdle``), and the judge has the agent prompt the user or say goodbye.
 """
 
 from __future__ import annotations
@@ -67,10 +67,10 @@ class TurnSoFar:
         self.utterances += 1
 
 
-class UserIdle:
+class IdleWatch:
     """When the user-idle timer may run: the agent's last state is ``listening``, the user is
     not speaking and no turn of theirs is open, and the timer has not fired since the agent last
-    began to listen. ``count`` is the number of idle finals in a row."""
+    began to listen. ``count`` is the number of user-idle turns in a row."""
 
     def __init__(self) -> None:
         self.listening = False
@@ -89,7 +89,7 @@ class UserIdle:
         return self.listening and not self.fired_since_listening and not user_busy
 
     def fire(self) -> int:
-        """The timer fired: returns the idle count of the final to publish."""
+        """The timer fired: returns the count of the user-idle turn to open."""
         self.fired_since_listening = True
         self.count += 1
         return self.count

@@ -20,12 +20,15 @@ from nats.js.errors import KeyNotFoundError
 
 from proto import events as ev
 from proto import subjects as sj
+from proto.events import Timing
 from services.runtime import metrics
+from services.runtime.audio import frame_problem
 from services.runtime.bus import SeqGaps
 from services.runtime.fallback import READY_END, FallbackAdapter, answered_by
+from services.runtime.ledger import TurnLedger
 from services.runtime.service import ProviderStage, SessionWorker
 from services.stt.config import SttConfig
-from services.stt.endpoint import EndOfTurnHolds, TurnSoFar, UserIdle
+from services.stt.endpoint import EndOfTurnHolds, IdleWatch, TurnSoFar
 from services.stt.provider import PROVIDERS, SAMPLE_RATE, SttProvider, SttResult
 
 STATE_BUCKET = "voicebus_sessions"
@@ -112,23 +115,24 @@ class OpenTurn:
 class SttWorker(SessionWorker[SttConfig]):
     service: SttService
 
-    async def start(self) -> None:
+    async def subscribe_inputs(self) -> None:
         self.kv = await self.bus.key_value(STATE_BUCKET, ttl=self.config.state_ttl)
         self.turn = await self._load_turn()
+        # The STT opens the user's turns, one step at a time, from the counter it keeps in KV.
+        self.ledger = TurnLedger(newest=self.turn)
         self.preroll: deque[bytes] = deque(maxlen=max(1, self.config.stt_preroll_ms // 20))
         self.utterance: Utterance | None = None
         self.open_turn: OpenTurn | None = None
-        self.publishing = 0  # finals on their way out (publish, then the turn counter saved)
         self.holds = EndOfTurnHolds(self.config.stt_eot_question_ms,
                                     self.config.stt_eot_statement_ms,
                                     self.config.stt_eot_incomplete_ms)
-        self.user_idle = UserIdle()
+        self.user_idle = IdleWatch()
         self.idle_timer: asyncio.Task[None] | None = None
         self.gaps = SeqGaps()
         # One subscription for audio and VAD keeps them in publish order.
-        await self.subscribe(sj.producer_all(self.session, "ingress"), self.on_ingress)
+        await self.subscribe(sj.producer_all(self.session, "ingress"), self.handle)
         if self.config.stt_user_idle_s > 0:
-            await self.subscribe(sj.CTL_STATE.subject(self.session), self.on_state)
+            await self.subscribe(sj.FLOOR_STATE.subject(self.session), self.handle)
 
     async def _load_turn(self) -> int:
         try:
@@ -143,20 +147,25 @@ class SttWorker(SessionWorker[SttConfig]):
 
     # ---- ingress ---------------------------------------------------------------------------
 
-    def on_ingress(self, event: ev.Event) -> None:
+    def handle(self, event: ev.Event) -> None:
+        if isinstance(event, ev.AgentState):
+            self.user_idle.agent_state(event.state)
+            self._activity_changed()
+            return
         if lost := self.gaps.lost(event):
             metrics.FRAMES_DROPPED.labels("stt").inc(lost)
             if self.utterance is not None:
                 self.utterance.dropped += lost
-        if isinstance(event, ev.AudioFrame):
-            self.on_audio(event)
-        elif isinstance(event, ev.SpeechStarted):
-            self.begin_utterance()
-        elif isinstance(event, ev.SpeechEnded) and self.utterance is not None:
-            self.end_utterance(event.speech_ms)
+        match event:
+            case ev.AudioFrame():
+                self.on_audio(event)
+            case ev.SpeechStarted():
+                self.begin_utterance()
+            case ev.SpeechEnded() if self.utterance is not None:
+                self.end_utterance(event.speech_ms)
 
     def on_audio(self, frame: ev.AudioFrame) -> None:
-        if problem := ev.frame_problem(frame, SAMPLE_RATE):
+        if problem := frame_problem(frame, SAMPLE_RATE):
             self.bus.reject("bad_audio", problem, sj.INGRESS_AUDIO.subject(self.session))
             return
         if self.utterance is None:
@@ -177,6 +186,7 @@ class SttWorker(SessionWorker[SttConfig]):
         self.utterance = utterance
         if self.open_turn is None:
             self.turn += 1
+            self.ledger.open(self.turn)
             self.open_turn = OpenTurn(self.turn)
             self.spawn(self.run_turn(self.open_turn), f"turn-{self.turn}")
         self.open_turn.add(utterance)  # a held final's turn goes on with this utterance
@@ -211,17 +221,16 @@ class SttWorker(SessionWorker[SttConfig]):
             # turn (and a turn that died of a bug does not swallow the speech after it).
             if self.open_turn is open_turn:
                 self.open_turn = None
-        self.publishing += 1
         try:
             await self.emit(sj.STT_FINAL, ev.Transcript, turn=so_far.turn, text=so_far.text,
                             final=True, confidence=so_far.confidence,
-                            compute_ms=open_turn.compute_ms,
                             frames_dropped=so_far.frames_dropped, provider=open_turn.provider,
-                            speech_ms=so_far.speech_ms, hold_ms=hold)
+                            speech_ms=so_far.speech_ms,
+                            timing=Timing(compute_ms=open_turn.compute_ms, hold_ms=hold))
             metrics.TURNS.labels("stt", "ok" if so_far.text else "empty").inc()
             await self._save_turn()
         finally:
-            self.publishing -= 1
+            self.ledger.close(so_far.turn)
             self._activity_changed()
 
     async def transcribe(self, open_turn: OpenTurn, utt: Utterance) -> bool:
@@ -251,18 +260,9 @@ class SttWorker(SessionWorker[SttConfig]):
 
     # ---- user idle -----------------------------------------------------------------------
 
-    def on_state(self, state: ev.AgentState) -> None:
-        self.user_idle.agent_state(state.state)
-        self._activity_changed()
-
     def _activity_changed(self) -> None:
-        """The user or a turn started or stopped: keep ``idle`` (the handover's "no turn in
-        progress") and the user-idle timer in step."""
-        busy = self.utterance is not None or self.open_turn is not None or self.publishing > 0
-        if busy:
-            self.idle.clear()
-        else:
-            self.idle.set()
+        """The user or a turn started or stopped: keep the user-idle timer in step."""
+        busy = self.utterance is not None or bool(self.ledger.open_turns)
         if self.idle_timer is not None:
             self.idle_timer.cancel()
             self.idle_timer = None
@@ -277,16 +277,15 @@ class SttWorker(SessionWorker[SttConfig]):
         count = self.user_idle.fire()
         self.turn += 1
         turn = self.turn
-        self.publishing += 1
+        self.ledger.open(turn)
         self._activity_changed()
         try:
-            # A turn with no speech: the LLM answers it with a prompt or a goodbye.
-            await self.emit(sj.STT_FINAL, ev.Transcript, turn=turn, text="", final=True,
-                            idle=count)
+            # A turn with no speech: the judge has the agent re-prompt or say goodbye.
+            await self.emit(sj.STT_IDLE, ev.UserIdle, turn=turn, count=count)
             metrics.TURNS.labels("stt", "idle").inc()
             await self._save_turn()
         finally:
-            self.publishing -= 1
+            self.ledger.close(turn)
             self._activity_changed()
 
 

@@ -12,18 +12,22 @@ from typing import Annotated, Any
 from fastapi import HTTPException, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from proto.events import SESSION_PATTERN
+from proto.events import SESSION_CHARS
 from services.runtime.livekit import RESERVED_PREFIX
 
 MAX_BODY = 4096
 IDENTITY_PATTERN = r"^[A-Za-z0-9_.@-]{1,64}$"
 
 
+# Pydantic checks patterns with Rust's regex, whose ``$`` is the very end (it knows no ``\Z``).
+ROOM_PATTERN = rf"^{SESSION_CHARS}$"
+
+
 class TokenRequest(BaseModel):
     # strict: a number is not a room name; unknown fields are ignored so clients may evolve.
     model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
 
-    room: Annotated[str, Field(pattern=SESSION_PATTERN, description="the room, also the bus "
+    room: Annotated[str, Field(pattern=ROOM_PATTERN, description="the room, also the bus "
                                "session id")]
     identity: Annotated[str | None, Field(pattern=IDENTITY_PATTERN, description="generated "
                                           "when missing")] = None

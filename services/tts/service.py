@@ -18,9 +18,12 @@ import numpy as np
 
 from proto import events as ev
 from proto import subjects as sj
+from proto.events import Timing
 from services.runtime import metrics
+from services.runtime.audio import frame_bytes
 from services.runtime.errors import ConfigError, ProviderError
 from services.runtime.fallback import READY_FIRST, FallbackAdapter, answered_by
+from services.runtime.ledger import TurnLedger
 from services.runtime.service import ProviderStage, SessionWorker
 from services.tts.chunker import Chunk, SentenceChunker
 from services.tts.config import TtsConfig
@@ -133,64 +136,59 @@ class TurnSpeech:
 class TtsWorker(SessionWorker[TtsConfig]):
     service: TtsService
 
-    async def start(self) -> None:
+    async def subscribe_inputs(self) -> None:
         self.current: TurnSpeech | None = None
-        # The greeting is turn 0: nothing is cancelled until a Cancel says so.
-        self.cancelled_upto = -1
-        self.started: dict[int, None] = {}  # turns that have (had) their SpeechDone coming
-        await self.subscribe(sj.producer_all(self.session, "llm"), self.on_llm)
+        self.ledger = TurnLedger.following(await self.load_floor())
+        await self.subscribe(sj.producer_all(self.session, "llm"), self.handle)
+        await self.subscribe(sj.FLOOR_CANCEL.subject(self.session), self.handle)
 
-    def on_llm(self, event: ev.Event) -> None:
-        if not isinstance(event, ev.ReplyDelta | ev.ReplyDone):
+    def handle(self, event: ev.Event) -> None:
+        match event:
+            case ev.Cancel() if self.ledger.cancel(event.turn):
+                current = self.current
+                if current is not None and current.task and self.ledger.is_cut(current.turn):
+                    current.task.cancel()
+            case ev.ReplyDelta() | ev.ReplyDone():
+                self.on_reply(event)
+
+    def on_reply(self, event: ev.ReplyDelta | ev.ReplyDone) -> None:
+        turn = event.turn
+        if self.ledger.is_cut(turn) or (isinstance(event, ev.ReplyDone) and not event.text):
+            # Nothing to say: a turn cut before its text came, or an empty or failed reply. It
+            # still gets its SynthesisDone (once), and a reply being spoken is not disturbed.
+            if isinstance(event, ev.ReplyDone) and self.ledger.pass_over(turn):
+                self.spawn(self._unstarted(turn, event.interrupted or self.ledger.is_cut(turn)),
+                           "done")
             return
-        cut = event.turn <= self.cancelled_upto
-        nothing_to_say = cut or (isinstance(event, ev.ReplyDone) and not event.text)
-        if nothing_to_say and event.turn not in self.started:
-            # A turn cut before its text came, an empty or ignored reply: it still gets its
-            # SpeechDone, and a reply still being spoken is not disturbed.
-            if isinstance(event, ev.ReplyDone):
-                self._mark_started(event.turn)
-                self.spawn(self._unstarted(event.turn, event.interrupted or cut), "done")
-            return
-        if cut:
-            return  # the turn's own task closes it
-        speech = self._speech_for(event.turn)
+        speech = self._speech_for(turn)
         if speech is None:
-            return
+            return  # a late event of a turn already spoken, or superseded
+        llm_ms = event.timing.compute_ms if event.timing is not None else 0.0
         if isinstance(event, ev.ReplyDelta):
             speech.text += event.text
-            speech.add(speech.chunker.push(event.text), event.compute_ms)
+            speech.add(speech.chunker.push(event.text), llm_ms)
         else:
-            speech.add(speech.chunker.flush(), event.compute_ms)
+            speech.add(speech.chunker.flush(), llm_ms)
             speech.queue.put_nowait(None)
 
     def _speech_for(self, turn: int) -> TurnSpeech | None:
         current = self.current
-        if current is not None and turn < current.turn:
-            return None  # a late event of a superseded turn
         if current is not None and turn == current.turn:
             return current
+        if not self.ledger.open(turn):
+            return None
         if current is not None and current.task is not None:
             current.task.cancel()  # a newer reply supersedes the one still being spoken
         speech = TurnSpeech(turn, self.config.tts_max_chunk_chars)
-        self._mark_started(turn)
         speech.task = self.spawn_turn(self.speak(speech), turn, self._unstarted)
         self.current = speech
-        self.idle.clear()
         return speech
 
-    def _mark_started(self, turn: int) -> None:
-        self.started[turn] = None
-        while len(self.started) > 64:  # only late events of recent turns need the memory
-            del self.started[next(iter(self.started))]
-
     async def _unstarted(self, turn: int, interrupted: bool = True) -> None:
-        await self.emit(sj.TTS_DONE, ev.SpeechDone, turn=turn, interrupted=interrupted)
-
-    async def on_cancel(self, cancel: ev.Cancel) -> None:
-        self.cancelled_upto = max(self.cancelled_upto, cancel.turn)
-        if self.current is not None and self.current.turn <= cancel.turn and self.current.task:
-            self.current.task.cancel()
+        try:
+            await self.emit(sj.TTS_DONE, ev.SynthesisDone, turn=turn, interrupted=interrupted)
+        finally:
+            self.ledger.close(turn)  # (a turn passed over was never open: nothing to close)
 
     async def speak(self, speech: TurnSpeech) -> None:
         provider = self.service.provider
@@ -222,21 +220,22 @@ class TtsWorker(SessionWorker[TtsConfig]):
             interrupted = True
         except Exception as exc:  # a provider failure or a bug: the turn still closes
             await self.provider_failed(speech.turn, exc, "synthesis")
+        try:
+            await self.emit(sj.TTS_DONE, ev.SynthesisDone, turn=speech.turn, frames=frames,
+                            text=speech.text, interrupted=interrupted,
+                            words=word_marks(speech.text, words or []),
+                            timing=Timing(first_frame_ts_ns=first_ts, llm_ms=speech.llm_ms,
+                                          tts_ms=tts_ms))
+            metrics.TURNS.labels("tts", "interrupted" if interrupted else "ok").inc()
         finally:
-            if self.current is speech:
-                self.idle.set()
-        await self.emit(sj.TTS_DONE, ev.SpeechDone, turn=speech.turn, frames=frames,
-                        first_frame_ts_ns=first_ts, llm_ms=speech.llm_ms, tts_ms=tts_ms,
-                        text=speech.text, interrupted=interrupted,
-                        words=word_marks(speech.text, words or []))
-        metrics.TURNS.labels("tts", "interrupted" if interrupted else "ok").inc()
+            self.ledger.close(speech.turn)
 
 
 class _Framer:
     """Cuts provider audio into 20 ms frames, carrying the remainder to the next piece."""
 
     def __init__(self, sample_rate: int) -> None:
-        self.frame_bytes = ev.frame_bytes(sample_rate)
+        self.frame_bytes = frame_bytes(sample_rate)
         self.carry = b""
 
     def cut(self, pcm: bytes) -> list[tuple[bytes, float]]:

@@ -26,11 +26,22 @@ SESSION = "storm"
 ALL = ("ingress", "stt", "llm", "tts", "egress")
 RECEIVERS = {
     sj.INGRESS_AUDIO: ("stt",), sj.INGRESS_VAD: ("stt", "egress"), sj.STT_PARTIAL: ("egress",),
-    sj.STT_FINAL: ("llm", "egress"), sj.LLM_DELTA: ("tts", "egress"),
+    sj.STT_FINAL: ("egress",), sj.STT_IDLE: ("egress",),
+    sj.FLOOR_VERDICT: ("llm",), sj.FLOOR_CANCEL: ("llm", "tts"), sj.FLOOR_STATE: ("llm",),
+    # Every stage watches session ends; the LLM also hears this one on its floor.* subscription.
+    sj.FLOOR_END: (*ALL, "llm"), sj.LLM_DELTA: ("tts", "egress"),
     sj.LLM_DONE: ("tts", "egress"), sj.TTS_AUDIO: ("egress",), sj.TTS_DONE: ("egress",),
     sj.EGRESS_PLAYBACK: ("ingress", "llm"),
-    sj.CTL_START: ALL, sj.CTL_END: ALL, sj.CTL_CANCEL: ALL, sj.CTL_STATE: (),
+    sj.CTL_START: ALL, sj.CTL_END: ALL,
+    # A stage's handover subject reaches its own queue group, and every stage that listens to
+    # all that stage says (one subscription per producer keeps its events in order).
+    sj.HANDOVER["ingress"]: ("ingress", "stt"), sj.HANDOVER["stt"]: ("stt", "egress"),
+    sj.HANDOVER["llm"]: ("llm", "tts", "egress"), sj.HANDOVER["tts"]: ("tts", "egress"),
+    sj.HANDOVER["egress"]: ("egress",),
 }
+# What the stages watch for every session (ghost sessions reach them too): only their own.
+EVERY_SESSION = {sj.CTL_START: ALL, sj.CTL_END: ALL, sj.FLOOR_END: ALL,
+                 **{sj.HANDOVER[stage]: (stage,) for stage in ALL}}
 
 
 def bad_payloads(topic: sj.Topic, rng: random.Random) -> list[bytes]:
@@ -100,12 +111,11 @@ async def test_a_thousand_bad_messages_are_counted_and_the_session_goes_on(stack
         payloads = bad_payloads(topic, rng)
         await bus.publish(topic.subject(SESSION), payloads[(i // len(topics)) % len(payloads)])
         expected.update(RECEIVERS[topic])
-    # Unknown sessions on their own subjects: only the control subjects, which every stage
-    # watches for all sessions, reach anyone; nothing may break.
+    # Unknown sessions on their own subjects: only the subjects that stages watch for every
+    # session (dispatch, ends, handovers) reach anyone; nothing may break.
     for topic in topics:
         await bus.publish(topic.subject("ghost"), rng.randbytes(64))
-        if topic.producer == "ctl":
-            expected.update(RECEIVERS[topic])
+        expected.update(EVERY_SESSION.get(topic, ()))
     await bus.flush()
 
     try:

@@ -83,7 +83,7 @@ def _check_session(tap, session: str, keys: list[str]) -> None:
         assert "".join(d.text for d in deltas) == done[0].text
         assert done[0].text.lower().rstrip().endswith("got it.")
         tts_frames = tap.of(ev.AudioFrame, session, topic=sj.TTS_AUDIO, turn=turn)
-        speech = tap.of(ev.SpeechDone, session, turn=turn)
+        speech = tap.of(ev.SynthesisDone, session, turn=turn)
         assert len(speech) == 1 and speech[0].frames == len(tts_frames) > 10
         played = tap.of(ev.Playback, session, turn=turn, final=True)
         assert len(played) == 1 and not played[0].interrupted

@@ -177,15 +177,16 @@ async def test_a_cough_and_a_backchannel_do_not_cut_the_reply(turn_stack, tmp_pa
     heard = [(t.turn, t.text, t.final, t.speech_ms) for t in tap.of(ev.Transcript, room)]
     assert tap.of(ev.Cancel, room) == [], [h for h in heard if h[0] > 1 or h[2]]
     (played,) = tap.of(ev.Playback, room, turn=1, final=True)
-    spoken = tap.of(ev.SpeechDone, room, turn=1)[0]
+    spoken = tap.of(ev.SynthesisDone, room, turn=1)[0]
     reply = tap.of(ev.ReplyDone, room, turn=1)[0]
     # The whole reply was heard: every frame played, up to its last character.
     assert not played.interrupted
     assert played.played_ms == spoken.frames * ev.FRAME_MS
     assert played.text_offset == len(reply.text)
-    # The backchannel reached the STT and was judged not to be a turn: no answer to it.
-    later = [d for d in tap.of(ev.ReplyDone, room) if d.turn > 1]
-    assert later and all(d.ignored or not d.text for d in later), later
+    # The backchannel reached the STT and the judge ruled it not a turn: no answer to it.
+    later = [(v.turn, v.action, v.reason) for v in tap.of(ev.Verdict, room) if v.turn > 1]
+    assert later and all(action == "ignore" for _, action, _ in later), later
+    assert [d.turn for d in tap.of(ev.ReplyDone, room) if d.turn > 1] == []
     assert tap.of(ev.SpeechStarted, room), "the user's sounds never reached the VAD"
 
 
@@ -200,12 +201,13 @@ async def test_an_idle_user_is_prompted_then_said_goodbye_to(turn_stack) -> None
     finally:
         await caller.leave()
 
-    finals = [(t.turn, t.text, t.idle) for t in tap.of(ev.Transcript, room) if t.final]
-    assert finals == [(1, "", 1), (2, "", 2)], finals
+    assert tap.of(ev.Transcript, room, final=True) == []
+    assert [(i.turn, i.count) for i in tap.of(ev.UserIdle, room)] == [(1, 1), (2, 2)]
+    assert [(v.turn, v.action) for v in tap.of(ev.Verdict, room)] == \
+        [(0, "greet"), (1, "prompt"), (2, "goodbye")]
     prompt, goodbye = (tap.of(ev.ReplyDone, room, turn=t)[0] for t in (1, 2))
-    assert prompt.text == "Are you still there?" and not prompt.end_session
-    assert goodbye.end_session and goodbye.text
+    assert prompt.text == "Are you still there?" and goodbye.text
     assert [p.interrupted for p in tap.of(ev.Playback, room) if p.final] == [False] * 3
-    assert ended[0].reason == "user idle"
+    assert ended[0].reason == "user idle" and tap.of(ev.SessionEnd, room, topic=sj.FLOOR_END)
     # The user heard it all: the greeting, the prompt and the goodbye, in order.
     assert caller.transcript(AGENT_IDENTITY) == [GREETING, prompt.text, goodbye.text]

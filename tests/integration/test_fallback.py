@@ -101,9 +101,9 @@ async def start_llm(run: Running, fake: FakeOpenAI, session: str, providers: str
 
 
 async def ask(run: Running, session: str, turn: int, text: str) -> ev.ReplyDone:
-    final = ev.Transcript(session=session, seq=turn, ts_ns=time.time_ns(), turn=turn, text=text,
-                          final=True)
-    await run.nc.publish(sj.STT_FINAL.subject(session), codec.encode(final))
+    verdict = ev.Verdict(session=session, seq=turn, ts_ns=time.time_ns(), turn=turn,
+                         action="answer", text=text)
+    await run.nc.publish(sj.FLOOR_VERDICT.subject(session), codec.encode(verdict))
     done = await run.tap.wait_for(lambda: run.tap.of(ev.ReplyDone, session, turn=turn), 15,
                                   f"reply to turn {turn}")
     return done[0]
@@ -136,7 +136,7 @@ async def test_llm_falls_back_to_echo_on_each_failure_and_returns_to_openai(
         # The same turn is answered by echo, within the budget.
         assert (done.provider, done.error) == ("echo", ""), what
         assert done.text == f"Question {turn}... got it.", what
-        assert done.compute_ms < (BUDGET + 1.0) * 1000, what
+        assert done.timing.compute_ms < (BUDGET + 1.0) * 1000, what
         assert await metric(port, "voicebus_provider_available", stage="llm",
                             provider="openai") == 0, what
         counted[outcome] = counted.get(outcome, 0) + 1
@@ -150,7 +150,7 @@ async def test_llm_falls_back_to_echo_on_each_failure_and_returns_to_openai(
 
     tokens = {"name": "voicebus_llm_tokens_total", "provider": "openai", "kind": "completion"}
     before = await metric(port, **tokens)  # probes spend tokens too
-    done = await ask(run, "chain", 99, "and now")
+    done = await ask(run, "chain", len(FAULTS) + 1, "and now")
     assert (done.provider, done.text, done.error) == ("openai", "You said: and now.", "")
     # Usage from the stream's last chunk (the fake counts words).
     assert await metric(port, **tokens) - before == 4  # "You said: and now."
@@ -285,7 +285,7 @@ async def test_stt_falls_back_to_pocketsphinx_with_the_whole_utterance(
         inject(deepgram)
         final = await speaker.say()
         assert final.provider == "pocketsphinx", what
-        assert final.compute_ms < (BUDGET + 1.5) * 1000, what
+        assert final.timing.compute_ms < (BUDGET + 1.5) * 1000, what
         assert await metric(port, "voicebus_provider_requests_total", stage="stt",
                             provider="deepgram", outcome=outcome) >= 1, what
         deepgram.reset()  # healed
@@ -312,7 +312,7 @@ async def test_stt_falls_back_to_pocketsphinx_with_the_whole_utterance(
         await speaker.audio(20)
         final = await speaker.end()
         assert final.turn == turn and final.provider == "pocketsphinx", what
-        assert final.compute_ms < (BUDGET + 1.5) * 1000, what
+        assert final.timing.compute_ms < (BUDGET + 1.5) * 1000, what
         partials = run.tap.of(ev.Transcript, "hear", topic=sj.STT_PARTIAL, turn=turn)
         assert partials[0].provider == "deepgram", what
         deepgram.reset()
@@ -357,14 +357,14 @@ async def start_tts(run: Running, fake: FakeCartesia, session: str) -> None:
     await dispatch(run.nc, run.tap, session, stages=("tts",))
 
 
-async def speak(run: Running, session: str, turn: int, text: str) -> ev.SpeechDone:
+async def speak(run: Running, session: str, turn: int, text: str) -> ev.SynthesisDone:
     for event in (ev.ReplyDelta(session=session, seq=2 * turn, ts_ns=time.time_ns(), turn=turn,
                                 text=text),
                   ev.ReplyDone(session=session, seq=2 * turn + 1, ts_ns=time.time_ns(),
                                turn=turn, text=text)):
         topic = sj.LLM_DELTA if isinstance(event, ev.ReplyDelta) else sj.LLM_DONE
         await run.nc.publish(topic.subject(session), codec.encode(event))
-    done = await run.tap.wait_for(lambda: run.tap.of(ev.SpeechDone, session, turn=turn), 20,
+    done = await run.tap.wait_for(lambda: run.tap.of(ev.SynthesisDone, session, turn=turn), 20,
                                   f"speech of turn {turn}")
     return done[0]
 

@@ -22,9 +22,10 @@ SESSION = "handover"
 
 
 async def say(nc, turn: int, text: str) -> None:
-    final = ev.Transcript(session=SESSION, seq=turn, ts_ns=time.time_ns(), turn=turn, text=text,
-                          final=True)
-    await nc.publish(sj.STT_FINAL.subject(SESSION), codec.encode(final))
+    """The judge's verdict on a user turn: the LLM answers it."""
+    verdict = ev.Verdict(session=SESSION, seq=turn, ts_ns=time.time_ns(), turn=turn,
+                         action="answer", text=text)
+    await nc.publish(sj.FLOOR_VERDICT.subject(SESSION), codec.encode(verdict))
 
 
 @pytest.fixture
@@ -57,7 +58,8 @@ async def test_sigterm_hands_the_session_to_another_replica_with_its_history(llm
         lambda: [r for r in tap.of(ev.StageReady, SESSION) if r.replica != first], 10,
         "another replica to claim the session")
     assert handed[0].stage == "llm"
-    assert tap.of(ev.SessionStart, SESSION, handover=True), "no handover start was published"
+    assert tap.of(ev.SessionStart, SESSION, topic=sj.HANDOVER["llm"]), \
+        "no handover start was published"
 
     await say(nc, 2, "please call my mother")
     done = await tap.wait_for(lambda: tap.of(ev.ReplyDone, SESSION, turn=2), 10, "reply 2")

@@ -1,7 +1,7 @@
-"""The LLM and TTS stages' side of turn-taking, each a real process on a real nats-server,
-driven through the bus: the greeting, backchannels that are not answered, the history cut to
-what the user heard, idle re-prompts and the goodbye that ends the session, and an empty
-reply that leaves the reply being spoken alone."""
+"""Turn-taking across stages, each a real process on a real nats-server, driven through the
+bus: the judge in egress (verdicts, a forged turn refused, the goodbye that ends the session),
+the LLM that answers verdicts and keeps what was heard, and TTS speaking on through an empty or
+failed reply."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import msgspec
 from proto import events as ev
 from proto import subjects as sj
 from services.llm.provider import ChatMessage
+from services.runtime.ledger import FloorRecord
 from tests.integration.test_stage_processes import publish
 from voicebus.client import dispatch
 
@@ -24,9 +25,8 @@ def _event(cls: type[ev.Event], **fields) -> ev.Event:
     return cls(session=SESSION, seq=next(seq), ts_ns=time.time_ns(), **fields)
 
 
-def _final(turn: int, text: str, speech_ms: int = 0, idle: int = 0) -> ev.Transcript:
-    return _event(ev.Transcript, turn=turn, text=text, final=True, speech_ms=speech_ms,
-                  idle=idle)
+def _verdict(turn: int, action: str, text: str = "", reason: str = "") -> ev.Verdict:
+    return _event(ev.Verdict, turn=turn, action=action, text=text, reason=reason)
 
 
 def _played(turn: int, text_offset: int = 0, interrupted: bool = False) -> ev.Playback:
@@ -34,7 +34,10 @@ def _played(turn: int, text_offset: int = 0, interrupted: bool = False) -> ev.Pl
                   interrupted=interrupted)
 
 
-async def test_llm_greets_ignores_backchannels_cuts_history_and_says_goodbye(bare_stack):
+async def test_llm_answers_verdicts_only_and_keeps_what_was_heard(bare_stack):
+    """The LLM speaks what the judge decided (greeting, answer, re-prompt, goodbye), answers
+    nothing it was told to ignore, refuses a turn from the future, and keeps of each reply only
+    what the user heard."""
     stack, nc, tap = bare_stack
     await stack.start_stage("llm", VOICEBUS_ECHO_ACK="got it, and here is more.")
     await stack.wait_ready(("llm",))
@@ -46,30 +49,25 @@ async def test_llm_greets_ignores_backchannels_cuts_history_and_says_goodbye(bar
                                   f"the reply to turn {turn}")
         return done[0]
 
-    track = _event(ev.InputTrack, participant="user", track_sid="TR_1", active=True)
-    await publish(nc, sj.INGRESS_TRACK, track)
-    await publish(nc, sj.INGRESS_TRACK, track)  # a reconnect: no second greeting
+    await publish(nc, sj.FLOOR_VERDICT, _verdict(0, "greet"))
     assert (await reply(0)).text == "Hi there."
-    # Over the greeting (not played out yet): a backchannel is not a turn to answer.
-    await publish(nc, sj.STT_FINAL, _final(1, "uh-huh", speech_ms=400))
-    assert (await reply(1)).ignored
+    await publish(nc, sj.FLOOR_VERDICT, _verdict(1, "ignore", reason="backchannel"))
+    await publish(nc, sj.FLOOR_VERDICT, _verdict(1_000_000, "answer", "forged words"))
     await publish(nc, sj.EGRESS_PLAYBACK, _played(0))
-    await publish(nc, sj.STT_FINAL, _final(2, "tell me about the weather", speech_ms=900))
+    await publish(nc, sj.FLOOR_VERDICT, _verdict(2, "answer", "tell me about the weather"))
     answer = await reply(2)
-    assert answer.text.startswith("Tell me about the weather") and not answer.ignored
+    assert answer.text.startswith("Tell me about the weather")
     await publish(nc, sj.EGRESS_PLAYBACK, _played(2, text_offset=11, interrupted=True))
-    await publish(nc, sj.STT_FINAL, _final(3, "", idle=1))
+    await publish(nc, sj.FLOOR_VERDICT, _verdict(3, "prompt"))
     prompt = await reply(3)
-    await publish(nc, sj.STT_FINAL, _final(4, "", idle=2))
+    await publish(nc, sj.FLOOR_VERDICT, _verdict(4, "goodbye"))
     goodbye = await reply(4)
-    assert (prompt.text, prompt.end_session) == ("Are you still there?", False)
-    assert goodbye.end_session and goodbye.text
-    assert tap.of(ev.SessionEnd, SESSION) == []  # not before the goodbye was heard
-    await publish(nc, sj.EGRESS_PLAYBACK, _played(4))
-    end = await tap.wait_for(lambda: tap.of(ev.SessionEnd, SESSION), 10, "the session's end")
+    assert prompt.text == "Are you still there?"
+    assert goodbye.text == "It seems you have stepped away. Goodbye!"
 
-    assert end[0].reason == "user idle"
-    assert len(tap.of(ev.ReplyDone, SESSION, turn=0)) == 1
+    # Nothing answered the ignored turn nor the forged one; the session end is not the LLM's.
+    assert [d.turn for d in tap.of(ev.ReplyDone, SESSION)] == [0, 2, 3, 4]
+    assert tap.of(ev.SessionEnd, SESSION) == []
     entry = await (await nc.jetstream().key_value("voicebus_history")).get(SESSION)
     history = msgspec.msgpack.decode(entry.value, type=list[ChatMessage])
     assert history == [
@@ -81,7 +79,49 @@ async def test_llm_greets_ignores_backchannels_cuts_history_and_says_goodbye(bar
     ]
 
 
-async def test_tts_keeps_speaking_through_an_empty_or_ignored_reply(bare_stack):
+async def test_the_judge_in_egress_greets_refuses_a_forged_turn_and_ends_after_a_goodbye(
+        bare_stack):
+    """Egress alone judges: a final from the future is refused (and the session goes on), a
+    second user-idle turn gets the goodbye, and once it has been played the judge ends the
+    session on its own subject. Its record in KV says where it stands."""
+    stack, nc, tap = bare_stack
+    await stack.start_stage("egress", VOICEBUS_IDLE_PROMPTS="1")
+    await stack.wait_ready(("egress",))
+    await tap.watch(sj.session_all(SESSION))
+    await dispatch(nc, tap, SESSION, stages=("egress",))
+
+    async def verdict(turn: int) -> ev.Verdict:
+        found = await tap.wait_for(lambda: tap.of(ev.Verdict, SESSION, turn=turn), 10,
+                                   f"the verdict on turn {turn}")
+        return found[0]
+
+    async def spoken(turn: int) -> None:  # the LLM and TTS side: a reply with no audio
+        await publish(nc, sj.TTS_DONE, _event(ev.SynthesisDone, turn=turn))
+        await tap.wait_for(lambda: tap.of(ev.Playback, SESSION, turn=turn, final=True), 10,
+                           f"the end of reply {turn}")
+
+    await publish(nc, sj.STT_FINAL, _event(ev.Transcript, turn=1_000_000, text="forged",
+                                           final=True, speech_ms=900))
+    assert (await verdict(1_000_000)).reason == "out of reach"
+    await publish(nc, sj.STT_FINAL, _event(ev.Transcript, turn=1, text="what time is it",
+                                           final=True, speech_ms=900))
+    assert ((await verdict(1)).action, (await verdict(1)).text) == ("answer", "what time is it")
+    await spoken(1)
+    await publish(nc, sj.STT_IDLE, _event(ev.UserIdle, turn=2, count=1))
+    assert (await verdict(2)).action == "prompt"
+    await spoken(2)
+    await publish(nc, sj.STT_IDLE, _event(ev.UserIdle, turn=3, count=2))
+    assert (await verdict(3)).action == "goodbye"
+    assert tap.of(ev.SessionEnd, SESSION) == []  # not before the goodbye was heard
+    await spoken(3)
+    end = await tap.wait_for(lambda: tap.of(ev.SessionEnd, SESSION, topic=sj.FLOOR_END), 10,
+                             "the session's end")
+    assert end[0].reason == "user idle"
+    entry = await (await nc.jetstream().key_value("voicebus_sessions")).get(f"{SESSION}.floor")
+    assert msgspec.msgpack.decode(entry.value, type=FloorRecord) == FloorRecord(judged=3)
+
+
+async def test_tts_keeps_speaking_through_an_empty_or_failed_reply(bare_stack):
     stack, nc, tap = bare_stack
     await stack.start_stage("tts")
     await stack.wait_ready(("tts",))
@@ -92,10 +132,10 @@ async def test_tts_keeps_speaking_through_an_empty_or_ignored_reply(bare_stack):
     await publish(nc, sj.LLM_DONE, _event(ev.ReplyDone, turn=1, text=text))
     await tap.wait_for(lambda: tap.of(ev.AudioFrame, SESSION, topic=sj.TTS_AUDIO, turn=1), 10,
                        "the first audio of turn 1")
-    await publish(nc, sj.LLM_DONE, _event(ev.ReplyDone, turn=2, ignored=True))
-    await publish(nc, sj.LLM_DONE, _event(ev.ReplyDone, turn=3))
-    first = await tap.wait_for(lambda: tap.of(ev.SpeechDone, SESSION, turn=1), 30, "turn 1")
-    skipped = [tap.of(ev.SpeechDone, SESSION, turn=t) for t in (2, 3)]
+    await publish(nc, sj.LLM_DONE, _event(ev.ReplyDone, turn=2))
+    await publish(nc, sj.LLM_DONE, _event(ev.ReplyDone, turn=3, error="the model failed"))
+    first = await tap.wait_for(lambda: tap.of(ev.SynthesisDone, SESSION, turn=1), 30, "turn 1")
+    skipped = [tap.of(ev.SynthesisDone, SESSION, turn=t) for t in (2, 3)]
 
     assert not first[0].interrupted and first[0].text == text and first[0].frames > 100
     assert all(len(done) == 1 and done[0].frames == 0 and not done[0].interrupted

@@ -22,9 +22,22 @@ async def publish(nc, topic: sj.Topic, event: ev.Event) -> None:
     await nc.publish(topic.subject(event.session), codec.encode(event))
 
 
-def final(session: str, turn: int, text: str) -> ev.Transcript:
-    return ev.Transcript(session=session, seq=turn, ts_ns=time.time_ns(), turn=turn, text=text,
-                         final=True)
+async def user_says(nc, session: str, turn: int, text: str, *, seq: int = 1) -> None:
+    """The user's speech edges and final transcript, as ingress and the STT publish them: the
+    judge in egress turns them into a verdict (and cuts a reply that holds the floor)."""
+    def stamp(cls: type[ev.Event], **fields) -> ev.Event:
+        return cls(session=session, seq=seq, ts_ns=time.time_ns(), **fields)
+
+    await publish(nc, sj.INGRESS_VAD, stamp(ev.SpeechStarted, pts_ms=0))
+    await publish(nc, sj.INGRESS_VAD, stamp(ev.SpeechEnded, pts_ms=900, speech_ms=900))
+    await publish(nc, sj.STT_FINAL, stamp(ev.Transcript, turn=turn, text=text, final=True,
+                                          speech_ms=900))
+
+
+def answer(session: str, turn: int, text: str) -> ev.Verdict:
+    """The judge's verdict to answer the user's ``text``: what the LLM acts on."""
+    return ev.Verdict(session=session, seq=turn, ts_ns=time.time_ns(), turn=turn,
+                      action="answer", text=text)
 
 
 async def test_llm_sends_system_prompt_and_kv_history_and_survives_a_dead_provider(bare_stack):
@@ -39,12 +52,12 @@ async def test_llm_sends_system_prompt_and_kv_history_and_survives_a_dead_provid
         await tap.watch(sj.session_all("chat"))
         await dispatch(nc, tap, "chat", stages=("llm",))
 
-        await publish(nc, sj.STT_FINAL, final("chat", 1, "what time is it"))
+        await publish(nc, sj.FLOOR_VERDICT, answer("chat", 1, "what time is it"))
         await tap.wait_for(lambda: tap.of(ev.ReplyDone, "chat", turn=1), 10, "reply 1")
         fake.fail_with_status(500, times=1)
-        await publish(nc, sj.STT_FINAL, final("chat", 2, "are you there"))
+        await publish(nc, sj.FLOOR_VERDICT, answer("chat", 2, "are you there"))
         failed = await tap.wait_for(lambda: tap.of(ev.ReplyDone, "chat", turn=2), 10, "reply 2")
-        await publish(nc, sj.STT_FINAL, final("chat", 3, "call my mother"))
+        await publish(nc, sj.FLOOR_VERDICT, answer("chat", 3, "call my mother"))
         done = await tap.wait_for(lambda: tap.of(ev.ReplyDone, "chat", turn=3), 10, "reply 3")
     finally:
         await fake.close()
@@ -61,7 +74,8 @@ async def test_llm_sends_system_prompt_and_kv_history_and_survives_a_dead_provid
         "what time is it", "You said: what time is it.", "are you there", "call my mother"]
 
 
-async def test_egress_stops_at_once_on_cancel_and_never_plays_the_cancelled_turn(bare_stack, tmp_path):
+async def test_egress_judges_a_barge_in_stops_at_once_and_never_plays_the_cut_turn(
+        bare_stack, tmp_path):
     stack, nc, tap = bare_stack
     await stack.start_stage("egress")
     await stack.wait_ready(("egress",))
@@ -69,6 +83,9 @@ async def test_egress_stops_at_once_on_cancel_and_never_plays_the_cancelled_turn
     await tap.watch(sj.session_all("cut"))
     await dispatch(nc, tap, "cut", stages=("egress",), wav_out=str(out))
 
+    await user_says(nc, "cut", 1, "tell me a story")
+    verdict = await tap.wait_for(lambda: tap.of(ev.Verdict, "cut", turn=1), 5, "a verdict")
+    assert verdict[0].action == "answer" and verdict[0].text == "tell me a story"
     rate, frame = 16000, bytes(range(256)) * 2 + bytes(128)  # 640 bytes: 20 ms at 16 kHz
     seq = 100
     for turn, frames in ((1, 150), (2, 10)):  # a 3 s reply, then a short one
@@ -79,18 +96,21 @@ async def test_egress_stops_at_once_on_cancel_and_never_plays_the_cancelled_turn
                 pts_ms=20 * i, turn=turn, text_offset=i))
         if turn == 1:
             await tap.wait_for(lambda: tap.of(ev.Playback, "cut", turn=1), 5, "turn 1 playing")
-            await publish(nc, sj.CTL_CANCEL, ev.Cancel(session="cut", seq=1, ts_ns=time.time_ns(),
-                                                       turn=1))
+            # The user talks over the reply: a real question cuts it.
+            await user_says(nc, "cut", 2, "what time is it", seq=2)
             await tap.wait_for(lambda: tap.of(ev.Playback, "cut", turn=1, final=True), 5, "cut")
         seq += 1
-        await publish(nc, sj.TTS_DONE, ev.SpeechDone(session="cut", seq=seq, ts_ns=time.time_ns(),
-                                                     turn=turn, frames=frames))
+        await publish(nc, sj.TTS_DONE, ev.SynthesisDone(session="cut", seq=seq, ts_ns=time.time_ns(),
+                                                        turn=turn, frames=frames))
     # A late frame of the cancelled turn must never be played.
     await publish(nc, sj.TTS_AUDIO, ev.AudioFrame(session="cut", seq=seq + 1, ts_ns=time.time_ns(),
                                                   pcm=frame, sample_rate=rate, turn=1))
     second = await tap.wait_for(lambda: tap.of(ev.Playback, "cut", turn=2, final=True), 5, "turn 2")
     assert await stack.procs["egress"].stop() == 0  # closes the session's WAV on the way out
 
+    cancels = tap.of(ev.Cancel, "cut", topic=sj.FLOOR_CANCEL)
+    assert [(c.turn, c.reason) for c in cancels] == [(1, "barge-in")]
+    assert [(v.turn, v.action) for v in tap.of(ev.Verdict, "cut")] == [(1, "answer"), (2, "answer")]
     cut = tap.of(ev.Playback, "cut", turn=1, final=True)[0]
     assert cut.interrupted and 0 < cut.played_ms < 1000
     assert second[0].played_ms == 200 and not second[0].interrupted
@@ -106,6 +126,7 @@ async def test_egress_reports_whole_timed_words_as_heard(bare_stack):
     await stack.wait_ready(("egress",))
     await tap.watch(sj.session_all("words"))
     await dispatch(nc, tap, "words", stages=("egress",))
+    await user_says(nc, "words", 1, "count to ten")
 
     text = "one two three four five six seven eight nine ten"
     frames, rate = 150, 16000  # 3 s; a word ends every 300 ms
@@ -115,13 +136,12 @@ async def test_egress_reports_whole_timed_words_as_heard(bare_stack):
         await publish(nc, sj.TTS_AUDIO, ev.AudioFrame(
             session="words", seq=i + 1, ts_ns=time.time_ns(), pcm=bytes(640), sample_rate=rate,
             pts_ms=20 * i, turn=1, text_offset=(i + 1) * len(text) // frames))
-    await publish(nc, sj.TTS_DONE, ev.SpeechDone(
+    await publish(nc, sj.TTS_DONE, ev.SynthesisDone(
         session="words", seq=frames + 1, ts_ns=time.time_ns(), turn=1, frames=frames, text=text,
         words=marks))
     await tap.wait_for(lambda: [p for p in tap.of(ev.Playback, "words", turn=1)
                                 if p.played_ms >= 700], 10, "two words played")
-    await publish(nc, sj.CTL_CANCEL, ev.Cancel(session="words", seq=1, ts_ns=time.time_ns(),
-                                               turn=1))
+    await user_says(nc, "words", 2, "stop counting please", seq=2)
     await tap.wait_for(lambda: tap.of(ev.Playback, "words", turn=1, final=True), 5, "the cut")
 
     reports = tap.of(ev.Playback, "words", turn=1)
@@ -145,9 +165,9 @@ async def test_llm_cancel_closes_the_provider_stream_and_closes_the_turn(bare_st
         await dispatch(nc, tap, "bargein", stages=("llm",))
         fake.reply = "One two three four five six seven eight."
         fake.hold_after(2)  # the model "keeps thinking" after two chunks
-        await publish(nc, sj.STT_FINAL, final("bargein", 1, "count for me"))
+        await publish(nc, sj.FLOOR_VERDICT, answer("bargein", 1, "count for me"))
         await tap.wait_for(lambda: len(tap.of(ev.ReplyDelta, "bargein", turn=1)) >= 2, 10, "deltas")
-        await publish(nc, sj.CTL_CANCEL, ev.Cancel(session="bargein", seq=9, ts_ns=time.time_ns(),
+        await publish(nc, sj.FLOOR_CANCEL, ev.Cancel(session="bargein", seq=9, ts_ns=time.time_ns(),
                                                    turn=1))
         done = await tap.wait_for(lambda: tap.of(ev.ReplyDone, "bargein", turn=1), 10, "done")
         await asyncio.wait_for(fake.stopped.wait(), 10)
@@ -176,18 +196,18 @@ async def test_tts_cancel_stops_synthesis_and_ignores_late_text(bare_stack):
     await reply(1, long, done=True)
     await tap.wait_for(lambda: tap.of(ev.AudioFrame, "speak", topic=sj.TTS_AUDIO, turn=1), 10,
                        "the first audio of turn 1")
-    await publish(nc, sj.CTL_CANCEL, ev.Cancel(session="speak", seq=next(seq),
+    await publish(nc, sj.FLOOR_CANCEL, ev.Cancel(session="speak", seq=next(seq),
                                                ts_ns=time.time_ns(), turn=1))
-    cut = await tap.wait_for(lambda: tap.of(ev.SpeechDone, "speak", turn=1), 10, "turn 1 closed")
+    cut = await tap.wait_for(lambda: tap.of(ev.SynthesisDone, "speak", turn=1), 10, "turn 1 closed")
     await reply(1, "Late words of the cancelled turn.", done=False)
     await reply(2, "Short answer.", done=True)
-    second = await tap.wait_for(lambda: tap.of(ev.SpeechDone, "speak", turn=2), 10, "turn 2")
+    second = await tap.wait_for(lambda: tap.of(ev.SynthesisDone, "speak", turn=2), 10, "turn 2")
 
     assert cut[0].interrupted and not second[0].interrupted and second[0].frames > 0
     frames_1 = tap.of(ev.AudioFrame, "speak", topic=sj.TTS_AUDIO, turn=1)
     # Sixty sentences are ~2.5 min of speech; synthesis stopped after a sentence or a few.
     assert 0 < len(frames_1) == cut[0].frames < 600
-    assert len(tap.of(ev.SpeechDone, "speak", turn=1)) == 1
+    assert len(tap.of(ev.SynthesisDone, "speak", turn=1)) == 1
 
 
 @pytest.mark.parametrize(("stage", "chain", "key"), [

@@ -22,11 +22,13 @@ def one_turn(session: str, turn: int, t0: int, frames_dropped: int = 0) -> list[
     """Last speech at t0; end of speech 320 ms later; final after 15 ms of STT; first audio
     after 1 ms LLM + 100 ms TTS + 4 ms of bus."""
     return [
-        ev.SpeechEnded(session=session, ts_ns=t0 + 320 * MS, pts_ms=0, last_speech_ts_ns=t0),
+        ev.SpeechEnded(session=session, ts_ns=t0 + 320 * MS, pts_ms=0,
+                       timing=ev.Timing(last_speech_ts_ns=t0)),
         ev.Transcript(session=session, ts_ns=t0 + 337 * MS, turn=turn, text="hi", final=True,
-                      compute_ms=15.0, frames_dropped=frames_dropped),
-        ev.SpeechDone(session=session, turn=turn, frames=50, first_frame_ts_ns=t0 + 442 * MS,
-                      llm_ms=1.0, tts_ms=100.0),
+                      frames_dropped=frames_dropped, timing=ev.Timing(compute_ms=15.0)),
+        ev.SynthesisDone(session=session, turn=turn, frames=50,
+                         timing=ev.Timing(first_frame_ts_ns=t0 + 442 * MS, llm_ms=1.0,
+                                          tts_ms=100.0)),
         ev.Playback(session=session, turn=turn, played_ms=1000, final=True),
     ]
 
@@ -129,28 +131,35 @@ def test_barge_in_settles_only_when_every_owed_reply_is_played_or_cut() -> None:
     ended = ev.SpeechEnded(session="r", ts_ns=t0 + 900 * MS, pts_ms=900)
     heard = ev.Transcript(session="r", ts_ns=t0 + 950 * MS, turn=1, text="what time is it",
                           final=True)
+    verdict = ev.Verdict(session="r", turn=1, action="answer", text="what time is it")
     answer = ev.ReplyDone(session="r", turn=1, text="what time is it... ok")
     played = ev.Playback(session="r", turn=1, final=True)
     assert bargein.pending(tap_with(started), "r") == ["a final transcript of the user's speech"]
     assert bargein.pending(tap_with(started, ended), "r") == \
         ["a final transcript of the user's speech"]
-    assert bargein.pending(tap_with(started, ended, heard), "r") == ["an answer to turn 1"]
-    assert bargein.pending(tap_with(started, ended, heard, answer), "r") == \
+    assert bargein.pending(tap_with(started, ended, heard), "r") == ["a verdict on turn 1"]
+    assert bargein.pending(tap_with(started, ended, heard, verdict), "r") == \
+        ["an answer to turn 1"]
+    assert bargein.pending(tap_with(started, ended, heard, verdict, answer), "r") == \
         ["the playout of turn 1"]
-    assert bargein.pending(tap_with(started, ended, heard, answer, played), "r") == []
+    assert bargein.pending(tap_with(started, ended, heard, verdict, answer, played), "r") == []
     cut = ev.Cancel(session="r", turn=1, reason="barge-in")
-    assert bargein.pending(tap_with(started, ended, heard, answer, cut), "r") == []
-    # a backchannel over the reply: its final is answered with "ignored", which owes nothing
+    assert bargein.pending(tap_with(started, ended, heard, verdict, answer, cut), "r") == []
+    # a backchannel over the reply: the judge ignores it, which owes nothing more
     again = [ev.SpeechStarted(session="r", ts_ns=t0 + 2000 * MS, pts_ms=2000),
              ev.SpeechEnded(session="r", ts_ns=t0 + 2300 * MS, pts_ms=2300)]
     okay = ev.Transcript(session="r", ts_ns=t0 + 2500 * MS, turn=2, text="okay", final=True)
-    ignored = ev.ReplyDone(session="r", turn=2, ignored=True)
-    assert bargein.pending(tap_with(heard, answer, *again), "r") == \
+    ignored = ev.Verdict(session="r", turn=2, action="ignore", reason="backchannel")
+    assert bargein.pending(tap_with(heard, verdict, answer, *again), "r") == \
         ["a final transcript of the user's speech", "the playout of turn 1"]
-    assert bargein.pending(tap_with(heard, answer, played, *again, okay, ignored), "r") == []
-    # a cough: a final with no words owes no answer
+    assert bargein.pending(tap_with(heard, verdict, answer, played, *again, okay), "r") == \
+        ["a verdict on turn 2"]
+    assert bargein.pending(tap_with(heard, verdict, answer, played, *again, okay, ignored),
+                           "r") == []
+    # a cough: a final with no words is ignored too
     cough = ev.Transcript(session="r", ts_ns=t0 + 2500 * MS, turn=2, text="", final=True)
-    assert bargein.pending(tap_with(heard, answer, played, *again, cough), "r") == []
+    assert bargein.pending(tap_with(heard, verdict, answer, played, *again, cough, ignored),
+                           "r") == []
 
 
 def test_barge_in_names_what_stt_made_of_a_sound() -> None:

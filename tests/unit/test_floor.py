@@ -1,16 +1,25 @@
-"""Egress turn-taking: when the agent pauses, resumes or gives up the floor, and its state."""
+"""The one judge of turn-taking: utterance x floor state -> verdict, the orderings NATS may
+deliver across subjects, the greeting, user idle, bounded turn numbers and the kept record."""
 
 from __future__ import annotations
 
+import pytest
+
 from services.egress.floor import Floor
-from services.runtime.config import BaseConfig
+from services.egress.service import EgressConfig
+from services.runtime.ledger import MAX_AHEAD, FloorRecord, TurnLedger
 from services.runtime.turns import TurnRules
 
 
 class Actions:
+    """What the judge asked for, in order."""
+
     def __init__(self) -> None:
         self.log: list[str] = []
+        self.verdicts: list[tuple[int, str, str]] = []
         self.states: list[str] = []
+        self.ends: list[str] = []
+        self.records: list[FloorRecord] = []
 
     def pause(self) -> None:
         self.log.append("pause")
@@ -21,72 +30,114 @@ class Actions:
     def interrupt(self, turn: int) -> None:
         self.log.append(f"cut {turn}")
 
+    def verdict(self, turn: int, action: str, text: str, reason: str) -> None:
+        self.verdicts.append((turn, action, reason))
+
     def show(self, state: str, turn: int) -> None:
         self.states.append(state)
 
+    def end_session(self, reason: str) -> None:
+        self.ends.append(reason)
 
-def speaking_floor(rules: TurnRules | None = None, greeting: bool = False) -> tuple[Floor, Actions]:
+    def record(self, record: FloorRecord) -> None:
+        self.records.append(record)
+
+
+def judge(*, greeting: bool = False, rules: TurnRules | None = None,
+          record: FloorRecord | None = None) -> tuple[Floor, Actions]:
     actions = Actions()
-    floor = Floor(rules or BaseConfig().turn_rules(), actions, greeting=greeting)
+    record = record or FloorRecord()
+    floor = Floor(rules or EgressConfig().turn_rules(), actions, TurnLedger.from_record(record),
+                  greeting=greeting, record=record)
     floor.refresh()
     floor.user_track(True)
-    floor.final_transcript(1, "tell me a story", 900, 0)
-    floor.reply_text(1)
-    floor.playing(1)
     return floor, actions
 
 
+def in_state(state: str) -> tuple[Floor, Actions]:
+    """A judge whose floor is in ``state``, reply 1 holding it (but for "listening")."""
+    floor, actions = judge()
+    floor.final_transcript(1, "tell me a story", 900)
+    if state in ("speaking", "paused"):
+        floor.playing(1)
+    if state == "paused":
+        floor.speech_started(10.0)
+    if state == "listening":
+        floor.played(1, interrupted=False)
+    actions.log.clear()
+    actions.verdicts.clear()
+    return floor, actions
+
+
+QUESTION = ("what time is it", 900)
+BACKCHANNEL = ("uh-huh", 450)
+COUGH = ("", 150)
+SHORT = ("what", 120)
+TWO_BACKCHANNELS = ("okay i see", 800)
+
+# utterance x floor state -> (verdict on turn 2, what happened to reply 1)
+TABLE = [
+    (QUESTION, "listening", ("answer", ""), []),
+    (BACKCHANNEL, "listening", ("answer", ""), []),  # nobody else speaks: it is a turn
+    (COUGH, "listening", ("ignore", "no words"), []),
+    (QUESTION, "thinking", ("answer", ""), ["cut 1"]),
+    (BACKCHANNEL, "thinking", ("ignore", "backchannel"), []),
+    (COUGH, "thinking", ("ignore", "no words"), []),
+    (QUESTION, "speaking", ("answer", ""), ["cut 1"]),
+    (SHORT, "speaking", ("ignore", "too short"), []),
+    (TWO_BACKCHANNELS, "speaking", ("ignore", "backchannel"), []),
+    (QUESTION, "paused", ("answer", ""), ["cut 1", "resume"]),
+    (BACKCHANNEL, "paused", ("ignore", "backchannel"), ["resume"]),
+    (COUGH, "paused", ("ignore", "no words"), ["resume"]),
+    (SHORT, "paused", ("ignore", "too short"), ["resume"]),
+]
+
+
+@pytest.mark.parametrize(("utterance", "state", "verdict", "reply"), TABLE,
+                         ids=[f"{u[0] or 'cough'}-{s}" for u, s, _, _ in TABLE])
+def test_the_verdict_on_an_utterance_depends_on_the_floor(
+        utterance: tuple[str, int], state: str, verdict: tuple[str, str],
+        reply: list[str]) -> None:
+    floor, actions = in_state(state)
+    floor.speech_ended()
+    floor.final_transcript(2, *utterance)
+    assert actions.verdicts == [(2, *verdict)]
+    assert actions.log == reply
+    cut = "cut 1" in reply
+    # An answer takes the floor; an ignored utterance leaves the reply holding it.
+    assert floor.reply == (2 if verdict[0] == "answer" else None if state == "listening" else 1)
+    assert floor.ledger.cut == (1 if cut else -1)
+    assert floor.ledger.newest == 2 and floor.ledger.is_open(2) == (verdict[0] == "answer")
+
+
 def test_a_reply_goes_thinking_speaking_listening() -> None:
-    floor, actions = speaking_floor()
-    floor.played(1)
+    floor, actions = judge()
+    floor.final_transcript(1, "tell me a story", 900)
+    floor.playing(1)
+    floor.played(1, interrupted=False)
     assert actions.states == ["initializing", "listening", "thinking", "speaking", "listening"]
-    assert actions.log == []
+    assert actions.verdicts == [(1, "answer", "")]
 
 
 def test_a_real_question_pauses_at_once_then_cuts_the_reply_on_its_words() -> None:
-    floor, actions = speaking_floor()
+    floor, actions = in_state("speaking")
     floor.speech_started(10.0)
     assert actions.log == ["pause"] and actions.states[-1] == "listening"
-    floor.partial_transcript(2, "what time", 10.1)  # two words, but only 100 ms: not yet
+    floor.partial_transcript("what time", 10.1)  # two words, but only 100 ms: not yet
+    floor.partial_transcript("what", 10.3)  # a partial needs two words
     assert actions.log == ["pause"]
-    floor.partial_transcript(2, "what", 10.3)  # a partial needs two words
-    assert actions.log == ["pause"]
-    floor.partial_transcript(2, "what time", 10.3)
+    floor.partial_transcript("what time", 10.3)
     assert actions.log == ["pause", "cut 1", "resume"]
-    floor.speech_ended()  # (the VAD's end always comes before the STT's final)
-    floor.final_transcript(2, "what time is it", 700, 0)
-    floor.played(1)  # the cut reply's final report arrives late: it changes nothing
-    assert floor.reply == 2 and actions.states[-1] == "thinking"
-    assert actions.log.count("cut 1") == 1
-
-
-def test_a_backchannel_or_a_cough_resumes_the_same_reply() -> None:
-    floor, actions = speaking_floor()
-    for text, speech_ms in (("uh-huh", 450), ("", 150), ("what", 120)):
-        floor.speech_started(1.0)
-        floor.partial_transcript(2, text, 1.1)
-        floor.speech_ended()
-        floor.final_transcript(2, text, speech_ms, 0)
-    assert actions.log == ["pause", "resume"] * 3
-    assert floor.reply == 1 and actions.states[-1] == "speaking"
-    floor.played(2)  # the ignored final's empty turn closes: the reply still holds the floor
-    assert floor.reply == 1
-
-
-def test_speech_during_thinking_holds_the_reply_back_and_a_real_turn_supersedes_it() -> None:
-    actions = Actions()
-    floor = Floor(BaseConfig().turn_rules(), actions, greeting=False)
-    floor.user_track(True)
-    floor.final_transcript(1, "I want", 400, 0)
-    floor.speech_started(2.0)  # the user goes on before the agent spoke a word
-    assert actions.log == ["pause"]
     floor.speech_ended()
-    floor.final_transcript(2, "to book a flight", 900, 0)
-    assert actions.log == ["pause", "cut 1", "resume"] and floor.reply == 2
+    floor.final_transcript(2, "what time is it", 700)
+    floor.played(1, interrupted=True)  # the cut reply's final report arrives late: no change
+    assert floor.reply == 2 and actions.states[-1] == "thinking"
+    assert actions.log.count("cut 1") == 1 and actions.verdicts == [(2, "answer", "")]
 
 
 def test_duration_alone_with_min_words_zero() -> None:
-    floor, actions = speaking_floor(TurnRules.parse(200, 0, ""))
+    floor, actions = in_state("speaking")
+    floor.rules = TurnRules.parse(200, 0, "")
     floor.speech_started(1.0)
     floor.check(1.1)
     assert actions.log == ["pause"]
@@ -94,53 +145,156 @@ def test_duration_alone_with_min_words_zero() -> None:
     assert actions.log == ["pause", "cut 1", "resume"]
 
 
-def test_the_greeting_keeps_initializing_until_it_is_played() -> None:
-    actions = Actions()
-    floor = Floor(BaseConfig().turn_rules(), actions, greeting=True)
-    floor.refresh()
-    floor.user_track(True)
-    assert actions.states == ["initializing"]
-    floor.reply_text(0)
-    floor.playing(0)
-    floor.played(0)
-    assert actions.states == ["initializing", "thinking", "speaking", "listening"]
+# ---- the orderings NATS may deliver across subjects ----------------------------------------------
 
 
-def test_an_interrupted_greeting_lets_the_user_in() -> None:
-    actions = Actions()
-    floor = Floor(BaseConfig().turn_rules(), actions, greeting=True)
-    floor.user_track(True)
-    floor.reply_text(0)
-    floor.playing(0)
+def test_the_final_before_the_vad_end_gets_the_same_verdict() -> None:
+    # stt.final and ingress.vad are different subjects: the final may overtake SpeechEnded.
+    floor, actions = in_state("speaking")
+    floor.speech_started(1.0)
+    floor.final_transcript(2, "uh-huh", 450)
+    assert actions.verdicts == [(2, "ignore", "backchannel")] and floor.reply == 1
+    floor.speech_ended()  # late: changes nothing, and gives up no pause
+    floor.give_up_pause()
+    assert actions.log == ["pause", "resume"] and actions.states[-1] == "speaking"
+
+
+def test_a_late_partial_of_an_answered_turn_does_not_cut_its_reply() -> None:
+    floor, actions = in_state("listening")
     floor.speech_started(1.0)
     floor.speech_ended()
-    floor.final_transcript(1, "what time is it", 800, 0)
-    assert actions.log == ["pause", "cut 0", "resume"]
-    assert actions.states[-1] == "thinking" and not floor.greeting_due
+    floor.final_transcript(2, "what time is it", 800)
+    floor.partial_transcript("what time is", 2.0)  # a straggler on stt.partial
+    assert actions.log == [] and floor.reply == 2
 
 
-def test_an_idle_final_takes_the_floor_for_the_re_prompt() -> None:
-    floor, actions = speaking_floor()
-    floor.played(1)
-    floor.final_transcript(2, "", 0, 1)
+def test_repeated_and_overtaken_finals_are_judged_once() -> None:
+    floor, actions = in_state("listening")
+    floor.final_transcript(3, "and the weather", 800)  # turn 2's final was lost or is late
+    floor.final_transcript(3, "and the weather", 800)  # a redelivery
+    floor.final_transcript(2, "what time is it", 800)  # the late one: a newer turn was judged
+    assert actions.verdicts == [(3, "answer", "")]
+
+
+def test_a_playback_of_an_older_reply_after_a_new_verdict_changes_nothing() -> None:
+    floor, actions = in_state("speaking")
+    floor.speech_started(1.0)
+    floor.speech_ended()
+    floor.final_transcript(2, "what time is it", 900)
+    floor.playing(1)  # a progress report of the cut reply, still on its way
+    floor.played(1, interrupted=True)
     assert floor.reply == 2 and actions.states[-1] == "thinking"
 
 
 def test_a_reply_due_while_the_user_already_speaks_again_waits() -> None:
-    actions = Actions()
-    floor = Floor(BaseConfig().turn_rules(), actions, greeting=False)
-    floor.user_track(True)
+    floor, actions = in_state("listening")
     floor.speech_started(1.0)  # the next utterance began before the last one's final came
-    floor.final_transcript(1, "what time is it", 800, 0)
+    floor.final_transcript(2, "what time is it", 800)
     assert actions.log == ["pause"] and actions.states[-1] == "listening"
-    floor.partial_transcript(2, "and the date", 1.5)
-    assert actions.log == ["pause", "cut 1", "resume"]
+    floor.partial_transcript("and the date", 1.5)
+    assert actions.log == ["pause", "cut 2", "resume"]
+
+
+def test_speech_during_thinking_holds_the_reply_back_and_a_real_turn_supersedes_it() -> None:
+    floor, actions = judge()
+    floor.final_transcript(1, "I want", 400)
+    floor.speech_started(2.0)  # the user goes on before the agent spoke a word
+    assert actions.log == ["pause"]
+    floor.speech_ended()
+    floor.final_transcript(2, "to book a flight", 900)
+    assert actions.log == ["pause", "cut 1", "resume"] and floor.reply == 2
 
 
 def test_a_pause_without_a_verdict_is_given_up() -> None:
-    floor, actions = speaking_floor()
+    floor, actions = in_state("speaking")
     floor.speech_started(1.0)
     floor.give_up_pause()  # still speaking: nothing to give up yet
     floor.speech_ended()
     floor.give_up_pause()  # the final never came
     assert actions.log == ["pause", "resume"] and actions.states[-1] == "speaking"
+
+
+# ---- turn numbers are bounded ---------------------------------------------------------------------
+
+
+def test_a_turn_from_the_future_is_refused_and_the_session_goes_on() -> None:
+    floor, actions = in_state("listening")
+    floor.final_transcript(1_000_000, "forged words", 900)
+    floor.user_idle(2 + MAX_AHEAD + 1, 1)
+    assert actions.verdicts == [(1_000_000, "ignore", "out of reach"),
+                                (2 + MAX_AHEAD + 1, "ignore", "out of reach")]
+    assert floor.ledger.newest == 1 and floor.ledger.cut == -1
+    floor.final_transcript(2, "what time is it", 900)  # the genuine next turn is answered
+    assert actions.verdicts[-1] == (2, "answer", "")
+
+
+def test_the_record_rebuilds_the_judge_in_a_new_replica() -> None:
+    record = FloorRecord(judged=5, cut=3, greeted=True)
+    floor, actions = judge(greeting=True, record=record)
+    assert actions.verdicts == []  # greeted already: no second greeting after a failover
+    floor.final_transcript(5, "a repeat", 900)
+    floor.final_transcript(6, "what time is it", 900)
+    floor.final_transcript(6 + MAX_AHEAD + 1, "too far", 900)
+    assert actions.verdicts == [(6, "answer", ""), (15, "ignore", "out of reach")]
+    assert actions.records[-1] == FloorRecord(judged=6, cut=3, greeted=True, reply=6)
+    restored, _ = judge(record=FloorRecord(judged=6, cut=3, greeted=True, reply=6))
+    assert restored.reply == 6  # who holds the floor survives the replica
+
+
+# ---- the turns the agent takes on its own ---------------------------------------------------------
+
+
+def test_the_greeting_is_given_once_and_keeps_initializing_until_it_is_played() -> None:
+    floor, actions = judge(greeting=True)
+    floor.user_track(True)  # a reconnect: no second greeting
+    assert actions.verdicts == [(0, "greet", "")]
+    floor.playing(0)
+    floor.played(0, interrupted=False)
+    assert actions.states == ["initializing", "thinking", "speaking", "listening"]
+    assert actions.records[-1].greeted
+
+
+def test_an_interrupted_greeting_lets_the_user_in() -> None:
+    floor, actions = judge(greeting=True)
+    floor.playing(0)
+    floor.speech_started(1.0)
+    floor.speech_ended()
+    floor.final_transcript(1, "what time is it", 800)
+    assert actions.log == ["pause", "cut 0", "resume"]
+    assert actions.states[-1] == "thinking" and not floor.greeting
+
+
+def test_no_greeting_when_the_user_spoke_first() -> None:
+    actions = Actions()
+    floor = Floor(EgressConfig().turn_rules(), actions, TurnLedger(), greeting=True)
+    floor.final_transcript(1, "hello", 500)
+    floor.user_track(True)
+    assert actions.verdicts == [(1, "answer", "")]
+
+
+def test_user_idle_prompts_then_says_goodbye_and_ends_the_session_once_heard() -> None:
+    floor, actions = in_state("listening")
+    floor.user_idle(2, 1)
+    floor.played(2, interrupted=False)
+    floor.user_idle(3, 2)
+    assert actions.verdicts == [(2, "prompt", ""), (3, "goodbye", "")]
+    assert actions.ends == [] and floor.reply == 3 and actions.states[-1] == "thinking"
+    floor.played(3, interrupted=False)
+    assert actions.ends == ["user idle"]
+
+
+def test_a_goodbye_cut_by_the_user_does_not_end_the_session() -> None:
+    floor, actions = in_state("listening")
+    floor.user_idle(2, 2)
+    floor.playing(2)
+    floor.speech_started(1.0)
+    floor.partial_transcript("wait a second", 1.5)
+    floor.played(2, interrupted=True)
+    assert actions.log == ["pause", "cut 2", "resume"] and actions.ends == []
+
+
+def test_a_user_idle_turn_while_the_user_speaks_is_ignored() -> None:
+    floor, actions = in_state("listening")
+    floor.speech_started(1.0)
+    floor.user_idle(2, 1)
+    assert actions.verdicts == [(2, "ignore", "not idle")] and floor.reply is None

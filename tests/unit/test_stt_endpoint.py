@@ -18,7 +18,7 @@ from proto import events as ev
 from proto import subjects as sj
 from services.runtime.errors import APIConnectionError
 from services.stt.config import SttConfig
-from services.stt.endpoint import EndOfTurnHolds, TurnSoFar, UserIdle, joined
+from services.stt.endpoint import EndOfTurnHolds, IdleWatch, TurnSoFar, joined
 from services.stt.provider import SttResult
 from services.stt.service import MAX_UTTERANCE_FRAMES, SttWorker
 
@@ -71,7 +71,7 @@ def test_a_turn_joins_its_utterances_and_sums_their_speech() -> None:
 
 
 def test_user_idle_runs_only_while_listening_and_once_per_listening() -> None:
-    idle = UserIdle()
+    idle = IdleWatch()
     assert not idle.may_run(False)                   # no state yet
     idle.agent_state("listening")
     assert idle.may_run(False) and not idle.may_run(True)
@@ -178,7 +178,7 @@ class User:
 
     def send(self, cls: type[Any], **fields: Any) -> None:
         self.seq += 1
-        self.worker.on_ingress(cls(session="s", seq=self.seq, **fields))
+        self.worker.handle(cls(session="s", seq=self.seq, **fields))
 
     def speak(self, frames: int = 10) -> None:
         self.send(ev.SpeechStarted, pts_ms=0)
@@ -189,17 +189,26 @@ class User:
         self.send(ev.SpeechEnded, pts_ms=0, speech_ms=speech_ms)
 
     def state(self, name: str) -> None:
-        self.worker.on_state(ev.AgentState(session="s", state=name))  # type: ignore[arg-type]
+        self.worker.handle(ev.AgentState(session="s", state=name))  # type: ignore[arg-type]
 
     def of(self, topic: sj.Topic) -> list[ev.Transcript]:
         return [e for t, e in self.bus.published if t is topic]  # type: ignore[misc]
 
-    async def finals(self, count: int, timeout: float = 5.0) -> list[ev.Transcript]:
+    async def finals(self, count: int, timeout: float = 5.0,
+                     topics: tuple[sj.Topic, ...] = (sj.STT_FINAL,)) -> list[Any]:
+        """The first ``count`` turns closed on ``topics``, in publish order."""
+        def closed() -> list[Any]:
+            return [e for t, e in self.bus.published if t in topics]
+
         async with asyncio.timeout(timeout):
-            while len(self.of(sj.STT_FINAL)) < count:
+            while len(closed()) < count:
                 self.bus.changed.clear()
                 await self.bus.changed.wait()
-        return self.of(sj.STT_FINAL)
+        return closed()
+
+    async def turns(self, count: int) -> list[Any]:
+        """Finals and user-idle turns alike."""
+        return await self.finals(count, topics=(sj.STT_FINAL, sj.STT_IDLE))
 
     async def settle(self) -> None:
         for _ in range(20):  # let every ready task run (no time passes)
@@ -212,7 +221,7 @@ async def started() -> Any:
 
     async def make(provider: ScriptedStt, **settings: Any) -> User:
         user = User(provider, **settings)
-        await user.worker.start()
+        await user.worker.subscribe_inputs()
         users.append(user)
         return user
 
@@ -226,20 +235,20 @@ async def test_speech_during_the_hold_continues_the_turn_in_one_final(started: A
     user.speak()
     user.stop(700)
     await user.settle()
-    assert not user.worker.idle.is_set()  # a held final is a turn in progress (handover waits)
+    assert not user.worker.ledger.settled.is_set()  # a held final is a turn in flight
     assert user.worker.open_turn is not None and user.worker.open_turn.so_far.text == "I want to"
     user.speak()                          # within the hold: the same turn
     await user.settle()
     user.stop(900)
     # "book a flight" is a statement: published after the (default) 200 ms hold.
     (final,) = await user.finals(1)
-    assert (final.turn, final.text, final.speech_ms, final.idle) == (
-        1, "I want to book a flight", 1600, 0)
+    assert (final.turn, final.text, final.speech_ms) == (1, "I want to book a flight", 1600)
     assert [p.text for p in user.of(sj.STT_PARTIAL)] == ["I", "I want to book"]
     assert {p.turn for p in user.of(sj.STT_PARTIAL)} == {1}
-    assert final.compute_ms < 200  # the provider's time, not the hold's
+    assert final.timing.compute_ms < 200  # the provider's time, not the hold's
+    assert final.timing.hold_ms == 200
     await user.settle()
-    assert user.worker.idle.is_set() and user.bus.kv.data["s.turn"] == b"1"
+    assert user.worker.ledger.settled.is_set() and user.bus.kv.data["s.turn"] == b"1"
     # After the final, speech opens the next turn.
     user.speak()
     user.stop(300)
@@ -303,40 +312,41 @@ async def test_an_utterance_cut_at_the_length_limit_counts_its_frames(started: A
     assert final.speech_ms == (MAX_UTTERANCE_FRAMES - 2) * 20
 
 
-async def test_idle_finals_count_up_once_per_listening_and_stop_while_speaking(
+async def test_user_idle_turns_count_up_once_per_listening_and_stop_while_speaking(
         started: Any) -> None:
     user = await started(ScriptedStt("hello there"), stt_user_idle_s=0.05)
     await asyncio.sleep(0.1)
-    assert not user.of(sj.STT_FINAL)      # no state yet: not listening
+    assert not user.of(sj.STT_IDLE)       # no state yet: not listening
     user.state("listening")
-    (first,) = await user.finals(1)
-    assert (first.turn, first.text, first.final, first.idle) == (1, "", True, 1)
+    (first,) = await user.turns(1)
+    assert isinstance(first, ev.UserIdle) and (first.turn, first.count) == (1, 1)
     await asyncio.sleep(0.1)
-    assert len(user.of(sj.STT_FINAL)) == 1  # once per listening
+    assert len(user.of(sj.STT_IDLE)) == 1  # once per listening
     user.state("thinking")
     user.state("speaking")
     await asyncio.sleep(0.1)
-    assert len(user.of(sj.STT_FINAL)) == 1  # not while the agent speaks
+    assert len(user.of(sj.STT_IDLE)) == 1  # not while the agent speaks
     user.state("listening")
-    (_, second) = await user.finals(2)
-    assert (second.turn, second.idle) == (2, 2)
+    (_, second) = await user.turns(2)
+    assert (second.turn, second.count) == (2, 2)
     assert user.bus.kv.data["s.turn"] == b"2"
     user.state("listening")
     user.speak()                          # the user speaks: no timer, and the count restarts
     await asyncio.sleep(0.1)
-    assert len(user.of(sj.STT_FINAL)) == 2
+    assert len(user.of(sj.STT_IDLE)) == 2
     user.stop(400)
-    (_, _, spoken, third) = await user.finals(4)
-    assert (spoken.turn, spoken.text, spoken.idle) == (3, "hello there", 0)
+    (_, _, spoken, third) = await user.turns(4)
+    assert isinstance(spoken, ev.Transcript) and (spoken.turn, spoken.text) == (3, "hello there")
     # The agent's state stayed "listening" (say the reply was ignored): timed from the turn end.
-    assert (third.turn, third.idle) == (4, 1)
-    assert user.worker.idle.is_set()
+    assert isinstance(third, ev.UserIdle) and (third.turn, third.count) == (4, 1)
+    assert user.worker.ledger.settled.is_set()
+    assert all(final.text for final in user.of(sj.STT_FINAL))  # silence is never a final
 
 
 async def test_the_idle_timer_is_off_by_default_and_gone_on_close(started: Any) -> None:
     user = await started(ScriptedStt())
-    assert sj.CTL_STATE.subject("s") not in user.bus.handlers
-    user.worker.on_state(ev.AgentState(session="s", state="listening"))
+    assert sj.FLOOR_STATE.subject("s") not in user.bus.handlers
+    user.worker.handle(ev.AgentState(session="s", state="listening"))
     assert user.worker.idle_timer is None
     timed = await started(ScriptedStt(), stt_user_idle_s=30)
     timed.state("listening")

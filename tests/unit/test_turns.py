@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from services.runtime.config import BaseConfig
+from services.egress.service import EgressConfig
 from services.runtime.turns import TurnRules, end_of_turn, words
 
-RULES = BaseConfig().turn_rules()
+RULES = EgressConfig().turn_rules()
 
 
 def test_words_drop_punctuation_and_keep_hyphenated_words() -> None:

@@ -147,12 +147,14 @@ def pending(tap: Tap, room: str) -> list[str]:
     if edges and (isinstance(edges[-1], ev.SpeechStarted) or edges[-1].ts_ns > last_final_ns):
         owed.append("a final transcript of the user's speech")
     cut = max((c.turn for c in tap.of(ev.Cancel, room)), default=-1)
+    verdicts = {v.turn: v for v in tap.of(ev.Verdict, room)}
     done = {d.turn: d for d in tap.of(ev.ReplyDone, room)}
     played = {p.turn for p in tap.of(ev.Playback, room, final=True)}
-    owed += [f"an answer to turn {t.turn}" for t in finals
-             if words(t.text) and t.turn not in done and t.turn > cut]
+    owed += [f"a verdict on turn {t.turn}" for t in finals if t.turn not in verdicts]
+    owed += [f"an answer to turn {v.turn}" for v in verdicts.values()
+             if v.action != "ignore" and v.turn not in done and v.turn > cut]
     owed += [f"the playout of turn {d.turn}" for d in done.values()
-             if d.text and not (d.ignored or d.error or d.interrupted) and d.turn not in played
+             if d.text and not (d.error or d.interrupted) and d.turn not in played
              and d.turn > cut]
     return owed
 
@@ -263,7 +265,7 @@ class Bench:
         try:
             answer = await self.tap.wait_for(
                 lambda: next((d for d in self.tap.of(ev.ReplyDone, self.room)
-                              if d.ts_ns > onset_ns and not d.ignored and heard_in(text, d.text)),
+                              if d.ts_ns > onset_ns and heard_in(text, d.text)),
                              None),
                 self.timeout, f"an answer to {text!r}")
         except TimeoutError as exc:

@@ -28,7 +28,7 @@ from proto import subjects as sj
 from services.ingress.audio import read_wav
 from voicebus.bench.pipeline import PROMPTS, measure_turn, stats, turn_losses
 from voicebus.call import Caller, loud
-from voicebus.client import Tap
+from voicebus.client import Tap, timing
 from voicebus.launcher import Stack
 from voicebus.speech import say_to_wav
 
@@ -36,23 +36,23 @@ from voicebus.speech import say_to_wav
 def _bus_view(tap: Tap, room: str, speech_end_ns: int) -> dict[str, float] | None:
     """The bus's measures of the reply the user heard: the first one whose audio went out after
     the utterance ended (an utterance the VAD split in two still has one reply heard first)."""
-    replies = [d for d in tap.of(ev.SpeechDone, room)
-               if d.frames and d.first_frame_ts_ns > speech_end_ns]
+    replies = [d for d in tap.of(ev.SynthesisDone, room)
+               if d.frames and timing(d).first_frame_ts_ns > speech_end_ns]
     if not replies:
         return None
-    reply = min(replies, key=lambda d: d.first_frame_ts_ns)
+    reply = min(replies, key=lambda d: timing(d).first_frame_ts_ns)
     measures = measure_turn(tap, room, reply.turn)
     audible = [f.ts_ns for f in tap.of(ev.AudioFrame, room, turn=reply.turn) if loud(f.pcm)]
     if measures is None or not audible:
         return None
-    return {**measures, "onset": (min(audible) - reply.first_frame_ts_ns) / 1e6}
+    return {**measures, "onset": (min(audible) - timing(reply).first_frame_ts_ns) / 1e6}
 
 
 def _what_the_bus_saw(tap: Tap, room: str, since_ns: int) -> str:
     finals = [(t.turn, t.text, t.ts_ns - since_ns) for t in tap.of(ev.Transcript, room)
               if t.final and t.ts_ns > since_ns - 5_000_000_000]
-    done = [(d.turn, d.frames, d.first_frame_ts_ns - since_ns) for d in tap.of(ev.SpeechDone, room)
-            if d.ts_ns > since_ns - 5_000_000_000]
+    done = [(d.turn, d.frames, timing(d).first_frame_ts_ns - since_ns)
+            for d in tap.of(ev.SynthesisDone, room) if d.ts_ns > since_ns - 5_000_000_000]
     return f"finals (turn, text, ns after speech end) {finals}; speech done {done}"
 
 

@@ -25,7 +25,8 @@ import nats
 import numpy as np
 
 from proto import events as ev
-from voicebus.client import Tap, dispatch, end_session
+from proto import subjects as sj
+from voicebus.client import Tap, dispatch, end_session, timing
 from voicebus.launcher import Stack
 from voicebus.speech import say_to_wav
 
@@ -63,8 +64,9 @@ async def run_pipeline_bench(sessions: int, turns: int, stt_replicas: int = 1,
     await stack.start()
     nc = await nats.connect(stack.nats_url)
     tap = Tap(nc)
-    for subject in ("voice.*.ingress.vad", "voice.*.stt.final", "voice.*.tts.done",
-                    "voice.*.egress.playback", "voice.*.*.ready", "voice.*.*.error"):
+    for subject in (sj.INGRESS_VAD.every_session(), sj.STT_FINAL.every_session(),
+                    sj.TTS_DONE.every_session(), sj.EGRESS_PLAYBACK.every_session(),
+                    sj.every_stage("ready"), sj.every_stage("error")):
         await tap.watch(subject)
     names = [f"bench-{i}" for i in range(sessions)]
     started = time.monotonic()
@@ -99,23 +101,23 @@ async def run_pipeline_bench(sessions: int, turns: int, stt_replicas: int = 1,
 def measure_turn(tap: Tap, name: str, turn: int) -> dict[str, float] | None:
     """The bus's view of one turn (milliseconds), or None if it did not complete."""
     final = tap.of(ev.Transcript, name, turn=turn, final=True)
-    done = tap.of(ev.SpeechDone, name, turn=turn)
+    done = tap.of(ev.SynthesisDone, name, turn=turn)
     played = tap.of(ev.Playback, name, turn=turn, final=True)
     # The end of speech that produced this final: the last one published before it.
     edges = [e for e in tap.of(ev.SpeechEnded, name) if final and e.ts_ns <= final[0].ts_ns]
     if not (final and done and played and done[0].frames and edges):
         return None
-    edge, stt_ms, reply = edges[-1], final[0].compute_ms, done[0]
+    edge, heard, reply = timing(edges[-1]), timing(final[0]), timing(done[0])
+    stt_ms, llm_ms, tts_ms = heard.compute_ms, reply.llm_ms, reply.tts_ms
     v2v = (reply.first_frame_ts_ns - edge.last_speech_ts_ns) / 1e6
-    eos = (edge.ts_ns - edge.last_speech_ts_ns) / 1e6
-    hold = final[0].hold_ms  # the end-of-turn rule's wait for more speech: by design too
+    eos = (edges[-1].ts_ns - edge.last_speech_ts_ns) / 1e6
+    hold = heard.hold_ms  # the end-of-turn rule's wait for more speech: by design too
     return {
-        "v2v": v2v, "eos": eos, "hold": hold, "stt": stt_ms, "llm": reply.llm_ms,
-        "tts": reply.tts_ms, "overhead": v2v - eos - hold - stt_ms - reply.llm_ms - reply.tts_ms,
+        "v2v": v2v, "eos": eos, "hold": hold, "stt": stt_ms, "llm": llm_ms,
+        "tts": tts_ms, "overhead": v2v - eos - hold - stt_ms - llm_ms - tts_ms,
         # Where the overhead is: before the final transcript, or after it.
-        "to_final": (final[0].ts_ns - edge.ts_ns) / 1e6 - hold - stt_ms,
-        "after_final": (reply.first_frame_ts_ns - final[0].ts_ns) / 1e6 - reply.llm_ms
-        - reply.tts_ms,
+        "to_final": (final[0].ts_ns - edges[-1].ts_ns) / 1e6 - hold - stt_ms,
+        "after_final": (reply.first_frame_ts_ns - final[0].ts_ns) / 1e6 - llm_ms - tts_ms,
     }
 
 

@@ -16,7 +16,7 @@ waiting for ever, while ``recv`` raises ``ConnectionClosed``, which we can repor
 
 Word timestamps are requested. To get them pass a list: ``synthesize(chunks, words=[])`` appends
 a ``WordTiming`` per word, in seconds from the start of the turn's audio, which is the turn's
-``pts_ms`` clock too. The TTS stage places them in the reply (``SpeechDone.words``) and egress
+``pts_ms`` clock too. The TTS stage places them in the reply (``SynthesisDone.words``) and egress
 then reports in ``Playback.text_offset`` the words heard up to the played position, not a guess
 from character counts. The ``word_timestamps`` class attribute says a provider can do this.
 """
