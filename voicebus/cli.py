@@ -7,6 +7,7 @@ import asyncio
 import json
 import secrets
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -70,11 +71,23 @@ async def converse(nats_url: str, wavs: list[Path], out: Path, timeout: float = 
 async def cmd_up(args: argparse.Namespace) -> int:
     from voicebus.launcher import Stack
 
+    from voicebus.launcher import PortTaken
+
     workdir = Path(tempfile.mkdtemp(prefix="voicebus-"))
     stack = Stack(workdir, nats_port=args.nats_port, livekit=True,
                   livekit_port=args.livekit_port, token_port=args.port)
+    # A process manager's SIGTERM, a closed terminal's SIGHUP and Ctrl-C all stop the stack the
+    # same way (a SIGKILL too: every child is bound to die with this process).
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
     try:
-        await stack.start()
+        try:
+            await stack.start()
+        except PortTaken as exc:
+            print(f"voicebus up: {exc}", file=sys.stderr)
+            return 1
         me = Path(sys.argv[0]).name
         print(f"\nvoicebus is up — open {stack.token_url}/ and talk to the agent.\n"
               f"  or from a terminal: {me} call --token-url {stack.token_url} "
@@ -87,7 +100,7 @@ async def cmd_up(args: argparse.Namespace) -> int:
                 stack.token_url, f"demo-{secrets.token_hex(3)}", "demo-user", 60.0
             code = await cmd_call(args)
         if not args.once:
-            await asyncio.Event().wait()
+            await stopping.wait()
         return code
     finally:
         codes = await stack.stop()
@@ -168,7 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="run the whole stack: nats-server, livekit-server, the five "
                         "stages and the token service with the web page")
-    up.add_argument("--port", type=int, default=8080, help="the token service and web page")
+    up.add_argument("--port", type=int, default=8080,
+                    help="the token service and web page (0: any free port; a taken port stops "
+                         "the launch, as for the two below)")
     up.add_argument("--livekit-port", type=int, default=7880)
     up.add_argument("--nats-port", type=int, default=4222)
     up.add_argument("--wav", type=Path, action="append", help="ask this once it is up (a call)")

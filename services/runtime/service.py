@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
 import json
 import logging
@@ -367,7 +368,9 @@ class StageService(Generic[C]):
 
     async def _republish(self, worker: SessionWorker[C]) -> None:
         """Give the session to another replica and wait until one has it. Our claim
-        subscription is gone, so the queue group hands the start to someone else."""
+        subscription is gone, so the queue group hands the start to someone else. When every
+        replica is stopping at once (the whole stack going down), nobody will: stop waiting as
+        soon as no other replica is left taking sessions."""
         taken = asyncio.Event()
 
         def on_ready(ready: ev.StageReady) -> None:
@@ -379,12 +382,20 @@ class StageService(Generic[C]):
         start = msgspec.structs.replace(worker.start_event, seq=next(worker._seq[self.stage]),
                                         ts_ns=time.time_ns())
         await self.bus.publish(sj.HANDOVER[self.stage], start)
+        deadline = time.monotonic() + self.config.shutdown_grace
         try:
-            await asyncio.wait_for(taken.wait(), self.config.shutdown_grace)
+            while not taken.is_set():
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(taken.wait(), 0.5)
+                if taken.is_set():
+                    break
+                others = await replicas_of(self.bus.nc, f"voicebus-{self.stage}") - {self.replica}
+                if not others or time.monotonic() > deadline:
+                    worker.log.error("no other %s replica took the session (%s): it has no %s "
+                                     "stage now", self.stage,
+                                     "none is left" if not others else "timed out", self.stage)
+                    return
             metrics.SESSIONS_HANDED_OVER.labels(self.stage).inc()
-        except asyncio.TimeoutError:
-            worker.log.error("no other %s replica took the session within %.0fs: it has no %s "
-                             "stage now", self.stage, self.config.shutdown_grace, self.stage)
         finally:
             await sub.unsubscribe()
 

@@ -1,0 +1,104 @@
+"""The launcher: a taken port stops the launch, and no child outlives the launcher, however it
+dies."""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import os
+import signal
+import socket
+import sys
+import textwrap
+import time
+
+import pytest
+
+from voicebus.launcher import PortTaken, Stack
+
+# A launcher as `voicebus up` runs it, small: nats-server and one stage; it prints its
+# children's pids and waits.
+LAUNCHER = textwrap.dedent("""
+    import asyncio, sys
+    from pathlib import Path
+    from voicebus.launcher import Stack
+
+    async def main():
+        stack = Stack(Path(sys.argv[1]), sink=lambda line: None)
+        await stack.start(stages=("llm",))
+        print(" ".join(str(p.process.pid) for p in stack.procs.values()), flush=True)
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+""")
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead too: it only waits for its (gone) parent to be reaped by init.
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().split(")")[-1].split()[0] != "Z"
+
+
+async def gone(pids: list[int], timeout: float) -> list[int]:
+    """The pids still alive after ``timeout`` s (polled: the kernel reaps on its own time)."""
+    deadline = time.monotonic() + timeout
+    while (left := [pid for pid in pids if alive(pid)]) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    return left
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGHUP])
+async def test_no_child_outlives_the_launcher(tmp_path, sig) -> None:
+    launcher = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", LAUNCHER, str(tmp_path), stdout=asyncio.subprocess.PIPE)
+    assert launcher.stdout is not None
+    line = await asyncio.wait_for(launcher.stdout.readline(), 120)
+    children = [int(pid) for pid in line.split()]
+    assert len(children) == 2 and all(alive(pid) for pid in children)
+    launcher.send_signal(sig)
+    await launcher.wait()
+    left = await gone(children, 20)
+    for pid in left:  # do not leave them behind for the next test
+        os.kill(pid, signal.SIGKILL)
+    assert left == [], f"children alive after the launcher got {sig.name}"
+
+
+async def test_a_taken_port_stops_the_launch(tmp_path) -> None:
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        stack = Stack(tmp_path, sink=lambda line: None, nats_port=port)
+        with pytest.raises(PortTaken, match=f"port {port} for nats-server is already in use"):
+            await stack.start(stages=())
+        assert stack.procs == {}  # nothing was started that would join the other server
+
+
+async def test_voicebus_up_stops_everything_cleanly_on_sigterm() -> None:
+    """What a process manager does: SIGTERM. Every stage hands nothing over (they all stop),
+    leaves its room, drains, and exits 0, as on Ctrl-C; the launcher exits 0 too."""
+    up = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "voicebus", "up", "--port", "0", "--livekit-port", "0",
+        "--nats-port", "0", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    assert up.stdout is not None
+    lines: list[str] = []
+    async with asyncio.timeout(180):
+        while not any("voicebus is up" in line for line in lines):
+            line = (await up.stdout.readline()).decode()
+            assert line, "voicebus up ended before it was up:\n" + "".join(lines[-40:])
+            lines.append(line)
+    started = time.monotonic()
+    up.send_signal(signal.SIGTERM)
+    rest, _ = await asyncio.wait_for(up.communicate(), 60)
+    took = time.monotonic() - started
+    out = "".join(lines) + rest.decode()
+    assert up.returncode == 0, out[-4000:]
+    stopped = next(line for line in out.splitlines() if line.startswith("stopped: "))
+    codes = ast.literal_eval(stopped.removeprefix("stopped: "))  # a dict of exit codes
+    assert set(codes) >= {"nats", "livekit", "token", "ingress", "stt", "llm", "tts", "egress"}
+    assert all(code == 0 for code in codes.values()), stopped
+    assert took < 30, f"stopping took {took:.1f}s"
