@@ -35,7 +35,7 @@ class FloorActions(Protocol):
 
     def resume(self) -> None: ...
 
-    def interrupt(self, turn: int) -> None:
+    def interrupt(self, turn: int, reason: str = "barge-in") -> None:
         """Cut reply ``turn`` (and all before it) for good."""
         ...
 
@@ -146,6 +146,12 @@ class Floor:
         self._record()
         self._show(turn)
 
+    def abandon_reply(self, reason: str) -> None:
+        """The reply holding the floor cannot be heard any more (its audio died with a replica):
+        cut it, and listen."""
+        if self.reply is not None:
+            self._interrupt(reason)
+
     def give_up_pause(self) -> None:
         """No verdict came for the speech that paused the reply (its final was lost): the reply
         goes on rather than leave the user in silence."""
@@ -206,7 +212,7 @@ class Floor:
             self.paused = False
             self.actions.resume()
 
-    def _interrupt(self) -> None:
+    def _interrupt(self, reason: str = "barge-in") -> None:
         assert self.reply is not None
         turn, self.reply = self.reply, None
         self.ledger.cancel(turn)
@@ -215,7 +221,7 @@ class Floor:
             self.greeting = False
         if turn == self.goodbye:
             self.goodbye = None
-        self.actions.interrupt(turn)
+        self.actions.interrupt(turn, reason)
         self._resume()  # nothing of the cut turn can play; the next reply must not wait
         self._record()
         self._show()

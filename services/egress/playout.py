@@ -229,6 +229,10 @@ class Playout:
         if self._playing is not None and dropped:
             self._playing.rewind(dropped)
 
+    def has(self, turn: int) -> bool:
+        """Frames of ``turn`` are queued or playing."""
+        return turn in self._turns or (self._playing is not None and self._playing.turn == turn)
+
     @property
     def busy(self) -> bool:
         """A turn is playing or queued."""

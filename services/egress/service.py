@@ -173,9 +173,11 @@ class EgressWorker(SessionWorker[EgressConfig]):
         playout.push(frame.turn, frame.pcm, frame.text_offset)
 
     def on_done(self, done: ev.SynthesisDone) -> None:
+        if done.turn <= self.ledger.newest and not self.ledger.is_open(done.turn):
+            return  # over already (played, or cut): a repeat from a replica that took over
         if done.words:
             self.words[done.turn] = done.words
-        if done.frames == 0 or self.playout is None:
+        if self.playout is None or not self.playout.has(done.turn):
             # Nothing to play (an empty, failed or cut reply): the turn is over for the user
             # too, and the agent listens again.
             cut = done.interrupted or self.ledger.is_cut(done.turn)
@@ -250,14 +252,14 @@ class EgressWorker(SessionWorker[EgressConfig]):
         if self.playout is not None:
             self.playout.resume()
 
-    def interrupt(self, turn: int) -> None:
+    def interrupt(self, turn: int, reason: str = "barge-in") -> None:
         if self.playout is not None:
             self.playout.cancel(turn)
             clear = getattr(self.playout.sink, "clear", None)
             if clear is not None:
                 clear()  # not paused first (the user spoke before the reply began): drop it now
-        self.log.info("barge-in: reply %d cut", turn)
-        self.spawn(self.emit(sj.FLOOR_CANCEL, ev.Cancel, turn=turn, reason="barge-in"), "cancel")
+        self.log.info("%s: reply %d cut", reason, turn)
+        self.spawn(self.emit(sj.FLOOR_CANCEL, ev.Cancel, turn=turn, reason=reason), "cancel")
 
     def verdict(self, turn: int, action: ev.VerdictAction, text: str, reason: str) -> None:
         if reason == "out of reach":
@@ -293,6 +295,12 @@ class EgressWorker(SessionWorker[EgressConfig]):
                 self.log.warning("could not keep the judge's record: %s", exc)
 
     # ---- the agent in the room ------------------------------------------------------------------
+
+    async def on_taken_over(self, record: FloorRecord) -> None:
+        """The replica that died was playing the reply that holds the floor, if any: its audio
+        in flight is gone. The reply is cut (TTS stops it) and the agent listens again."""
+        if record.reply >= 0:
+            self.floor.abandon_reply("replica lost")
 
     async def join_room(self, agent: AgentParticipant) -> None:
         try:

@@ -23,7 +23,7 @@ from services.llm.config import LlmConfig
 from services.llm.provider import PROVIDERS, ChatMessage, LlmProvider
 from services.runtime import metrics
 from services.runtime.fallback import FallbackAdapter, answered_by
-from services.runtime.ledger import TurnLedger
+from services.runtime.ledger import FloorRecord, TurnLedger
 from services.runtime.service import ProviderStage, SessionWorker
 
 HISTORY_BUCKET = "voicebus_history"
@@ -60,6 +60,19 @@ class LlmWorker(SessionWorker[LlmConfig]):
         # order.
         await self.subscribe(sj.producer_all(self.session, "floor"), self.handle)
         await self.subscribe(sj.EGRESS_PLAYBACK.subject(self.session), self.handle)
+
+    async def on_taken_over(self, record: FloorRecord) -> None:
+        """The replica that died may have been answering the reply that holds the floor. If it
+        had not finished (nothing of that turn is in the history), the turn is closed with an
+        error: its text may have been half sent, so asking the model again could say it twice.
+        The agent listens again and the user's next words are answered."""
+        turn = record.reply
+        if turn < 0 or any(message.turn == turn for message in self.history):
+            return
+        self.ledger.pass_over(turn)
+        await self.stage_error("the replica answering this turn died", retryable=True, turn=turn)
+        await self.emit(sj.LLM_DONE, ev.ReplyDone, turn=turn, interrupted=True,
+                        error="replica lost", provider=self.service.provider.name)
 
     async def _load_history(self) -> list[ChatMessage]:
         try:

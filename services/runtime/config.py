@@ -27,8 +27,10 @@ class BaseConfig(msgspec.Struct, frozen=True, kw_only=True):
     log_level: str = "INFO"
     metrics_port: int = 0
     metrics_addr: str = "127.0.0.1"
-    # Seconds a replica's session lease lives without a refresh.
-    lease_ttl: float = 10.0
+    # Seconds (whole: NATS's per-message TTLs are) a replica's session lease lives without a
+    # renewal; renewed four times a lifetime. When a replica dies, another takes its sessions
+    # over this long after its last renewal (docs/operations.md: why 1).
+    lease_ttl: int = 1
     # If set, the development file edges (FileSessionStart.wav_in / wav_out) may only name WAV
     # files below it.
     audio_dir: str = ""

@@ -18,6 +18,9 @@ SESSIONS_CLAIMED = Counter("voicebus_sessions_claimed", "Sessions claimed", ["st
 SESSIONS_HANDED_OVER = Counter(
     "voicebus_sessions_handed_over", "Sessions released to another replica", ["stage"]
 )
+SESSIONS_TAKEN_OVER = Counter(
+    "voicebus_sessions_taken_over", "Sessions taken over from a replica that died", ["stage"]
+)
 FRAMES_DROPPED = Counter(
     "voicebus_frames_dropped", "Audio frames lost before this stage", ["stage"]
 )

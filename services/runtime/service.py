@@ -26,9 +26,9 @@ import msgspec
 from nats import micro
 from nats.aio.subscription import Subscription
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
-from nats.js.kv import KeyValue
 
 import proto
+from proto import codec
 from proto import events as ev
 from proto import subjects as sj
 from services.runtime import metrics
@@ -36,6 +36,7 @@ from services.runtime.bus import Bus, Handler, Stopped, replicas_of
 from services.runtime.config import BaseConfig
 from services.runtime.errors import ConfigError, ProviderError
 from services.runtime.fallback import FallbackAdapter, chain_names
+from services.runtime.leases import Leases
 from services.runtime.ledger import RECORD_CODEC, STATE_BUCKET, FloorRecord, TurnLedger, floor_key
 from services.runtime.livekit import exit_process
 from services.runtime.logs import setup_logging
@@ -46,7 +47,6 @@ log = logging.getLogger(__name__)
 C = TypeVar("C", bound=BaseConfig)
 E = TypeVar("E", bound=ev.Event)
 
-LEASE_BUCKET = "voicebus_leases"
 VERSION = "0.1.0"
 
 
@@ -76,6 +76,10 @@ class SessionWorker(Generic[C]):
 
     async def on_claimed(self) -> None:
         """Start work with side effects (sources, files) once the session is ours."""
+
+    async def on_taken_over(self, record: FloorRecord) -> None:
+        """The session was taken over from a replica that died: close what it left in flight
+        (``record`` is the judge's view of the session)."""
 
     async def stop(self) -> None:
         """Release resources; called after subscriptions and tasks are gone."""
@@ -190,7 +194,8 @@ class StageService(Generic[C]):
         self.workers: dict[str, SessionWorker[C]] = {}
         self._claim_subs: list[Subscription] = []
         self._subs: list[Subscription] = []
-        self._leases: KeyValue | None = None
+        self.leases: Leases  # opened by ``serve``
+        self._state: Any = None  # the session state bucket (where start events are kept)
         self._background: set[asyncio.Task[Any]] = set()
         self._claiming: set[str] = set()
         self._ended: dict[str, None] = {}  # recently ended sessions, oldest first
@@ -206,11 +211,15 @@ class StageService(Generic[C]):
     # ---- lifecycle -----------------------------------------------------------------------
 
     async def serve(self, stop: asyncio.Event) -> None:
-        self._leases = await self.bus.key_value(LEASE_BUCKET, ttl=self.config.lease_ttl)
-        # A session comes from dispatch, or from a replica of ours that hands it over.
+        self.leases = Leases(self.bus, self.stage, self.replica, int(self.config.lease_ttl))
+        await self.leases.open()
+        self._state = await self.bus.key_value(STATE_BUCKET, ttl=self.config.state_ttl)
+        # A session comes from dispatch, or from a replica of ours that hands it over…
         for topic in (sj.CTL_START, sj.HANDOVER[self.stage]):
             self._claim_subs.append(await self.bus.subscribe(
                 topic.every_session(), self._on_start, queue=self.stage))
+        # …or from one that died: its lease expired.
+        self._claim_subs.append(await self.leases.watch_expiries(self._on_lease_expired))
         for topic in sj.SESSION_ENDS:
             self._subs.append(await self.bus.subscribe(topic.every_session(), self._on_end))
         refresher = asyncio.create_task(self._refresh_leases())
@@ -241,37 +250,56 @@ class StageService(Generic[C]):
 
     async def is_listening(self, stage: str, session: str) -> bool:
         """Whether some replica of ``stage`` holds the session (and so is subscribed to it)."""
-        assert self._leases is not None
-        try:
-            await self._leases.get(f"{stage}.{session}")
-            return True
-        except KeyNotFoundError:
-            return False
+        return await self.leases.holder(stage, session) is not None
 
     async def _list_sessions(self, request: micro.Request) -> None:
         await request.respond(json.dumps(sorted(self.workers)).encode())
 
-    async def _on_start(self, start: ev.SessionStart) -> None:
+    def _on_start(self, start: ev.SessionStart, taken_from: str | None = None) -> None:
         if start.session in self.workers or start.session in self._claiming:
             return  # a repeated start: we already own (or are claiming) it
         self._ended.pop(start.session, None)
         self._claiming.add(start.session)
         # Claiming talks to KV and the worker subscribes: keep it off the callback's path.
-        task = asyncio.create_task(self._claim(self.Worker(self, start)))
+        task = asyncio.create_task(self._claim(self.Worker(self, start), taken_from))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _claim(self, worker: SessionWorker[C]) -> None:
-        assert self._leases is not None
+    def _on_lease_expired(self, session: str, owner: str) -> None:
+        """A replica of ours stopped renewing its lease: it is dead (or frozen). Try to take
+        the session over; the replicas that try race for the lease, and one wins."""
+        if owner == self.replica or session in self.workers or session in self._claiming \
+                or session in self._ended:
+            return  # our own lease lapsed (a starved moment): the refresher takes it back
+        task = asyncio.create_task(self._take_over(session, owner))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _take_over(self, session: str, owner: str) -> None:
+        try:
+            entry = await self._state.get(f"{session}.start")
+            start = codec.decode(entry.value or b"")
+        except (KeyNotFoundError, codec.Rejected) as exc:
+            log.warning("lease of %s expired, but its start is unknown (%s): not taken over",
+                        owner or "a replica", type(exc).__name__,
+                        extra={"stage": self.stage, "session": session})
+            return
+        if isinstance(start, ev.SessionStart):
+            self._on_start(start, taken_from=owner or "?")
+
+    async def _claim(self, worker: SessionWorker[C], taken_from: str | None = None) -> None:
         session = worker.session
         try:
             # Subscribe before taking the lease, so a lease in KV means "listening": upstream
             # stages may check it to know their events will be heard.
             await worker.subscribe_inputs()
-            revision = await self._leases.create(f"{self.stage}.{session}", self.replica.encode())
+            revision = await self.leases.acquire(session)
+            if taken_from is None:  # what a successor needs to know, if we die
+                await self._state.put(f"{session}.start", codec.encode(worker.start_event))
         except KeyWrongLastSequenceError:
-            log.warning("session already leased by another %s replica; not claiming", self.stage,
-                        extra={"stage": self.stage, "session": session})
+            if taken_from is None:
+                log.warning("session already leased by another %s replica; not claiming",
+                            self.stage, extra={"stage": self.stage, "session": session})
             await worker.close()
             return
         except Exception:
@@ -283,10 +311,15 @@ class StageService(Generic[C]):
             self._claiming.discard(session)
         if session in self._ended:  # ended while we were claiming it
             await worker.close()
-            await self._leases.delete(f"{self.stage}.{session}")
+            await self.leases.release(session)
             return
         self._lease_rev[session] = revision
         self.workers[session] = worker
+        if taken_from is not None:
+            log.warning("took the session over from %s, whose lease expired", taken_from,
+                        extra={"stage": self.stage, "session": session})
+            metrics.SESSIONS_TAKEN_OVER.labels(self.stage).inc()
+            await worker.on_taken_over(await worker.load_floor())
         await worker.on_claimed()
         metrics.SESSIONS_CLAIMED.labels(self.stage).inc()
         metrics.SESSIONS_ACTIVE.labels(self.stage).set(len(self.workers))
@@ -311,30 +344,30 @@ class StageService(Generic[C]):
     async def _release(self, session: str) -> None:
         metrics.SESSIONS_ACTIVE.labels(self.stage).set(len(self.workers))
         self._lease_rev.pop(session, None)
-        if self._leases is not None:
-            try:
-                await self._leases.delete(f"{self.stage}.{session}")
-            except Exception as exc:  # the lease expires on its own anyway
-                log.warning("could not release lease: %s", exc, extra={"stage": self.stage})
+        try:
+            await self.leases.release(session)
+        except Exception as exc:  # the lease expires on its own anyway
+            log.warning("could not release lease: %s", exc, extra={"stage": self.stage})
 
     async def _refresh_leases(self) -> None:
+        # Four renewals per lifetime: a lease lapses only after 3/4 of it without one.
         while True:
-            await asyncio.sleep(self.config.lease_ttl / 3)
+            await asyncio.sleep(self.leases.ttl / 4)
             await asyncio.gather(*(self._refresh(session) for session in list(self.workers)))
 
     async def _refresh(self, session: str) -> None:
         """Renew a lease by revision: a blind put could bring back a lease we released, or
         overwrite one another replica took. A lease that merely expired (a starved process) is
-        taken back; one that another replica holds means the session is no longer ours."""
-        assert self._leases is not None
-        key, value = f"{self.stage}.{session}", self.replica.encode()
+        taken back if it is still free; one that another replica holds now means the session
+        is no longer ours."""
         try:
             try:
-                revision = await self._leases.update(key, value, last=self._lease_rev.get(session, 0))
+                revision = await self.leases.refresh(session, self._lease_rev.get(session, 0))
             except KeyWrongLastSequenceError:
-                revision = await self._leases.create(key, value)
+                revision = await self.leases.acquire(session)
                 log.warning("lease had expired; renewed", extra={"stage": self.stage, "session": session})
-            self._lease_rev[session] = revision
+            if session in self.workers:
+                self._lease_rev[session] = revision
         except KeyWrongLastSequenceError:
             worker = self.workers.pop(session, None)
             log.error("another replica holds the lease: dropping the session",

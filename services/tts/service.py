@@ -23,7 +23,7 @@ from services.runtime import metrics
 from services.runtime.audio import frame_bytes
 from services.runtime.errors import ConfigError, ProviderError
 from services.runtime.fallback import READY_FIRST, FallbackAdapter, answered_by
-from services.runtime.ledger import TurnLedger
+from services.runtime.ledger import FloorRecord, TurnLedger
 from services.runtime.service import ProviderStage, SessionWorker
 from services.tts.chunker import Chunk, SentenceChunker
 from services.tts.config import TtsConfig
@@ -151,9 +151,19 @@ class TtsWorker(SessionWorker[TtsConfig]):
             case ev.ReplyDelta() | ev.ReplyDone():
                 self.on_reply(event)
 
+    async def on_taken_over(self, record: FloorRecord) -> None:
+        """The replica that died may have been speaking the reply that holds the floor; its
+        text died with it. The turn is closed (interrupted): egress plays what it got."""
+        if record.reply >= 0 and self.ledger.pass_over(record.reply):
+            await self.stage_error("the replica speaking this turn died", retryable=True,
+                                   turn=record.reply)
+            await self._unstarted(record.reply)
+
     def on_reply(self, event: ev.ReplyDelta | ev.ReplyDone) -> None:
         turn = event.turn
-        if self.ledger.is_cut(turn) or (isinstance(event, ev.ReplyDone) and not event.text):
+        current = self.current if self.current is not None and self.current.turn == turn else None
+        if current is None and (self.ledger.is_cut(turn) or
+                                (isinstance(event, ev.ReplyDone) and not event.text)):
             # Nothing to say: a turn cut before its text came, or an empty or failed reply. It
             # still gets its SynthesisDone (once), and a reply being spoken is not disturbed.
             if isinstance(event, ev.ReplyDone) and self.ledger.pass_over(turn):

@@ -27,8 +27,8 @@ class Actions:
     def resume(self) -> None:
         self.log.append("resume")
 
-    def interrupt(self, turn: int) -> None:
-        self.log.append(f"cut {turn}")
+    def interrupt(self, turn: int, reason: str = "barge-in") -> None:
+        self.log.append(f"cut {turn}" if reason == "barge-in" else f"cut {turn} ({reason})")
 
     def verdict(self, turn: int, action: str, text: str, reason: str) -> None:
         self.verdicts.append((turn, action, reason))
@@ -298,3 +298,13 @@ def test_a_user_idle_turn_while_the_user_speaks_is_ignored() -> None:
     floor.speech_started(1.0)
     floor.user_idle(2, 1)
     assert actions.verdicts == [(2, "ignore", "not idle")] and floor.reply is None
+
+
+def test_a_reply_whose_audio_died_with_a_replica_is_cut_and_the_agent_listens() -> None:
+    floor, actions = judge(record=FloorRecord(judged=3, greeted=True, reply=3))
+    assert floor.reply == 3
+    floor.abandon_reply("replica lost")
+    assert actions.log == ["cut 3 (replica lost)"] and floor.reply is None
+    assert floor.ledger.cut == 3 and actions.states[-1] == "listening"
+    floor.final_transcript(4, "are you there", 900)
+    assert actions.verdicts == [(4, "answer", "")]
