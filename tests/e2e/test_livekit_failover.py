@@ -1,0 +1,68 @@
+"""A LiveKit edge that dies mid-call: the ingress replica that hears the user, or the egress
+replica that speaks for the agent, is killed with SIGKILL. The other replica takes the session
+over when the dead one's lease expires, joins the room (as the hidden listener, or as the
+agent), and the user's next question is answered. The user's client never disconnects."""
+
+from __future__ import annotations
+
+import nats
+import pytest
+from livekit import rtc
+
+from proto import events as ev
+from proto import subjects as sj
+from services.ingress.audio import read_wav
+from tests.conftest import LogTail
+from voicebus.call import Caller
+from voicebus.client import Tap
+from voicebus.launcher import Stack
+from voicebus.speech import say_to_wav, transcribe_wav
+
+pytestmark = [pytest.mark.e2e]
+
+
+@pytest.mark.parametrize("stage", ["ingress", "egress"])
+async def test_a_killed_edge_replica_is_replaced_and_the_call_goes_on(tmp_path, stage):
+    room = f"lk-failover-{stage}"
+    logs = LogTail(tmp_path / "stack.log")
+    stack = Stack(tmp_path, sink=logs, livekit=True, replicas={stage: 2})
+    await stack.start()
+    nc = await nats.connect(stack.nats_url)
+    tap = Tap(nc)
+    await tap.watch(sj.session_all(room))
+    caller = Caller(stack.token_url, room, "kim")
+    disconnects: list[object] = []
+    caller.room.on("disconnected", disconnects.append)
+    question = await say_to_wav("What time is it?", tmp_path / "q.wav", lead_ms=0)
+    pcm, rate, _ = read_wav(question)
+    try:
+        await caller.join()
+        await caller.wait_state("listening", timeout=60)
+        owner = tap.of(ev.StageReady, room, stage=stage)[0].replica
+        stack.procs[owner].process.kill()
+        await stack.procs[owner].process.wait()
+        ready = await tap.wait_for(
+            lambda: [r for r in tap.of(ev.StageReady, room, stage=stage) if r.replica != owner],
+            30, f"the other {stage} replica to take the session over")
+        # The heir hears the user again (ingress announces the microphone once STT listens)
+        # and the agent is listening (a new agent, for egress).
+        await tap.wait_for(lambda: [t for t in tap.of(ev.InputTrack, room, active=True)
+                                    if t.ts_ns > ready[0].ts_ns], 30, "the microphone heard")
+        await tap.wait_for(lambda: tap.of(ev.AgentState, room)
+                           and tap.of(ev.AgentState, room)[-1].state == "listening", 30,
+                           "the agent to listen")
+        caller.recording.clear()
+        await caller.say(pcm, rate)
+        await caller.wait_reply(timeout=45)
+        connected = caller.room.connection_state == rtc.ConnectionState.CONN_CONNECTED
+        dropped = list(disconnects)  # (leaving, below, is a disconnect of our own)
+    finally:
+        caller.save_recording(tmp_path / "reply.wav")
+        await caller.leave()
+        await tap.close()
+        await nc.close()
+        codes = await stack.stop()
+    assert connected and dropped == [], f"the user's client was disconnected: {dropped}"
+    assert all(code == 0 for name, code in codes.items() if name != owner), (codes, logs.dump())
+    heard = await transcribe_wav(tmp_path / "reply.wav")
+    assert {"what", "time"} <= set(heard.split()), heard
