@@ -166,6 +166,11 @@ async def cmd_bench(args: argparse.Namespace) -> int:
         from voicebus.bench.bargein import run_bargein_bench
 
         result = await run_bargein_bench(trials=args.trials, seed=args.seed)
+    elif args.bench == "chaos":
+        from voicebus.bench.chaos import run_chaos_bench
+
+        result = await run_chaos_bench(calls=args.calls, kills=args.kills, stage=args.stage,
+                                       sig=args.signal, turns=args.turns, seed=args.seed)
     else:
         from voicebus.bench.pipeline import run_pipeline_bench
 
@@ -242,6 +247,16 @@ def build_parser() -> argparse.ArgumentParser:
     bargein.add_argument("--seed", type=int, default=1, help="cough noise and listening times")
     bargein.add_argument("--json", action="store_true", help="one line of JSON")
     bargein.set_defaults(run=cmd_bench)
+    chaos = bench_sub.add_parser("chaos", help="two replicas of every stage; owners killed or "
+                                 "stopped mid-call: turns lost, recovery time, stale audio")
+    chaos.add_argument("--calls", type=int, default=10)
+    chaos.add_argument("--kills", type=int, default=20)
+    chaos.add_argument("--stage", choices=(*sj.STAGES, "all"), default="all")
+    chaos.add_argument("--signal", choices=("KILL", "TERM"), default="KILL")
+    chaos.add_argument("--turns", type=int, default=3, help="questions per call")
+    chaos.add_argument("--seed", type=int, default=1, help="which questions, and when")
+    chaos.add_argument("--json", action="store_true", help="one line of JSON")
+    chaos.set_defaults(run=cmd_bench)
     return parser
 
 
