@@ -153,7 +153,13 @@ async def one_call(chaos: Chaos, index: int, questions: list[tuple[str, bytes, i
     stale = 0
     for cancel in chaos.tap.of(ev.Cancel, room):
         after = next_speaking(chaos.tap, room, cancel.ts_ns, after_turn=cancel.turn)
-        stale += stale_frames(arrivals, cancel.ts_ns, after.ts_ns if after else time.time_ns())
+        until = after.ts_ns if after else time.time_ns()
+        if cut := stale_frames(arrivals, cancel.ts_ns, until):
+            stale += cut
+            late = [round((ns - cancel.ts_ns) / 1e6) for ns in arrivals
+                    if cancel.ts_ns < ns < until]
+            chaos.failures.append(f"call {index}: {cut} loud frame(s) after the Cancel of turn "
+                                  f"{cancel.turn} ({cancel.reason}), ms after it: {late[:10]}")
     return answered, stale
 
 
