@@ -81,7 +81,10 @@ class Caller:
         self.room_name = room
         self.identity = identity
         self.room = rtc.Room()
-        self.source = rtc.AudioSource(MIC_RATE, 1, queue_size_ms=40)
+        # 200 ms queued ahead: a caller process starved for a moment (a busy test machine) must
+        # not leave a gap in its speech that the VAD would take for the end of a sentence. The
+        # measures stay exact: they count what is queued before each frame.
+        self.source = rtc.AudioSource(MIC_RATE, 1, queue_size_ms=200)
         self.segments: dict[str, Segment] = {}
         self.state = ""
         self.state_changed = asyncio.Event()

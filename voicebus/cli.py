@@ -69,9 +69,7 @@ async def converse(nats_url: str, wavs: list[Path], out: Path, timeout: float = 
 
 
 async def cmd_up(args: argparse.Namespace) -> int:
-    from voicebus.launcher import Stack
-
-    from voicebus.launcher import PortTaken
+    from voicebus.launcher import PortTaken, Stack
 
     workdir = Path(tempfile.mkdtemp(prefix="voicebus-"))
     stack = Stack(workdir, nats_port=args.nats_port, livekit=True,
@@ -82,12 +80,15 @@ async def cmd_up(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
+    operator = None
     try:
         try:
             await stack.start()
         except PortTaken as exc:
             print(f"voicebus up: {exc}", file=sys.stderr)
             return 1
+        operator = await nats.connect(stack.nats_url)  # answers `voicebus redeploy`
+        await stack.serve_operator(operator)
         me = Path(sys.argv[0]).name
         print(f"\nvoicebus is up — open {stack.token_url}/ and talk to the agent.\n"
               f"  or from a terminal: {me} call --token-url {stack.token_url} "
@@ -103,9 +104,28 @@ async def cmd_up(args: argparse.Namespace) -> int:
             await stopping.wait()
         return code
     finally:
+        if operator is not None:
+            await operator.close()
         codes = await stack.stop()
         shutil.rmtree(workdir, ignore_errors=True)  # its livekit.yaml holds the API secret
         print(f"stopped: {codes}")
+
+
+async def cmd_redeploy(args: argparse.Namespace) -> int:
+    """Ask a running `voicebus up` to replace every replica of a stage, one at a time."""
+    from voicebus.launcher import OPERATOR_REDEPLOY
+
+    nc = await nats.connect(args.nats)
+    try:
+        msg = await nc.request(OPERATOR_REDEPLOY, args.stage.encode(), timeout=args.timeout)
+    except (nats.errors.TimeoutError, nats.errors.NoRespondersError):
+        print(f"voicebus redeploy: no voicebus up answered on {args.nats}", file=sys.stderr)
+        return 1
+    finally:
+        await nc.close()
+    reply = json.loads(msg.data)
+    print(json.dumps(reply, indent=2))
+    return 1 if "error" in reply else 0
 
 
 async def cmd_call(args: argparse.Namespace) -> int:
@@ -247,6 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
     bargein.add_argument("--seed", type=int, default=1, help="cough noise and listening times")
     bargein.add_argument("--json", action="store_true", help="one line of JSON")
     bargein.set_defaults(run=cmd_bench)
+    redeploy = sub.add_parser("redeploy", help="replace every replica of a stage of a running "
+                              "`voicebus up`, one at a time, while calls go on")
+    redeploy.add_argument("stage", choices=sj.STAGES)
+    redeploy.add_argument("--nats", default="nats://127.0.0.1:4222")
+    redeploy.add_argument("--timeout", type=float, default=300.0)
+    redeploy.set_defaults(run=cmd_redeploy)
     chaos = bench_sub.add_parser("chaos", help="two replicas of every stage; owners killed or "
                                  "stopped mid-call: turns lost, recovery time, stale audio")
     chaos.add_argument("--calls", type=int, default=10)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -19,6 +20,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import nats
 
@@ -27,6 +29,8 @@ from services.runtime.bus import replicas_of
 from services.runtime.livekit import DEV_API_KEY, DEV_API_SECRET
 
 ROOT = Path(__file__).resolve().parent.parent
+# The operator's request to a running `voicebus up`: replace a stage's replicas one by one.
+OPERATOR_REDEPLOY = "voicebus.launcher.redeploy"
 
 LogSink = Callable[[str], None]
 
@@ -47,6 +51,9 @@ def claim_port(port: int, what: str) -> int:
     if not port:
         return free_port()
     with socket.socket() as sock:
+        # As the servers bind (SO_REUSEADDR): a port whose last connections linger in
+        # TIME_WAIT is free; one with a listener is not.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:
@@ -302,6 +309,50 @@ class Stack:
                     await asyncio.sleep(0.1)
         finally:
             await nc.close()
+
+    async def redeploy(self, stage: str, timeout: float = 90.0) -> list[dict[str, Any]]:
+        """Replace every replica of ``stage``, one at a time, by a new process (the code on disk
+        now: a new build): start the new one, wait until it answers discovery, then SIGTERM the
+        old one, which hands its sessions over (to the new one, or any other) and exits.
+        Calls go on throughout; a replica that does not exit 0 stops the roll-out."""
+        old = sorted(name for name in self.procs
+                     if name.rstrip("0123456789") == stage and self.procs[name].alive)
+        done: list[dict[str, Any]] = []
+        nc = await nats.connect(self.nats_url)
+        try:
+            for name in old:
+                started = time.monotonic()
+                index = max(int(n.removeprefix(stage) or 0) for n in self.procs
+                            if n.rstrip("0123456789") == stage) + 1
+                new = await self.start_stage(stage, index)
+                want = len(await replicas_of(nc, f"voicebus-{stage}")) + 1
+                deadline = time.monotonic() + timeout
+                while len(await replicas_of(nc, f"voicebus-{stage}")) < want:
+                    if not new.alive or time.monotonic() > deadline:
+                        raise RuntimeError(f"the new {stage} replica did not come up")
+                code = await self.procs.pop(name).stop()
+                done.append({"old": name, "new": f"{stage}{index}", "exit_code": code,
+                             "seconds": round(time.monotonic() - started, 2)})
+                if code != 0:
+                    raise RuntimeError(f"{name} exited with {code}: roll-out stopped")
+        finally:
+            await nc.close()
+        return done
+
+    async def serve_operator(self, nc: Any) -> Any:
+        """Answer ``voicebus redeploy`` (request/reply on ``voicebus.launcher.redeploy``, the
+        stage's name in the request) for this stack."""
+        async def on_request(msg: Any) -> None:
+            stage = msg.data.decode()
+            try:
+                if stage not in STAGES:
+                    raise ValueError(f"no stage {stage!r}; one of {', '.join(STAGES)}")
+                reply: dict[str, Any] = {"stage": stage, "replaced": await self.redeploy(stage)}
+            except Exception as exc:  # the operator gets the reason, the stack goes on
+                reply = {"stage": stage, "error": str(exc)}
+            await msg.respond(json.dumps(reply).encode())
+
+        return await nc.subscribe(OPERATOR_REDEPLOY, cb=on_request)
 
     async def stop(self) -> dict[str, int]:
         """Stop the token service and the stages first (they leave their rooms and drain into

@@ -24,6 +24,8 @@ class TokenConfig(LiveKitConfig, frozen=True, kw_only=True):
     token_burst: int = 10
     # Seconds a room may stay without users before its session ends (a reload, a blip).
     token_empty_grace: float = 10.0
+    # Seconds a session dispatched by a token waits for a user to join before it ends.
+    token_join_grace: float = 60.0
     # "package.module:function" deciding who gets a token; empty lets everyone in.
     token_authorize: str = ""
     # The LiveKit URL handed to browsers (empty: livekit_url), e.g. wss://lk.example.com.
@@ -59,6 +61,7 @@ def load_config(environ: Mapping[str, str] | None = None) -> TokenConfig:
          "must be a positive number"),
         ("token_burst", config.token_burst >= 1, "must be >= 1"),
         ("token_empty_grace", config.token_empty_grace >= 0, "must be >= 0 seconds"),
+        ("token_join_grace", config.token_join_grace > 0, "must be > 0 seconds"),
         ("token_port", 0 < config.token_port < 65536, "must be a TCP port"),
     ]
     for field, ok, rule in checks:

@@ -1,6 +1,12 @@
-"""livekit-server's webhooks: the session ends when no user is left in its room.
+"""livekit-server's webhooks: the session ends when no user is left in its room — or when
+nobody used the token that dispatched it.
 
-Not at once: a user who reloads the page or loses the network for a moment comes back within
+A token dispatches the agent at once (it is in the room before the user), so a token that is
+never used would leave a session, its agent and its ingress running for good. Each token starts
+a timer: if, ``VOICEBUS_TOKEN_JOIN_GRACE`` seconds later, no user is in the room and no newer
+token was handed out for it, the session ends ("nobody joined").
+
+A user leaving does not end the session at once either: a user who reloads the page or loses the network for a moment comes back within
 seconds, and ending the session under them would leave them in a room without an agent. So the
 end waits ``VOICEBUS_TOKEN_EMPTY_GRACE`` seconds, and is called off if by then a user is in the
 room again or a token for the room was handed out since the last user left.
@@ -46,6 +52,7 @@ class Webhooks:
         self.end_session = end_session
         self.minted: dict[str, float] = {}  # room -> monotonic time of its last token
         self._pending: dict[str, asyncio.Task[None]] = {}
+        self._joining: dict[str, asyncio.Task[None]] = {}  # room -> its newest token's timer
         self.receiver = api.WebhookReceiver(
             api.TokenVerifier(config.livekit_api_key, config.livekit_api_secret))
         self._lkapi: api.LiveKitAPI | None = None
@@ -86,6 +93,27 @@ class Webhooks:
 
     def token_minted(self, room: str) -> None:
         self.minted[room] = time.monotonic()
+        if (older := self._joining.pop(room, None)) is not None:
+            older.cancel()  # the newest token decides
+        self._joining[room] = asyncio.create_task(self._end_unless_joined(room))
+
+    async def _end_unless_joined(self, room: str) -> None:
+        try:
+            await asyncio.sleep(self.config.token_join_grace)
+            if await self._users_left(room, None):
+                return  # joined (a user leaving later is the webhooks' business)
+            log.info("nobody joined within %.0fs: ending the session",
+                     self.config.token_join_grace, extra={"session": room})
+            self.minted.pop(room, None)
+            await self.end_session(room, "nobody joined")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # livekit-server unreachable: the room's own timeouts remain
+            log.warning("could not check who joined: %s", type(exc).__name__,
+                        extra={"session": room})
+        finally:
+            if self._joining.get(room) is asyncio.current_task():
+                del self._joining[room]
 
     async def _end_if_still_empty(self, room: str) -> None:
         left_at = time.monotonic()
@@ -125,7 +153,7 @@ class Webhooks:
         return self._lkapi
 
     async def aclose(self) -> None:
-        for task in list(self._pending.values()):
+        for task in [*self._pending.values(), *self._joining.values()]:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task

@@ -4,6 +4,7 @@ dies."""
 from __future__ import annotations
 
 import ast
+import json
 import asyncio
 import os
 import signal
@@ -102,3 +103,50 @@ async def test_voicebus_up_stops_everything_cleanly_on_sigterm() -> None:
     assert set(codes) >= {"nats", "livekit", "token", "ingress", "stt", "llm", "tts", "egress"}
     assert all(code == 0 for code in codes.values()), stopped
     assert took < 30, f"stopping took {took:.1f}s"
+
+
+async def test_a_rolling_redeploy_replaces_every_replica_and_the_session_goes_on(tmp_path) -> None:
+    """`voicebus redeploy llm` as the operator's request to a running stack: each of the two
+    replicas is replaced by a new process, one at a time; the session is handed over to a new
+    replica with its history, and the next question is answered."""
+    import nats
+
+    from proto import codec
+    from proto import events as ev
+    from proto import subjects as sj
+    from tests.conftest import LogTail
+    from voicebus.client import Tap, dispatch
+    from voicebus.launcher import OPERATOR_REDEPLOY
+
+    logs = LogTail(tmp_path / "stack.log")
+    stack = Stack(tmp_path, sink=logs, replicas={"llm": 2})
+    await stack.start(stages=("llm",))
+    nc = await nats.connect(stack.nats_url)
+    tap = Tap(nc)
+    await tap.watch(sj.session_all("rolling"))
+    await stack.serve_operator(nc)
+
+    async def ask(turn: int, text: str) -> ev.ReplyDone:
+        verdict = ev.Verdict(session="rolling", turn=turn, action="answer", text=text)
+        await nc.publish(sj.FLOOR_VERDICT.subject("rolling"), codec.encode(verdict))
+        done = await tap.wait_for(lambda: tap.of(ev.ReplyDone, "rolling", turn=turn), 15,
+                                  f"reply {turn}")
+        return done[0]
+
+    try:
+        await dispatch(nc, tap, "rolling", stages=("llm",))
+        await ask(1, "what time is it")
+        reply = await nc.request(OPERATOR_REDEPLOY, b"llm", timeout=120)
+        report = json.loads(reply.data)
+        assert [(r["old"], r["new"], r["exit_code"]) for r in report["replaced"]] == \
+            [("llm", "llm2", 0), ("llm1", "llm3", 0)], report
+        owner = [r.replica for r in tap.of(ev.StageReady, "rolling", stage="llm")][-1]
+        assert owner in ("llm2", "llm3")
+        assert (await ask(2, "call my mother")).text == "Call my mother... got it."
+        wrong = json.loads((await nc.request(OPERATOR_REDEPLOY, b"nope", timeout=10)).data)
+        assert "no stage 'nope'" in wrong["error"]
+    finally:
+        await tap.close()
+        await nc.close()
+        codes = await stack.stop()
+    assert all(code == 0 for code in codes.values()), logs.dump()

@@ -508,3 +508,30 @@ async def test_an_expired_token_is_refused_by_livekit(guarded) -> None:
         await asyncio.sleep(0.5)
     with pytest.raises(rtc.ConnectError):
         await rtc.Room().connect(grant["url"], grant["token"])
+
+
+async def test_a_token_nobody_uses_ends_its_session_and_a_used_one_does_not(
+        main: Service, nc, tmp_path) -> None:
+    """A token dispatches the agent at once; if nobody joins within the grace, the session
+    ends ("nobody joined"), so unused tokens cannot pile up sessions. A user in the room, or a
+    newer token, keeps it."""
+    stack = _stack(tmp_path, LogTail(tmp_path / "stack.log"), main.stack,
+                   VOICEBUS_TOKEN_JOIN_GRACE="1")
+    await stack.start_token()
+    sub = await nc.subscribe(sj.CTL_END.every_session())
+    await nc.flush()
+    try:
+        async with httpx.AsyncClient(base_url=stack.token_url, timeout=10) as http:
+            await _token(http, room="unused")
+            await _token(http, room="used")
+            joined = await _join(await _token(http, room="used"))
+            msg = await sub.next_msg(timeout=20)
+            end = codec.decode_on(msg.subject, msg.data)
+            assert (end.session, end.reason) == ("unused", "nobody joined")
+            # Absence can only be shown by waiting: well past the grace of "used"'s tokens.
+            with pytest.raises(nats.errors.TimeoutError):
+                await sub.next_msg(timeout=3)
+            await joined.disconnect()
+    finally:
+        await sub.unsubscribe()
+        await _stopped_cleanly(stack)
