@@ -192,23 +192,41 @@ async def _frames(text: str, folder) -> list[bytes]:
     return [audio[i:i + FRAME_BYTES] for i in range(0, len(audio) - FRAME_BYTES + 1, FRAME_BYTES)]
 
 
-async def test_stt_replica_killed_between_turns(stt_pair: Pair, tmp_path) -> None:
+async def test_stt_replica_killed_between_turns_and_mid_utterance(stt_pair: Pair, tmp_path) -> None:
     pair = stt_pair
     frames = await _frames("What time is it?", tmp_path)
     await dispatch(pair.nc, pair.tap, SESSION, stages=("stt",))
 
-    async def utterance(turn: int) -> ev.Transcript:
+    async def speak(*, kill_midway: bool = False) -> int:
+        """One utterance; with ``kill_midway`` its STT owner dies half-way through it."""
         await pair.publish(sj.INGRESS_VAD, ev.SpeechStarted, pts_ms=0)
-        for pcm in frames:
+        killed = 0
+        for index, pcm in enumerate(frames):
+            if kill_midway and index == len(frames) // 2:
+                dead, killed = await pair.kill_owner("stt")
             await pair.publish(sj.INGRESS_AUDIO, ev.AudioFrame, pcm=pcm, sample_rate=16000)
         await pair.publish(sj.INGRESS_VAD, ev.SpeechEnded, pts_ms=0, speech_ms=20 * len(frames))
-        final = await pair.tap.wait_for(
+        if kill_midway:
+            await pair.taken_over("stt", dead, killed)
+        return killed
+
+    async def final(turn: int) -> ev.Transcript:
+        found = await pair.tap.wait_for(
             lambda: pair.tap.of(ev.Transcript, SESSION, turn=turn, final=True), 20,
             f"the final of turn {turn}")
-        return final[0]
+        return found[0]
 
-    assert (await utterance(1)).text == "what time is it"
+    await speak()
+    assert (await final(1)).text == "what time is it"
+    # (a) Between turns: the heir goes on from the turn counter in KV.
     dead, killed = await pair.kill_owner("stt")
     await pair.taken_over("stt", dead, killed)
-    # The heir goes on from the turn counter in KV: the next utterance opens turn 2.
-    assert (await utterance(2)).text == "what time is it"
+    await pair.restart("stt", dead)
+    await speak()
+    assert (await final(2)).text == "what time is it"
+    # (b) Mid-utterance: what the dead replica had heard is gone, so that utterance gets no
+    # final; its turn number was never saved, and the next utterance opens it again.
+    await speak(kill_midway=True)
+    await speak()
+    assert (await final(3)).text == "what time is it"
+    assert [t.turn for t in pair.tap.of(ev.Transcript, SESSION, final=True)] == [1, 2, 3]
