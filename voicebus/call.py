@@ -256,13 +256,18 @@ class Caller:
         segment.streams += 1
         mine = segment.streams
         text = ""
-        async for chunk in reader:
-            text += chunk
-            # A newer stream of the segment replaces this one (streams may finish out of
-            # order); nothing replaces a final.
-            if mine == segment.streams and not segment.final:
-                segment.text = text
-                segment.track_id = attrs.get(ATTR_TRACK_ID, "")
+        try:
+            async for chunk in reader:
+                text += chunk
+                # A newer stream of the segment replaces this one (streams may finish out of
+                # order); nothing replaces a final.
+                if mine == segment.streams and not segment.final:
+                    segment.text = text
+                    segment.track_id = attrs.get(ATTR_TRACK_ID, "")
+        except rtc.StreamError:
+            # The sender left mid-stream (an agent replica that died, say): keep what came,
+            # never final; the replica that takes over speaks on in a stream of its own.
+            return
         if mine == segment.streams and not segment.final:
             segment.text = text
             segment.final = attrs.get(ATTR_FINAL) == "true"
