@@ -68,6 +68,8 @@ HANDOVER = {stage: Topic(stage, "handover", (ev.SessionStart,)) for stage in STA
 # Where a session's end may come from: dispatch (the room is gone) or the judge (user idle).
 SESSION_ENDS = (CTL_END, FLOOR_END)
 
+# Every subject has exactly one producer: the stage named in it (``floor`` is egress's judge,
+# ``ctl`` is dispatch).
 TOPICS: dict[tuple[str, str], Topic] = {
     (t.producer, t.kind): t
     for t in (
@@ -77,9 +79,6 @@ TOPICS: dict[tuple[str, str], Topic] = {
         *READY.values(), *ERROR.values(), *HANDOVER.values(),
     )
 }
-# Every subject has exactly one producer: the stage named in it (``floor`` is egress's judge,
-# ``ctl`` is dispatch).
-PRODUCERS = frozenset(producer for producer, _ in TOPICS)
 
 
 def session_all(session: str) -> str:

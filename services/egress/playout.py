@@ -233,11 +233,6 @@ class Playout:
         """Frames of ``turn`` are queued or playing."""
         return turn in self._turns or (self._playing is not None and self._playing.turn == turn)
 
-    @property
-    def busy(self) -> bool:
-        """A turn is playing or queued."""
-        return self._playing is not None or bool(self._turns)
-
     def resume(self) -> None:
         if self.paused:
             self.paused = False

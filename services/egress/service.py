@@ -19,7 +19,6 @@ import os
 import time
 from typing import ClassVar
 
-
 from proto import events as ev
 from proto import subjects as sj
 from services.egress.agent import AgentParticipant, TrackSink, Transcripts
@@ -29,7 +28,7 @@ from services.runtime import metrics
 from services.runtime.audio import frame_problem
 from services.runtime.bus import SeqGaps
 from services.runtime.config import audio_file
-from services.runtime.ledger import RECORD_CODEC, STATE_BUCKET, FloorRecord, TurnLedger, floor_key
+from services.runtime.ledger import RECORD_CODEC, FloorRecord, TurnLedger, floor_key
 from services.runtime.livekit import LiveKitConfig
 from services.runtime.service import SessionWorker, StageService
 from services.runtime.turns import DEFAULT_BACKCHANNEL, TurnRules
@@ -80,7 +79,6 @@ class EgressWorker(SessionWorker[EgressConfig]):
         self.transcripts: Transcripts | None = None
         self.speaking: set[int] = set()
         self.words: dict[int, list[ev.WordMark]] = {}  # per turn, from SynthesisDone
-        self.state_kv = await self.bus.key_value(STATE_BUCKET, ttl=self.config.state_ttl)
         self.unsaved: FloorRecord | None = None
         self.saver: asyncio.Task[None] | None = None
         record = await self.load_floor()
@@ -290,7 +288,8 @@ class EgressWorker(SessionWorker[EgressConfig]):
         while (record := self.unsaved) is not None:
             self.unsaved = None
             try:
-                await self.state_kv.put(floor_key(self.session), RECORD_CODEC[0].encode(record))
+                await self.service.state.put(floor_key(self.session),
+                                             RECORD_CODEC[0].encode(record))
             except Exception as exc:  # the next decision writes it again
                 self.log.warning("could not keep the judge's record: %s", exc)
 

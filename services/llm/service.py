@@ -116,13 +116,10 @@ class LlmWorker(SessionWorker[LlmConfig]):
 
     async def _say(self, turn: int, text: str) -> None:
         """A reply of fixed text (not the model's), spoken and remembered like any other."""
-        try:
-            if text:
-                await self.emit(sj.LLM_DELTA, ev.ReplyDelta, turn=turn, text=text)
-            await self.emit(sj.LLM_DONE, ev.ReplyDone, turn=turn, text=text, provider="voicebus")
-            await self._remember("", text, interrupted=False, turn=turn)
-        finally:
-            self.ledger.close(turn)
+        if text:
+            await self.emit(sj.LLM_DELTA, ev.ReplyDelta, turn=turn, text=text)
+        await self.emit(sj.LLM_DONE, ev.ReplyDone, turn=turn, text=text, provider="voicebus")
+        await self._remember("", text, interrupted=False, turn=turn)
 
     # ---- answering -------------------------------------------------------------------------------
 
@@ -148,23 +145,17 @@ class LlmWorker(SessionWorker[LlmConfig]):
         except Exception as exc:  # a provider failure or a bug: the turn still closes
             outcome, error = "error", await self.provider_failed(verdict.turn, exc, "reply")
         text = "".join(parts)
-        try:
-            await self.emit(sj.LLM_DONE, ev.ReplyDone, turn=verdict.turn, text=text,
-                            interrupted=outcome == "interrupted", error=error,
-                            provider=answered_by(stream, provider),
-                            timing=Timing(compute_ms=(time.perf_counter() - received) * 1000))
-            metrics.TURNS.labels("llm", outcome).inc()
-            await self._remember(verdict.text, text, interrupted=outcome == "interrupted",
-                                 turn=verdict.turn)
-        finally:
-            self.ledger.close(verdict.turn)
+        await self.emit(sj.LLM_DONE, ev.ReplyDone, turn=verdict.turn, text=text,
+                        interrupted=outcome == "interrupted", error=error,
+                        provider=answered_by(stream, provider),
+                        timing=Timing(compute_ms=(time.perf_counter() - received) * 1000))
+        metrics.TURNS.labels("llm", outcome).inc()
+        await self._remember(verdict.text, text, interrupted=outcome == "interrupted",
+                             turn=verdict.turn)
 
     async def _unstarted(self, turn: int) -> None:
-        try:
-            await self.emit(sj.LLM_DONE, ev.ReplyDone, turn=turn, interrupted=True,
-                            provider=self.service.provider.name)
-        finally:
-            self.ledger.close(turn)
+        await self.emit(sj.LLM_DONE, ev.ReplyDone, turn=turn, interrupted=True,
+                        provider=self.service.provider.name)
 
     async def _stream_reply(self, stream: AsyncIterator[str], turn: int, received: float,
                             parts: list[str]) -> None:

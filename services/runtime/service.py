@@ -26,6 +26,7 @@ import msgspec
 from nats import micro
 from nats.aio.subscription import Subscription
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
 
 import proto
 from proto import codec
@@ -87,9 +88,8 @@ class SessionWorker(Generic[C]):
     async def load_floor(self) -> FloorRecord:
         """The judge's record of the session (a fresh one for a new session): a replica seeds
         its ledger from it, so turn numbers stay bounded across handovers."""
-        kv = await self.bus.key_value(STATE_BUCKET, ttl=self.config.state_ttl)
         try:
-            entry = await kv.get(floor_key(self.session))
+            entry = await self.service.state.get(floor_key(self.session))
         except KeyNotFoundError:
             return FloorRecord()
         try:
@@ -98,9 +98,12 @@ class SessionWorker(Generic[C]):
             self.log.warning("the judge's record is unreadable; starting a fresh one")
             return FloorRecord()
 
+    def next_seq(self, producer: str = "") -> int:
+        return next(self._seq[producer or self.service.stage])
+
     def event(self, cls: type[E], producer: str = "", **fields: Any) -> E:
-        seq = next(self._seq[producer or self.service.stage])
-        return cls(session=self.session, seq=seq, ts_ns=time.time_ns(), **fields)
+        return cls(session=self.session, seq=self.next_seq(producer), ts_ns=time.time_ns(),
+                   **fields)
 
     async def emit(self, topic: sj.Topic, cls: type[E], **fields: Any) -> E:
         event = self.event(cls, topic.producer, **fields)
@@ -139,13 +142,17 @@ class SessionWorker(Generic[C]):
 
     def spawn_turn(self, coro: Any, turn: int,
                    close: Callable[[int], Awaitable[None]]) -> asyncio.Task[Any]:
-        """Spawn a turn's work. A task cancelled before it ever ran never reaches its own
-        ``except CancelledError``; ``close(turn)`` then still announces the turn's end."""
+        """Spawn a turn's work; when it is over, the turn closes in the ledger. A task cancelled
+        before it ever ran never reaches its own ``except CancelledError``; ``close(turn)`` then
+        still announces the turn's end, and the turn closes after it."""
         task = self.spawn(coro, f"turn-{turn}")
 
         def closed(done: asyncio.Task[Any]) -> None:
             if done.cancelled():
-                self.spawn(close(turn), f"close-{turn}")
+                ending = self.spawn(close(turn), f"close-{turn}")
+                ending.add_done_callback(lambda _: self.ledger.close(turn))
+            else:
+                self.ledger.close(turn)
 
         task.add_done_callback(closed)
         return task
@@ -195,7 +202,7 @@ class StageService(Generic[C]):
         self._claim_subs: list[Subscription] = []
         self._subs: list[Subscription] = []
         self.leases: Leases  # opened by ``serve``
-        self._state: Any = None  # the session state bucket (where start events are kept)
+        self.state: KeyValue  # the session state bucket (start events, the judge's record)
         self._background: set[asyncio.Task[Any]] = set()
         self._claiming: set[str] = set()
         self._ended: dict[str, None] = {}  # recently ended sessions, oldest first
@@ -213,7 +220,7 @@ class StageService(Generic[C]):
     async def serve(self, stop: asyncio.Event) -> None:
         self.leases = Leases(self.bus, self.stage, self.replica, int(self.config.lease_ttl))
         await self.leases.open()
-        self._state = await self.bus.key_value(STATE_BUCKET, ttl=self.config.state_ttl)
+        self.state = await self.bus.key_value(STATE_BUCKET, ttl=self.config.state_ttl)
         # A session comes from dispatch, or from a replica of ours that hands it over…
         for topic in (sj.CTL_START, sj.HANDOVER[self.stage]):
             self._claim_subs.append(await self.bus.subscribe(
@@ -277,7 +284,7 @@ class StageService(Generic[C]):
 
     async def _take_over(self, session: str, owner: str) -> None:
         try:
-            entry = await self._state.get(f"{session}.start")
+            entry = await self.state.get(f"{session}.start")
             start = codec.decode(entry.value or b"")
         except (KeyNotFoundError, codec.Rejected) as exc:
             log.warning("lease of %s expired, but its start is unknown (%s): not taken over",
@@ -295,7 +302,7 @@ class StageService(Generic[C]):
             await worker.subscribe_inputs()
             revision = await self.leases.acquire(session)
             if taken_from is None:  # what a successor needs to know, if we die
-                await self._state.put(f"{session}.start", codec.encode(worker.start_event))
+                await self.state.put(f"{session}.start", codec.encode(worker.start_event))
         except KeyWrongLastSequenceError:
             if taken_from is None:
                 log.warning("session already leased by another %s replica; not claiming",
@@ -412,7 +419,7 @@ class StageService(Generic[C]):
 
         sub = await self.bus.subscribe(sj.READY[self.stage].subject(worker.session), on_ready)
         # The same start (file edges included), on our stage's own handover subject.
-        start = msgspec.structs.replace(worker.start_event, seq=next(worker._seq[self.stage]),
+        start = msgspec.structs.replace(worker.start_event, seq=worker.next_seq(),
                                         ts_ns=time.time_ns())
         await self.bus.publish(sj.HANDOVER[self.stage], start)
         deadline = time.monotonic() + self.config.shutdown_grace

@@ -195,10 +195,7 @@ class TtsWorker(SessionWorker[TtsConfig]):
         return speech
 
     async def _unstarted(self, turn: int, interrupted: bool = True) -> None:
-        try:
-            await self.emit(sj.TTS_DONE, ev.SynthesisDone, turn=turn, interrupted=interrupted)
-        finally:
-            self.ledger.close(turn)  # (a turn passed over was never open: nothing to close)
+        await self.emit(sj.TTS_DONE, ev.SynthesisDone, turn=turn, interrupted=interrupted)
 
     async def speak(self, speech: TurnSpeech) -> None:
         provider = self.service.provider
@@ -230,15 +227,12 @@ class TtsWorker(SessionWorker[TtsConfig]):
             interrupted = True
         except Exception as exc:  # a provider failure or a bug: the turn still closes
             await self.provider_failed(speech.turn, exc, "synthesis")
-        try:
-            await self.emit(sj.TTS_DONE, ev.SynthesisDone, turn=speech.turn, frames=frames,
-                            text=speech.text, interrupted=interrupted,
-                            words=word_marks(speech.text, words or []),
-                            timing=Timing(first_frame_ts_ns=first_ts, llm_ms=speech.llm_ms,
-                                          tts_ms=tts_ms))
-            metrics.TURNS.labels("tts", "interrupted" if interrupted else "ok").inc()
-        finally:
-            self.ledger.close(speech.turn)
+        await self.emit(sj.TTS_DONE, ev.SynthesisDone, turn=speech.turn, frames=frames,
+                        text=speech.text, interrupted=interrupted,
+                        words=word_marks(speech.text, words or []),
+                        timing=Timing(first_frame_ts_ns=first_ts, llm_ms=speech.llm_ms,
+                                      tts_ms=tts_ms))
+        metrics.TURNS.labels("tts", "interrupted" if interrupted else "ok").inc()
 
 
 class _Framer:

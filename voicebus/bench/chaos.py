@@ -20,6 +20,7 @@ question's words was played to its end. Reported:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import secrets
 import signal
@@ -84,11 +85,13 @@ class Chaos:
         index = int(kill.replica.removeprefix(kill.stage) or 0)
         await self.stack.start_stage(kill.stage, index)
 
-    def recovered(self, kill: Kill, room: str) -> None:
+    def recovered(self, kill: Kill, room: str) -> bool:
+        """Whether another replica has announced the session since the kill (and when)."""
         ready = [r.ts_ns for r in self.tap.of(ev.StageReady, room, stage=kill.stage)
                  if r.replica != kill.replica and r.ts_ns > kill.at_ns]
         if kill.at_ns and ready:
             kill.recovery_ms = (min(ready) - kill.at_ns) / 1e6
+        return kill.recovery_ms is not None
 
     async def answered(self, room: str, question: str, since_ns: int) -> bool:
         def played() -> bool:
@@ -144,11 +147,12 @@ async def one_call(chaos: Chaos, index: int, questions: list[tuple[str, bytes, i
             except Exception as exc:  # noqa: BLE001 — counted; the next question is still asked
                 chaos.failures.append(f"call {index}: {exc}")
         await asyncio.gather(*chaos.pending)
-        await asyncio.sleep(2.0)  # let the last takeovers announce themselves
+        for kill in (k for k in kills if k.at_ns):  # the last takeovers, announced or not
+            with contextlib.suppress(TimeoutError):
+                await chaos.tap.wait_for(lambda k=kill: chaos.recovered(k, room), chaos.timeout,
+                                         f"{kill.stage} to recover")
     finally:
         await caller.leave()
-    for kill in kills:
-        chaos.recovered(kill, room)
     arrivals = [ns for _, ns in caller.loud_frames]
     stale = 0
     for cancel in chaos.tap.of(ev.Cancel, room):
