@@ -21,7 +21,7 @@ from livekit import api, rtc
 
 from services.runtime.livekit import (
     AGENT_IDENTITY, ATTR_AGENT_STATE, ATTR_FINAL, ATTR_SEGMENT_ID, ATTR_TRACK_ID,
-    TOPIC_TRANSCRIPTION, LiveKitConfig, join,
+    TOPIC_TRANSCRIPTION, LiveKitConfig, is_user, join,
 )
 
 log = logging.getLogger("voicebus.egress.agent")
@@ -30,8 +30,10 @@ TRACK_RATE = 48000  # what WebRTC's Opus runs at: resampling here keeps the SDK 
 
 
 class AgentParticipant:
-    def __init__(self, config: LiveKitConfig, room_name: str, queue_ms: int = 100) -> None:
+    def __init__(self, config: LiveKitConfig, room_name: str, queue_ms: int = 100,
+                 on_users: Callable[[int], None] | None = None) -> None:
         self.config = config
+        self.on_users = on_users  # told how many users are in the room, on every change
         self.room_name = room_name
         self.room = rtc.Room()
         self.source = rtc.AudioSource(TRACK_RATE, 1, queue_size_ms=queue_ms)
@@ -44,13 +46,21 @@ class AgentParticipant:
         grants = api.VideoGrants(room_join=True, room=self.room_name, can_publish=True,
                                  can_publish_sources=["microphone"], can_subscribe=False,
                                  can_publish_data=True, can_update_own_metadata=True)
+        if self.on_users is not None:
+            for change in ("participant_connected", "participant_disconnected"):
+                self.room.on(change, lambda _participant: self._count_users())
         await join(self.config, self.room_name, AGENT_IDENTITY, grants=grants, kind="agent",
                    room=self.room)
+        self._count_users()  # who was there before the agent
         self._worker = asyncio.create_task(self._run_jobs(), name="agent-room")
         track = rtc.LocalAudioTrack.create_audio_track("agent-voice", self.source)
         options = rtc.TrackPublishOptions(source=rtc.TrackSource.SOURCE_MICROPHONE)
         publication = await self.room.local_participant.publish_track(track, options)
         self.track_sid = publication.sid
+
+    def _count_users(self) -> None:
+        if self.on_users is not None and self.room.isconnected():
+            self.on_users(sum(is_user(p) for p in self.room.remote_participants.values()))
 
     def set_state(self, state: str) -> None:
         if state != self.state:

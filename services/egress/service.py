@@ -23,6 +23,7 @@ from proto import events as ev
 from proto import subjects as sj
 from services.egress.agent import AgentParticipant, TrackSink, Transcripts
 from services.egress.floor import Floor
+from services.egress.presence import Presence
 from services.egress.playout import NullSink, Playout, PlayoutReport, Sink, WavSink
 from services.runtime import metrics
 from services.runtime.audio import frame_problem
@@ -50,6 +51,10 @@ class EgressConfig(LiveKitConfig, frozen=True, kw_only=True):
     interrupt_min_words: int = 1
     # Comma-separated words and two-word phrases that never interrupt ("go on", "uh-huh").
     backchannel_words: str = DEFAULT_BACKCHANNEL
+    # Seconds a session waits for its first user to join the room ("nobody joined")…
+    session_join_grace: float = 60.0
+    # …and for a user to be back after the last one left ("room empty": a reload, a blip).
+    session_empty_grace: float = 10.0
 
     def turn_rules(self) -> TurnRules:
         return TurnRules.parse(self.interrupt_min_speech_ms, self.interrupt_min_words,
@@ -84,9 +89,15 @@ class EgressWorker(SessionWorker[EgressConfig]):
         record = await self.load_floor()
         self.ledger = TurnLedger.from_record(record)
         start = self.start_event
+        # A user was here if the judge ever decided a turn (its record, from a replica that
+        # died: the agent listens only once a user's microphone is heard): then an empty room
+        # is a departure, not a session nobody joined.
+        self.presence = Presence(self.config.session_join_grace, self.config.session_empty_grace,
+                                 self.end_session, seen=record.judged >= 0)
         if start.room and not isinstance(start, ev.FileSessionStart):
             self.agent = AgentParticipant(self.config, start.room,
-                                          queue_ms=self.config.egress_track_queue_ms)
+                                          queue_ms=self.config.egress_track_queue_ms,
+                                          on_users=self.presence.update)
             self.transcripts = Transcripts(self.agent)
         self.floor = Floor(self.config.turn_rules(), self, self.ledger,
                            greeting=bool(self.agent and start.greeting),
@@ -310,6 +321,7 @@ class EgressWorker(SessionWorker[EgressConfig]):
         self.floor.refresh()  # "initializing", unless the user's microphone is heard already
 
     async def stop(self) -> None:
+        self.presence.cancel()
         if self.vad_timer is not None:
             self.vad_timer.cancel()
         if self.playout is not None:

@@ -1,5 +1,6 @@
-"""The token service: user tokens with the least grants, agent dispatch, session end on an
-empty room (livekit-server's webhooks), the web page, ``/health`` and ``/metrics``.
+"""The token service: user tokens with the least grants, agent dispatch, session end when
+livekit-server closes the room (its webhooks), the web page, ``/health`` and ``/metrics``.
+It keeps no session state: any replica serves any request, and one that dies loses nothing.
 
 Minting and dispatch go together: a token is handed out only after its ``SessionStart`` has
 reached nats-server, so no user waits in a room no agent was sent to.
@@ -58,7 +59,7 @@ class TokenService:
         self.config = config
         self.authorize = authorize
         self.limiter = RateLimiter(config.token_rate_per_minute / 60.0, config.token_burst)
-        self.webhooks = Webhooks(config, self.end_session)
+        self.webhooks = Webhooks(config)
         self.bus: Bus | None = None
         # One counter for every session: monotonic per session too, without a dict per room.
         self._seq = itertools.count(1)
@@ -169,7 +170,8 @@ def _add_api_routes(app: FastAPI, service: TokenService) -> None:
     async def webhook(request: Request) -> dict[str, bool]:
         body = await read_limited(request, MAX_WEBHOOK_BODY)
         event = service.webhooks.verify(body, request.headers.get("authorization", ""))
-        await service.webhooks.handle(event)
+        if (room := await service.webhooks.finished_room(event)) is not None:
+            await service.end_session(room, "room finished")
         return {"ok": True}
 
 
@@ -188,7 +190,6 @@ async def _mint_for(service: TokenService, request: Request) -> TokenResponse:
         raise HTTPException(403, "not allowed to join this room")
     granted = service.mint(wanted.room, identity, wanted.name or "")
     await service.dispatch(wanted.room)
-    service.webhooks.token_minted(wanted.room)
     metrics.TOKENS_MINTED.inc()
     log.info("token for %s", identity, extra={"stage": STAGE, "session": wanted.room})
     return granted

@@ -22,10 +22,6 @@ class TokenConfig(LiveKitConfig, frozen=True, kw_only=True):
     # Per client address: ``token_burst`` requests at once, refilled at this rate.
     token_rate_per_minute: float = 30.0
     token_burst: int = 10
-    # Seconds a room may stay without users before its session ends (a reload, a blip).
-    token_empty_grace: float = 10.0
-    # Seconds a session dispatched by a token waits for a user to join before it ends.
-    token_join_grace: float = 60.0
     # "package.module:function" deciding who gets a token; empty lets everyone in.
     token_authorize: str = ""
     # The LiveKit URL handed to browsers (empty: livekit_url), e.g. wss://lk.example.com.
@@ -60,8 +56,6 @@ def load_config(environ: Mapping[str, str] | None = None) -> TokenConfig:
         ("token_rate_per_minute", 0 < config.token_rate_per_minute < math.inf,
          "must be a positive number"),
         ("token_burst", config.token_burst >= 1, "must be >= 1"),
-        ("token_empty_grace", config.token_empty_grace >= 0, "must be >= 0 seconds"),
-        ("token_join_grace", config.token_join_grace > 0, "must be > 0 seconds"),
         ("token_port", 0 < config.token_port < 65536, "must be a TCP port"),
     ]
     for field, ok, rule in checks:

@@ -1,58 +1,34 @@
-"""livekit-server's webhooks: the session ends when no user is left in its room — or when
-nobody used the token that dispatched it.
+"""livekit-server's webhooks: the session ends when livekit-server closes its room.
 
-A token dispatches the agent at once (it is in the room before the user), so a token that is
-never used would leave a session, its agent and its ingress running for good. Each token starts
-a timer: if, ``VOICEBUS_TOKEN_JOIN_GRACE`` seconds later, no user is in the room and no newer
-token was handed out for it, the session ends ("nobody joined").
-
-A user leaving does not end the session at once either: a user who reloads the page or loses the network for a moment comes back within
-seconds, and ending the session under them would leave them in a room without an agent. So the
-end waits ``VOICEBUS_TOKEN_EMPTY_GRACE`` seconds, and is called off if by then a user is in the
-room again or a token for the room was handed out since the last user left.
+Who is in a room, and when an empty one ends, is decided by the agent in the room
+(``services/egress/presence.py``): it sees users come and go, and its lease carries that duty
+over a crash. So the token service holds no timers, and this handler no state.
 
 Webhooks are signed with our API key/secret (a JWT in ``Authorization`` carrying the body's
 SHA-256); anything that fails verification is refused before a byte of it is interpreted.
+A ``room_finished`` is believed only once livekit-server, asked, no longer lists the room.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-import time
-from collections.abc import Awaitable, Callable
 
 from fastapi import HTTPException
 from google.protobuf.json_format import ParseError
 from livekit import api
-from livekit.protocol.models import ParticipantInfo
 from livekit.protocol.webhook import WebhookEvent
 
 from proto.subjects import BadSubject, check_session
-from services.runtime.livekit import RESERVED_PREFIX
 from services.runtime.logs import Throttle
 from services.token import metrics
 from services.token.config import TokenConfig
 
 log = logging.getLogger("voicebus.token.webhook")
 
-EndSession = Callable[[str, str], Awaitable[None]]
-
-
-def _is_user(participant: ParticipantInfo) -> bool:
-    """A person: standard kind, and not one of our own participants (agent, ingress)."""
-    return (participant.kind == ParticipantInfo.Kind.STANDARD
-            and not participant.identity.startswith(RESERVED_PREFIX))
-
 
 class Webhooks:
-    def __init__(self, config: TokenConfig, end_session: EndSession) -> None:
+    def __init__(self, config: TokenConfig) -> None:
         self.config = config
-        self.end_session = end_session
-        self.minted: dict[str, float] = {}  # room -> monotonic time of its last token
-        self._pending: dict[str, asyncio.Task[None]] = {}
-        self._joining: dict[str, asyncio.Task[None]] = {}  # room -> its newest token's timer
         self.receiver = api.WebhookReceiver(
             api.TokenVerifier(config.livekit_api_key, config.livekit_api_secret))
         self._lkapi: api.LiveKitAPI | None = None
@@ -75,74 +51,32 @@ class Webhooks:
         except Exception:  # jwt errors, "hash mismatch", "sha256 was not found"…
             raise self._reject(401, "signature", "webhook signature verification failed") from None
 
-    async def handle(self, event: WebhookEvent) -> None:
+    async def finished_room(self, event: WebhookEvent) -> str | None:
+        """The session whose room this event says livekit-server closed, if any."""
         metrics.WEBHOOKS.labels(event.event or "unknown").inc()
-        if event.event not in ("participant_left", "room_finished"):
-            return
+        if event.event != "room_finished":
+            return None
         room = event.room.name
         try:
             check_session(room)
         except BadSubject:
             log.info("ignoring %s of room %r: not a voicebus session id", event.event, room[:80])
-            return
-        if event.event == "room_finished":
-            await self.end_session(room, "room finished")
-        elif _is_user(event.participant) and not await self._users_left(room, event.participant):
-            if room not in self._pending:
-                self._pending[room] = asyncio.create_task(self._end_if_still_empty(room))
+            return None
+        if await self._room_exists(room):
+            log.info("room_finished for a room livekit-server still lists: ignored",
+                     extra={"session": room})
+            return None
+        return room
 
-    def token_minted(self, room: str) -> None:
-        self.minted[room] = time.monotonic()
-        if (older := self._joining.pop(room, None)) is not None:
-            older.cancel()  # the newest token decides
-        self._joining[room] = asyncio.create_task(self._end_unless_joined(room))
-
-    async def _end_unless_joined(self, room: str) -> None:
+    async def _room_exists(self, room: str) -> bool:
+        """Raises HTTPException(502) if livekit-server cannot tell (it retries the webhook)."""
         try:
-            await asyncio.sleep(self.config.token_join_grace)
-            if await self._users_left(room, None):
-                return  # joined (a user leaving later is the webhooks' business)
-            log.info("nobody joined within %.0fs: ending the session",
-                     self.config.token_join_grace, extra={"session": room})
-            self.minted.pop(room, None)
-            await self.end_session(room, "nobody joined")
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # livekit-server unreachable: the room's own timeouts remain
-            log.warning("could not check who joined: %s", type(exc).__name__,
-                        extra={"session": room})
-        finally:
-            if self._joining.get(room) is asyncio.current_task():
-                del self._joining[room]
-
-    async def _end_if_still_empty(self, room: str) -> None:
-        left_at = time.monotonic()
-        try:
-            await asyncio.sleep(self.config.token_empty_grace)  # the grace period itself
-            if self.minted.get(room, 0.0) > left_at or await self._users_left(room, None):
-                log.info("a user came back: the session goes on", extra={"session": room})
-                return
-            self.minted.pop(room, None)
-            await self.end_session(room, "room empty")
-        except Exception as exc:  # the next webhook (or room_finished) gets another chance
-            log.warning("could not end session: %s", type(exc).__name__, extra={"session": room})
-        finally:
-            self._pending.pop(room, None)
-
-    async def _users_left(self, room: str, leaving: ParticipantInfo | None) -> bool:
-        """Whether a user other than ``leaving`` (by sid: the same identity may have rejoined)
-        is still in ``room``. Raises HTTPException(502) if livekit-server cannot tell us."""
-        try:
-            listed = await self._api().room.list_participants(
-                api.ListParticipantsRequest(room=room))
+            listed = await self._api().room.list_rooms(api.ListRoomsRequest(names=[room]))
         except Exception as exc:
-            log.warning("cannot list the participants of %s: %s", room, type(exc).__name__,
+            log.warning("cannot ask livekit-server about room %s: %s", room, type(exc).__name__,
                         extra={"session": room})
-            raise HTTPException(502, "could not ask livekit-server who is in the room") from None
-        gone = leaving.sid if leaving is not None else ""
-        return any(_is_user(p) and p.sid != gone
-                   and p.state != ParticipantInfo.State.DISCONNECTED
-                   for p in listed.participants)
+            raise HTTPException(502, "could not ask livekit-server about the room") from None
+        return any(r.name == room for r in listed.rooms)
 
     def _api(self) -> api.LiveKitAPI:
         # Made on first use: its aiohttp session must be created inside the running loop.
@@ -153,10 +87,6 @@ class Webhooks:
         return self._lkapi
 
     async def aclose(self) -> None:
-        for task in [*self._pending.values(), *self._joining.values()]:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
         if self._lkapi is not None:
             await self._lkapi.aclose()
 
