@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import signal
 
-from voicebus.bench.chaos import Chaos, Kill, plan, summarise
+from voicebus.bench.chaos import Chaos, Kill, plan, summarise, waiting
 
 STAGES = ["ingress", "stt", "llm", "tts", "egress"]
 
@@ -42,3 +42,12 @@ def test_the_report_counts_lost_turns_recovery_and_the_kills_that_cost_a_turn() 
         "kills": 2, "turns_lost": 1, "not_recovered": 0,
         "recovery_ms": {"p50": 1000.0, "p95": 1090.0, "n": 2}}
     assert report["per_stage"]["tts"]["not_recovered"] == 1 and "llm" not in report["per_stage"]
+
+
+def test_the_wait_a_kill_added_is_measured_against_the_calm_answers() -> None:
+    waits = [(600.0, False), (800.0, False), (700.0, False), (1000.0, True), (650.0, True)]
+    report = waiting(waits)
+    assert report["v2v_ms"]["calm"]["p50"] == 700.0 and report["v2v_ms"]["calm"]["n"] == 3
+    assert report["v2v_ms"]["killed"]["n"] == 2
+    assert report["added_silence_ms"]["p50"] == 125.0  # (300 + -50) / 2
+    assert waiting([(900.0, True)])["added_silence_ms"]["n"] == 0  # no calm answer to compare

@@ -14,6 +14,10 @@ question's words was played to its end. Reported:
   over);
 - ``stale_frames``: loud agent frames that reached the user after a ``Cancel`` and before the
   agent's next "speaking" state: audio of a cut turn (must be 0);
+- ``v2v_ms``: the silence the user heard after each answered question (the question's last
+  sample → the agent's first audible sample), for questions with a kill around them
+  (``killed``) and without (``calm``); ``added_silence_ms``: each ``killed`` one minus the
+  ``calm`` median — what a kill (or a handover) cost the user in waiting;
 - the same per stage.
 """
 
@@ -67,6 +71,7 @@ class Chaos:
     failures: list[str] = field(default_factory=list)
     restarts: list[asyncio.Task[None]] = field(default_factory=list)
     pending: list[asyncio.Task[None]] = field(default_factory=list)  # kills under way
+    waits: list[tuple[float, bool]] = field(default_factory=list)  # (V2V ms, killed around it)
 
     async def kill(self, kill: Kill, room: str) -> None:
         await asyncio.sleep(kill.delay_s)
@@ -131,12 +136,14 @@ async def one_call(chaos: Chaos, index: int, questions: list[tuple[str, bytes, i
         await caller.wait_state("listening", timeout=chaos.timeout)
         for number, (text, pcm, rate) in enumerate(questions):
             asked_ns = time.time_ns()
-            await caller.say(pcm, rate)
+            turn = await caller.say(pcm, rate)
             around = [k for k in kills if k.turn == number]
             for kill in around:
                 chaos.pending.append(asyncio.create_task(chaos.kill(kill, room)))
             if await chaos.answered(room, text, asked_ns):
                 answered += 1
+                if turn.first_sound:
+                    chaos.waits.append((turn.v2v_ms, bool(around)))
             else:
                 for kill in around:
                     kill.cost_the_turn = True
@@ -220,6 +227,17 @@ def summarise(chaos: Chaos, calls: int, turns: int, answered: int, stale: int, s
         "recovery_ms": stats([k.recovery_ms for k in done if k.recovery_ms is not None]),
         "not_recovered": sum(1 for k in done if k.recovery_ms is None),
         "stale_frames": stale,
+        **waiting(chaos.waits),
         "per_stage": per_stage,
         "failures": chaos.failures,
     }
+
+
+def waiting(waits: list[tuple[float, bool]]) -> dict[str, Any]:
+    """The user's wait for each answer, with and without a kill around its question."""
+    calm = [ms for ms, killed in waits if not killed]
+    killed = [ms for ms, was in waits if was]
+    baseline = stats(calm)["p50"] if calm else None
+    added = [ms - baseline for ms in killed] if baseline is not None else []
+    return {"v2v_ms": {"calm": stats(calm), "killed": stats(killed)},
+            "added_silence_ms": stats(added)}
