@@ -155,9 +155,14 @@ class IngressWorker(SessionWorker[IngressConfig]):
             self.pts += FRAME_MS
 
     async def _publish_edge(self, edge: VadEdge) -> None:
+        # The user's utterance is this stage's turn in flight: a replica told to stop hands
+        # the session over only once the utterance has ended (its SpeechEnded sent), or the
+        # STT would wait for an end that the next replica, hearing silence, never sends.
         if edge.kind == "start":
+            self.ledger.open(self.ledger.newest + 1)
             await self.emit(sj.INGRESS_VAD, ev.SpeechStarted, pts_ms=edge.pts_ms)
             return
+        self.ledger.close(self.ledger.newest)
         last_ts = self.sent_at.get(edge.last_speech_frame_pts_ms, 0)
         await self.emit(sj.INGRESS_VAD, ev.SpeechEnded, pts_ms=edge.pts_ms,
                         speech_ms=edge.speech_ms, timing=Timing(last_speech_ts_ns=last_ts))
