@@ -214,6 +214,17 @@ class Caller:
             await asyncio.wait(set(self._reading), timeout=max(0.1, deadline - time.monotonic()))
         return turn
 
+    async def hear_out(self, quiet_s: float = 0.5, timeout: float = 5.0) -> None:
+        """Wait until the agent's voice has been quiet here for ``quiet_s``: its state travels
+        as signalling and arrives before the last of its audio, which on a busy machine can
+        trail it by a second."""
+        deadline = time.monotonic() + timeout
+        while (now := time.monotonic()) < deadline:
+            last = self.loud_frames[-1][0] if self.loud_frames else 0.0
+            if now - last >= quiet_s:
+                return
+            await asyncio.sleep(min(last + quiet_s, deadline) - now)
+
     def _on_track(self, track: rtc.Track, _pub: rtc.RemoteTrackPublication,
                   participant: rtc.RemoteParticipant) -> None:
         if isinstance(track, rtc.RemoteAudioTrack) and participant.kind == \
@@ -320,6 +331,7 @@ async def call(token_url: str, room: str, utterances: list[tuple[bytes, int]], o
         for pcm, rate in utterances:
             turn = await caller.say(pcm, rate)
             await caller.wait_reply(timeout)
+            await caller.hear_out()  # the end of the reply is still on its way to us
             turns.append(turn)
             user = caller.transcript(identity)
             agent = caller.transcript(AGENT_IDENTITY)

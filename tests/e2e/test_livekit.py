@@ -185,4 +185,10 @@ async def test_voicebus_call_command(lk_stack, lk_tap, tmp_path):
     assert {"what", "time"} <= _words(said["you"]), text
     reply = lk_tap.of(ev.ReplyDone, room, turn=1)[0]
     assert said["agent"].strip() == reply.text, text
-    assert {"what", "time"} <= _words(await transcribe_wav(out)), text
+    # The recording holds the agent's voice: the greeting and the reply, in full (the
+    # recognizer mishears the short "what" of a TTS voice through Opus now and then; "time",
+    # and the length, it does not).
+    pcm, rate, _ = read_wav(out)
+    spoken_s = sum(d.frames for d in lk_tap.of(ev.SynthesisDone, room)) * ev.FRAME_MS / 1000
+    assert len(pcm) / 2 / rate >= spoken_s, (len(pcm) / 2 / rate, spoken_s)
+    assert "time" in _words(await transcribe_wav(out)), text
