@@ -7,7 +7,6 @@ import collections
 import os
 from pathlib import Path
 
-import nats
 import pytest
 import pytest_asyncio
 
@@ -56,7 +55,9 @@ async def running_stack(tmp_path_factory: pytest.TempPathFactory, livekit: bool,
     """A started stack for a fixture to yield; on teardown every process must exit with 0."""
     workdir = tmp_path_factory.mktemp("stack")
     logs = LogTail(workdir / "stack.log")
-    stack = Stack(workdir, sink=logs, metrics=True, livekit=livekit, env=env or {})
+    # File edges on, for WAV files anywhere in this run's temporary folders.
+    stack = Stack(workdir, sink=logs, metrics=True, livekit=livekit, env=env or {},
+                  audio_dir=tmp_path_factory.getbasetemp())
     stack.logs = logs  # type: ignore[attr-defined]
     try:
         await stack.start()
@@ -71,7 +72,7 @@ async def running_stack(tmp_path_factory: pytest.TempPathFactory, livekit: bool,
 
 @pytest_asyncio.fixture(loop_scope="module")
 async def bus(stack: Stack):
-    nc = await nats.connect(stack.nats_url)
+    nc = await stack.connect()
     yield nc
     await nc.drain()
 
@@ -87,10 +88,10 @@ async def tap(bus):
 async def bare_stack(tmp_path):
     """nats-server only; each test starts the stage it needs with its own environment."""
     logs = LogTail(tmp_path / "stack.log")
-    stack = Stack(tmp_path, sink=logs)
+    stack = Stack(tmp_path, sink=logs, audio_dir=tmp_path)
     stack.logs = logs  # type: ignore[attr-defined]
     await stack.start(stages=())
-    nc = await nats.connect(stack.nats_url)
+    nc = await stack.connect()
     tap = Tap(nc)
     yield stack, nc, tap
     await tap.close()

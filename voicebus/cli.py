@@ -5,16 +5,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import secrets
 import shutil
 import signal
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import nats
 
 from proto import events as ev
+from proto.permissions import OPERATOR, inbox_prefix
 from proto import subjects as sj
 from services.runtime.livekit import exit_process
 from voicebus.client import Tap, dispatch, end_session, timing
@@ -38,10 +41,31 @@ def _describe(event: ev.Event) -> str | None:
     return None
 
 
-async def converse(nats_url: str, wavs: list[Path], out: Path, timeout: float = 120.0) -> int:
-    """Dispatch one session that says ``wavs`` in turn; print what happens; record the reply."""
+async def connect_operator(args: argparse.Namespace) -> nats.NATS:
+    """The bus as the operator (``--nkey``, else ``VOICEBUS_NATS_NKEY_FILE``): nothing connects
+    anonymously. ``voicebus up`` prints where its operator's seed is."""
+    seed = args.nkey or os.environ.get("VOICEBUS_NATS_NKEY_FILE", "")
+    async def quiet(_exc: Exception) -> None:  # the failure is reported below, once
+        return None
+
+    options: dict[str, Any] = {"inbox_prefix": inbox_prefix(OPERATOR), "allow_reconnect": False,
+                               "error_cb": quiet}
+    if seed:
+        options["nkeys_seed"] = seed
+    try:
+        return await nats.connect(args.nats, **options)
+    except Exception as exc:
+        hint = "" if seed else " (no credentials given: --nkey FILE, as `voicebus up` prints)"
+        raise SystemExit(f"voicebus: cannot connect to {args.nats}: {exc or type(exc).__name__}"
+                         f"{hint}") from None
+
+
+async def converse(args: argparse.Namespace, timeout: float = 120.0) -> int:
+    """Dispatch one session that says ``--wav`` files in turn; print what happens; record the
+    reply in ``--out``."""
+    wavs, out = args.wav, args.out
     session = f"cli-{secrets.token_hex(4)}"
-    nc = await nats.connect(nats_url)
+    nc = await connect_operator(args)
     tap = Tap(nc)
     tap.on_event = lambda _s, e: (line := _describe(e)) and print(line, flush=True)
     await tap.watch(sj.session_all(session))
@@ -73,7 +97,8 @@ async def cmd_up(args: argparse.Namespace) -> int:
 
     workdir = Path(tempfile.mkdtemp(prefix="voicebus-"))
     stack = Stack(workdir, nats_port=args.nats_port, livekit=True,
-                  livekit_port=args.livekit_port, token_port=args.port)
+                  livekit_port=args.livekit_port, token_port=args.port,
+                  audio_dir=args.audio_dir.resolve() if args.audio_dir else None)
     # A process manager's SIGTERM, a closed terminal's SIGHUP and Ctrl-C all stop the stack the
     # same way (a SIGKILL too: every child is bound to die with this process).
     stopping = asyncio.Event()
@@ -87,13 +112,14 @@ async def cmd_up(args: argparse.Namespace) -> int:
         except PortTaken as exc:
             print(f"voicebus up: {exc}", file=sys.stderr)
             return 1
-        operator = await nats.connect(stack.nats_url)  # answers `voicebus redeploy`
+        operator = await stack.connect()  # answers `voicebus redeploy`
         await stack.serve_operator(operator)
         me = Path(sys.argv[0]).name
         print(f"\nvoicebus is up — open {stack.token_url}/ and talk to the agent.\n"
               f"  or from a terminal: {me} call --token-url {stack.token_url} "
               f"--say {DEFAULT_QUESTION!r}\n"
-              f"  watch the bus:      {me} tap --nats {stack.nats_url}\n"
+              f"  watch the bus:      {me} tap --nats {stack.nats_url} "
+              f"--nkey {stack.seed_file(OPERATOR)}\n"
               "Ctrl-C stops everything.\n", flush=True)
         code = 0
         if args.say or args.wav:
@@ -115,7 +141,7 @@ async def cmd_redeploy(args: argparse.Namespace) -> int:
     """Ask a running `voicebus up` to replace every replica of a stage, one at a time."""
     from voicebus.launcher import OPERATOR_REDEPLOY
 
-    nc = await nats.connect(args.nats)
+    nc = await connect_operator(args)
     try:
         msg = await nc.request(OPERATOR_REDEPLOY, args.stage.encode(), timeout=args.timeout)
     except (nats.errors.TimeoutError, nats.errors.NoRespondersError):
@@ -160,12 +186,28 @@ async def cmd_call(args: argparse.Namespace) -> int:
 
 
 async def cmd_tap(args: argparse.Namespace) -> int:
-    nc = await nats.connect(args.nats)
+    nc = await connect_operator(args)
     tap = Tap(nc)
     tap.on_event = lambda subject, e: (
         None if isinstance(e, ev.AudioFrame) and not args.audio else print(subject, e, flush=True))
     await tap.watch(sj.session_all(args.session) if args.session else sj.everything())
     await asyncio.Event().wait()
+    return 0
+
+
+async def cmd_credentials(args: argparse.Namespace) -> int:
+    """New bus credentials for a deployment: nats.conf (public keys and rights) and a seed per
+    role, to keep as secrets (docs/security.md)."""
+    from voicebus import auth
+
+    if (args.folder / "nats.conf").exists() and not args.force:
+        print(f"voicebus credentials: {args.folder} holds credentials already (--force replaces "
+              "them; every service then needs its new seed)", file=sys.stderr)
+        return 1
+    seeds = auth.generate(args.folder)
+    print(f"{args.folder / 'nats.conf'}: nats-server's users and their rights")
+    for role, path in seeds.items():
+        print(f"{path}: the {role} seed (a secret: give it to that role only)")
     return 0
 
 
@@ -200,6 +242,12 @@ async def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bus_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--nats", default="nats://127.0.0.1:4222")
+    parser.add_argument("--nkey", default="", help="the operator's nkey seed file (default: "
+                        "$VOICEBUS_NATS_NKEY_FILE)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="voicebus", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -215,13 +263,16 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--say", action="append", help="ask this sentence (Piper) once it is up")
     up.add_argument("--out", type=Path, default=Path("reply.wav"), help="where that reply goes")
     up.add_argument("--once", action="store_true", help="stop after the --wav/--say call")
+    up.add_argument("--audio-dir", type=Path, help="turn the development file edges on for WAV "
+                    "files below this folder (`voicebus session`); off by default")
     up.set_defaults(run=cmd_up)
 
-    session = sub.add_parser("session", help="talk to a running stack with WAV files")
-    session.add_argument("--nats", default="nats://127.0.0.1:4222")
+    session = sub.add_parser("session", help="talk to a running stack with WAV files (below "
+                             "its --audio-dir)")
+    _bus_arguments(session)
     session.add_argument("--wav", type=Path, action="append", required=True)
     session.add_argument("--out", type=Path, default=Path("reply.wav"))
-    session.set_defaults(run=lambda a: converse(a.nats, a.wav, a.out))
+    session.set_defaults(run=converse)
 
     call = sub.add_parser("call", help="join a LiveKit room like a user: speak, record the reply")
     call.add_argument("--token-url", default="http://127.0.0.1:8080",
@@ -237,9 +288,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     tap = sub.add_parser("tap", help="print a session's events (or every session's)")
     tap.add_argument("session", nargs="?")
-    tap.add_argument("--nats", default="nats://127.0.0.1:4222")
+    _bus_arguments(tap)
     tap.add_argument("--audio", action="store_true", help="print audio frames too")
     tap.set_defaults(run=cmd_tap)
+
+    credentials = sub.add_parser("credentials", help="write new bus credentials for a "
+                                 "deployment: nats.conf and one nkey seed per role")
+    credentials.add_argument("folder", type=Path)
+    credentials.add_argument("--force", action="store_true", help="replace existing ones")
+    credentials.set_defaults(run=cmd_credentials)
 
     say = sub.add_parser("say", help="speak a sentence into a WAV file with Piper")
     say.add_argument("text")
@@ -270,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     redeploy = sub.add_parser("redeploy", help="replace every replica of a stage of a running "
                               "`voicebus up`, one at a time, while calls go on")
     redeploy.add_argument("stage", choices=sj.STAGES)
-    redeploy.add_argument("--nats", default="nats://127.0.0.1:4222")
+    _bus_arguments(redeploy)
     redeploy.add_argument("--timeout", type=float, default=300.0)
     redeploy.set_defaults(run=cmd_redeploy)
     chaos = bench_sub.add_parser("chaos", help="two replicas of every stage; owners killed or "

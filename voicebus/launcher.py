@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -24,8 +25,10 @@ from typing import Any
 
 import nats
 
+from proto.permissions import OPERATOR, inbox_prefix
 from proto.subjects import STAGES
 from services.runtime.bus import replicas_of
+from voicebus import auth
 from services.runtime.livekit import DEV_API_KEY, DEV_API_SECRET
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -158,6 +161,36 @@ class Stack:
     token_port: int = 0
     # Extra environment for the token service only (rate limits, TTL, auth hook…).
     token_env: dict[str, str] = field(default_factory=dict)
+    # The bus credentials (voicebus/auth.py): made here when this stack starts its own
+    # nats-server; a stack on another stack's nats-server is given that one's folder.
+    bus_dir: Path | None = None
+    # The development file edges' folder (VOICEBUS_AUDIO_DIR); None: file edges off.
+    audio_dir: Path | None = None
+    # TLS for the bus: nats-server's tls block (cert_file, key_file…) and the CA clients trust.
+    nats_tls: dict[str, str] | None = None
+    nats_tls_ca: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.bus_dir is None:
+            self.bus_dir = self.workdir / "bus"
+
+    def seed_file(self, role: str) -> Path:
+        assert self.bus_dir is not None
+        return self.bus_dir / f"{role}{auth.SEED_SUFFIX}"
+
+    def role_env(self, role: str) -> dict[str, str]:
+        env = {"VOICEBUS_NATS_URL": self.nats_url,
+               "VOICEBUS_NATS_NKEY_FILE": str(self.seed_file(role))}
+        if self.nats_tls_ca is not None:
+            env["VOICEBUS_NATS_TLS_CA"] = str(self.nats_tls_ca)
+        return env
+
+    async def connect(self, role: str = OPERATOR, **options: Any) -> Any:
+        """A NATS connection as ``role`` (the operator unless told): tools, tests, benches."""
+        if self.nats_tls_ca is not None:
+            options.setdefault("tls", ssl.create_default_context(cafile=str(self.nats_tls_ca)))
+        return await nats.connect(self.nats_url, nkeys_seed=str(self.seed_file(role)),
+                                  inbox_prefix=inbox_prefix(role), **options)
 
     @property
     def nats_url(self) -> str:
@@ -230,7 +263,7 @@ class Stack:
         if "livekit" not in self.procs:  # (start_livekit has checked it already)
             self.token_port = claim_port(self.token_port, "the token service")
         env = {**os.environ, **self.env, **self.livekit_env, **self.token_env, **extra_env,
-               "VOICEBUS_NATS_URL": self.nats_url, "VOICEBUS_REPLICA": "token",
+               **self.role_env("token"), "VOICEBUS_REPLICA": "token",
                "VOICEBUS_TOKEN_PORT": str(self.token_port)}
         argv = [sys.executable, "-m", "services.token"]
         self.procs["token"] = proc = await spawn("token", argv, env, self.sink)
@@ -260,13 +293,17 @@ class Stack:
 
     async def start_nats(self) -> None:
         self.nats_port = claim_port(self.nats_port, "nats-server")
+        assert self.bus_dir is not None
+        if not (self.bus_dir / "nats.conf").exists():  # kept over a restart of nats-server
+            auth.generate(self.bus_dir, tls=self.nats_tls)
         await self._spawn_nats()
 
     async def _spawn_nats(self) -> None:
         store = self.workdir / "jetstream"
         store.mkdir(parents=True, exist_ok=True)
-        argv = [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.nats_port),
-                "-js", "-sd", str(store)]
+        assert self.bus_dir is not None
+        argv = [nats_server_binary(), "-c", str(self.bus_dir / "nats.conf"), "-a", "127.0.0.1",
+                "-p", str(self.nats_port), "-js", "-sd", str(store)]
         self.procs["nats"] = await spawn("nats", argv, os.environ, self.sink)
         await self._wait_nats()
 
@@ -274,7 +311,7 @@ class Stack:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                nc = await nats.connect(self.nats_url, connect_timeout=1, allow_reconnect=False,
+                nc = await self.connect(connect_timeout=1, allow_reconnect=False,
                                         error_cb=_quiet)
                 await nc.close()
                 return
@@ -286,7 +323,9 @@ class Stack:
     async def start_stage(self, stage: str, index: int = 0, **extra_env: str) -> Proc:
         name = f"{stage}{index}" if index else stage
         env = {**os.environ, **self.env, **self.livekit_env, **extra_env,
-               "VOICEBUS_NATS_URL": self.nats_url, "VOICEBUS_REPLICA": name}
+               **self.role_env(stage), "VOICEBUS_REPLICA": name}
+        if self.audio_dir is not None:
+            env["VOICEBUS_AUDIO_DIR"] = str(self.audio_dir)
         if self.metrics:
             self.metrics_ports[name] = port = free_port()
             env["VOICEBUS_METRICS_PORT"] = str(port)
@@ -296,7 +335,7 @@ class Stack:
 
     async def wait_ready(self, stages: tuple[str, ...], timeout: float = 90.0) -> None:
         """Wait until every replica of every stage answers nats.micro's ``$SRV.PING``."""
-        nc = await nats.connect(self.nats_url)
+        nc = await self.connect()
         try:
             deadline = time.monotonic() + timeout
             for stage in stages:
@@ -318,7 +357,7 @@ class Stack:
         old = sorted(name for name in self.procs
                      if name.rstrip("0123456789") == stage and self.procs[name].alive)
         done: list[dict[str, Any]] = []
-        nc = await nats.connect(self.nats_url)
+        nc = await self.connect()
         try:
             for name in old:
                 started = time.monotonic()

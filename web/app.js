@@ -368,11 +368,18 @@
     ui.error.hidden = false;
   }
 
+  function randomHex(bytes) {
+    return Array.from(crypto.getRandomValues(new Uint8Array(bytes)),
+                      (b) => b.toString(16).padStart(2, '0')).join('');
+  }
+
   function clearError() { ui.error.textContent = ''; ui.error.hidden = true; }
 
   function boot() {
     const query = new URLSearchParams(location.search);
-    if (query.get('room')) ui.room.value = query.get('room');
+    // A room of one's own unless a link names one: a guessable default ("demo") would put
+    // strangers in one room. 64 random bits, from the browser's CSPRNG.
+    ui.room.value = query.get('room') || `room-${randomHex(8)}`;
     if (query.get('name')) ui.name.value = query.get('name');
     setPhase('idle', 'not connected');
     if (!LK) {

@@ -126,7 +126,8 @@ class Transcripts:
     """Both sides of the conversation on ``lk.transcription``, one segment per user utterance
     and per agent reply. Partials of a segment are whole replacements (a new stream with the
     same segment id); the agent's reply streams as it is written, then a final stream carries
-    the whole text."""
+    the whole text. Every stream is addressed to the session's user alone: anyone else in the
+    room receives none of it (and before the user is known, nothing is sent)."""
 
     def __init__(self, agent: AgentParticipant) -> None:
         self.agent = agent
@@ -142,7 +143,8 @@ class Transcripts:
         self.agent.submit(lambda: self._send(text, attrs, identity))
 
     def agent_delta(self, turn: int, text: str) -> None:
-        self.agent.submit(lambda: self._append(turn, text))
+        if self.user_identity:
+            self.agent.submit(lambda: self._append(turn, text))
 
     def agent_done(self, turn: int, text: str) -> None:
         attrs = self._attrs(f"agent-{turn}", self.agent.track_sid, True)
@@ -154,7 +156,8 @@ class Transcripts:
 
     async def _send(self, text: str, attrs: dict[str, str], identity: str) -> None:
         writer = await self.agent.room.local_participant.stream_text(
-            topic=TOPIC_TRANSCRIPTION, attributes=attrs, sender_identity=identity)
+            topic=TOPIC_TRANSCRIPTION, attributes=attrs, sender_identity=identity,
+            destination_identities=[self.user_identity])
         await writer.write(text)
         await writer.aclose()
 
@@ -163,11 +166,12 @@ class Transcripts:
         if writer is None:
             attrs = self._attrs(f"agent-{turn}", self.agent.track_sid, False)
             writer = self._writers[turn] = await self.agent.room.local_participant.stream_text(
-                topic=TOPIC_TRANSCRIPTION, attributes=attrs)
+                topic=TOPIC_TRANSCRIPTION, attributes=attrs,
+                destination_identities=[self.user_identity])
         await writer.write(text)
 
     async def _finish(self, turn: int, text: str, attrs: dict[str, str]) -> None:
         if (writer := self._writers.pop(turn, None)) is not None:
             await writer.aclose()
-        if text:  # an empty or failed reply leaves no line in the transcript
+        if text and self.user_identity:  # an empty or failed reply leaves no line
             await self._send(text, attrs, AGENT_IDENTITY)

@@ -1,8 +1,9 @@
 """The user's microphone from a LiveKit room, as 16 kHz mono 20 ms frames.
 
 Ingress joins the session's room as a hidden participant that publishes nothing, subscribes to
-the microphone of the room's user (a standard participant that is not one of ours), and hands
-the frames to the ingress core. The user may leave, come back, or republish the track: the
+the microphone of the session's user, and hands the frames to the ingress core. The session's
+user is the first user heard (a standard participant that is not one of ours); anyone else in
+the room is not listened to. The user may leave, come back, or republish the track: their
 newest microphone wins, and when a track goes away mid-sentence the source adds the silence a
 muted microphone would have given, so the user's turn still ends.
 """
@@ -28,9 +29,14 @@ TrackChange = Callable[[str, str, bool], None]
 
 class MicrophoneSource:
     def __init__(self, config: LiveKitConfig, room_name: str, *, trailing_silence_ms: int,
-                 on_change: TrackChange, max_queued_ms: int = 2000) -> None:
+                 on_change: TrackChange, max_queued_ms: int = 2000, owner: str = "",
+                 on_owner: Callable[[str], None] | None = None) -> None:
         self.config = config
         self.room_name = room_name
+        # The session's user: the first user heard (or the one a replica before us heard).
+        # Nobody else in the room is listened to: one user per session.
+        self.owner = owner
+        self.on_owner = on_owner
         self.room = rtc.Room()
         self.on_change = on_change
         self.trailing_frames = trailing_silence_ms // FRAME_MS + 2
@@ -64,15 +70,29 @@ class MicrophoneSource:
 
     # ---- room events (plain callbacks: never block the SDK's event loop work) ------------------
 
+    def _hears(self, participant: rtc.RemoteParticipant) -> bool:
+        return is_user(participant) and self.owner in ("", participant.identity)
+
     def _on_published(self, publication: rtc.RemoteTrackPublication,
                       participant: rtc.RemoteParticipant) -> None:
-        if is_user(participant) and publication.source == rtc.TrackSource.SOURCE_MICROPHONE:
+        if self._hears(participant) and publication.source == rtc.TrackSource.SOURCE_MICROPHONE:
             publication.set_subscribed(True)
+        elif is_user(participant):
+            log.info("not listening to %s: the session's user is %s", participant.identity,
+                     self.owner)
 
     def _on_subscribed(self, track: rtc.Track, publication: rtc.RemoteTrackPublication,
                        participant: rtc.RemoteParticipant) -> None:
-        if self._closed or not (is_user(participant) and isinstance(track, rtc.RemoteAudioTrack)):
+        if not self._hears(participant) and is_user(participant):
+            publication.set_subscribed(False)  # lost the race to be the session's user
             return
+        if self._closed or not (self._hears(participant)
+                                and isinstance(track, rtc.RemoteAudioTrack)):
+            return
+        if not self.owner:
+            self.owner = participant.identity
+            if self.on_owner is not None:
+                self.on_owner(participant.identity)
         previous = self._reader
         self.current = (participant.identity, publication.sid)
         self._reader = asyncio.create_task(self._read(track, previous), name="microphone")

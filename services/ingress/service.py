@@ -12,6 +12,8 @@ import time
 from collections.abc import AsyncIterable, AsyncIterator
 from typing import ClassVar
 
+from nats.js.errors import KeyNotFoundError
+
 from proto import events as ev
 from proto import subjects as sj
 from proto.events import Timing
@@ -25,6 +27,10 @@ from services.runtime.livekit import LiveKitConfig
 from services.runtime.service import SessionWorker, StageService
 
 SILENCE = bytes(FRAME_BYTES)
+
+
+def user_key(session: str) -> str:
+    return f"{session}.user"
 
 
 class IngressConfig(LiveKitConfig, frozen=True, kw_only=True):
@@ -87,13 +93,26 @@ class IngressWorker(SessionWorker[IngressConfig]):
     async def hear_room(self, room: str) -> None:
         self.microphone = MicrophoneSource(
             self.config, room, trailing_silence_ms=self.config.vad_silence_ms,
-            on_change=self.on_track_change)
+            on_change=self.on_track_change, owner=await self._session_user(),
+            on_owner=self._keep_user)
         try:
             await self.microphone.start()
         except Exception as exc:  # unreachable server, refused join…: say so on the bus
             await self.stage_error(str(exc), retryable=True)
             return
         await self.feed(self.microphone.frames())
+
+    async def _session_user(self) -> str:
+        """Who the session's user is, if a replica before us heard one (KV ``<session>.user``)."""
+        try:
+            entry = await self.service.state.get(user_key(self.session))
+        except KeyNotFoundError:
+            return ""
+        return (entry.value or b"").decode()
+
+    def _keep_user(self, identity: str) -> None:
+        self.log.info("the session's user is %s", identity)
+        self.spawn(self.service.state.put(user_key(self.session), identity.encode()), "user")
 
     def on_track_change(self, participant: str, track_sid: str, active: bool) -> None:
         self.spawn(self.announce_track(participant, track_sid, active), "input-track")

@@ -62,9 +62,11 @@ class Bus:
         self._throttle = Throttle()
 
     @classmethod
-    async def connect(cls, url: str, stage: str, name: str, stop: asyncio.Event | None = None) -> Bus:
+    async def connect(cls, url: str, stage: str, name: str, stop: asyncio.Event | None = None,
+                      **options: Any) -> Bus:
         """Connect, retrying the first connection with backoff until it works. Raises
-        ``Stopped`` if ``stop`` is set first (SIGTERM while nats-server is unreachable)."""
+        ``Stopped`` if ``stop`` is set first (SIGTERM while nats-server is unreachable).
+        ``options`` go to ``nats.connect`` (credentials, inbox prefix, TLS)."""
         delay = 0.05
         stop = stop or asyncio.Event()
         while True:
@@ -87,6 +89,7 @@ class Bus:
                     error_cb=_on_error,
                     disconnected_cb=on_disconnected,
                     reconnected_cb=_on_reconnected,
+                    **options,
                 ))
                 return cls(nc, stage)
             except Stopped:

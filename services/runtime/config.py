@@ -7,11 +7,13 @@ in ``ENV`` (``{"openai_api_key": "OPENAI_API_KEY"}``).
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import Mapping
 from typing import Any, ClassVar, TypeVar
 
 import msgspec
 
+from proto.permissions import inbox_prefix
 from services.runtime.errors import ConfigError
 
 T = TypeVar("T", bound="BaseConfig")
@@ -22,6 +24,14 @@ class BaseConfig(msgspec.Struct, frozen=True, kw_only=True):
     SECRETS: ClassVar[frozenset[str]] = frozenset()
 
     nats_url: str = "nats://127.0.0.1:4222"
+    # The bus identity (docs/security.md): an nkey seed file, or a .creds file (JWT accounts).
+    nats_nkey_file: str = ""
+    nats_creds_file: str = ""
+    # TLS to nats-server: the CA to trust (then tls:// URLs work), and a client certificate
+    # if the server asks for one.
+    nats_tls_ca: str = ""
+    nats_tls_cert: str = ""
+    nats_tls_key: str = ""
     replica: str = ""
     log_format: str = "text"
     log_level: str = "INFO"
@@ -31,8 +41,8 @@ class BaseConfig(msgspec.Struct, frozen=True, kw_only=True):
     # renewal; renewed four times a lifetime. When a replica dies, another takes its sessions
     # over this long after its last renewal (docs/operations.md: why 1).
     lease_ttl: int = 1
-    # If set, the development file edges (FileSessionStart.wav_in / wav_out) may only name WAV
-    # files below it.
+    # The development file edges (FileSessionStart.wav_in / wav_out) are off unless this names
+    # a folder; then they may only name WAV files below it (docs/security.md).
     audio_dir: str = ""
     # Seconds session state (turn counter, history) is kept in JetStream KV after its last write.
     state_ttl: float = 86400.0
@@ -54,6 +64,26 @@ class BaseConfig(msgspec.Struct, frozen=True, kw_only=True):
             return msgspec.convert(raw, cls, strict=False)
         except msgspec.ValidationError as exc:
             raise ConfigError(f"{cls.__name__}: {exc} (environment {_env_hint(cls, exc)})") from None
+
+    def nats_options(self, role: str) -> dict[str, Any]:
+        """``nats.connect`` keyword arguments for ``role``: its identity, its own inboxes, TLS.
+        Raises ``ConfigError`` for a named file that is not there."""
+        for field in ("nats_nkey_file", "nats_creds_file", "nats_tls_ca", "nats_tls_cert",
+                      "nats_tls_key"):
+            path = getattr(self, field)
+            if path and not os.path.isfile(path):
+                raise ConfigError(f"{self.env_name(field)}={path}: no such file")
+        options: dict[str, Any] = {"inbox_prefix": inbox_prefix(role)}
+        if self.nats_nkey_file:
+            options["nkeys_seed"] = self.nats_nkey_file
+        if self.nats_creds_file:
+            options["user_credentials"] = self.nats_creds_file
+        if self.nats_tls_ca or self.nats_tls_cert:
+            context = ssl.create_default_context(cafile=self.nats_tls_ca or None)
+            if self.nats_tls_cert:
+                context.load_cert_chain(self.nats_tls_cert, self.nats_tls_key or None)
+            options["tls"] = context
+        return options
 
     def redacted(self) -> dict[str, Any]:
         """The settings as a dict fit for a log line: secrets shown only as set/unset."""
@@ -90,12 +120,16 @@ def parse_list(value: str) -> tuple[str, ...]:
 
 
 def audio_file(path: str, audio_dir: str) -> str:
-    """Check a WAV path a bus client asked us to read or write: absolute, ``.wav``, and inside
-    ``audio_dir`` when one is configured. Raises ``ValueError`` with the reason."""
+    """Check a WAV path a bus client asked us to read or write: file edges on (``audio_dir``
+    set), absolute, ``.wav``, and inside ``audio_dir`` once symlinks are resolved. Raises
+    ``ValueError`` with the reason."""
+    if not audio_dir:
+        raise ValueError("the development file edges are off (set VOICEBUS_AUDIO_DIR to a "
+                         "folder to allow WAV files below it)")
     resolved = os.path.realpath(path)
     if not os.path.isabs(path) or not resolved.endswith(".wav"):
         raise ValueError(f"not an absolute path to a .wav file: {path[:200]!r}")
-    if audio_dir and os.path.commonpath([resolved, os.path.realpath(audio_dir)]) != \
+    if os.path.commonpath([resolved, os.path.realpath(audio_dir)]) != \
             os.path.realpath(audio_dir):
         raise ValueError(f"{path[:200]!r} is outside VOICEBUS_AUDIO_DIR")
     return resolved

@@ -472,12 +472,13 @@ async def run(service_cls: type[StageService[Any]]) -> None:
         loop.add_signal_handler(sig, stop.set)
     service = service_cls(config)
     try:
+        access = config.nats_options(service_cls.stage)
         await service.setup()
     except ConfigError as exc:
         raise SystemExit(f"voicebus {service_cls.stage}: configuration error: {exc}") from None
     try:
         service.bus = await Bus.connect(config.nats_url, service_cls.stage,
-                                        f"voicebus-{service_cls.stage}", stop)
+                                        f"voicebus-{service_cls.stage}", stop, **access)
     except Stopped:
         log.info("stopped before NATS was reachable", extra={"stage": service_cls.stage})
         await service.teardown()

@@ -41,6 +41,10 @@ def main() -> None:
         create_app(config, authorize), host=config.token_host, port=config.token_port,
         log_config=None,  # our logging setup (text or JSON) for uvicorn's lines too
         server_header=False, timeout_graceful_shutdown=5,
+        # X-Forwarded-For only from proxies we were told to trust (uvicorn's own default
+        # trusts loopback, which lets any local client pick its address).
+        proxy_headers=bool(config.token_trusted_proxies),
+        forwarded_allow_ips=config.token_trusted_proxies or "",
     ))
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _after_shutdown)

@@ -26,7 +26,6 @@ import jwt
 import nats.errors
 from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
-from fastapi.staticfiles import StaticFiles
 from livekit import api
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -74,7 +73,8 @@ class TokenService:
         self._connecting = asyncio.create_task(self._connect(), name="nats-connect")
 
     async def _connect(self) -> None:
-        self.bus = await Bus.connect(self.config.nats_url, STAGE, "voicebus-token")
+        self.bus = await Bus.connect(self.config.nats_url, STAGE, "voicebus-token",
+                                     **self.config.nats_options(STAGE))
         log.info("connected to NATS", extra={"stage": STAGE})
 
     async def stop(self) -> None:
@@ -97,7 +97,9 @@ class TokenService:
     def mint(self, room: str, identity: str, name: str) -> TokenResponse:
         grants = api.VideoGrants(
             room_join=True, room=room, can_publish=True, can_publish_sources=["microphone"],
-            can_subscribe=True, can_publish_data=True, can_update_own_metadata=False)
+            # No data: the page sends none, and a user's data or text streams would reach the
+            # agent as if it were ours to trust.
+            can_subscribe=True, can_publish_data=False, can_update_own_metadata=False)
         token = token_for(self.config, room, identity, grants=grants, kind="standard", name=name,
                           ttl=self.config.token_ttl)
         # The expiry as written into the token (the SDK rounds to whole seconds).
@@ -170,6 +172,8 @@ def _add_api_routes(app: FastAPI, service: TokenService) -> None:
     async def webhook(request: Request) -> dict[str, bool]:
         body = await read_limited(request, MAX_WEBHOOK_BODY)
         event = service.webhooks.verify(body, request.headers.get("authorization", ""))
+        if not service.webhooks.first_time(event):
+            return {"ok": True}
         if (room := await service.webhooks.finished_room(event)) is not None:
             await service.end_session(room, "room finished")
         return {"ok": True}
@@ -208,8 +212,14 @@ def _add_ops_routes(app: FastAPI, service: TokenService) -> None:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 
+# The page's own files: nothing else under web/ (node_modules, the lock file) is served.
+ASSETS = ("app.js", "style.css")
+
+
 def _add_web_routes(app: FastAPI, web: Path) -> None:
     vendor = web / "node_modules" / "livekit-client" / "dist" / "livekit-client.umd.js"
+    if not web.is_dir():
+        log.warning("web directory %s does not exist: no web page", web, extra={"stage": STAGE})
 
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:
@@ -219,11 +229,11 @@ def _add_web_routes(app: FastAPI, web: Path) -> None:
     async def livekit_client() -> FileResponse:
         return _file(vendor, "livekit-client is not installed: run `make install`")
 
-    if web.is_dir():
-        # StaticFiles resolves paths inside ``web`` only: no traversal, no symlinks out.
-        app.mount("/static", StaticFiles(directory=web), name="static")
-    else:
-        log.warning("web directory %s does not exist: no web page", web, extra={"stage": STAGE})
+    @app.get("/static/{name}", include_in_schema=False)
+    async def asset(name: str) -> FileResponse:
+        if name not in ASSETS:  # an allow-list: no path from the request reaches the disk
+            raise HTTPException(404, "not found")
+        return _file(web / name, "not found")
 
 
 def _file(path: Path, missing: str) -> FileResponse:

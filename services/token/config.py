@@ -22,6 +22,9 @@ class TokenConfig(LiveKitConfig, frozen=True, kw_only=True):
     # Per client address: ``token_burst`` requests at once, refilled at this rate.
     token_rate_per_minute: float = 30.0
     token_burst: int = 10
+    # Comma-separated addresses of reverse proxies whose X-Forwarded-For is believed (the
+    # client's address for rate limits); none by default: a client could name any address.
+    token_trusted_proxies: str = ""
     # "package.module:function" deciding who gets a token; empty lets everyone in.
     token_authorize: str = ""
     # The LiveKit URL handed to browsers (empty: livekit_url), e.g. wss://lk.example.com.
@@ -63,4 +66,5 @@ def load_config(environ: Mapping[str, str] | None = None) -> TokenConfig:
             raise ConfigError(f"{TokenConfig.env_name(field)}={getattr(config, field)}: {rule}")
     if urllib.parse.urlsplit(config.livekit_url).scheme not in ("ws", "wss", "http", "https"):
         raise ConfigError(f"LIVEKIT_URL={config.livekit_url!r}: must be ws://, wss://, http(s)://")
+    config.nats_options("token")  # fails here if a credentials file named is missing
     return config

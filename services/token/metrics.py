@@ -12,6 +12,9 @@ REQUESTS_REJECTED = Counter(
 )
 WEBHOOKS = Counter("voicebus_livekit_webhooks", "Verified livekit-server webhooks", ["event"])
 WEBHOOKS_REJECTED = Counter(
-    "voicebus_livekit_webhooks_rejected", "Webhooks refused (bad signature, body)", ["reason"]
+    "voicebus_livekit_webhooks_rejected",
+    "Webhooks refused (bad signature, body, stale) or not acted on (replay)", ["reason"]
 )
 SESSIONS_ENDED = Counter("voicebus_token_sessions_ended", "SessionEnd published", ["reason"])
+CLIENT_DISCONNECTS = Counter(
+    "voicebus_token_client_disconnects", "Requests whose client hung up before the body was read")

@@ -7,13 +7,22 @@ like a server fault (and never costs more than ``MAX_BODY`` bytes of memory).
 from __future__ import annotations
 
 import json
+import logging
 from typing import Annotated, Any
 
 from fastapi import HTTPException, Request
+from starlette.requests import ClientDisconnect
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from proto.events import SESSION_CHARS
 from services.runtime.livekit import RESERVED_PREFIX
+from services.runtime.logs import Throttle
+from services.token import metrics
+
+RESERVED_NAME = RESERVED_PREFIX.rstrip("-")  # "voicebus"
+
+log = logging.getLogger("voicebus.token")
+_disconnects = Throttle()
 
 MAX_BODY = 4096
 IDENTITY_PATTERN = r"^[A-Za-z0-9_.@-]{1,64}$"
@@ -36,9 +45,10 @@ class TokenRequest(BaseModel):
     @field_validator("identity")
     @classmethod
     def _not_ours(cls, identity: str | None) -> str | None:
-        # Case-insensitive: a look-alike of the agent's identity is as misleading as the real one.
-        if identity is not None and identity.lower().startswith(RESERVED_PREFIX):
-            raise ValueError(f"identities starting with {RESERVED_PREFIX!r} are reserved for "
+        # Any case, any separator: a look-alike of the agent's identity ("voicebus_agent",
+        # "VoiceBus.agent") is as misleading to a person as the real one.
+        if identity is not None and identity.lower().startswith(RESERVED_NAME):
+            raise ValueError(f"identities starting with {RESERVED_NAME!r} are reserved for "
                              "voicebus's own participants")
         return identity
 
@@ -76,10 +86,19 @@ async def read_limited(request: Request, limit: int) -> bytes:
     if declared.isdigit() and int(declared) > limit:
         raise HTTPException(413, f"the body must be at most {limit} bytes")
     body = bytearray()
-    async for chunk in request.stream():  # a chunked body has no Content-Length to trust
-        body += chunk
-        if len(body) > limit:
-            raise HTTPException(413, f"the body must be at most {limit} bytes")
+    try:
+        async for chunk in request.stream():  # a chunked body has no Content-Length to trust
+            body += chunk
+            if len(body) > limit:
+                raise HTTPException(413, f"the body must be at most {limit} bytes")
+    except ClientDisconnect:
+        # Nobody is left to answer; one line (throttled), not a traceback per request.
+        metrics.CLIENT_DISCONNECTS.inc()
+        if (held := _disconnects.allow("disconnect")) is not None:
+            client = request.client.host if request.client else "?"
+            log.info("client %s hung up mid-body on %s (+%d more since last report)", client,
+                     request.url.path, held)
+        raise HTTPException(400, "the client disconnected") from None
     return bytes(body)
 
 

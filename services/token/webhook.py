@@ -6,12 +6,18 @@ over a crash. So the token service holds no timers, and this handler no state.
 
 Webhooks are signed with our API key/secret (a JWT in ``Authorization`` carrying the body's
 SHA-256); anything that fails verification is refused before a byte of it is interpreted.
-A ``room_finished`` is believed only once livekit-server, asked, no longer lists the room.
+A signed event is still refused when it is older than ``MAX_AGE_S`` (a recording replayed
+later), and acted on once per event id (a replay within that window gets 200 and nothing else,
+as a delivery retried by livekit-server must). A ``room_finished`` is believed only once
+livekit-server, asked, no longer lists the room — which also covers a replay that reaches
+another replica of the token service.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from collections import OrderedDict
 
 from fastapi import HTTPException
 from google.protobuf.json_format import ParseError
@@ -25,6 +31,8 @@ from services.token.config import TokenConfig
 
 log = logging.getLogger("voicebus.token.webhook")
 
+MAX_AGE_S = 300  # livekit-server sends at once and retries for well under this
+
 
 class Webhooks:
     def __init__(self, config: TokenConfig) -> None:
@@ -32,6 +40,7 @@ class Webhooks:
         self.receiver = api.WebhookReceiver(
             api.TokenVerifier(config.livekit_api_key, config.livekit_api_secret))
         self._lkapi: api.LiveKitAPI | None = None
+        self._seen: OrderedDict[str, float] = OrderedDict()  # event id -> when first seen
         self._throttle = Throttle()  # anyone can post junk here: keep it to a line per interval
 
     def verify(self, body: bytes, authorization: str) -> WebhookEvent:
@@ -45,11 +54,27 @@ class Webhooks:
         except UnicodeDecodeError:
             raise self._reject(400, "body", "webhook body is not UTF-8") from None
         try:
-            return self.receiver.receive(text, token)
+            event = self.receiver.receive(text, token)
         except ParseError:  # raised only after the signature and body hash were checked
             raise self._reject(400, "body", "webhook body is not a WebhookEvent") from None
         except Exception:  # jwt errors, "hash mismatch", "sha256 was not found"…
             raise self._reject(401, "signature", "webhook signature verification failed") from None
+        if not event.id or abs(time.time() - event.created_at) > MAX_AGE_S:
+            raise self._reject(400, "stale", "webhook without an id or older than "
+                               f"{MAX_AGE_S} s")
+        return event
+
+    def first_time(self, event: WebhookEvent) -> bool:
+        """Whether this event id is new (then it is remembered for ``MAX_AGE_S``)."""
+        now = time.monotonic()
+        while self._seen and next(iter(self._seen.values())) < now - MAX_AGE_S:
+            self._seen.popitem(last=False)
+        if event.id in self._seen:
+            metrics.WEBHOOKS_REJECTED.labels("replay").inc()
+            log.info("webhook %s seen before: not acted on again", event.id[:40])
+            return False
+        self._seen[event.id] = now
+        return True
 
     async def finished_room(self, event: WebhookEvent) -> str | None:
         """The session whose room this event says livekit-server closed, if any."""

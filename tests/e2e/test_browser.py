@@ -110,3 +110,21 @@ async def test_a_person_talks_to_the_agent_in_the_browser(lk_stack, chromium, tm
         finally:
             await browser.close()
     assert not errors, errors
+
+
+async def test_the_page_opens_a_room_of_its_own(lk_stack, chromium):
+    """No guessable default room: every load of the page proposes a fresh random one."""
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=str(chromium), args=BROWSER_ARGS)
+        try:
+            page = await browser.new_page()
+            rooms = []
+            for _ in range(2):
+                await page.goto(f"{lk_stack.token_url}/")
+                rooms.append(await page.locator("#room").input_value())
+        finally:
+            await browser.close()
+    assert all(re.fullmatch(r"room-[0-9a-f]{16}", room) for room in rooms), rooms
+    assert rooms[0] != rooms[1]

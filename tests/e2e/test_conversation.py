@@ -95,7 +95,7 @@ async def test_the_session_command_talks_to_a_running_stack(stack, questions, tm
     reply = tmp_path / "reply.wav"
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "voicebus", "session", "--nats", stack.nats_url,
-        "--wav", str(questions["mother"]), "--out", str(reply),
+        "--nkey", str(stack.seed_file("operator")), "--wav", str(questions["mother"]), "--out", str(reply),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     out, _ = await asyncio.wait_for(proc.communicate(), 60)
     text = out.decode()

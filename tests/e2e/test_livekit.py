@@ -8,7 +8,6 @@ import asyncio
 import sys
 import time
 
-import nats
 import pytest
 import pytest_asyncio
 
@@ -31,7 +30,7 @@ def _words(text: str) -> set[str]:
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def lk_tap(lk_stack):
-    nc = await nats.connect(lk_stack.nats_url)
+    nc = await lk_stack.connect()
     tap = Tap(nc)
     await tap.watch(sj.session_all(ROOM))
     yield tap

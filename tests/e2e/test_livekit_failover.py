@@ -5,7 +5,6 @@ agent), and the user's next question is answered. The user's client never discon
 
 from __future__ import annotations
 
-import nats
 import pytest
 from livekit import rtc
 
@@ -27,7 +26,7 @@ async def test_a_killed_edge_replica_is_replaced_and_the_call_goes_on(tmp_path, 
     logs = LogTail(tmp_path / "stack.log")
     stack = Stack(tmp_path, sink=logs, livekit=True, replicas={stage: 2})
     await stack.start()
-    nc = await nats.connect(stack.nats_url)
+    nc = await stack.connect()
     tap = Tap(nc)
     await tap.watch(sj.session_all(room))
     caller = Caller(stack.token_url, room, "kim")

@@ -4,7 +4,6 @@ it is, and the user's next question is answered and transcribed as before."""
 
 from __future__ import annotations
 
-import nats
 import pytest
 
 from proto import events as ev
@@ -26,7 +25,7 @@ async def test_egress_handover_keeps_the_agent_in_the_room(tmp_path):
     logs = LogTail(tmp_path / "stack.log")
     stack = Stack(tmp_path, sink=logs, livekit=True, replicas={"egress": 2})
     await stack.start()
-    nc = await nats.connect(stack.nats_url)
+    nc = await stack.connect()
     tap = Tap(nc)
     await tap.watch(sj.session_all(ROOM))
     caller = Caller(stack.token_url, ROOM, "dana")

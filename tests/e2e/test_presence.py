@@ -10,7 +10,6 @@ import asyncio
 import time
 
 import httpx
-import nats
 import pytest
 import pytest_asyncio
 from livekit import rtc
@@ -36,7 +35,7 @@ async def presence_stack(tmp_path_factory: pytest.TempPathFactory):
     stack = Stack(workdir, sink=logs, livekit=True, replicas={"egress": 2}, env=env)
     stack.logs = logs  # type: ignore[attr-defined]
     await stack.start()
-    nc = await nats.connect(stack.nats_url)
+    nc = await stack.connect()
     tap = Tap(nc)
     for room in ("reload", "used", "unused"):
         await tap.watch(sj.session_all(room))

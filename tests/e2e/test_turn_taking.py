@@ -8,7 +8,6 @@ The echo LLM's acknowledgement is made long so that replies last several seconds
 from __future__ import annotations
 
 import msgspec
-import nats
 import numpy as np
 import pytest
 import pytest_asyncio
@@ -37,7 +36,7 @@ ACK = ("got it. Let me tell you everything I know about that, one thing after an
 async def turn_stack(tmp_path_factory: pytest.TempPathFactory):
     env = {"VOICEBUS_ECHO_ACK": ACK, "VOICEBUS_STT_USER_IDLE_S": str(IDLE_S)}
     async for stack in running_stack(tmp_path_factory, livekit=True, env=env):
-        nc = await nats.connect(stack.nats_url)
+        nc = await stack.connect()
         tap = Tap(nc)
         yield stack, nc, tap
         await tap.close()

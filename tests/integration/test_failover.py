@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
-import nats
 import pytest
 
 from proto import codec
@@ -72,7 +71,7 @@ async def start_pair(tmp_path, stage: str, **env: str) -> AsyncIterator[Pair]:
     stack = Stack(tmp_path, sink=logs, replicas={stage: 2}, env=env)
     stack.logs = logs  # type: ignore[attr-defined]
     await stack.start(stages=(stage,))
-    nc = await nats.connect(stack.nats_url)
+    nc = await stack.connect()
     tap = Tap(nc)
     await tap.watch(sj.session_all(SESSION))
     try:

@@ -49,7 +49,7 @@ async def running(tmp_path: Path) -> AsyncIterator[Running]:
     logs = LogTail(tmp_path / "stack.log")
     stack = Stack(tmp_path, sink=logs, metrics=True)
     await stack.start(stages=())
-    nc = await nats.connect(stack.nats_url)
+    nc = await stack.connect()
     tap = Tap(nc)
     yield Running(stack, nc, tap, logs)
     await tap.close()

@@ -8,7 +8,6 @@ import contextlib
 import signal
 import time
 
-import nats
 import pytest
 from nats.js.errors import KeyNotFoundError
 
@@ -44,7 +43,7 @@ async def llm_pair(tmp_path):
 
 
 async def test_sigterm_hands_the_session_to_another_replica_with_its_history(llm_pair):
-    nc = await nats.connect(llm_pair.nats_url)
+    nc = await llm_pair.connect()
     tap = Tap(nc)
     await tap.watch(sj.session_all(SESSION))
     owners = await dispatch(nc, tap, SESSION, stages=("llm",))
@@ -79,7 +78,7 @@ async def test_a_starved_replica_takes_back_its_expired_lease_and_keeps_the_sess
     logs = LogTail(tmp_path / "stack.log")
     stack = Stack(tmp_path, sink=logs, env={"VOICEBUS_LEASE_TTL": "1"})
     await stack.start(stages=("llm",))
-    nc = await nats.connect(stack.nats_url)
+    nc = await stack.connect()
     tap = Tap(nc)
     try:
         await tap.watch(sj.session_all(SESSION))
@@ -124,7 +123,7 @@ async def test_a_restarted_nats_server_is_survived_with_history_intact(tmp_path)
     stack = Stack(tmp_path, sink=logs)
     await stack.start(stages=("llm",))
     try:
-        nc = await nats.connect(stack.nats_url)
+        nc = await stack.connect()
         tap = Tap(nc)
         await tap.watch(sj.session_all(SESSION))
         await dispatch(nc, tap, SESSION, stages=("llm",))
@@ -136,7 +135,7 @@ async def test_a_restarted_nats_server_is_survived_with_history_intact(tmp_path)
         await stack.restart_nats()
         await stack.wait_ready(("llm",), timeout=30)  # the replica reconnected and answers
 
-        nc = await nats.connect(stack.nats_url)
+        nc = await stack.connect()
         tap = Tap(nc)
         await tap.watch(sj.session_all(SESSION))
         await say(nc, 2, "please call my mother")
@@ -154,10 +153,12 @@ async def test_a_restarted_nats_server_is_survived_with_history_intact(tmp_path)
 async def test_sigterm_while_nats_is_unreachable_exits_cleanly(tmp_path):
     """A replica started while nats-server is down keeps retrying; SIGTERM still stops it at
     once with exit code 0 (an orchestrator must be able to stop it)."""
+    from voicebus import auth
     from voicebus.launcher import free_port
 
     logs = LogTail(tmp_path / "stack.log")
     stack = Stack(tmp_path, sink=logs, nats_port=free_port())  # nothing listens there
+    auth.generate(stack.bus_dir)  # its credentials, as if for that server
     proc = await stack.start_stage("llm")
     deadline = time.monotonic() + 30
     while not any("Connect call failed" in line for line in logs.lines):

@@ -109,7 +109,6 @@ async def test_a_rolling_redeploy_replaces_every_replica_and_the_session_goes_on
     """`voicebus redeploy llm` as the operator's request to a running stack: each of the two
     replicas is replaced by a new process, one at a time; the session is handed over to a new
     replica with its history, and the next question is answered."""
-    import nats
 
     from proto import codec
     from proto import events as ev
@@ -121,7 +120,7 @@ async def test_a_rolling_redeploy_replaces_every_replica_and_the_session_goes_on
     logs = LogTail(tmp_path / "stack.log")
     stack = Stack(tmp_path, sink=logs, replicas={"llm": 2})
     await stack.start(stages=("llm",))
-    nc = await nats.connect(stack.nats_url)
+    nc = await stack.connect()
     tap = Tap(nc)
     await tap.watch(sj.session_all("rolling"))
     await stack.serve_operator(nc)

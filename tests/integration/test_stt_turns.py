@@ -79,7 +79,7 @@ async def start_bus(workdir: Path, **env: str) -> Bus:
     except BaseException:
         await stack.stop()
         raise
-    nc = await nats.connect(stack.nats_url)
+    nc = await stack.connect()
     return Bus(stack, nc, Tap(nc))
 
 

@@ -7,6 +7,7 @@ import asyncio
 import base64
 import hashlib
 import json
+import re
 import secrets
 import sys
 import time
@@ -15,7 +16,6 @@ from pathlib import Path
 
 import httpx
 import jwt
-import nats
 import pytest
 import pytest_asyncio
 from livekit import api, rtc
@@ -48,7 +48,8 @@ class Service:
 
 def _stack(tmp: Path, logs: LogTail, base: Stack | None = None, **token_env: str) -> Stack:
     """A token service of its own; with ``base``, on base's nats-server and livekit-server."""
-    shared = {"nats_port": base.nats_port, "livekit_port": base.livekit_port} if base else {}
+    shared = {"nats_port": base.nats_port, "livekit_port": base.livekit_port,
+              "bus_dir": base.bus_dir} if base else {}
     stack = Stack(tmp, sink=logs, livekit=True, env={"LIVEKIT_API_KEY": KEY,
                   "LIVEKIT_API_SECRET": SECRET}, token_env=token_env, **shared)
     stack.logs = logs  # type: ignore[attr-defined]
@@ -69,7 +70,11 @@ async def main(tmp_path_factory: pytest.TempPathFactory):
     web = tmp / "web"
     (web / "sub").mkdir(parents=True)
     (web / "index.html").write_text("<!doctype html><title>voicebus</title>")
-    (web / "sub" / "app.js").write_text("console.log('hi')")
+    (web / "app.js").write_text("console.log('hi')")
+    (web / "sub" / "app.js").write_text("console.log('not for the web')")
+    (web / "package-lock.json").write_text("{}")
+    (web / "node_modules" / "x").mkdir(parents=True)
+    (web / "node_modules" / "x" / "index.js").write_text("not for the web")
     (tmp / "outside.txt").write_text("not for the web")
     stack = _stack(tmp, LogTail(tmp / "stack.log"), VOICEBUS_TOKEN_BURST="1000",
                    VOICEBUS_WEB_DIR=str(web))
@@ -88,7 +93,7 @@ async def main(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def nc(main: Service):
-    conn = await nats.connect(main.stack.nats_url)
+    conn = await main.stack.connect()
     yield conn
     await conn.drain()
 
@@ -142,8 +147,9 @@ async def _post_webhook(http: httpx.AsyncClient, body: str, status: int = 200,
     assert resp.status_code == status and resp.json(), (resp.status_code, resp.text)
 
 
-def _webhook(event: str, room: str, **participant: str) -> str:
-    body = {"event": event, "room": {"name": room}, "id": secrets.token_hex(4)}
+def _webhook(event: str, room: str, age_s: float = 0, **participant: str) -> str:
+    body = {"event": event, "room": {"name": room}, "id": secrets.token_hex(4),
+            "createdAt": str(int(time.time() - age_s))}
     if participant:
         body["participant"] = participant
     return json.dumps(body)
@@ -177,7 +183,7 @@ async def test_token_carries_the_least_grants_a_user_needs(main: Service) -> Non
     video = claims.video
     assert claims.identity == "alice" and claims.name == "Alice A." and claims.kind == "standard"
     assert video.room == "grants" and video.room_join and video.can_subscribe
-    assert video.can_publish_sources == ["microphone"] and video.can_publish_data
+    assert video.can_publish_sources == ["microphone"] and not video.can_publish_data
     assert not video.can_update_own_metadata
     assert not any((video.room_admin, video.room_create, video.room_list, video.room_record,
                     video.hidden, video.agent, video.recorder, video.ingress_admin,
@@ -248,6 +254,10 @@ BAD_REQUESTS = {
     "reserved identity": (json.dumps({"room": "ok", "identity": AGENT_IDENTITY}), JSON, 422),
     "reserved identity, other case": (json.dumps({"room": "ok", "identity": "VoiceBus-x"}),
                                       JSON, 422),
+    "look-alike identity, underscore": (json.dumps({"room": "ok", "identity": "voicebus_agent"}),
+                                        JSON, 422),
+    "look-alike identity, dot": (json.dumps({"room": "ok", "identity": "voicebus.agent"}),
+                                 JSON, 422),
     "JSON array": ("[]", JSON, 422),
     "JSON string": ('"ok"', JSON, 422),
     "JSON null": ("null", JSON, 422),
@@ -293,9 +303,13 @@ async def test_a_burst_over_the_limit_gets_429_with_retry_after(main: Service, t
     await stack.start_token()
     try:
         async with httpx.AsyncClient(base_url=stack.token_url) as http:
-            codes = [(await http.post("/api/token", json={"room": "busy"})).status_code
-                     for _ in range(3)]
-            refused = await http.post("/api/token", json={"room": "busy"})
+            # Each from a different X-Forwarded-For: believed only from a trusted proxy (none
+            # here), so one client cannot pose as many.
+            codes = [(await http.post("/api/token", json={"room": "busy"},
+                                      headers={"X-Forwarded-For": f"203.0.113.{i}"})).status_code
+                     for i in range(3)]
+            refused = await http.post("/api/token", json={"room": "busy"},
+                                      headers={"X-Forwarded-For": "203.0.113.99"})
     finally:
         await _stopped_cleanly(stack)
     assert codes == [200, 200, 200]
@@ -390,6 +404,26 @@ async def test_only_signed_webhooks_are_believed(main: Service, nc) -> None:
     await sub.unsubscribe()
 
 
+async def test_a_webhook_is_acted_on_once_and_only_while_fresh(main: Service, nc) -> None:
+    """A signed webhook replayed: the second delivery changes nothing; one recorded long ago is
+    refused; an invalid session id ("demo\\n") is ignored, not a server error."""
+    sub = await nc.subscribe(sj.CTL_END.every_session())
+    await nc.flush()
+    once = _webhook("room_finished", "once")
+    await _post_webhook(main.http, once)
+    await _post_webhook(main.http, once)  # the same event id: 200, nothing else
+    await _post_webhook(main.http, _webhook("room_finished", "stale", age_s=3600), 400)
+    await _post_webhook(main.http, _webhook("room_finished", "demo\n"))
+    await _post_webhook(main.http, _webhook("room_finished", "after"))
+    ends = await _ends_until(sub, "after")
+    assert [e.session for e in ends if e.session in ("once", "stale", "after")] == \
+        ["once", "after"]
+    metrics = (await main.http.get("/metrics")).text
+    assert 'voicebus_livekit_webhooks_rejected_total{reason="replay"}' in metrics
+    assert 'voicebus_livekit_webhooks_rejected_total{reason="stale"}' in metrics
+    await sub.unsubscribe()
+
+
 async def test_a_room_finished_is_believed_only_once_livekit_no_longer_lists_it(
         main: Service, nc) -> None:
     """A signed webhook may be stale or replayed: the room is asked about first."""
@@ -421,16 +455,46 @@ async def _raw_get(port: int, path: str) -> tuple[int, str]:
     return int(head.split()[1]), body
 
 
-async def test_the_web_page_is_served_and_nothing_outside_it(main: Service) -> None:
+async def test_the_web_page_is_served_and_nothing_else(main: Service) -> None:
     page = await main.http.get("/")
     assert page.status_code == 200 and "<title>voicebus</title>" in page.text
-    assert (await main.http.get("/static/sub/app.js")).text == "console.log('hi')"
+    assert (await main.http.get("/static/app.js")).text == "console.log('hi')"
     for path in ("/static/../outside.txt", "/static/%2e%2e/outside.txt",
-                 "/static/..%2foutside.txt", "/static/sub/../../outside.txt"):
+                 "/static/..%2foutside.txt", "/static/sub/../../outside.txt",
+                 "/static/sub/app.js", "/static/package-lock.json",
+                 "/static/node_modules/x/index.js", "/static/index.html"):
         status, body = await _raw_get(main.stack.token_port, path)
         assert status == 404 and "not for the web" not in body, path
     vendor = await main.http.get("/vendor/livekit-client.umd.js")
     assert vendor.status_code == 404 and "make install" in vendor.json()["detail"]
+
+
+async def test_a_client_hanging_up_mid_body_is_one_line_in_the_log(main: Service) -> None:
+    log_file = main.stack.workdir / "stack.log"
+
+    def lines_since(count: int) -> list[str]:
+        return log_file.read_text().splitlines()[count:]
+
+    before = len(lines_since(0))
+    for _ in range(5):
+        reader, writer = await asyncio.open_connection("127.0.0.1", main.stack.token_port)
+        writer.write(b"POST /api/token HTTP/1.1\r\nHost: test\r\nContent-Type: application/json"
+                     b"\r\nContent-Length: 1000\r\n\r\n{\"room\": ")
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+    # The service is still there, and has logged the hang-ups in a line or two, no traceback.
+    assert (await _token(main.http, room="after-hangups"))["room"] == "after-hangups"
+    await asyncio.wait_for(_until(lambda: any("hung up" in line
+                                              for line in lines_since(before))), 10)
+    new = [line for line in lines_since(before) if line.startswith("token")]
+    assert not any("Traceback" in line or "Exception in ASGI" in line for line in new), new
+    assert 1 <= sum("hung up" in line for line in new) <= 2, new
+
+
+async def _until(predicate) -> None:
+    while not predicate():
+        await asyncio.sleep(0.05)
 
 
 async def test_metrics_count_tokens_and_refusals(main: Service) -> None:
@@ -477,3 +541,20 @@ async def test_an_expired_token_is_refused_by_livekit(guarded) -> None:
         await asyncio.sleep(0.5)
     with pytest.raises(rtc.ConnectError):
         await rtc.Room().connect(grant["url"], grant["token"])
+
+
+async def test_schemathesis_finds_no_server_error(main: Service, tmp_path) -> None:
+    """A bounded fuzzing pass over the published OpenAPI: every operation, generated and
+    mutated bodies, headers and content types; no 5xx, ever (rate limits are off: burst 1000)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "schemathesis.cli", "run", f"{main.stack.token_url}/openapi.json",
+        "--checks", "not_a_server_error", "--max-examples", "60", "--generation-deterministic",
+        "--request-timeout", "10", "--no-color",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=tmp_path)
+    out, _ = await asyncio.wait_for(proc.communicate(), 300)
+    text = out.decode(errors="replace")
+    assert proc.returncode == 0, text[-4000:]
+    cases = re.search(r"(\d+) generated, (\d+) passed", text)
+    assert cases and int(cases[1]) >= 50 and cases[1] == cases[2], text[-2000:]
+    assert "No issues found" in text, text[-2000:]
+    assert SECRET not in text

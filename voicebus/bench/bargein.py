@@ -40,7 +40,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import nats
 import numpy as np
 
 from proto import events as ev
@@ -318,7 +317,7 @@ async def run_bargein_bench(trials: int, seed: int = 1, timeout: float = 30.0) -
     room = f"bench-{secrets.token_hex(3)}"
     results = Results()
     await stack.start()
-    nc = await nats.connect(stack.nats_url)
+    nc = await stack.connect()
     tap = Tap(nc)
     await tap.watch(sj.session_all(room))
     caller = Caller(stack.token_url, room, "bench-user")

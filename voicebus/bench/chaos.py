@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import nats
 
 from proto import events as ev
 from proto import subjects as sj
@@ -189,7 +188,7 @@ async def run_chaos_bench(calls: int, kills: int, stage: str = "all", sig: str =
         questions.append((text, pcm, rate))
     schedule = plan(calls, turns, kills, stages, random.Random(seed))
     await stack.start()
-    nc = await nats.connect(stack.nats_url)
+    nc = await stack.connect()
     chaos = Chaos(stack, Tap(nc), SIGNALS[sig], timeout)
     answered = stale = 0
     try:

@@ -21,7 +21,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import nats
 
 from proto import events as ev
 from proto import subjects as sj
@@ -70,7 +69,7 @@ async def run_livekit_bench(turns: int, timeout: float = 30.0) -> dict[str, Any]
     rows: list[dict[str, float]] = []
     failures: list[str] = []
     await stack.start()
-    nc = await nats.connect(stack.nats_url)
+    nc = await stack.connect()
     tap = Tap(nc)
     await tap.watch(sj.session_all(room))
     caller = Caller(stack.token_url, room, "bench-user")

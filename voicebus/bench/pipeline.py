@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import nats
 import numpy as np
 
 from proto import events as ev
@@ -58,11 +57,12 @@ async def run_pipeline_bench(sessions: int, turns: int, stt_replicas: int = 1,
     # Enough warm decoders that no replica stalls loading one mid-run (each is ~90 MB).
     warm = min(12, math.ceil(sessions / stt_replicas))
     stack = Stack(workdir, sink=lambda line: log_file.write(line + "\n"),
-                  replicas={"stt": stt_replicas}, env={"VOICEBUS_STT_WARM_DECODERS": str(warm)})
+                  replicas={"stt": stt_replicas}, env={"VOICEBUS_STT_WARM_DECODERS": str(warm)},
+                  audio_dir=workdir)  # the questions are WAV files: file edges on, there
     wavs = [await say_to_wav(PROMPTS[i % len(PROMPTS)], workdir / f"q{i}.wav", lead_ms=300)
             for i in range(turns)]
     await stack.start()
-    nc = await nats.connect(stack.nats_url)
+    nc = await stack.connect()
     tap = Tap(nc)
     for subject in (sj.INGRESS_VAD.every_session(), sj.STT_FINAL.every_session(),
                     sj.TTS_DONE.every_session(), sj.EGRESS_PLAYBACK.every_session(),

@@ -1,0 +1,95 @@
+"""Who may say what on the bus: each role's rights to publish and subscribe, derived from the
+contract. nats-server enforces them (``voicebus/auth.py`` writes its configuration;
+``docs/security.md`` explains the roles).
+
+A stage publishes only its own subjects (``voice.*.<stage>.*``; egress also speaks for the
+judge, ``floor``) and the keys of its own in the KV buckets it needs, and subscribes only to
+what it consumes. The token service may only start and end sessions. The operator (``voicebus
+tap``, record, replay, the launcher, tests) may do anything: give it to people, not services.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from proto import subjects as sj
+
+OPERATOR = "operator"
+TOKEN = "token"
+ROLES = (*sj.STAGES, TOKEN, OPERATOR)
+
+LEASES = "voicebus_leases"
+SESSIONS = "voicebus_sessions"
+HISTORY = "voicebus_history"
+
+# The topics (or whole producers) a stage listens to in a session it owns, beyond what every
+# stage hears (dispatch, session ends, its own handover and ready).
+CONSUMES: dict[str, tuple[sj.Topic | str, ...]] = {
+    "ingress": (sj.READY["stt"], sj.READY["egress"], sj.EGRESS_PLAYBACK),
+    "stt": ("ingress", sj.FLOOR_STATE),
+    "llm": ("floor", sj.EGRESS_PLAYBACK),
+    "tts": ("llm", sj.FLOOR_CANCEL),
+    "egress": ("tts", "stt", "llm", sj.INGRESS_VAD, sj.INGRESS_TRACK),
+}
+# Producers a stage speaks for, beyond its own name.
+SPEAKS_FOR = {"egress": ("floor",)}
+# The keys a stage writes in the session state bucket: ``<session>.<kind>``.
+STATE_KEYS = {"ingress": ("user",), "stt": ("turn",), "egress": ("floor",)}
+
+
+@dataclass(frozen=True)
+class Rights:
+    publish: tuple[str, ...]
+    subscribe: tuple[str, ...]
+
+
+def inbox_prefix(role: str) -> str:
+    """Replies (requests, JetStream acks, KV watches) come to the role's own inboxes: no role
+    can read another's."""
+    return f"_INBOX.{role}"
+
+
+def _listen(item: sj.Topic | str) -> str:
+    return item.every_session() if isinstance(item, sj.Topic) else f"{sj.PREFIX}.*.{item}.*"
+
+
+def _bucket_reads(bucket: str) -> list[str]:
+    """Open a bucket (creating it on first use), get keys, watch it."""
+    stream = f"KV_{bucket}"
+    return [f"$JS.API.STREAM.INFO.{stream}", f"$JS.API.STREAM.CREATE.{stream}",
+            f"$JS.API.STREAM.MSG.GET.{stream}", f"$JS.API.DIRECT.GET.{stream}",
+            f"$JS.API.DIRECT.GET.{stream}.>", f"$JS.API.CONSUMER.CREATE.{stream}",
+            f"$JS.API.CONSUMER.CREATE.{stream}.>", f"$JS.API.CONSUMER.DELETE.{stream}.>",
+            f"$JS.API.CONSUMER.INFO.{stream}.>", f"$JS.FC.{stream}.>"]
+
+
+def stage_rights(stage: str) -> Rights:
+    own = (stage, *SPEAKS_FOR.get(stage, ()))
+    publish = [f"{sj.PREFIX}.*.{producer}.*" for producer in own]
+    publish += ["$JS.API.INFO", f"$SRV.PING.voicebus-{stage}",
+                f"$KV.{LEASES}.{stage}.>",
+                f"$KV.{SESSIONS}.*.start",
+                *(f"$KV.{SESSIONS}.*.{kind}" for kind in STATE_KEYS.get(stage, ()))]
+    publish += _bucket_reads(LEASES) + _bucket_reads(SESSIONS)
+    if stage == "llm":
+        publish += [f"$KV.{HISTORY}.*", *_bucket_reads(HISTORY)]
+    subscribe = [_listen(item) for item in CONSUMES[stage]]
+    subscribe += [sj.CTL_START.every_session(), sj.CTL_END.every_session(),
+                  sj.FLOOR_END.every_session(), sj.HANDOVER[stage].every_session(),
+                  sj.READY[stage].every_session(),
+                  # nats.micro discovery and our endpoint ($SRV.PING/INFO/STATS…)
+                  "$SRV.>", f"voicebus.{stage}.*.sessions",
+                  f"{inbox_prefix(stage)}.>"]
+    return Rights(tuple(dict.fromkeys(publish)), tuple(dict.fromkeys(subscribe)))
+
+
+def rights(role: str) -> Rights | None:
+    """The role's rights; ``None`` for the operator (everything)."""
+    if role == OPERATOR:
+        return None
+    if role == TOKEN:
+        return Rights((sj.CTL_START.every_session(), sj.CTL_END.every_session()),
+                      (f"{inbox_prefix(TOKEN)}.>",))
+    if role in sj.STAGES:
+        return stage_rights(role)
+    raise ValueError(f"unknown role {role!r}: one of {', '.join(ROLES)}")
