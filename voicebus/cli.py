@@ -211,6 +211,87 @@ async def cmd_credentials(args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_record(args: argparse.Namespace) -> int:
+    """The capture of a running stack: set it up, list, export, import, purge."""
+    from voicebus import record
+
+    nc = await connect_operator(args)
+    js = nc.jetstream()
+    try:
+        if args.action == "setup":
+            print(await record.setup(js, record.CaptureSettings.from_env()))
+        elif args.action == "list":
+            for session, count in sorted((await record.sessions(js)).items()):
+                print(f"{session}\t{count} messages")
+            for session in await record.imported(js):
+                print(f"{session}\timported")
+        elif args.action == "export":
+            recording = await record.export(js, args.session)
+            out = args.out or Path(f"{args.session}.vbus")
+            out.write_bytes(record.dumps(recording))
+            print(f"{out}: {recording.header.count} messages of {args.session}")
+        elif args.action == "audio":
+            recording = await record.export(js, args.session)
+            out = args.out or Path(f"{args.session}.wav")
+            record.write_wav(out, record.conversation_audio(recording), mix=args.mix)
+            print(f"{out}: the call as heard ({'mixed' if args.mix else 'user left, agent right'})")
+        elif args.action == "import":
+            print(f"imported {await record.import_file(js, record.read_file(args.file))}")
+        elif args.action == "purge":
+            print(f"purged {await record.purge(js, args.session)} messages of {args.session}")
+        return 0
+    except (record.RecordingError, sj.BadSubject) as exc:
+        print(f"voicebus record: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        await nc.close()
+
+
+async def cmd_replay(args: argparse.Namespace) -> int:
+    from voicebus import record, replay
+
+    nc = await connect_operator(args)
+    try:
+        recording = record.read_file(args.file)
+        done = await replay.replay(nc, recording, args.into, session=args.as_session,
+                                   speed=0.0 if args.speed == "max" else float(args.speed))
+        for wait in done.waits:
+            print(f"note: {wait}", file=sys.stderr)
+        if args.diff:
+            code = await _print_diff(nc, recording, done.session, args.json)
+            print(done.session)
+            return code
+        print(done.session)
+        return 0
+    except (record.RecordingError, replay.ReplayError, sj.BadSubject, TimeoutError) as exc:
+        print(f"voicebus replay: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        await nc.close()
+
+
+async def cmd_diff(args: argparse.Namespace) -> int:
+    from voicebus import record, replay
+
+    nc = await connect_operator(args)
+    try:
+        return await _print_diff(nc, record.read_file(args.file), args.session, args.json)
+    except (record.RecordingError, replay.ReplayError, sj.BadSubject) as exc:
+        print(f"voicebus diff: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        await nc.close()
+
+
+async def _print_diff(nc: Any, recording: Any, session: str, as_json: bool) -> int:
+    """Like diff(1): 0 when nothing changed, 1 when something did."""
+    from voicebus import record, replay
+
+    result = replay.diff(recording, await record.export(nc.jetstream(), session))
+    print(json.dumps(result) if as_json else replay.render(result), flush=True)
+    return 1 if result["changed"] else 0
+
+
 async def cmd_say(args: argparse.Namespace) -> int:
     from voicebus.speech import say_to_wav
 
@@ -291,6 +372,46 @@ def build_parser() -> argparse.ArgumentParser:
     _bus_arguments(tap)
     tap.add_argument("--audio", action="store_true", help="print audio frames too")
     tap.set_defaults(run=cmd_tap)
+
+    rec = sub.add_parser("record", help="the bus's recording of sessions (JetStream)")
+    rec_sub = rec.add_subparsers(dest="action", required=True)
+    for name, text in (("setup", "create or update the capture stream (VOICEBUS_RECORD…)"),
+                       ("list", "captured and imported sessions")):
+        _bus_arguments(rec_sub.add_parser(name, help=text))
+    exp = rec_sub.add_parser("export", help="one session into a .vbus file")
+    exp.add_argument("session")
+    exp.add_argument("-o", "--out", type=Path)
+    aud = rec_sub.add_parser("audio", help="the call as the user heard it, into a WAV file")
+    aud.add_argument("session")
+    aud.add_argument("-o", "--out", type=Path)
+    aud.add_argument("--mix", action="store_true", help="one channel instead of two")
+    imp = rec_sub.add_parser("import", help="keep a .vbus file on this bus (not replayed)")
+    imp.add_argument("file", type=Path)
+    pur = rec_sub.add_parser("purge", help="delete everything kept of one session")
+    pur.add_argument("session")
+    for parser_ in (exp, aud, imp, pur):
+        _bus_arguments(parser_)
+    rec.set_defaults(run=cmd_record)
+
+    rep = sub.add_parser("replay", help="a recording into one stage (or all) of a running "
+                         "stack, under a new session id; prints that id last")
+    rep.add_argument("file", type=Path)
+    rep.add_argument("--into", required=True, choices=("stt", "llm", "tts", "egress", "all"))
+    rep.add_argument("--speed", default="1", help="1: the recorded pace; max: as fast as the "
+                     "stage takes it")
+    rep.add_argument("--as", dest="as_session", default="", help="the new session id")
+    rep.add_argument("--diff", action="store_true", help="then diff it against the recording")
+    rep.add_argument("--json", action="store_true", help="the diff as JSON")
+    _bus_arguments(rep)
+    rep.set_defaults(run=cmd_replay)
+
+    dif = sub.add_parser("diff", help="what a replayed session changed against its recording; "
+                         "exit 0: nothing, 1: something")
+    dif.add_argument("file", type=Path)
+    dif.add_argument("session")
+    dif.add_argument("--json", action="store_true")
+    _bus_arguments(dif)
+    dif.set_defaults(run=cmd_diff)
 
     credentials = sub.add_parser("credentials", help="write new bus credentials for a "
                                  "deployment: nats.conf and one nkey seed per role")

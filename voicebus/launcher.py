@@ -218,6 +218,7 @@ class Stack:
 
     async def start(self, stages: tuple[str, ...] = STAGES, timeout: float = 90.0) -> None:
         await self.start_nats()
+        await self.setup_capture()
         if self.livekit:
             await self.start_livekit()
         for stage in stages:
@@ -226,6 +227,18 @@ class Stack:
         await self.wait_ready(stages, timeout)
         if self.livekit:
             await self.start_token()
+
+    async def setup_capture(self) -> None:
+        """The recording stream (voicebus/record.py): events and audio, an hour, unless
+        VOICEBUS_RECORD (in this stack's env or the process's) says otherwise."""
+        from voicebus import record
+
+        settings = record.CaptureSettings.from_env({**os.environ, **self.env})
+        nc = await self.connect()
+        try:
+            self.sink(f"launcher| {await record.setup(nc.jetstream(), settings)}")
+        finally:
+            await nc.close()
 
     async def start_livekit(self) -> None:
         """A development livekit-server on loopback: one TCP and one UDP port for media, our

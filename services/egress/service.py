@@ -99,15 +99,16 @@ class EgressWorker(SessionWorker[EgressConfig]):
                                           queue_ms=self.config.egress_track_queue_ms,
                                           on_users=self.presence.update)
             self.transcripts = Transcripts(self.agent)
+        # A session without a room greets too when its start asks (a replay of a call): the
+        # microphone's InputTrack is the cue, as in a room.
         self.floor = Floor(self.config.turn_rules(), self, self.ledger,
-                           greeting=bool(self.agent and start.greeting),
+                           greeting=bool(start.greeting),
                            idle_prompts=self.config.idle_prompts, record=record)
         self.vad_timer: asyncio.TimerHandle | None = None
         for subject in (sj.producer_all(self.session, "tts"), sj.INGRESS_VAD.subject(self.session),
                         sj.producer_all(self.session, "stt"), sj.producer_all(self.session, "llm")):
             await self.subscribe(subject, self.handle)
-        if self.agent is not None:
-            await self.subscribe(sj.INGRESS_TRACK.subject(self.session), self.handle)
+        await self.subscribe(sj.INGRESS_TRACK.subject(self.session), self.handle)
 
     async def on_claimed(self) -> None:
         self.wav_out = ""
@@ -245,8 +246,7 @@ class EgressWorker(SessionWorker[EgressConfig]):
             self.transcripts.user(transcript.turn, transcript.text, transcript.final)
 
     def on_input_track(self, track: ev.InputTrack) -> None:
-        assert self.transcripts is not None
-        if track.active:
+        if track.active and self.transcripts is not None:
             self.transcripts.user_identity = track.participant
             self.transcripts.user_track = track.track_sid
         self.floor.user_track(track.active)

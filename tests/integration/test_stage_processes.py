@@ -14,6 +14,7 @@ from proto import codec
 from proto import events as ev
 from proto import subjects as sj
 from tests.fakes.openai_server import start_fake_openai
+from voicebus import record
 from voicebus.client import dispatch
 from voicebus.launcher import free_port
 
@@ -117,6 +118,13 @@ async def test_egress_judges_a_barge_in_stops_at_once_and_never_plays_the_cut_tu
     with wave.open(str(out)) as wav:
         played_ms = wav.getnframes() * 1000 // wav.getframerate()
     assert played_ms == cut.played_ms + 200
+
+    # The capture gives the call back as the user heard it: 3 s of reply 1 were synthesized,
+    # but the agent's channel carries only what played before the user cut in, then reply 2.
+    _, agent = record.conversation_audio(await record.export(nc.jetstream(), "cut"))
+    windows = agent[: len(agent) // 320 * 320].reshape(-1, 320).any(axis=1)  # 20 ms each
+    sounding_ms = int(windows.sum()) * 20
+    assert abs(sounding_ms - (cut.played_ms + 200)) <= 40, (sounding_ms, cut.played_ms)
 
 
 async def test_egress_reports_whole_timed_words_as_heard(bare_stack):
