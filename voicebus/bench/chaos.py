@@ -146,8 +146,13 @@ async def one_call(chaos: Chaos, index: int, questions: list[tuple[str, bytes, i
             else:
                 for kill in around:
                     kill.cost_the_turn = True
+                heard = [(t.turn, t.text) for t in chaos.tap.of(ev.Transcript, room)
+                         if t.final and t.ts_ns > asked_ns]
+                said = [(d.turn, d.text, d.error) for d in chaos.tap.of(ev.ReplyDone, room)
+                        if d.ts_ns > asked_ns]
                 chaos.failures.append(f"call {index}, question {number + 1} ({text!r}) was not "
-                                      f"answered within {chaos.timeout:.0f}s")
+                                      f"answered within {chaos.timeout:.0f}s; heard {heard}, "
+                                      f"replied {said}")
             try:
                 await caller.wait_state("listening", timeout=chaos.timeout)
             except Exception as exc:  # noqa: BLE001 — counted; the next question is still asked
