@@ -416,5 +416,8 @@ class Stack:
         codes.update(zip(services, results))
         for name in servers:
             if name in self.procs:
-                codes[name] = await self.procs[name].stop()
+                # livekit-server drains its rooms on SIGTERM: a participant that vanished
+                # without leaving (a crashed browser) holds it until the peer times out.
+                codes[name] = await self.procs[name].stop(timeout=40.0 if name == "livekit"
+                                                          else 15.0)
         return codes
