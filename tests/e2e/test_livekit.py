@@ -127,8 +127,10 @@ async def test_user_rejoins_and_republishes(lk_stack, lk_tap, tmp_path):
     assert [f.turn for f in finals] == [1, 2, 3], finals
     for final, (_, words) in zip(finals, asks):
         assert words <= _words(final.text), final
-    # One session throughout: no end between the leave and the last answer.
-    last_answer = lk_tap.of(ev.Playback, room, turn=3, final=True)[0]
+    # One session throughout: no end between the leave and the last answer. (The agent's
+    # "listening" reaches the user by LiveKit, the Playback by NATS: either may come first.)
+    last_answer = (await lk_tap.wait_for(
+        lambda: lk_tap.of(ev.Playback, room, turn=3, final=True), 10, "the last Playback"))[0]
     assert all(e.ts_ns > last_answer.ts_ns for e in lk_tap.of(ev.SessionEnd, room))
     assert lk_tap.of(ev.InputTrack, room, track_sid=old_sid, active=False)
 
