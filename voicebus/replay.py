@@ -22,11 +22,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError
 
 from proto import codec
 from proto import events as ev
 from proto import subjects as sj
 from proto.permissions import CONSUMES, SPEAKS_FOR
+from services.runtime.ledger import STATE_BUCKET
 from voicebus import record
 from voicebus.client import Tap
 
@@ -81,7 +83,7 @@ async def replay(nc: Any, recording: record.Recording, into: str, *, speed: floa
     new = session or f"{recording.header.session[:50]}-r{secrets.token_hex(3)}"
     sj.check_session(new)
     js = nc.jetstream()
-    if (await record.sessions(js)).get(new) or new in await record.imported(js):
+    if await _exists(js, new):
         raise ReplayError(f"session {new!r} exists on this bus: replay into a new id (--as)")
     events = recording.events()
     start = next((e for _, _, e in events if isinstance(e, ev.SessionStart)), None)
@@ -119,6 +121,18 @@ async def replay(nc: Any, recording: record.Recording, into: str, *, speed: floa
         await nc.flush()
         await tap.close()
     return done
+
+
+async def _exists(js: Any, session: str) -> bool:
+    """Captured, imported, or known to the stages (its start is in the session state, even
+    with capture off): a replay must never speak into a live or past session."""
+    if (await record.sessions(js)).get(session) or session in await record.imported(js):
+        return True
+    try:
+        await (await js.key_value(STATE_BUCKET)).get(f"{session}.start")
+        return True
+    except (KeyNotFoundError, BucketNotFoundError):
+        return False
 
 
 async def _dispatch(nc: Any, tap: Tap, new: str, start: ev.SessionStart,
