@@ -2,8 +2,9 @@
 
 Ingress joins the session's room as a hidden participant that publishes nothing, subscribes to
 the microphone of the session's user, and hands the frames to the ingress core. The session's
-user is the first user heard (a standard participant that is not one of ours); anyone else in
-the room is not listened to. The user may leave, come back, or republish the track: their
+user is the first user heard (a standard participant that is not one of ours); nobody else in
+the room is listened to while they are there. Once they have left, the next user who publishes
+a microphone is the session's user (a reloaded page comes back under a new identity). The user may leave, come back, or republish the track: their
 newest microphone wins, and when a track goes away mid-sentence the source adds the silence a
 muted microphone would have given, so the user's turn still ends.
 """
@@ -55,8 +56,13 @@ class MicrophoneSource:
         grants = api.VideoGrants(room_join=True, room=self.room_name, hidden=True,
                                  can_publish=False, can_publish_data=False, can_subscribe=True)
         await join(self.config, self.room_name, INGRESS_IDENTITY, grants=grants, room=self.room)
-        for participant in self.room.remote_participants.values():
-            for publication in participant.track_publications.values():
+        if self.owner and self.owner not in self.room.remote_participants:
+            self.owner = ""  # the user a replica before us heard has left since
+        self._listen_to_whoever_is_there()
+
+    def _listen_to_whoever_is_there(self) -> None:
+        for participant in list(self.room.remote_participants.values()):
+            for publication in list(participant.track_publications.values()):
                 self._on_published(publication, participant)
 
     async def frames(self) -> AsyncIterator[bytes]:
@@ -108,6 +114,11 @@ class MicrophoneSource:
     def _on_left(self, participant: rtc.RemoteParticipant) -> None:
         if self.current is not None and self.current[0] == participant.identity:
             self._lost(*self.current)
+        if participant.identity == self.owner and not self._closed:
+            # One user at a time: once the session's user has left (a reload comes back under
+            # a new identity), the next user who publishes a microphone is the session's user.
+            self.owner = ""
+            self._listen_to_whoever_is_there()
 
     def _lost(self, identity: str, sid: str) -> None:
         if self._closed:

@@ -1,6 +1,7 @@
 """A room belongs to its user: a second person who joins the same room is not heard, is not
-answered, and receives none of the user's transcripts. Real livekit-server, nats-server, every
-stage and the token service."""
+answered, and receives none of the user's transcripts. Once the user has left, whoever comes
+next (a reloaded page has a new identity) is the session's user. Real livekit-server,
+nats-server, every stage and the token service."""
 
 from __future__ import annotations
 
@@ -53,6 +54,18 @@ async def test_a_second_person_in_the_room_is_not_heard_and_gets_no_transcripts(
     assert "time" in heard[0]
     tracks = {t.participant for t in tap.of(ev.InputTrack, room)}
     assert tracks == {"owner"}, tracks
+    # The user and the other person have left; the user's page reloads under a new identity
+    # and is heard: the session goes on with it.
+    reloaded = Caller(lk_stack.token_url, room, "owner-reloaded")
+    try:
+        await reloaded.join()
+        await tap.wait_for(lambda: tap.of(ev.InputTrack, room, participant="owner-reloaded",
+                                          active=True), 30, "ingress to hear the reloaded page")
+        await reloaded.say(*intruder_says[:2])
+        await reloaded.wait_reply(timeout=30)
+    finally:
+        await reloaded.leave()
+    assert "mother" in tap.of(ev.Transcript, room, final=True)[-1].text
     # The user gets both sides of the conversation; the intruder gets none of it.
     assert user.transcript("owner") and user.transcript(AGENT_IDENTITY)
     assert intruder.segments == {}, intruder.segments
