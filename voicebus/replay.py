@@ -239,8 +239,10 @@ def timings(events: list[ev.AnyEvent], producers: set[str]) -> dict[str, list[fl
 def diff(recorded: record.Recording, replayed: record.Recording) -> dict[str, Any]:
     """The changes from ``recorded`` to ``replayed``, for the stages the replay ran."""
     after_events = [e for _, _, e in replayed.events()]
-    producers = {sj.parse(s)[1].producer for s, _, _ in replayed.events()} & \
-        {"stt", "llm", "tts", "egress", "floor"}
+    # The stages that ran are those that claimed the replay; everything else in its capture
+    # is what the replay fed them (the recording's own events, unchanged).
+    ran = tuple(sorted({e.stage for e in after_events if isinstance(e, ev.StageReady)}))
+    producers = producers_of(ran)
     before_events = [e for _, _, e in recorded.events()]
     before, after = _facts(before_events, producers), _facts(after_events, producers)
     changes = []

@@ -87,6 +87,7 @@ async def test_a_changed_llm_shows_exactly_its_changed_replies(recorded) -> None
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 1, (out, err)
     result = msgspec.json.decode(out)
+    assert result["stages"] == ["llm"], result
     changed = [(c["turn"], c["what"]) for c in result["changes"]]
     assert changed == [(1, "reply"), (2, "reply")], result
     assert all(c["after"].endswith("understood.") and c["before"].endswith("got it.")
