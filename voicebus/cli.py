@@ -12,6 +12,7 @@ import signal
 import sys
 import tempfile
 from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import nats
@@ -215,9 +216,8 @@ async def cmd_record(args: argparse.Namespace) -> int:
     """The capture of a running stack: set it up, list, export, import, purge."""
     from voicebus import record
 
-    nc = await connect_operator(args)
-    js = nc.jetstream()
-    try:
+    async def work(nc: Any) -> int:
+        js = nc.jetstream()
         if args.action == "setup":
             print(await record.setup(js, record.CaptureSettings.from_env()))
         elif args.action == "list":
@@ -234,50 +234,51 @@ async def cmd_record(args: argparse.Namespace) -> int:
             recording = await record.export(js, args.session)
             out = args.out or Path(f"{args.session}.wav")
             record.write_wav(out, record.conversation_audio(recording), mix=args.mix)
-            print(f"{out}: the call as heard ({'mixed' if args.mix else 'user left, agent right'})")
+            channels = "mixed" if args.mix else "user left, agent right"
+            print(f"{out}: the call as heard ({channels})")
         elif args.action == "import":
             print(f"imported {await record.import_file(js, record.read_file(args.file))}")
         elif args.action == "purge":
             print(f"purged {await record.purge(js, args.session)} messages of {args.session}")
         return 0
-    except (record.RecordingError, sj.BadSubject) as exc:
-        print(f"voicebus record: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        await nc.close()
+
+    return await _on_bus(args, "record", work)
 
 
 async def cmd_replay(args: argparse.Namespace) -> int:
     from voicebus import record, replay
 
-    nc = await connect_operator(args)
-    try:
+    async def work(nc: Any) -> int:
         recording = record.read_file(args.file)
         done = await replay.replay(nc, recording, args.into, session=args.as_session,
                                    speed=0.0 if args.speed == "max" else float(args.speed))
         for wait in done.waits:
             print(f"note: {wait}", file=sys.stderr)
-        if args.diff:
-            code = await _print_diff(nc, recording, done.session, args.json)
-            print(done.session)
-            return code
+        code = await _print_diff(nc, recording, done.session, args.json) if args.diff else 0
         print(done.session)
-        return 0
-    except (record.RecordingError, replay.ReplayError, sj.BadSubject, TimeoutError) as exc:
-        print(f"voicebus replay: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        await nc.close()
+        return code
+
+    return await _on_bus(args, "replay", work)
 
 
 async def cmd_diff(args: argparse.Namespace) -> int:
+    from voicebus import record
+
+    return await _on_bus(args, "diff", lambda nc: _print_diff(
+        nc, record.read_file(args.file), args.session, args.json))
+
+
+async def _on_bus(args: argparse.Namespace, command: str,
+                  work: Callable[[Any], Awaitable[int]]) -> int:
+    """Run ``work`` on the bus as the operator; a bad recording, session or replay is one line
+    on stderr and exit status 2."""
     from voicebus import record, replay
 
     nc = await connect_operator(args)
     try:
-        return await _print_diff(nc, record.read_file(args.file), args.session, args.json)
-    except (record.RecordingError, replay.ReplayError, sj.BadSubject) as exc:
-        print(f"voicebus diff: {exc}", file=sys.stderr)
+        return await work(nc)
+    except (record.RecordingError, replay.ReplayError, sj.BadSubject, TimeoutError) as exc:
+        print(f"voicebus {command}: {exc}", file=sys.stderr)
         return 2
     finally:
         await nc.close()

@@ -83,11 +83,10 @@ class Recording(msgspec.Struct, kw_only=True):
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Recording)
-_entries_encoder = msgspec.msgpack.Encoder()
 
 
 def _digest(entries: list[Entry]) -> str:
-    return hashlib.sha256(_entries_encoder.encode(entries)).hexdigest()
+    return hashlib.sha256(_encoder.encode(entries)).hexdigest()
 
 
 def make(session: str, entries: list[Entry]) -> Recording:
