@@ -7,6 +7,9 @@ import wave
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import numpy as np
+
+from proto.events import FRAME_MS
 from services.ingress.audio import FRAME_BYTES, Resampler, read_wav
 from services.stt.config import SttConfig
 from services.stt.providers.pocketsphinx import PocketSphinxStt
@@ -39,24 +42,51 @@ async def say_to_wav(text: str, path: Path, *, lead_ms: int = 300, tail_ms: int 
     return path
 
 
+def phrases(audio: bytes, *, gap_ms: int = 300, loud: int = 500) -> list[bytes]:
+    """Cut 16 kHz s16le audio into the phrases between pauses of at least ``gap_ms``, as the
+    VAD cuts a user's speech into utterances; each phrase keeps a little of its quiet."""
+    frames = np.frombuffer(audio[:len(audio) - len(audio) % FRAME_BYTES], np.int16)
+    frames = frames.reshape(-1, FRAME_BYTES // 2)
+    voiced = np.abs(frames.astype(np.int32)).max(axis=1) > loud
+    gap = gap_ms // FRAME_MS
+    out, start, quiet = [], None, 0
+    for i, v in enumerate(voiced):
+        if v:
+            start = max(0, i - gap // 2) if start is None else start
+            quiet = 0
+        elif start is not None:
+            quiet += 1
+            if quiet >= gap:
+                out.append(audio[start * FRAME_BYTES:(i - quiet + gap // 2 + 1) * FRAME_BYTES])
+                start, quiet = None, 0
+    if start is not None:
+        out.append(audio[start * FRAME_BYTES:])
+    return out
+
+
 async def transcribe_wav(path: Path, stt: PocketSphinxStt | None = None) -> str:
-    """What pocketsphinx hears in a WAV file (any rate, mono or stereo, 16-bit)."""
+    """What pocketsphinx hears in a WAV file (any rate, mono or stereo, 16-bit), phrase by
+    phrase: a recording of several replies decoded in one pass lets a misheard first phrase
+    drag the next ones wrong, where the STT stage would have heard each on its own."""
     pcm, rate, channels = read_wav(path)
     resampler = Resampler(rate, channels)
     audio = resampler.process(pcm) + resampler.flush()
     own = stt is None
     stt = stt or PocketSphinxStt.from_config(SttConfig.from_env())
 
-    async def frames() -> AsyncIterator[bytes]:
-        for i in range(0, len(audio) - FRAME_BYTES + 1, FRAME_BYTES):
-            yield audio[i:i + FRAME_BYTES]
+    async def frames(phrase: bytes) -> AsyncIterator[bytes]:
+        for i in range(0, len(phrase) - FRAME_BYTES + 1, FRAME_BYTES):
+            yield phrase[i:i + FRAME_BYTES]
 
     try:
-        text = ""
-        async for result in stt.stream(frames()):
-            if result.final:
-                text = result.text
-        return text
+        heard = []
+        for phrase in phrases(audio):
+            text = ""
+            async for result in stt.stream(frames(phrase)):
+                if result.final:
+                    text = result.text
+            heard.append(text)
+        return " ".join(t for t in heard if t)
     finally:
         if own:
             await stt.aclose()
