@@ -24,6 +24,7 @@ from proto import subjects as sj
 from services.egress.agent import AgentParticipant, TrackSink, Transcripts
 from services.egress.floor import Floor
 from services.egress.presence import Presence
+from services.egress.traces import TurnTraces
 from services.egress.playout import NullSink, Playout, PlayoutReport, Sink, WavSink
 from services.runtime import metrics
 from services.runtime.audio import frame_problem
@@ -86,6 +87,7 @@ class EgressWorker(SessionWorker[EgressConfig]):
         self.words: dict[int, list[ev.WordMark]] = {}  # per turn, from SynthesisDone
         self.unsaved: FloorRecord | None = None
         self.saver: asyncio.Task[None] | None = None
+        self.turns = TurnTraces()
         record = await self.load_floor()
         self.ledger = TurnLedger.from_record(record)
         start = self.start_event
@@ -130,6 +132,7 @@ class EgressWorker(SessionWorker[EgressConfig]):
                 self.on_vad(event)
             case ev.Transcript(final=True):
                 self._show_user(event)
+                self.turns.final(event.turn)
                 self.floor.final_transcript(event.turn, event.text, event.speech_ms)
             case ev.Transcript():
                 self._show_user(event)
@@ -175,6 +178,7 @@ class EgressWorker(SessionWorker[EgressConfig]):
             return
         if not self.ledger.begin(frame.turn):
             return  # a straggler of a reply that was cut, ignored or overtaken
+        self.turns.first_audio(frame.turn)
         playout = self._playout_for(frame.sample_rate)
         if frame.sample_rate != playout.sample_rate:
             self.bus.reject("rate_change", f"{frame.sample_rate} Hz on a {playout.sample_rate} Hz "
@@ -199,8 +203,10 @@ class EgressWorker(SessionWorker[EgressConfig]):
         if report.final:
             self.speaking.discard(report.turn)
             self.floor.played(report.turn, report.interrupted)
+            self.turns.forget(report.turn)
         elif report.turn not in self.speaking:
             self.speaking.add(report.turn)
+            self.turns.playing(self.session, report.turn)
             self.floor.playing(report.turn)
         self.spawn(self._publish(report), f"progress-{report.turn}")
 
@@ -226,6 +232,7 @@ class EgressWorker(SessionWorker[EgressConfig]):
             self.vad_timer.cancel()
             self.vad_timer = None
         loop = asyncio.get_running_loop()
+        self.turns.vad(event)
         if isinstance(event, ev.SpeechStarted):
             self.floor.speech_started(time.monotonic())
             # Duration alone may decide (VOICEBUS_INTERRUPT_MIN_WORDS=0): judge again then.
@@ -268,15 +275,18 @@ class EgressWorker(SessionWorker[EgressConfig]):
             if clear is not None:
                 clear()  # not paused first (the user spoke before the reply began): drop it now
         self.log.info("%s: reply %d cut", reason, turn)
-        self.spawn(self.emit(sj.FLOOR_CANCEL, ev.Cancel, turn=turn, reason=reason), "cancel")
+        trace = self.turns.interrupted(self.session, turn, reason)
+        self.spawn(self.emit(sj.FLOOR_CANCEL, ev.Cancel, turn=turn, reason=reason, trace=trace),
+                   "cancel")
 
     def verdict(self, turn: int, action: ev.VerdictAction, text: str, reason: str) -> None:
         if reason == "out of reach":
             metrics.REJECTED.labels("egress", "turn_out_of_reach").inc()
             self.log.warning("turn %d is out of reach of the last one judged (%d): ignored",
                              turn, self.ledger.newest)
+        trace = self.turns.judged(self.session, turn, action)
         self.spawn(self.emit(sj.FLOOR_VERDICT, ev.Verdict, turn=turn, action=action, text=text,
-                             reason=reason), f"verdict-{turn}")
+                             reason=reason, trace=trace), f"verdict-{turn}")
 
     def show(self, state: ev.AgentStateName, turn: int) -> None:
         """The agent's state for LiveKit's front-ends (attribute) and for the bus."""

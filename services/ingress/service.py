@@ -22,6 +22,7 @@ from services.ingress.audio import (
 )
 from services.ingress.microphone import MicrophoneSource
 from services.ingress.vad import VadEdge, VadSegmenter
+from services.runtime import tracing
 from services.runtime.config import audio_file
 from services.runtime.livekit import LiveKitConfig
 from services.runtime.service import SessionWorker, StageService
@@ -183,7 +184,10 @@ class IngressWorker(SessionWorker[IngressConfig]):
             return
         self.ledger.close(self.ledger.newest)
         last_ts = self.sent_at.get(edge.last_speech_frame_pts_ms, 0)
-        await self.emit(sj.INGRESS_VAD, ev.SpeechEnded, pts_ms=edge.pts_ms,
+        # A turn's trace begins here: from the user's last word to the VAD being sure of it.
+        trace = tracing.stage_span("end_of_speech", session=self.session, start_ns=last_ts,
+                                   utterance=self.ledger.newest, speech_ms=edge.speech_ms)
+        await self.emit(sj.INGRESS_VAD, ev.SpeechEnded, pts_ms=edge.pts_ms, trace=trace,
                         speech_ms=edge.speech_ms, timing=Timing(last_speech_ts_ns=last_ts))
 
 

@@ -12,6 +12,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
+from typing import NamedTuple
 
 import msgspec
 from nats.js.errors import KeyNotFoundError
@@ -21,14 +22,22 @@ from proto import subjects as sj
 from proto.events import Timing
 from services.llm.config import LlmConfig
 from services.llm.provider import PROVIDERS, ChatMessage, LlmProvider
-from services.runtime import metrics
+from services.runtime import metrics, tracing
 from services.runtime.fallback import FallbackAdapter, answered_by
 from services.runtime.ledger import FloorRecord, TurnLedger
 from services.runtime.service import ProviderStage, SessionWorker
 
+
 HISTORY_BUCKET = "voicebus_history"
 _history_codec = (msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(list[ChatMessage]))
 _PROBE = (ChatMessage("system", "Answer with one word."), ChatMessage("user", "Say OK."))
+
+
+class Origin(NamedTuple):
+    """Where a reply's work began: the verdict's trace headers and when it arrived."""
+
+    trace: tracing.Headers | None
+    ns: int
 
 
 class LlmFallback(FallbackAdapter[LlmProvider]):
@@ -102,10 +111,11 @@ class LlmWorker(SessionWorker[LlmConfig]):
         if superseded is not None:
             superseded.cancel()  # a newer turn supersedes the old reply (the judge cut it)
         self.reply_turn = verdict.turn
+        origin = Origin(tracing.received(), time.time_ns())
         if verdict.action == "answer":
-            work = self.respond(verdict, time.perf_counter(), superseded)
+            work = self.respond(verdict, time.perf_counter(), superseded, origin)
         else:
-            work = self._say(verdict.turn, self._fixed_text(verdict.action))
+            work = self._say(verdict.turn, self._fixed_text(verdict.action), origin)
         self.reply = self.spawn_turn(work, verdict.turn, self._unstarted)
 
     def _fixed_text(self, action: str) -> str:
@@ -114,10 +124,11 @@ class LlmWorker(SessionWorker[LlmConfig]):
             return self.start_event.greeting
         return self.config.idle_goodbye if action == "goodbye" else self.config.idle_prompt
 
-    async def _say(self, turn: int, text: str) -> None:
+    async def _say(self, turn: int, text: str, origin: Origin) -> None:
         """A reply of fixed text (not the model's), spoken and remembered like any other."""
         if text:
-            await self.emit(sj.LLM_DELTA, ev.ReplyDelta, turn=turn, text=text)
+            trace = self._first_token(turn, origin, "voicebus")
+            await self.emit(sj.LLM_DELTA, ev.ReplyDelta, turn=turn, text=text, trace=trace)
         await self.emit(sj.LLM_DONE, ev.ReplyDone, turn=turn, text=text, provider="voicebus")
         await self._remember("", text, interrupted=False, turn=turn)
 
@@ -128,7 +139,7 @@ class LlmWorker(SessionWorker[LlmConfig]):
         return [ChatMessage("system", self.config.system_prompt), *keep, ChatMessage("user", text)]
 
     async def respond(self, verdict: ev.Verdict, received: float,
-                      superseded: asyncio.Task[None] | None = None) -> None:
+                      superseded: asyncio.Task[None] | None, origin: Origin) -> None:
         if superseded is not None:
             # It stores its user message (and what it said) as it closes: the model must see
             # that turn before this one.
@@ -139,7 +150,7 @@ class LlmWorker(SessionWorker[LlmConfig]):
         # Not started until iterated; it names the provider that answered (or failed last).
         stream = provider.complete(self.messages_for(verdict.text))
         try:
-            await self._stream_reply(stream, verdict.turn, received, parts)
+            await self._stream_reply(stream, verdict.turn, received, parts, origin)
         except asyncio.CancelledError:
             outcome = "interrupted"
         except Exception as exc:  # a provider failure or a bug: the turn still closes
@@ -158,17 +169,27 @@ class LlmWorker(SessionWorker[LlmConfig]):
                         provider=self.service.provider.name)
 
     async def _stream_reply(self, stream: AsyncIterator[str], turn: int, received: float,
-                            parts: list[str]) -> None:
+                            parts: list[str], origin: Origin) -> None:
         # aclosing: a cancelled turn must close the provider's stream at once.
         async with aclosing(stream):
             async for delta in stream:
                 elapsed = (time.perf_counter() - received) * 1000
+                trace = None
                 if not parts:
                     name = answered_by(stream, self.service.provider)
                     metrics.PROVIDER_SECONDS.labels("llm", name).observe(elapsed / 1000)
-                await self.emit(sj.LLM_DELTA, ev.ReplyDelta, turn=turn, text=delta,
+                    trace = self._first_token(turn, origin, name)
+                await self.emit(sj.LLM_DELTA, ev.ReplyDelta, turn=turn, text=delta, trace=trace,
                                 index=len(parts), timing=Timing(compute_ms=elapsed))
                 parts.append(delta)
+
+    def _first_token(self, turn: int, origin: Origin, provider: str) -> tracing.Headers | None:
+        """The reply's first text is out: LLM TTFT, and the turn's trace goes on to the TTS."""
+        now = time.time_ns()
+        metrics.LLM_TTFT.labels(provider).observe(max(0.0, (now - origin.ns) / 1e9))
+        return tracing.stage_span("llm_first_token", session=self.session, turn=turn,
+                                  parent=origin.trace, start_ns=origin.ns, end_ns=now,
+                                  provider=provider)
 
     # ---- history ---------------------------------------------------------------------------------
 

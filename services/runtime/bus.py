@@ -24,7 +24,7 @@ from nats.js.kv import KeyValue
 from proto import codec
 from proto import events as ev
 from proto.subjects import Topic
-from services.runtime import metrics
+from services.runtime import metrics, tracing
 from services.runtime.logs import Throttle
 
 T = TypeVar("T")
@@ -103,13 +103,16 @@ class Bus:
                     raise Stopped("stopped before NATS was reachable") from None
                 delay = min(delay * 2, 5.0)
 
-    async def publish(self, topic: Topic, event: ev.Event, subject: str = "") -> None:
-        """Publish ``event`` on ``topic`` (``subject``: the topic's subject, if known).
+    async def publish(self, topic: Topic, event: ev.Event, subject: str = "",
+                      headers: dict[str, str] | None = None) -> None:
+        """Publish ``event`` on ``topic`` (``subject``: the topic's subject, if known;
+        ``headers``: a turn's trace context, ``services.runtime.tracing``).
 
         While NATS is away nats-py buffers what we publish; once that buffer is full the event
         is dropped and counted rather than raised: a stage keeps running through an outage."""
         try:
-            await self.nc.publish(subject or topic.subject(event.session), codec.encode(event))
+            await self.nc.publish(subject or topic.subject(event.session), codec.encode(event),
+                                  headers=headers)
         except (nats.errors.OutboundBufferLimitError, nats.errors.ConnectionClosedError) as exc:
             metrics.PUBLISH_DROPPED.labels(self.stage).inc()
             held = self._throttle.allow("publish")
@@ -125,6 +128,7 @@ class Bus:
             except codec.Rejected as exc:
                 self.reject(exc.reason, exc.detail, msg.subject)
                 return
+            carried = tracing.CARRIED.set(msg.headers) if msg.headers else None
             try:
                 result = handler(event)
                 if result is not None:
@@ -133,6 +137,9 @@ class Bus:
                 metrics.HANDLER_ERRORS.labels(self.stage).inc()
                 log.exception("error handling %s", type(event).__name__,
                               extra={"stage": self.stage, "session": event.session})
+            finally:
+                if carried is not None:
+                    tracing.CARRIED.reset(carried)
 
         return await self.nc.subscribe(subject, queue=queue, cb=on_msg)
 

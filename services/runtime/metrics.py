@@ -63,6 +63,33 @@ LLM_TOKENS = Counter(
     "voicebus_llm_tokens", "Tokens as reported by the LLM API", ["provider", "kind"]
 )
 
+# A turn's latency, in the names LiveKit Agents users know (its EOUMetrics, LLMMetrics and
+# TTSMetrics fields), each measured by the stage that sees both of its ends.
+TURN_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10)
+TRANSCRIPTION_DELAY = Histogram(
+    "voicebus_transcription_delay_seconds",
+    "STT: from the end of the user's speech to the turn's final transcript", ["provider"],
+    buckets=TURN_BUCKETS,
+)
+END_OF_UTTERANCE_DELAY = Histogram(
+    "voicebus_end_of_utterance_delay_seconds",
+    "The judge: from the end of the user's speech to its decision that the turn is over",
+    buckets=TURN_BUCKETS,
+)
+LLM_TTFT = Histogram(
+    "voicebus_llm_ttft_seconds", "LLM: from the go-ahead to reply to the first text published",
+    ["provider"], buckets=TURN_BUCKETS,
+)
+TTS_TTFB = Histogram(
+    "voicebus_tts_ttfb_seconds", "TTS: from the first text of a reply to its first audio frame",
+    ["provider"], buckets=TURN_BUCKETS,
+)
+E2E_LATENCY = Histogram(
+    "voicebus_e2e_latency_seconds",
+    "Egress: from the end of the user's speech to the first frame of the reply played",
+    buckets=TURN_BUCKETS,
+)
+
 
 def serve(port: int, addr: str = "127.0.0.1") -> None:
     if port:

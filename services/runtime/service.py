@@ -32,7 +32,7 @@ import proto
 from proto import codec
 from proto import events as ev
 from proto import subjects as sj
-from services.runtime import metrics
+from services.runtime import metrics, tracing
 from services.runtime.bus import Bus, Handler, Stopped, replicas_of
 from services.runtime.config import BaseConfig
 from services.runtime.errors import ConfigError, ProviderError
@@ -105,12 +105,14 @@ class SessionWorker(Generic[C]):
         return cls(session=self.session, seq=self.next_seq(producer), ts_ns=time.time_ns(),
                    **fields)
 
-    async def emit(self, topic: sj.Topic, cls: type[E], **fields: Any) -> E:
+    async def emit(self, topic: sj.Topic, cls: type[E], *, trace: tracing.Headers | None = None,
+                   **fields: Any) -> E:
+        """Publish a new event of this session (``trace``: the turn's trace context)."""
         event = self.event(cls, topic.producer, **fields)
         subject = self._subjects.get(topic)
         if subject is None:  # built (and checked) once per topic, not once per frame
             subject = self._subjects[topic] = topic.subject(self.session)
-        await self.bus.publish(topic, event, subject)
+        await self.bus.publish(topic, event, subject, trace)
         return event
 
     async def subscribe(self, subject: str, handler: Handler) -> None:
@@ -473,6 +475,7 @@ async def run(service_cls: type[StageService[Any]]) -> None:
     service = service_cls(config)
     try:
         access = config.nats_options(service_cls.stage)
+        tracing.setup(service_cls.stage, service.replica)
         await service.setup()
     except ConfigError as exc:
         raise SystemExit(f"voicebus {service_cls.stage}: configuration error: {exc}") from None
@@ -488,6 +491,8 @@ async def run(service_cls: type[StageService[Any]]) -> None:
     except ConfigError as exc:
         await service.bus.drain()
         raise SystemExit(f"voicebus {service_cls.stage}: configuration error: {exc}") from None
+    finally:
+        tracing.shutdown()  # the spans still batched
 
 
 def main(service_cls: type[StageService[Any]]) -> None:

@@ -21,7 +21,7 @@ from nats.js.errors import KeyNotFoundError
 from proto import events as ev
 from proto import subjects as sj
 from proto.events import Timing
-from services.runtime import metrics
+from services.runtime import metrics, tracing
 from services.runtime.audio import frame_problem
 from services.runtime.bus import SeqGaps
 from services.runtime.fallback import READY_END, FallbackAdapter, answered_by
@@ -74,17 +74,25 @@ class Utterance:
         self.vad_speech_ms = 0
         self.ended_at = 0.0
         self.dropped = 0
+        # The turn's trace so far and the user's last word (from the VAD's SpeechEnded).
+        self.trace: tracing.Headers | None = None
+        self.ended_ns = 0
+        self.last_speech_ns = 0
 
     def push(self, pcm: bytes, *, speech: bool = True) -> None:
         self.frames += 1
         self.speech_frames += int(speech)
         self.queue.put_nowait(pcm)
 
-    def end(self, speech_ms: int = 0) -> None:
-        """End of speech: the VAD's measure of it, or 0 when the VAD did not close it."""
+    def end(self, edge: ev.SpeechEnded | None = None) -> None:
+        """End of speech: the VAD's edge, or None when the VAD did not close it."""
         if not self.ended_at:
             self.ended_at = time.perf_counter()
-            self.vad_speech_ms = speech_ms
+            self.ended_ns = time.time_ns()
+            if edge is not None:
+                self.vad_speech_ms = edge.speech_ms
+                self.last_speech_ns = edge.timing.last_speech_ts_ns if edge.timing else 0
+                self.trace = tracing.received()
             self.queue.put_nowait(None)
 
     @property
@@ -106,9 +114,11 @@ class OpenTurn:
         self.more = asyncio.Event()
         self.compute_ms = 0.0  # of the last utterance: end of speech to its provider final
         self.provider = ""
+        self.last: Utterance | None = None
 
     def add(self, utterance: Utterance) -> None:
         self.pending.append(utterance)
+        self.last = utterance
         self.more.set()
 
 
@@ -162,7 +172,7 @@ class SttWorker(SessionWorker[SttConfig]):
             case ev.SpeechStarted():
                 self.begin_utterance()
             case ev.SpeechEnded() if self.utterance is not None:
-                self.end_utterance(event.speech_ms)
+                self.end_utterance(event)
 
     def on_audio(self, frame: ev.AudioFrame) -> None:
         if problem := frame_problem(frame, SAMPLE_RATE):
@@ -192,9 +202,9 @@ class SttWorker(SessionWorker[SttConfig]):
         self.open_turn.add(utterance)  # a held final's turn goes on with this utterance
         self._activity_changed()
 
-    def end_utterance(self, speech_ms: int = 0) -> None:
+    def end_utterance(self, edge: ev.SpeechEnded | None = None) -> None:
         assert self.utterance is not None
-        self.utterance.end(speech_ms)
+        self.utterance.end(edge)
         self.utterance = None
         self._activity_changed()
 
@@ -222,7 +232,15 @@ class SttWorker(SessionWorker[SttConfig]):
             if self.open_turn is open_turn:
                 self.open_turn = None
         try:
+            last = open_turn.last
+            trace = tracing.stage_span(
+                "stt_final", session=self.session, turn=so_far.turn, parent=last and last.trace,
+                start_ns=last.ended_ns if last else 0, provider=open_turn.provider, hold_ms=hold)
+            if last is not None and last.last_speech_ns:
+                metrics.TRANSCRIPTION_DELAY.labels(open_turn.provider).observe(
+                    max(0.0, (time.time_ns() - last.last_speech_ns) / 1e9))
             await self.emit(sj.STT_FINAL, ev.Transcript, turn=so_far.turn, text=so_far.text,
+                            trace=trace,
                             final=True, confidence=so_far.confidence,
                             frames_dropped=so_far.frames_dropped, provider=open_turn.provider,
                             speech_ms=so_far.speech_ms,

@@ -19,7 +19,7 @@ import numpy as np
 from proto import events as ev
 from proto import subjects as sj
 from proto.events import Timing
-from services.runtime import metrics
+from services.runtime import metrics, tracing
 from services.runtime.audio import frame_bytes
 from services.runtime.errors import ConfigError, ProviderError
 from services.runtime.fallback import READY_FIRST, FallbackAdapter, answered_by
@@ -110,6 +110,9 @@ class TurnSpeech:
         self.llm_ms = 0.0
         self.first_chunk_at = 0.0
         self.task: asyncio.Task[None] | None = None
+        # The turn's trace as the reply's first text brought it, and when that came.
+        self.trace: tracing.Headers | None = None
+        self.first_text_ns = 0
 
     def add(self, chunks: list[Chunk], llm_ms: float) -> None:
         for chunk in chunks:
@@ -174,6 +177,8 @@ class TtsWorker(SessionWorker[TtsConfig]):
         if speech is None:
             return  # a late event of a turn already spoken, or superseded
         llm_ms = event.timing.compute_ms if event.timing is not None else 0.0
+        if not speech.first_text_ns:
+            speech.trace, speech.first_text_ns = tracing.received(), time.time_ns()
         if isinstance(event, ev.ReplyDelta):
             speech.text += event.text
             speech.add(speech.chunker.push(event.text), llm_ms)
@@ -209,15 +214,16 @@ class TtsWorker(SessionWorker[TtsConfig]):
                 async for piece in audio:
                     start, end = speech.spans[piece.chunk]
                     for pcm, share in framer.cut(piece.pcm):
+                        trace = None
+                        if not frames:
+                            tts_ms = (time.perf_counter() - speech.first_chunk_at) * 1000
+                            trace = self._first_audio(speech, answered_by(audio, provider),
+                                                      tts_ms)
                         frame = await self.emit(
                             sj.TTS_AUDIO, ev.AudioFrame, pcm=pcm, sample_rate=provider.sample_rate,
-                            pts_ms=frames * FRAME_MS, turn=speech.turn,
+                            pts_ms=frames * FRAME_MS, turn=speech.turn, trace=trace,
                             text_offset=start + round((end - start) * share))
-                        if not frames:
-                            first_ts = frame.ts_ns
-                            tts_ms = (time.perf_counter() - speech.first_chunk_at) * 1000
-                            metrics.PROVIDER_SECONDS.labels(
-                                "tts", answered_by(audio, provider)).observe(tts_ms / 1000)
+                        first_ts = first_ts or frame.ts_ns
                         frames += 1
             if (tail := framer.flush()) is not None:
                 await self.emit(sj.TTS_AUDIO, ev.AudioFrame, pcm=tail, sample_rate=provider.sample_rate,
@@ -233,6 +239,16 @@ class TtsWorker(SessionWorker[TtsConfig]):
                         timing=Timing(first_frame_ts_ns=first_ts, llm_ms=speech.llm_ms,
                                       tts_ms=tts_ms))
         metrics.TURNS.labels("tts", "interrupted" if interrupted else "ok").inc()
+
+    def _first_audio(self, speech: TurnSpeech, provider: str, tts_ms: float
+                     ) -> tracing.Headers | None:
+        """The reply's first audio is out: TTS TTFB (from its first sentence to the provider),
+        and the turn's span from its first text, carried on to egress."""
+        metrics.PROVIDER_SECONDS.labels("tts", provider).observe(tts_ms / 1000)
+        metrics.TTS_TTFB.labels(provider).observe(tts_ms / 1000)
+        return tracing.stage_span("tts_first_audio", session=self.session, turn=speech.turn,
+                                  parent=speech.trace, start_ns=speech.first_text_ns,
+                                  provider=provider)
 
 
 class _Framer:

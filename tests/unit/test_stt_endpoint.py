@@ -143,7 +143,8 @@ class FakeBus:
     async def key_value(self, bucket: str, ttl: float) -> FakeKv:
         return self.kv
 
-    async def publish(self, topic: sj.Topic, event: ev.Event, subject: str = "") -> None:
+    async def publish(self, topic: sj.Topic, event: ev.Event, subject: str = "",
+                      headers: dict[str, str] | None = None) -> None:
         self.published.append((topic, event))
         self.changed.set()
 
