@@ -111,8 +111,7 @@ async def replay(nc: Any, recording: record.Recording, into: str, *, speed: floa
                     await asyncio.sleep(delay)
             else:
                 await _keep_up(tap, new, stages, closed_before, done)
-            moved = msgspec.structs.replace(event, session=new, ts_ns=time.time_ns())
-            await nc.publish(topic.subject(new), codec.encode(moved))
+            await nc.publish(topic.subject(new), codec.encode(_moved(event, new)))
             done.published += 1
         await _settle(tap, new, settle_s, timeout)
     finally:
@@ -121,6 +120,20 @@ async def replay(nc: Any, recording: record.Recording, into: str, *, speed: floa
         await nc.flush()
         await tap.close()
     return done
+
+
+def _moved(event: ev.Event, session: str) -> ev.Event:
+    """``event`` as if sent now in ``session``: its clock readings shift with its ``ts_ns``
+    (a replayed end of speech must not make today's voice-to-voice a day long)."""
+    now = time.time_ns()
+    timing = getattr(event, "timing", None)
+    if timing is not None and event.ts_ns:
+        shift = now - event.ts_ns
+        timing = msgspec.structs.replace(timing, **{
+            name: value + shift for name in ("last_speech_ts_ns", "first_frame_ts_ns")
+            if (value := getattr(timing, name))})
+        return msgspec.structs.replace(event, session=session, ts_ns=now, timing=timing)
+    return msgspec.structs.replace(event, session=session, ts_ns=now)
 
 
 async def _exists(js: Any, session: str) -> bool:
@@ -197,8 +210,10 @@ def _facts(events: list[ev.AnyEvent], producers: set[str]) -> dict[tuple[int, st
                 facts[(event.turn, "reply")] = event.text + (f" [error: {event.error}]"
                                                              if event.error else "")
             case ev.SynthesisDone() if "tts" in producers:
-                facts[(event.turn, "spoken")] = (f"{event.text!r}, {event.frames} frames"
-                                                 + (", cut" if event.interrupted else ""))
+                # Its length is a timing, not a fact: a neural voice (Piper) says the same
+                # text a few percent longer or shorter from one run to the next.
+                facts[(event.turn, "spoken")] = repr(event.text) + (", cut" if event.interrupted
+                                                                    else "")
             case ev.Playback(final=True) if "egress" in producers:
                 facts[(event.turn, "played")] = "cut" if event.interrupted else "whole"
             case ev.Verdict() if "floor" in producers:
@@ -223,16 +238,29 @@ def _word_diff(before: str, after: str) -> str:
 
 
 def timings(events: list[ev.AnyEvent], producers: set[str]) -> dict[str, list[float]]:
-    """Compute time per stage, per turn in order (shown beside a diff, never a change)."""
+    """Compute time per stage, the agent's audio and voice-to-voice, per turn in order (shown
+    beside a diff, never a change: they vary from run to run)."""
     out: dict[str, list[float]] = {}
+    last_speech_ns, playing = 0, set()
     for event in events:
         timing = getattr(event, "timing", None)
-        if timing is None:
-            continue
-        if isinstance(event, ev.Transcript) and event.final and "stt" in producers:
-            out.setdefault("stt_compute_ms", []).append(round(timing.compute_ms, 1))
-        elif isinstance(event, ev.SynthesisDone) and "tts" in producers:
-            out.setdefault("tts_ms", []).append(round(timing.tts_ms, 1))
+        match event:
+            case ev.SpeechEnded() if timing is not None:
+                last_speech_ns = timing.last_speech_ts_ns
+            case ev.Transcript(final=True) if "stt" in producers and timing is not None:
+                out.setdefault("stt_compute_ms", []).append(round(timing.compute_ms, 1))
+            case ev.ReplyDelta(index=0) if "llm" in producers and timing is not None:
+                out.setdefault("llm_first_ms", []).append(round(timing.compute_ms, 1))
+            case ev.SynthesisDone() if "tts" in producers:
+                out.setdefault("tts_audio_ms", []).append(event.frames * ev.FRAME_MS)
+                if timing is not None:
+                    out.setdefault("tts_ms", []).append(round(timing.tts_ms, 1))
+            case ev.Playback() if "egress" in producers and event.turn not in playing:
+                playing.add(event.turn)  # its first report: the reply began to play
+                if last_speech_ns:  # an answer to the user (not a greeting or a prompt)
+                    out.setdefault("v2v_ms", []).append(
+                        round((event.ts_ns - last_speech_ns) / 1e6, 1))
+                    last_speech_ns = 0
     return out
 
 
