@@ -7,6 +7,9 @@ The echo LLM's acknowledgement is made long so that replies last several seconds
 
 from __future__ import annotations
 
+import asyncio
+import sys
+
 import msgspec
 import numpy as np
 import pytest
@@ -18,14 +21,16 @@ from services.ingress.audio import read_wav
 from services.llm.provider import ChatMessage
 from services.runtime.livekit import AGENT_IDENTITY
 from tests.conftest import running_stack
+from voicebus import record, replay
 from voicebus.call import MIC_RATE, Caller
-from voicebus.client import Tap
+from voicebus.client import Tap, end_session
 from voicebus.launcher import Stack
 from voicebus.speech import say_to_wav
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="module")]
 
 GREETING = "Hello! How can I help you today?"
+BARGE = "barge"  # the room of the call with a barge-in
 # Long enough that no other test leaves the user silent this long while the agent listens.
 IDLE_S = 4
 ACK = ("got it. Let me tell you everything I know about that, one thing after another, "
@@ -132,20 +137,32 @@ async def test_greeting_on_join_and_states_in_order(turn_stack, tmp_path) -> Non
                       "thinking", "speaking", "listening"], states
 
 
-async def test_a_question_interrupts_the_reply(turn_stack, tmp_path) -> None:
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def barge(turn_stack, tmp_path_factory: pytest.TempPathFactory):
+    """A call in which the user asks a question over the agent's long reply (turn 1): what the
+    caller heard, the question's turn, and the LLM's history once the call is over."""
     stack, nc, tap = turn_stack
-    room = "barge"
-    weather = await _speech("Tell me about the weather.", tmp_path)
-    what_time = await _speech("What time is it?", tmp_path)
-    caller = await _join(stack, tap, room)
+    folder = tmp_path_factory.mktemp("barge")
+    weather = await _speech("Tell me about the weather.", folder)
+    what_time = await _speech("What time is it?", folder)
+    caller = await _join(stack, tap, BARGE)
     try:
-        await _ask_and_hear(caller, tap, room, weather, 1500)
+        await _ask_and_hear(caller, tap, BARGE, weather, 1500)
         question = await caller.say(*what_time)
         await caller.wait_reply(timeout=30)
-        await tap.wait_for(lambda: tap.of(ev.Playback, room, turn=2, final=True), 10, "reply 2")
-        history = await _history(nc, room)
+        await tap.wait_for(lambda: tap.of(ev.Playback, BARGE, turn=2, final=True), 10, "reply 2")
+        history = await _history(nc, BARGE)
     finally:
         await caller.leave()
+        # Ended at once: the recording of the call (below) ends with it, no idle prompt after.
+        await end_session(nc, BARGE)
+    return caller, question, history
+
+
+async def test_a_question_interrupts_the_reply(turn_stack, barge) -> None:
+    stack, nc, tap = turn_stack
+    room = BARGE
+    caller, question, history = barge
 
     (cancel,) = tap.of(ev.Cancel, room)
     assert (cancel.turn, cancel.reason) == (1, "barge-in")
@@ -234,3 +251,99 @@ async def test_an_idle_user_is_prompted_then_said_goodbye_to(turn_stack) -> None
     assert ended[0].reason == "user idle" and tap.of(ev.SessionEnd, room, topic=sj.FLOOR_END)
     # The user heard it all: the greeting, the prompt and the goodbye, in order.
     assert caller.transcript(AGENT_IDENTITY) == [GREETING, prompt.text, goodbye.text]
+
+
+# ---- the call with a barge-in, recorded, listened to and replayed -------------------------------
+
+
+async def test_the_recorded_call_sounds_as_the_user_heard_it(turn_stack, barge, tmp_path) -> None:
+    """`voicebus record audio`: the agent's channel sounds while reply 1 plays, goes silent
+    where the user cut in, and sounds again with reply 2 (checked on the samples)."""
+    stack, nc, tap = turn_stack
+    out = tmp_path / "call.wav"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "voicebus", "record", "audio", BARGE, "-o", str(out),
+        "--nats", stack.nats_url, "--nkey", str(stack.seed_file("operator")),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    printed, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, printed.decode()
+    pcm, rate, channels = read_wav(out)
+    assert (rate, channels) == (16000, 2)
+    agent = np.frombuffer(pcm, np.int16).reshape(-1, 2)[:, 1]
+    recording = await record.export(nc.jetstream(), BARGE)
+    origin = min(e.ts_ns for _, _, e in recording.events())
+
+    def at(ns: int) -> int:  # the sample of a wall-clock time on the recording's timeline
+        return int((ns - origin) / 1e9 * rate)
+
+    def sounding_ms(start: int, end: int) -> int:
+        windows = agent[start: end - (end - start) % 320].reshape(-1, 320)  # 20 ms each
+        return int((np.abs(windows.astype(np.int32)).max(axis=1) > 500).sum()) * 20
+
+    (cancel,) = tap.of(ev.Cancel, BARGE)
+    reply2 = min(p.ts_ns for p in tap.of(ev.Playback, BARGE, turn=2))
+    (cut,) = tap.of(ev.Playback, BARGE, turn=1, final=True)
+    start1 = min(p.ts_ns - p.played_ms * 1_000_000 for p in tap.of(ev.Playback, BARGE, turn=1))
+    # Reply 1 sounded for most of what was played of it before the cut…
+    assert sounding_ms(at(start1), at(start1) + cut.played_ms * rate // 1000) > \
+        cut.played_ms // 2
+    # …then nothing from just after the cut until reply 2 began…
+    quiet_from, quiet_to = at(start1) + (cut.played_ms + 60) * rate // 1000, at(reply2) - rate // 20
+    assert quiet_to - quiet_from > rate // 2, "too short a gap to judge"
+    assert sounding_ms(quiet_from, quiet_to) == 0
+    # …and reply 2 sounds.
+    assert sounding_ms(at(reply2), at(reply2) + rate) > 300
+    assert cancel.ts_ns < reply2
+
+
+async def test_the_recorded_call_replays_into_stt_unchanged(turn_stack, barge) -> None:
+    _, nc, _ = turn_stack
+    recording = await record.export(nc.jetstream(), BARGE)
+    done = await replay.replay(nc, recording, "stt", speed=1.0)
+    result = replay.diff(recording, await record.export(nc.jetstream(), done.session))
+    assert result["stages"] == ["stt"] and not result["changed"], replay.render(result)
+    assert len(result["timings"]["replayed"]["stt_compute_ms"]) == 2  # both questions
+
+
+async def test_the_recorded_call_into_a_changed_llm_names_exactly_its_replies(
+        turn_stack, barge) -> None:
+    stack, nc, _ = turn_stack
+    recording = await record.export(nc.jetstream(), BARGE)
+    await _swap_llm(stack, 1, VOICEBUS_ECHO_ACK="understood.")
+    try:
+        done = await replay.replay(nc, recording, "llm", speed=0)
+    finally:
+        await _swap_llm(stack, 2)  # back to the module's acknowledgement
+    result = replay.diff(recording, await record.export(nc.jetstream(), done.session))
+    assert result["stages"] == ["llm"], result
+    assert [(c["turn"], c["what"]) for c in result["changes"]] == [(1, "reply"), (2, "reply")], \
+        replay.render(result)
+    assert all("understood." in c["after"] and "understood." not in c["before"]
+               for c in result["changes"]), replay.render(result)
+
+
+async def test_the_recorded_call_replayed_into_all_takes_the_same_turns(turn_stack, barge) -> None:
+    """Only the microphone is fed; every stage runs: the same transcripts, as many replies, and
+    the barge-in on the same turn."""
+    _, nc, _ = turn_stack
+    recording = await record.export(nc.jetstream(), BARGE)
+    done = await replay.replay(nc, recording, "all", speed=1.0)
+    again = await record.export(nc.jetstream(), done.session)
+
+    def turns(rec: record.Recording) -> tuple[list, int, list]:
+        events = [e for _, _, e in rec.events()]
+        return ([(e.turn, e.text) for e in events if isinstance(e, ev.Transcript) and e.final],
+                sum(isinstance(e, ev.ReplyDone) for e in events),
+                [(e.turn, e.reason) for e in events if isinstance(e, ev.Cancel)])
+
+    before, after = turns(recording), turns(again)
+    assert before[2] == [(1, "barge-in")]
+    assert after == before, replay.render(replay.diff(recording, again))
+
+
+async def _swap_llm(stack: Stack, index: int, **env: str) -> None:
+    """Replace the running LLM replica by a new one (``env``: its changed settings)."""
+    name = next(n for n in stack.procs if n.startswith("llm"))
+    assert await stack.procs.pop(name).stop() == 0
+    await stack.start_stage("llm", index, **env)
+    await stack.wait_ready(("llm",))
