@@ -319,7 +319,8 @@ async def cmd_bench(args: argparse.Namespace) -> int:
         from voicebus.bench.pipeline import run_pipeline_bench
 
         result = await run_pipeline_bench(sessions=args.sessions, turns=args.turns,
-                                          stt_replicas=args.stt_replicas, spread_s=args.spread)
+                                          stt_replicas=args.stt_replicas, spread_s=args.spread,
+                                          capture=args.record)
     print(json.dumps(result, indent=None if args.json else 2))
     return 0
 
@@ -433,6 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_argument("--stt-replicas", type=int, default=1)
     pipeline.add_argument("--spread", type=float, default=5.0,
                           help="seconds over which session starts are spread")
+    pipeline.add_argument("--record", choices=("off", "events", "all"), default="",
+                          help="capture during the run (default: VOICEBUS_RECORD, else all)")
     pipeline.add_argument("--json", action="store_true", help="one line of JSON")
     pipeline.set_defaults(run=cmd_bench)
     livekit = bench_sub.add_parser("livekit", help="voice-to-voice at a user in a LiveKit room")

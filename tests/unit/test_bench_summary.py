@@ -6,7 +6,7 @@ import numpy as np
 
 from proto import events as ev
 from voicebus.bench import bargein, livekit
-from voicebus.bench.pipeline import stats, summarise
+from voicebus.bench.pipeline import call_minutes, stats, summarise
 from voicebus.client import Tap
 
 MS = 1_000_000
@@ -48,6 +48,16 @@ def test_turns_without_audio_or_playback_do_not_count() -> None:
     events = one_turn("a", 1, 10_000 * MS)[:-1]  # never played
     result = summarise(tap_with(*events), ["a"], turns=1)
     assert result["turns_completed"] == 0 and result["v2v_ms"]["n"] == 0
+
+
+def test_call_minutes_run_from_the_first_speech_to_the_last_reply_played() -> None:
+    start = 10_000 * MS
+    tap = tap_with(ev.SpeechStarted(session="a", ts_ns=start, pts_ms=0),
+                   ev.Playback(session="a", ts_ns=start + 30_000 * MS, turn=1, final=True),
+                   ev.Playback(session="a", ts_ns=start + 5_000 * MS, turn=1),  # not final
+                   ev.SpeechStarted(session="b", ts_ns=start, pts_ms=0),
+                   ev.Playback(session="b", ts_ns=start + 60_000 * MS, turn=1, final=True))
+    assert call_minutes(tap, ["a", "b", "never-started"]) == 1.5
 
 
 def test_stats_report_percentiles() -> None:

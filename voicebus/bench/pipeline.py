@@ -9,13 +9,16 @@ questions (Piper-spoken), and measures from the events on the bus:
 - ``hold_ms``: the end-of-turn hold the STT applied for more speech (0 for a question);
 - per-stage compute on the critical path: STT finalisation, LLM time until the first spoken
   chunk's text was complete, TTS synthesis of that chunk;
-- ``overhead_ms`` = v2v − eos − hold − stt − llm − tts: what the bus and the processes add.
+- ``overhead_ms`` = v2v − eos − hold − stt − llm − tts: what the bus and the processes add;
+- what capture costs (``--record off|events|all``): CPU seconds of every process over the
+  run (nats-server's writes included), and the recording stream's bytes per minute of call.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +28,7 @@ import numpy as np
 
 from proto import events as ev
 from proto import subjects as sj
+from voicebus import record
 from voicebus.client import Tap, dispatch, end_session, timing
 from voicebus.launcher import Stack
 from voicebus.speech import say_to_wav
@@ -49,15 +53,39 @@ def stats(values: list[float]) -> dict[str, float]:
             "p95": round(float(np.percentile(arr, 95)), 2), "n": len(values)}
 
 
+def cpu_seconds(stack: Stack) -> dict[str, float]:
+    """CPU time (user + system) each process of the stack has used so far."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for name, proc in stack.procs.items():
+        try:
+            fields = Path(f"/proc/{proc.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited
+        out[name] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return out
+
+
+async def capture_bytes(nc: Any) -> int:
+    try:
+        return (await nc.jetstream().stream_info(record.STREAM)).state.bytes
+    except Exception:  # no stream: capture off
+        return 0
+
+
 async def run_pipeline_bench(sessions: int, turns: int, stt_replicas: int = 1,
-                             spread_s: float = DEFAULT_SPREAD_S) -> dict[str, Any]:
+                             spread_s: float = DEFAULT_SPREAD_S,
+                             capture: str = "") -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="voicebus-bench-"))
     log_path = workdir / "stack.log"
     log_file = log_path.open("w")
     # Enough warm decoders that no replica stalls loading one mid-run (each is ~90 MB).
     warm = min(12, math.ceil(sessions / stt_replicas))
+    env = {"VOICEBUS_STT_WARM_DECODERS": str(warm)}
+    if capture:
+        env["VOICEBUS_RECORD"] = capture
     stack = Stack(workdir, sink=lambda line: log_file.write(line + "\n"),
-                  replicas={"stt": stt_replicas}, env={"VOICEBUS_STT_WARM_DECODERS": str(warm)},
+                  replicas={"stt": stt_replicas}, env=env,
                   audio_dir=workdir)  # the questions are WAV files: file edges on, there
     wavs = [await say_to_wav(PROMPTS[i % len(PROMPTS)], workdir / f"q{i}.wav", lead_ms=300)
             for i in range(turns)]
@@ -70,6 +98,7 @@ async def run_pipeline_bench(sessions: int, turns: int, stt_replicas: int = 1,
         await tap.watch(subject)
     names = [f"bench-{i}" for i in range(sessions)]
     started = time.monotonic()
+    cpu_before = cpu_seconds(stack)
     try:
         async def one(index: int, name: str) -> None:
             await asyncio.sleep(index * spread_s / sessions)
@@ -87,15 +116,35 @@ async def run_pipeline_bench(sessions: int, turns: int, stt_replicas: int = 1,
         elapsed = time.monotonic() - started
         for name in names:
             await end_session(nc, name)
+        cpu_after = cpu_seconds(stack)
+        stored = await capture_bytes(nc)
     finally:
         await tap.close()
         await nc.close()
         await stack.stop()
         log_file.close()
     result = summarise(tap, names, turns)
+    cpu = {name: round(cpu_after[name] - cpu_before.get(name, 0.0), 2) for name in cpu_after}
+    minutes = call_minutes(tap, names)
     result.update(wall_s=round(elapsed, 1), stt_replicas=stt_replicas, spread_s=spread_s,
+                  capture=capture or os.environ.get("VOICEBUS_RECORD", "all"),
+                  cpu_s={"total": round(sum(cpu.values()), 2), **cpu},
+                  call_minutes=round(minutes, 2), capture_bytes=stored,
+                  capture_bytes_per_call_minute=round(stored / minutes) if minutes else 0,
                   logs=str(log_path))
     return result
+
+
+def call_minutes(tap: Tap, names: list[str]) -> float:
+    """The calls' length: each session from its first VAD edge (its microphone began before,
+    by the WAV's lead) to its last reply played."""
+    total = 0.0
+    for name in names:
+        stamps = [e.ts_ns for e in tap.of(ev.SpeechStarted, name)] + \
+                 [p.ts_ns for p in tap.of(ev.Playback, name, final=True)]
+        if stamps:
+            total += (max(stamps) - min(stamps)) / 60e9
+    return total
 
 
 def measure_turn(tap: Tap, name: str, turn: int) -> dict[str, float] | None:
