@@ -4,8 +4,10 @@ contract. nats-server enforces them (``voicebus/auth.py`` writes its configurati
 
 A stage publishes only its own subjects (``voice.*.<stage>.*``; egress also speaks for the
 judge, ``floor``) and the keys of its own in the KV buckets it needs, and subscribes only to
-what it consumes. The token service may only start and end sessions. The operator (``voicebus
-tap``, record, replay, the launcher, tests) may do anything: give it to people, not services.
+what it consumes. The token service may only start and end sessions. The session pages read
+the capture with a role of their own, ``pages``, which can do nothing else: the token service
+holds its key only where the pages are turned on. The operator (``voicebus tap``, record, replay, the launcher, tests)
+may do anything: give it to people, not services.
 """
 
 from __future__ import annotations
@@ -16,11 +18,14 @@ from proto import subjects as sj
 
 OPERATOR = "operator"
 TOKEN = "token"
-ROLES = (*sj.STAGES, TOKEN, OPERATOR)
+PAGES = "pages"
+ROLES = (*sj.STAGES, TOKEN, PAGES, OPERATOR)
 
 LEASES = "voicebus_leases"
 SESSIONS = "voicebus_sessions"
 HISTORY = "voicebus_history"
+# The capture stream (voicebus/record.py).
+RECORD = "VOICEBUS_RECORD"
 
 # The topics (or whole producers) a stage listens to in a session it owns, beyond what every
 # stage hears (dispatch, session ends, its own handover and ready).
@@ -63,6 +68,15 @@ def _bucket_reads(bucket: str) -> list[str]:
             f"$JS.API.CONSUMER.INFO.{stream}.>", f"$JS.FC.{stream}.>"]
 
 
+def _capture_reads() -> list[str]:
+    """Read the capture as ``record.captured`` and ``record.sessions`` do: the stream's info
+    (with its subjects' counts) and an ephemeral ordered consumer delivering to the role's own
+    inbox, with its flow control. The bare CONSUMER.CREATE subject makes only ephemeral
+    consumers; nothing here purges, deletes or changes the stream."""
+    return [f"$JS.API.STREAM.INFO.{RECORD}", f"$JS.API.CONSUMER.CREATE.{RECORD}",
+            f"$JS.FC.{RECORD}.>"]
+
+
 def stage_rights(stage: str) -> Rights:
     own = (stage, *SPEAKS_FOR.get(stage, ()))
     publish = [f"{sj.PREFIX}.*.{producer}.*" for producer in own]
@@ -90,6 +104,8 @@ def rights(role: str) -> Rights | None:
     if role == TOKEN:
         return Rights((sj.CTL_START.every_session(), sj.CTL_END.every_session()),
                       (f"{inbox_prefix(TOKEN)}.>",))
+    if role == PAGES:
+        return Rights(tuple(_capture_reads()), (f"{inbox_prefix(PAGES)}.>",))
     if role in sj.STAGES:
         return stage_rights(role)
     raise ValueError(f"unknown role {role!r}: one of {', '.join(ROLES)}")

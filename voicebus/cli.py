@@ -121,6 +121,7 @@ async def cmd_up(args: argparse.Namespace) -> int:
               f"--say {DEFAULT_QUESTION!r}\n"
               f"  watch the bus:      {me} tap --nats {stack.nats_url} "
               f"--nkey {stack.seed_file(OPERATOR)}\n"
+              f"  past sessions:      {stack.token_url}/sessions\n"
               "Ctrl-C stops everything.\n", flush=True)
         code = 0
         if args.say or args.wav:

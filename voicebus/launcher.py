@@ -275,7 +275,11 @@ class Stack:
     async def start_token(self, **extra_env: str) -> Proc:
         if "livekit" not in self.procs:  # (start_livekit has checked it already)
             self.token_port = claim_port(self.token_port, "the token service")
-        env = {**os.environ, **self.env, **self.livekit_env, **self.token_env, **extra_env,
+        # The session pages are on in a local stack (`voicebus up`, tests, benches) unless
+        # the environment says otherwise; a deployment's default is off (docs/recording.md).
+        env = {"VOICEBUS_SESSION_PAGES": "true",
+               "VOICEBUS_SESSION_PAGES_NKEY_FILE": str(self.seed_file("pages")),
+               **os.environ, **self.env, **self.livekit_env, **self.token_env, **extra_env,
                **self.role_env("token"), "VOICEBUS_REPLICA": "token",
                "VOICEBUS_TOKEN_PORT": str(self.token_port)}
         argv = [sys.executable, "-m", "services.token"]

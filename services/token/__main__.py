@@ -37,6 +37,10 @@ def main() -> None:
         log.warning("no %s hook: anyone who can reach %s:%d gets a token; set a hook or put an "
                     "authenticating reverse proxy in front before exposing it", ENV_NAME,
                     config.token_host, config.token_port, extra={"stage": "token"})
+        if config.session_pages:
+            log.warning("session pages on without a %s hook: anyone who can reach %s:%d reads "
+                        "every recorded conversation at /sessions", ENV_NAME, config.token_host,
+                        config.token_port, extra={"stage": "token"})
     server = uvicorn.Server(uvicorn.Config(
         create_app(config, authorize), host=config.token_host, port=config.token_port,
         log_config=None,  # our logging setup (text or JSON) for uvicorn's lines too

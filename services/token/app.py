@@ -1,5 +1,6 @@
 """The token service: user tokens with the least grants, agent dispatch, session end when
-livekit-server closes the room (its webhooks), the web page, ``/health`` and ``/metrics``.
+livekit-server closes the room (its webhooks), the web page, ``/health`` and ``/metrics``;
+and, when turned on, the session pages (``services.token.sessions``).
 It keeps no session state: any replica serves any request, and one that dies loses nothing.
 
 Minting and dispatch go together: a token is handed out only after its ``SessionStart`` has
@@ -34,10 +35,12 @@ from proto import subjects as sj
 from services.runtime.bus import Bus
 from services.runtime.livekit import token_for
 from services.token import metrics
-from services.token.authorize import Authorizer, is_allowed
+from services.token.authorize import Authorizer, require
 from services.token.config import TokenConfig
 from services.token.ratelimit import RateLimiter, retry_after
 from services.token.schema import TokenRequest, TokenResponse, read_limited, read_token_request
+from services.token.sessions import ASSETS as SESSION_ASSETS
+from services.token.sessions import add_session_routes
 from services.token.webhook import Webhooks
 
 log = logging.getLogger("voicebus.token")
@@ -60,6 +63,8 @@ class TokenService:
         self.limiter = RateLimiter(config.token_rate_per_minute / 60.0, config.token_burst)
         self.webhooks = Webhooks(config)
         self.bus: Bus | None = None
+        # The session pages' own connection, as the read-only role "pages" (when they are on).
+        self.pages_bus: Bus | None = None
         # One counter for every session: monotonic per session too, without a dict per room.
         self._seq = itertools.count(1)
         self._connecting: asyncio.Task[None] | None = None
@@ -76,6 +81,9 @@ class TokenService:
         self.bus = await Bus.connect(self.config.nats_url, STAGE, "voicebus-token",
                                      **self.config.nats_options(STAGE))
         log.info("connected to NATS", extra={"stage": STAGE})
+        if self.config.session_pages:
+            self.pages_bus = await Bus.connect(self.config.nats_url, STAGE, "voicebus-pages",
+                                               **self.config.pages_nats_options())
 
     async def stop(self) -> None:
         if self._connecting is not None and not self._connecting.done():
@@ -83,8 +91,9 @@ class TokenService:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._connecting
         await self.webhooks.aclose()
-        if self.bus is not None:
-            await self.bus.drain()
+        for bus in (self.bus, self.pages_bus):
+            if bus is not None:
+                await bus.drain()
 
     def check_rate(self, request: Request) -> None:
         client = request.client.host if request.client else "unknown"
@@ -146,7 +155,11 @@ def create_app(config: TokenConfig, authorize: Authorizer | None = None) -> Fast
     app.state.service = service
     _add_api_routes(app, service)
     _add_ops_routes(app, service)
-    _add_web_routes(app, config.web_path)
+    # The session pages' script is served only when they are on.
+    assets = ASSETS + (SESSION_ASSETS if config.session_pages else ())
+    _add_web_routes(app, config.web_path, assets)
+    if config.session_pages:
+        add_session_routes(app, service, config.web_path)
     return app
 
 
@@ -183,15 +196,8 @@ async def _mint_for(service: TokenService, request: Request) -> TokenResponse:
     service.check_rate(request)  # before the body is read: the cheapest refusal first
     wanted = await read_token_request(request)
     identity = wanted.identity or f"user-{secrets.token_hex(6)}"
-    try:
-        allowed = await is_allowed(service.authorize, request, wanted.room, identity)
-    except HTTPException:
-        raise
-    except Exception:
-        log.exception("the authorisation hook failed", extra={"stage": STAGE})
-        raise HTTPException(500, "authorisation failed") from None
-    if not allowed:
-        raise HTTPException(403, "not allowed to join this room")
+    await require(service.authorize, request, wanted.room, identity,
+                  "not allowed to join this room")
     granted = service.mint(wanted.room, identity, wanted.name or "")
     await service.dispatch(wanted.room)
     metrics.TOKENS_MINTED.inc()
@@ -216,7 +222,7 @@ def _add_ops_routes(app: FastAPI, service: TokenService) -> None:
 ASSETS = ("app.js", "style.css")
 
 
-def _add_web_routes(app: FastAPI, web: Path) -> None:
+def _add_web_routes(app: FastAPI, web: Path, assets: tuple[str, ...]) -> None:
     vendor = web / "node_modules" / "livekit-client" / "dist" / "livekit-client.umd.js"
     if not web.is_dir():
         log.warning("web directory %s does not exist: no web page", web, extra={"stage": STAGE})
@@ -231,7 +237,7 @@ def _add_web_routes(app: FastAPI, web: Path) -> None:
 
     @app.get("/static/{name}", include_in_schema=False)
     async def asset(name: str) -> FileResponse:
-        if name not in ASSETS:  # an allow-list: no path from the request reaches the disk
+        if name not in assets:  # an allow-list: no path from the request reaches the disk
             raise HTTPException(404, "not found")
         return _file(web / name, "not found")
 

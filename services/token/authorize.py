@@ -6,20 +6,29 @@ front of it. A hook is ``func(request, room, identity)`` (sync or async) returni
 truthy to allow; it may also raise ``fastapi.HTTPException`` to answer with its own status.
 The request body has already been read when it is called: use ``room`` and ``identity``, and
 the request's headers, cookies and client address.
+
+The same hook guards the session pages (``VOICEBUS_SESSION_PAGES``), which show what was said
+in a recorded session: it is asked with the session id as ``room`` and an EMPTY ``identity``
+(``room`` is empty too for the list of sessions). Nobody joins a room with an empty identity,
+so a hook tells the two apart by it: a hook that lets every signed-in user join any room must
+not let them all read every conversation.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+import logging
 from collections.abc import Callable
 from typing import Any
 
-from fastapi import Request
+from fastapi import HTTPException, Request
 
 from services.runtime.errors import ConfigError
 
 ENV_NAME = "VOICEBUS_TOKEN_AUTHORIZE"
+
+log = logging.getLogger("voicebus.token")
 
 Authorizer = Callable[[Request, str, str], Any]
 
@@ -52,3 +61,17 @@ async def is_allowed(authorize: Authorizer | None, request: Request, room: str,
         verdict = await verdict
     return bool(verdict)
 
+
+async def require(authorize: Authorizer | None, request: Request, room: str, identity: str,
+                  refusal: str) -> None:
+    """Ask the hook; 403 with ``refusal`` when it says no. A hook that fails is a 500 (and a
+    logged traceback), never a yes."""
+    try:
+        allowed = await is_allowed(authorize, request, room, identity)
+    except HTTPException:
+        raise
+    except Exception:
+        log.exception("the authorisation hook failed", extra={"stage": "token"})
+        raise HTTPException(500, "authorisation failed") from None
+    if not allowed:
+        raise HTTPException(403, refusal)

@@ -6,7 +6,11 @@ import math
 import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
+import msgspec
+
+from proto.permissions import PAGES
 from services.runtime.errors import ConfigError
 from services.runtime.livekit import LiveKitConfig
 
@@ -31,9 +35,23 @@ class TokenConfig(LiveKitConfig, frozen=True, kw_only=True):
     livekit_public_url: str = ""
     # The web page's directory (empty: web/ of this checkout).
     web_dir: str = ""
+    # The session pages (/sessions/<id>, /api/sessions/<id>): recorded conversations, what
+    # users said included. Off unless turned on (VOICEBUS_SESSION_PAGES=true); then the
+    # VOICEBUS_TOKEN_AUTHORIZE hook decides who reads which (services/token/authorize.py).
+    session_pages: bool = False
+    # The pages' own bus identity (the read-only role "pages"): an nkey seed or .creds file.
+    # The token service's own role cannot read the capture.
+    session_pages_nkey_file: str = ""
+    session_pages_creds_file: str = ""
     # What the agent says when it first hears the user (dispatched with the session; "" for
     # none). Turn 0 of the session: it can be interrupted like any reply.
     greeting: str = "Hello! How can I help you today?"
+
+    def pages_nats_options(self) -> dict[str, Any]:
+        """``nats.connect`` arguments for the session pages' own connection (role "pages")."""
+        pages = msgspec.structs.replace(self, nats_nkey_file=self.session_pages_nkey_file,
+                                        nats_creds_file=self.session_pages_creds_file)
+        return pages.nats_options(PAGES)
 
     @property
     def public_url(self) -> str:
@@ -67,4 +85,11 @@ def load_config(environ: Mapping[str, str] | None = None) -> TokenConfig:
     if urllib.parse.urlsplit(config.livekit_url).scheme not in ("ws", "wss", "http", "https"):
         raise ConfigError(f"LIVEKIT_URL={config.livekit_url!r}: must be ws://, wss://, http(s)://")
     config.nats_options("token")  # fails here if a credentials file named is missing
+    if config.session_pages:
+        own = config.nats_nkey_file or config.nats_creds_file
+        if own and not (config.session_pages_nkey_file or config.session_pages_creds_file):
+            raise ConfigError(f"{TokenConfig.env_name('session_pages')} is on: set "
+                              f"{TokenConfig.env_name('session_pages_nkey_file')} (the seed of "
+                              "the read-only role 'pages', made by voicebus credentials)")
+        config.pages_nats_options()
     return config

@@ -16,8 +16,11 @@ import pytest
 import pytest_asyncio
 from nats.errors import Error as NatsError
 
+from proto import codec
+from proto import events as ev
 from proto.permissions import ROLES, inbox_prefix
 from tests.conftest import LogTail
+from voicebus import record
 from voicebus.launcher import Stack
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -206,6 +209,43 @@ async def test_the_history_is_the_llms_alone_and_a_stage_writes_only_its_own_lea
         await stt.nc.jetstream(timeout=2).publish(f"$KV.voicebus_leases.llm.{S}", b"stt")
     assert await stt.refused(f"$KV.voicebus_leases.llm.{S}")
     assert (await leases.get(f"llm.{S}")).value == b"llm"
+
+
+async def test_the_session_pages_read_the_capture_and_cannot_delete_from_it(bus) -> None:
+    """The session pages read the capture as the role "pages": every message of a session, in
+    order, and the list of sessions. Purging the stream, deleting a message or the stream is
+    refused by the server; neither the token role nor a stage can read the capture at all."""
+    _, clients = bus
+    operator, pages, token, stt = (clients[role].nc for role in
+                                   ("operator", "pages", "token", "stt"))
+    assert operator is not None and pages is not None and token is not None and stt is not None
+    kept = "kept"
+    said = [(f"voice.{kept}.ingress.vad", ev.SpeechStarted(session=kept, seq=1, ts_ns=1, pts_ms=0)),
+            (f"voice.{kept}.stt.final", ev.Transcript(session=kept, seq=1, ts_ns=2, turn=1,
+                                                      text="my secret", final=True))]
+    acks = [await operator.jetstream().publish(subject, codec.encode(event))
+            for subject, event in said]  # stored once acknowledged
+    assert {ack.stream for ack in acks} == {"VOICEBUS_RECORD"}
+
+    entries = await record.captured(pages.jetstream(), kept)
+    assert [(e.subject, codec.decode_on(e.subject, e.data)) for e in entries] == said
+    assert (await record.sessions(pages.jetstream()))[kept] == 2
+
+    js = pages.jetstream(timeout=2)
+    attempts = {"STREAM.PURGE": lambda: js.purge_stream("VOICEBUS_RECORD",
+                                                         subject=f"voice.{kept}.>"),
+                "STREAM.MSG.DELETE": lambda: js.delete_msg("VOICEBUS_RECORD", acks[1].seq),
+                "STREAM.DELETE": lambda: js.delete_stream("VOICEBUS_RECORD")}
+    for api, attempt in attempts.items():
+        with pytest.raises((NatsError, asyncio.TimeoutError)):
+            await attempt()
+        assert await clients["pages"].refused(f"$JS.API.{api}.VOICEBUS_RECORD")
+    assert len(await record.captured(operator.jetstream(), kept)) == 2  # all still there
+
+    for role, nc in (("token", token), ("stt", stt)):
+        with pytest.raises((NatsError, asyncio.TimeoutError)):
+            await record.captured(nc.jetstream(timeout=2), kept)
+        assert await clients[role].refused("$JS.API.STREAM.INFO.VOICEBUS_RECORD")
 
 
 def _certificates(folder) -> dict[str, str]:

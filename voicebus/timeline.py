@@ -1,0 +1,370 @@
+"""A recorded session as a conversation: who spoke when, what each side said, what the user
+actually heard of each reply, what was interrupted, and how long each turn took from the end of
+the user's speech to the agent's voice. The session page (``/sessions/<id>`` of the token
+service) and its JSON show exactly this.
+
+It is built from the capture alone (``record.captured``): no stage is asked and nothing is
+kept, so every figure is something a stage published. Times are milliseconds from the
+session's first event on the publishers' wall clocks (``ts_ns``), the same clocks the latency
+measures use; audio frames count but are not shown.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import msgspec
+
+import proto
+from proto import codec
+from proto import events as ev
+from proto import subjects as sj
+from voicebus.record import Entry
+
+# The latency waterfall of a turn, in the order the work flows.
+WATERFALL = ("end of speech", "STT final", "verdict", "LLM first delta", "TTS first audio",
+             "playback start")
+# Turns the agent takes on its own, by the judge's action (the rest answer, or ignore, the user).
+OWN_TURNS = {"greet": "greeting", "prompt": "prompt", "goodbye": "goodbye"}
+MAX_DETAIL = 200
+
+
+class Span(msgspec.Struct, kw_only=True):
+    """Someone speaking. The user: between the VAD's edges, ending at the last speech sample.
+    The agent: its reply as played, from where its first ``Playback`` says it began to its
+    last report."""
+
+    who: Literal["user", "agent"]
+    turn: int | None
+    start_ms: float
+    end_ms: float
+    interrupted: bool = False
+
+
+class Partial(msgspec.Struct):
+    at_ms: float
+    text: str
+
+
+class Step(msgspec.Struct, kw_only=True):
+    """One point of a turn's waterfall: when it happened, since the turn's first point, and
+    since the point before."""
+
+    name: str
+    at_ms: float
+    since_ms: float
+    delta_ms: float
+
+
+class Heard(msgspec.Struct, kw_only=True):
+    """What the user heard of a reply: ``text`` was played, ``unheard`` was not (cut, or the
+    session ended first)."""
+
+    played_ms: int
+    text: str
+    unheard: str
+    interrupted: bool
+    final: bool
+
+
+class Turn(msgspec.Struct, kw_only=True):
+    turn: int
+    kind: str  # user, greeting, prompt, goodbye (the agent's own turns) or idle
+    said: str = ""  # the user's final transcript
+    partials: list[Partial] = []
+    speech_ms: int = 0
+    stt_compute_ms: float = 0.0
+    verdict: str = ""  # the judge's action: answer, ignore, greet, prompt, goodbye
+    reason: str = ""
+    reply: str = ""
+    error: str = ""
+    heard: Heard | None = None
+    interrupted: bool = False
+    cancelled_ms: float | None = None  # when the judge cut this reply
+    waterfall: list[Step] = []
+
+
+class State(msgspec.Struct):
+    at_ms: float
+    state: str
+    turn: int
+
+
+class Mark(msgspec.Struct, kw_only=True):
+    """One event worth a line in the log: where it was published, for which turn, what."""
+
+    at_ms: float
+    source: str  # producer.kind of its subject
+    kind: str  # the event's type
+    turn: int | None = None
+    detail: str = ""
+
+
+class Timeline(msgspec.Struct, kw_only=True):
+    session: str
+    contract: int
+    start_ns: int  # wall clock of the first event (0 when nothing decoded)
+    duration_ms: float
+    ended: str = ""  # the SessionEnd's reason
+    messages: int  # captured messages, audio frames included
+    rejected: int = 0  # messages that did not decode on their subject (left out)
+    spans: list[Span] = []
+    states: list[State] = []
+    turns: list[Turn] = []
+    marks: list[Mark] = []
+
+
+@dataclass
+class _Facts:
+    """Everything published about one turn, as it arrives."""
+
+    partials: list[ev.Transcript] = field(default_factory=list)
+    final: ev.Transcript | None = None
+    idle: ev.UserIdle | None = None
+    verdict: ev.Verdict | None = None
+    deltas: list[ev.ReplyDelta] = field(default_factory=list)
+    done: ev.ReplyDone | None = None
+    first_audio_ns: int = 0
+    synthesis: ev.SynthesisDone | None = None
+    plays: list[ev.Playback] = field(default_factory=list)
+    cancel: ev.Cancel | None = None
+
+
+def build(session: str, entries: Iterable[Entry]) -> Timeline:
+    """The timeline of ``session`` from its captured messages (in capture order)."""
+    decoded: list[tuple[str, ev.AnyEvent]] = []
+    messages = rejected = 0
+    for entry in entries:
+        messages += 1
+        try:
+            decoded.append((entry.subject, codec.decode_on(entry.subject, entry.data)))
+        except codec.Rejected:
+            rejected += 1
+    stamps = [e.ts_ns for _, e in decoded if e.ts_ns > 0]
+    origin = min(stamps, default=0)
+    builder = _Builder(origin, max(stamps, default=0))
+    for subject, event in decoded:
+        builder.add(subject, event)
+    users = builder.user_spans()
+    return Timeline(session=session, contract=proto.CONTRACT_VERSION, start_ns=origin,
+                    duration_ms=builder.ms(builder.last_ns), ended=builder.ended,
+                    messages=messages, rejected=rejected, spans=builder.spans(users),
+                    states=builder.states, turns=builder.turns(users),
+                    marks=sorted(builder.marks, key=lambda m: m.at_ms))
+
+
+class _Builder:
+    def __init__(self, origin_ns: int, last_ns: int) -> None:
+        self.origin_ns = origin_ns
+        self.last_ns = last_ns
+        self.facts: dict[int, _Facts] = {}
+        self.speech: list[tuple[ev.SpeechStarted, ev.SpeechEnded | None]] = []
+        self.transcripts: list[ev.Transcript] = []
+        self.states: list[State] = []
+        self.marks: list[Mark] = []
+        self.ended = ""
+
+    def ms(self, ns: int) -> float:
+        return round((ns - self.origin_ns) / 1e6, 1) if ns else 0.0
+
+    def turn(self, number: int) -> _Facts:
+        return self.facts.setdefault(number, _Facts())
+
+    def mark(self, subject: str, event: ev.Event, detail: str = "", turn: int | None = None
+             ) -> None:
+        _, topic = sj.parse(subject)
+        self.marks.append(Mark(at_ms=self.ms(event.ts_ns), source=f"{topic.producer}.{topic.kind}",
+                               kind=type(event).__name__, turn=turn, detail=detail[:MAX_DETAIL]))
+
+    def add(self, subject: str, event: ev.AnyEvent) -> None:
+        match event:
+            case ev.AudioFrame(turn=turn) if sj.parse(subject)[1] is sj.TTS_AUDIO:
+                facts = self.turn(turn)
+                if not facts.first_audio_ns or event.ts_ns < facts.first_audio_ns:
+                    facts.first_audio_ns = event.ts_ns
+            case ev.AudioFrame():
+                pass  # the user's microphone: its speech is known from the VAD's edges
+            case ev.SpeechStarted() | ev.SpeechEnded():
+                self.add_speech(subject, event)
+            case ev.Transcript():
+                self.add_transcript(subject, event)
+            case ev.ReplyDelta(turn=turn):
+                self.turn(turn).deltas.append(event)
+            case ev.Playback(turn=turn):
+                self.add_playback(subject, event, self.turn(turn))
+            case _:
+                self.add_decision(subject, event)
+
+    def add_speech(self, subject: str, event: ev.SpeechStarted | ev.SpeechEnded) -> None:
+        if isinstance(event, ev.SpeechStarted):
+            self.speech.append((event, None))
+            self.mark(subject, event, "the user starts speaking")
+        else:
+            if self.speech and self.speech[-1][1] is None:
+                self.speech[-1] = (self.speech[-1][0], event)
+            self.mark(subject, event, f"the user stops speaking ({event.speech_ms} ms of speech)")
+
+    def add_transcript(self, subject: str, event: ev.Transcript) -> None:
+        self.transcripts.append(event)
+        facts = self.turn(event.turn)
+        if event.final:
+            facts.final = facts.final or event
+        else:
+            facts.partials.append(event)
+        self.mark(subject, event, event.text, event.turn)
+
+    def add_playback(self, subject: str, event: ev.Playback, facts: _Facts) -> None:
+        if not facts.plays:
+            self.mark(subject, event, "the reply starts playing", event.turn)
+        facts.plays.append(event)
+        if event.final:
+            cut = ", cut" if event.interrupted else ""
+            self.mark(subject, event, f"played {event.played_ms} ms{cut}", event.turn)
+
+    def add_decision(self, subject: str, event: ev.AnyEvent) -> None:
+        """The judge's decisions, the replies' ends, the session's life: kept and logged."""
+        match event:
+            case ev.Verdict(turn=turn):
+                self.turn(turn).verdict = self.turn(turn).verdict or event
+                self.mark(subject, event, _join(event.action, event.reason), turn)
+            case ev.Cancel(turn=turn):
+                self.turn(turn).cancel = self.turn(turn).cancel or event
+                self.mark(subject, event, _join("cut", event.reason), turn)
+            case ev.UserIdle(turn=turn):
+                self.turn(turn).idle = event
+                self.mark(subject, event, f"the user is silent ({event.count})", turn)
+            case ev.ReplyDone(turn=turn):
+                self.turn(turn).done = self.turn(turn).done or event
+                self.mark(subject, event, _join("reply complete", "interrupted" if
+                                                event.interrupted else event.error), turn)
+            case ev.SynthesisDone(turn=turn):
+                self.turn(turn).synthesis = self.turn(turn).synthesis or event
+                self.mark(subject, event, f"{event.frames} frames synthesized", turn)
+            case ev.AgentState(state=state, turn=turn):
+                self.states.append(State(self.ms(event.ts_ns), state, turn))
+                self.mark(subject, event, state, turn)
+            case ev.SessionEnd(reason=reason):
+                self.ended = self.ended or reason
+                self.mark(subject, event, reason)
+            case _:
+                self.mark(subject, event, _describe(event))
+
+    # ---- the results ---------------------------------------------------------------------------
+
+    def user_spans(self) -> list[Span]:
+        """Each utterance belongs to the turn of the first transcript after it began."""
+        spans = []
+        for started, ended in self.speech:
+            turn = next((t.turn for t in self.transcripts if t.ts_ns >= started.ts_ns), None)
+            if ended is None:  # the session ended as the user spoke
+                start_ns, end_ns = started.ts_ns, max(self.last_ns, started.ts_ns)
+            else:
+                # Anchored at the last speech sample, as long as the VAD measured it: the edges'
+                # own stamps are late by the VAD's detection and silence windows.
+                end_ns = ended.timing.last_speech_ts_ns if ended.timing and \
+                    ended.timing.last_speech_ts_ns else ended.ts_ns
+                start_ns = end_ns - max(0, ended.pts_ms - started.pts_ms) * 1_000_000
+            spans.append(Span(who="user", turn=turn, start_ms=self.ms(start_ns),
+                              end_ms=self.ms(end_ns)))
+        return spans
+
+    def spans(self, users: list[Span]) -> list[Span]:
+        spans = list(users)
+        for number, facts in sorted(self.facts.items()):
+            if facts.plays:
+                first, last = facts.plays[0], facts.plays[-1]
+                spans.append(Span(who="agent", turn=number, start_ms=self.ms(_play_start(first)),
+                                  end_ms=self.ms(last.ts_ns), interrupted=last.interrupted))
+        return sorted(spans, key=lambda s: s.start_ms)
+
+    def turns(self, users: list[Span]) -> list[Turn]:
+        user_ends: dict[int, float] = {}
+        for span in users:
+            if span.turn is not None:
+                user_ends[span.turn] = max(span.end_ms, user_ends.get(span.turn, span.end_ms))
+        return [self.make_turn(number, facts, user_ends.get(number))
+                for number, facts in sorted(self.facts.items())]
+
+    def make_turn(self, number: int, facts: _Facts, speech_end_ms: float | None) -> Turn:
+        final, verdict, done = facts.final, facts.verdict, facts.done
+        text = (facts.synthesis.text if facts.synthesis and facts.synthesis.text else
+                done.text if done and done.text else "".join(d.text for d in facts.deltas))
+        heard = _heard(text, facts.plays[-1]) if facts.plays else None
+        interrupted = bool(facts.cancel or (heard and heard.interrupted) or
+                           (done and done.interrupted) or
+                           (facts.synthesis and facts.synthesis.interrupted))
+        return Turn(
+            turn=number, kind=_kind(number, facts),
+            said=final.text if final else "",
+            partials=[Partial(self.ms(p.ts_ns), p.text) for p in facts.partials],
+            speech_ms=final.speech_ms if final else 0,
+            stt_compute_ms=round(final.timing.compute_ms, 1) if final and final.timing else 0.0,
+            verdict=verdict.action if verdict else "", reason=verdict.reason if verdict else "",
+            reply=text, error=done.error if done else "", heard=heard, interrupted=interrupted,
+            cancelled_ms=self.ms(facts.cancel.ts_ns) if facts.cancel else None,
+            waterfall=self.waterfall(facts, speech_end_ms))
+
+    def waterfall(self, facts: _Facts, speech_end_ms: float | None) -> list[Step]:
+        synthesis = facts.synthesis
+        first_audio_ns = facts.first_audio_ns or (
+            synthesis.timing.first_frame_ts_ns if synthesis and synthesis.timing else 0)
+        points = [
+            speech_end_ms,
+            self.ms(facts.final.ts_ns) if facts.final else None,
+            self.ms(facts.verdict.ts_ns) if facts.verdict else None,
+            self.ms(min(d.ts_ns for d in facts.deltas)) if facts.deltas else None,
+            self.ms(first_audio_ns) if first_audio_ns else None,
+            self.ms(_play_start(facts.plays[0])) if facts.plays else None,
+        ]
+        steps: list[Step] = []
+        for name, at in zip(WATERFALL, points, strict=True):
+            if at is None:
+                continue
+            first = steps[0].at_ms if steps else at
+            before = steps[-1].at_ms if steps else at
+            steps.append(Step(name=name, at_ms=at, since_ms=round(at - first, 1),
+                              delta_ms=round(at - before, 1)))
+        return steps
+
+
+def _play_start(play: ev.Playback) -> int:
+    """When a reply began to play, from its first report: egress writes each frame to the
+    user when it is due and reports right after, so a report of ``played_ms`` comes as its
+    last frame begins, ``played_ms`` less one frame after the first did."""
+    return play.ts_ns - max(0, play.played_ms - ev.FRAME_MS) * 1_000_000
+
+
+def _heard(text: str, last: ev.Playback) -> Heard:
+    cut = min(max(last.text_offset, 0), len(text))
+    return Heard(played_ms=last.played_ms, text=text[:cut], unheard=text[cut:],
+                 interrupted=last.interrupted, final=last.final)
+
+
+def _kind(number: int, facts: _Facts) -> str:
+    if facts.verdict is not None:
+        return OWN_TURNS.get(facts.verdict.action, "user")
+    if facts.idle is not None:
+        return "idle"
+    return "greeting" if number == 0 else "user"
+
+
+def _join(*parts: str) -> str:
+    return ": ".join(p for p in parts if p)
+
+
+def _describe(event: ev.AnyEvent) -> str:
+    """A line for the log. Never a file path (a development session's files stay private)."""
+    match event:
+        case ev.FileSessionStart():
+            return "session start (development file session)"
+        case ev.SessionStart(room=room):
+            return f"session start in room {room}" if room else "session start"
+        case ev.StageReady(stage=stage, replica=replica):
+            return f"{stage} ready ({replica})"
+        case ev.StageError(stage=stage, message=message):
+            return f"{stage} failed: {message}"
+        case ev.InputTrack(participant=participant, active=active):
+            return f"{participant}'s microphone {'on' if active else 'off'}"
+    return ""
