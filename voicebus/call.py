@@ -47,6 +47,8 @@ class Segment:
     final: bool = False
     track_id: str = ""
     streams: int = 0  # partials arrive as streams of their own
+    # How the text grew here: (wall-clock ns, characters) at each change, the final's last.
+    grew: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -86,6 +88,9 @@ class Caller:
         # measures stay exact: they count what is queued before each frame.
         self.source = rtc.AudioSource(MIC_RATE, 1, queue_size_ms=200)
         self.segments: dict[str, Segment] = {}
+        # The same transcripts as the legacy transcription packets (clients of protocol < 3
+        # read these): segment id -> (text, final), the latest of each.
+        self.legacy: dict[str, tuple[str, bool]] = {}
         self.state = ""
         self.state_changed = asyncio.Event()
         self.turn = Turn()
@@ -111,6 +116,7 @@ class Caller:
         self.room.on("participant_attributes_changed", self._on_attributes)
         self.room.on("participant_connected", self._on_participant)
         self.room.on("track_subscribed", self._on_track)
+        self.room.on("transcription_received", self._on_legacy_transcription)
         await self.room.connect(grant["url"], grant["token"],
                                 rtc.RoomOptions(auto_subscribe=True))
         for participant in self.room.remote_participants.values():
@@ -254,6 +260,12 @@ class Caller:
         finally:
             await stream.aclose()
 
+    def _on_legacy_transcription(self, segments: list[rtc.TranscriptionSegment], *_: object
+                                 ) -> None:
+        for segment in segments:
+            if not self.legacy.get(segment.id, ("", False))[1]:  # nothing replaces a final
+                self.legacy[segment.id] = (segment.text, segment.final)
+
     def _on_text(self, reader: rtc.TextStreamReader, sender: str) -> None:
         task = asyncio.create_task(self._read_text(reader, sender))
         self._tasks.append(task)
@@ -275,6 +287,7 @@ class Caller:
                 if mine == segment.streams and not segment.final:
                     segment.text = text
                     segment.track_id = attrs.get(ATTR_TRACK_ID, "")
+                    segment.grew.append((time.time_ns(), len(text)))
         except rtc.StreamError:
             # The sender left mid-stream (an agent replica that died, say): keep what came,
             # never final; the replica that takes over speaks on in a stream of its own.

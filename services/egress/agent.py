@@ -27,6 +27,9 @@ from services.runtime.livekit import (
 log = logging.getLogger("voicebus.egress.agent")
 
 TRACK_RATE = 48000  # what WebRTC's Opus runs at: resampling here keeps the SDK from guessing
+# The client protocol from which LiveKit clients read transcripts from text streams; older
+# ones read the legacy transcription packets.
+TEXT_STREAM_PROTOCOL = 3
 
 
 class AgentParticipant:
@@ -124,16 +127,21 @@ class TrackSink:
 
 class Transcripts:
     """Both sides of the conversation on ``lk.transcription``, one segment per user utterance
-    and per agent reply. Partials of a segment are whole replacements (a new stream with the
-    same segment id); the agent's reply streams as it is written, then a final stream carries
-    the whole text. Every stream is addressed to the session's user alone: anyone else in the
-    room receives none of it (and before the user is known, nothing is sent)."""
+    and per agent reply, addressed to the session's user alone (anyone else in the room
+    receives none of it, and before the user is known nothing is sent).
+
+    A user segment's partials are whole replacements (a new stream with the same segment id).
+    An agent segment is in step with the voice: one stream that grows by the words as they are
+    played (``agent_heard``), then a final stream with what the user heard — the whole reply,
+    or up to the last word played when it was cut. For a user whose client speaks a protocol
+    older than 3 (livekit-client before text streams), the same text also goes out as the
+    legacy transcription packets that ``useVoiceAssistant().agentTranscriptions`` reads."""
 
     def __init__(self, agent: AgentParticipant) -> None:
         self.agent = agent
         self.user_track = ""
         self.user_identity = ""
-        self._writers: dict[int, rtc.TextStreamWriter] = {}
+        self._replies: dict[int, _Reply] = {}
 
     def user(self, turn: int, text: str, final: bool) -> None:
         if not self.user_identity:
@@ -142,13 +150,31 @@ class Transcripts:
         identity = self.user_identity
         self.agent.submit(lambda: self._send(text, attrs, identity))
 
-    def agent_delta(self, turn: int, text: str) -> None:
-        if self.user_identity:
-            self.agent.submit(lambda: self._append(turn, text))
+    def agent_text(self, turn: int, text: str, whole: bool = False) -> None:
+        """More of reply ``turn``'s text (``whole``: all of it, from its ReplyDone)."""
+        reply = self._replies.setdefault(turn, _Reply())
+        reply.text = text if whole else reply.text + text
 
-    def agent_done(self, turn: int, text: str) -> None:
+    def agent_heard(self, turn: int, offset: int) -> None:
+        """Reply ``turn`` has been played up to character ``offset``: its words up to there
+        join the segment."""
+        reply = self._replies.get(turn)
+        if reply is None or not self.user_identity:
+            return
+        upto = word_boundary(reply.text, offset)
+        if upto > reply.sent:
+            words, reply.sent = reply.text[reply.sent:upto], upto
+            self.agent.submit(lambda: self._append(turn, reply, words))
+
+    def agent_played(self, turn: int, offset: int, interrupted: bool) -> None:
+        """Reply ``turn`` is over: played whole, or cut after ``offset`` characters."""
+        reply = self._replies.pop(turn, None)
+        if reply is None:
+            return
+        heard = reply.text[:word_boundary(reply.text, offset)].rstrip() if interrupted \
+            else reply.text
         attrs = self._attrs(f"agent-{turn}", self.agent.track_sid, True)
-        self.agent.submit(lambda: self._finish(turn, text, attrs))
+        self.agent.submit(lambda: self._finish(turn, reply, heard, attrs))
 
     def _attrs(self, segment: str, track: str, final: bool) -> dict[str, str]:
         return {ATTR_SEGMENT_ID: segment, ATTR_TRACK_ID: track,
@@ -161,17 +187,58 @@ class Transcripts:
         await writer.write(text)
         await writer.aclose()
 
-    async def _append(self, turn: int, text: str) -> None:
-        writer = self._writers.get(turn)
-        if writer is None:
+    async def _append(self, turn: int, reply: _Reply, words: str) -> None:
+        if reply.writer is None:
             attrs = self._attrs(f"agent-{turn}", self.agent.track_sid, False)
-            writer = self._writers[turn] = await self.agent.room.local_participant.stream_text(
+            reply.writer = await self.agent.room.local_participant.stream_text(
                 topic=TOPIC_TRANSCRIPTION, attributes=attrs,
                 destination_identities=[self.user_identity])
-        await writer.write(text)
+        await reply.writer.write(words)
+        await self._legacy(turn, reply.text[:reply.sent], final=False)
 
-    async def _finish(self, turn: int, text: str, attrs: dict[str, str]) -> None:
-        if (writer := self._writers.pop(turn, None)) is not None:
-            await writer.aclose()
-        if text and self.user_identity:  # an empty or failed reply leaves no line
-            await self._send(text, attrs, AGENT_IDENTITY)
+    async def _finish(self, turn: int, reply: _Reply, heard: str,
+                      attrs: dict[str, str]) -> None:
+        if reply.writer is not None:
+            await reply.writer.aclose()
+        if heard and self.user_identity:  # nothing heard (empty, failed, cut at once): no line
+            await self._send(heard, attrs, AGENT_IDENTITY)
+            await self._legacy(turn, heard, final=True)
+
+    async def _legacy(self, turn: int, text: str, final: bool) -> None:
+        user = self.agent.room.remote_participants.get(self.user_identity)
+        # The protocol a client announced is in the participant's info (no public accessor).
+        if user is None or user._info.client_protocol >= TEXT_STREAM_PROTOCOL:
+            return
+        segment = rtc.TranscriptionSegment(id=f"agent-{turn}", text=text, start_time=0,
+                                           end_time=0, final=final, language="")
+        await self.agent.room.local_participant.publish_transcription(rtc.Transcription(
+            participant_identity=AGENT_IDENTITY, track_sid=self.agent.track_sid,
+            segments=[segment]))
+
+
+_PUNCTUATION = ".,;:!?"
+
+
+class _Reply:
+    """An agent reply as the user hears it: its text, how much of it has been sent."""
+
+    __slots__ = ("text", "sent", "writer")
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.sent = 0
+        self.writer: rtc.TextStreamWriter | None = None
+
+
+def word_boundary(text: str, offset: int) -> int:
+    """The end of the last whole word of ``text`` before ``offset`` (a word being spoken at
+    ``offset`` is not yet heard), never after a space: what is sent never ends in one."""
+    if offset >= len(text):
+        return len(text)
+    end = max(0, offset)
+    if end and not (text[end].isspace() or text[end] in _PUNCTUATION or
+                    text[end - 1].isspace() or text[end - 1] in _PUNCTUATION):
+        end = max(0, text.rfind(" ", 0, end))  # inside a word: back to before it
+    while end and text[end - 1].isspace():
+        end -= 1
+    return end

@@ -140,6 +140,7 @@ class Playout:
     def __init__(self, sink: Sink, sample_rate: int, frame_ms: int = 20, prebuffer_ms: int = 40,
                  progress_ms: int = 250,
                  on_progress: Callable[[PlayoutReport], None] | None = None,
+                 on_played: Callable[[int, int, int], None] | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], Awaitable[object]] = asyncio.sleep) -> None:
         self.sink = sink
@@ -149,6 +150,8 @@ class Playout:
         self._prebuffer = max(1, sample_rate * prebuffer_ms // 1000)  # samples
         self._progress = sample_rate * progress_ms // 1000  # samples between progress reports
         self._on_progress = on_progress
+        # Told after every frame written: (turn, ms played, text offset). Cheap work only.
+        self._on_played = on_played
         self._clock = clock
         self._sleep = sleep
         self._turns: dict[int, _Turn] = {}
@@ -326,6 +329,8 @@ class Playout:
             if self.paused:  # paused while the sink took the frame: it must not play either
                 self._take_back()
             sent += n
+            if self._on_played is not None:
+                self._on_played(state.turn, state.played * 1000 // rate, state.text_offset)
             if state.played >= next_progress and self._on_progress is not None:
                 self._on_progress(state.report(rate))
                 next_progress = state.played + self._progress

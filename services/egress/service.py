@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import collections
 import os
 import time
 from typing import ClassVar
@@ -64,6 +65,8 @@ class EgressConfig(LiveKitConfig, frozen=True, kw_only=True):
 
 # Seconds after the user's speech ended that a reply paused by it waits for the final's verdict.
 PAUSE_VERDICT_TIMEOUT_S = 5.0
+# Frames of a reply remembered for its transcript: more than the track ever queues (2.5 s).
+WRITTEN_KEPT = 128
 
 
 def heard_offset(played_ms: int, marks: list[ev.WordMark], estimate: int) -> int:
@@ -85,6 +88,8 @@ class EgressWorker(SessionWorker[EgressConfig]):
         self.transcripts: Transcripts | None = None
         self.speaking: set[int] = set()
         self.words: dict[int, list[ev.WordMark]] = {}  # per turn, from SynthesisDone
+        # Per turn being played: (ms written, text offset) of its last frames (transcripts).
+        self._written: dict[int, collections.deque[tuple[int, int]]] = {}
         self.unsaved: FloorRecord | None = None
         self.saver: asyncio.Task[None] | None = None
         self.turns = TurnTraces()
@@ -140,9 +145,9 @@ class EgressWorker(SessionWorker[EgressConfig]):
             case ev.UserIdle():
                 self.floor.user_idle(event.turn, event.count)
             case ev.ReplyDelta() if self.transcripts is not None and event.text:
-                self.transcripts.agent_delta(event.turn, event.text)
+                self.transcripts.agent_text(event.turn, event.text)
             case ev.ReplyDone() if self.transcripts is not None:
-                self.transcripts.agent_done(event.turn, event.text)
+                self.transcripts.agent_text(event.turn, event.text, whole=True)
             case ev.InputTrack():
                 self.on_input_track(event)
 
@@ -157,6 +162,7 @@ class EgressWorker(SessionWorker[EgressConfig]):
             self.playout = Playout(
                 sink, sample_rate, prebuffer_ms=self.config.egress_prebuffer_ms,
                 progress_ms=self.config.egress_progress_ms, on_progress=self.on_progress,
+                on_played=self.on_played if self.transcripts is not None else None,
             )
             if self.floor.paused:
                 self.playout.pause()
@@ -199,8 +205,26 @@ class EgressWorker(SessionWorker[EgressConfig]):
             return
         self.playout.finish(done.turn)
 
+    def on_played(self, turn: int, played_ms: int, estimate: int) -> None:
+        """A frame of reply ``turn`` went into the track: its transcript grows by the words
+        the user has heard, which are behind what was written by what the track has queued."""
+        assert self.transcripts is not None and self.agent is not None
+        written = self._written.setdefault(turn, collections.deque(maxlen=WRITTEN_KEPT))
+        written.append((played_ms, estimate))
+        audible = played_ms - round(self.agent.source.queued_duration * 1000)
+        offset = next((o for ms, o in reversed(written) if ms <= audible), 0)
+        self.transcripts.agent_heard(turn, heard_offset(audible, self.words.get(turn, []),
+                                                        offset))
+
     def on_progress(self, report: PlayoutReport) -> None:
         if report.final:
+            if self.transcripts is not None:
+                self._written.pop(report.turn, None)
+                heard = heard_offset(report.played_ms, self.words.get(report.turn, []),
+                                     report.text_offset)
+                # Nothing played (an empty or failed reply): nothing was heard either.
+                self.transcripts.agent_played(report.turn, heard,
+                                              report.interrupted or not report.played_ms)
             self.speaking.discard(report.turn)
             self.floor.played(report.turn, report.interrupted)
             self.turns.forget(report.turn)

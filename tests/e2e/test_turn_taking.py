@@ -18,6 +18,7 @@ import pytest_asyncio
 from proto import events as ev
 from proto import subjects as sj
 from services.ingress.audio import read_wav
+from services.egress.agent import word_boundary
 from services.llm.provider import ChatMessage
 from services.runtime.livekit import AGENT_IDENTITY
 from tests.conftest import running_stack
@@ -183,6 +184,22 @@ async def test_a_question_interrupts_the_reply(turn_stack, barge) -> None:
     second = tap.of(ev.ReplyDone, room, turn=2)[0]
     assert "what time" in second.text.lower() and not second.interrupted
     assert not tap.of(ev.Playback, room, turn=2, final=True)[0].interrupted
+
+    # The user's page read reply 1 in step with the voice: its segment grew word by word
+    # from when the reply began to play, never past what was played, and its final holds
+    # only the words heard before the cut.
+    segment = caller.segments["agent-1"]
+    heard = first.text[:word_boundary(first.text, cut.text_offset)]  # whole words
+    assert segment.final and segment.text == heard and len(heard) < len(first.text)
+    playing_from = min(p.ts_ns - p.played_ms * 1_000_000 for p in tap.of(ev.Playback, room, turn=1))
+    growth = segment.grew[:-1]  # the last is the final
+    assert len(growth) >= 3, segment.grew
+    assert growth[0][0] > playing_from, (growth[0][0] - playing_from) / 1e6
+    assert all(chars <= len(heard) for _, chars in growth), (segment.grew, heard)
+    # A client of protocol < 3 (this one reports 2, as livekit-client 2.x does) gets the same
+    # in the legacy transcription packets, which useVoiceAssistant().agentTranscriptions reads.
+    assert caller.legacy["agent-1"] == (heard, True)
+    assert caller.legacy["agent-0"] == (GREETING, True)
 
     # The history keeps of the first reply exactly what was heard, marked interrupted.
     kept = [m for m in history if m.role == "assistant" and m.turn == 1]
