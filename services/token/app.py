@@ -26,9 +26,11 @@ from typing import Any, TypeVar
 import jwt
 import nats.errors
 from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse
 from livekit import api
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from proto import events as ev
 from proto import subjects as sj
@@ -48,6 +50,7 @@ log = logging.getLogger("voicebus.token")
 E = TypeVar("E", bound=ev.Event)
 
 STAGE = "token"
+TOKEN_PATH = "/api/token"
 MAX_WEBHOOK_BODY = 1 << 20
 # What each refusal of POST /api/token is counted as.
 REJECT_REASONS = {400: "bad_json", 403: "forbidden", 413: "too_large", 415: "content_type",
@@ -160,14 +163,33 @@ def create_app(config: TokenConfig, authorize: Authorizer | None = None) -> Fast
     _add_web_routes(app, config.web_path, assets)
     if config.session_pages:
         add_session_routes(app, service, config.web_path)
+    if origins := config.cors_origins:
+        app.add_middleware(TokenCors, origins=origins)
     return app
+
+
+class TokenCors:
+    """CORS for ``POST /api/token`` alone, from the origins of ``VOICEBUS_TOKEN_CORS_ORIGINS``:
+    a page served elsewhere may ask for a token; nothing else here is opened to other origins
+    (no credentials either: the hook sees the request's own headers)."""
+
+    def __init__(self, app: ASGIApp, origins: list[str]) -> None:
+        self.app = app
+        self.cors = CORSMiddleware(app, allow_origins=origins, allow_methods=["POST"],
+                                   allow_headers=["Content-Type"], max_age=600)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == TOKEN_PATH:
+            await self.cors(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
 
 
 def _add_api_routes(app: FastAPI, service: TokenService) -> None:
     body_schema = {"required": True, "content": {
         "application/json": {"schema": TokenRequest.model_json_schema()}}}
 
-    @app.post("/api/token", response_model=TokenResponse,
+    @app.post(TOKEN_PATH, response_model=TokenResponse,
               openapi_extra={"requestBody": body_schema},
               responses={status: {"description": reason} for status, reason in
                          REJECT_REASONS.items()})

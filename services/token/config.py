@@ -31,6 +31,9 @@ class TokenConfig(LiveKitConfig, frozen=True, kw_only=True):
     token_trusted_proxies: str = ""
     # "package.module:function" deciding who gets a token; empty lets everyone in.
     token_authorize: str = ""
+    # Comma-separated origins (https://app.example.com) whose pages may call /api/token
+    # (CORS); none by default: only the service's own page.
+    token_cors_origins: str = ""
     # The LiveKit URL handed to browsers (empty: livekit_url), e.g. wss://lk.example.com.
     livekit_public_url: str = ""
     # The web page's directory (empty: web/ of this checkout).
@@ -52,6 +55,10 @@ class TokenConfig(LiveKitConfig, frozen=True, kw_only=True):
         pages = msgspec.structs.replace(self, nats_nkey_file=self.session_pages_nkey_file,
                                         nats_creds_file=self.session_pages_creds_file)
         return pages.nats_options(PAGES)
+
+    @property
+    def cors_origins(self) -> list[str]:
+        return [o.strip().rstrip("/") for o in self.token_cors_origins.split(",") if o.strip()]
 
     @property
     def public_url(self) -> str:
@@ -84,6 +91,12 @@ def load_config(environ: Mapping[str, str] | None = None) -> TokenConfig:
             raise ConfigError(f"{TokenConfig.env_name(field)}={getattr(config, field)}: {rule}")
     if urllib.parse.urlsplit(config.livekit_url).scheme not in ("ws", "wss", "http", "https"):
         raise ConfigError(f"LIVEKIT_URL={config.livekit_url!r}: must be ws://, wss://, http(s)://")
+    for origin in config.cors_origins:
+        parts = urllib.parse.urlsplit(origin)
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.path or \
+                origin == "*":
+            raise ConfigError(f"{TokenConfig.env_name('token_cors_origins')}: {origin!r} is not "
+                              "an origin (scheme://host[:port], no path, no wildcard)")
     config.nats_options("token")  # fails here if a credentials file named is missing
     if config.session_pages:
         own = config.nats_nkey_file or config.nats_creds_file

@@ -38,6 +38,7 @@ SECRET = f"test-secret-{secrets.token_hex(24)}"  # random: any match in output i
 # tokenLeeway), so "refused once expired" can only be observed after that.
 LIVEKIT_LEEWAY = 60
 SHORT_TTL = 2
+APP_ORIGIN = "https://app.example.com"  # a page served elsewhere that asks for tokens
 
 
 @dataclass
@@ -77,7 +78,7 @@ async def main(tmp_path_factory: pytest.TempPathFactory):
     (web / "node_modules" / "x" / "index.js").write_text("not for the web")
     (tmp / "outside.txt").write_text("not for the web")
     stack = _stack(tmp, LogTail(tmp / "stack.log"), VOICEBUS_TOKEN_BURST="1000",
-                   VOICEBUS_WEB_DIR=str(web))
+                   VOICEBUS_WEB_DIR=str(web), VOICEBUS_TOKEN_CORS_ORIGINS=APP_ORIGIN)
     try:
         await stack.start_nats()
         await stack.start_livekit()
@@ -355,6 +356,8 @@ AUTHORIZE = "VOICEBUS_TOKEN_AUTHORIZE"
     ({"VOICEBUS_TOKEN_AUTHORIZE": "tests.integration.no_such_module:f"}, AUTHORIZE),
     ({"VOICEBUS_TOKEN_AUTHORIZE": "tests.integration.auth_hook:missing"}, AUTHORIZE),
     ({"VOICEBUS_TOKEN_AUTHORIZE": "no-colon"}, AUTHORIZE),
+    ({"VOICEBUS_TOKEN_CORS_ORIGINS": "*"}, "VOICEBUS_TOKEN_CORS_ORIGINS"),
+    ({"VOICEBUS_TOKEN_CORS_ORIGINS": "https://a.example/page"}, "VOICEBUS_TOKEN_CORS_ORIGINS"),
 ])
 async def test_bad_settings_stop_the_service_at_start(env: dict, named: str) -> None:
     proc = await asyncio.create_subprocess_exec(
@@ -362,6 +365,28 @@ async def test_bad_settings_stop_the_service_at_start(env: dict, named: str) -> 
         env={"PATH": "", "LIVEKIT_API_SECRET": SECRET, "PYTHONPATH": str(ROOT), **env})
     _, err = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode != 0 and named in err.decode() and SECRET not in err.decode()
+
+
+async def test_a_page_of_a_listed_origin_may_ask_for_a_token_and_nothing_else(
+        main: Service) -> None:
+    """CORS: the preflight and the answer of POST /api/token name a listed origin; another
+    origin gets no CORS headers, and no other route is opened to a listed one either."""
+    ask = {"Access-Control-Request-Method": "POST",
+           "Access-Control-Request-Headers": "content-type"}
+    allowed = await main.http.options("/api/token", headers={"Origin": APP_ORIGIN, **ask})
+    assert allowed.status_code == 200
+    assert allowed.headers["access-control-allow-origin"] == APP_ORIGIN
+    assert "POST" in allowed.headers["access-control-allow-methods"]
+    assert "access-control-allow-credentials" not in allowed.headers
+    other = await main.http.options("/api/token", headers={"Origin": "https://evil.example",
+                                                           **ask})
+    assert other.status_code == 400 and "access-control-allow-origin" not in other.headers
+    minted = await main.http.post("/api/token", json={"room": "cors"},
+                                  headers={"Origin": APP_ORIGIN})
+    assert minted.status_code == 200
+    assert minted.headers["access-control-allow-origin"] == APP_ORIGIN
+    health = await main.http.get("/health", headers={"Origin": APP_ORIGIN})
+    assert "access-control-allow-origin" not in health.headers
 
 
 # ---- dispatch and session end ----------------------------------------------------------------
