@@ -5,6 +5,9 @@ followed by whitespace, or a newline. The whitespace is required, so ``3.`` at t
 text so far waits for the next delta: it may yet become ``3.5``. Abbreviations (``Dr.``,
 ``e.g.``), initials and list numbers (``1. First``) do not end a sentence. A run of text longer
 than ``max_chars`` without a sentence end is cut at its last clause break, else its last space.
+With ``first_clause``, the reply's first chunk may also end at its first clause break (``,``,
+``;``, ``:`` or a dash, then whitespace) once it holds ``first_clause`` characters: the voice
+starts after a short clause instead of a whole first sentence.
 
 Chunks carry their exact span in the concatenated reply, so playback can be mapped back to text.
 """
@@ -40,11 +43,12 @@ class SentenceChunker:
     A sentence shorter than ``min_chars`` is joined to the next one rather than sent alone.
     """
 
-    def __init__(self, max_chars: int = 160, min_chars: int = 1) -> None:
-        if max_chars < 1 or min_chars < 1:
-            raise ValueError("max_chars and min_chars must be positive")
+    def __init__(self, max_chars: int = 160, min_chars: int = 1, first_clause: int = 0) -> None:
+        if max_chars < 1 or min_chars < 1 or first_clause < 0:
+            raise ValueError("max_chars and min_chars must be positive, first_clause >= 0")
         self.max_chars = max_chars
         self.min_chars = min_chars
+        self.first_clause = first_clause  # 0: the first chunk is a sentence like the rest
         self._buf = ""
         self._offset = 0  # where _buf starts in the concatenated reply
 
@@ -64,6 +68,12 @@ class SentenceChunker:
     def _next_cut(self) -> int | None:
         """Where the next chunk ends in the buffer, or None until more text arrives."""
         lead = len(self._buf) - len(self._buf.lstrip())
+        if self.first_clause and self._offset == 0:
+            clause = _clause_end(self._buf, lead + self.first_clause)
+            sentence = next(iter(_sentence_ends(self._buf)), None)
+            if clause is not None and (sentence is None or clause < sentence) and \
+                    clause - lead <= self.max_chars:
+                return clause
         for end in _sentence_ends(self._buf):
             if len(self._buf[:end].strip()) < self.min_chars:
                 continue
@@ -120,6 +130,17 @@ def _keeps_period(buf: str, dot: int) -> bool:
         return True  # an initial, as in "J. R. R. Tolkien"; "So am I." still ends
     # "1. Open the door": a number that opens the chunk is a list marker, not a sentence.
     return word.isdigit() and not buf[:word_start].strip()
+
+
+def _clause_end(buf: str, at_least: int) -> int | None:
+    """The end of the first clause of ``buf`` that reaches ``at_least`` characters: after a
+    clause mark or a spaced dash followed by whitespace (None until there is one)."""
+    for i in range(max(1, at_least - 1), len(buf) - 1):
+        ch = buf[i]
+        if buf[i + 1].isspace() and (ch in CLAUSE_MARKS or ch == "—" or
+                                     (ch in DASHES and buf[i - 1] == " ")):
+            return i + 1
+    return None
 
 
 def _long_cut(window: str, max_chars: int) -> int:

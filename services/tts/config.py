@@ -19,5 +19,8 @@ class TtsConfig(ChainConfig, frozen=True, kw_only=True):
     piper_deterministic: bool = False
     # A text chunk is sent to synthesis at a sentence end, or at a clause break past this length.
     tts_max_chunk_chars: int = 160
+    # A reply's first chunk may end at its first clause break (",", ";", ":", a dash) once it
+    # has this many characters, so the voice starts sooner; 0: whole sentences only.
+    tts_first_clause_chars: int = 12
     # Seconds without reply text after which a turn is closed (a lost ReplyDone).
     tts_text_timeout: float = 30.0

@@ -101,9 +101,9 @@ async def _resampled(audio: AsyncIterator[SpokenAudio], rate: int, to: int) -> A
 class TurnSpeech:
     """One turn's text on its way to the provider, and what came out."""
 
-    def __init__(self, turn: int, max_chars: int) -> None:
+    def __init__(self, turn: int, max_chars: int, first_clause: int = 0) -> None:
         self.turn = turn
-        self.chunker = SentenceChunker(max_chars=max_chars)
+        self.chunker = SentenceChunker(max_chars=max_chars, first_clause=first_clause)
         self.queue: asyncio.Queue[str | None] = asyncio.Queue()
         self.spans: list[tuple[int, int]] = []
         self.text = ""
@@ -194,7 +194,8 @@ class TtsWorker(SessionWorker[TtsConfig]):
             return None
         if current is not None and current.task is not None:
             current.task.cancel()  # a newer reply supersedes the one still being spoken
-        speech = TurnSpeech(turn, self.config.tts_max_chunk_chars)
+        speech = TurnSpeech(turn, self.config.tts_max_chunk_chars,
+                            self.config.tts_first_clause_chars)
         speech.task = self.spawn_turn(self.speak(speech), turn, self._unstarted)
         self.current = speech
         return speech

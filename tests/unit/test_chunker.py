@@ -201,3 +201,31 @@ def test_random_delta_splits_give_the_same_exact_chunks(seed: int) -> None:
 def test_rejects_nonsense_limits() -> None:
     with pytest.raises(ValueError):
         SentenceChunker(max_chars=0)
+
+
+def test_the_first_chunk_may_be_a_clause_then_sentences_follow() -> None:
+    reply = "Sure, I can help with that, and more. Then another one, ok. "
+    chunks = run(["Sure, ", "I can help with that, ", "and more. Then ", "another one, ok. "],
+                 first_clause=12)
+    # "Sure," is too short alone; the first clause past 12 characters ends the first chunk,
+    # and the rest is cut at sentence ends only (the comma in "another one, ok" stays).
+    assert texts(chunks) == ["Sure, I can help with that,", "and more.", "Then another one, ok."]
+    assert_exact(reply, chunks)
+
+
+def test_a_first_sentence_shorter_than_its_first_clause_goes_as_a_sentence() -> None:
+    assert texts(run(["Hi. Well, this is long, really. "], first_clause=12)) == \
+        ["Hi.", "Well, this is long, really."]
+    # Undecided until whitespace follows the mark: "1,000" is no clause break.
+    assert texts(run(["It costs 1,000 dollars, ", "more or less."], first_clause=5)) == \
+        ["It costs 1,000 dollars,", "more or less."]
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_first_clause_chunks_do_not_depend_on_how_the_text_was_split(seed: int) -> None:
+    rng = random.Random(seed)
+    cuts = sorted(rng.sample(range(1, len(REPLY)), rng.randrange(1, 80)))
+    deltas = [REPLY[a:b] for a, b in zip([0, *cuts], [*cuts, len(REPLY)], strict=True)]
+    chunks = run(deltas, max_chars=60, first_clause=12)
+    assert chunks == run([REPLY], max_chars=60, first_clause=12)
+    assert_exact(REPLY, chunks)
