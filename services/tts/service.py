@@ -127,8 +127,12 @@ class TurnSpeech:
         ReplyDone must not hold the turn open for ever)."""
         while True:
             try:
-                text = await asyncio.wait_for(self.queue.get(), timeout)
-            except asyncio.TimeoutError:
+                # asyncio.timeout, not wait_for: Python 3.11's wait_for drops a cancel that
+                # lands as the queue hands over a chunk, and a barge-in's cancel was lost so
+                # (the whole reply was synthesized) on a busy machine.
+                async with asyncio.timeout(timeout):
+                    text = await self.queue.get()
+            except TimeoutError:
                 log.warning("no reply text for %.0fs: closing turn %d", timeout, self.turn)
                 return
             if text is None:

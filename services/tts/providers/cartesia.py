@@ -131,7 +131,8 @@ class CartesiaTts:
         # sentences it is normal, however long the LLM takes.
         timeout = self._cfg.tts_timeout if turn.owed() else None
         try:
-            return await asyncio.wait_for(turn.inbox.get(), timeout)
+            async with asyncio.timeout(timeout):  # not wait_for: it can drop a cancel (3.11)
+                return await turn.inbox.get()
         except TimeoutError:
             raise APITimeoutError(f"no audio for {timeout:.1f}s", provider=self.name) from None
 
