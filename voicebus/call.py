@@ -93,6 +93,7 @@ class Caller:
         self.legacy: dict[str, tuple[str, bool]] = {}
         self.state = ""
         self.state_changed = asyncio.Event()
+        self.final_arrived = asyncio.Event()  # set each time a segment becomes final
         self.turn = Turn()
         self.recording: list[bytes] = []
         # Arrival of every loud agent frame: (time.monotonic(), time.time_ns()) — the second
@@ -215,10 +216,30 @@ class Caller:
         await self.wait_state("speaking", timeout=timeout)
         await self.wait_state("listening", timeout=max(0.1, deadline - time.monotonic()))
         # The state (an attribute) and the transcripts (text streams) travel separately: let
-        # the streams still open finish, so the reply's transcript is complete.
+        # the streams still open finish, so the reply's transcript is complete (its final is
+        # sent as the voice ends; one of an agent that died never comes: a short wait).
         if self._reading:
             await asyncio.wait(set(self._reading), timeout=max(0.1, deadline - time.monotonic()))
+        await self.wait_finals(AGENT_IDENTITY, timeout=min(3.0, max(0.1, deadline -
+                                                                     time.monotonic())))
         return turn
+
+    async def wait_finals(self, speaker: str, at_least: int = 0, timeout: float = 5.0
+                          ) -> list[str]:
+        """Until ``speaker`` has ``at_least`` final transcripts and none still growing (at the
+        timeout, what there is): an agent's final comes as its voice ends, and travels apart
+        from its state."""
+        deadline = time.monotonic() + timeout
+
+        def settled() -> bool:
+            mine = [s for s in self.segments.values() if s.speaker == speaker]
+            return all(s.final for s in mine) and sum(s.final for s in mine) >= at_least
+
+        while not settled() and (left := deadline - time.monotonic()) > 0:
+            self.final_arrived.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.final_arrived.wait(), left)
+        return self.transcript(speaker)
 
     async def hear_out(self, quiet_s: float = 0.5, timeout: float = 5.0) -> None:
         """Wait until the agent's voice has been quiet here for ``quiet_s``: its state travels
@@ -295,6 +316,8 @@ class Caller:
         if mine == segment.streams and not segment.final:
             segment.text = text
             segment.final = attrs.get(ATTR_FINAL) == "true"
+            if segment.final:
+                self.final_arrived.set()
 
     def transcript(self, speaker: str) -> list[str]:
         """Final texts said by ``speaker`` (an identity), in order."""
@@ -339,15 +362,16 @@ async def call(token_url: str, room: str, utterances: list[tuple[bytes, int]], o
     try:
         print(f"joined room {room!r} as {identity!r}; waiting for the agent", flush=True)
         await caller.wait_state("listening", timeout=timeout)
-        for greeting in caller.transcript(AGENT_IDENTITY):
+        for greeting in await caller.wait_finals(AGENT_IDENTITY):
             print(f"  agent: {greeting}", flush=True)
         for pcm, rate in utterances:
+            replies = len(caller.transcript(AGENT_IDENTITY))
             turn = await caller.say(pcm, rate)
             await caller.wait_reply(timeout)
             await caller.hear_out()  # the end of the reply is still on its way to us
             turns.append(turn)
             user = caller.transcript(identity)
-            agent = caller.transcript(AGENT_IDENTITY)
+            agent = await caller.wait_finals(AGENT_IDENTITY, replies + 1)
             print(f"  you:   {user[-1] if user else '(nothing recognised)'}", flush=True)
             print(f"  agent: {agent[-1] if agent else '(no transcript)'}", flush=True)
             print(f"  voice-to-voice here: {turn.v2v_ms:.0f} ms", flush=True)

@@ -255,6 +255,8 @@ async def test_an_idle_user_is_prompted_then_said_goodbye_to(turn_stack) -> None
         ended = await tap.wait_for(lambda: tap.of(ev.SessionEnd, room), 4 * IDLE_S + 30,
                                    "the session's end")
         await tap.wait_for(lambda: tap.of(ev.Playback, room, turn=2, final=True), 10, "goodbye")
+        # The goodbye's transcript is final as its voice ends: it may still be on its way.
+        await caller.wait_finals(AGENT_IDENTITY, 3)
     finally:
         await caller.leave()
 
