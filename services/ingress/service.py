@@ -134,8 +134,9 @@ class IngressWorker(SessionWorker[IngressConfig]):
         if await self.service.is_listening("stt", self.session):
             return
         try:
-            await asyncio.wait_for(self.stt_listening.wait(), self.config.stt_wait)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(self.config.stt_wait):  # a session's end still stops it
+                await self.stt_listening.wait()
+        except TimeoutError:
             self.log.warning("no STT replica claimed the session within %.0fs; sending anyway",
                              self.config.stt_wait)
 
