@@ -24,9 +24,9 @@ from proto import events as ev
 from proto import subjects as sj
 from services.egress.agent import AgentParticipant, TrackSink, Transcripts
 from services.egress.floor import Floor
+from services.egress.playout import NullSink, Playout, PlayoutReport, Sink, WavSink
 from services.egress.presence import Presence
 from services.egress.traces import TurnTraces
-from services.egress.playout import NullSink, Playout, PlayoutReport, Sink, WavSink
 from services.runtime import metrics
 from services.runtime.audio import frame_problem
 from services.runtime.bus import SeqGaps
