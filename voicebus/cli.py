@@ -97,8 +97,12 @@ async def cmd_up(args: argparse.Namespace) -> int:
     from voicebus.launcher import PortTaken, Stack
 
     workdir = Path(tempfile.mkdtemp(prefix="voicebus-"))
+    # The offline ear that understands voices it was never tested with (Whisper), unless the
+    # environment names another STT.
+    chosen = any(os.environ.get(v) for v in ("VOICEBUS_STT_PROVIDER", "VOICEBUS_STT_PROVIDERS"))
     stack = Stack(workdir, nats_port=args.nats_port, livekit=True,
                   livekit_port=args.livekit_port, token_port=args.port,
+                  env={} if chosen else {"VOICEBUS_STT_PROVIDER": "whisper"},
                   audio_dir=args.audio_dir.resolve() if args.audio_dir else None)
     # A process manager's SIGTERM, a closed terminal's SIGHUP and Ctrl-C all stop the stack the
     # same way (a SIGKILL too: every child is bound to die with this process).

@@ -37,3 +37,7 @@ class SttConfig(ChainConfig, frozen=True, kw_only=True):
     # Seconds the user may stay silent while the agent listens before the STT opens a turn
     # with no speech (a final with idle=1, 2, … in a row) for the agent to prompt them; 0: off.
     stt_user_idle_s: Seconds = 0.0
+    # whisper (services/stt/providers/whisper.py): where the converted model is kept, and the
+    # threads each decode may use.
+    whisper_cache: str = "~/.cache/voicebus"
+    whisper_threads: int = 2

