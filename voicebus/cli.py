@@ -315,6 +315,15 @@ async def cmd_bench(args: argparse.Namespace) -> int:
         from voicebus.bench.bargein import run_bargein_bench
 
         result = await run_bargein_bench(trials=args.trials, seed=args.seed)
+    elif args.bench == "stt":
+        from voicebus.bench.stt import run_stt_bench
+
+        try:
+            result = await run_stt_bench(args.providers.split(","), pace=args.pace,
+                                         voices=args.voices, phrases=args.phrases)
+        except RuntimeError as exc:
+            print(f"voicebus bench stt: {exc}", file=sys.stderr)
+            return 2
     elif args.bench == "chaos":
         from voicebus.bench.chaos import run_chaos_bench
 
@@ -443,6 +452,15 @@ def build_parser() -> argparse.ArgumentParser:
                           help="capture during the run (default: VOICEBUS_RECORD, else all)")
     pipeline.add_argument("--json", action="store_true", help="one line of JSON")
     pipeline.set_defaults(run=cmd_bench)
+    stt = bench_sub.add_parser("stt", help="key words and final latency on voices never used "
+                               "(espeak-ng, flite)")
+    stt.add_argument("--providers", default="pocketsphinx,whisper")
+    stt.add_argument("--pace", type=float, default=1.0,
+                     help="1: frames at the microphone's pace; 0: as fast as taken")
+    stt.add_argument("--voices", type=int, default=0, help="the first N voices (0: all)")
+    stt.add_argument("--phrases", type=int, default=0, help="the first N phrases (0: all)")
+    stt.add_argument("--json", action="store_true", help="one line of JSON")
+    stt.set_defaults(run=cmd_bench)
     livekit = bench_sub.add_parser("livekit", help="voice-to-voice at a user in a LiveKit room")
     livekit.add_argument("--turns", type=int, default=5)
     livekit.add_argument("--json", action="store_true", help="one line of JSON")

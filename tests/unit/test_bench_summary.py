@@ -228,3 +228,12 @@ def test_caller_finds_the_first_loud_sample() -> None:
     frame[100] = 30000
     assert first_loud_sample(frame.tobytes()) == 37
     assert first_loud_sample(bytes(960)) == 0
+
+
+def test_stt_bench_scores_words_with_numbers_as_words() -> None:
+    from voicebus.bench.stt import wer, words
+
+    assert words("Set an alarm for 7, please!") == ["set", "an", "alarm", "for", "seven", "please"]
+    assert wer(words("set an alarm for seven"), words("set an alarm for 7")) == 0
+    assert wer(words("a b c"), words("a x c d")) == 2 / 3  # one substitution, one insertion
+    assert wer(words("a b"), []) == 1.0
