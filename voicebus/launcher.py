@@ -65,20 +65,14 @@ def claim_port(port: int, what: str) -> int:
     return port
 
 
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent(parent: int) -> Callable[[], None]:
-    """A child's pre-exec hook: the kernel sends it SIGTERM when the launcher dies, however it
-    dies (SIGKILL included), so no stage or server is ever left behind as an orphan."""
-    def hook() -> None:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-        if os.getppid() != parent:  # the launcher died before the hook ran
-            os._exit(1)
-    return hook
+def _dying_with_parent(argv: list[str]) -> list[str]:
+    """``argv`` run so that the kernel sends it SIGTERM when the launcher dies, however it dies
+    (SIGKILL included): no stage or server is ever left behind as an orphan. util-linux's
+    ``setpriv`` sets that between fork and exec; a Python pre-exec hook did too, but ran Python
+    (an import) in a child forked from a process with threads, which can deadlock on a lock
+    another thread held at the fork (it hung a test for 300 s)."""
+    setpriv = shutil.which("setpriv") if sys.platform == "linux" else None
+    return [setpriv, "--pdeathsig", "TERM", "--", *argv] if setpriv else argv
 
 
 def nats_server_binary() -> str:
@@ -129,9 +123,9 @@ class Proc:
 
 async def spawn(name: str, argv: list[str], env: Mapping[str, str], sink: LogSink) -> Proc:
     process = await asyncio.create_subprocess_exec(
-        *argv, env=dict(env), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        *_dying_with_parent(argv), env=dict(env), stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
         start_new_session=True,  # Ctrl-C in a terminal reaches us, and we stop children in order
-        preexec_fn=_die_with_parent(os.getpid()) if sys.platform == "linux" else None,
     )
 
     async def pump() -> None:
