@@ -69,12 +69,16 @@ PAUSE_VERDICT_TIMEOUT_S = 5.0
 WRITTEN_KEPT = 128
 
 
+def _end_ms(mark: ev.WordMark) -> int:
+    return mark.end_ms
+
+
 def heard_offset(played_ms: int, marks: list[ev.WordMark], estimate: int) -> int:
     """How much of a reply was heard after ``played_ms`` of its audio: up to the last word that
     ended by then, when the words were timed that far; else ``estimate`` (the frames' offset)."""
     if not marks or played_ms > marks[-1].end_ms:
         return estimate
-    index = bisect.bisect_right([mark.end_ms for mark in marks], played_ms)
+    index = bisect.bisect_right(marks, played_ms, key=_end_ms)  # per frame: no list built
     return marks[index - 1].text_end if index else 0
 
 

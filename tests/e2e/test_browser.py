@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e import screens
 from voicebus.speech import say_to_wav
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="module")]
@@ -93,9 +94,7 @@ async def test_a_person_talks_to_the_agent_in_the_browser(lk_stack, chromium, tm
                 "data-state", re.compile("listening|speaking"), timeout=TIMEOUT_MS)
             await expect(page.locator("#error")).to_be_hidden()
 
-            SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-            await page.screenshot(path=str(SCREENSHOT), full_page=True)
-            print(f"screenshot: {SCREENSHOT}")
+            await screens.keep(page, SCREENSHOT)
 
             await page.click("#leave")
             await expect(page.locator("body")).to_have_attribute("data-connected", "false")
@@ -104,10 +103,8 @@ async def test_a_person_talks_to_the_agent_in_the_browser(lk_stack, chromium, tm
             if page is None:
                 raise
             # What the page showed when it went wrong is the first thing to look at.
-            failed = SCREENSHOT.with_name("browser-test-failure.png")
-            failed.parent.mkdir(parents=True, exist_ok=True)
-            await page.screenshot(path=str(failed), full_page=True)
-            print(f"screenshot of the failure: {failed}")
+            await screens.keep(page, SCREENSHOT.with_name("browser-test-failure.png"),
+                               "screenshot of the failure")
             raise
         finally:
             await browser.close()

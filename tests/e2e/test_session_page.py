@@ -28,6 +28,7 @@ from proto import events as ev
 from proto import subjects as sj
 from services.ingress.audio import read_wav
 from tests.conftest import running_stack
+from tests.e2e import screens
 from tests.integration.auth_hook import TICKET, TICKET_HEADER
 from voicebus import record
 from voicebus.call import Caller
@@ -286,18 +287,14 @@ async def test_the_page_shows_every_turn_of_the_call(call: Call, chromium: Path)
                 '.lane[data-who="agent"] .span[data-interrupted="true"]')).to_have_count(1)
             await expect(page.locator(".cut-mark")).to_have_count(1)
             await expect(page.locator("#error")).to_be_hidden()
-            SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-            await page.screenshot(path=str(SCREENSHOT), full_page=True)
-            print(f"screenshot: {SCREENSHOT}")
+            await screens.keep(page, SCREENSHOT)
 
             await page.goto(f"{base}/sessions/no-such-call")
             await expect(page.locator("#error")).to_contain_text("404")
         except Exception:
             if page is not None:
-                failed = SCREENSHOT.with_name("session-page-failure.png")
-                failed.parent.mkdir(parents=True, exist_ok=True)
-                await page.screenshot(path=str(failed), full_page=True)
-                print(f"screenshot of the failure: {failed}")
+                await screens.keep(page, SCREENSHOT.with_name("session-page-failure.png"),
+                                   "screenshot of the failure")
             raise
         finally:
             await browser.close()
