@@ -109,7 +109,13 @@ class InputTrack(Event, frozen=True, tag="ingress.track"):
 class Transcript(Event, frozen=True, tag="stt.transcript"):
     """What the user said in ``turn``. A final ends the user's turn (opened by the STT, one step
     at a time). ``speech_ms``: how long the user spoke in the turn (the VAD's measure);
-    ``frames_dropped``: audio frames of the turn that never arrived."""
+    ``frames_dropped``: audio frames of the turn that never arrived.
+
+    ``settled`` (not final): the utterance is over and these are all its words, but the turn
+    may still go on for ``timing.hold_ms``: a judge may prepare its answer, never play it, before
+    the final. ``continued`` (final): the user spoke again after a settled transcript, so this
+    turn ends unanswered and the next one carries its words on (an answer prepared for it is
+    dropped)."""
 
     turn: Turn
     text: Text
@@ -119,6 +125,8 @@ class Transcript(Event, frozen=True, tag="stt.transcript"):
     provider: str = ""
     speech_ms: int = 0
     timing: Timing | None = None
+    settled: bool = False
+    continued: bool = False
 
 
 class UserIdle(Event, frozen=True, tag="stt.idle"):
@@ -138,12 +146,17 @@ class Verdict(Event, frozen=True, tag="floor.verdict"):
     """The judge's decision on ``turn``: ``answer`` the user's ``text``; ``ignore`` it (a
     backchannel, a cough, no words, a turn out of order — ``reason`` says which): no reply;
     or speak a fixed text the agent starts on its own: ``greet`` (turn 0), ``prompt`` or
-    ``goodbye`` (a user-idle turn). The LLM answers verdicts; nobody else judges."""
+    ``goodbye`` (a user-idle turn). The LLM answers verdicts; nobody else judges.
+
+    ``draft``: an answer prepared before the turn is certain (from a settled transcript); it is
+    confirmed by a verdict of the same turn without ``draft``, or dropped by a ``Cancel``. Until
+    confirmed, the reply is not played and the LLM keeps it out of the history."""
 
     turn: Turn
     action: VerdictAction
     text: Text = ""
     reason: str = ""
+    draft: bool = False
 
 
 class Cancel(Event, frozen=True, tag="ctl.cancel"):

@@ -58,6 +58,7 @@ class Turn:
     speech_end: float = 0.0  # the last sample of the utterance left the microphone
     speech_end_wall_ns: int = 0  # the same moment on the wall clock (to match bus events)
     first_sound: float = 0.0  # the agent's first audible sample arrived
+    first_sound_wall_ns: int = 0  # the same moment on the wall clock
     states: list[tuple[float, str]] = field(default_factory=list)
     speech_start: float = 0.0  # the first loud sample of the utterance left the microphone
     speech_start_wall_ns: int = 0  # the same moment on the wall clock
@@ -277,6 +278,7 @@ class Caller:
                     self.loud_frames.append((now, time.time_ns()))
                     if not self.turn.first_sound and self.turn.speech_end:
                         self.turn.first_sound = now
+                        self.turn.first_sound_wall_ns = self.loud_frames[-1][1]
                     self.sound.set()
         finally:
             await stream.aclose()

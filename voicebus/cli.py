@@ -94,15 +94,11 @@ async def converse(args: argparse.Namespace, timeout: float = 120.0) -> int:
 
 
 async def cmd_up(args: argparse.Namespace) -> int:
-    from voicebus.launcher import PortTaken, Stack
+    from voicebus.launcher import PortTaken, Stack, offline_ear
 
     workdir = Path(tempfile.mkdtemp(prefix="voicebus-"))
-    # The offline ear that understands voices it was never tested with (Whisper), unless the
-    # environment names another STT.
-    chosen = any(os.environ.get(v) for v in ("VOICEBUS_STT_PROVIDER", "VOICEBUS_STT_PROVIDERS"))
     stack = Stack(workdir, nats_port=args.nats_port, livekit=True,
-                  livekit_port=args.livekit_port, token_port=args.port,
-                  env={} if chosen else {"VOICEBUS_STT_PROVIDER": "whisper"},
+                  livekit_port=args.livekit_port, token_port=args.port, env=offline_ear(),
                   audio_dir=args.audio_dir.resolve() if args.audio_dir else None)
     # A process manager's SIGTERM, a closed terminal's SIGHUP and Ctrl-C all stop the stack the
     # same way (a SIGKILL too: every child is bound to die with this process).
@@ -324,6 +320,16 @@ async def cmd_bench(args: argparse.Namespace) -> int:
         except RuntimeError as exc:
             print(f"voicebus bench stt: {exc}", file=sys.stderr)
             return 2
+    elif args.bench == "turns":
+        from voicebus.bench.turns import run_turns_bench
+
+        try:
+            result = await run_turns_bench(
+                args.provider, [int(ms) for ms in args.silence_ms.split(",") if ms],
+                [int(ms) for ms in args.statement_ms.split(",") if ms], voices=args.voices, phrases=args.phrases, pause_ms=args.pause_ms)
+        except RuntimeError as exc:
+            print(f"voicebus bench turns: {exc}", file=sys.stderr)
+            return 2
     elif args.bench == "chaos":
         from voicebus.bench.chaos import run_chaos_bench
 
@@ -461,6 +467,22 @@ def build_parser() -> argparse.ArgumentParser:
     stt.add_argument("--phrases", type=int, default=0, help="the first N phrases (0: all)")
     stt.add_argument("--json", action="store_true", help="one line of JSON")
     stt.set_defaults(run=cmd_bench)
+    turns = bench_sub.add_parser("turns", help="false cut-offs and the wait after the user's "
+                                 "last word, on voices never used (espeak-ng, flite)")
+    turns.add_argument("--provider", default="whisper")
+    turns.add_argument("--silence-ms", default="",
+                       help="the VAD's silence windows to try, comma-separated (default: "
+                       "VOICEBUS_VAD_SILENCE_MS, else the stage's default)")
+    turns.add_argument("--statement-ms", default="",
+                       help="the statement holds to try, comma-separated (default: "
+                       "VOICEBUS_STT_EOT_STATEMENT_MS, else the stage's default)")
+    turns.add_argument("--pause-ms", type=int, default=700,
+                       help="the pause inside a phrase left hanging")
+    turns.add_argument("--voices", type=int, default=0, help="the first N voices (0: all)")
+    turns.add_argument("--phrases", type=int, default=0,
+                       help="the first N of bench stt's phrases (0: all)")
+    turns.add_argument("--json", action="store_true", help="one line of JSON")
+    turns.set_defaults(run=cmd_bench)
     livekit = bench_sub.add_parser("livekit", help="voice-to-voice at a user in a LiveKit room")
     livekit.add_argument("--turns", type=int, default=5)
     livekit.add_argument("--json", action="store_true", help="one line of JSON")

@@ -65,6 +65,19 @@ def claim_port(port: int, what: str) -> int:
     return port
 
 
+def offline_ear() -> dict[str, str]:
+    """The stack's environment for the offline ear that understands voices it was never tested
+    with (Whisper), unless the environment names another STT: what ``voicebus up`` runs."""
+    chosen = any(os.environ.get(v) for v in ("VOICEBUS_STT_PROVIDER", "VOICEBUS_STT_PROVIDERS"))
+    return {} if chosen else {"VOICEBUS_STT_PROVIDER": "whisper"}
+
+
+# On one machine the stages that run models yield the CPU to those that move audio in real
+# time (ingress, egress, livekit-server): a late audio frame makes the listener's jitter buffer
+# grow for the rest of the call, a model a few milliseconds late costs only those milliseconds.
+MODEL_STAGES_NICE = {"stt": 5, "tts": 5}
+
+
 def _dying_with_parent(argv: list[str]) -> list[str]:
     """``argv`` run so that the kernel sends it SIGTERM when the launcher dies, however it dies
     (SIGKILL included): no stage or server is ever left behind as an orphan. util-linux's
@@ -341,6 +354,8 @@ class Stack:
             self.metrics_ports[name] = port = free_port()
             env["VOICEBUS_METRICS_PORT"] = str(port)
         argv = [sys.executable, "-m", f"services.{stage}"]
+        if (nice := MODEL_STAGES_NICE.get(stage)) and shutil.which("nice"):
+            argv = ["nice", "-n", str(nice), *argv]
         self.procs[name] = proc = await spawn(name, argv, env, self.sink)
         return proc
 

@@ -26,6 +26,10 @@ from voicebus.record import Entry
 # The latency waterfall of a turn, in the order the work flows.
 WATERFALL = ("end of speech", "STT final", "verdict", "LLM first delta", "TTS first audio",
              "playback start")
+# A drafted turn's reply is prepared while the STT holds its final back: the same points and
+# two more, in the order they happened (the reply may be ready before the final).
+DRAFTED = ("end of speech", "words settled", "draft", "LLM first delta", "TTS first audio",
+           "STT final", "verdict", "playback start")
 # Turns the agent takes on its own, by the judge's action (the rest answer, or ignore, the user).
 OWN_TURNS = {"greet": "greeting", "prompt": "prompt", "goodbye": "goodbye"}
 MAX_DETAIL = 200
@@ -124,6 +128,8 @@ class _Facts:
     final: ev.Transcript | None = None
     idle: ev.UserIdle | None = None
     verdict: ev.Verdict | None = None
+    settled: ev.Transcript | None = None  # the words, before the final (a draft's cue)
+    draft: ev.Verdict | None = None
     deltas: list[ev.ReplyDelta] = field(default_factory=list)
     done: ev.ReplyDone | None = None
     first_audio_ns: int = 0
@@ -213,6 +219,8 @@ class _Builder:
             facts.final = facts.final or event
         else:
             facts.partials.append(event)
+            if event.settled:
+                facts.settled = facts.settled or event
         self.mark(subject, event, event.text, event.turn)
 
     def add_playback(self, subject: str, event: ev.Playback, facts: _Facts) -> None:
@@ -226,6 +234,9 @@ class _Builder:
     def add_decision(self, subject: str, event: ev.AnyEvent) -> None:
         """The judge's decisions, the replies' ends, the session's life: kept and logged."""
         match event:
+            case ev.Verdict(turn=turn, draft=True):
+                self.turn(turn).draft = self.turn(turn).draft or event
+                self.mark(subject, event, "draft (prepared, not played)", turn)
             case ev.Verdict(turn=turn):
                 self.turn(turn).verdict = self.turn(turn).verdict or event
                 self.mark(subject, event, _join(event.action, event.reason), turn)
@@ -310,22 +321,26 @@ class _Builder:
         synthesis = facts.synthesis
         first_audio_ns = facts.first_audio_ns or (
             synthesis.timing.first_frame_ts_ns if synthesis and synthesis.timing else 0)
-        points = [
-            speech_end_ms,
-            self.ms(facts.final.ts_ns) if facts.final else None,
-            self.ms(facts.verdict.ts_ns) if facts.verdict else None,
-            self.ms(min(d.ts_ns for d in facts.deltas)) if facts.deltas else None,
-            self.ms(first_audio_ns) if first_audio_ns else None,
-            self.ms(_play_start(facts.plays[0])) if facts.plays else None,
-        ]
+        at = {
+            "end of speech": speech_end_ms,
+            "words settled": self.ms(facts.settled.ts_ns) if facts.settled else None,
+            "draft": self.ms(facts.draft.ts_ns) if facts.draft else None,
+            "STT final": self.ms(facts.final.ts_ns) if facts.final else None,
+            "verdict": self.ms(facts.verdict.ts_ns) if facts.verdict else None,
+            "LLM first delta": self.ms(min(d.ts_ns for d in facts.deltas)) if facts.deltas
+            else None,
+            "TTS first audio": self.ms(first_audio_ns) if first_audio_ns else None,
+            "playback start": self.ms(_play_start(facts.plays[0])) if facts.plays else None,
+        }
+        names = DRAFTED if facts.draft else WATERFALL
+        points = sorted(((at[name], names.index(name), name) for name in names
+                         if at[name] is not None))
         steps: list[Step] = []
-        for name, at in zip(WATERFALL, points, strict=True):
-            if at is None:
-                continue
-            first = steps[0].at_ms if steps else at
-            before = steps[-1].at_ms if steps else at
-            steps.append(Step(name=name, at_ms=at, since_ms=round(at - first, 1),
-                              delta_ms=round(at - before, 1)))
+        for at_ms, _, name in points:
+            first = steps[0].at_ms if steps else at_ms
+            before = steps[-1].at_ms if steps else at_ms
+            steps.append(Step(name=name, at_ms=at_ms, since_ms=round(at_ms - first, 1),
+                              delta_ms=round(at_ms - before, 1)))
         return steps
 
 

@@ -142,11 +142,19 @@ class Transcripts:
         self.user_track = ""
         self.user_identity = ""
         self._replies: dict[int, _Reply] = {}
+        # A turn whose words the next one carries on shows in the segment of the turn it
+        # began in: the next turn → that first turn.
+        self._carried: dict[int, int] = {}
+
+    def user_continues(self, turn: int) -> None:
+        """``turn`` ended unanswered and ``turn + 1`` carries its words on."""
+        self._carried[turn + 1] = self._carried.pop(turn, turn)
 
     def user(self, turn: int, text: str, final: bool) -> None:
         if not self.user_identity:
             return
-        attrs = self._attrs(f"user-{turn}", self.user_track, final)
+        segment = self._carried.pop(turn, turn) if final else self._carried.get(turn, turn)
+        attrs = self._attrs(f"user-{segment}", self.user_track, final)
         identity = self.user_identity
         self.agent.submit(lambda: self._send(text, attrs, identity))
 

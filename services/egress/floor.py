@@ -9,6 +9,12 @@ Every other stage acts on what it publishes and never judges again:
 - ``Cancel`` when an utterance interrupts the reply (the agent's reply turn, and all before it);
 - ``AgentState`` as it changes, and ``SessionEnd`` once a goodbye has been heard.
 
+A turn whose words are settled before its final (the STT holds a statement's final back a
+moment for more speech) gets a ``draft`` verdict at once: the reply is prepared meanwhile but not
+played. The final confirms it (the same words: a plain verdict for the same turn, and the reply
+plays from what is ready) or drops it (``continued``: the user spoke again, so the turn is
+cancelled and the next one answers all the words). Nothing of a draft is heard before its final.
+
 The agent holds the floor from a verdict that it speaks until that reply's final ``Playback``.
 When the user starts speaking over it, the voice pauses at once (no transcript needed). Then the
 utterance interrupts (``TurnRules.interrupts``: long enough, with real words, judged on partials
@@ -41,6 +47,14 @@ class FloorActions(Protocol):
 
     def verdict(self, turn: int, action: VerdictAction, text: str, reason: str) -> None: ...
 
+    def draft(self, turn: int, text: str) -> None:
+        """Prepare the answer to ``text`` for ``turn``, unheard until ``verdict`` confirms it."""
+        ...
+
+    def withdraw(self, turn: int, reason: str) -> None:
+        """Drop the draft of ``turn`` (cancel it everywhere; nothing of it was heard)."""
+        ...
+
     def show(self, state: AgentStateName, turn: int) -> None: ...
 
     def end_session(self, reason: str) -> None: ...
@@ -69,6 +83,9 @@ class Floor:
         self.paused = False
         self.partial = ""
         self.shown: tuple[AgentStateName, int] | None = None
+        # The answer being prepared before its turn is certain: (turn, the words it answers).
+        self.drafting: tuple[int, str] | None = \
+            (record.draft, record.draft_text) if record.draft >= 0 else None
 
     # ---- the user ------------------------------------------------------------------------------
 
@@ -98,7 +115,32 @@ class Floor:
         if self.rules.interrupts(self.partial, (now - self.speaking_since) * 1000, final=False):
             self._interrupt()
 
-    def final_transcript(self, turn: int, text: str, speech_ms: int) -> None:
+    def settled_transcript(self, turn: int, text: str) -> None:
+        """The words of ``turn`` are all there, but the user may still go on: an answer is
+        prepared now when one would be given (the agent silent, real words), heard only once
+        the final agrees."""
+        if (self.reply is not None or self.drafting is not None or not words(text)
+                or not self._judgeable(turn)):
+            return
+        self.greeting = False  # the user spoke first: no greeting is coming any more
+        self.ledger.open(turn)
+        self.drafting = (turn, text)
+        self.actions.draft(turn, text)
+        self._record()
+
+    def final_transcript(self, turn: int, text: str, speech_ms: int,
+                         continued: bool = False) -> None:
+        if self.drafting is not None and self.drafting[0] == turn:
+            self._settle_draft(turn, text, continued)
+            return
+        if continued:
+            # Not drafted (the agent was speaking): the next turn carries these words on and
+            # is judged with them; a paused reply stays paused until then.
+            if self._judgeable(turn):
+                self.ledger.pass_over(turn)
+                self.actions.verdict(turn, "ignore", "", "continued")
+                self._record()
+            return
         if not self._judgeable(turn):
             return
         said = words(text)
@@ -163,6 +205,23 @@ class Floor:
         self._show()
 
     # ---- inside --------------------------------------------------------------------------------
+
+    def _settle_draft(self, turn: int, text: str, continued: bool) -> None:
+        """The final of a drafted turn: the draft is the answer if its words are the final's."""
+        drafted = self.drafting[1] if self.drafting is not None else ""
+        self.drafting = None
+        if continued or text != drafted or self.reply is not None:
+            self.ledger.cancel(turn)
+            self.actions.withdraw(turn, "continued" if continued else "words changed")
+            self._record()
+            return
+        self.reply = turn
+        self.audible = False
+        self.actions.verdict(turn, "answer", text, "")
+        if self.speaking_since is not None:
+            self._pause()  # the user already speaks again: the reply waits its turn
+        self._record()
+        self._show()
 
     def _judgeable(self, turn: int) -> bool:
         """A turn is judged once, in order, and only within reach of the last one judged: a
@@ -230,7 +289,9 @@ class Floor:
         self.actions.record(FloorRecord(
             judged=self.ledger.newest, cut=self.ledger.cut, greeted=self.greeted,
             reply=-1 if self.reply is None else self.reply,
-            goodbye=-1 if self.goodbye is None else self.goodbye))
+            goodbye=-1 if self.goodbye is None else self.goodbye,
+            draft=-1 if self.drafting is None else self.drafting[0],
+            draft_text="" if self.drafting is None else self.drafting[1]))
 
     def _show(self, turn: int | None = None) -> None:
         state: AgentStateName

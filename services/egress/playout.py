@@ -138,7 +138,7 @@ class Playout:
     one task that writes to the sink."""
 
     def __init__(self, sink: Sink, sample_rate: int, frame_ms: int = 20, prebuffer_ms: int = 40,
-                 progress_ms: int = 250,
+                 progress_ms: int = 250, lead_ms: int = 0,
                  on_progress: Callable[[PlayoutReport], None] | None = None,
                  on_played: Callable[[int, int, int], None] | None = None,
                  clock: Callable[[], float] = time.monotonic,
@@ -148,6 +148,9 @@ class Playout:
         self.frame_ms = frame_ms
         self.frame_bytes = sample_rate * frame_ms // 1000 * 2
         self._prebuffer = max(1, sample_rate * prebuffer_ms // 1000)  # samples
+        # Written ahead of real time: the sink's own queue holds this much, so a late wake-up
+        # of this loop does not leave the track without audio.
+        self._lead = lead_ms / 1000
         self._progress = sample_rate * progress_ms // 1000  # samples between progress reports
         self._on_progress = on_progress
         # Told after every frame written: (turn, ms played, text offset). Cheap work only.
@@ -167,6 +170,7 @@ class Playout:
         self._stopped = asyncio.Event()
         self._running = False
         self.stale_dropped = 0  # frames of turns that could no longer play
+        self._held: set[int] = set()  # turns that may not start yet (unconfirmed drafts)
 
     # ---- producer side (never blocks) --------------------------------------------------------
 
@@ -232,6 +236,15 @@ class Playout:
         if self._playing is not None and dropped:
             self._playing.rewind(dropped)
 
+    def hold(self, turn: int) -> None:
+        """``turn`` may be queued but not start until ``release`` (a draft, unconfirmed)."""
+        self._held.add(turn)
+
+    def release(self, turn: int) -> None:
+        if turn in self._held:
+            self._held.discard(turn)
+            self._wake.set()
+
     def has(self, turn: int) -> bool:
         """Frames of ``turn`` are queued or playing."""
         return turn in self._turns or (self._playing is not None and self._playing.turn == turn)
@@ -279,7 +292,8 @@ class Playout:
         return None
 
     def _ready(self, state: _Turn) -> bool:
-        return not self.paused and (state.finished or state.buffered >= self._prebuffer)
+        return not self.paused and state.turn not in self._held and \
+            (state.finished or state.buffered >= self._prebuffer)
 
     async def _wait(self) -> None:
         self._wake.clear()
@@ -291,7 +305,7 @@ class Playout:
         start, sent = self._clock(), 0  # schedule: the frame after `sent` samples is due then
         next_progress = 0
         while True:
-            delay = start + sent / rate - self._clock()
+            delay = start + sent / rate - self._lead - self._clock()
             if delay > 0:
                 await self._sleep(delay)
             if state.cancelled or self._closed:
@@ -307,6 +321,11 @@ class Playout:
                         await end_turn()
                     self._final(state)
                     return
+                if (due := start + sent / rate - self._clock()) > 0:
+                    # Written ahead: the sink plays what it holds until then, and a frame that
+                    # comes meanwhile is still in time.
+                    await self._sleep(due)
+                    continue
                 if not await self._rebuffer(state):
                     return
                 start, sent = self._clock(), 0

@@ -44,6 +44,10 @@ class EgressConfig(LiveKitConfig, frozen=True, kw_only=True):
     egress_progress_ms: int = 250
     # Audio the agent's LiveKit track may hold ahead of real time (dropped at once on cancel).
     egress_track_queue_ms: int = 100
+    # How far ahead of real time playout writes into the track (its queue holds that much): a
+    # wake-up of the playout loop that comes late, on a busy machine, does not starve the
+    # track, whose underrun would make the listener's jitter buffer grow for good.
+    egress_lead_ms: int = 40
     # User-idle turns in a row answered with a re-prompt; the next one gets the goodbye.
     idle_prompts: int = 1
     # Turn-taking (services/runtime/turns.py), the judge's alone. The user's speech over the
@@ -92,6 +96,8 @@ class EgressWorker(SessionWorker[EgressConfig]):
         self.transcripts: Transcripts | None = None
         self.speaking: set[int] = set()
         self.words: dict[int, list[ev.WordMark]] = {}  # per turn, from SynthesisDone
+        # Drafts whose reply had nothing to play: they end once their final confirms them.
+        self.silent_drafts: dict[int, PlayoutReport] = {}
         # Per turn being played: (ms written, text offset) of its last frames (transcripts).
         self._written: dict[int, collections.deque[tuple[int, int]]] = {}
         self.unsaved: FloorRecord | None = None
@@ -142,7 +148,11 @@ class EgressWorker(SessionWorker[EgressConfig]):
             case ev.Transcript(final=True):
                 self._show_user(event)
                 self.turns.final(event.turn)
-                self.floor.final_transcript(event.turn, event.text, event.speech_ms)
+                self.floor.final_transcript(event.turn, event.text, event.speech_ms,
+                                            continued=event.continued)
+            case ev.Transcript(settled=True):
+                self._show_user(event)
+                self.floor.settled_transcript(event.turn, event.text)
             case ev.Transcript():
                 self._show_user(event)
                 self.floor.partial_transcript(event.text, time.monotonic())
@@ -166,10 +176,13 @@ class EgressWorker(SessionWorker[EgressConfig]):
             self.playout = Playout(
                 sink, sample_rate, prebuffer_ms=self.config.egress_prebuffer_ms,
                 progress_ms=self.config.egress_progress_ms, on_progress=self.on_progress,
+                lead_ms=self.config.egress_lead_ms if self.agent is not None else 0,
                 on_played=self.on_played if self.transcripts is not None else None,
             )
             if self.floor.paused:
                 self.playout.pause()
+            if self.floor.drafting is not None:
+                self.playout.hold(self.floor.drafting[0])
             self.spawn(self.playout.run(), "playout")
         return self.playout
 
@@ -203,9 +216,13 @@ class EgressWorker(SessionWorker[EgressConfig]):
             self.words[done.turn] = done.words
         if self.playout is None or not self.playout.has(done.turn):
             # Nothing to play (an empty, failed or cut reply): the turn is over for the user
-            # too, and the agent listens again.
+            # too, and the agent listens again; for a draft, once its final confirms it.
             cut = done.interrupted or self.ledger.is_cut(done.turn)
-            self.on_progress(PlayoutReport(done.turn, 0, 0, True, cut, 0))
+            report = PlayoutReport(done.turn, 0, 0, True, cut, 0)
+            if self._drafted(done.turn) and not cut:
+                self.silent_drafts[done.turn] = report
+            else:
+                self.on_progress(report)
             return
         self.playout.finish(done.turn)
 
@@ -277,7 +294,12 @@ class EgressWorker(SessionWorker[EgressConfig]):
         self.floor.check(time.monotonic())
 
     def _show_user(self, transcript: ev.Transcript) -> None:
-        if transcript.text and self.transcripts is not None:
+        if self.transcripts is None:
+            return
+        if transcript.continued:
+            # Its words go on in the next turn: one segment for both, final at the next's end.
+            self.transcripts.user_continues(transcript.turn)
+        elif transcript.text:
             self.transcripts.user(transcript.turn, transcript.text, transcript.final)
 
     def on_input_track(self, track: ev.InputTrack) -> None:
@@ -307,7 +329,32 @@ class EgressWorker(SessionWorker[EgressConfig]):
         self.spawn(self.emit(sj.FLOOR_CANCEL, ev.Cancel, turn=turn, reason=reason, trace=trace),
                    "cancel")
 
+    def draft(self, turn: int, text: str) -> None:
+        if self.playout is not None:
+            self.playout.hold(turn)
+        metrics.DRAFTS.labels("prepared").inc()
+        self.spawn(self.emit(sj.FLOOR_VERDICT, ev.Verdict, turn=turn, action="answer", text=text,
+                             draft=True), f"draft-{turn}")
+
+    def withdraw(self, turn: int, reason: str) -> None:
+        """Nothing of the draft was heard: its audio goes, the track keeps what it plays."""
+        self.silent_drafts.pop(turn, None)
+        if self.playout is not None:
+            self.playout.cancel(turn)
+            self.playout.release(turn)
+        metrics.DRAFTS.labels("dropped").inc()
+        self.log.debug("draft %d dropped: %s", turn, reason)
+        self.spawn(self.emit(sj.FLOOR_CANCEL, ev.Cancel, turn=turn, reason=reason), "cancel")
+
+    def _drafted(self, turn: int) -> bool:
+        """Reply ``turn`` is a draft its final has not confirmed yet."""
+        return self.floor.drafting is not None and self.floor.drafting[0] == turn
+
     def verdict(self, turn: int, action: ev.VerdictAction, text: str, reason: str) -> None:
+        if self.playout is not None:
+            self.playout.release(turn)  # a confirmed draft plays from what is ready
+        if (silent := self.silent_drafts.pop(turn, None)) is not None:
+            self.on_progress(silent)
         if reason == "out of reach":
             metrics.REJECTED.labels("egress", "turn_out_of_reach").inc()
             self.log.warning("turn %d is out of reach of the last one judged (%d): ignored",

@@ -41,8 +41,9 @@ class IngressConfig(LiveKitConfig, frozen=True, kw_only=True):
     # Audio quieter than this (dBFS) is silence without running the model (-200: only
     # digital silence is skipped).
     vad_energy_floor_dbfs: float | None = -60.0
-    # End of speech: this much silence after the last speech audio closes the user's turn.
-    vad_silence_ms: int = 300
+    # End of speech: this much silence after the last speech audio ends an utterance (the STT's
+    # end-of-turn hold then decides whether the turn is over; docs/turn-taking.md).
+    vad_silence_ms: int = 200
     # The file source waits at most this long (seconds) for the agent's reply to a file.
     reply_timeout: float = 20.0
     # Seconds to hold audio back while no STT replica has claimed the session yet.

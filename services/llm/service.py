@@ -4,6 +4,10 @@ The LLM answers verdicts and never judges: ``answer`` asks the model with the us
 ``greet``, ``prompt`` and ``goodbye`` say fixed texts; ``ignore`` needs nothing. Every verdict it
 speaks gets exactly one ``ReplyDone`` (empty, interrupted or failed included), so each turn
 closes end to end. The history keeps of each reply what the user heard (``Playback``).
+
+A ``draft`` verdict is answered at once like any other, but its turn enters the history only
+when the plain verdict of the same turn confirms it; a cancel before that forgets it whole (the
+user's words come again in the turn that carries them on).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from services.llm.config import LlmConfig
 from services.llm.provider import PROVIDERS, ChatMessage, LlmProvider
 from services.runtime import metrics, tracing
 from services.runtime.fallback import FallbackAdapter, answered_by
-from services.runtime.ledger import FloorRecord, TurnLedger
+from services.runtime.ledger import MAX_AHEAD, FloorRecord, TurnLedger
 from services.runtime.service import ProviderStage, SessionWorker
 
 
@@ -38,6 +42,17 @@ class Origin(NamedTuple):
 
     trace: tracing.Headers | None
     ns: int
+
+
+class Draft:
+    """A reply to a draft verdict, kept out of the history until its turn is confirmed."""
+
+    __slots__ = ("confirmed", "dropped", "memory")
+
+    def __init__(self) -> None:
+        self.confirmed = False
+        self.dropped = False
+        self.memory: tuple[str, str, bool] | None = None  # (user, reply, interrupted) once done
 
 
 class LlmFallback(FallbackAdapter[LlmProvider]):
@@ -65,6 +80,7 @@ class LlmWorker(SessionWorker[LlmConfig]):
         self.reply: asyncio.Task[None] | None = None
         self.reply_turn = -1
         self.heard: dict[int, int] = {}  # Playback cuts that came before their reply was stored
+        self.drafts: dict[int, Draft] = {}
         # The judge's decisions in one subscription: a cancel and the verdict after it stay in
         # order.
         await self.subscribe(sj.producer_all(self.session, "floor"), self.handle)
@@ -98,9 +114,14 @@ class LlmWorker(SessionWorker[LlmConfig]):
         match event:
             case ev.Verdict(action="ignore"):
                 self.ledger.pass_over(event.turn)
+            case ev.Verdict(draft=False) if event.turn in self.drafts:
+                await self._confirm(event.turn)
             case ev.Verdict() if self.ledger.open(event.turn):
+                if event.draft:
+                    self.drafts[event.turn] = Draft()
                 self._take(event)
             case ev.Cancel() if self.ledger.cancel(event.turn):
+                self._drop_drafts(event.turn)
                 if self.reply is not None and self.ledger.is_cut(self.reply_turn):
                     self.reply.cancel()
             case ev.Playback(final=True, interrupted=True):
@@ -161,8 +182,7 @@ class LlmWorker(SessionWorker[LlmConfig]):
                         provider=answered_by(stream, provider),
                         timing=Timing(compute_ms=(time.perf_counter() - received) * 1000))
         metrics.TURNS.labels("llm", outcome).inc()
-        await self._remember(verdict.text, text, interrupted=outcome == "interrupted",
-                             turn=verdict.turn)
+        await self._settle(verdict.turn, verdict.text, text, outcome == "interrupted")
 
     async def _unstarted(self, turn: int) -> None:
         await self.emit(sj.LLM_DONE, ev.ReplyDone, turn=turn, interrupted=True,
@@ -190,6 +210,39 @@ class LlmWorker(SessionWorker[LlmConfig]):
         return tracing.stage_span("llm_first_token", session=self.session, turn=turn,
                                   parent=origin.trace, start_ns=origin.ns, end_ns=now,
                                   provider=provider)
+
+    # ---- drafts ----------------------------------------------------------------------------------
+
+    async def _settle(self, turn: int, user: str, reply: str, interrupted: bool) -> None:
+        """Reply ``turn`` is over: into the history, unless it is a draft not yet confirmed."""
+        draft = self.drafts.get(turn)
+        if draft is None or draft.confirmed:
+            self.drafts.pop(turn, None)
+            await self._remember(user, reply, interrupted=interrupted, turn=turn)
+        elif draft.dropped:
+            del self.drafts[turn]
+        else:
+            draft.memory = (user, reply, interrupted)
+
+    async def _confirm(self, turn: int) -> None:
+        """The final agreed with draft ``turn``: it is the answer, and joins the history."""
+        draft = self.drafts[turn]
+        if draft.memory is None:
+            draft.confirmed = True  # still being written: it joins the history when done
+            return
+        del self.drafts[turn]
+        user, reply, interrupted = draft.memory
+        await self._remember(user, reply, interrupted=interrupted, turn=turn)
+
+    def _drop_drafts(self, up_to: int) -> None:
+        """Drafts cut before their confirmation are forgotten, not remembered as cut replies."""
+        for turn in [t for t in self.drafts if t < up_to - MAX_AHEAD]:
+            del self.drafts[turn]  # long over (a draft cut before it began never settles)
+        for turn in [t for t, d in self.drafts.items() if t <= up_to and not d.confirmed]:
+            if self.drafts[turn].memory is not None:
+                del self.drafts[turn]
+            else:
+                self.drafts[turn].dropped = True
 
     # ---- history ---------------------------------------------------------------------------------
 

@@ -26,14 +26,17 @@ STATE_BUCKET = "voicebus_sessions"
 class FloorRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
     """What the judge of turn-taking knows, kept in KV after every decision so that another
     replica can carry the session on: the newest turn judged, the newest cut, whether the
-    greeting is over, the reply holding the floor (-1: none), and the goodbye that ends the
-    session once heard (-1: none)."""
+    greeting is over, the reply holding the floor (-1: none), the goodbye that ends the
+    session once heard (-1: none), and the answer being prepared before its turn is certain
+    (its turn, -1: none, and the words it answers)."""
 
     judged: int = -1
     cut: int = -1
     greeted: bool = False
     reply: int = -1
     goodbye: int = -1
+    draft: int = -1
+    draft_text: str = ""
 
 
 def floor_key(session: str) -> str:

@@ -25,6 +25,8 @@ FRAMES_DROPPED = Counter(
     "voicebus_frames_dropped", "Audio frames lost before this stage", ["stage"]
 )
 TURNS = Counter("voicebus_turns", "Turns handled", ["stage", "outcome"])
+DRAFTS = Counter("voicebus_drafts", "Replies prepared before their turn was certain "
+                 "(prepared), and those the final dropped (dropped)", ["outcome"])
 PROVIDER_SECONDS = Histogram(
     "voicebus_provider_seconds",
     "Provider compute on a turn's critical path",

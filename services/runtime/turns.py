@@ -34,6 +34,13 @@ _CONTINUES = frozenset(
     # auxiliaries left hanging ("I want to", "can you")
     "is are was were am be can could would should will i'm i've i'd we're you're".split()
 )
+# Said alone, these open what the user is about to say ("Well, …", "First, …"); at the end of
+# a longer phrase they are complete ("I'm well", "you go first"), so only a lone one waits.
+_OPENS = frozenset("well first now actually anyway basically also firstly secondly".split())
+# A lone answer: complete, but often the start of more ("Yes, please call my mother").
+_BRIEF = frozenset("yes no yeah yep nope okay ok sure right alright fine".split())
+# How a speech recogniser that punctuates marks words trailing off: "Well...", "So, -".
+_TRAILS_OFF = ("...", "…", ",", "-", "—")
 _QUESTION_START = frozenset(
     "what when where who whom whose why how which is are am was were do does did can could "
     "would will should shall may might have has had isn't aren't don't doesn't didn't can't "
@@ -41,7 +48,7 @@ _QUESTION_START = frozenset(
 )
 _WORD = re.compile(r"[a-z0-9']+(?:-[a-z0-9']+)*")
 
-EndOfTurn = Literal["question", "statement", "incomplete"]
+EndOfTurn = Literal["question", "statement", "brief", "incomplete"]
 
 
 def words(text: str) -> list[str]:
@@ -51,13 +58,17 @@ def words(text: str) -> list[str]:
 
 def end_of_turn(text: str) -> EndOfTurn:
     """How a final transcript ends: ``incomplete`` when its last word leaves the phrase open
-    ("and", "um", "to", "the"), ``question`` when it opens like a question and ends complete,
-    else ``statement``."""
+    ("and", "um", "to", "the"), when it is a lone opener ("Well", "First") or trails off
+    ("So...", "Yes,"), ``question`` when it opens like a question and ends complete, ``brief``
+    when it is a lone answer ("Yes.", "Okay"), else ``statement``."""
     said = words(text)
     if not said:
         return "statement"
-    if said[-1] in _CONTINUES:
+    if said[-1] in _CONTINUES or (len(said) == 1 and said[0] in _OPENS) or \
+            text.rstrip().endswith(_TRAILS_OFF):
         return "incomplete"
+    if len(said) == 1 and said[0] in _BRIEF:
+        return "brief"
     if text.rstrip().endswith("?") or said[0] in _QUESTION_START:
         return "question"
     return "statement"

@@ -30,10 +30,17 @@ class SttConfig(ChainConfig, frozen=True, kw_only=True):
     # ends an utterance; its final is then held back this many ms, by how its words end, and
     # speech that starts meanwhile continues the same turn. A question is over at once…
     stt_eot_question_ms: Ms = 0
-    # …a statement after a short pause…
-    stt_eot_statement_ms: Ms = 200
+    # …a statement after a short pause, a lone answer ("Yes.", "Okay") a little longer, as
+    # it often leads into more ("Yes, please call my mother")…
+    stt_eot_statement_ms: Ms = 100
+    stt_eot_brief_ms: Ms = 300
     # …and a phrase left hanging ("I want to", "and um") waits long for the rest of it.
     stt_eot_incomplete_ms: Ms = 1500
+    # Preemptive replies (docs/turn-taking.md): when a final is held back at most this long,
+    # the utterance's words go out at once as a settled transcript, so the agent prepares its
+    # answer during the hold (heard only once the final agrees). Speech in the hold then opens
+    # the next turn, which carries these words on. 0: off.
+    stt_preemptive_max_hold_ms: Ms = 1000
     # Seconds the user may stay silent while the agent listens before the STT opens a turn
     # with no speech (a final with idle=1, 2, … in a row) for the agent to prompt them; 0: off.
     stt_user_idle_s: Seconds = 0.0

@@ -22,8 +22,9 @@ class EndOfTurnHolds:
     """How long (ms) a turn's final waits for more speech, by how its transcript ends."""
 
     question_ms: int = 0
-    statement_ms: int = 200
+    statement_ms: int = 100
     incomplete_ms: int = 1500
+    brief_ms: int = 300
 
     def hold_ms(self, text: str) -> int:
         if not words(text):  # nothing was said (a cough, a failure): nothing to wait for
@@ -33,6 +34,8 @@ class EndOfTurnHolds:
             return self.question_ms
         if verdict == "incomplete":
             return self.incomplete_ms
+        if verdict == "brief":
+            return self.brief_ms
         return self.statement_ms
 
 

@@ -27,6 +27,7 @@ from services.runtime.bus import SeqGaps
 from services.runtime.fallback import READY_END, FallbackAdapter, answered_by
 from services.runtime.ledger import TurnLedger
 from services.runtime.service import ProviderStage, SessionWorker
+from services.runtime.turns import words
 from services.stt.config import SttConfig
 from services.stt.endpoint import EndOfTurnHolds, IdleWatch, TurnSoFar
 from services.stt.provider import PROVIDERS, SAMPLE_RATE, SttProvider, SttResult
@@ -135,7 +136,8 @@ class SttWorker(SessionWorker[SttConfig]):
         self.open_turn: OpenTurn | None = None
         self.holds = EndOfTurnHolds(self.config.stt_eot_question_ms,
                                     self.config.stt_eot_statement_ms,
-                                    self.config.stt_eot_incomplete_ms)
+                                    self.config.stt_eot_incomplete_ms,
+                                    self.config.stt_eot_brief_ms)
         self.user_idle = IdleWatch()
         self.idle_timer: asyncio.Task[None] | None = None
         self.gaps = SeqGaps()
@@ -218,13 +220,23 @@ class SttWorker(SessionWorker[SttConfig]):
                 while open_turn.pending:
                     failed = not await self.transcribe(open_turn, open_turn.pending.popleft())
                 hold = 0 if failed else self.holds.hold_ms(so_far.text)
+                settled = False
                 if hold and not open_turn.pending:
+                    if hold <= self.config.stt_preemptive_max_hold_ms and words(so_far.text):
+                        # The words are all there: the agent may prepare its answer meanwhile.
+                        await self.emit(sj.STT_PARTIAL, ev.Transcript, turn=so_far.turn,
+                                        text=so_far.text, settled=True,
+                                        provider=open_turn.provider, speech_ms=so_far.speech_ms,
+                                        timing=Timing(hold_ms=hold))
+                        settled = True
                     open_turn.more.clear()
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(hold / 1000):
                             await open_turn.more.wait()  # the user speaks again: same turn
                 if not open_turn.pending:
                     break
+                if settled:
+                    await self._carry_on(so_far)
                 self.log.debug("turn %d goes on after %r", so_far.turn, so_far.text)
         finally:
             # No await since the last look at ``pending``: speech from now on opens the next
@@ -250,6 +262,22 @@ class SttWorker(SessionWorker[SttConfig]):
         finally:
             self.ledger.close(so_far.turn)
             self._activity_changed()
+
+    async def _carry_on(self, so_far: TurnSoFar) -> None:
+        """The user spoke again after the turn's words went out settled (an answer to them may
+        be on its way): the turn ends unanswered, and the next one carries its words on."""
+        ended = so_far.turn
+        self.turn += 1
+        self.ledger.open(self.turn)
+        so_far.turn = self.turn
+        try:
+            await self.emit(sj.STT_FINAL, ev.Transcript, turn=ended, text=so_far.text,
+                            final=True, continued=True, provider="",
+                            speech_ms=so_far.speech_ms)
+            metrics.TURNS.labels("stt", "continued").inc()
+            await self._save_turn()
+        finally:
+            self.ledger.close(ended)
 
     async def transcribe(self, open_turn: OpenTurn, utt: Utterance) -> bool:
         """Transcribe one utterance into the turn; False when every provider failed (the turn

@@ -8,6 +8,7 @@ import sys
 import time
 import wave
 
+import msgspec
 import pytest
 
 from proto import codec
@@ -73,6 +74,46 @@ async def test_llm_sends_system_prompt_and_kv_history_and_survives_a_dead_provid
     assert sent[0] == {"role": "system", "content": "Be brief."}
     assert [m["content"] for m in sent[1:]] == [
         "what time is it", "You said: what time is it.", "are you there", "call my mother"]
+
+
+async def test_llm_keeps_a_dropped_draft_out_of_the_history_and_remembers_a_confirmed_one(
+        bare_stack):
+    stack, nc, tap = bare_stack
+    fake = await start_fake_openai(api_key="test-key")
+    try:
+        await stack.start_stage("llm", VOICEBUS_LLM_PROVIDER="openai", OPENAI_API_KEY="test-key",
+                                OPENAI_BASE_URL=fake.base_url, VOICEBUS_SYSTEM_PROMPT="Be brief.")
+        await stack.wait_ready(("llm",))
+        await tap.watch(sj.session_all("drafts"))
+        await dispatch(nc, tap, "drafts", stages=("llm",))
+
+        def draft(turn: int, text: str) -> ev.Verdict:
+            return msgspec.structs.replace(answer("drafts", turn, text), draft=True)
+
+        # Turn 1 is drafted and answered at once, then dropped: the user went on.
+        await publish(nc, sj.FLOOR_VERDICT, draft(1, "please call my mother"))
+        await tap.wait_for(lambda: tap.of(ev.ReplyDone, "drafts", turn=1), 10, "draft 1")
+        await publish(nc, sj.FLOOR_CANCEL, ev.Cancel(session="drafts", seq=1, turn=1,
+                                                     reason="continued"))
+        # Turn 2 carries its words on; drafted, then confirmed while it is being written.
+        fake.stall(0.5)
+        await publish(nc, sj.FLOOR_VERDICT, draft(2, "please call my mother and tell her"))
+        await tap.wait_for(lambda: len(fake.requests) == 2 or None, 10, "draft 2 asked")
+        fake.reset()
+        await publish(nc, sj.FLOOR_VERDICT, answer("drafts", 2, "please call my mother and tell her"))
+        done = await tap.wait_for(lambda: tap.of(ev.ReplyDone, "drafts", turn=2), 10, "reply 2")
+        await publish(nc, sj.FLOOR_VERDICT, answer("drafts", 3, "thanks"))
+        await tap.wait_for(lambda: tap.of(ev.ReplyDone, "drafts", turn=3), 10, "reply 3")
+    finally:
+        await fake.close()
+
+    # One reply, confirmed before its first word: the confirmation asked the model nothing.
+    assert len(done) == 1 and not done[0].interrupted
+    assert len(fake.requests) == 3
+    sent = fake.requests[-1]["messages"]
+    assert [m["content"] for m in sent[1:]] == [
+        "please call my mother and tell her", "You said: please call my mother and tell her.",
+        "thanks"]
 
 
 async def test_egress_judges_a_barge_in_stops_at_once_and_never_plays_the_cut_turn(

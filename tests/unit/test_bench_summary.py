@@ -6,6 +6,7 @@ import numpy as np
 
 from proto import events as ev
 from voicebus.bench import bargein, livekit
+from voicebus.call import Turn
 from voicebus.bench.pipeline import call_minutes, stats, summarise
 from voicebus.client import Tap
 
@@ -70,17 +71,26 @@ def test_livekit_bench_has_the_pipeline_keys_and_splits_off_transport() -> None:
     events = [*one_turn("r", 1, t0),
               ev.AudioFrame(session="r", ts_ns=t0 + 442 * MS, pcm=silent, sample_rate=16000, turn=1),
               ev.AudioFrame(session="r", ts_ns=t0 + 462 * MS, pcm=voiced, sample_rate=16000, turn=1),
+              ev.Playback(session="r", ts_ns=t0 + 450 * MS, turn=1, played_ms=20),
               ev.StageError(session="r", stage="tts", turn=1, message="late")]
     tap = tap_with(*events)
-    bus = livekit._bus_view(tap, "r", speech_end_ns=t0)
+    # The user's last sample left the microphone 30 ms before ingress published it; the first
+    # audible sample reached the user 700 ms after it.
+    heard = Turn(speech_end=1.0, speech_end_wall_ns=t0 - 30 * MS, first_sound=1.7,
+                 first_sound_wall_ns=t0 + 670 * MS)
+    bus = livekit._bus_view(tap, "r", speech_end_ns=heard.speech_end_wall_ns)
     assert bus is not None and bus["v2v"] == 442.0 and bus["onset"] == 20.0
-    row = livekit.heard_row(bus, v2v_ms=700.0)  # heard at the user
-    assert row["transport"] == 700.0 - 442.0 - 20.0 and row["pipeline_v2v"] == 442.0
+    row = livekit.heard_row(bus, heard)
+    assert round(row["v2v"], 6) == 700.0 and row["pipeline_v2v"] == 442.0
+    assert round(row["transport"], 6) == 700.0 - 442.0 - 20.0
+    # The legs: microphone → ingress, bus → egress's track, track → ear (less the onset).
+    assert (row["in"], row["to_track"], row["out"]) == (30.0, 8.0, 200.0)
 
     result = livekit.summarise(tap, "r", 1, [row], failures=[])
     pipeline = summarise(tap_with(*one_turn("r", 1, t0)), ["r"], turns=1)
     assert set(pipeline) <= set(result)
     assert result["v2v_ms"]["p50"] == 700.0 and result["transport_ms"]["p50"] == 238.0
+    assert result["legs_ms"]["out"]["p50"] == 200.0
     assert result["overhead_ms"] == pipeline["overhead_ms"] and result["errors"] == 1
 
 
@@ -237,3 +247,27 @@ def test_stt_bench_scores_words_with_numbers_as_words() -> None:
     assert wer(words("set an alarm for seven"), words("set an alarm for 7")) == 0
     assert wer(words("a b c"), words("a x c d")) == 2 / 3  # one substitution, one insertion
     assert wer(words("a b"), []) == 1.0
+
+
+def test_a_drafted_turn_is_ready_at_its_confirmation_and_only_unhidden_compute_counts() -> None:
+    t0 = 10_000 * MS
+    # Last speech at t0, end edge at 320, settled words and the draft at 335, the reply's first
+    # frame at 435 (1 ms LLM + 99 ms TTS), the final (200 ms hold) at 535 and its verdict at 536.
+    events = [
+        ev.SpeechEnded(session="d", ts_ns=t0 + 320 * MS, pts_ms=0,
+                       timing=ev.Timing(last_speech_ts_ns=t0)),
+        ev.Verdict(session="d", ts_ns=t0 + 335 * MS, turn=1, action="answer", text="hi",
+                   draft=True),
+        ev.Transcript(session="d", ts_ns=t0 + 535 * MS, turn=1, text="hi", final=True,
+                      timing=ev.Timing(compute_ms=15.0, hold_ms=200)),
+        ev.Verdict(session="d", ts_ns=t0 + 536 * MS, turn=1, action="answer", text="hi"),
+        ev.SynthesisDone(session="d", turn=1, frames=50,
+                         timing=ev.Timing(first_frame_ts_ns=t0 + 435 * MS, llm_ms=1.0,
+                                          tts_ms=99.0)),
+        ev.Playback(session="d", turn=1, played_ms=1000, final=True),
+    ]
+    result = summarise(tap_with(*events), ["d"], turns=1)
+    assert result["drafted"] == 1
+    assert result["v2v_ms"]["p50"] == 536.0  # the confirmation, not the first frame (435)
+    assert result["compute_ms"]["llm"]["p50"] == 0.0 and result["compute_ms"]["tts"]["p50"] == 0.0
+    assert result["overhead_ms"]["p50"] == 536.0 - 320.0 - 200.0 - 15.0

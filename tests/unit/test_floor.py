@@ -33,6 +33,12 @@ class Actions:
     def verdict(self, turn: int, action: str, text: str, reason: str) -> None:
         self.verdicts.append((turn, action, reason))
 
+    def draft(self, turn: int, text: str) -> None:
+        self.log.append(f"draft {turn}: {text}")
+
+    def withdraw(self, turn: int, reason: str) -> None:
+        self.log.append(f"withdraw {turn} ({reason})")
+
     def show(self, state: str, turn: int) -> None:
         self.states.append(state)
 
@@ -308,3 +314,61 @@ def test_a_reply_whose_audio_died_with_a_replica_is_cut_and_the_agent_listens() 
     assert floor.ledger.cut == 3 and actions.states[-1] == "listening"
     floor.final_transcript(4, "are you there", 900)
     assert actions.verdicts == [(4, "answer", "")]
+
+
+# ---- drafts: answers prepared before the turn is certain -------------------------------------------
+
+def test_a_settled_statement_is_drafted_and_its_final_confirms_it() -> None:
+    floor, actions = judge()
+    floor.speech_started(1.0)
+    floor.speech_ended()
+    floor.settled_transcript(1, "please call my mother")
+    assert actions.log == ["draft 1: please call my mother"] and not actions.verdicts
+    assert actions.states[-1] == "listening"  # nothing is said, so nothing shows
+    assert actions.records[-1].draft == 1
+    floor.final_transcript(1, "please call my mother", 900)
+    assert actions.verdicts == [(1, "answer", "")]
+    assert actions.states[-1] == "thinking" and actions.records[-1].draft == -1
+    floor.playing(1)
+    floor.played(1, interrupted=False)
+    assert actions.states[-2:] == ["speaking", "listening"]
+
+
+def test_a_continued_turn_drops_its_draft_and_the_next_turn_is_answered() -> None:
+    floor, actions = judge()
+    floor.settled_transcript(1, "please call my mother")
+    floor.speech_started(2.0)              # the user goes on within the hold
+    floor.final_transcript(1, "please call my mother", 900, continued=True)
+    assert actions.log[-1] == "withdraw 1 (continued)" and not actions.verdicts
+    floor.speech_ended()
+    floor.final_transcript(2, "please call my mother and tell her I am late", 1900)
+    assert actions.verdicts == [(2, "answer", "")]
+
+
+def test_a_final_with_other_words_than_the_draft_drops_it() -> None:
+    floor, actions = judge()
+    floor.settled_transcript(1, "call my mother")
+    floor.final_transcript(1, "call my brother", 900)
+    assert actions.log[-1] == "withdraw 1 (words changed)" and not actions.verdicts
+    floor.final_transcript(2, "call my brother", 900)  # the session goes on
+    assert actions.verdicts == [(2, "answer", "")]
+
+
+def test_no_draft_while_the_agent_speaks_and_a_continued_turn_keeps_the_pause() -> None:
+    floor, actions = in_state("paused")
+    floor.speech_ended()
+    floor.settled_transcript(2, "wait a second")
+    assert not [e for e in actions.log if e.startswith("draft")]
+    floor.final_transcript(2, "wait a second", 900, continued=True)
+    assert actions.verdicts == [(2, "ignore", "continued")]
+    assert "resume" not in actions.log and floor.paused  # the next turn decides
+    floor.final_transcript(3, "wait a second please stop", 1500)
+    assert "cut 1" in actions.log and actions.verdicts[-1] == (3, "answer", "")
+
+
+def test_a_draft_survives_a_replica_change_through_the_record() -> None:
+    floor, actions = judge()
+    floor.settled_transcript(1, "please call my mother")
+    heir, heir_actions = judge(record=actions.records[-1])
+    heir.final_transcript(1, "please call my mother", 900)
+    assert heir_actions.verdicts == [(1, "answer", "")]

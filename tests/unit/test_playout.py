@@ -425,3 +425,47 @@ async def test_a_pause_during_a_write_keeps_every_frame_in_order() -> None:
     assert h.sink.frames() == [frame(1, n) for n in range(10)]
     assert final.text_offset == 10 and not final.interrupted
     await h.close()
+
+
+async def test_a_held_turn_waits_for_its_release_and_then_plays_whole(h: Harness) -> None:
+    h.playout.hold(1)
+    h.start()
+    h.push_turn(1, 5)                  # a draft, all ready
+    await settle()
+    h.vt.now = 0.3                     # its final comes 300 ms later
+    assert h.sink.writes == [] and not h.reports
+    h.playout.release(1)
+    (final,) = await h.finals(1)
+    assert h.sink.frames() == [frame(1, n) for n in range(5)]
+    assert h.sink.times()[0] == pytest.approx(0.3)  # at once, from what was ready
+    assert final.played_ms == 100 and not final.interrupted
+
+
+async def test_a_held_turn_that_is_cancelled_never_reaches_the_sink(h: Harness) -> None:
+    h.playout.hold(1)
+    h.start()
+    h.push_turn(1, 5)
+    await settle()
+    h.playout.cancel(1)
+    h.playout.release(1)
+    h.push_turn(1, 2)                  # stragglers of the dropped draft
+    h.push_turn(2, 2)                  # the turn that carries its words on
+    finals = await h.finals(2)
+    assert [(r.turn, r.played_ms, r.interrupted) for r in finals] == [(1, 0, True),
+                                                                      (2, 40, False)]
+    assert h.sink.frames() == [frame(2, 0), frame(2, 1)]
+
+
+async def test_a_lead_writes_ahead_of_real_time_and_a_late_frame_within_it_is_no_underrun() -> None:
+    h = Harness(lead_ms=40)
+    h.push_turn(1, 3, finish=False)
+    # The next frames come at 50 ms: after the written ones would have run out at real time
+    # (40 ms), but before the track has played what was written ahead (60 ms).
+    h.vt.at(0.05, lambda: h.push_turn(1, 2, finish=True, first=3))
+    h.start()
+    (final,) = await h.finals(1)
+    assert h.sink.frames() == [frame(1, n) for n in range(5)]
+    # The first 40 ms (and the frame due as they run out) go at once, the rest when it comes.
+    assert h.sink.times() == pytest.approx([0.0, 0.0, 0.0, 0.06, 0.06])
+    assert final.underruns == 0 and final.played_ms == 100
+    await h.close()

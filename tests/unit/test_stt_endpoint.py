@@ -22,7 +22,7 @@ from services.stt.endpoint import EndOfTurnHolds, IdleWatch, TurnSoFar, joined
 from services.stt.provider import SttResult
 from services.stt.service import MAX_UTTERANCE_FRAMES, SttWorker
 
-HOLDS = EndOfTurnHolds(question_ms=0, statement_ms=200, incomplete_ms=1500)
+HOLDS = EndOfTurnHolds(question_ms=0, statement_ms=200, incomplete_ms=1500, brief_ms=350)
 FRAME = bytes(640)
 
 
@@ -32,6 +32,7 @@ FRAME = bytes(640)
     ("what time is it", 0),               # a question
     ("Is it raining?", 0),
     ("I need a taxi", 200),               # a statement
+    ("Okay.", 350),                       # a lone answer: more may follow
     ("I want to", 1500),                  # left hanging
     ("book a flight and um", 1500),
     ("", 0),                              # no words: nothing to wait for
@@ -43,14 +44,18 @@ def test_the_hold_follows_how_the_words_end(text: str, hold: int) -> None:
 
 def test_the_holds_come_from_the_environment_with_the_documented_defaults() -> None:
     config = SttConfig.from_env({})
-    assert (config.stt_eot_question_ms, config.stt_eot_statement_ms,
-            config.stt_eot_incomplete_ms, config.stt_user_idle_s) == (0, 200, 1500, 0.0)
+    assert (config.stt_eot_question_ms, config.stt_eot_statement_ms, config.stt_eot_brief_ms,
+            config.stt_eot_incomplete_ms, config.stt_user_idle_s,
+            config.stt_preemptive_max_hold_ms) == (0, 100, 300, 1500, 0.0, 1000)
     config = SttConfig.from_env({"VOICEBUS_STT_EOT_QUESTION_MS": "50",
                                  "VOICEBUS_STT_EOT_STATEMENT_MS": "300",
+                                 "VOICEBUS_STT_EOT_BRIEF_MS": "400",
                                  "VOICEBUS_STT_EOT_INCOMPLETE_MS": "900",
-                                 "VOICEBUS_STT_USER_IDLE_S": "7.5"})
-    assert (config.stt_eot_question_ms, config.stt_eot_statement_ms,
-            config.stt_eot_incomplete_ms, config.stt_user_idle_s) == (50, 300, 900, 7.5)
+                                 "VOICEBUS_STT_USER_IDLE_S": "7.5",
+                                 "VOICEBUS_STT_PREEMPTIVE_MAX_HOLD_MS": "0"})
+    assert (config.stt_eot_question_ms, config.stt_eot_statement_ms, config.stt_eot_brief_ms,
+            config.stt_eot_incomplete_ms, config.stt_user_idle_s,
+            config.stt_preemptive_max_hold_ms) == (50, 300, 400, 900, 7.5, 0)
     with pytest.raises(Exception, match="VOICEBUS_STT_EOT_INCOMPLETE_MS"):
         SttConfig.from_env({"VOICEBUS_STT_EOT_INCOMPLETE_MS": "-1"})
     with pytest.raises(Exception, match="VOICEBUS_STT_USER_IDLE_S"):
@@ -241,13 +246,16 @@ async def test_speech_during_the_hold_continues_the_turn_in_one_final(started: A
     user.speak()                          # within the hold: the same turn
     await user.settle()
     user.stop(900)
-    # "book a flight" is a statement: published after the (default) 200 ms hold.
+    # "book a flight" is a statement: published after the (default) 100 ms hold.
     (final,) = await user.finals(1)
     assert (final.turn, final.text, final.speech_ms) == (1, "I want to book a flight", 1600)
-    assert [p.text for p in user.of(sj.STT_PARTIAL)] == ["I", "I want to book"]
+    partials = [p for p in user.of(sj.STT_PARTIAL) if not p.settled]
+    assert [p.text for p in partials] == ["I", "I want to book"]
     assert {p.turn for p in user.of(sj.STT_PARTIAL)} == {1}
-    assert final.timing.compute_ms < 200  # the provider's time, not the hold's
-    assert final.timing.hold_ms == 200
+    # "I want to" waited 60 s: too long to prepare an answer for; the statement did not.
+    assert [p.text for p in user.of(sj.STT_PARTIAL) if p.settled] == ["I want to book a flight"]
+    assert final.timing.compute_ms < 100  # the provider's time, not the hold's
+    assert final.timing.hold_ms == 100
     await user.settle()
     assert user.worker.ledger.settled.is_set() and user.bus.kv.data["s.turn"] == b"1"
     # After the final, speech opens the next turn.
@@ -255,6 +263,51 @@ async def test_speech_during_the_hold_continues_the_turn_in_one_final(started: A
     user.stop(300)
     (_, final2) = await user.finals(2)
     assert final2.turn == 2
+
+
+async def test_a_statement_is_settled_before_its_hold_and_final_after_it(started: Any) -> None:
+    user = await started(ScriptedStt("please call my mother"), stt_eot_statement_ms=150)
+    user.speak()
+    user.stop(900)
+    (final,) = await user.finals(1)
+    (settled,) = [p for p in user.of(sj.STT_PARTIAL) if p.settled]
+    assert (settled.turn, settled.text, settled.timing.hold_ms) == (1, final.text, 150)
+    assert not settled.final and not final.continued and final.turn == 1
+    # Published in that order, the hold between them (the answer is prepared meanwhile).
+    assert settled.seq < final.seq
+    assert user.bus.published.index((sj.STT_PARTIAL, settled)) < \
+        user.bus.published.index((sj.STT_FINAL, final))
+
+
+async def test_speech_after_a_settled_transcript_ends_the_turn_and_the_next_carries_it_on(
+        started: Any) -> None:
+    user = await started(ScriptedStt("please call my mother", "and tell her I am late"),
+                         stt_eot_statement_ms=60_000, stt_preemptive_max_hold_ms=60_000)
+    user.speak()
+    user.stop(900)
+    await user.settle()
+    (settled,) = [p for p in user.of(sj.STT_PARTIAL) if p.settled]
+    assert (settled.turn, settled.text) == (1, "please call my mother")
+    user.speak()                          # within the hold, after the words went out settled
+    (ended,) = await user.finals(1)
+    assert (ended.turn, ended.text, ended.continued) == (1, "please call my mother", True)
+    user.stop(700)
+    await user.settle()
+    # The next turn shows, and ends with, all the words (the statement hold is 60 s here:
+    # its settled transcript is the proof that the utterance was heard).
+    shown = [p for p in user.of(sj.STT_PARTIAL) if p.turn == 2]
+    assert shown and shown[0].text.startswith("please call my mother and")
+    assert shown[-1].settled and shown[-1].text == "please call my mother and tell her I am late"
+    assert user.bus.kv.data["s.turn"] == b"2"
+
+
+async def test_no_settled_transcripts_when_preemptive_replies_are_off(started: Any) -> None:
+    user = await started(ScriptedStt("please call my mother"), stt_eot_statement_ms=50,
+                         stt_preemptive_max_hold_ms=0)
+    user.speak()
+    user.stop(900)
+    await user.finals(1)
+    assert not [p for p in user.of(sj.STT_PARTIAL) if p.settled]
 
 
 async def test_speech_before_the_provider_final_also_continues_the_turn(started: Any) -> None:

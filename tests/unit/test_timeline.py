@@ -249,3 +249,26 @@ def test_a_session_the_stack_recorded_reads_as_its_two_turns() -> None:
         assert all(s.delta_ms >= 0 for s in turn.waterfall), turn.waterfall
     assert [(s.who, s.turn) for s in t.spans] == [("user", 1), ("agent", 1), ("user", 2),
                                                   ("agent", 2)]
+
+
+def test_a_drafted_turn_shows_its_reply_prepared_during_the_hold_in_time_order() -> None:
+    text = "please call my mother"
+    capture = (Capture()
+               .add(sj.CTL_START, ev.SessionStart, 0, room=S)
+               .add(sj.INGRESS_VAD, ev.SpeechStarted, 100, pts_ms=0)
+               .add(sj.INGRESS_VAD, ev.SpeechEnded, 1420, pts_ms=1100, speech_ms=1000,
+                    timing=ev.Timing(last_speech_ts_ns=at(1100)))
+               .add(sj.STT_PARTIAL, ev.Transcript, 1440, turn=1, text=text, settled=True)
+               .add(sj.FLOOR_VERDICT, ev.Verdict, 1442, turn=1, action="answer", text=text,
+                    draft=True)
+               .add(sj.LLM_DELTA, ev.ReplyDelta, 1444, turn=1, text="Calling her.")
+               .add(sj.TTS_AUDIO, ev.AudioFrame, 1530, pcm=FRAME, sample_rate=16000, turn=1)
+               .add(sj.STT_FINAL, ev.Transcript, 1640, turn=1, text=text, final=True)
+               .add(sj.FLOOR_VERDICT, ev.Verdict, 1641, turn=1, action="answer", text=text)
+               .add(sj.EGRESS_PLAYBACK, ev.Playback, 1662, turn=1, played_ms=20))
+    (turn,) = build(S, capture.entries).turns
+    assert turn.verdict == "answer" and turn.said == text
+    steps = [(s.name, s.at_ms) for s in turn.waterfall]
+    assert steps == [("end of speech", 1100.0), ("words settled", 1440.0), ("draft", 1442.0),
+                     ("LLM first delta", 1444.0), ("TTS first audio", 1530.0),
+                     ("STT final", 1640.0), ("verdict", 1641.0), ("playback start", 1662.0)]

@@ -56,6 +56,13 @@ def test_more_words_can_be_required_and_the_vocabulary_is_configurable() -> None
     ("call my mother and", "incomplete"),
     ("so um", "incomplete"),
     ("tell me about the", "incomplete"),
+    ("Well...", "incomplete"),           # trailing off, as a punctuating recogniser writes it
+    ("Yes,", "incomplete"),
+    ("First", "incomplete"),             # a lone opener…
+    ("you go first", "statement"),       # …but complete at the end of a phrase
+    ("I'm well.", "statement"),
+    ("Yes.", "brief"),                   # a lone answer: often the start of more
+    ("yes please", "statement"),
     ("", "statement"),
 ])
 def test_end_of_turn_reading(text: str, kind: str) -> None:

@@ -9,7 +9,11 @@ questions (Piper-spoken), and measures from the events on the bus:
 - ``hold_ms``: the end-of-turn hold the STT applied for more speech (0 for a question);
 - per-stage compute on the critical path: STT finalisation, LLM time until the first spoken
   chunk's text was complete, TTS synthesis of that chunk;
-- ``overhead_ms`` = v2v − eos − hold − stt − llm − tts: what the bus and the processes add;
+- ``overhead_ms`` = v2v − eos − hold − stt − llm − tts: what the bus and the processes add. A
+  drafted turn (a statement's reply prepared during the hold, ``docs/turn-taking.md``) can
+  play only once its final confirms it: its v2v ends at the later of the first reply frame and
+  the confirming verdict, and only the LLM and TTS time that outlasted the hold counts;
+  ``drafted`` says how many turns were;
 - what capture costs (``--record off|events|all``): CPU seconds of every process over the
   run (nats-server's writes included), and the recording stream's bytes per minute of call.
 """
@@ -93,6 +97,7 @@ async def run_pipeline_bench(sessions: int, turns: int, stt_replicas: int = 1,
     nc = await stack.connect()
     tap = Tap(nc)
     for subject in (sj.INGRESS_VAD.every_session(), sj.STT_FINAL.every_session(),
+                    sj.FLOOR_VERDICT.every_session(),
                     sj.TTS_DONE.every_session(), sj.EGRESS_PLAYBACK.every_session(),
                     sj.every_stage("ready"), sj.every_stage("error")):
         await tap.watch(subject)
@@ -158,16 +163,32 @@ def measure_turn(tap: Tap, name: str, turn: int) -> dict[str, float] | None:
         return None
     edge, heard, reply = timing(edges[-1]), timing(final[0]), timing(done[0])
     stt_ms, llm_ms, tts_ms = heard.compute_ms, reply.llm_ms, reply.tts_ms
-    v2v = (reply.first_frame_ts_ns - edge.last_speech_ts_ns) / 1e6
-    eos = (edges[-1].ts_ns - edge.last_speech_ts_ns) / 1e6
     hold = heard.hold_ms  # the end-of-turn rule's wait for more speech: by design too
+    ready_ns = reply.first_frame_ts_ns
+    drafted = tap.of(ev.Verdict, name, turn=turn, draft=True)
+    confirmed = tap.of(ev.Verdict, name, turn=turn, draft=False)
+    if drafted and confirmed:
+        # Made during the hold; playable from the confirmation on. What of the LLM and TTS
+        # time the hold did not cover is still on the path.
+        ready_ns = max(ready_ns, confirmed[0].ts_ns)
+        spare = max(0.0, hold - (drafted[0].ts_ns - edges[-1].ts_ns) / 1e6 + stt_ms)
+        llm_ms, tts_ms = _outlasting(llm_ms, tts_ms, spare)
+    v2v = (ready_ns - edge.last_speech_ts_ns) / 1e6
+    eos = (edges[-1].ts_ns - edge.last_speech_ts_ns) / 1e6
     return {
         "v2v": v2v, "eos": eos, "hold": hold, "stt": stt_ms, "llm": llm_ms,
         "tts": tts_ms, "overhead": v2v - eos - hold - stt_ms - llm_ms - tts_ms,
         # Where the overhead is: before the final transcript, or after it.
         "to_final": (final[0].ts_ns - edges[-1].ts_ns) / 1e6 - hold - stt_ms,
-        "after_final": (reply.first_frame_ts_ns - final[0].ts_ns) / 1e6 - llm_ms - tts_ms,
+        "after_final": (ready_ns - final[0].ts_ns) / 1e6 - llm_ms - tts_ms,
+        "drafted": float(bool(drafted)),
     }
+
+
+def _outlasting(llm_ms: float, tts_ms: float, spare_ms: float) -> tuple[float, float]:
+    """The part of the LLM's and then the TTS's time left once ``spare_ms`` has covered it."""
+    llm_left = max(0.0, llm_ms - spare_ms)
+    return llm_left, max(0.0, tts_ms - max(0.0, spare_ms - llm_ms))
 
 
 def turn_losses(tap: Tap, name: str, turn: int) -> tuple[int, int]:
@@ -195,6 +216,7 @@ def summarise(tap: Tap, names: list[str], turns: int) -> dict[str, Any]:
         "frames_dropped": dropped,
         "underruns": underruns,
         "errors": len(tap.of(ev.StageError)),
+        "drafted": int(sum(row["drafted"] for row in rows)),
         "v2v_ms": column("v2v"),
         "eos_ms": column("eos"),
         "hold_ms": column("hold"),

@@ -4,8 +4,8 @@ soon its final comes after the end of speech.
 The voices are synthetic ones from Debian (espeak-ng variants at several speeds, flite's
 voices); Piper's joe, which the tests speak with, is kept out. Each phrase is spoken by each
 voice, resampled to 16 kHz, and streamed into the provider as the STT stage does: 20 ms frames
-at the microphone's pace (``--pace 1``; ``0`` for as fast as it takes them), then the 300 ms of
-quiet the VAD waits before its end edge, where the frames end. Reported per provider:
+at the microphone's pace (``--pace 1``; ``0`` for as fast as it takes them), then the quiet the
+VAD waits before its end edge (``VOICEBUS_VAD_SILENCE_MS``), where the frames end. Reported per provider:
 
 - ``keywords_kept``: the share of each phrase's key words in its final (numbers as words);
 - ``wer``: word error rate of the finals against the phrases;
@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from services.ingress.audio import FRAME_BYTES, Resampler, read_wav
+from services.ingress.service import IngressConfig
 from services.runtime.providers import load_provider
 from services.stt.config import SttConfig
 from services.stt.provider import PROVIDERS
@@ -66,7 +67,6 @@ VOICES: tuple[tuple[str, list[str]], ...] = (
 )
 NUMBERS = {str(n): w for n, w in enumerate(
     "zero one two three four five six seven eight nine ten eleven twelve".split())}
-EDGE_QUIET_MS = 300
 LEAD_MS = 200
 
 
@@ -117,26 +117,27 @@ async def run_stt_bench(providers: list[str], pace: float = 1.0, voices: int = 0
              for i, (voice, command) in enumerate(chosen_voices)
              for j, (text, keys) in enumerate(chosen_phrases)]
     config = SttConfig.from_env(os.environ)
+    quiet_ms = IngressConfig.from_env(os.environ).vad_silence_ms
     result: dict[str, Any] = {"voices": [v for v, _ in chosen_voices],
                               "phrases": len(chosen_phrases), "pace": pace, "providers": {}}
     for name in providers:
         stt = load_provider("stt", PROVIDERS, name, config)
         try:
-            result["providers"][name] = await _measure(stt, clips, pace)
+            result["providers"][name] = await _measure(stt, clips, pace, quiet_ms)
         finally:
             await stt.aclose()
     return result
 
 
 async def _measure(stt: Any, clips: list[tuple[str, str, tuple[str, ...], bytes]],
-                   pace: float) -> dict[str, Any]:
+                   pace: float, quiet_ms: int) -> dict[str, Any]:
     kept = total = 0
     errors: list[float] = []
     after_edge: list[float] = []
     by_voice: dict[str, list[int]] = {}
     cpu_before, audio_s = time.process_time(), 0.0
     for voice, text, keys, audio in clips:
-        audio += bytes(16000 * 2 * EDGE_QUIET_MS // 1000)
+        audio += bytes(16000 * 2 * quiet_ms // 1000)
         audio_s += len(audio) / 32000
         edge: list[float] = []
         final = ""

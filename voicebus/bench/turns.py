@@ -1,0 +1,190 @@
+"""``voicebus bench turns``: does the end-of-turn rule wait for the user, on voices the project
+never used, and how long does it make a finished user wait?
+
+The voices and complete sentences are ``bench stt``'s, plus sentences whose commas make the
+voices pause mid-sentence; the phrases left hanging ("I want to…", a pause, then the rest) are
+spoken in two parts joined by ``--pause-ms`` of quiet. Each clip goes through the real VAD
+(``VadSegmenter`` with the ingress settings, the silence window swept by ``--silence-ms``) and
+its utterances through the real STT provider; the STT's end-of-turn rule
+(``EndOfTurnHolds``, the STT settings, the statement hold swept by ``--statement-ms``) then
+decides, in audio time, which utterances close a turn: one closes when the next does not start
+within its hold. The provider's compute is left
+out, which only ever shortens the wait, so the cut-offs counted are an upper bound.
+
+- ``false_cutoffs``: complete sentences (``bench stt``'s) answered before their last word (a
+  turn closed before the sentence's last utterance); ``paused_cutoffs`` the same for the
+  sentences with commas;
+- ``hanging_waited``: hanging phrases answered once, with all their words;
+- ``wait_ms``: the user's last speech sample → the turn's final, for complete sentences
+  (the VAD's silence window plus the hold), p50 / p95.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from services.ingress.audio import FRAME_BYTES
+from services.ingress.service import IngressConfig
+from services.ingress.vad import VadSegmenter
+from services.runtime.providers import load_provider
+from services.runtime.turns import words
+from services.stt.config import SttConfig
+from services.stt.endpoint import EndOfTurnHolds, joined
+from services.stt.provider import PROVIDERS
+from voicebus.bench.pipeline import stats
+from voicebus.bench.stt import PHRASES, VOICES, missing_tools, speak
+
+# Complete sentences in which the voices pause at a comma.
+PAUSED = (
+    "yes, please call my mother",
+    "well, what time is it in tokyo",
+    "first turn off the lights, then lock the front door",
+    "okay, so how far is the airport from here",
+    "no, i said tomorrow morning, not tonight",
+)
+# Phrases left hanging, and the rest the user says after a pause.
+HANGING = (
+    ("i want to", "book a table for two"),
+    ("i would like to", "order a pizza"),
+    ("please remind me to", "call the dentist"),
+    ("i was thinking about", "going to the cinema"),
+    ("send a message to", "my brother"),
+)
+TAIL_MS = 1500  # quiet after each clip, so the last utterance's end edge comes
+
+
+@dataclass(frozen=True, slots=True)
+class Utterance:
+    started_ms: int  # when the VAD's start edge went out (audio time)
+    last_speech_ms: int
+    edge_ms: int  # when its end edge went out
+    audio: bytes  # from the STT's pre-roll to the end edge
+
+
+def segment(audio: bytes, vad: VadSegmenter, preroll_ms: int) -> list[Utterance]:
+    """The clip's utterances as ingress and the STT cut them."""
+    vad.reset()
+    audio += bytes(16000 * 2 * TAIL_MS // 1000)
+    out: list[Utterance] = []
+    start = begun = 0
+    for n, i in enumerate(range(0, len(audio) - FRAME_BYTES + 1, FRAME_BYTES)):
+        pts = n * 20
+        for edge in vad.push(audio[i:i + FRAME_BYTES], pts):
+            now = pts + 20  # the edge goes out with the frame that completed it
+            if edge.kind == "start":
+                start, begun = edge.pts_ms, now
+            else:
+                first = max(0, start - preroll_ms) * 32
+                out.append(Utterance(begun, edge.pts_ms, now, audio[first:now * 32]))
+    return out
+
+
+class Ear:
+    """The provider's final for an utterance, each distinct one decoded once."""
+
+    def __init__(self, stt: Any) -> None:
+        self.stt = stt
+        self.heard: dict[bytes, str] = {}
+
+    async def __call__(self, audio: bytes) -> str:
+        key = hashlib.sha1(audio).digest()
+        if key not in self.heard:
+            async def frames():
+                for i in range(0, len(audio) - FRAME_BYTES + 1, FRAME_BYTES):
+                    yield audio[i:i + FRAME_BYTES]
+
+            final = ""
+            async for result in self.stt.stream(frames()):
+                if result.final:
+                    final = result.text
+            self.heard[key] = final
+        return self.heard[key]
+
+
+def answered(utterances: list[Utterance], texts: list[str],
+             holds: EndOfTurnHolds) -> list[tuple[int, str, int]]:
+    """The turns the end-of-turn rule closes with words: (final at ms, text, last speech ms).
+    A turn goes on when the next utterance starts within the hold after an end edge."""
+    out: list[tuple[int, str, int]] = []
+    so_far = ""
+    for index, (utterance, text) in enumerate(zip(utterances, texts)):
+        so_far = joined(so_far, text)
+        release = utterance.edge_ms + holds.hold_ms(so_far)
+        following = utterances[index + 1] if index + 1 < len(utterances) else None
+        if following is not None and following.started_ms < release:
+            continue
+        if words(so_far):
+            out.append((release, so_far, utterance.last_speech_ms))
+        so_far = ""
+    return out
+
+
+async def run_turns_bench(provider: str, silence_ms: list[int], statement_ms: list[int],
+                          voices: int = 0, phrases: int = 0,
+                          pause_ms: int = 700) -> dict[str, Any]:
+    if missing := missing_tools():
+        raise RuntimeError(f"the unseen voices need {', '.join(missing)} "
+                           f"(Debian: apt-get install {' '.join(missing)})")
+    folder = Path(tempfile.mkdtemp(prefix="voicebus-turns-bench-"))
+    chosen = VOICES[:voices or len(VOICES)]
+    sentences = [text for text, _ in PHRASES[:phrases or len(PHRASES)]] + list(PAUSED)
+    pause = bytes(16000 * 2 * pause_ms // 1000)
+    complete, hanging = [], []
+    for i, (_, command) in enumerate(chosen):
+        for j, text in enumerate(sentences):
+            complete.append((text in PAUSED, speak(command, text, folder / f"c{i}-{j}.wav")))
+        for j, (first, rest) in enumerate(HANGING):
+            hanging.append(speak(command, first, folder / f"h{i}-{j}a.wav") + pause
+                           + speak(command, rest, folder / f"h{i}-{j}b.wav"))
+    stt_config = SttConfig.from_env(os.environ)
+    vad_config = IngressConfig.from_env(os.environ)
+    silence_ms = silence_ms or [vad_config.vad_silence_ms]
+    statement_ms = statement_ms or [stt_config.stt_eot_statement_ms]
+    stt = load_provider("stt", PROVIDERS, provider, stt_config)
+    ear = Ear(stt)
+    settings: dict[str, Any] = {}
+    try:
+        for silence, statement in [(a, b) for a in silence_ms for b in statement_ms]:
+            vad = VadSegmenter(threshold=vad_config.vad_threshold,
+                               neg_threshold=vad_config.vad_neg_threshold,
+                               min_speech_ms=vad_config.vad_min_speech_ms, silence_ms=silence,
+                               energy_floor_dbfs=vad_config.vad_energy_floor_dbfs)
+            holds = EndOfTurnHolds(stt_config.stt_eot_question_ms, statement,
+                                   stt_config.stt_eot_incomplete_ms, stt_config.stt_eot_brief_ms)
+            cutoffs, waits, waited, examples = [0, 0], [], 0, []
+            for paused, audio in complete:
+                utterances = segment(audio, vad, stt_config.stt_preroll_ms)
+                turns = answered(utterances, [await ear(u.audio) for u in utterances], holds)
+                if len(turns) > 1:
+                    cutoffs[paused] += 1
+                    examples.append([text for _, text, _ in turns])
+                if turns:
+                    release, _, last_speech = turns[-1]
+                    waits.append(release - last_speech)
+            for audio in hanging:
+                utterances = segment(audio, vad, stt_config.stt_preroll_ms)
+                turns = answered(utterances, [await ear(u.audio) for u in utterances], holds)
+                if len(turns) == 1:
+                    waited += 1
+                else:
+                    examples.append([text for _, text, _ in turns])
+            settings[f"silence {silence} / statement {statement}"] = {
+                "false_cutoffs": cutoffs[False],
+                "complete": sum(not paused for paused, _ in complete),
+                "paused_cutoffs": cutoffs[True], "paused": sum(p for p, _ in complete),
+                "hanging_waited": waited, "hanging": len(hanging),
+                "wait_ms": stats([float(w) for w in waits]),
+                "missed": examples[:8],
+            }
+    finally:
+        await stt.aclose()
+    return {"provider": provider, "voices": [v for v, _ in chosen], "pause_ms": pause_ms,
+            "holds_ms": {"question": stt_config.stt_eot_question_ms,
+                         "brief": stt_config.stt_eot_brief_ms,
+                         "incomplete": stt_config.stt_eot_incomplete_ms},
+            "settings": settings}
