@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -51,13 +52,14 @@ async def lk_stack(tmp_path_factory: pytest.TempPathFactory):
 
 
 async def running_stack(tmp_path_factory: pytest.TempPathFactory, livekit: bool,
-                        env: dict[str, str] | None = None):
-    """A started stack for a fixture to yield; on teardown every process must exit with 0."""
+                        env: dict[str, str] | None = None, **options: Any):
+    """A started stack for a fixture to yield; on teardown every process must exit with 0.
+    ``options`` go to ``Stack`` (e.g. ``nats_cluster``)."""
     workdir = tmp_path_factory.mktemp("stack")
     logs = LogTail(workdir / "stack.log")
     # File edges on, for WAV files anywhere in this run's temporary folders.
     stack = Stack(workdir, sink=logs, metrics=True, livekit=livekit, env=env or {},
-                  audio_dir=tmp_path_factory.getbasetemp())
+                  audio_dir=tmp_path_factory.getbasetemp(), **options)
     stack.logs = logs  # type: ignore[attr-defined]
     try:
         await stack.start()

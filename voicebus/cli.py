@@ -20,6 +20,7 @@ import nats
 from proto import events as ev
 from proto.permissions import OPERATOR, inbox_prefix
 from proto import subjects as sj
+from services.runtime.config import nats_servers
 from services.runtime.livekit import exit_process
 from voicebus.client import Tap, dispatch, end_session, timing
 
@@ -54,7 +55,7 @@ async def connect_operator(args: argparse.Namespace) -> nats.NATS:
     if seed:
         options["nkeys_seed"] = seed
     try:
-        return await nats.connect(args.nats, **options)
+        return await nats.connect(nats_servers(args.nats), **options)
     except Exception as exc:
         hint = "" if seed else " (no credentials given: --nkey FILE, as `voicebus up` prints)"
         raise SystemExit(f"voicebus: cannot connect to {args.nats}: {exc or type(exc).__name__}"
@@ -97,7 +98,8 @@ async def cmd_up(args: argparse.Namespace) -> int:
     from voicebus.launcher import PortTaken, Stack, offline_ear
 
     workdir = Path(tempfile.mkdtemp(prefix="voicebus-"))
-    stack = Stack(workdir, nats_port=args.nats_port, livekit=True,
+    stack = Stack(workdir, nats_port=args.nats_port, nats_cluster=args.nats_cluster,
+                  livekit=True,
                   livekit_port=args.livekit_port, token_port=args.port, env=offline_ear(),
                   audio_dir=args.audio_dir.resolve() if args.audio_dir else None)
     # A process manager's SIGTERM, a closed terminal's SIGHUP and Ctrl-C all stop the stack the
@@ -362,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "the launch, as for the two below)")
     up.add_argument("--livekit-port", type=int, default=7880)
     up.add_argument("--nats-port", type=int, default=4222)
+    up.add_argument("--nats-cluster", type=int, default=1,
+                    help="nats-server nodes: a cluster of N on loopback (the first on "
+                    "--nats-port), JetStream state replicated")
     up.add_argument("--wav", type=Path, action="append", help="ask this once it is up (a call)")
     up.add_argument("--say", action="append", help="ask this sentence (Piper) once it is up")
     up.add_argument("--out", type=Path, default=Path("reply.wav"), help="where that reply goes")

@@ -28,6 +28,7 @@ import nats
 from proto.permissions import OPERATOR, inbox_prefix
 from proto.subjects import STAGES
 from services.runtime.bus import replicas_of
+from services.runtime.config import nats_servers
 from voicebus import auth
 from services.runtime.livekit import DEV_API_KEY, DEV_API_SECRET
 
@@ -159,6 +160,12 @@ class Stack:
     sink: LogSink = print
     env: dict[str, str] = field(default_factory=dict)
     nats_port: int = 0
+    # nats-server nodes: 1, or a cluster of N on loopback (routes between them, JetStream
+    # replicated: KV buckets and the capture stream get min(N, 3) copies).
+    nats_cluster: int = 1
+    nats_ports: list[int] = field(default_factory=list)  # a cluster's client ports, by node
+    route_ports: list[int] = field(default_factory=list)
+    monitor_ports: list[int] = field(default_factory=list)  # nats-server's HTTP monitoring
     replicas: dict[str, int] = field(default_factory=dict)
     metrics: bool = False
     procs: dict[str, Proc] = field(default_factory=dict)
@@ -192,16 +199,33 @@ class Stack:
             env["VOICEBUS_NATS_TLS_CA"] = str(self.nats_tls_ca)
         return env
 
+    def _tls_options(self) -> dict[str, Any]:
+        if self.nats_tls_ca is None:
+            return {}
+        return {"tls": ssl.create_default_context(cafile=str(self.nats_tls_ca))}
+
     async def connect(self, role: str = OPERATOR, **options: Any) -> Any:
         """A NATS connection as ``role`` (the operator unless told): tools, tests, benches."""
-        if self.nats_tls_ca is not None:
-            options.setdefault("tls", ssl.create_default_context(cafile=str(self.nats_tls_ca)))
-        return await nats.connect(self.nats_url, nkeys_seed=str(self.seed_file(role)),
+        for key, value in self._tls_options().items():
+            options.setdefault(key, value)
+        return await nats.connect(nats_servers(self.nats_url), nkeys_seed=str(self.seed_file(role)),
                                   inbox_prefix=inbox_prefix(role), **options)
 
     @property
     def nats_url(self) -> str:
-        return f"nats://127.0.0.1:{self.nats_port}"
+        """The client URL of every node, comma-separated (``VOICEBUS_NATS_URL``)."""
+        ports = self.nats_ports or [self.nats_port]
+        return ",".join(f"nats://127.0.0.1:{port}" for port in ports)
+
+    @staticmethod
+    def nats_name(node: int) -> str:
+        return "nats" if node == 0 else f"nats{node}"
+
+    async def kill_nats_node(self, node: int) -> None:
+        """SIGKILL one node of the cluster (a machine lost): its clients move to another."""
+        proc = self.procs.pop(self.nats_name(node))
+        proc.process.kill()
+        await proc.stop()
 
     @property
     def livekit_url(self) -> str:
@@ -313,36 +337,64 @@ class Stack:
     async def restart_nats(self) -> None:
         """Stop nats-server and start it again on the same port and store (an outage)."""
         await self.procs.pop("nats").stop()
-        await self._spawn_nats()
+        await self._spawn_nats(0)
+        await self._wait_nats()
 
     async def start_nats(self) -> None:
         self.nats_port = claim_port(self.nats_port, "nats-server")
+        if self.nats_cluster > 1:
+            self.nats_ports = [self.nats_port, *(free_port() for _ in range(self.nats_cluster - 1))]
+            self.route_ports = [free_port() for _ in range(self.nats_cluster)]
+            self.monitor_ports = [free_port() for _ in range(self.nats_cluster)]
+            copies = str(min(3, self.nats_cluster))
+            self.env.setdefault("VOICEBUS_JS_REPLICAS", copies)
+            self.env.setdefault("VOICEBUS_RECORD_REPLICAS", copies)
         assert self.bus_dir is not None
         if not (self.bus_dir / "nats.conf").exists():  # kept over a restart of nats-server
             auth.generate(self.bus_dir, tls=self.nats_tls)
-        await self._spawn_nats()
-
-    async def _spawn_nats(self) -> None:
-        store = self.workdir / "jetstream"
-        store.mkdir(parents=True, exist_ok=True)
-        assert self.bus_dir is not None
-        argv = [nats_server_binary(), "-c", str(self.bus_dir / "nats.conf"), "-a", "127.0.0.1",
-                "-p", str(self.nats_port), "-js", "-sd", str(store)]
-        self.procs["nats"] = await spawn("nats", argv, os.environ, self.sink)
+        for node in range(self.nats_cluster):
+            await self._spawn_nats(node)
         await self._wait_nats()
 
-    async def _wait_nats(self, timeout: float = 15.0) -> None:
+    async def _spawn_nats(self, node: int) -> None:
+        store = self.workdir / "jetstream" / (f"n{node}" if self.nats_cluster > 1 else "")
+        store.mkdir(parents=True, exist_ok=True)
+        assert self.bus_dir is not None
+        port = self.nats_ports[node] if self.nats_ports else self.nats_port
+        argv = [nats_server_binary(), "-c", str(self.bus_dir / "nats.conf"), "-a", "127.0.0.1",
+                "-p", str(port), "-js", "-sd", str(store)]
+        if self.nats_cluster > 1:
+            routes = ",".join(f"nats://127.0.0.1:{p}" for i, p in enumerate(self.route_ports)
+                              if i != node)
+            argv += ["--name", f"n{node}", "--cluster_name", "voicebus",
+                     "--cluster", f"nats://127.0.0.1:{self.route_ports[node]}",
+                     "--routes", routes, "-m", str(self.monitor_ports[node])]
+        name = self.nats_name(node)
+        self.procs[name] = await spawn(name, argv, os.environ, self.sink)
+
+    async def _wait_nats(self, timeout: float = 30.0) -> None:
+        """Until every node takes clients and JetStream answers (a cluster's first leader is
+        elected)."""
         deadline = time.monotonic() + timeout
-        while True:
-            try:
-                nc = await self.connect(connect_timeout=1, allow_reconnect=False,
-                                        error_cb=_quiet)
-                await nc.close()
-                return
-            except Exception:
-                if time.monotonic() > deadline or not self.procs["nats"].alive:
-                    raise RuntimeError(f"nats-server did not come up on {self.nats_url}") from None
-                await asyncio.sleep(0.05)
+        for node in range(self.nats_cluster):
+            port = self.nats_ports[node] if self.nats_ports else self.nats_port
+            while True:
+                try:
+                    nc = await nats.connect(
+                        f"nats://127.0.0.1:{port}", connect_timeout=1, allow_reconnect=False,
+                        error_cb=_quiet, nkeys_seed=str(self.seed_file(OPERATOR)),
+                        inbox_prefix=inbox_prefix(OPERATOR), **self._tls_options())
+                    try:
+                        await nc.jetstream().account_info()
+                    finally:
+                        await nc.close()
+                    break
+                except Exception:
+                    alive = self.procs[self.nats_name(node)].alive
+                    if time.monotonic() > deadline or not alive:
+                        raise RuntimeError(
+                            f"nats-server did not come up on {self.nats_url}") from None
+                    await asyncio.sleep(0.1)
 
     async def start_stage(self, stage: str, index: int = 0, **extra_env: str) -> Proc:
         name = f"{stage}{index}" if index else stage
@@ -423,7 +475,7 @@ class Stack:
         """Stop the token service and the stages first (they leave their rooms and drain into
         NATS), then livekit-server and nats-server."""
         codes = {}
-        servers = ("livekit", "nats")
+        servers = ("livekit", *(self.nats_name(n) for n in range(self.nats_cluster)))
         services = [n for n in self.procs if n not in servers]
         results = await asyncio.gather(*(self.procs[n].stop() for n in services))
         codes.update(zip(services, results))

@@ -25,6 +25,7 @@ from proto import codec
 from proto import events as ev
 from proto.subjects import Topic
 from services.runtime import metrics, tracing
+from services.runtime.config import nats_servers
 from services.runtime.logs import Throttle
 
 T = TypeVar("T")
@@ -59,6 +60,7 @@ class Bus:
         self.nc = nc
         self.js = nc.jetstream()
         self.stage = stage
+        self.replicas = 1  # copies of the KV buckets this process creates
         self._throttle = Throttle()
 
     @classmethod
@@ -80,7 +82,7 @@ class Bus:
                 # nats-py keeps trying inside connect() (endless reconnects apply to the first
                 # connection too), so the stop signal has to be raced against it.
                 await _unless_stopped(stop, nc.connect(
-                    url,
+                    nats_servers(url),
                     name=name,
                     max_reconnect_attempts=-1,
                     reconnect_time_wait=0.5,
@@ -152,11 +154,12 @@ class Bus:
                         more, extra={"stage": self.stage})
 
     async def key_value(self, bucket: str, ttl: float = 0.0, history: int = 1) -> KeyValue:
-        """Open a JetStream KV bucket, creating it on first use."""
+        """Open a JetStream KV bucket, creating it on first use (``replicas`` copies)."""
         try:
             return await self.js.key_value(bucket)
         except BucketNotFoundError:
-            config = KeyValueConfig(bucket=bucket, history=history, ttl=ttl or None)
+            config = KeyValueConfig(bucket=bucket, history=history, ttl=ttl or None,
+                                    replicas=self.replicas)
             return await self.js.create_key_value(config=config)
 
     async def drain(self) -> None:

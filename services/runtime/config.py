@@ -23,7 +23,12 @@ class BaseConfig(msgspec.Struct, frozen=True, kw_only=True):
     ENV: ClassVar[dict[str, str]] = {}
     SECRETS: ClassVar[frozenset[str]] = frozenset()
 
+    # One NATS URL, or several (comma-separated) nodes of a cluster: the client connects to
+    # one, learns the rest from it, and reconnects to another when its node goes.
     nats_url: str = "nats://127.0.0.1:4222"
+    # Copies of each JetStream KV bucket (turn counter, history, leases): 3 on a 3-node
+    # cluster, so the state outlives a node; at most the number of nodes.
+    js_replicas: int = 1
     # The bus identity (docs/security.md): an nkey seed file, or a .creds file (JWT accounts).
     nats_nkey_file: str = ""
     nats_creds_file: str = ""
@@ -133,3 +138,8 @@ def audio_file(path: str, audio_dir: str) -> str:
             os.path.realpath(audio_dir):
         raise ValueError(f"{path[:200]!r} is outside VOICEBUS_AUDIO_DIR")
     return resolved
+
+
+def nats_servers(url: str) -> list[str]:
+    """The node URLs of ``VOICEBUS_NATS_URL`` (one, or a cluster's, comma-separated)."""
+    return [part.strip() for part in url.split(",") if part.strip()]

@@ -59,7 +59,8 @@ class Leases:
             self.kv = await self.bus.js.key_value(LEASE_BUCKET)
         except Exception:  # not there yet (BucketNotFoundError): the first replica makes it
             config = api.KeyValueConfig(bucket=LEASE_BUCKET, history=1,
-                                        limit_marker_ttl=MARKER_TTL)
+                                        limit_marker_ttl=MARKER_TTL,
+                                        replicas=self.bus.replicas)
             self.kv = await self.bus.js.create_key_value(config=config)
 
     def key(self, session: str, stage: str = "") -> str:

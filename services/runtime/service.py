@@ -482,6 +482,7 @@ async def run(service_cls: type[StageService[Any]]) -> None:
     try:
         service.bus = await Bus.connect(config.nats_url, service_cls.stage,
                                         f"voicebus-{service_cls.stage}", stop, **access)
+        service.bus.replicas = config.js_replicas
     except Stopped:
         log.info("stopped before NATS was reachable", extra={"stage": service_cls.stage})
         await service.teardown()
