@@ -13,9 +13,10 @@ after the agent has answered the one before. Per turn:
 - ``transport_ms`` = v2v − (pipeline v2v + onset): both LiveKit legs (WebRTC, Opus, jitter
   buffers) plus egress's playout buffer and the agent track's queue, split in ``legs_ms``:
   ``in`` the user's last speech sample left the microphone → ingress published its frame;
-  ``to_track`` the reply's first frame on the bus → egress wrote it into the agent's track (its
-  first ``Playback``); ``out`` that write → the first audible sample reached the user, less the
-  onset. The three add up to ``transport_ms``.
+  ``to_track`` the reply ready on the bus (its first frame; for a drafted reply, the verdict
+  that confirmed it) → egress wrote it into the agent's track (its first ``Playback``); ``out``
+  that write → the first audible sample reached the user, less the onset. The three add up to
+  ``transport_ms`` when the VAD placed the end of speech where the caller's last loud frame was.
 """
 
 from __future__ import annotations
