@@ -335,8 +335,13 @@ async def cmd_bench(args: argparse.Namespace) -> int:
     elif args.bench == "chaos":
         from voicebus.bench.chaos import run_chaos_bench
 
-        result = await run_chaos_bench(calls=args.calls, kills=args.kills, stage=args.stage,
-                                       sig=args.signal, turns=args.turns, seed=args.seed)
+        try:
+            result = await run_chaos_bench(calls=args.calls, kills=args.kills, stage=args.stage,
+                                           sig=args.signal, turns=args.turns, seed=args.seed,
+                                           nats_cluster=args.nats_cluster)
+        except ValueError as exc:
+            print(f"voicebus bench chaos: {exc}", file=sys.stderr)
+            return 2
     else:
         from voicebus.bench.pipeline import run_pipeline_bench
 
@@ -509,7 +514,10 @@ def build_parser() -> argparse.ArgumentParser:
                                  "stopped mid-call: turns lost, recovery time, stale audio")
     chaos.add_argument("--calls", type=int, default=10)
     chaos.add_argument("--kills", type=int, default=20)
-    chaos.add_argument("--stage", choices=(*sj.STAGES, "all"), default="all")
+    chaos.add_argument("--stage", choices=(*sj.STAGES, "all", "nats"), default="all",
+                       help="whose replicas are killed; nats: nodes of the NATS cluster")
+    chaos.add_argument("--nats-cluster", type=int, default=1,
+                       help="nats-server nodes (3 for --stage nats)")
     chaos.add_argument("--signal", choices=("KILL", "TERM"), default="KILL")
     chaos.add_argument("--turns", type=int, default=3, help="questions per call")
     chaos.add_argument("--seed", type=int, default=1, help="which questions, and when")

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -18,6 +19,7 @@ import ssl
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +45,26 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def listen_port() -> int:
+    """A free port below the kernel's ephemeral range, for a server that starts after others:
+    a port from ``free_port`` may be taken meanwhile by one of their outgoing connections (a
+    cluster's routes), one from here never is."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(max(1024, low - 12000), low)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    return free_port()
 
 
 class PortTaken(RuntimeError):
@@ -221,6 +243,38 @@ class Stack:
     def nats_name(node: int) -> str:
         return "nats" if node == 0 else f"nats{node}"
 
+    async def nats_clients(self, node: int) -> list[str]:
+        """The names of the voicebus connections on one node of a cluster (its ``/connz``)."""
+        def read() -> list[str]:
+            url = f"http://127.0.0.1:{self.monitor_ports[node]}/connz?limit=4096"
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                connz = json.load(resp)
+            return [c.get("name", "") for c in connz.get("connections") or []
+                    if c.get("name", "").startswith("voicebus-")]
+
+        return await asyncio.to_thread(read)
+
+    async def restart_nats_node(self, node: int, timeout: float = 60.0) -> None:
+        """Start a killed node again on its ports and store (an orchestrator's restart), and
+        wait until it is healthy (``/healthz``: its JetStream streams caught up), as a
+        readiness probe would before the next node may go."""
+        await self._spawn_nats(node)
+        await self._wait_nats()
+        url = f"http://127.0.0.1:{self.monitor_ports[node]}/healthz"
+
+        def healthy() -> bool:
+            try:
+                with urllib.request.urlopen(url, timeout=5) as resp:
+                    return json.load(resp).get("status") == "ok"
+            except OSError:  # 503 while catching up (HTTPError is an OSError)
+                return False
+
+        deadline = time.monotonic() + timeout
+        while not await asyncio.to_thread(healthy):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.nats_name(node)} did not become healthy")
+            await asyncio.sleep(0.2)
+
     async def kill_nats_node(self, node: int) -> None:
         """SIGKILL one node of the cluster (a machine lost): its clients move to another."""
         proc = self.procs.pop(self.nats_name(node))
@@ -343,9 +397,12 @@ class Stack:
     async def start_nats(self) -> None:
         self.nats_port = claim_port(self.nats_port, "nats-server")
         if self.nats_cluster > 1:
-            self.nats_ports = [self.nats_port, *(free_port() for _ in range(self.nats_cluster - 1))]
-            self.route_ports = [free_port() for _ in range(self.nats_cluster)]
-            self.monitor_ports = [free_port() for _ in range(self.nats_cluster)]
+            # Ports from below the ephemeral range: the first nodes' routes dial out before the
+            # last node binds, and an outgoing connection must not take its port.
+            self.nats_ports = [self.nats_port,
+                               *(listen_port() for _ in range(self.nats_cluster - 1))]
+            self.route_ports = [listen_port() for _ in range(self.nats_cluster)]
+            self.monitor_ports = [listen_port() for _ in range(self.nats_cluster)]
             copies = str(min(3, self.nats_cluster))
             self.env.setdefault("VOICEBUS_JS_REPLICAS", copies)
             self.env.setdefault("VOICEBUS_RECORD_REPLICAS", copies)

@@ -384,8 +384,8 @@ class EgressWorker(SessionWorker[EgressConfig]):
         while (record := self.unsaved) is not None:
             self.unsaved = None
             try:
-                await self.service.state.put(floor_key(self.session),
-                                             RECORD_CODEC[0].encode(record))
+                await self.bus.put(self.service.state, floor_key(self.session),
+                                   RECORD_CODEC[0].encode(record))
             except Exception as exc:  # the next decision writes it again
                 self.log.warning("could not keep the judge's record: %s", exc)
 

@@ -107,14 +107,15 @@ class IngressWorker(SessionWorker[IngressConfig]):
     async def _session_user(self) -> str:
         """Who the session's user is, if a replica before us heard one (KV ``<session>.user``)."""
         try:
-            entry = await self.service.state.get(user_key(self.session))
+            entry = await self.bus.get(self.service.state, user_key(self.session))
         except KeyNotFoundError:
             return ""
         return (entry.value or b"").decode()
 
     def _keep_user(self, identity: str) -> None:
         self.log.info("the session's user is %s", identity)
-        self.spawn(self.service.state.put(user_key(self.session), identity.encode()), "user")
+        self.spawn(self.bus.put(self.service.state, user_key(self.session), identity.encode()),
+                   "user")
 
     def on_track_change(self, participant: str, track_sid: str, active: bool) -> None:
         self.spawn(self.announce_track(participant, track_sid, active), "input-track")

@@ -101,7 +101,7 @@ class LlmWorker(SessionWorker[LlmConfig]):
 
     async def _load_history(self) -> list[ChatMessage]:
         try:
-            entry = await self.kv.get(self.session)
+            entry = await self.bus.get(self.kv, self.session)
         except KeyNotFoundError:  # a new session (any other KV error fails the claim)
             return []
         try:
@@ -255,7 +255,7 @@ class LlmWorker(SessionWorker[LlmConfig]):
                 message = _heard_part(message, heard)
             if message.content:
                 self.history.append(message)
-        await self.kv.put(self.session, _history_codec[0].encode(self.history))
+        await self.bus.put(self.kv, self.session, _history_codec[0].encode(self.history))
 
     async def _cut(self, turn: int, heard: int) -> None:
         """The user heard reply ``turn`` only up to character ``heard``: keep just that, marked
@@ -268,7 +268,8 @@ class LlmWorker(SessionWorker[LlmConfig]):
                     self.history[index] = cut
                 else:
                     del self.history[index]
-                await self.kv.put(self.session, _history_codec[0].encode(self.history))
+                await self.bus.put(self.kv, self.session,
+                                   _history_codec[0].encode(self.history))
                 return
         # Not stored yet (still being written, or closing after a newer turn took over).
         self.heard[turn] = heard

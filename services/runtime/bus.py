@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -18,7 +19,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.api import KeyValueConfig
-from nats.js.errors import BucketNotFoundError
+from nats.js.errors import BucketNotFoundError, NoStreamResponseError, ServiceUnavailableError
 from nats.js.kv import KeyValue
 
 from proto import codec
@@ -29,6 +30,10 @@ from services.runtime.config import nats_servers
 from services.runtime.logs import Throttle
 
 T = TypeVar("T")
+# How long a JetStream request is tried again while its stream has no leader (a node died).
+JS_ELECTION_S = 10.0
+_NO_LEADER = (NoStreamResponseError, ServiceUnavailableError, nats.errors.NoRespondersError,
+              nats.errors.TimeoutError)
 
 log = logging.getLogger(__name__)
 
@@ -156,11 +161,36 @@ class Bus:
     async def key_value(self, bucket: str, ttl: float = 0.0, history: int = 1) -> KeyValue:
         """Open a JetStream KV bucket, creating it on first use (``replicas`` copies)."""
         try:
-            return await self.js.key_value(bucket)
+            return await self.jetstream(lambda: self.js.key_value(bucket))
         except BucketNotFoundError:
             config = KeyValueConfig(bucket=bucket, history=history, ttl=ttl or None,
                                     replicas=self.replicas)
             return await self.js.create_key_value(config=config)
+
+    async def get(self, kv: KeyValue, key: str) -> KeyValue.Entry:
+        """``kv.get``, waiting out a JetStream leader election (``jetstream``)."""
+        return await self.jetstream(lambda: kv.get(key))
+
+    async def put(self, kv: KeyValue, key: str, value: bytes) -> int:
+        """``kv.put``, waiting out a JetStream leader election (``jetstream``)."""
+        return await self.jetstream(lambda: kv.put(key, value))
+
+    @staticmethod
+    async def jetstream(call: Callable[[], Awaitable[T]], within: float = JS_ELECTION_S) -> T:
+        """``call`` (a JetStream request), tried again while nothing answers it: when a cluster
+        node dies, the streams it led have no leader for a few seconds, and requests to them
+        meet no responder or time out. Any other error, or still none after ``within``
+        seconds, is raised."""
+        deadline = time.monotonic() + within
+        delay = 0.05
+        while True:
+            try:
+                return await call()
+            except _NO_LEADER:
+                if time.monotonic() + delay > deadline:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.5)
 
     async def drain(self) -> None:
         if not self.nc.is_closed:

@@ -68,7 +68,11 @@ class Leases:
 
     async def acquire(self, session: str) -> int:
         """Take the lease (new, released or expired); its revision. Raises
-        ``KeyWrongLastSequenceError`` when another replica holds it or won the race."""
+        ``KeyWrongLastSequenceError`` when another replica holds it or won the race. Tried
+        again while JetStream elects a leader (a cluster node died)."""
+        return await self.bus.jetstream(lambda: self._acquire(session))
+
+    async def _acquire(self, session: str) -> int:
         assert self.kv is not None
         key = self.key(session)
         try:
@@ -79,6 +83,8 @@ class Leases:
             last = await self.bus.js.get_msg(STREAM, subject=PREFIX + key)
         except NotFoundError:
             return await self.kv.create(key, self.replica, msg_ttl=self.ttl)
+        if last.data == self.replica:
+            return last.seq  # ours already: a try before timed out after it was written
         if not _is_free(last.headers):
             raise KeyWrongLastSequenceError(description=f"{key} is held")
         return await self._write(key, last.seq)

@@ -89,7 +89,7 @@ class SessionWorker(Generic[C]):
         """The judge's record of the session (a fresh one for a new session): a replica seeds
         its ledger from it, so turn numbers stay bounded across handovers."""
         try:
-            entry = await self.service.state.get(floor_key(self.session))
+            entry = await self.bus.get(self.service.state, floor_key(self.session))
         except KeyNotFoundError:
             return FloorRecord()
         try:
@@ -286,7 +286,7 @@ class StageService(Generic[C]):
 
     async def _take_over(self, session: str, owner: str) -> None:
         try:
-            entry = await self.state.get(f"{session}.start")
+            entry = await self.bus.get(self.state, f"{session}.start")
             start = codec.decode(entry.value or b"")
         except (KeyNotFoundError, codec.Rejected) as exc:
             log.warning("lease of %s expired, but its start is unknown (%s): not taken over",
@@ -304,7 +304,8 @@ class StageService(Generic[C]):
             await worker.subscribe_inputs()
             revision = await self.leases.acquire(session)
             if taken_from is None:  # what a successor needs to know, if we die
-                await self.state.put(f"{session}.start", codec.encode(worker.start_event))
+                await self.bus.put(self.state, f"{session}.start",
+                                   codec.encode(worker.start_event))
         except KeyWrongLastSequenceError:
             if taken_from is None:
                 log.warning("session already leased by another %s replica; not claiming",

@@ -148,14 +148,14 @@ class SttWorker(SessionWorker[SttConfig]):
 
     async def _load_turn(self) -> int:
         try:
-            entry = await self.kv.get(f"{self.session}.turn")
+            entry = await self.bus.get(self.kv, f"{self.session}.turn")
         except KeyNotFoundError:  # a new session (any other KV error fails the claim)
             return 0
         return int(entry.value or b"0")
 
     async def _save_turn(self) -> None:
         # The highest turn opened, not the one just closed: a turn id is never used twice.
-        await self.kv.put(f"{self.session}.turn", str(self.turn).encode())
+        await self.bus.put(self.kv, f"{self.session}.turn", str(self.turn).encode())
 
     # ---- ingress ---------------------------------------------------------------------------
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 
+import pytest
+
 from proto import events as ev
 from services.runtime.bus import SeqGaps
 from services.runtime.logs import JsonFormatter, Throttle
@@ -46,3 +48,31 @@ def test_tts_framer_cuts_exact_frames_and_reports_progress_through_each_piece() 
     assert [round(share, 3) for _, share in second] == [round(764 / 2000, 3), round(1646 / 2000, 3)]
     tail = framer.flush()
     assert tail is not None and len(tail) == 882 and framer.flush() is None
+
+
+async def test_a_jetstream_request_waits_out_a_leader_election_and_no_more() -> None:
+    from nats.js.errors import NoStreamResponseError
+
+    from services.runtime.bus import Bus
+
+    answers = [NoStreamResponseError(), NoStreamResponseError(), 7]
+
+    async def put() -> int:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    assert await Bus.jetstream(put, within=5.0) == 7  # two refusals, then the new leader
+
+    async def never() -> int:
+        raise NoStreamResponseError()
+
+    with pytest.raises(NoStreamResponseError):
+        await Bus.jetstream(never, within=0.2)  # no leader for longer: the error
+
+    async def wrong() -> int:
+        raise ValueError("not an election")
+
+    with pytest.raises(ValueError):
+        await Bus.jetstream(wrong)  # any other error at once

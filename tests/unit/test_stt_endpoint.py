@@ -148,6 +148,12 @@ class FakeBus:
     async def key_value(self, bucket: str, ttl: float) -> FakeKv:
         return self.kv
 
+    async def put(self, kv: FakeKv, key: str, value: bytes) -> int:
+        return await kv.put(key, value)
+
+    async def get(self, kv: FakeKv, key: str) -> Any:
+        return await kv.get(key)
+
     async def publish(self, topic: sj.Topic, event: ev.Event, subject: str = "",
                       headers: dict[str, str] | None = None) -> None:
         self.published.append((topic, event))

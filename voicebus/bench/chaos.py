@@ -19,6 +19,10 @@ question's words was played to its end. Reported:
   (``killed``) and without (``calm``); ``added_silence_ms``: each ``killed`` one minus the
   ``calm`` median — what a kill (or a handover) cost the user in waiting;
 - the same per stage.
+
+``--stage nats`` (on ``--nats-cluster 3``) kills nodes of the NATS cluster instead: each time
+the node most of the stack's connections are on, restarted at once; its ``recovery_ms`` runs
+until every connection it had is back on the surviving nodes.
 """
 
 from __future__ import annotations
@@ -71,9 +75,13 @@ class Chaos:
     restarts: list[asyncio.Task[None]] = field(default_factory=list)
     pending: list[asyncio.Task[None]] = field(default_factory=list)  # kills under way
     waits: list[tuple[float, bool]] = field(default_factory=list)  # (V2V ms, killed around it)
+    nats_restart: asyncio.Task[None] | None = None  # the last NATS node killed, coming back
 
     async def kill(self, kill: Kill, room: str) -> None:
         await asyncio.sleep(kill.delay_s)
+        if kill.stage == "nats":
+            await self.kill_nats_node(kill)
+            return
         owners = [r.replica for r in self.tap.of(ev.StageReady, room, stage=kill.stage)]
         proc = self.stack.procs.get(owners[-1]) if owners else None
         if proc is None or not proc.alive:
@@ -89,8 +97,40 @@ class Chaos:
         index = int(kill.replica.removeprefix(kill.stage) or 0)
         await self.stack.start_stage(kill.stage, index)
 
+    async def kill_nats_node(self, kill: Kill) -> None:
+        # One node at a time: the last one killed is back before the next goes (two of three
+        # down is a lost quorum, which no deployment survives by design).
+        if self.nats_restart is not None:
+            await self.nats_restart
+        nodes = [n for n in range(self.stack.nats_cluster)
+                 if self.stack.nats_name(n) in self.stack.procs]
+        clients = await asyncio.gather(*(self.stack.nats_clients(n) for n in nodes))
+        total = sum(len(c) for c in clients)
+        node = nodes[max(range(len(nodes)), key=lambda i: len(clients[i]))]
+        kill.replica, kill.at_ns = self.stack.nats_name(node), time.time_ns()
+        await self.stack.kill_nats_node(node)
+        self.nats_restart = asyncio.create_task(self.reconnected(kill, nodes, node, total))
+        self.restarts.append(self.nats_restart)
+
+    async def reconnected(self, kill: Kill, nodes: list[int], dead: int, total: int) -> None:
+        """Every connection the cluster had is back on the surviving nodes; then the dead node
+        is started again."""
+        left = [n for n in nodes if n != dead]
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            counts = await asyncio.gather(*(self.stack.nats_clients(n) for n in left),
+                                          return_exceptions=True)
+            if sum(len(c) for c in counts if isinstance(c, list)) >= total:
+                kill.recovery_ms = (time.time_ns() - kill.at_ns) / 1e6
+                break
+            await asyncio.sleep(0.05)
+        await self.stack.restart_nats_node(dead)
+
     def recovered(self, kill: Kill, room: str) -> bool:
-        """Whether another replica has announced the session since the kill (and when)."""
+        """Whether another replica has announced the session since the kill (and when); for a
+        NATS node, whether its connections are all back."""
+        if kill.stage == "nats":
+            return kill.recovery_ms is not None
         ready = [r.ts_ns for r in self.tap.of(ev.StageReady, room, stage=kill.stage)
                  if r.replica != kill.replica and r.ts_ns > kill.at_ns]
         if kill.at_ns and ready:
@@ -132,7 +172,11 @@ async def one_call(chaos: Chaos, index: int, questions: list[tuple[str, bytes, i
     answered = 0
     try:
         await caller.join()
-        await caller.wait_state("listening", timeout=chaos.timeout)
+        try:
+            await caller.wait_state("listening", timeout=chaos.timeout)
+        except Exception as exc:  # noqa: BLE001 — the call never started: all its turns lost
+            chaos.failures.append(f"call {index}: the agent never listened: {exc}")
+            return 0, 0
         for number, (text, pcm, rate) in enumerate(questions):
             asked_ns = time.time_ns()
             turn = await caller.say(pcm, rate)
@@ -179,13 +223,17 @@ async def one_call(chaos: Chaos, index: int, questions: list[tuple[str, bytes, i
 
 
 async def run_chaos_bench(calls: int, kills: int, stage: str = "all", sig: str = "KILL",
-                          turns: int = 3, seed: int = 1, timeout: float = 20.0) -> dict[str, Any]:
+                          turns: int = 3, seed: int = 1, timeout: float = 20.0,
+                          nats_cluster: int = 1) -> dict[str, Any]:
     stages = list(sj.STAGES) if stage == "all" else [stage]
+    if stage == "nats" and nats_cluster < 3:
+        raise ValueError("--stage nats needs --nats-cluster 3 or more: a node must be lost "
+                         "without losing the JetStream quorum")
     workdir = Path(tempfile.mkdtemp(prefix="voicebus-bench-chaos-"))
     log_path = workdir / "stack.log"
     log_file = log_path.open("w")
     stack = Stack(workdir, sink=lambda line: log_file.write(line + "\n"), livekit=True,
-                  replicas={s: 2 for s in sj.STAGES})
+                  replicas={s: 2 for s in sj.STAGES}, nats_cluster=nats_cluster)
     questions = []
     for i in range(turns):
         text = PROMPTS[i % len(PROMPTS)]
@@ -208,8 +256,8 @@ async def run_chaos_bench(calls: int, kills: int, stage: str = "all", sig: str =
         await nc.close()
         await stack.stop()
         log_file.close()
-    return summarise(chaos, calls, turns, answered, stale, sig, stage) | {"seed": seed,
-                                                                         "logs": str(log_path)}
+    return summarise(chaos, calls, turns, answered, stale, sig, stage) | {
+        "seed": seed, "nats_cluster": nats_cluster, "logs": str(log_path)}
 
 
 def summarise(chaos: Chaos, calls: int, turns: int, answered: int, stale: int, sig: str,
