@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+from prometheus_client import Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 
 REJECTED = Counter(
     "voicebus_messages_rejected", "Bus messages dropped as invalid", ["stage", "reason"]
@@ -93,6 +99,41 @@ E2E_LATENCY = Histogram(
 )
 
 
+READY = Gauge("voicebus_ready", "1 from joining $SRV discovery until draining: the replica "
+              "takes new sessions", ["stage"])
+
+# What /readyz asks: set by the process once it can take work (a stage: after it joined $SRV
+# discovery; cleared when it starts to drain). Called on the HTTP thread: it must only read.
+_readiness: Callable[[], bool] = lambda: False  # noqa: E731
+
+
+def set_readiness(check: Callable[[], bool]) -> None:
+    global _readiness
+    _readiness = check
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base's name
+        pass  # probes every few seconds would flood the log
+
+
+def _app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+    """/metrics for Prometheus; /healthz (alive: this thread answers) and /readyz (ready for
+    new sessions) for an orchestrator's probes."""
+    path = environ.get("PATH_INFO", "")
+    if path in ("/healthz", "/readyz"):
+        ok = path == "/healthz" or _readiness()
+        start_response("200 OK" if ok else "503 Service Unavailable",
+                       [("Content-Type", "text/plain")])
+        return [b"ok\n" if ok else b"not ready\n"]
+    return _metrics(environ, start_response)
+
+
+_metrics = make_wsgi_app()
+
+
 def serve(port: int, addr: str = "127.0.0.1") -> None:
+    """Serve /metrics, /healthz and /readyz on ``port`` (nothing when 0) from a daemon thread."""
     if port:
-        start_http_server(port, addr=addr)
+        server = make_server(addr, port, _app, ThreadingWSGIServer, handler_class=_Quiet)
+        threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()

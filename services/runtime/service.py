@@ -242,7 +242,10 @@ class StageService(Generic[C]):
             handler=self._list_sessions,
         )
         log.info("%s replica %s ready", self.stage, self.replica, extra={"stage": self.stage})
+        metrics.READY.labels(self.stage).set(1)
+        metrics.set_readiness(lambda: not stop.is_set() and self.bus.nc.is_connected)
         await stop.wait()
+        metrics.READY.labels(self.stage).set(0)
         log.info("shutting down: handing over %d session(s)", len(self.workers),
                  extra={"stage": self.stage})
         for sub in self._claim_subs:

@@ -7,6 +7,8 @@ import asyncio
 import contextlib
 import signal
 import time
+import urllib.error
+import urllib.request
 
 import pytest
 from nats.js.errors import KeyNotFoundError
@@ -34,7 +36,7 @@ async def llm_pair(tmp_path):
     logs = LogTail(tmp_path / "stack.log")
     # The OpenAI provider would show history best, but echo needs no server; the stored
     # history is checked in KV directly.
-    stack = Stack(tmp_path, sink=logs, replicas={"llm": 2})
+    stack = Stack(tmp_path, sink=logs, replicas={"llm": 2}, metrics=True)
     await stack.start(stages=("llm",))
     stack.logs = logs  # type: ignore[attr-defined]
     yield stack
@@ -48,6 +50,9 @@ async def test_sigterm_hands_the_session_to_another_replica_with_its_history(llm
     await tap.watch(sj.session_all(SESSION))
     owners = await dispatch(nc, tap, SESSION, stages=("llm",))
     first = owners["llm"]
+    # Both replicas tell an orchestrator's probe they take sessions.
+    assert {name: await probe(llm_pair, name, "/readyz") for name in llm_pair.metrics_ports} \
+        == {"llm": 200, "llm1": 200}
 
     await say(nc, 1, "what time is it")
     await tap.wait_for(lambda: tap.of(ev.ReplyDone, SESSION, turn=1), 10, "reply 1")
@@ -103,6 +108,20 @@ async def test_a_starved_replica_takes_back_its_expired_lease_and_keeps_the_sess
         await nc.close()
         codes = await stack.stop()
     assert all(code == 0 for code in codes.values()), logs.dump()
+
+
+async def probe(stack: Stack, replica: str, path: str) -> int:
+    """The HTTP status a replica's metrics port answers ``path`` with."""
+    url = f"http://127.0.0.1:{stack.metrics_ports[replica]}{path}"
+
+    def get() -> int:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                return resp.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    return await asyncio.to_thread(get)
 
 
 async def _eventually(fetch, timeout: float):
