@@ -79,8 +79,11 @@ async def fetch_token(token_url: str, room: str, identity: str) -> dict[str, str
 
 
 class Caller:
-    def __init__(self, token_url: str, room: str, identity: str = "caller") -> None:
+    def __init__(self, token_url: str, room: str, identity: str = "caller",
+                 livekit_url: str = "") -> None:
         self.token_url = token_url
+        # The LiveKit node to connect to; empty: the one the token service names.
+        self.livekit_url = livekit_url
         self.room_name = room
         self.identity = identity
         self.room = rtc.Room()
@@ -119,7 +122,7 @@ class Caller:
         self.room.on("participant_connected", self._on_participant)
         self.room.on("track_subscribed", self._on_track)
         self.room.on("transcription_received", self._on_legacy_transcription)
-        await self.room.connect(grant["url"], grant["token"],
+        await self.room.connect(self.livekit_url or grant["url"], grant["token"],
                                 rtc.RoomOptions(auto_subscribe=True))
         for participant in self.room.remote_participants.values():
             self._on_participant(participant)

@@ -99,7 +99,7 @@ async def cmd_up(args: argparse.Namespace) -> int:
 
     workdir = Path(tempfile.mkdtemp(prefix="voicebus-"))
     stack = Stack(workdir, nats_port=args.nats_port, nats_cluster=args.nats_cluster,
-                  livekit=True,
+                  livekit=True, livekit_nodes=args.livekit_nodes,
                   livekit_port=args.livekit_port, token_port=args.port, env=offline_ear(),
                   audio_dir=args.audio_dir.resolve() if args.audio_dir else None)
     # A process manager's SIGTERM, a closed terminal's SIGHUP and Ctrl-C all stop the stack the
@@ -346,10 +346,23 @@ async def cmd_bench(args: argparse.Namespace) -> int:
         from voicebus.bench.pipeline import run_pipeline_bench
 
         result = await run_pipeline_bench(sessions=args.sessions, turns=args.turns,
-                                          stt_replicas=args.stt_replicas, spread_s=args.spread,
-                                          capture=args.record)
+                                          replicas={"stt": args.stt_replicas, **args.replicas},
+                                          spread_s=args.spread,
+                                          capture=args.record, providers=args.providers)
     print(json.dumps(result, indent=None if args.json else 2))
     return 0
+
+
+def _replica_counts(text: str) -> dict[str, int]:
+    """``ingress=2,stt=2`` → {"ingress": 2, "stt": 2}."""
+    counts = {}
+    for item in filter(None, text.split(",")):
+        stage, _, count = item.partition("=")
+        if stage not in sj.STAGES or not count.isdigit() or int(count) < 1:
+            raise argparse.ArgumentTypeError(
+                f"{item!r}: want stage=count with a stage of {', '.join(sj.STAGES)}")
+        counts[stage] = int(count)
+    return counts
 
 
 def _bus_arguments(parser: argparse.ArgumentParser) -> None:
@@ -372,6 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--nats-cluster", type=int, default=1,
                     help="nats-server nodes: a cluster of N on loopback (the first on "
                     "--nats-port), JetStream state replicated")
+    up.add_argument("--livekit-nodes", type=int, default=1,
+                    help="livekit-server nodes sharing one Redis (the first on --livekit-port): "
+                    "rooms spread over them")
     up.add_argument("--wav", type=Path, action="append", help="ask this once it is up (a call)")
     up.add_argument("--say", action="append", help="ask this sentence (Piper) once it is up")
     up.add_argument("--out", type=Path, default=Path("reply.wav"), help="where that reply goes")
@@ -462,8 +478,13 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_argument("--sessions", type=int, default=1)
     pipeline.add_argument("--turns", type=int, default=5)
     pipeline.add_argument("--stt-replicas", type=int, default=1)
+    pipeline.add_argument("--replicas", type=_replica_counts, default={},
+                          help="replicas per stage, e.g. ingress=2,stt=2 (default 1 each)")
     pipeline.add_argument("--spread", type=float, default=5.0,
                           help="seconds over which session starts are spread")
+    pipeline.add_argument("--providers", choices=("offline", "instant"), default="offline",
+                          help="offline: the stack's models; instant: answers at once (fixed "
+                          "transcript, echo, a tone), to size the system itself")
     pipeline.add_argument("--record", choices=("off", "events", "all"), default="",
                           help="capture during the run (default: VOICEBUS_RECORD, else all)")
     pipeline.add_argument("--json", action="store_true", help="one line of JSON")
@@ -518,6 +539,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="whose replicas are killed; nats: nodes of the NATS cluster")
     chaos.add_argument("--nats-cluster", type=int, default=1,
                        help="nats-server nodes (3 for --stage nats)")
+    chaos.add_argument("--kill-nats-node", dest="stage", action="store_const", const="nats",
+                       help="the same as --stage nats")
     chaos.add_argument("--signal", choices=("KILL", "TERM"), default="KILL")
     chaos.add_argument("--turns", type=int, default=3, help="questions per call")
     chaos.add_argument("--seed", type=int, default=1, help="which questions, and when")

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import random
+import secrets
 import shutil
 import signal
 import socket
@@ -120,6 +121,24 @@ def nats_server_binary() -> str:
     return found
 
 
+def redis_server_binary() -> str:
+    """Debian's redis-server, installed by ``scripts/install-redis.sh`` when missing."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    script = ROOT / "scripts" / "install-redis.sh"
+    done = subprocess.run([str(script)], check=False, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"installing redis-server failed:\n{done.stderr[-2000:]}")
+    return done.stdout.strip().splitlines()[-1]
+
+
+# Multi-node LiveKit: which node each of our processes talks to. They are spread on purpose,
+# so a local stack shows what a deployment has: a stage's room hosted on another node than the
+# one it connects to (LiveKit relays the signalling through Redis; media goes to the host).
+LIVEKIT_NODE_OF = {"ingress": 0, "egress": 1, "token": 1}
+
+
 def livekit_server_binary() -> str:
     """The pinned livekit-server, built once by ``scripts/install-livekit.sh``."""
     script = ROOT / "scripts" / "install-livekit.sh"
@@ -194,6 +213,12 @@ class Stack:
     metrics_ports: dict[str, int] = field(default_factory=dict)
     livekit: bool = False
     livekit_port: int = 0
+    # livekit-server nodes: 1, or N sharing one Redis (rooms are placed on any node; a client
+    # may connect to any of them). livekit_ports are their HTTP/WebSocket ports, by node.
+    livekit_nodes: int = 1
+    livekit_ports: list[int] = field(default_factory=list)
+    redis_port: int = 0
+    _redis_password: str = field(default="", repr=False)
     token_port: int = 0
     # Extra environment for the token service only (rate limits, TTL, auth hook…).
     token_env: dict[str, str] = field(default_factory=dict)
@@ -286,6 +311,33 @@ class Stack:
         return f"ws://127.0.0.1:{self.livekit_port}"
 
     @property
+    def livekit_urls(self) -> list[str]:
+        """Every livekit-server node's URL, by node."""
+        return [f"ws://127.0.0.1:{port}" for port in self.livekit_ports or [self.livekit_port]]
+
+    @staticmethod
+    def livekit_name(node: int) -> str:
+        return "livekit" if node == 0 else f"livekit{node}"
+
+    def livekit_node_of(self, process: str) -> int:
+        """The node a process of ours connects to (``LIVEKIT_NODE_OF``, by its stage)."""
+        return LIVEKIT_NODE_OF.get(process.rstrip("0123456789"), 0) % len(self.livekit_urls)
+
+    async def livekit_room_nodes(self) -> dict[str, str]:
+        """Which node hosts each room: LiveKit's own map in Redis (room → node id)."""
+        if not self.redis_port:
+            return {}
+        done = await asyncio.create_subprocess_exec(
+            "redis-cli", "-p", str(self.redis_port), "--raw", "HGETALL", "room_node_map",
+            env={**os.environ, "REDISCLI_AUTH": self._redis_password},
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await done.communicate()
+        if done.returncode != 0:
+            raise RuntimeError(f"redis-cli failed: {err.decode(errors='replace')}")
+        lines = out.decode().splitlines()
+        return dict(zip(lines[0::2], lines[1::2]))
+
+    @property
     def token_url(self) -> str:
         return f"http://127.0.0.1:{self.token_port}"
 
@@ -300,6 +352,13 @@ class Stack:
         return {"LIVEKIT_URL": self.livekit_url,
                 "LIVEKIT_API_KEY": key("LIVEKIT_API_KEY", DEV_API_KEY),
                 "LIVEKIT_API_SECRET": key("LIVEKIT_API_SECRET", DEV_API_SECRET)}
+
+    def livekit_env_for(self, process: str) -> dict[str, str]:
+        """``livekit_env`` with the URL of the node ``process`` connects to."""
+        env = self.livekit_env
+        if env:
+            env["LIVEKIT_URL"] = self.livekit_urls[self.livekit_node_of(process)]
+        return env
 
     async def start(self, stages: tuple[str, ...] = STAGES, timeout: float = 90.0) -> None:
         await self.start_nats()
@@ -326,14 +385,49 @@ class Stack:
             await nc.close()
 
     async def start_livekit(self) -> None:
-        """A development livekit-server on loopback: one TCP and one UDP port for media, our
-        keys, and webhooks to the token service."""
+        """Development livekit-server nodes on loopback: each with one TCP and one UDP port for
+        media, our keys, and webhooks to the token service; several share a Redis."""
         self.livekit_port = claim_port(self.livekit_port, "livekit-server")
         self.token_port = claim_port(self.token_port, "the token service")
-        env = self.livekit_env
-        config = self.workdir / "livekit.yaml"
+        self.livekit_ports = [self.livekit_port, *(listen_port()
+                                                   for _ in range(self.livekit_nodes - 1))]
+        if self.livekit_nodes > 1:
+            await self.start_redis()
+        for node in range(self.livekit_nodes):
+            await self._spawn_livekit(node)
+
+    async def start_redis(self) -> None:
+        """redis-server on loopback for LiveKit's nodes: a password, nothing kept on disk."""
+        self.redis_port = listen_port()
+        self._redis_password = secrets.token_hex(16)
+        config = self.workdir / "redis.conf"
         config.write_text("\n".join([
-            f"port: {self.livekit_port}",
+            f"port {self.redis_port}", "bind 127.0.0.1", "protected-mode yes",
+            f"requirepass {self._redis_password}", 'save ""', "appendonly no",
+            f"dir {self.workdir}", "loglevel warning", ""]))
+        config.chmod(0o600)  # it holds the password
+        argv = [redis_server_binary(), str(config)]
+        self.procs["redis"] = await spawn("redis", argv, os.environ, self.sink)
+        deadline = time.monotonic() + 30
+        while True:  # up once it accepts a connection
+            try:
+                _reader, writer = await asyncio.open_connection("127.0.0.1", self.redis_port)
+            except OSError:
+                if time.monotonic() > deadline or not self.procs["redis"].alive:
+                    raise RuntimeError("redis-server did not come up") from None
+                await asyncio.sleep(0.1)
+                continue
+            writer.close()
+            return
+
+    async def _spawn_livekit(self, node: int) -> None:
+        port = self.livekit_ports[node]
+        env = self.livekit_env
+        config = self.workdir / f"{self.livekit_name(node)}.yaml"
+        redis = ["redis:", f"  address: 127.0.0.1:{self.redis_port}",
+                 f"  password: {self._redis_password}"] if self.redis_port else []
+        config.write_text("\n".join([
+            f"port: {port}",
             "bind_addresses: [127.0.0.1]",
             "rtc:",
             f"  tcp_port: {free_port()}",
@@ -350,12 +444,14 @@ class Stack:
             "  departure_timeout: 5",
             "logging:",
             f"  level: {os.environ.get('VOICEBUS_LIVEKIT_LOG_LEVEL', 'warn')}",
+            *redis,
             "",
         ]))
         config.chmod(0o600)  # it holds the API secret
         argv = [livekit_server_binary(), "--config", str(config)]
-        self.procs["livekit"] = await spawn("livekit", argv, os.environ, self.sink)
-        await self._wait_http(f"http://127.0.0.1:{self.livekit_port}/", "livekit")
+        name = self.livekit_name(node)
+        self.procs[name] = await spawn(name, argv, os.environ, self.sink)
+        await self._wait_http(f"http://127.0.0.1:{port}/", name)
 
     async def start_token(self, **extra_env: str) -> Proc:
         if "livekit" not in self.procs:  # (start_livekit has checked it already)
@@ -364,7 +460,8 @@ class Stack:
         # the environment says otherwise; a deployment's default is off (docs/recording.md).
         env = {"VOICEBUS_SESSION_PAGES": "true",
                "VOICEBUS_SESSION_PAGES_NKEY_FILE": str(self.seed_file("pages")),
-               **os.environ, **self.env, **self.livekit_env, **self.token_env, **extra_env,
+               **os.environ, **self.env, **self.livekit_env_for("token"), **self.token_env,
+               **extra_env,
                **self.role_env("token"), "VOICEBUS_REPLICA": "token",
                "VOICEBUS_TOKEN_PORT": str(self.token_port)}
         argv = [sys.executable, "-m", "services.token"]
@@ -455,7 +552,7 @@ class Stack:
 
     async def start_stage(self, stage: str, index: int = 0, **extra_env: str) -> Proc:
         name = f"{stage}{index}" if index else stage
-        env = {**os.environ, **self.env, **self.livekit_env, **extra_env,
+        env = {**os.environ, **self.env, **self.livekit_env_for(name), **extra_env,
                **self.role_env(stage), "VOICEBUS_REPLICA": name}
         if self.audio_dir is not None:
             env["VOICEBUS_AUDIO_DIR"] = str(self.audio_dir)
@@ -532,7 +629,8 @@ class Stack:
         """Stop the token service and the stages first (they leave their rooms and drain into
         NATS), then livekit-server and nats-server."""
         codes = {}
-        servers = ("livekit", *(self.nats_name(n) for n in range(self.nats_cluster)))
+        servers = (*(self.livekit_name(n) for n in range(self.livekit_nodes)), "redis",
+                   *(self.nats_name(n) for n in range(self.nats_cluster)))
         services = [n for n in self.procs if n not in servers]
         results = await asyncio.gather(*(self.procs[n].stop() for n in services))
         codes.update(zip(services, results))
@@ -540,6 +638,6 @@ class Stack:
             if name in self.procs:
                 # livekit-server drains its rooms on SIGTERM: a participant that vanished
                 # without leaving (a crashed browser) holds it until the peer times out.
-                codes[name] = await self.procs[name].stop(timeout=40.0 if name == "livekit"
-                                                          else 15.0)
+                codes[name] = await self.procs[name].stop(
+                    timeout=40.0 if name.startswith("livekit") else 15.0)
         return codes

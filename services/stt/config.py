@@ -44,6 +44,8 @@ class SttConfig(ChainConfig, frozen=True, kw_only=True):
     # Seconds the user may stay silent while the agent listens before the STT opens a turn
     # with no speech (a final with idle=1, 2, … in a row) for the agent to prompt them; 0: off.
     stt_user_idle_s: Seconds = 0.0
+    # instant (services/stt/providers/instant.py, capacity planning only): the words it hears.
+    stt_instant_text: str = "What time is it?"
     # whisper (services/stt/providers/whisper.py): where the converted model is kept, and the
     # threads each decode may use.
     whisper_cache: str = "~/.cache/voicebus"

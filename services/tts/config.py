@@ -22,5 +22,7 @@ class TtsConfig(ChainConfig, frozen=True, kw_only=True):
     # A reply's first chunk may end at its first clause break (",", ";", ":", a dash) once it
     # has this many characters, so the voice starts sooner; 0: whole sentences only.
     tts_first_clause_chars: int = 12
+    # instant (services/tts/providers/instant.py, capacity planning only): tone per word.
+    tts_instant_ms_per_word: int = 250
     # Seconds without reply text after which a turn is closed (a lost ReplyDone).
     tts_text_timeout: float = 30.0

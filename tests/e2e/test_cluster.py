@@ -5,8 +5,6 @@ two turns, and the session's state in KV outlives it."""
 from __future__ import annotations
 
 import asyncio
-import json
-import urllib.request
 
 import msgspec
 import pytest
@@ -16,7 +14,9 @@ from proto import events as ev
 from proto import subjects as sj
 from services.llm.provider import ChatMessage
 from services.llm.service import HISTORY_BUCKET
+from services.ingress.audio import read_wav
 from tests.conftest import running_stack
+from voicebus.call import Caller
 from voicebus.client import Tap, dispatch, end_session
 from voicebus.speech import say_to_wav
 
@@ -29,15 +29,6 @@ SESSION = "clustered"
 async def cluster(tmp_path_factory: pytest.TempPathFactory):
     async for stack in running_stack(tmp_path_factory, livekit=False, nats_cluster=3):
         yield stack
-
-
-def _stage_clients(monitor_port: int) -> list[str]:
-    """The stages connected to one node, from its monitoring endpoint."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{monitor_port}/connz?limit=1000",
-                                timeout=5) as resp:
-        connz = json.load(resp)
-    return [c.get("name", "") for c in connz.get("connections", [])
-            if c.get("name", "").startswith("voicebus-")]
 
 
 async def test_a_call_goes_on_when_its_nats_node_dies(cluster, tmp_path) -> None:
@@ -56,8 +47,7 @@ async def test_a_call_goes_on_when_its_nats_node_dies(cluster, tmp_path) -> None
         await tap.wait_for(lambda: tap.of(ev.Playback, SESSION, turn=1, final=True), 60,
                            "reply 1 to be played")
 
-        clients = await asyncio.gather(*(asyncio.to_thread(_stage_clients, port)
-                                         for port in stack.monitor_ports))
+        clients = await asyncio.gather(*(stack.nats_clients(n) for n in range(3)))
         node = max(range(3), key=lambda n: len(clients[n]))
         assert clients[node], clients
         await stack.kill_nats_node(node)
@@ -81,3 +71,68 @@ async def test_a_call_goes_on_when_its_nats_node_dies(cluster, tmp_path) -> None
     messages = msgspec.msgpack.decode(history.value, type=list[ChatMessage])
     assert [m.turn for m in messages if m.role == "user"] == [1, 2]
     assert status.config.num_replicas == 3
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def spread(tmp_path_factory: pytest.TempPathFactory):
+    """Everything spread: 3 NATS nodes, 2 livekit-server nodes sharing a Redis, every stage
+    and the token service (ingress on one LiveKit node, egress and the token service on the
+    other: launcher.LIVEKIT_NODE_OF)."""
+    async for stack in running_stack(tmp_path_factory, livekit=True, nats_cluster=3,
+                                     livekit_nodes=2):
+        yield stack
+
+
+async def test_calls_on_both_livekit_nodes_go_on_when_the_stages_nats_node_dies(
+        spread, tmp_path) -> None:
+    stack = spread
+    assert len(stack.livekit_urls) == 2 and stack.redis_port
+    question = read_wav(await say_to_wav("What time is it?", tmp_path / "q1.wav", lead_ms=0))
+    again = read_wav(await say_to_wav("Please call my mother.", tmp_path / "q2.wav", lead_ms=0))
+    nc = await stack.connect()
+    tap = Tap(nc)
+    callers: list[Caller] = []
+    try:
+        await tap.watch(sj.every_stage("error"))
+        # LiveKit places each new room on a node at random: open rooms until both nodes host
+        # one (callers alternate the node they connect to; LiveKit relays the signalling).
+        hosts: dict[str, str] = {}
+        while len(set(hosts.values())) < 2:
+            assert len(callers) < 12, f"12 rooms, all on one node: {hosts}"
+            index = len(callers)
+            await tap.watch(sj.session_all(f"spread-{index}"))
+            caller = Caller(stack.token_url, f"spread-{index}", f"user-{index}",
+                            livekit_url=stack.livekit_urls[index % 2])
+            callers.append(caller)
+            await caller.join()
+            await caller.wait_state("listening", timeout=60)
+            hosts = await stack.livekit_room_nodes()
+        rooms = [c.room_name for c in callers]
+        assert set(hosts) >= set(rooms), hosts
+
+        async def ask(caller: Caller, pcm: tuple[bytes, int], turn: int) -> None:
+            await caller.say(*pcm)
+            await caller.wait_reply(timeout=60)
+            await tap.wait_for(lambda: tap.of(ev.Playback, caller.room_name, turn=turn,
+                                              final=True), 30, f"{caller.room_name} reply")
+
+        await asyncio.gather(*(ask(c, question[:2], 1) for c in callers))
+        # The NATS node the most stages use dies; every call's next turn is answered.
+        clients = await asyncio.gather(*(stack.nats_clients(n) for n in range(3)))
+        node = max(range(3), key=lambda n: len(clients[n]))
+        assert clients[node], clients
+        await stack.kill_nats_node(node)
+        await asyncio.gather(*(ask(c, again[:2], 2) for c in callers))
+        history = await (await nc.jetstream().key_value(HISTORY_BUCKET)).get(rooms[0])
+    finally:
+        for caller in callers:
+            await caller.leave()
+        await tap.close()
+        await nc.close()
+
+    for room in rooms:
+        finals = {t.turn: t.text.lower() for t in tap.of(ev.Transcript, room, final=True)}
+        assert "time" in finals.get(1, "") and "mother" in finals.get(2, ""), (room, finals)
+    assert not tap.of(ev.StageError), [e.message for e in tap.of(ev.StageError)]
+    messages = msgspec.msgpack.decode(history.value, type=list[ChatMessage])
+    assert [m.turn for m in messages if m.role == "user"] == [1, 2]

@@ -7,7 +7,7 @@ import numpy as np
 from proto import events as ev
 from voicebus.bench import bargein, livekit
 from voicebus.call import Turn
-from voicebus.bench.pipeline import call_minutes, stats, summarise
+from voicebus.bench.pipeline import call_minutes, sessions_per_core, stats, summarise
 from voicebus.client import Tap
 
 MS = 1_000_000
@@ -59,6 +59,12 @@ def test_call_minutes_run_from_the_first_speech_to_the_last_reply_played() -> No
                    ev.SpeechStarted(session="b", ts_ns=start, pts_ms=0),
                    ev.Playback(session="b", ts_ns=start + 60_000 * MS, turn=1, final=True))
     assert call_minutes(tap, ["a", "b", "never-started"]) == 1.5
+
+
+def test_sessions_per_core_is_call_seconds_per_cpu_second_with_replicas_summed() -> None:
+    # 10 minutes of calls; ingress's two replicas spent 15 + 15 s of CPU: 20 calls a core.
+    cpu = {"ingress": 15.0, "ingress1": 15.0, "stt": 60.0, "nats": 0.0}
+    assert sessions_per_core(cpu, 10.0) == {"ingress": 20.0, "nats": None, "stt": 10.0}
 
 
 def test_stats_report_percentiles() -> None:

@@ -27,3 +27,16 @@ def test_keys_given_to_the_stack_win_and_the_dev_keys_are_the_last_resort(
     monkeypatch.delenv("LIVEKIT_API_KEY", raising=False)
     dev = Stack(tmp_path, livekit=True).livekit_env
     assert (dev["LIVEKIT_API_KEY"], dev["LIVEKIT_API_SECRET"]) == (DEV_API_KEY, DEV_API_SECRET)
+
+
+def test_processes_spread_over_livekit_nodes_each_with_its_node_url(tmp_path: Path) -> None:
+    stack = Stack(tmp_path, livekit=True, livekit_nodes=2, livekit_ports=[7001, 7002])
+    urls = {name: stack.livekit_env_for(name)["LIVEKIT_URL"]
+            for name in ("ingress", "ingress1", "egress", "token", "stt")}
+    assert urls == {"ingress": "ws://127.0.0.1:7001", "ingress1": "ws://127.0.0.1:7001",
+                    "egress": "ws://127.0.0.1:7002", "token": "ws://127.0.0.1:7002",
+                    "stt": "ws://127.0.0.1:7001"}
+    # One node: everybody on it, whatever LIVEKIT_NODE_OF says.
+    single = Stack(tmp_path, livekit=True, livekit_port=7001)
+    assert single.livekit_env_for("egress")["LIVEKIT_URL"] == "ws://127.0.0.1:7001"
+    assert Stack(tmp_path).livekit_env_for("egress") == {}

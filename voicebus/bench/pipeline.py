@@ -77,19 +77,31 @@ async def capture_bytes(nc: Any) -> int:
         return 0
 
 
-async def run_pipeline_bench(sessions: int, turns: int, stt_replicas: int = 1,
+# --providers: the models the stages run. "offline" is the stack's own (PocketSphinx, echo,
+# Piper); "instant" answers at once (a fixed transcript, echo, a tone: services/*/providers/
+# instant.py), so the CPU measured is the system's, and the sessions one core carries are the
+# stages' own limit, before any model.
+PROVIDER_SETS = {
+    "offline": {},
+    "instant": {"VOICEBUS_STT_PROVIDER": "instant", "VOICEBUS_LLM_PROVIDER": "echo",
+                "VOICEBUS_TTS_PROVIDER": "instant"},
+}
+
+
+async def run_pipeline_bench(sessions: int, turns: int, replicas: dict[str, int] | None = None,
                              spread_s: float = DEFAULT_SPREAD_S,
-                             capture: str = "") -> dict[str, Any]:
+                             capture: str = "", providers: str = "offline") -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="voicebus-bench-"))
     log_path = workdir / "stack.log"
     log_file = log_path.open("w")
     # Enough warm decoders that no replica stalls loading one mid-run (each is ~90 MB).
-    warm = min(12, math.ceil(sessions / stt_replicas))
-    env = {"VOICEBUS_STT_WARM_DECODERS": str(warm)}
+    replicas = {stage: n for stage, n in (replicas or {}).items() if n > 1}
+    warm = min(12, math.ceil(sessions / replicas.get("stt", 1)))
+    env = {"VOICEBUS_STT_WARM_DECODERS": str(warm), **PROVIDER_SETS[providers]}
     if capture:
         env["VOICEBUS_RECORD"] = capture
     stack = Stack(workdir, sink=lambda line: log_file.write(line + "\n"),
-                  replicas={"stt": stt_replicas}, env=env,
+                  replicas=replicas, env=env,
                   audio_dir=workdir)  # the questions are WAV files: file edges on, there
     wavs = [await say_to_wav(PROMPTS[i % len(PROMPTS)], workdir / f"q{i}.wav", lead_ms=300)
             for i in range(turns)]
@@ -131,13 +143,27 @@ async def run_pipeline_bench(sessions: int, turns: int, stt_replicas: int = 1,
     result = summarise(tap, names, turns)
     cpu = {name: round(cpu_after[name] - cpu_before.get(name, 0.0), 2) for name in cpu_after}
     minutes = call_minutes(tap, names)
-    result.update(wall_s=round(elapsed, 1), stt_replicas=stt_replicas, spread_s=spread_s,
+    result.update(wall_s=round(elapsed, 1), replicas=replicas, spread_s=spread_s,
+                  providers=providers, sessions_per_core=sessions_per_core(cpu, minutes),
                   capture=capture or os.environ.get("VOICEBUS_RECORD", "all"),
                   cpu_s={"total": round(sum(cpu.values()), 2), **cpu},
                   call_minutes=round(minutes, 2), capture_bytes=stored,
                   capture_bytes_per_call_minute=round(stored / minutes) if minutes else 0,
                   logs=str(log_path))
     return result
+
+
+def sessions_per_core(cpu: dict[str, float], minutes: float) -> dict[str, float | None]:
+    """Per process: how many calls like these one core would carry at once, from the CPU it
+    spent per second of call (its idle work, lease refreshes and the like, included).
+    Replicas of a stage are summed: their sessions share one figure."""
+    per_stage: dict[str, float] = {}
+    for name, seconds in cpu.items():
+        stage = name.rstrip("0123456789")
+        per_stage[stage] = per_stage.get(stage, 0.0) + seconds
+    call_s = minutes * 60
+    return {stage: round(call_s / seconds, 1) if seconds else None
+            for stage, seconds in sorted(per_stage.items())}
 
 
 def call_minutes(tap: Tap, names: list[str]) -> float:
