@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LIVEKIT := .cache/livekit-v1.13.5/livekit-server
 WEB := web/node_modules/.package-lock.json
+HELM := .cache/helm-v4.3.2/helm
+COMPOSECHECK := .cache/composecheck/composecheck
 
 .PHONY: up test install bench bench-livekit chromium clean
 
@@ -17,6 +19,13 @@ $(STAMP): pyproject.toml constraints.txt
 # livekit-server has no PyPI/npm package: built once from its pinned Go module into .cache/.
 $(LIVEKIT): scripts/install-livekit.sh
 	scripts/install-livekit.sh >/dev/null
+
+# What CI checks the deployment files with (tests/deploy): helm from its pinned Go module, and
+# compose-go's loader (deploy/composecheck); both built once into .cache/.
+$(HELM): scripts/install-helm.sh
+	scripts/install-helm.sh >/dev/null
+$(COMPOSECHECK): scripts/install-composecheck.sh $(wildcard deploy/composecheck/*)
+	scripts/install-composecheck.sh >/dev/null
 
 # The web page's livekit-client comes from npm at install time (never committed).
 $(WEB): web/package.json web/package-lock.json
@@ -31,7 +40,8 @@ install: $(STAMP) $(LIVEKIT) $(WEB)
 up: install
 	$(BIN)/voicebus up $(if $(SAY),--say "$(SAY)") $(if $(WAV),--wav $(WAV))
 
-test: install chromium
+test: install chromium $(HELM) $(COMPOSECHECK)
+	scripts/install-redis.sh >/dev/null
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: install
