@@ -121,6 +121,26 @@ def nats_server_binary() -> str:
     return found
 
 
+def make_certificates(folder: Path, name: str = "server") -> dict[str, str]:
+    """A CA and a certificate it signed for 127.0.0.1 (``<name>.pem``, ``<name>.key``), made
+    with openssl in ``folder``: development and tests only, valid a week."""
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=folder)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "7",
+            "-subj", f"/CN=voicebus {name} CA", "-keyout", "ca.key", "-out", "ca.pem")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
+            "-keyout", f"{name}.key", "-out", f"{name}.csr")
+    (folder / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-days", "7", "-extfile", "san.ext", "-out", f"{name}.pem")
+    for key in folder.glob("*.key"):
+        key.chmod(0o600)
+    return {file: str(folder / file) for file in ("ca.pem", f"{name}.pem", f"{name}.key")}
+
+
 def redis_server_binary() -> str:
     """Debian's redis-server, installed by ``scripts/install-redis.sh`` when missing."""
     found = shutil.which("redis-server")
@@ -219,6 +239,8 @@ class Stack:
     livekit_ports: list[int] = field(default_factory=list)
     redis_port: int = 0
     _redis_password: str = field(default="", repr=False)
+    # A cluster's route TLS: its CA and the nodes' certificate (made at start).
+    route_certificates: dict[str, str] = field(default_factory=dict, repr=False)
     token_port: int = 0
     # Extra environment for the token service only (rate limits, TTL, auth hook…).
     token_env: dict[str, str] = field(default_factory=dict)
@@ -500,6 +522,10 @@ class Stack:
                                *(listen_port() for _ in range(self.nats_cluster - 1))]
             self.route_ports = [listen_port() for _ in range(self.nats_cluster)]
             self.monitor_ports = [listen_port() for _ in range(self.nats_cluster)]
+            # Routes carry every message and JetStream's replication: only a node holding a
+            # certificate from the cluster's own CA may open one (mutual TLS).
+            if not self.route_certificates:
+                self.route_certificates = make_certificates(self.workdir / "routes", "node")
             copies = str(min(3, self.nats_cluster))
             self.env.setdefault("VOICEBUS_JS_REPLICAS", copies)
             self.env.setdefault("VOICEBUS_RECORD_REPLICAS", copies)
@@ -515,16 +541,32 @@ class Stack:
         store.mkdir(parents=True, exist_ok=True)
         assert self.bus_dir is not None
         port = self.nats_ports[node] if self.nats_ports else self.nats_port
-        argv = [nats_server_binary(), "-c", str(self.bus_dir / "nats.conf"), "-a", "127.0.0.1",
+        config = self.bus_dir / "nats.conf"
+        if self.nats_cluster > 1:
+            config = self._node_config(node, config)
+        argv = [nats_server_binary(), "-c", str(config), "-a", "127.0.0.1",
                 "-p", str(port), "-js", "-sd", str(store)]
         if self.nats_cluster > 1:
-            routes = ",".join(f"nats://127.0.0.1:{p}" for i, p in enumerate(self.route_ports)
-                              if i != node)
-            argv += ["--name", f"n{node}", "--cluster_name", "voicebus",
-                     "--cluster", f"nats://127.0.0.1:{self.route_ports[node]}",
-                     "--routes", routes, "-m", str(self.monitor_ports[node])]
+            argv += ["--name", f"n{node}", "-m", str(self.monitor_ports[node])]
         name = self.nats_name(node)
         self.procs[name] = await spawn(name, argv, os.environ, self.sink)
+
+    def _node_config(self, node: int, bus_config: Path) -> Path:
+        """The bus's configuration (users, client TLS) plus this node's cluster block: its
+        route port, the other nodes, and mutual TLS on every route."""
+        config = json.loads(bus_config.read_text())
+        certs = self.route_certificates
+        config["cluster"] = {
+            "name": "voicebus",
+            "listen": f"127.0.0.1:{self.route_ports[node]}",
+            "routes": [f"nats-route://127.0.0.1:{port}"
+                       for i, port in enumerate(self.route_ports) if i != node],
+            "tls": {"cert_file": certs["node.pem"], "key_file": certs["node.key"],
+                    "ca_file": certs["ca.pem"], "verify": True, "timeout": 5},
+        }
+        path = self.workdir / f"nats-n{node}.conf"
+        path.write_text(json.dumps(config, indent=2) + "\n")
+        return path
 
     async def _wait_nats(self, timeout: float = 30.0) -> None:
         """Until every node takes clients and JetStream answers (a cluster's first leader is

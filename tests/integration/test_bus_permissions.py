@@ -21,7 +21,7 @@ from proto import events as ev
 from proto.permissions import ROLES, inbox_prefix
 from tests.conftest import LogTail
 from voicebus import record
-from voicebus.launcher import Stack
+from voicebus.launcher import Stack, make_certificates
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -248,27 +248,10 @@ async def test_the_session_pages_read_the_capture_and_cannot_delete_from_it(bus)
         assert await clients[role].refused("$JS.API.STREAM.INFO.VOICEBUS_RECORD")
 
 
-def _certificates(folder) -> dict[str, str]:
-    """A CA and a server certificate for 127.0.0.1, made with openssl for this test."""
-    import subprocess
-
-    def openssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=folder)
-
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=test CA",
-            "-keyout", "ca.key", "-out", "ca.pem")
-    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
-            "-keyout", "server.key", "-out", "server.csr")
-    (folder / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
-    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-            "-CAcreateserial", "-days", "1", "-extfile", "san.ext", "-out", "server.pem")
-    return {name: str(folder / name) for name in ("ca.pem", "server.pem", "server.key")}
-
-
 async def test_the_bus_can_require_tls(tmp_path) -> None:
     """nats-server with a tls block: a stage configured with the CA (VOICEBUS_NATS_TLS_CA)
     connects and serves; a client that does not trust the CA is refused."""
-    certs = _certificates(tmp_path)
+    certs = make_certificates(tmp_path, "server")
     logs = LogTail(tmp_path / "stack.log")
     stack = Stack(tmp_path, sink=logs, nats_tls_ca=Path(certs["ca.pem"]),
                   nats_tls={"cert_file": certs["server.pem"], "key_file": certs["server.key"]})
