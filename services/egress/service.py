@@ -50,6 +50,10 @@ class EgressConfig(LiveKitConfig, frozen=True, kw_only=True):
     egress_lead_ms: int = 40
     # User-idle turns in a row answered with a re-prompt; the next one gets the goodbye.
     idle_prompts: int = 1
+    # Seconds the agent may stay "thinking": from a verdict it speaks to the first word of the
+    # reply from TTS. Past it the reply is given up (lost on the bus, a stage gone quiet) and
+    # the agent listens again, so the next question is answered. 0: wait for ever.
+    egress_reply_timeout: float = 20.0
     # Turn-taking (services/runtime/turns.py), the judge's alone. The user's speech over the
     # agent's reply interrupts it only after this long…
     interrupt_min_speech_ms: int = 200
@@ -122,6 +126,9 @@ class EgressWorker(SessionWorker[EgressConfig]):
                            greeting=bool(start.greeting),
                            idle_prompts=self.config.idle_prompts, record=record)
         self.vad_timer: asyncio.TimerHandle | None = None
+        # The watchdog on a reply that never comes, and the newest turn TTS said anything of.
+        self.reply_timer: asyncio.TimerHandle | None = None
+        self.tts_turn = -1
         for subject in (sj.producer_all(self.session, "tts"), sj.INGRESS_VAD.subject(self.session),
                         sj.producer_all(self.session, "stt"), sj.producer_all(self.session, "llm")):
             await self.subscribe(subject, self.handle)
@@ -187,6 +194,7 @@ class EgressWorker(SessionWorker[EgressConfig]):
         return self.playout
 
     def on_tts(self, event: ev.AudioFrame | ev.SynthesisDone) -> None:
+        self.tts_turn = max(self.tts_turn, event.turn)
         if lost := self.gaps.lost(event):
             self.dropped += lost
             metrics.FRAMES_DROPPED.labels("egress").inc(lost)
@@ -360,8 +368,24 @@ class EgressWorker(SessionWorker[EgressConfig]):
             self.log.warning("turn %d is out of reach of the last one judged (%d): ignored",
                              turn, self.ledger.newest)
         trace = self.turns.judged(self.session, turn, action)
+        if action != "ignore" and self.config.egress_reply_timeout > 0:
+            if self.reply_timer is not None:
+                self.reply_timer.cancel()
+            self.reply_timer = asyncio.get_running_loop().call_later(
+                self.config.egress_reply_timeout, self._reply_overdue, turn)
         self.spawn(self.emit(sj.FLOOR_VERDICT, ev.Verdict, turn=turn, action=action, text=text,
                              reason=reason, trace=trace), f"verdict-{turn}")
+
+    def _reply_overdue(self, turn: int) -> None:
+        """Nothing of reply ``turn`` came from TTS in time: its verdict or the reply was lost
+        (a NATS node died as it passed, a stage went quiet). Give it up and listen."""
+        self.reply_timer = None
+        if self.floor.reply != turn or self.tts_turn >= turn:
+            return  # answered meanwhile, or over
+        metrics.TURNS.labels("egress", "reply_lost").inc()
+        self.log.warning("no reply to turn %d after %.0f s: given up, the agent listens", turn,
+                         self.config.egress_reply_timeout)
+        self.floor.abandon_reply("no reply")
 
     def show(self, state: ev.AgentStateName, turn: int) -> None:
         """The agent's state for LiveKit's front-ends (attribute) and for the bus."""
@@ -407,8 +431,9 @@ class EgressWorker(SessionWorker[EgressConfig]):
 
     async def stop(self) -> None:
         self.presence.cancel()
-        if self.vad_timer is not None:
-            self.vad_timer.cancel()
+        for timer in (self.vad_timer, self.reply_timer):
+            if timer is not None:
+                timer.cancel()
         if self.playout is not None:
             await self.playout.aclose()
         if self.agent is not None:

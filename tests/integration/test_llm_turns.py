@@ -121,6 +121,38 @@ async def test_the_judge_in_egress_greets_refuses_a_forged_turn_and_ends_after_a
     assert msgspec.msgpack.decode(entry.value, type=FloorRecord) == FloorRecord(judged=3)
 
 
+async def test_the_judge_gives_up_a_reply_that_never_comes_and_listens_again(bare_stack):
+    """A verdict whose reply never reaches egress (lost on the bus as a NATS node died, a stage
+    gone quiet) would leave the agent "thinking" for ever. Past VOICEBUS_EGRESS_REPLY_TIMEOUT
+    the judge cuts it (a Cancel everywhere) and listens: the next question is answered. A
+    reply under way is left alone."""
+    stack, nc, tap = bare_stack
+    await stack.start_stage("egress", VOICEBUS_EGRESS_REPLY_TIMEOUT="1")
+    await stack.wait_ready(("egress",))
+    await tap.watch(sj.session_all(SESSION))
+    await dispatch(nc, tap, SESSION, stages=("egress",))
+
+    async def ask(turn: int, text: str) -> None:
+        await publish(nc, sj.STT_FINAL, _event(ev.Transcript, turn=turn, text=text, final=True,
+                                               speech_ms=900))
+        await tap.wait_for(lambda: tap.of(ev.Verdict, SESSION, turn=turn, action="answer"), 10,
+                           f"the verdict on turn {turn}")
+
+    async def given_up(turn: int) -> ev.Cancel:
+        found = await tap.wait_for(lambda: tap.of(ev.Cancel, SESSION, turn=turn), 10,
+                                   f"reply {turn} to be given up")
+        return found[0]
+
+    await ask(1, "what time is it")
+    assert (await given_up(1)).reason == "no reply"
+    await ask(2, "please call my mother")  # the floor is free again: answered
+    await publish(nc, sj.TTS_DONE, _event(ev.SynthesisDone, turn=2))  # a reply, empty but there
+    await tap.wait_for(lambda: tap.of(ev.Playback, SESSION, turn=2, final=True), 10, "reply 2")
+    await ask(3, "where is the station")
+    await given_up(3)  # a second later than reply 2's watchdog would have fired
+    assert tap.of(ev.Cancel, SESSION, turn=2) == []
+
+
 async def test_tts_keeps_speaking_through_an_empty_or_failed_reply(bare_stack):
     stack, nc, tap = bare_stack
     await stack.start_stage("tts")
