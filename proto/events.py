@@ -247,10 +247,12 @@ class Playback(Event, frozen=True, tag="egress.playback"):
 class SessionStart(Event, frozen=True, tag="ctl.start"):
     """Dispatch: each stage's queue group hands this to one replica, which owns the session.
     ``greeting``: what the agent says (as turn 0) once it first hears the user; empty for none.
-    The same event on ``<stage>.handover`` gives a session to another replica of that stage."""
+    The same event on ``<stage>.handover`` gives a session to another replica of that stage.
+    ``caller``: who called, for a phone call (LiveKit SIP's ``sip.phoneNumber``); else empty."""
 
     room: str = ""
     greeting: Text = ""
+    caller: Text = ""
 
 
 class FileSessionStart(SessionStart, frozen=True, tag="dev.start"):

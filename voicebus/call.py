@@ -115,8 +115,10 @@ class Caller:
 
     # ---- joining -------------------------------------------------------------------------------
 
-    async def join(self) -> None:
-        grant = await fetch_token(self.token_url, self.room_name, self.identity)
+    async def join(self, grant: dict[str, str] | None = None) -> None:
+        """Join with a token from the token service (which sends the agent), or with
+        ``grant`` ({"url", "token"}) made elsewhere (a phone caller, as LiveKit SIP joins)."""
+        grant = grant or await fetch_token(self.token_url, self.room_name, self.identity)
         self.room.register_text_stream_handler(TOPIC_TRANSCRIPTION, self._on_text)
         self.room.on("participant_attributes_changed", self._on_attributes)
         self.room.on("participant_connected", self._on_participant)

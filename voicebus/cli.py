@@ -99,7 +99,7 @@ async def cmd_up(args: argparse.Namespace) -> int:
 
     workdir = Path(tempfile.mkdtemp(prefix="voicebus-"))
     stack = Stack(workdir, nats_port=args.nats_port, nats_cluster=args.nats_cluster,
-                  livekit=True, livekit_nodes=args.livekit_nodes,
+                  livekit=True, livekit_nodes=args.livekit_nodes, livekit_redis=args.redis,
                   livekit_port=args.livekit_port, token_port=args.port, env=offline_ear(),
                   audio_dir=args.audio_dir.resolve() if args.audio_dir else None)
     # A process manager's SIGTERM, a closed terminal's SIGHUP and Ctrl-C all stop the stack the
@@ -196,6 +196,38 @@ async def cmd_tap(args: argparse.Namespace) -> int:
         None if isinstance(e, ev.AudioFrame) and not args.audio else print(subject, e, flush=True))
     await tap.watch(sj.session_all(args.session) if args.session else sj.everything())
     await asyncio.Event().wait()
+    return 0
+
+
+async def cmd_sip_setup(args: argparse.Namespace) -> int:
+    """The inbound trunk and dispatch rule LiveKit SIP needs to send phone calls to the agent
+    (voicebus/sip.py). Keys from LiveKit's own variables, never from the command line."""
+    from livekit import api
+
+    from voicebus.sip import SipSetup, SipSetupError, apply
+
+    setup = SipSetup(name=args.name, numbers=tuple(args.number),
+                     allowed_addresses=tuple(args.allowed_address),
+                     auth_username=args.auth_username,
+                     auth_password=os.environ.get("VOICEBUS_SIP_AUTH_PASSWORD", ""),
+                     room_prefix=args.room_prefix)
+    key, secret = os.environ.get("LIVEKIT_API_KEY", ""), os.environ.get("LIVEKIT_API_SECRET", "")
+    if not (key and secret):
+        print("voicebus sip setup: set LIVEKIT_API_KEY and LIVEKIT_API_SECRET", file=sys.stderr)
+        return 2
+    url = args.livekit_url.replace("ws://", "http://", 1).replace("wss://", "https://", 1)
+    lkapi = api.LiveKitAPI(url, key, secret)
+    try:
+        result = await apply(lkapi, setup)
+    except SipSetupError as exc:
+        print(f"voicebus sip setup: {exc}", file=sys.stderr)
+        return 2
+    except api.TwirpError as exc:  # e.g. "sip not connected (redis required)"
+        print(f"voicebus sip setup: livekit-server refused: {exc.message}", file=sys.stderr)
+        return 1
+    finally:
+        await lkapi.aclose()
+    print(json.dumps(result))
     return 0
 
 
@@ -388,6 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--livekit-nodes", type=int, default=1,
                     help="livekit-server nodes sharing one Redis (the first on --livekit-port): "
                     "rooms spread over them")
+    up.add_argument("--redis", action="store_true", help="a Redis for livekit-server even with "
+                    "one node: its SIP API needs one (`voicebus sip setup`)")
     up.add_argument("--wav", type=Path, action="append", help="ask this once it is up (a call)")
     up.add_argument("--say", action="append", help="ask this sentence (Piper) once it is up")
     up.add_argument("--out", type=Path, default=Path("reply.wav"), help="where that reply goes")
@@ -466,6 +500,23 @@ def build_parser() -> argparse.ArgumentParser:
     credentials.add_argument("folder", type=Path)
     credentials.add_argument("--force", action="store_true", help="replace existing ones")
     credentials.set_defaults(run=cmd_credentials)
+
+    sip = sub.add_parser("sip", help="phone calls through LiveKit SIP (docs/telephony.md)")
+    sip_sub = sip.add_subparsers(dest="sip_command", required=True)
+    sip_setup = sip_sub.add_parser("setup", help="create or update the inbound trunk and the "
+                                   "dispatch rule that send a trunk's calls to the agent")
+    sip_setup.add_argument("--livekit-url", default=os.environ.get("LIVEKIT_URL",
+                                                                   "ws://127.0.0.1:7880"))
+    sip_setup.add_argument("--name", default="voicebus", help="the trunk's and rule's name")
+    sip_setup.add_argument("--number", action="append", default=[],
+                           help="a phone number of the trunk, E.164 (repeatable; none: any)")
+    sip_setup.add_argument("--allowed-address", action="append", default=[],
+                           help="the trunk provider's address or CIDR range (repeatable)")
+    sip_setup.add_argument("--auth-username", default="", help="digest authentication; the "
+                           "password comes from VOICEBUS_SIP_AUTH_PASSWORD")
+    sip_setup.add_argument("--room-prefix", default="call-", help="each call's room name "
+                           "starts with this")
+    sip_setup.set_defaults(run=cmd_sip_setup)
 
     say = sub.add_parser("say", help="speak a sentence into a WAV file with Piper")
     say.add_argument("text")

@@ -237,6 +237,9 @@ class Stack:
     # may connect to any of them). livekit_ports are their HTTP/WebSocket ports, by node.
     livekit_nodes: int = 1
     livekit_ports: list[int] = field(default_factory=list)
+    # A Redis for one node too: LiveKit keeps its SIP trunks and dispatch rules there
+    # (`voicebus sip setup`), and refuses the SIP API without one.
+    livekit_redis: bool = False
     redis_port: int = 0
     _redis_password: str = field(default="", repr=False)
     # A cluster's route TLS: its CA and the nodes' certificate (made at start).
@@ -413,7 +416,7 @@ class Stack:
         self.token_port = claim_port(self.token_port, "the token service")
         self.livekit_ports = [self.livekit_port, *(listen_port()
                                                    for _ in range(self.livekit_nodes - 1))]
-        if self.livekit_nodes > 1:
+        if self.livekit_nodes > 1 or self.livekit_redis:
             await self.start_redis()
         for node in range(self.livekit_nodes):
             await self._spawn_livekit(node)

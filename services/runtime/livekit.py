@@ -107,8 +107,10 @@ async def join(config: LiveKitConfig, room_name: str, identity: str, *,
 
 
 def is_user(participant: rtc.RemoteParticipant) -> bool:
-    """A person (or a `voicebus call`), not one of our own or LiveKit's service participants."""
+    """A person: in a browser (or a `voicebus call`), or on the phone through LiveKit SIP; not
+    one of our own or LiveKit's other service participants (egress, ingress, agents)."""
     from livekit import rtc
 
-    return (participant.kind == rtc.ParticipantKind.PARTICIPANT_KIND_STANDARD
+    return (participant.kind in (rtc.ParticipantKind.PARTICIPANT_KIND_STANDARD,
+                                 rtc.ParticipantKind.PARTICIPANT_KIND_SIP)
             and not participant.identity.startswith(RESERVED_PREFIX))

@@ -122,13 +122,14 @@ class TokenService:
     def event(self, cls: type[E], session: str, **fields: Any) -> E:
         return cls(session=session, seq=next(self._seq), ts_ns=time.time_ns(), **fields)
 
-    async def dispatch(self, room: str) -> None:
+    async def dispatch(self, room: str, caller: str = "") -> None:
         """Send the agent: stages ignore a repeated start for a session they own, so every
         token dispatches. Returns once nats-server has the start; else 503."""
         if self.bus is None or not self.connected:
             raise HTTPException(503, "the agent cannot be dispatched: not connected to NATS")
         await self.bus.publish(sj.CTL_START, self.event(ev.SessionStart, room, room=room,
-                                                        greeting=self.config.greeting))
+                                                        greeting=self.config.greeting,
+                                                        caller=caller))
         try:
             await self.bus.nc.flush(timeout=2)
         except (nats.errors.Error, asyncio.TimeoutError):
@@ -211,6 +212,13 @@ def _add_api_routes(app: FastAPI, service: TokenService) -> None:
             return {"ok": True}
         if (room := await service.webhooks.finished_room(event)) is not None:
             await service.end_session(room, "room finished")
+        elif (call := service.webhooks.phone_call(event)) is not None:
+            # A phone call through LiveKit SIP: nobody asked us for a token, the room's
+            # first caller is the cue (livekit-server retries the webhook on a 503).
+            await service.dispatch(*call)
+            metrics.SIP_CALLS.inc()
+            # The number stays out of the log: it is the caller's, and on SessionStart only.
+            log.info("phone call: agent sent", extra={"stage": STAGE, "session": call[0]})
         return {"ok": True}
 
 

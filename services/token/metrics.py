@@ -15,6 +15,7 @@ WEBHOOKS_REJECTED = Counter(
     "voicebus_livekit_webhooks_rejected",
     "Webhooks refused (bad signature, body, stale) or not acted on (replay)", ["reason"]
 )
+SIP_CALLS = Counter("voicebus_token_sip_calls", "Phone calls (LiveKit SIP) the agent was sent to")
 SESSIONS_ENDED = Counter("voicebus_token_sessions_ended", "SessionEnd published", ["reason"])
 CLIENT_DISCONNECTS = Counter(
     "voicebus_token_client_disconnects", "Requests whose client hung up before the body was read")

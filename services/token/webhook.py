@@ -22,6 +22,7 @@ from collections import OrderedDict
 from fastapi import HTTPException
 from google.protobuf.json_format import ParseError
 from livekit import api
+from livekit.protocol.models import ParticipantInfo
 from livekit.protocol.webhook import WebhookEvent
 
 from proto.subjects import BadSubject, check_session
@@ -92,6 +93,22 @@ class Webhooks:
                      extra={"session": room})
             return None
         return room
+
+    def phone_call(self, event: WebhookEvent) -> tuple[str, str] | None:
+        """(room, caller) when this event is a caller joining through LiveKit SIP, the
+        service that answers phone trunks into rooms (``voicebus sip setup``, docs/telephony.md).
+        """
+        if event.event != "participant_joined" or \
+                event.participant.kind != ParticipantInfo.Kind.SIP:
+            return None
+        room = event.room.name
+        try:
+            check_session(room)
+        except BadSubject:
+            log.info("ignoring a phone call into room %r: not a voicebus session id", room[:80])
+            return None
+        caller = event.participant.attributes.get("sip.phoneNumber", "")
+        return room, caller[:64]
 
     async def _room_exists(self, room: str) -> bool:
         """Raises HTTPException(502) if livekit-server cannot tell (it retries the webhook)."""

@@ -449,6 +449,29 @@ async def test_a_webhook_is_acted_on_once_and_only_while_fresh(main: Service, nc
     await sub.unsubscribe()
 
 
+async def test_only_a_phone_caller_joining_sends_the_agent_with_its_number(main: Service,
+                                                                          nc) -> None:
+    """LiveKit SIP's caller joining (kind SIP) dispatches the room's session with the caller's
+    number; a browser user joining does not (its token did already), nor a forged call into a
+    room that is no session id."""
+    sub = await nc.subscribe(sj.CTL_START.every_session())
+    await nc.flush()
+    await _post_webhook(main.http, _webhook("participant_joined", "web-user", identity="bob",
+                                            kind="STANDARD", sid="PA_bob"))
+    await _post_webhook(main.http, _webhook("participant_joined", "bad room!", kind="SIP",
+                                            identity="sip_x", sid="PA_x"))
+    body = json.loads(_webhook("participant_joined", "call-1", identity="sip_+15550100",
+                               kind="SIP", sid="PA_sip"))
+    body["participant"]["attributes"] = {"sip.phoneNumber": "+15550100"}
+    await _post_webhook(main.http, json.dumps(body))
+    # One ordered connection: a start for the earlier webhooks would have come first.
+    msg = await sub.next_msg(timeout=10)
+    start = codec.decode_on(msg.subject, msg.data)
+    assert (start.session, start.room, start.caller) == ("call-1", "call-1", "+15550100")
+    assert 'voicebus_token_sip_calls_total 1.0' in (await main.http.get("/metrics")).text
+    await sub.unsubscribe()
+
+
 async def test_a_room_finished_is_believed_only_once_livekit_no_longer_lists_it(
         main: Service, nc) -> None:
     """A signed webhook may be stale or replayed: the room is asked about first."""
