@@ -50,3 +50,5 @@ class SttConfig(ChainConfig, frozen=True, kw_only=True):
     # threads each decode may use.
     whisper_cache: str = "~/.cache/voicebus"
     whisper_threads: int = 2
+    # Beam search of this width instead of greedy decoding (0): more CPU per decode.
+    whisper_beam_size: int = 0

