@@ -87,6 +87,20 @@ async def test_a_burst_of_frames_is_heard_the_same(stt, speech) -> None:
     assert {"set", "alarm", "morning"} <= words(results[-1].text) and results[-1].final
 
 
+async def test_beam_search_hears_the_same_words(stt, speech) -> None:
+    """VOICEBUS_WHISPER_BEAM_SIZE switches the decoder to beam search (the model file the
+    greedy provider converted is reused)."""
+    beam = WhisperCppStt.from_config(SttConfig.from_env({
+        "VOICEBUS_WHISPER_CACHE": str(Path(stt._model.model_path).parent),
+        "VOICEBUS_WHISPER_BEAM_SIZE": "5"}))
+    try:
+        assert beam._model._sampling_strategy != stt._model._sampling_strategy
+        results = await transcribe(beam, frames(speech, paced=False))
+    finally:
+        await beam.aclose()
+    assert {"set", "alarm", "morning"} <= words(results[-1].text) and results[-1].final
+
+
 async def test_silence_and_nothing_give_an_empty_final(stt) -> None:
     assert await transcribe(stt, frames(b"", paced=False)) == [SttResult("", final=True)]
     quiet = await transcribe(stt, frames(bytes(2 * 16000), paced=False))
