@@ -264,6 +264,16 @@ class FileSessionStart(SessionStart, frozen=True, tag="dev.start"):
     wav_out: str = ""
 
 
+class PhoneSessionStart(SessionStart, frozen=True, tag="sip.start"):
+    """A phone call through voicebus's SIP gateway (docs/telephony.md): no room. The caller's
+    voice comes as ``sip.audio`` frames (20 ms of PCM decoded from G.711, at ``sample_rate``),
+    continuous for the whole call (silence included, as RTP is); the agent's voice goes out as
+    ``egress.audio`` frames at the same rate, paced in real time, for the gateway to encode and
+    send. ``room`` stays empty; ``caller`` is the caller's number or URI."""
+
+    sample_rate: int = 8000
+
+
 class SessionEnd(Event, frozen=True, tag="ctl.end"):
     reason: str = ""
 
@@ -300,6 +310,7 @@ AnyEvent = (
     | Playback
     | SessionStart
     | FileSessionStart
+    | PhoneSessionStart
     | SessionEnd
     | StageReady
     | StageError

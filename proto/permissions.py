@@ -19,7 +19,8 @@ from proto import subjects as sj
 OPERATOR = "operator"
 TOKEN = "token"
 PAGES = "pages"
-ROLES = (*sj.STAGES, TOKEN, PAGES, OPERATOR)
+SIP = "sip"  # the SIP gateway: starts and ends phone sessions, carries their audio
+ROLES = (*sj.STAGES, TOKEN, PAGES, SIP, OPERATOR)
 
 LEASES = "voicebus_leases"
 SESSIONS = "voicebus_sessions"
@@ -30,7 +31,7 @@ RECORD = "VOICEBUS_RECORD"
 # The topics (or whole producers) a stage listens to in a session it owns, beyond what every
 # stage hears (dispatch, session ends, its own handover and ready).
 CONSUMES: dict[str, tuple[sj.Topic | str, ...]] = {
-    "ingress": (sj.READY["stt"], sj.READY["egress"], sj.EGRESS_PLAYBACK),
+    "ingress": (sj.READY["stt"], sj.READY["egress"], sj.EGRESS_PLAYBACK, sj.SIP_AUDIO),
     "stt": ("ingress", sj.FLOOR_STATE),
     "llm": ("floor", sj.EGRESS_PLAYBACK),
     "tts": ("llm", sj.FLOOR_CANCEL),
@@ -106,6 +107,12 @@ def rights(role: str) -> Rights | None:
                       (f"{inbox_prefix(TOKEN)}.>",))
     if role == PAGES:
         return Rights(tuple(_capture_reads()), (f"{inbox_prefix(PAGES)}.>",))
+    if role == SIP:
+        # The caller's voice in; the agent's voice, and the judge's end of the call, out.
+        return Rights((sj.CTL_START.every_session(), sj.CTL_END.every_session(),
+                       f"{sj.PREFIX}.*.{SIP}.*"),
+                      (sj.EGRESS_AUDIO.every_session(), sj.FLOOR_END.every_session(),
+                       sj.CTL_END.every_session(), f"{inbox_prefix(SIP)}.>"))
     if role in sj.STAGES:
         return stage_rights(role)
     raise ValueError(f"unknown role {role!r}: one of {', '.join(ROLES)}")

@@ -56,6 +56,9 @@ LLM_DONE = Topic("llm", "done", (ev.ReplyDone,))
 TTS_AUDIO = Topic("tts", "audio", (ev.AudioFrame,))
 TTS_DONE = Topic("tts", "done", (ev.SynthesisDone,))
 EGRESS_PLAYBACK = Topic("egress", "playback", (ev.Playback,))
+# A phone call through the SIP gateway: the caller's voice in, the agent's voice out.
+SIP_AUDIO = Topic("sip", "audio", (ev.AudioFrame,))
+EGRESS_AUDIO = Topic("egress", "audio", (ev.AudioFrame,))
 # Dispatch: the token service (or an operator's tool) starts and ends sessions.
 CTL_START = Topic("ctl", "start", (ev.SessionStart,))
 CTL_END = Topic("ctl", "end", (ev.SessionEnd,))
@@ -75,7 +78,7 @@ TOPICS: dict[tuple[str, str], Topic] = {
     for t in (
         INGRESS_AUDIO, INGRESS_VAD, INGRESS_TRACK, STT_PARTIAL, STT_FINAL, STT_IDLE,
         FLOOR_VERDICT, FLOOR_CANCEL, FLOOR_STATE, FLOOR_END, LLM_DELTA, LLM_DONE, TTS_AUDIO,
-        TTS_DONE, EGRESS_PLAYBACK, CTL_START, CTL_END,
+        TTS_DONE, EGRESS_PLAYBACK, SIP_AUDIO, EGRESS_AUDIO, CTL_START, CTL_END,
         *READY.values(), *ERROR.values(), *HANDOVER.values(),
     )
 }

@@ -17,6 +17,9 @@ from collections.abc import Awaitable, Callable
 from os import PathLike
 from typing import NamedTuple, Protocol
 
+import numpy as np
+import soxr
+
 
 # How far a pause can take audio back: more than any sink's queue (the agent track holds 100 ms).
 REWIND_FRAMES = 25
@@ -380,3 +383,52 @@ class Playout:
         if self._on_progress is not None:
             self._on_progress(report)
         return report
+
+
+class PhoneSink:
+    """A playout sink onto the bus for the SIP gateway: the agent's voice as ``egress.audio``
+    frames of exactly 20 ms at the call's rate (8 kHz for G.711), one per write as playout
+    paces them. ``publish(pcm, pts_ms)`` sends one frame."""
+
+    def __init__(self, publish: Callable[[bytes, int], Awaitable[object]], in_rate: int,
+                 out_rate: int) -> None:
+        self.publish = publish
+        self.in_rate = in_rate
+        self.frame_bytes = out_rate * 2 // 50
+        self.resampler = (None if in_rate == out_rate else
+                          soxr.ResampleStream(in_rate, out_rate, 1, dtype="int16"))
+        self.pending = bytearray()
+        self.pts_ms = 0
+
+    async def write(self, pcm: bytes) -> None:
+        if self.resampler is not None:
+            pcm = self.resampler.resample_chunk(np.frombuffer(pcm, dtype=np.int16)).tobytes()
+        await self._send(pcm)
+
+    async def end_turn(self) -> None:
+        """The turn's last milliseconds: what the resampler holds, padded to a whole frame."""
+        if self.resampler is not None:
+            await self._send(self.resampler.resample_chunk(np.empty(0, dtype=np.int16),
+                                                           last=True).tobytes())
+            self.resampler.clear()
+        if self.pending:
+            await self._send(bytes(self.frame_bytes - len(self.pending)))
+
+    def clear(self) -> int:
+        """Drop what is not sent yet (less than a frame); the gateway queues nothing."""
+        held = len(self.pending) // 2 * self.in_rate * 2 // (self.frame_bytes * 50)
+        self.pending.clear()
+        if self.resampler is not None:
+            self.resampler.clear()
+        return held
+
+    async def _send(self, pcm: bytes) -> None:
+        self.pending += pcm
+        while len(self.pending) >= self.frame_bytes:
+            frame = bytes(self.pending[:self.frame_bytes])
+            del self.pending[:self.frame_bytes]
+            await self.publish(frame, self.pts_ms)
+            self.pts_ms += 20
+
+    async def aclose(self) -> None:
+        return None

@@ -24,7 +24,7 @@ from proto import events as ev
 from proto import subjects as sj
 from services.egress.agent import AgentParticipant, TrackSink, Transcripts
 from services.egress.floor import Floor
-from services.egress.playout import NullSink, Playout, PlayoutReport, Sink, WavSink
+from services.egress.playout import NullSink, PhoneSink, Playout, PlayoutReport, Sink, WavSink
 from services.egress.presence import Presence
 from services.egress.traces import TurnTraces
 from services.runtime import metrics
@@ -180,6 +180,8 @@ class EgressWorker(SessionWorker[EgressConfig]):
             sink: Sink = WavSink(path, sample_rate) if path else NullSink()
             if self.agent is not None:
                 sink = TrackSink(self.agent, sample_rate)
+            elif isinstance(self.start_event, ev.PhoneSessionStart):
+                sink = PhoneSink(self._to_phone, sample_rate, self.start_event.sample_rate)
             self.playout = Playout(
                 sink, sample_rate, prebuffer_ms=self.config.egress_prebuffer_ms,
                 progress_ms=self.config.egress_progress_ms, on_progress=self.on_progress,
@@ -192,6 +194,12 @@ class EgressWorker(SessionWorker[EgressConfig]):
                 self.playout.hold(self.floor.drafting[0])
             self.spawn(self.playout.run(), "playout")
         return self.playout
+
+    async def _to_phone(self, pcm: bytes, pts_ms: int) -> None:
+        """The agent's voice to the SIP gateway, one 20 ms frame at the call's rate."""
+        assert isinstance(self.start_event, ev.PhoneSessionStart)
+        await self.emit(sj.EGRESS_AUDIO, ev.AudioFrame, pcm=pcm, pts_ms=pts_ms,
+                        sample_rate=self.start_event.sample_rate)
 
     def on_tts(self, event: ev.AudioFrame | ev.SynthesisDone) -> None:
         self.tts_turn = max(self.tts_turn, event.turn)

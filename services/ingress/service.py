@@ -1,13 +1,16 @@
 """Ingress stage: the user's audio in, 16 kHz mono 20 ms frames and VAD edges out.
 
-``feed`` is the core: any async iterator of 16 kHz mono frames, paced in real time. The file
-source (development only) plays ``FileSessionStart.wav_in`` like a polite user: say one file, stay silent until the
-agent has finished its reply, say the next. (The LiveKit microphone source plugs in here too.)
+``feed`` is the core: any async iterator of 16 kHz mono frames, paced in real time. The sources:
+the LiveKit microphone of the room's user; a phone caller's voice from the SIP gateway
+(``sip.audio``, 8 kHz frames, resampled here); and, for development only, the file source,
+which plays ``FileSessionStart.wav_in`` like a polite user: say one file, stay silent until the
+agent has finished its reply, say the next.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterable, AsyncIterator
 from typing import ClassVar
@@ -18,16 +21,22 @@ from proto import events as ev
 from proto import subjects as sj
 from proto.events import Timing
 from services.ingress.audio import (
-    FRAME_BYTES, FRAME_MS, SAMPLE_RATE, AudioFormatError, paced, wav_frames,
+    FRAME_BYTES, FRAME_MS, SAMPLE_RATE, AudioFormatError, paced, to_frames, wav_frames,
 )
 from services.ingress.microphone import MicrophoneSource
 from services.ingress.vad import VadEdge, VadSegmenter
-from services.runtime import tracing
+from services.runtime import metrics, tracing
+from services.runtime.audio import frame_problem
 from services.runtime.config import audio_file
 from services.runtime.livekit import LiveKitConfig
 from services.runtime.service import SessionWorker, StageService
 
 SILENCE = bytes(FRAME_BYTES)
+# The phone caller's voice waiting for the VAD: 2 s of frames. More means ingress has fallen
+# behind by that much; the oldest is dropped (and counted) rather than the call lagging on.
+PHONE_QUEUE = 100
+# Who a phone session's user is, for InputTrack (the caller's number stays out of events).
+PHONE_USER = "caller"
 
 
 def user_key(session: str) -> str:
@@ -69,12 +78,18 @@ class IngressWorker(SessionWorker[IngressConfig]):
         await self.subscribe(sj.READY["egress"].subject(self.session), self.handle)
         if self.wav_in:
             await self.subscribe(sj.EGRESS_PLAYBACK.subject(self.session), self.handle)
+        self.phone: asyncio.Queue[bytes | None] | None = None
+        if isinstance(start, ev.PhoneSessionStart):
+            self.phone = asyncio.Queue(PHONE_QUEUE)
+            await self.subscribe(sj.SIP_AUDIO.subject(self.session), self.on_phone_audio)
 
     async def on_claimed(self) -> None:
         # A handed-over file source starts again from its first file: the file edges are a
         # development aid; the LiveKit microphone has no position to resume from.
         if self.wav_in:
             self.spawn(self.play_files(), "file-source")
+        elif self.phone is not None:
+            self.spawn(self.hear_phone(), "phone")
         elif self.start_event.room:
             self.spawn(self.hear_room(self.start_event.room), "microphone")
 
@@ -85,12 +100,48 @@ class IngressWorker(SessionWorker[IngressConfig]):
             case ev.StageReady(stage="egress"):
                 if self.microphone is not None and self.microphone.current is not None:
                     self.on_track_change(*self.microphone.current, True)
+                elif self.phone is not None:
+                    self.spawn(self.announce_phone(), "input-track")
             case ev.Playback(final=True):
                 self.replies.add(event.turn)
 
     async def stop(self) -> None:
         if self.microphone is not None:
             await self.microphone.aclose()
+        if self.phone is not None:
+            with contextlib.suppress(asyncio.QueueFull):
+                self.phone.put_nowait(None)  # the caller's stream ends
+
+    def on_phone_audio(self, frame: ev.Event) -> None:
+        """A frame of the caller's voice from the SIP gateway."""
+        assert self.phone is not None and isinstance(self.start_event, ev.PhoneSessionStart)
+        if not isinstance(frame, ev.AudioFrame) or \
+                (problem := frame_problem(frame, self.start_event.sample_rate)) is not None:
+            self.bus.reject("bad_audio", "not an audio frame" if not isinstance(
+                frame, ev.AudioFrame) else problem, sj.SIP_AUDIO.subject(self.session))
+            return
+        if self.phone.full():
+            self.phone.get_nowait()
+            metrics.FRAMES_DROPPED.labels("ingress").inc()
+        self.phone.put_nowait(frame.pcm)
+
+    async def hear_phone(self) -> None:
+        """The caller's voice: 8 kHz frames in real time, resampled to the bus's 16 kHz. The
+        caller is heard from the first frame (the gateway has answered the call)."""
+        assert self.phone is not None and isinstance(self.start_event, ev.PhoneSessionStart)
+        queue = self.phone
+
+        async def caller() -> AsyncIterator[bytes]:
+            while (pcm := await queue.get()) is not None:
+                yield pcm
+
+        await self.announce_phone()
+        await self.feed(to_frames(caller(), self.start_event.sample_rate, 1))
+
+    async def announce_phone(self) -> None:
+        await self.wait_for_stt()
+        await self.emit(sj.INGRESS_TRACK, ev.InputTrack, participant=PHONE_USER,
+                        track_sid="phone", active=True)
 
     async def hear_room(self, room: str) -> None:
         self.microphone = MicrophoneSource(

@@ -1,4 +1,6 @@
-"""A phone call through LiveKit SIP. LiveKit's SIP service cannot be installed here, so the
+"""Phone calls: through LiveKit SIP, and through the bus contract of voicebus's own SIP gateway.
+
+LiveKit SIP. LiveKit's SIP service cannot be installed here, so the
 caller is what it puts into a room: a participant of kind SIP with its ``sip.*`` attributes,
 joining with a token nobody asked the token service for. livekit-server's webhook is then the
 only cue: the token service sends the agent, the caller's number reaches ``SessionStart``, and
@@ -7,14 +9,25 @@ nats-server, every stage and the token service."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+
+import numpy as np
 import pytest
+import pytest_asyncio
+import soxr
 from livekit import api
 
+from proto import codec
 from proto import events as ev
 from proto import subjects as sj
-from services.ingress.audio import read_wav
+from services.ingress.audio import FRAME_BYTES, Resampler, read_wav
+from services.stt.config import SttConfig
+from services.stt.providers.whisper import WhisperCppStt
+from tests.conftest import running_stack
 from voicebus.call import Caller
 from voicebus.client import Tap
+from voicebus.launcher import offline_ear
 from voicebus.speech import say_to_wav
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="module")]
@@ -58,3 +71,86 @@ async def test_a_phone_caller_is_answered_and_its_number_reaches_the_session(
     (final,) = tap.of(ev.Transcript, room, turn=1, final=True)
     assert "time" in final.text.lower(), final.text
     assert {t.participant for t in tap.of(ev.InputTrack, room)} == {f"sip_{NUMBER}"}
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def phone_stack(tmp_path_factory: pytest.TempPathFactory):
+    """nats-server and the five stages, with the offline ear `voicebus up` runs (whisper):
+    phone audio is narrowband, which pocketsphinx hears poorly."""
+    async for running in running_stack(tmp_path_factory, livekit=False, env=offline_ear()):
+        yield running
+
+
+async def test_a_phone_call_through_the_gateways_bus_contract(phone_stack, tmp_path):
+    """The SIP gateway's side of the bus, played by this test with the gateway's own identity
+    (role ``sip``; the gateway itself is not built yet): a PhoneSessionStart, then the caller's
+    voice as 8 kHz frames in real time, silence included, as decoded RTP is. The agent answers
+    on ``egress.audio``: 20 ms frames at 8 kHz, paced, which hold the spoken answer. The caller
+    hangs up: the session ends."""
+    stack, session = phone_stack, "phone-1"
+    pcm, rate, channels = read_wav(await say_to_wav("What time is it?", tmp_path / "q.wav",
+                                                    lead_ms=400))
+    resampler = Resampler(rate, channels)
+    at_16k = resampler.process(pcm) + resampler.flush()
+    narrow = soxr.resample(np.frombuffer(at_16k, np.int16), 16000, 8000).astype(np.int16)
+    gateway = await stack.connect(role="sip")
+    tap = Tap(await stack.connect())
+    heard: list[ev.AudioFrame] = []
+
+    async def on_agent(msg) -> None:
+        heard.append(codec.decode_on(msg.subject, msg.data))
+
+    try:
+        await tap.watch(sj.session_all(session))
+        sub = await gateway.subscribe(sj.EGRESS_AUDIO.subject(session), cb=on_agent)
+        start = ev.PhoneSessionStart(session=session, seq=1, ts_ns=time.time_ns(),
+                                     caller="+15550100", greeting="")
+        await gateway.publish(sj.CTL_START.subject(session), codec.encode(start))
+        await tap.wait_for(lambda: len(tap.of(ev.StageReady, session)) == 5, 30, "every stage")
+        # The caller: the question, then silence until the answer has been played.
+        audio = narrow.tobytes() + bytes(16000)  # + 1 s of quiet
+        seq, pts, began = 2, 0, time.monotonic()
+        while pts < 30_000 and not tap.of(ev.Playback, session, turn=1, final=True):
+            chunk = audio[pts * 16:(pts + 20) * 16] if pts * 16 < len(audio) else bytes(320)
+            frame = ev.AudioFrame(session=session, seq=seq, ts_ns=time.time_ns(),
+                                  pcm=chunk.ljust(320, b"\0"), sample_rate=8000, pts_ms=pts)
+            await gateway.publish(sj.SIP_AUDIO.subject(session), codec.encode(frame))
+            seq, pts = seq + 1, pts + 20
+            await asyncio.sleep(max(0.0, began + pts / 1000 - time.monotonic()))
+        end = ev.SessionEnd(session=session, seq=seq, ts_ns=time.time_ns(), reason="hung up")
+        await gateway.publish(sj.CTL_END.subject(session), codec.encode(end))
+        await gateway.flush()
+        await tap.wait_for(lambda: tap.of(ev.SessionEnd, session, topic=sj.CTL_END), 10,
+                           "the hang-up")
+        await sub.unsubscribe()
+    finally:
+        await tap.close()
+        await gateway.close()
+
+    (final,) = tap.of(ev.Transcript, session, turn=1, final=True)
+    assert "time" in final.text.lower(), final.text
+    assert [t.participant for t in tap.of(ev.InputTrack, session)] == ["caller"]
+    assert heard and {f.sample_rate for f in heard} == {8000}
+    assert {len(f.pcm) for f in heard} == {320} and \
+        [f.pts_ms for f in heard] == list(range(0, 20 * len(heard), 20))
+    # What the caller hears: the echo of the question, "What time is it... got it."
+    (done,) = tap.of(ev.ReplyDone, session, turn=1)
+    said = await hear(b"".join(f.pcm for f in heard))
+    assert {"time", "got"} <= said, (said, done.text)
+
+
+async def hear(pcm_8k: bytes) -> set[str]:
+    """The words whisper hears in 8 kHz audio (as a phone plays it)."""
+    wide = soxr.resample(np.frombuffer(pcm_8k, np.int16), 8000, 16000).astype(np.int16)
+    audio = wide.tobytes() + bytes(2 * 16000 // 2)
+    stt = WhisperCppStt.from_config(SttConfig.from_env())
+
+    async def frames():
+        for i in range(0, len(audio) - FRAME_BYTES + 1, FRAME_BYTES):
+            yield audio[i:i + FRAME_BYTES]
+
+    try:
+        results = [r async for r in stt.stream(frames())]
+    finally:
+        await stt.aclose()
+    return set(results[-1].text.lower().replace(".", " ").replace(",", " ").split())

@@ -27,15 +27,16 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 S = "victim"
 # Who may publish each topic of a session: its producer (the judge speaks from egress; the
-# token service dispatches), and the operator.
+# token service and the SIP gateway dispatch), and the operator.
 PUBLISHERS = {
-    "ingress.audio": "ingress", "ingress.vad": "ingress", "ingress.track": "ingress",
-    "stt.partial": "stt", "stt.final": "stt", "stt.idle": "stt",
-    "llm.delta": "llm", "llm.done": "llm", "tts.audio": "tts", "tts.done": "tts",
-    "egress.playback": "egress", "floor.verdict": "egress", "floor.cancel": "egress",
-    "floor.state": "egress", "floor.end": "egress",
-    "ctl.start": "token", "ctl.end": "token",
-    "stt.ready": "stt", "tts.handover": "tts", "egress.error": "egress",
+    "ingress.audio": ("ingress",), "ingress.vad": ("ingress",), "ingress.track": ("ingress",),
+    "stt.partial": ("stt",), "stt.final": ("stt",), "stt.idle": ("stt",),
+    "llm.delta": ("llm",), "llm.done": ("llm",), "tts.audio": ("tts",), "tts.done": ("tts",),
+    "egress.playback": ("egress",), "egress.audio": ("egress",),
+    "floor.verdict": ("egress",), "floor.cancel": ("egress",),
+    "floor.state": ("egress",), "floor.end": ("egress",),
+    "ctl.start": ("token", "sip"), "ctl.end": ("token", "sip"), "sip.audio": ("sip",),
+    "stt.ready": ("stt",), "tts.handover": ("tts",), "egress.error": ("egress",),
 }
 
 
@@ -129,9 +130,9 @@ async def test_each_role_publishes_its_own_subjects_and_no_other(bus) -> None:
         await client.nc.flush()
 
     for role, client in clients.items():
-        for topic, producer in PUBLISHERS.items():
+        for topic, producers in PUBLISHERS.items():
             subject = f"voice.{S}.{topic}"
-            if role in (producer, "operator"):
+            if role in (*producers, "operator"):
                 while (role, subject) not in received:
                     arrived.clear()
                     await asyncio.wait_for(arrived.wait(), 10)
@@ -139,10 +140,10 @@ async def test_each_role_publishes_its_own_subjects_and_no_other(bus) -> None:
                 assert await client.refused(subject), (role, subject)
     # Nothing refused got through.
     assert {(r, s) for r, s in received
-            if r not in (PUBLISHERS[s.split(".", 2)[2]], "operator")} == set()
+            if r not in (*PUBLISHERS[s.split(".", 2)[2]], "operator")} == set()
 
 
-@pytest.mark.parametrize("role", ["ingress", "stt", "llm", "tts", "egress", "token"])
+@pytest.mark.parametrize("role", ["ingress", "stt", "llm", "tts", "egress", "token", "sip"])
 async def test_no_service_reads_the_whole_bus(bus, role) -> None:
     _, clients = bus
     client = clients[role]

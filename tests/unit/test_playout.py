@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from services.egress.playout import NullSink, Playout, PlayoutReport, WavSink
+from services.egress.playout import NullSink, PhoneSink, Playout, PlayoutReport, WavSink
 
 RATE = 16000
 FRAME = RATE // 50 * 2  # 20 ms, 640 bytes
@@ -469,3 +469,24 @@ async def test_a_lead_writes_ahead_of_real_time_and_a_late_frame_within_it_is_no
     assert h.sink.times() == pytest.approx([0.0, 0.0, 0.0, 0.06, 0.06])
     assert final.underruns == 0 and final.played_ms == 100
     await h.close()
+
+
+async def test_the_phone_sink_sends_whole_20_ms_frames_at_the_calls_rate() -> None:
+    sent: list[tuple[bytes, int]] = []
+
+    async def publish(pcm: bytes, pts_ms: int) -> None:
+        sent.append((pcm, pts_ms))
+
+    sink = PhoneSink(publish, 22050, 8000)
+    for _ in range(10):  # 200 ms of Piper's rate, in 20 ms writes
+        await sink.write(bytes(22050 * 2 // 50))
+    await sink.end_turn()  # the resampler's tail, then padding to a whole frame
+    assert {len(pcm) for pcm, _ in sent} == {320}
+    assert [pts for _, pts in sent] == list(range(0, 20 * len(sent), 20))
+    assert 10 <= len(sent) <= 11 and not sink.pending
+    # At the call's own rate (no resampler): 10 ms is held back until a frame is whole, and a
+    # barge-in drops it, saying how much (in samples).
+    narrow, before = PhoneSink(publish, 8000, 8000), len(sent)
+    await narrow.write(bytes(160))
+    assert len(sent) == before
+    assert narrow.clear() == 80 and not narrow.pending

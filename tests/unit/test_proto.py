@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import msgspec
 import pytest
 
@@ -30,6 +32,7 @@ SAMPLES = [
     ev.Playback(session="s1", seq=1, ts_ns=9, turn=1, played_ms=800, final=True),
     ev.SessionStart(session="s1", seq=1, ts_ns=1, room="s1", greeting="Hi."),
     ev.FileSessionStart(session="s1", seq=1, ts_ns=1, wav_in=("/a.wav",), wav_out="/b.wav"),
+    ev.PhoneSessionStart(session="s1", seq=1, ts_ns=1, caller="+15550100", sample_rate=8000),
     ev.SessionEnd(session="s1", seq=2, ts_ns=1, reason="bye"),
     ev.Cancel(session="s1", seq=3, ts_ns=1, turn=2),
     ev.AgentState(session="s1", seq=4, ts_ns=1, state="thinking", turn=2),
@@ -51,7 +54,8 @@ def test_wire_tags_are_stable() -> None:
         "InputTrack": "ingress.track", "Transcript": "stt.transcript", "UserIdle": "stt.idle",
         "Verdict": "floor.verdict", "ReplyDelta": "llm.delta", "ReplyDone": "llm.done",
         "SynthesisDone": "tts.done", "Playback": "egress.playback", "SessionStart": "ctl.start",
-        "FileSessionStart": "dev.start", "SessionEnd": "ctl.end", "Cancel": "ctl.cancel",
+        "FileSessionStart": "dev.start", "PhoneSessionStart": "sip.start",
+        "SessionEnd": "ctl.end", "Cancel": "ctl.cancel",
         "AgentState": "ctl.state", "StageReady": "ctl.ready", "StageError": "ctl.error",
     }
     # Every event type of the contract is sampled here.
@@ -203,3 +207,14 @@ def test_heard_offset_counts_whole_timed_words(played_ms: int, estimate: int, he
 
 def test_heard_offset_without_timings_is_the_estimate() -> None:
     assert heard_offset(500, [], 9) == 9
+
+
+def test_the_shared_vectors_are_what_the_contract_makes_now() -> None:
+    """proto/vectors/gateway.json is what another language's implementation (the SIP gateway)
+    is tested against: it must be regenerated (python -m proto.vectors) with any change."""
+    from proto import vectors
+
+    assert vectors.main(["--check"]) == 0
+    for vector in json.loads(vectors.FILE.read_text())["vectors"]:
+        event = codec.decode_on(vector["subject"], bytes.fromhex(vector["msgpack_hex"]))
+        assert json.loads(msgspec.json.encode(event)) == vector["event"]
