@@ -103,6 +103,18 @@ class InputTrack(Event, frozen=True, tag="ingress.track"):
     active: bool = False
 
 
+DTMF_KEYS = "0123456789*#ABCD"
+DtmfDigit = Annotated[str, msgspec.Meta(pattern=r"^[0-9*#A-D]\Z")]
+
+
+class Dtmf(Event, frozen=True, tag="ingress.dtmf"):
+    """A key the caller pressed on the phone's keypad (RFC 4733 telephone-event, or LiveKit
+    SIP's DTMF packet). From the SIP gateway on ``sip.dtmf``; from ingress, for the session's
+    user only, on ``ingress.dtmf``, where the STT makes the keys a turn of their own."""
+
+    digit: DtmfDigit
+
+
 # ---- stt: the user's words -----------------------------------------------------------------
 
 
@@ -299,6 +311,7 @@ AnyEvent = (
     | SpeechStarted
     | SpeechEnded
     | InputTrack
+    | Dtmf
     | Transcript
     | UserIdle
     | Verdict

@@ -31,7 +31,8 @@ RECORD = "VOICEBUS_RECORD"
 # The topics (or whole producers) a stage listens to in a session it owns, beyond what every
 # stage hears (dispatch, session ends, its own handover and ready).
 CONSUMES: dict[str, tuple[sj.Topic | str, ...]] = {
-    "ingress": (sj.READY["stt"], sj.READY["egress"], sj.EGRESS_PLAYBACK, sj.SIP_AUDIO),
+    "ingress": (sj.READY["stt"], sj.READY["egress"], sj.EGRESS_PLAYBACK, sj.SIP_AUDIO,
+                sj.SIP_DTMF),
     "stt": ("ingress", sj.FLOOR_STATE),
     "llm": ("floor", sj.EGRESS_PLAYBACK),
     "tts": ("llm", sj.FLOOR_CANCEL),

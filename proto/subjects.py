@@ -43,6 +43,7 @@ class Topic:
 INGRESS_AUDIO = Topic("ingress", "audio", (ev.AudioFrame,))
 INGRESS_VAD = Topic("ingress", "vad", (ev.SpeechStarted, ev.SpeechEnded))
 INGRESS_TRACK = Topic("ingress", "track", (ev.InputTrack,))
+INGRESS_DTMF = Topic("ingress", "dtmf", (ev.Dtmf,))
 STT_PARTIAL = Topic("stt", "partial", (ev.Transcript,))
 STT_FINAL = Topic("stt", "final", (ev.Transcript,))
 STT_IDLE = Topic("stt", "idle", (ev.UserIdle,))
@@ -58,6 +59,7 @@ TTS_DONE = Topic("tts", "done", (ev.SynthesisDone,))
 EGRESS_PLAYBACK = Topic("egress", "playback", (ev.Playback,))
 # A phone call through the SIP gateway: the caller's voice in, the agent's voice out.
 SIP_AUDIO = Topic("sip", "audio", (ev.AudioFrame,))
+SIP_DTMF = Topic("sip", "dtmf", (ev.Dtmf,))
 EGRESS_AUDIO = Topic("egress", "audio", (ev.AudioFrame,))
 # Dispatch: the token service (or an operator's tool) starts and ends sessions.
 CTL_START = Topic("ctl", "start", (ev.SessionStart,))
@@ -76,9 +78,9 @@ SESSION_ENDS = (CTL_END, FLOOR_END)
 TOPICS: dict[tuple[str, str], Topic] = {
     (t.producer, t.kind): t
     for t in (
-        INGRESS_AUDIO, INGRESS_VAD, INGRESS_TRACK, STT_PARTIAL, STT_FINAL, STT_IDLE,
+        INGRESS_AUDIO, INGRESS_VAD, INGRESS_TRACK, INGRESS_DTMF, STT_PARTIAL, STT_FINAL, STT_IDLE,
         FLOOR_VERDICT, FLOOR_CANCEL, FLOOR_STATE, FLOOR_END, LLM_DELTA, LLM_DONE, TTS_AUDIO,
-        TTS_DONE, EGRESS_PLAYBACK, SIP_AUDIO, EGRESS_AUDIO, CTL_START, CTL_END,
+        TTS_DONE, EGRESS_PLAYBACK, SIP_AUDIO, SIP_DTMF, EGRESS_AUDIO, CTL_START, CTL_END,
         *READY.values(), *ERROR.values(), *HANDOVER.values(),
     )
 }

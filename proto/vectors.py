@@ -37,6 +37,7 @@ def vectors() -> list[dict[str, object]]:
         (sj.EGRESS_AUDIO, ev.AudioFrame(session="call-0001", seq=77, ts_ns=1_796_000_003_000,
                                         pcm=bytes(320), sample_rate=8000,
                                         pts_ms=10_799_980)),
+        (sj.SIP_DTMF, ev.Dtmf(session="call-0001", seq=3, ts_ns=1_796_000_001_000, digit="#")),
         (sj.CTL_END, ev.SessionEnd(session="call-0001", seq=500, ts_ns=1_796_000_060_000,
                                    reason="caller hung up")),
         (sj.FLOOR_END, ev.SessionEnd(session="call-0001", seq=9, ts_ns=1_796_000_059_000,

@@ -32,7 +32,8 @@ TrackChange = Callable[[str, str, bool], None]
 class MicrophoneSource:
     def __init__(self, config: LiveKitConfig, room_name: str, *, trailing_silence_ms: int,
                  on_change: TrackChange, max_queued_ms: int = 2000, owner: str = "",
-                 on_owner: Callable[[str], None] | None = None) -> None:
+                 on_owner: Callable[[str], None] | None = None,
+                 on_dtmf: Callable[[str], None] | None = None) -> None:
         self.config = config
         self.room_name = room_name
         # The session's user: the first user heard (or the one a replica before us heard).
@@ -41,6 +42,7 @@ class MicrophoneSource:
         self.on_owner = on_owner
         self.room = rtc.Room()
         self.on_change = on_change
+        self.on_dtmf = on_dtmf
         self.trailing_frames = trailing_silence_ms // FRAME_MS + 2
         self.queue: asyncio.Queue[bytes] = asyncio.Queue(max_queued_ms // FRAME_MS)
         self.current: tuple[str, str] | None = None  # (identity, track sid) being heard
@@ -55,6 +57,7 @@ class MicrophoneSource:
         self.room.on("track_unsubscribed", lambda _track, pub, who: self._on_gone(pub, who))
         self.room.on("track_unpublished", self._on_gone)
         self.room.on("participant_disconnected", self._on_left)
+        self.room.on("sip_dtmf_received", self._on_dtmf)
         # Transcripts other participants send to the whole room are not for the microphone:
         # drained quietly (the SDK logs each unclaimed stream at INFO).
         self.room.register_text_stream_handler(TOPIC_TRANSCRIPTION, self._on_transcription)
@@ -85,6 +88,12 @@ class MicrophoneSource:
         task = asyncio.create_task(reader.read_all(), name="ignored-transcript")
         self._ignored.add(task)
         task.add_done_callback(self._ignored.discard)
+
+    def _on_dtmf(self, dtmf: rtc.SipDTMF) -> None:
+        """A key pressed on a phone (LiveKit SIP's DTMF packet): the session's user's only."""
+        who = dtmf.participant
+        if self.on_dtmf is not None and who is not None and self.owner == who.identity:
+            self.on_dtmf(dtmf.digit)
 
     def _hears(self, participant: rtc.RemoteParticipant) -> bool:
         return is_user(participant) and self.owner in ("", participant.identity)

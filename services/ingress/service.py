@@ -82,6 +82,7 @@ class IngressWorker(SessionWorker[IngressConfig]):
         if isinstance(start, ev.PhoneSessionStart):
             self.phone = asyncio.Queue(PHONE_QUEUE)
             await self.subscribe(sj.SIP_AUDIO.subject(self.session), self.on_phone_audio)
+            await self.subscribe(sj.SIP_DTMF.subject(self.session), self.on_phone_key)
 
     async def on_claimed(self) -> None:
         # A handed-over file source starts again from its first file: the file edges are a
@@ -125,6 +126,18 @@ class IngressWorker(SessionWorker[IngressConfig]):
             metrics.FRAMES_DROPPED.labels("ingress").inc()
         self.phone.put_nowait(frame.pcm)
 
+    def on_phone_key(self, event: ev.Event) -> None:
+        if isinstance(event, ev.Dtmf):
+            self.on_key(event.digit)
+
+    def on_key(self, digit: str) -> None:
+        """A key the user pressed: on to the STT, which makes the keys a turn."""
+        if len(digit) != 1 or digit not in ev.DTMF_KEYS:
+            self.bus.reject("bad_dtmf", f"{digit[:8]!r} is not a keypad key",
+                            "livekit sip_dtmf")
+            return
+        self.spawn(self.emit(sj.INGRESS_DTMF, ev.Dtmf, digit=digit), "dtmf")
+
     async def hear_phone(self) -> None:
         """The caller's voice: 8 kHz frames in real time, resampled to the bus's 16 kHz. The
         caller is heard from the first frame (the gateway has answered the call)."""
@@ -147,7 +160,7 @@ class IngressWorker(SessionWorker[IngressConfig]):
         self.microphone = MicrophoneSource(
             self.config, room, trailing_silence_ms=self.config.vad_silence_ms,
             on_change=self.on_track_change, owner=await self._session_user(),
-            on_owner=self._keep_user)
+            on_owner=self._keep_user, on_dtmf=self.on_key)
         try:
             await self.microphone.start()
         except Exception as exc:  # unreachable server, refused join…: say so on the bus

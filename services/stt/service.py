@@ -35,6 +35,10 @@ from services.stt.provider import PROVIDERS, SAMPLE_RATE, SttProvider, SttResult
 STATE_BUCKET = "voicebus_sessions"
 # An utterance longer than this is closed without waiting for the VAD (a lost SpeechEnded).
 MAX_UTTERANCE_FRAMES = 30 * 50
+# Keypad keys: this long after the last key (or at "#") they are a turn, which the judge weighs
+# like an utterance of KEYS_SPEECH_MS (long enough to interrupt the agent).
+KEYS_PAUSE_S = 1.0
+KEYS_SPEECH_MS = 600
 # A probe: half a second of silence (20 ms frames).
 _PROBE_FRAMES = 25
 _SILENCE = bytes(SAMPLE_RATE * 2 // 50)
@@ -141,6 +145,8 @@ class SttWorker(SessionWorker[SttConfig]):
         self.user_idle = IdleWatch()
         self.idle_timer: asyncio.Task[None] | None = None
         self.gaps = SeqGaps()
+        self.keys = ""  # keypad keys pressed, not yet a turn
+        self.keys_timer: asyncio.TimerHandle | None = None
         # One subscription for audio and VAD keeps them in publish order.
         await self.subscribe(sj.producer_all(self.session, "ingress"), self.handle)
         if self.config.stt_user_idle_s > 0:
@@ -175,6 +181,8 @@ class SttWorker(SessionWorker[SttConfig]):
                 self.begin_utterance()
             case ev.SpeechEnded() if self.utterance is not None:
                 self.end_utterance(event)
+            case ev.Dtmf():
+                self.on_key(event.digit)
 
     def on_audio(self, frame: ev.AudioFrame) -> None:
         if problem := frame_problem(frame, SAMPLE_RATE):
@@ -303,6 +311,48 @@ class SttWorker(SessionWorker[SttConfig]):
             ok = False
         so_far.add(text, utt.speech_ms, utt.dropped, confidence)
         return ok
+
+    # ---- the keypad ------------------------------------------------------------------------
+
+    async def stop(self) -> None:
+        if self.keys_timer is not None:
+            self.keys_timer.cancel()
+
+    def on_key(self, digit: str) -> None:
+        """A key pressed on the phone. Keys make a turn of their own, like words: when "#" is
+        pressed, or KEYS_PAUSE_S after the last key, the judge gets "(keypad: 12#)"."""
+        self.keys += digit
+        if self.keys_timer is not None:
+            self.keys_timer.cancel()
+        wait = 0.0 if digit == "#" else KEYS_PAUSE_S
+        self.keys_timer = asyncio.get_running_loop().call_later(
+            wait, lambda: self.spawn(self._keys_turn(), "keypad"))
+
+    async def _keys_turn(self) -> None:
+        self.keys_timer = None
+        if self.open_turn is not None:
+            # The user is speaking too: the spoken turn goes first, the keys right after.
+            self.keys_timer = asyncio.get_running_loop().call_later(
+                KEYS_PAUSE_S / 2, lambda: self.spawn(self._keys_turn(), "keypad"))
+            return
+        keys, self.keys = self.keys, ""
+        if not keys:
+            return
+        self.user_idle.user_spoke()
+        self.turn += 1
+        turn = self.turn
+        self.ledger.open(turn)
+        self._activity_changed()
+        try:
+            # As long as a sentence for the judge: keys over the agent's reply interrupt it.
+            await self.emit(sj.STT_FINAL, ev.Transcript, turn=turn, text=f"(keypad: {keys})",
+                            final=True, confidence=1.0, provider="keypad",
+                            speech_ms=KEYS_SPEECH_MS)
+            metrics.TURNS.labels("stt", "keypad").inc()
+            await self._save_turn()
+        finally:
+            self.ledger.close(turn)
+            self._activity_changed()
 
     # ---- user idle -----------------------------------------------------------------------
 

@@ -43,7 +43,7 @@ def sip_grant(stack, room: str) -> dict[str, str]:
              .with_attributes({"sip.phoneNumber": NUMBER, "sip.trunkPhoneNumber": "+15550199",
                                "sip.callID": "SCL_test", "sip.callStatus": "active"})
              .with_grants(api.VideoGrants(room_join=True, room=room, can_publish=True,
-                                          can_subscribe=True)))
+                                          can_publish_data=True, can_subscribe=True)))
     return {"url": stack.livekit_url, "token": token.to_jwt()}
 
 
@@ -61,6 +61,12 @@ async def test_a_phone_caller_is_answered_and_its_number_reaches_the_session(
         await caller.say(*question[:2])
         await caller.wait_reply(timeout=30)
         await tap.wait_for(lambda: tap.of(ev.Playback, room, turn=1, final=True), 15, "reply")
+        # Keys on the keypad (LiveKit SIP's DTMF packets): "#" ends them, and they are a turn
+        # the agent answers like words.
+        for code, digit in ((1, "1"), (2, "2"), (11, "#")):
+            await caller.room.local_participant.publish_dtmf(code=code, digit=digit)
+        keyed = await tap.wait_for(lambda: tap.of(ev.ReplyDone, room, turn=2), 30,
+                                   "the answer to the keys")
     finally:
         await caller.leave()
         await tap.close()
@@ -70,6 +76,10 @@ async def test_a_phone_caller_is_answered_and_its_number_reaches_the_session(
     assert starts and {s.caller for s in starts} == {NUMBER}, starts
     (final,) = tap.of(ev.Transcript, room, turn=1, final=True)
     assert "time" in final.text.lower(), final.text
+    assert [d.digit for d in tap.of(ev.Dtmf, room)] == ["1", "2", "#"]
+    (keys,) = tap.of(ev.Transcript, room, turn=2, final=True)
+    assert (keys.text, keys.provider) == ("(keypad: 12#)", "keypad")
+    assert "12#" in keyed[0].text  # the echo LLM repeats what it was told
     assert {t.participant for t in tap.of(ev.InputTrack, room)} == {f"sip_{NUMBER}"}
 
 
@@ -117,6 +127,12 @@ async def test_a_phone_call_through_the_gateways_bus_contract(phone_stack, tmp_p
             await gateway.publish(sj.SIP_AUDIO.subject(session), codec.encode(frame))
             seq, pts = seq + 1, pts + 20
             await asyncio.sleep(max(0.0, began + pts / 1000 - time.monotonic()))
+        for digit in "5#":  # the caller's keys, as the gateway decodes them (RFC 4733)
+            key = ev.Dtmf(session=session, seq=seq, ts_ns=time.time_ns(), digit=digit)
+            await gateway.publish(sj.SIP_DTMF.subject(session), codec.encode(key))
+            seq += 1
+        await tap.wait_for(lambda: tap.of(ev.Transcript, session, turn=2, final=True), 10,
+                           "the keys' turn")
         end = ev.SessionEnd(session=session, seq=seq, ts_ns=time.time_ns(), reason="hung up")
         await gateway.publish(sj.CTL_END.subject(session), codec.encode(end))
         await gateway.flush()
@@ -130,6 +146,7 @@ async def test_a_phone_call_through_the_gateways_bus_contract(phone_stack, tmp_p
     (final,) = tap.of(ev.Transcript, session, turn=1, final=True)
     assert "time" in final.text.lower(), final.text
     assert [t.participant for t in tap.of(ev.InputTrack, session)] == ["caller"]
+    assert tap.of(ev.Transcript, session, turn=2, final=True)[0].text == "(keypad: 5#)"
     assert heard and {f.sample_rate for f in heard} == {8000}
     assert {len(f.pcm) for f in heard} == {320} and \
         [f.pts_ms for f in heard] == list(range(0, 20 * len(heard), 20))

@@ -30,6 +30,7 @@ S = "victim"
 # token service and the SIP gateway dispatch), and the operator.
 PUBLISHERS = {
     "ingress.audio": ("ingress",), "ingress.vad": ("ingress",), "ingress.track": ("ingress",),
+    "ingress.dtmf": ("ingress",), "sip.dtmf": ("sip",),
     "stt.partial": ("stt",), "stt.final": ("stt",), "stt.idle": ("stt",),
     "llm.delta": ("llm",), "llm.done": ("llm",), "tts.audio": ("tts",), "tts.done": ("tts",),
     "egress.playback": ("egress",), "egress.audio": ("egress",),

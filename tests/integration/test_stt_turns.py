@@ -286,3 +286,26 @@ async def test_one_user_idle_turn_per_listening(setup: Setup) -> None:
     # Fired: the STT waits for the agent to listen again (after its re-prompt) before timing.
     await asyncio.sleep(IDLE_S * 2.5)
     assert [(f.turn, f.count) for f in user.finals()] == [(1, 1)]
+
+
+# ---- the keypad ------------------------------------------------------------------------------
+
+async def test_keys_are_a_turn_after_a_pause_or_at_hash_and_wait_for_speech_in_progress(
+        setup: Setup) -> None:
+    """Keys end at "#" at once, or after a second without a key; keys pressed while the user
+    speaks wait for the spoken turn, then take the next number."""
+    user = await User(setup, setup.eot, "keypad").join()
+    for digit in "42":
+        await user.publish(sj.INGRESS_DTMF, ev.Dtmf, digit=digit)
+    pressed = time.monotonic()
+    first = await user.final(1)
+    assert (first.text, first.provider, first.final) == ("(keypad: 42)", "keypad", True)
+    assert time.monotonic() - pressed >= 0.9  # the pause that ends keys without "#"
+    await user.publish(sj.INGRESS_VAD, ev.SpeechStarted, pts_ms=user.pts)
+    for pcm in setup.speech["what time is it"]:
+        await user.frame(pcm)
+    await user.publish(sj.INGRESS_DTMF, ev.Dtmf, digit="#")  # during the utterance
+    await user.publish(sj.INGRESS_VAD, ev.SpeechEnded, pts_ms=user.pts, speech_ms=900)
+    spoken, keys = await user.final(2), await user.final(3)
+    assert "time" in spoken.text and keys.text == "(keypad: #)"
+    assert keys.turn == spoken.turn + 1 == first.turn + 2

@@ -33,6 +33,7 @@ SAMPLES = [
     ev.SessionStart(session="s1", seq=1, ts_ns=1, room="s1", greeting="Hi."),
     ev.FileSessionStart(session="s1", seq=1, ts_ns=1, wav_in=("/a.wav",), wav_out="/b.wav"),
     ev.PhoneSessionStart(session="s1", seq=1, ts_ns=1, caller="+15550100", sample_rate=8000),
+    ev.Dtmf(session="s1", seq=1, ts_ns=1, digit="#"),
     ev.SessionEnd(session="s1", seq=2, ts_ns=1, reason="bye"),
     ev.Cancel(session="s1", seq=3, ts_ns=1, turn=2),
     ev.AgentState(session="s1", seq=4, ts_ns=1, state="thinking", turn=2),
@@ -51,7 +52,7 @@ def test_wire_tags_are_stable() -> None:
     tags = {type(e).__name__: type(e).__struct_config__.tag for e in SAMPLES}
     assert tags == {
         "AudioFrame": "audio", "SpeechStarted": "vad.start", "SpeechEnded": "vad.end",
-        "InputTrack": "ingress.track", "Transcript": "stt.transcript", "UserIdle": "stt.idle",
+        "InputTrack": "ingress.track", "Dtmf": "ingress.dtmf", "Transcript": "stt.transcript", "UserIdle": "stt.idle",
         "Verdict": "floor.verdict", "ReplyDelta": "llm.delta", "ReplyDone": "llm.done",
         "SynthesisDone": "tts.done", "Playback": "egress.playback", "SessionStart": "ctl.start",
         "FileSessionStart": "dev.start", "PhoneSessionStart": "sip.start",
@@ -218,3 +219,12 @@ def test_the_shared_vectors_are_what_the_contract_makes_now() -> None:
     for vector in json.loads(vectors.FILE.read_text())["vectors"]:
         event = codec.decode_on(vector["subject"], bytes.fromhex(vector["msgpack_hex"]))
         assert json.loads(msgspec.json.encode(event)) == vector["event"]
+
+
+@pytest.mark.parametrize("digit", ["x", "12", "", "#\n"])
+def test_a_key_that_is_not_on_a_keypad_is_refused(digit: str) -> None:
+    forged = msgspec.msgpack.encode({"kind": "ingress.dtmf", "session": "s1", "digit": digit})
+    with pytest.raises(codec.Rejected):
+        codec.decode_on(sj.SIP_DTMF.subject("s1"), forged)
+    assert codec.decode_on(sj.SIP_DTMF.subject("s1"), msgspec.msgpack.encode(
+        {"kind": "ingress.dtmf", "session": "s1", "digit": "*"})).digit == "*"
