@@ -283,7 +283,7 @@ class PhoneSessionStart(SessionStart, frozen=True, tag="sip.start"):
     ``egress.audio`` frames at the same rate, paced in real time, for the gateway to encode and
     send. ``room`` stays empty; ``caller`` is the caller's number or URI."""
 
-    sample_rate: int = 8000
+    sample_rate: Annotated[int, msgspec.Meta(ge=8000, le=48000)] = 8000
 
 
 class SessionEnd(Event, frozen=True, tag="ctl.end"):

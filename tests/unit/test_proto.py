@@ -228,3 +228,11 @@ def test_a_key_that_is_not_on_a_keypad_is_refused(digit: str) -> None:
         codec.decode_on(sj.SIP_DTMF.subject("s1"), forged)
     assert codec.decode_on(sj.SIP_DTMF.subject("s1"), msgspec.msgpack.encode(
         {"kind": "ingress.dtmf", "session": "s1", "digit": "*"})).digit == "*"
+
+
+def test_a_phone_call_at_a_rate_no_phone_has_is_refused() -> None:
+    for rate in (0, 4000, 96000):
+        forged = msgspec.msgpack.encode({"kind": "sip.start", "session": "s1",
+                                         "sample_rate": rate})
+        with pytest.raises(codec.Rejected):
+            codec.decode_on(sj.CTL_START.subject("s1"), forged)
