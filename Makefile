@@ -7,6 +7,7 @@ LIVEKIT := .cache/livekit-v1.13.5/livekit-server
 WEB := web/node_modules/.package-lock.json
 HELM := .cache/helm-v4.3.2/helm
 COMPOSECHECK := .cache/composecheck/composecheck
+SIP := .cache/sip-gateway/voicebus-sip
 
 .PHONY: up test install bench bench-livekit chromium clean
 
@@ -27,6 +28,10 @@ $(HELM): scripts/install-helm.sh
 $(COMPOSECHECK): scripts/install-composecheck.sh $(wildcard deploy/composecheck/*)
 	scripts/install-composecheck.sh >/dev/null
 
+# voicebus's own SIP gateway (Go: diago, sipgo), pinned by services/sip/go.mod and go.sum.
+$(SIP): scripts/install-sip-gateway.sh $(wildcard services/sip/*)
+	scripts/install-sip-gateway.sh >/dev/null
+
 # The web page's livekit-client comes from npm at install time (never committed).
 $(WEB): web/package.json web/package-lock.json
 	cd web && npm ci --no-audit --no-fund --loglevel=error
@@ -34,7 +39,7 @@ $(WEB): web/package.json web/package-lock.json
 chromium:
 	scripts/install-chromium.sh
 
-install: $(STAMP) $(LIVEKIT) $(WEB)
+install: $(STAMP) $(LIVEKIT) $(WEB) $(SIP)
 
 # The whole offline stack; open the printed URL. SAY="What time is it?" also asks once.
 up: install
@@ -42,6 +47,8 @@ up: install
 
 test: install chromium $(HELM) $(COMPOSECHECK)
 	scripts/install-redis.sh >/dev/null
+	scripts/install-sipp.sh >/dev/null
+	cd services/sip && GOFLAGS=-mod=readonly go test -count=1 ./...
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: install

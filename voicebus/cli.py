@@ -100,6 +100,7 @@ async def cmd_up(args: argparse.Namespace) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="voicebus-"))
     stack = Stack(workdir, nats_port=args.nats_port, nats_cluster=args.nats_cluster,
                   livekit=True, livekit_nodes=args.livekit_nodes, livekit_redis=args.redis,
+                  sip=args.sip_port >= 0, sip_port=max(0, args.sip_port),
                   livekit_port=args.livekit_port, token_port=args.port, env=offline_ear(),
                   audio_dir=args.audio_dir.resolve() if args.audio_dir else None)
     # A process manager's SIGTERM, a closed terminal's SIGHUP and Ctrl-C all stop the stack the
@@ -124,6 +125,8 @@ async def cmd_up(args: argparse.Namespace) -> int:
               f"  watch the bus:      {me} tap --nats {stack.nats_url} "
               f"--nkey {stack.seed_file(OPERATOR)}\n"
               f"  past sessions:      {stack.token_url}/sessions\n"
+              + (f"  or from a SIP phone: sip:agent@127.0.0.1:{stack.sip_port} (UDP or TCP, "
+                 "PCMU/PCMA)\n" if stack.sip else "") +
               "Ctrl-C stops everything.\n", flush=True)
         code = 0
         if args.say or args.wav:
@@ -420,6 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--livekit-nodes", type=int, default=1,
                     help="livekit-server nodes sharing one Redis (the first on --livekit-port): "
                     "rooms spread over them")
+    up.add_argument("--sip-port", type=int, default=5060,
+                    help="the SIP gateway's port on 127.0.0.1, UDP and TCP (a free one if taken; "
+                    "-1: no gateway)")
     up.add_argument("--redis", action="store_true", help="a Redis for livekit-server even with "
                     "one node: its SIP API needs one (`voicebus sip setup`)")
     up.add_argument("--wav", type=Path, action="append", help="ask this once it is up (a call)")

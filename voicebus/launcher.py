@@ -141,6 +141,35 @@ def make_certificates(folder: Path, name: str = "server") -> dict[str, str]:
     return {file: str(folder / file) for file in ("ca.pem", f"{name}.pem", f"{name}.key")}
 
 
+def sip_gateway_binary() -> str:
+    """voicebus's SIP gateway (services/sip, Go), built once by scripts/install-sip-gateway.sh."""
+    script = ROOT / "scripts" / "install-sip-gateway.sh"
+    done = subprocess.run([str(script)], check=False, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"building the SIP gateway failed:\n{done.stderr[-2000:]}")
+    return done.stdout.strip().splitlines()[-1]
+
+
+def sip_port(wanted: int) -> int:
+    """``wanted`` when UDP and TCP are both free there, else a free port (5060 is often taken
+    by a softphone or a PBX on a developer's machine)."""
+    for port in ([wanted] if wanted else []) + [0] * 50:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            try:
+                udp.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            port = udp.getsockname()[1]
+            with socket.socket() as tcp:
+                tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    tcp.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+        return port
+    raise RuntimeError("no free port for the SIP gateway")
+
+
 def redis_server_binary() -> str:
     """Debian's redis-server, installed by ``scripts/install-redis.sh`` when missing."""
     found = shutil.which("redis-server")
@@ -237,6 +266,10 @@ class Stack:
     # may connect to any of them). livekit_ports are their HTTP/WebSocket ports, by node.
     livekit_nodes: int = 1
     livekit_ports: list[int] = field(default_factory=list)
+    # voicebus's own SIP gateway (services/sip), after the stages: phones call
+    # sip:agent@127.0.0.1:<sip_port> (UDP or TCP).
+    sip: bool = False
+    sip_port: int = 0
     # A Redis for one node too: LiveKit keeps its SIP trunks and dispatch rules there
     # (`voicebus sip setup`), and refuses the SIP API without one.
     livekit_redis: bool = False
@@ -396,6 +429,27 @@ class Stack:
         await self.wait_ready(stages, timeout)
         if self.livekit:
             await self.start_token()
+        if self.sip:
+            await self.start_sip()
+
+    async def start_sip(self) -> Proc:
+        """The SIP gateway as the role ``sip``, on ``sip_port`` (5060 for ``voicebus up``,
+        unless taken). Up once it takes a TCP connection on that port."""
+        self.sip_port = sip_port(self.sip_port)
+        env = {**os.environ, **self.env, **self.role_env("sip"),
+               "VOICEBUS_SIP_LISTEN": f"127.0.0.1:{self.sip_port}"}
+        proc = self.procs["sip"] = await spawn("sip", [sip_gateway_binary()], env, self.sink)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                _reader, writer = await asyncio.open_connection("127.0.0.1", self.sip_port)
+            except OSError:
+                if time.monotonic() > deadline or not proc.alive:
+                    raise RuntimeError("the SIP gateway did not come up") from None
+                await asyncio.sleep(0.1)
+                continue
+            writer.close()
+            return proc
 
     async def setup_capture(self) -> None:
         """The recording stream (voicebus/record.py): events and audio, an hour, unless

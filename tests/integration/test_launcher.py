@@ -7,6 +7,7 @@ import ast
 import json
 import asyncio
 import os
+import re
 import signal
 import socket
 import sys
@@ -100,7 +101,9 @@ async def test_voicebus_up_stops_everything_cleanly_on_sigterm() -> None:
     assert up.returncode == 0, out[-4000:]
     stopped = next(line for line in out.splitlines() if line.startswith("stopped: "))
     codes = ast.literal_eval(stopped.removeprefix("stopped: "))  # a dict of exit codes
-    assert set(codes) >= {"nats", "livekit", "token", "ingress", "stt", "llm", "tts", "egress"}
+    assert set(codes) >= {"nats", "livekit", "token", "ingress", "stt", "llm", "tts", "egress",
+                          "sip"}
+    assert re.search(r"from a SIP phone: sip:agent@127\.0\.0\.1:\d+", out), out[-2000:]
     assert all(code == 0 for code in codes.values()), stopped
     assert took < 30, f"stopping took {took:.1f}s"
 
