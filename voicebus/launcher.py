@@ -141,13 +141,18 @@ def make_certificates(folder: Path, name: str = "server") -> dict[str, str]:
     return {file: str(folder / file) for file in ("ca.pem", f"{name}.pem", f"{name}.key")}
 
 
+def _installed(script: str, what: str) -> str:
+    """The path ``scripts/<script>`` prints once it has built or installed ``what``."""
+    done = subprocess.run([str(ROOT / "scripts" / script)], check=False, capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"installing {what} failed:\n{done.stderr[-2000:]}")
+    return done.stdout.strip().splitlines()[-1]
+
+
 def sip_gateway_binary() -> str:
     """voicebus's SIP gateway (services/sip, Go), built once by scripts/install-sip-gateway.sh."""
-    script = ROOT / "scripts" / "install-sip-gateway.sh"
-    done = subprocess.run([str(script)], check=False, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"building the SIP gateway failed:\n{done.stderr[-2000:]}")
-    return done.stdout.strip().splitlines()[-1]
+    return _installed("install-sip-gateway.sh", "the SIP gateway")
 
 
 def sip_port(wanted: int) -> int:
@@ -172,14 +177,7 @@ def sip_port(wanted: int) -> int:
 
 def redis_server_binary() -> str:
     """Debian's redis-server, installed by ``scripts/install-redis.sh`` when missing."""
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    script = ROOT / "scripts" / "install-redis.sh"
-    done = subprocess.run([str(script)], check=False, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"installing redis-server failed:\n{done.stderr[-2000:]}")
-    return done.stdout.strip().splitlines()[-1]
+    return shutil.which("redis-server") or _installed("install-redis.sh", "redis-server")
 
 
 # Multi-node LiveKit: which node each of our processes talks to. They are spread on purpose,
@@ -190,11 +188,22 @@ LIVEKIT_NODE_OF = {"ingress": 0, "egress": 1, "token": 1}
 
 def livekit_server_binary() -> str:
     """The pinned livekit-server, built once by ``scripts/install-livekit.sh``."""
-    script = ROOT / "scripts" / "install-livekit.sh"
-    done = subprocess.run([str(script)], check=False, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"installing livekit-server failed:\n{done.stderr[-2000:]}")
-    return done.stdout.strip().splitlines()[-1]
+    return _installed("install-livekit.sh", "livekit-server")
+
+
+async def _wait_tcp(proc: Proc, port: int, what: str, timeout: float = 30.0) -> None:
+    """Until ``proc`` takes a TCP connection on ``port`` of loopback (it is up)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            if time.monotonic() > deadline or not proc.alive:
+                raise RuntimeError(f"{what} did not come up on port {port}") from None
+            await asyncio.sleep(0.1)
+            continue
+        writer.close()
+        return
 
 
 async def _quiet(_exc: Exception) -> None:
@@ -439,17 +448,8 @@ class Stack:
         env = {**os.environ, **self.env, **self.role_env("sip"),
                "VOICEBUS_SIP_LISTEN": f"127.0.0.1:{self.sip_port}"}
         proc = self.procs["sip"] = await spawn("sip", [sip_gateway_binary()], env, self.sink)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                _reader, writer = await asyncio.open_connection("127.0.0.1", self.sip_port)
-            except OSError:
-                if time.monotonic() > deadline or not proc.alive:
-                    raise RuntimeError("the SIP gateway did not come up") from None
-                await asyncio.sleep(0.1)
-                continue
-            writer.close()
-            return proc
+        await _wait_tcp(proc, self.sip_port, "the SIP gateway")
+        return proc
 
     async def setup_capture(self) -> None:
         """The recording stream (voicebus/record.py): events and audio, an hour, unless
@@ -487,17 +487,7 @@ class Stack:
         config.chmod(0o600)  # it holds the password
         argv = [redis_server_binary(), str(config)]
         self.procs["redis"] = await spawn("redis", argv, os.environ, self.sink)
-        deadline = time.monotonic() + 30
-        while True:  # up once it accepts a connection
-            try:
-                _reader, writer = await asyncio.open_connection("127.0.0.1", self.redis_port)
-            except OSError:
-                if time.monotonic() > deadline or not self.procs["redis"].alive:
-                    raise RuntimeError("redis-server did not come up") from None
-                await asyncio.sleep(0.1)
-                continue
-            writer.close()
-            return
+        await _wait_tcp(self.procs["redis"], self.redis_port, "redis-server")
 
     async def _spawn_livekit(self, node: int) -> None:
         port = self.livekit_ports[node]

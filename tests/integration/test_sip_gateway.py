@@ -153,6 +153,23 @@ def sipp() -> str:
     return tool("scripts/install-sipp.sh")
 
 
+# The caller's ACK to the 200, the same in every scenario (filled in with the rest).
+ACK = """  <send>
+    <![CDATA[
+      ACK [next_url] SIP/2.0
+      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
+      From: "Caller" <sip:{caller}@[local_ip]:[local_port]>;tag=[pid]SIPpTag00[call_number]
+      To: <sip:agent@[remote_ip]:[remote_port]>[peer_tag_param]
+      Call-ID: [call_id]
+      CSeq: 1 ACK
+      Contact: <sip:{caller}@[local_ip]:[local_port]>
+      Max-Forwards: 70
+      Content-Length: 0
+
+    ]]>
+  </send>
+"""
+
 SCENARIO = """<?xml version="1.0" encoding="ISO-8859-1" ?>
 <!DOCTYPE scenario SYSTEM "sipp.dtd">
 <scenario name="voicebus caller">
@@ -188,21 +205,7 @@ SCENARIO = """<?xml version="1.0" encoding="ISO-8859-1" ?>
   <recv response="180" optional="true"/>
   <recv response="183" optional="true"/>
   <recv response="200" rtd="true" rrs="true"/>
-  <send>
-    <![CDATA[
-      ACK [next_url] SIP/2.0
-      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
-      From: "Caller" <sip:{caller}@[local_ip]:[local_port]>;tag=[pid]SIPpTag00[call_number]
-      To: <sip:agent@[remote_ip]:[remote_port]>[peer_tag_param]
-      Call-ID: [call_id]
-      CSeq: 1 ACK
-      Contact: <sip:{caller}@[local_ip]:[local_port]>
-      Max-Forwards: 70
-      Content-Length: 0
-
-    ]]>
-  </send>
-  <!-- The test says when to hang up: an INFO it sends in this call. -->
+{ack}  <!-- The test says when to hang up: an INFO it sends in this call. -->
   <recv request="INFO" timeout="150000" ontimeout="hangup"/>
   <label id="hangup"/>
   <send retrans="500">
@@ -304,7 +307,8 @@ async def test_a_sip_call_is_answered_by_the_agent_and_the_hang_up_ends_the_sess
     loop = asyncio.get_running_loop()
     transport, phone = await loop.create_datagram_endpoint(Phone, local_addr=("127.0.0.1", rtp_port))
     scenario = tmp_path / "caller.xml"
-    scenario.write_text(SCENARIO.format(caller=CALLER, rtp_port=rtp_port))
+    scenario.write_text(SCENARIO.format(caller=CALLER, rtp_port=rtp_port,
+                                        ack=ACK.format(caller=CALLER)))
     nc = await stack.connect()
     tap = Tap(nc)
     stop = asyncio.Event()
@@ -379,21 +383,7 @@ def invite_only(scenario: str, offer: str, after_200: str) -> str:
 AGENT_HANGS_UP = """  <recv response="100" optional="true"/>
   <recv response="180" optional="true"/>
   <recv response="200" rrs="true"/>
-  <send>
-    <![CDATA[
-      ACK [next_url] SIP/2.0
-      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
-      From: "Caller" <sip:{caller}@[local_ip]:[local_port]>;tag=[pid]SIPpTag00[call_number]
-      To: <sip:agent@[remote_ip]:[remote_port]>[peer_tag_param]
-      Call-ID: [call_id]
-      CSeq: 1 ACK
-      Contact: <sip:{caller}@[local_ip]:[local_port]>
-      Max-Forwards: 70
-      Content-Length: 0
-
-    ]]>
-  </send>
-  <recv request="BYE" timeout="60000"/>
+{ack}  <recv request="BYE" timeout="60000"/>
   <send>
     <![CDATA[
       SIP/2.0 200 OK
@@ -443,7 +433,8 @@ async def test_the_agents_end_of_the_call_hangs_up_over_tcp(
     """floor.end (the judge's end of the session) makes the gateway send BYE; over SIP TCP."""
     since = len(gateway.lines)
     offer = "m=audio 9 RTP/AVP 8 0\n      a=rtpmap:8 PCMA/8000\n      a=rtpmap:0 PCMU/8000\n      a=sendrecv"
-    xml = invite_only(SCENARIO, offer, AGENT_HANGS_UP).format(caller=CALLER, rtp_port=9)
+    xml = invite_only(SCENARIO, offer, AGENT_HANGS_UP).format(
+        caller=CALLER, rtp_port=9, ack=ACK.format(caller=CALLER))
     call = await run_sipp(sipp, gateway, xml, tmp_path, transport="t1")
     judge = await phone_stack.connect(role="egress")  # egress speaks for the judge (floor)
     nc = await phone_stack.connect()
@@ -475,7 +466,8 @@ async def test_the_agents_end_of_the_call_hangs_up_over_tcp(
 async def test_a_call_without_a_common_codec_is_refused_with_488(gateway, sipp, tmp_path) -> None:
     since = len(gateway.lines)
     offer = "m=audio 9 RTP/AVP 9\n      a=rtpmap:9 G722/8000\n      a=sendrecv"
-    xml = invite_only(SCENARIO, offer, REFUSED).format(caller=CALLER, rtp_port=9)
+    xml = invite_only(SCENARIO, offer, REFUSED).format(
+        caller=CALLER, rtp_port=9, ack=ACK.format(caller=CALLER))
     # Garbage first: the gateway must live on (and then refuse the call properly).
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as junk:
         for data in (b"\x00\xff" * 40, b"INVITE sip:x SIP/2.0\r\n\r\n", b"SIP/2.0 200\r\n\r\n",
