@@ -14,6 +14,7 @@ from proto import events as ev
 from proto import subjects as sj
 from services.llm.provider import ChatMessage
 from services.llm.service import HISTORY_BUCKET
+from services.runtime.bus import Bus
 from services.ingress.audio import read_wav
 from tests.conftest import running_stack
 from voicebus.call import Caller
@@ -23,6 +24,19 @@ from voicebus.speech import say_to_wav
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="module")]
 
 SESSION = "clustered"
+
+
+# How long the history's stream may be without a leader after its node died: the stages wait
+# the same out (Bus.jetstream), and so does this test's own read of what they kept.
+ELECTION_S = 20.0
+
+
+async def kept(nc, session: str):
+    """The session's history in KV, read once the bucket's stream has a leader again."""
+    async def read():
+        return await (await nc.jetstream().key_value(HISTORY_BUCKET)).get(session)
+
+    return await Bus.jetstream(read, within=ELECTION_S)
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
@@ -54,8 +68,9 @@ async def test_a_call_goes_on_when_its_nats_node_dies(cluster, tmp_path) -> None
 
         await tap.wait_for(lambda: tap.of(ev.Playback, SESSION, turn=2, final=True), 60,
                            "reply 2 to be played")
-        history = await (await nc.jetstream().key_value(HISTORY_BUCKET)).get(SESSION)
-        status = await nc.jetstream().stream_info(f"KV_{HISTORY_BUCKET}")
+        history = await kept(nc, SESSION)
+        status = await Bus.jetstream(lambda: nc.jetstream().stream_info(f"KV_{HISTORY_BUCKET}"),
+                                     within=ELECTION_S)
     finally:
         await end_session(nc, SESSION)
         await tap.close()
@@ -123,7 +138,7 @@ async def test_calls_on_both_livekit_nodes_go_on_when_the_stages_nats_node_dies(
         assert clients[node], clients
         await stack.kill_nats_node(node)
         await asyncio.gather(*(ask(c, again[:2], 2) for c in callers))
-        history = await (await nc.jetstream().key_value(HISTORY_BUCKET)).get(rooms[0])
+        history = await kept(nc, rooms[0])
     finally:
         for caller in callers:
             await caller.leave()
