@@ -447,6 +447,9 @@ class Stack:
         self.sip_port = sip_port(self.sip_port)
         env = {**os.environ, **self.env, **self.role_env("sip"),
                "VOICEBUS_SIP_LISTEN": f"127.0.0.1:{self.sip_port}"}
+        if self.metrics:
+            self.metrics_ports["sip"] = port = free_port()
+            env["VOICEBUS_METRICS_PORT"] = str(port)
         proc = self.procs["sip"] = await spawn("sip", [sip_gateway_binary()], env, self.sink)
         await _wait_tcp(proc, self.sip_port, "the SIP gateway")
         return proc

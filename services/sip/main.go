@@ -8,7 +8,7 @@
 // `ctl.end` from elsewhere becomes a BYE.
 //
 // Environment: VOICEBUS_NATS_URL (comma-separated), VOICEBUS_NATS_NKEY_FILE,
-// VOICEBUS_NATS_TLS_CA, VOICEBUS_SIP_LISTEN (host:port, default 127.0.0.1:5060),
+// VOICEBUS_NATS_TLS_CA, VOICEBUS_METRICS_PORT (and _ADDR; /metrics, /healthz, /readyz), VOICEBUS_SIP_LISTEN (host:port, default 127.0.0.1:5060),
 // VOICEBUS_SIP_TRANSPORTS (default "udp,tcp"), VOICEBUS_SIP_EXTERNAL_HOST (the address put in
 // Contact and SDP when it differs from the bound one), VOICEBUS_GREETING, VOICEBUS_LOG_LEVEL.
 package main
@@ -37,13 +37,15 @@ const (
 )
 
 type config struct {
-	natsURL    string
-	nkeyFile   string
-	tlsCA      string
-	listen     string
-	transports []string
-	external   string
-	greeting   string
+	natsURL     string
+	nkeyFile    string
+	tlsCA       string
+	listen      string
+	transports  []string
+	external    string
+	greeting    string
+	metricsAddr string
+	metricsPort int
 }
 
 func env(name, def string) string {
@@ -53,7 +55,11 @@ func env(name, def string) string {
 	return def
 }
 
-func configFromEnv() config {
+func configFromEnv() (config, error) {
+	metricsPort, err := strconv.Atoi(env("VOICEBUS_METRICS_PORT", "0"))
+	if err != nil || metricsPort < 0 || metricsPort > 65535 {
+		return config{}, fmt.Errorf("VOICEBUS_METRICS_PORT %q: not a port", os.Getenv("VOICEBUS_METRICS_PORT"))
+	}
 	var transports []string
 	for _, t := range strings.Split(env("VOICEBUS_SIP_TRANSPORTS", "udp,tcp"), ",") {
 		if t = strings.ToLower(strings.TrimSpace(t)); t != "" {
@@ -61,14 +67,16 @@ func configFromEnv() config {
 		}
 	}
 	return config{
-		natsURL:    env("VOICEBUS_NATS_URL", "nats://127.0.0.1:4222"),
-		nkeyFile:   env("VOICEBUS_NATS_NKEY_FILE", ""),
-		tlsCA:      env("VOICEBUS_NATS_TLS_CA", ""),
-		listen:     env("VOICEBUS_SIP_LISTEN", "127.0.0.1:5060"),
-		transports: transports,
-		external:   env("VOICEBUS_SIP_EXTERNAL_HOST", ""),
-		greeting:   os.Getenv("VOICEBUS_GREETING"),
-	}
+		natsURL:     env("VOICEBUS_NATS_URL", "nats://127.0.0.1:4222"),
+		nkeyFile:    env("VOICEBUS_NATS_NKEY_FILE", ""),
+		tlsCA:       env("VOICEBUS_NATS_TLS_CA", ""),
+		listen:      env("VOICEBUS_SIP_LISTEN", "127.0.0.1:5060"),
+		transports:  transports,
+		external:    env("VOICEBUS_SIP_EXTERNAL_HOST", ""),
+		greeting:    os.Getenv("VOICEBUS_GREETING"),
+		metricsAddr: env("VOICEBUS_METRICS_ADDR", "127.0.0.1"),
+		metricsPort: metricsPort,
+	}, nil
 }
 
 func logLevel() slog.Level {
@@ -86,11 +94,13 @@ func connectNATS(cfg config, log *slog.Logger) (*nats.Conn, error) {
 		nats.MaxReconnects(-1),
 		nats.ReconnectWait(500 * time.Millisecond),
 		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
+			setReady(false)
 			if err != nil { // nil: our own close
 				log.Warn("nats disconnected", "error", err)
 			}
 		}),
 		nats.ReconnectHandler(func(nc *nats.Conn) {
+			setReady(true)
 			log.Info("nats reconnected", "url", nc.ConnectedUrl())
 		}),
 		nats.ErrorHandler(func(_ *nats.Conn, sub *nats.Subscription, err error) {
@@ -117,7 +127,10 @@ func connectNATS(cfg config, log *slog.Logger) (*nats.Conn, error) {
 func run() error {
 	log := slog.New(newQuietHandler(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: logLevel()})))
 	slog.SetDefault(log)
-	cfg := configFromEnv()
+	cfg, err := configFromEnv()
+	if err != nil {
+		return err
+	}
 
 	host, portText, err := net.SplitHostPort(cfg.listen)
 	if err != nil {
@@ -139,6 +152,9 @@ func run() error {
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
+	if err := serveMetrics(ctx, cfg.metricsAddr, cfg.metricsPort, log); err != nil {
+		return fmt.Errorf("VOICEBUS_METRICS_PORT %d: %w", cfg.metricsPort, err)
+	}
 
 	ua, err := sipgo.NewUA(sipgo.WithUserAgent("voicebus-sip"))
 	if err != nil {
@@ -162,9 +178,11 @@ func run() error {
 	if err := dg.ServeBackground(ctx, gw.handle); err != nil {
 		return fmt.Errorf("SIP listen on %s: %w", cfg.listen, err)
 	}
+	setReady(true)
 	log.Info("voicebus-sip ready", "listen", cfg.listen, "transports", strings.Join(cfg.transports, ","),
 		"nats", nc.ConnectedUrl())
 	<-ctx.Done()
+	setReady(false)
 	log.Info("voicebus-sip stopping: hanging up calls")
 	gw.wait(5 * time.Second)
 	if err := nc.Drain(); err != nil {
