@@ -48,6 +48,7 @@ up: install
 test: install chromium $(HELM) $(COMPOSECHECK)
 	scripts/install-redis.sh >/dev/null
 	scripts/install-sipp.sh >/dev/null
+	scripts/install-baresip.sh >/dev/null
 	cd services/sip && GOFLAGS=-mod=readonly go test -count=1 ./...
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
