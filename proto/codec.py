@@ -9,6 +9,8 @@ from proto.subjects import BadSubject, parse
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(ev.AnyEvent)
+# Dial requests and their replies travel outside ``voice.>`` (subjects.SIP_DIAL).
+_dial_decoder = msgspec.msgpack.Decoder(ev.DialRequest | ev.DialReply)
 
 
 class Rejected(ValueError):
@@ -20,7 +22,7 @@ class Rejected(ValueError):
         self.detail = detail
 
 
-def encode(event: ev.Event) -> bytes:
+def encode(event: ev.Event | ev.DialRequest | ev.DialReply) -> bytes:
     return _encoder.encode(event)
 
 
@@ -48,3 +50,11 @@ def decode_on(subject: str, data: bytes) -> ev.AnyEvent:
     if event.session != session:
         raise Rejected("session_mismatch", f"event for {event.session!r} on {subject!r}")
     return event
+
+
+def decode_dial(data: bytes) -> ev.DialRequest | ev.DialReply:
+    """Decode a dial request or reply; raises ``Rejected('decode', …)`` on anything else."""
+    try:
+        return _dial_decoder.decode(data)
+    except msgspec.DecodeError as exc:
+        raise Rejected("decode", str(exc)) from None

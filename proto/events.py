@@ -115,6 +115,19 @@ class Dtmf(Event, frozen=True, tag="ingress.dtmf"):
     digit: DtmfDigit
 
 
+# What a user may type in one message (LiveKit's ``lk.chat``); ingress refuses longer ones.
+MAX_CHAT_CHARS = 2000
+
+
+class UserText(Event, frozen=True, tag="ingress.text"):
+    """A message the session's user typed (a LiveKit text stream on ``lk.chat``), as ingress
+    received it from that user alone; the STT makes it a turn of its own. ``participant`` is
+    the user's identity (the agent's transcripts go to it)."""
+
+    text: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_CHAT_CHARS)]
+    participant: str = ""
+
+
 # ---- stt: the user's words -----------------------------------------------------------------
 
 
@@ -127,7 +140,8 @@ class Transcript(Event, frozen=True, tag="stt.transcript"):
     may still go on for ``timing.hold_ms``: a judge may prepare its answer, never play it, before
     the final. ``continued`` (final): the user spoke again after a settled transcript, so this
     turn ends unanswered and the next one carries its words on (an answer prepared for it is
-    dropped)."""
+    dropped). ``typed`` (final): the user typed these words (``UserText``); no speech, so the
+    rules for speech over the agent (length, backchannel) do not apply to it."""
 
     turn: Turn
     text: Text
@@ -139,6 +153,7 @@ class Transcript(Event, frozen=True, tag="stt.transcript"):
     timing: Timing | None = None
     settled: bool = False
     continued: bool = False
+    typed: bool = False
 
 
 class UserIdle(Event, frozen=True, tag="stt.idle"):
@@ -210,6 +225,24 @@ class ReplyDone(Event, frozen=True, tag="llm.done"):
     error: str = ""
     provider: str = ""
     timing: Timing | None = None
+    # The model called ``end_call`` in this reply: the judge ends the session once the reply
+    # has been heard in full (a reply cut short ends nothing).
+    end_call: bool = False
+
+
+class ToolUse(Event, frozen=True, tag="llm.tool"):
+    """The agent called a tool in ``turn`` (docs/tools.md): once when the call starts, and
+    again with ``done`` and its ``result`` (JSON text) or ``error``, and how long it took.
+    ``call_id`` is the model's id of the call; ``arguments`` the JSON text the model wrote."""
+
+    turn: Turn
+    call_id: Annotated[str, msgspec.Meta(max_length=128)]
+    name: Annotated[str, msgspec.Meta(max_length=64)]
+    arguments: Text = ""
+    done: bool = False
+    result: Text = ""
+    error: Text = ""
+    ms: Annotated[float, msgspec.Meta(ge=0)] = 0.0
 
 
 # ---- tts: the agent's voice ----------------------------------------------------------------
@@ -260,11 +293,16 @@ class SessionStart(Event, frozen=True, tag="ctl.start"):
     """Dispatch: each stage's queue group hands this to one replica, which owns the session.
     ``greeting``: what the agent says (as turn 0) once it first hears the user; empty for none.
     The same event on ``<stage>.handover`` gives a session to another replica of that stage.
-    ``caller``: who called, for a phone call (LiveKit SIP's ``sip.phoneNumber``); else empty."""
+    ``caller``: who called, for a phone call (LiveKit SIP's ``sip.phoneNumber``); else empty.
+    ``agent``: the agent profile that answers (docs/tools.md, "Agent profiles"; empty: the
+    default one); ``instructions``: more instructions for this session only, after the
+    profile's (e.g. the caller's name, from the authorisation hook)."""
 
     room: str = ""
     greeting: Text = ""
     caller: Text = ""
+    agent: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{0,64}\Z")] = ""
+    instructions: Text = ""
 
 
 class FileSessionStart(SessionStart, frozen=True, tag="dev.start"):
@@ -281,9 +319,15 @@ class PhoneSessionStart(SessionStart, frozen=True, tag="sip.start"):
     voice comes as ``sip.audio`` frames (20 ms of PCM decoded from G.711, at ``sample_rate``),
     continuous for the whole call (silence included, as RTP is); the agent's voice goes out as
     ``egress.audio`` frames at the same rate, paced in real time, for the gateway to encode and
-    send. ``room`` stays empty; ``caller`` is the caller's number or URI."""
+    send. ``room`` stays empty.
+
+    ``direction``: ``inbound`` when the phone called the gateway, ``outbound`` when the gateway
+    called it (a ``DialRequest``). ``caller`` is the other party's number or URI either way —
+    who called in, or whom the gateway called — as LiveKit SIP's ``sip.phoneNumber`` is for its
+    inbound and outbound participants alike."""
 
     sample_rate: Annotated[int, msgspec.Meta(ge=8000, le=48000)] = 8000
+    direction: Literal["inbound", "outbound"] = "inbound"
 
 
 class SessionEnd(Event, frozen=True, tag="ctl.end"):
@@ -306,12 +350,60 @@ class StageError(Event, frozen=True, tag="ctl.error"):
     retryable: bool = False
 
 
+# ---- requests to a service (not a session's events) -----------------------------------------
+
+# A number (digits, an optional leading +, the keypad's * and #) or a SIP URI.
+DIAL_TARGET_PATTERN = r"^(\+?[0-9*#]{1,32}|sips?:[^\s<>\"]{1,250})\Z"
+DialTarget = Annotated[str, msgspec.Meta(pattern=DIAL_TARGET_PATTERN)]
+# What the callee sees as the caller: a number or a SIP user part, nothing that could break the
+# From header.
+CallerId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9+*#._-]{0,64}\Z")]
+DialError = Literal["", "bad_request", "busy", "declined", "no_answer", "refused", "unreachable",
+                    "failed"]
+
+
+class DialRequest(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True,
+                  tag_field="kind", tag="sip.dial"):
+    """Ask the SIP gateway to call ``target`` (request/reply on ``subjects.SIP_DIAL``; one
+    replica takes it, queue group ``subjects.SIP_DIAL_QUEUE``). A number goes through the
+    gateway's trunk (``VOICEBUS_SIP_DIAL_TRUNK``), a ``sip:`` URI straight to its host.
+    ``caller_id``: the From user the callee sees (empty: the gateway's own). ``greeting``: what
+    the agent says once the callee picks up (the session's turn 0). ``agent`` and
+    ``instructions``: the agent profile that talks and this call's own instructions, passed on
+    as the session start's (``SessionStart``). ``answer_timeout_ms``: how long it may ring. The
+    reply comes once the callee answered (the session has started) or did not."""
+
+    target: DialTarget
+    caller_id: CallerId = ""
+    greeting: Text = ""
+    agent: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{0,64}\Z")] = ""
+    instructions: Text = ""
+    answer_timeout_ms: Annotated[int, msgspec.Meta(ge=1000, le=120_000)] = 30_000
+
+
+class DialReply(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True,
+                tag_field="kind", tag="sip.dial.reply"):
+    """The gateway's answer to a ``DialRequest``: the ``session`` it started (its
+    ``PhoneSessionStart`` has ``direction="outbound"``), or an ``error``: ``busy`` (486, 600),
+    ``declined`` (603), ``no_answer`` (rang out, 408, 480), ``refused`` (any other final
+    failure), ``unreachable`` (no answer at all from the target), ``bad_request`` (a target or
+    caller id the gateway cannot use, a number without a trunk), ``failed`` (the gateway's own
+    trouble). ``status`` is the callee's SIP status when it sent one; ``reason`` says more, for
+    people."""
+
+    session: SessionId = ""
+    error: DialError = ""
+    status: Annotated[int, msgspec.Meta(ge=0, le=699)] = 0
+    reason: Text = ""
+
+
 AnyEvent = (
     AudioFrame
     | SpeechStarted
     | SpeechEnded
     | InputTrack
     | Dtmf
+    | UserText
     | Transcript
     | UserIdle
     | Verdict
@@ -319,6 +411,7 @@ AnyEvent = (
     | AgentState
     | ReplyDelta
     | ReplyDone
+    | ToolUse
     | SynthesisDone
     | Playback
     | SessionStart

@@ -8,6 +8,12 @@ what it consumes. The token service may only start and end sessions. The session
 the capture with a role of their own, ``pages``, which can do nothing else: the token service
 holds its key only where the pages are turned on. The operator (``voicebus tap``, record, replay, the launcher, tests)
 may do anything: give it to people, not services.
+
+Only the operator may ask the SIP gateway to call someone (``subjects.SIP_DIAL``, ``voicebus
+dial``). Not the token service: it faces the internet and mints tokens for whoever asks, and a
+right to dial there would let any web visitor make the gateway ring numbers (toll fraud, the
+agent's compute and a trunk's money). A service that places calls of its own (a campaign, a
+call-back) gets a role of its own with that one right.
 """
 
 from __future__ import annotations
@@ -15,12 +21,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from proto import subjects as sj
+from proto import tools
 
 OPERATOR = "operator"
 TOKEN = "token"
 PAGES = "pages"
 SIP = "sip"  # the SIP gateway: starts and ends phone sessions, carries their audio
-ROLES = (*sj.STAGES, TOKEN, PAGES, SIP, OPERATOR)
+TOOL = "tool"  # tool services (proto/tools.py): answer calls, say nothing of their own
+ROLES = (*sj.STAGES, TOKEN, PAGES, SIP, TOOL, OPERATOR)
 
 LEASES = "voicebus_leases"
 SESSIONS = "voicebus_sessions"
@@ -36,7 +44,7 @@ CONSUMES: dict[str, tuple[sj.Topic | str, ...]] = {
     "stt": ("ingress", sj.FLOOR_STATE),
     "llm": ("floor", sj.EGRESS_PLAYBACK),
     "tts": ("llm", sj.FLOOR_CANCEL),
-    "egress": ("tts", "stt", "llm", sj.INGRESS_VAD, sj.INGRESS_TRACK),
+    "egress": ("tts", "stt", "llm", sj.INGRESS_VAD, sj.INGRESS_TRACK, sj.INGRESS_TEXT),
 }
 # Producers a stage speaks for, beyond its own name.
 SPEAKS_FOR = {"egress": ("floor",)}
@@ -88,7 +96,9 @@ def stage_rights(stage: str) -> Rights:
                 *(f"$KV.{SESSIONS}.*.{kind}" for kind in STATE_KEYS.get(stage, ()))]
     publish += _bucket_reads(LEASES) + _bucket_reads(SESSIONS)
     if stage == "llm":
-        publish += [f"$KV.{HISTORY}.*", *_bucket_reads(HISTORY)]
+        publish += [f"$KV.{HISTORY}.*", *_bucket_reads(HISTORY),
+                    # it calls the tools, and finds them through micro's discovery
+                    f"{tools.PREFIX}.>", "$SRV.INFO"]
     subscribe = [_listen(item) for item in CONSUMES[stage]]
     subscribe += [sj.CTL_START.every_session(), sj.CTL_END.every_session(),
                   sj.FLOOR_END.every_session(), sj.HANDOVER[stage].every_session(),
@@ -109,11 +119,15 @@ def rights(role: str) -> Rights | None:
     if role == PAGES:
         return Rights(tuple(_capture_reads()), (f"{inbox_prefix(PAGES)}.>",))
     if role == SIP:
-        # The caller's voice in; the agent's voice, and the judge's end of the call, out.
+        # The caller's voice in; the agent's voice, and the judge's end of the call, out. It
+        # takes dial requests (and answers them: nats-server's allow_responses).
         return Rights((sj.CTL_START.every_session(), sj.CTL_END.every_session(),
                        f"{sj.PREFIX}.*.{SIP}.*"),
                       (sj.EGRESS_AUDIO.every_session(), sj.FLOOR_END.every_session(),
-                       sj.CTL_END.every_session(), f"{inbox_prefix(SIP)}.>"))
+                       sj.CTL_END.every_session(), sj.SIP_DIAL, f"{inbox_prefix(SIP)}.>"))
+    if role == TOOL:
+        # Calls and discovery in; out only answers to them (allow_responses, voicebus/auth.py).
+        return Rights((), (f"{tools.PREFIX}.>", "$SRV.>", f"{inbox_prefix(TOOL)}.>"))
     if role in sj.STAGES:
         return stage_rights(role)
     raise ValueError(f"unknown role {role!r}: one of {', '.join(ROLES)}")

@@ -44,6 +44,7 @@ INGRESS_AUDIO = Topic("ingress", "audio", (ev.AudioFrame,))
 INGRESS_VAD = Topic("ingress", "vad", (ev.SpeechStarted, ev.SpeechEnded))
 INGRESS_TRACK = Topic("ingress", "track", (ev.InputTrack,))
 INGRESS_DTMF = Topic("ingress", "dtmf", (ev.Dtmf,))
+INGRESS_TEXT = Topic("ingress", "text", (ev.UserText,))
 STT_PARTIAL = Topic("stt", "partial", (ev.Transcript,))
 STT_FINAL = Topic("stt", "final", (ev.Transcript,))
 STT_IDLE = Topic("stt", "idle", (ev.UserIdle,))
@@ -54,6 +55,7 @@ FLOOR_STATE = Topic("floor", "state", (ev.AgentState,))
 FLOOR_END = Topic("floor", "end", (ev.SessionEnd,))
 LLM_DELTA = Topic("llm", "delta", (ev.ReplyDelta,))
 LLM_DONE = Topic("llm", "done", (ev.ReplyDone,))
+LLM_TOOL = Topic("llm", "tool", (ev.ToolUse,))
 TTS_AUDIO = Topic("tts", "audio", (ev.AudioFrame,))
 TTS_DONE = Topic("tts", "done", (ev.SynthesisDone,))
 EGRESS_PLAYBACK = Topic("egress", "playback", (ev.Playback,))
@@ -78,12 +80,21 @@ SESSION_ENDS = (CTL_END, FLOOR_END)
 TOPICS: dict[tuple[str, str], Topic] = {
     (t.producer, t.kind): t
     for t in (
-        INGRESS_AUDIO, INGRESS_VAD, INGRESS_TRACK, INGRESS_DTMF, STT_PARTIAL, STT_FINAL, STT_IDLE,
-        FLOOR_VERDICT, FLOOR_CANCEL, FLOOR_STATE, FLOOR_END, LLM_DELTA, LLM_DONE, TTS_AUDIO,
-        TTS_DONE, EGRESS_PLAYBACK, SIP_AUDIO, SIP_DTMF, EGRESS_AUDIO, CTL_START, CTL_END,
+        INGRESS_AUDIO, INGRESS_VAD, INGRESS_TRACK, INGRESS_DTMF, INGRESS_TEXT, STT_PARTIAL,
+        STT_FINAL, STT_IDLE, FLOOR_VERDICT, FLOOR_CANCEL, FLOOR_STATE, FLOOR_END, LLM_DELTA,
+        LLM_DONE, LLM_TOOL, TTS_AUDIO, TTS_DONE, EGRESS_PLAYBACK, SIP_AUDIO, SIP_DTMF,
+        EGRESS_AUDIO, CTL_START, CTL_END,
         *READY.values(), *ERROR.values(), *HANDOVER.values(),
     )
 }
+
+
+# Requests to a service rather than a session's events (no session exists yet): outside
+# ``voice.>``, so no wildcard over sessions (tap, record) takes them for a session's talk.
+# ``voicebus dial`` asks the SIP gateway to call someone (``DialRequest`` → ``DialReply``); the
+# gateway's replicas share the queue group, so one of them places the call.
+SIP_DIAL = "voicebus.sip.dial"
+SIP_DIAL_QUEUE = "sip"
 
 
 def session_all(session: str) -> str:

@@ -22,7 +22,8 @@ from proto import subjects as sj
 FILE = Path(__file__).with_name("vectors") / "gateway.json"
 
 # What the SIP gateway publishes and consumes, with edge values: an empty and a full caller,
-# silence and a loud frame, the largest pts of a long call.
+# silence and a loud frame, the largest pts of a long call, an outbound call; and the dial
+# request it answers.
 _PCM = bytes(range(256)) + bytes(64)  # 320 bytes: 20 ms at 8 kHz, every byte value once
 
 
@@ -42,6 +43,11 @@ def vectors() -> list[dict[str, object]]:
                                    reason="caller hung up")),
         (sj.FLOOR_END, ev.SessionEnd(session="call-0001", seq=9, ts_ns=1_796_000_059_000,
                                      reason="user idle")),
+        (sj.CTL_START, ev.PhoneSessionStart(session="call-0003", seq=1, ts_ns=1_796_000_100_000,
+                                            caller="sip:bob@192.0.2.7:5070", greeting="Hi, Bob.",
+                                            agent="reminders",
+                                            instructions="Remind Bob of his 3 pm appointment.",
+                                            direction="outbound")),
     ]
     out = []
     for topic, event in cases:
@@ -49,6 +55,26 @@ def vectors() -> list[dict[str, object]]:
         assert codec.decode_on(topic.subject(event.session), data) == event
         out.append({"subject": topic.subject(event.session),
                     "event": json.loads(msgspec.json.encode(event)),
+                    "msgpack_hex": data.hex()})
+    return out + dial_vectors()
+
+
+def dial_vectors() -> list[dict[str, object]]:
+    """The dial request and its replies (on ``SIP_DIAL``, outside ``voice.>``): everything set,
+    only the target, a session, and a refusal."""
+    cases: list[ev.DialRequest | ev.DialReply] = [
+        ev.DialRequest(target="+15550123", caller_id="+15550100", greeting="Hello, it's the agent.",
+                       agent="reminders", instructions="Remind Bob of his 3 pm appointment.",
+                       answer_timeout_ms=45_000),
+        ev.DialRequest(target="sip:bob@192.0.2.7:5070;transport=tcp"),
+        ev.DialReply(session="call-0003"),
+        ev.DialReply(error="busy", status=486, reason="486 Busy Here"),
+    ]
+    out = []
+    for message in cases:
+        data = codec.encode(message)
+        assert codec.decode_dial(data) == message
+        out.append({"subject": sj.SIP_DIAL, "event": json.loads(msgspec.json.encode(message)),
                     "msgpack_hex": data.hex()})
     return out
 

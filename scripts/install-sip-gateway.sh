@@ -1,25 +1,40 @@
 #!/usr/bin/env bash
-# Build services/sip (voicebus's own SIP gateway, Go: diago + sipgo) into a git-ignored cache
-# and print the binary's path. Used by tests/integration/test_sip_gateway.py. Its dependencies
-# are pinned by services/sip/go.mod and go.sum.
+# Build services/sip (voicebus's own SIP gateway, Go: diago + sipgo) and the benchmarks' phone
+# (services/sip/cmd/phone) into a git-ignored cache and print a binary's path: the gateway's by
+# default (the last line printed, as callers read it), the phone's with the argument `phone`.
+# Used by the launcher, tests/integration/test_sip_gateway.py and `voicebus bench sip`. Their
+# dependencies are pinned by services/sip/go.mod and go.sum.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 SRC="$ROOT/services/sip"
 DEST="$ROOT/.cache/sip-gateway"
 BIN="$DEST/voicebus-sip"
-# Rebuild when the source or its pins changed since the last build.
+PHONE="$DEST/voicebus-phone"
+case "${1:-gateway}" in
+    gateway) WANTED="$BIN" ;;
+    phone) WANTED="$PHONE" ;;
+    *) echo "usage: $0 [gateway|phone]" >&2; exit 2 ;;
+esac
+# Rebuild when the source (the gateway's and its commands', cmd/) or its pins changed since the
+# last build. One stamp for both binaries: they share the module.
 STAMP="$DEST/source.sha256"
-SUM="$(cat "$SRC/go.mod" "$SRC/go.sum" "$SRC"/*.go | sha256sum | cut -d' ' -f1)"
-if [[ -x "$BIN" && -f "$STAMP" && "$(cat "$STAMP")" == "$SUM" ]]; then
-    echo "$BIN"
+SUM="$(cd "$SRC" && { cat go.mod go.sum; find . -name '*.go' -print0 | LC_ALL=C sort -z \
+    | xargs -0 sha256sum; } | sha256sum | cut -d' ' -f1)"
+if [[ -x "$BIN" && -x "$PHONE" && -f "$STAMP" && "$(cat "$STAMP")" == "$SUM" ]]; then
+    echo "$WANTED"
     exit 0
 fi
 command -v go >/dev/null || { echo "install-sip-gateway: Go is needed to build $SRC" >&2; exit 1; }
 mkdir -p "$DEST"
-echo "install-sip-gateway: building services/sip (first time only; a minute or two)" >&2
+echo "install-sip-gateway: building services/sip and its phone (first time only; a minute or two)" >&2
 # -mod=readonly: go.sum must already hold every module (a missing pin fails the build).
-(cd "$SRC" && CGO_ENABLED=0 GOFLAGS="-mod=readonly -buildvcs=false" \
-    go build -p 2 -trimpath -o "$BIN.tmp" .) >&2
+build() {
+    (cd "$SRC" && CGO_ENABLED=0 GOFLAGS="-mod=readonly -buildvcs=false" \
+        go build -p 2 -trimpath -o "$1.tmp" "$2") >&2
+}
+build "$BIN" .
+build "$PHONE" ./cmd/phone
 mv "$BIN.tmp" "$BIN"
+mv "$PHONE.tmp" "$PHONE"
 echo "$SUM" > "$STAMP"
-echo "$BIN"
+echo "$WANTED"

@@ -45,9 +45,9 @@ async def stack(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def lk_stack(tmp_path_factory: pytest.TempPathFactory):
-    """Everything ``make up`` runs: nats-server, livekit-server, the five stages and the token
-    service, each its own OS process."""
-    async for running in running_stack(tmp_path_factory, livekit=True):
+    """Everything ``make up`` runs: nats-server, livekit-server, the five stages, the demo
+    tools and the token service, each its own OS process."""
+    async for running in running_stack(tmp_path_factory, livekit=True, tools=("demo",)):
         yield running
 
 

@@ -1,6 +1,7 @@
 """A user on the command line: ``voicebus call`` joins a room like the web page does, speaks a
-WAV file (or a sentence said by Piper) into its microphone, records the agent's voice, and
-collects the transcripts and agent states LiveKit delivers. The tests and ``bench livekit`` use
+WAV file (or a sentence said by Piper) into its microphone or types a message (``lk.chat``, as
+the page's text box), records the agent's voice, and collects the transcripts and agent states
+LiveKit delivers. The tests and ``bench livekit`` use
 the same ``Caller``.
 
 The microphone never stops: between utterances it sends silence, as a real one would, so the
@@ -22,7 +23,7 @@ import numpy as np
 from livekit import rtc
 
 from services.runtime.livekit import (
-    AGENT_IDENTITY, ATTR_AGENT_STATE, ATTR_FINAL, ATTR_SEGMENT_ID, ATTR_TRACK_ID,
+    AGENT_IDENTITY, ATTR_AGENT_STATE, ATTR_FINAL, ATTR_SEGMENT_ID, ATTR_TRACK_ID, TOPIC_CHAT,
     TOPIC_TRANSCRIPTION,
 )
 
@@ -68,10 +69,10 @@ class Turn:
         return (self.first_sound - self.speech_end) * 1000 if self.first_sound else float("nan")
 
 
-async def fetch_token(token_url: str, room: str, identity: str) -> dict[str, str]:
+async def fetch_token(token_url: str, room: str, identity: str, agent: str = "") -> dict[str, str]:
+    wanted = {"room": room, "identity": identity, **({"agent": agent} if agent else {})}
     async with aiohttp.ClientSession() as http:
-        async with http.post(f"{token_url.rstrip('/')}/api/token",
-                             json={"room": room, "identity": identity}) as resp:
+        async with http.post(f"{token_url.rstrip('/')}/api/token", json=wanted) as resp:
             body = await resp.json(content_type=None)
             if resp.status != 200:
                 raise CallError(f"token service said {resp.status}: {body.get('detail', body)}")
@@ -80,8 +81,9 @@ async def fetch_token(token_url: str, room: str, identity: str) -> dict[str, str
 
 class Caller:
     def __init__(self, token_url: str, room: str, identity: str = "caller",
-                 livekit_url: str = "") -> None:
+                 livekit_url: str = "", agent: str = "") -> None:
         self.token_url = token_url
+        self.agent = agent  # the agent profile asked for (empty: the default)
         # The LiveKit node to connect to; empty: the one the token service names.
         self.livekit_url = livekit_url
         self.room_name = room
@@ -118,7 +120,8 @@ class Caller:
     async def join(self, grant: dict[str, str] | None = None) -> None:
         """Join with a token from the token service (which sends the agent), or with
         ``grant`` ({"url", "token"}) made elsewhere (a phone caller, as LiveKit SIP joins)."""
-        grant = grant or await fetch_token(self.token_url, self.room_name, self.identity)
+        grant = grant or await fetch_token(self.token_url, self.room_name, self.identity,
+                                           self.agent)
         self.room.register_text_stream_handler(TOPIC_TRANSCRIPTION, self._on_text)
         self.room.on("participant_attributes_changed", self._on_attributes)
         self.room.on("participant_connected", self._on_participant)
@@ -167,6 +170,13 @@ class Caller:
         self._speech.extend(frames[:last_loud + 1])
         await self._speech_done.wait()
         self._speech.extend(frames[last_loud + 1:])
+        return self.turn
+
+    async def send_text(self, text: str) -> Turn:
+        """Type ``text`` to the agent, as the page's text box does: a text stream on
+        ``lk.chat``. Starts a new ``Turn`` record, timed from the moment it was sent."""
+        self.turn = Turn(speech_end=time.monotonic(), speech_end_wall_ns=time.time_ns())
+        await self.room.local_participant.send_text(text, topic=TOPIC_CHAT)
         return self.turn
 
     async def _microphone(self) -> None:
@@ -360,10 +370,12 @@ def _resample(pcm: bytes, rate_in: int, rate_out: int) -> bytes:
 
 
 async def call(token_url: str, room: str, utterances: list[tuple[bytes, int]], out: Path | None,
-               identity: str = "caller", timeout: float = 60.0) -> list[Turn]:
-    """Join, say each utterance after the agent has answered the one before, print both sides'
-    transcripts and the V2V heard here; record the agent's voice into ``out``."""
-    caller = Caller(token_url, room, identity)
+               identity: str = "caller", timeout: float = 60.0, agent: str = "",
+               texts: tuple[str, ...] = ()) -> list[Turn]:
+    """Join, say each utterance (then type each of ``texts``) after the agent has answered the
+    one before, print both sides' transcripts and the time to the agent's voice heard here;
+    record the agent's voice into ``out``."""
+    caller = Caller(token_url, room, identity, agent=agent)
     await caller.join()
     turns = []
     try:
@@ -371,9 +383,10 @@ async def call(token_url: str, room: str, utterances: list[tuple[bytes, int]], o
         await caller.wait_state("listening", timeout=timeout)
         for greeting in await caller.wait_finals(AGENT_IDENTITY):
             print(f"  agent: {greeting}", flush=True)
-        for pcm, rate in utterances:
+        asks = [*utterances, *texts]
+        for ask in asks:
             replies = len(caller.transcript(AGENT_IDENTITY))
-            turn = await caller.say(pcm, rate)
+            turn = await (caller.send_text(ask) if isinstance(ask, str) else caller.say(*ask))
             await caller.wait_reply(timeout)
             await caller.hear_out()  # the end of the reply is still on its way to us
             turns.append(turn)
@@ -381,7 +394,8 @@ async def call(token_url: str, room: str, utterances: list[tuple[bytes, int]], o
             agent = await caller.wait_finals(AGENT_IDENTITY, replies + 1)
             print(f"  you:   {user[-1] if user else '(nothing recognised)'}", flush=True)
             print(f"  agent: {agent[-1] if agent else '(no transcript)'}", flush=True)
-            print(f"  voice-to-voice here: {turn.v2v_ms:.0f} ms", flush=True)
+            since = "typed message" if isinstance(ask, str) else "voice"
+            print(f"  {since}-to-voice here: {turn.v2v_ms:.0f} ms", flush=True)
     finally:
         if out is not None:
             caller.save_recording(out)

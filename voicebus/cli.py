@@ -102,7 +102,9 @@ async def cmd_up(args: argparse.Namespace) -> int:
                   livekit=True, livekit_nodes=args.livekit_nodes, livekit_redis=args.redis,
                   sip=args.sip_port >= 0, sip_port=max(0, args.sip_port),
                   livekit_port=args.livekit_port, token_port=args.port, env=offline_ear(),
-                  audio_dir=args.audio_dir.resolve() if args.audio_dir else None)
+                  audio_dir=args.audio_dir.resolve() if args.audio_dir else None,
+                  # The demo agent's tools: offline and harmless (services/tools/demo.py).
+                  tools=("demo",))
     # A process manager's SIGTERM, a closed terminal's SIGHUP and Ctrl-C all stop the stack the
     # same way (a SIGKILL too: every child is bound to die with this process).
     stopping = asyncio.Event()
@@ -180,12 +182,13 @@ async def cmd_call(args: argparse.Namespace) -> int:
         for index, text in enumerate(args.say or []):
             wav = await say_to_wav(text, Path(tmp) / f"say{index}.wav", lead_ms=0)
             utterances.append(mono16k(wav))
-    if not utterances:
-        print("voicebus call: give --wav FILE or --say TEXT", file=sys.stderr)
+    texts = tuple(args.text or ())
+    if not utterances and not texts:
+        print("voicebus call: give --wav FILE, --say TEXT or --text TEXT", file=sys.stderr)
         return 2
     try:
         await call(args.token_url, args.room, utterances, args.out, identity=args.identity,
-                   timeout=args.timeout)
+                   timeout=args.timeout, agent=args.agent, texts=texts)
     except (CallError, OSError, TimeoutError) as exc:
         print(f"voicebus call: {exc}", file=sys.stderr)
         return 1
@@ -200,6 +203,30 @@ async def cmd_tap(args: argparse.Namespace) -> int:
     await tap.watch(sj.session_all(args.session) if args.session else sj.everything())
     await asyncio.Event().wait()
     return 0
+
+
+async def cmd_dial(args: argparse.Namespace) -> int:
+    """Ask the SIP gateway to call someone (voicebus/dial.py); print its answer as JSON: the
+    session it started, or why the call did not go through (exit status 1)."""
+    from voicebus.dial import DialError, dial, render, request
+
+    try:
+        dialled = request(args.target, greeting=args.greeting, caller_id=args.caller_id,
+                          agent=args.agent, instructions=args.instructions,
+                          answer_timeout_s=args.ring_timeout)
+    except DialError as exc:
+        print(f"voicebus dial: {exc}", file=sys.stderr)
+        return 2
+    nc = await connect_operator(args)
+    try:
+        reply = await dial(nc, dialled)
+    except DialError as exc:
+        print(f"voicebus dial: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        await nc.close()
+    print(render(reply), flush=True)
+    return 1 if reply.error else 0
 
 
 async def cmd_sip_setup(args: argparse.Namespace) -> int:
@@ -367,6 +394,12 @@ async def cmd_bench(args: argparse.Namespace) -> int:
         except RuntimeError as exc:
             print(f"voicebus bench turns: {exc}", file=sys.stderr)
             return 2
+    elif args.bench == "sip":
+        from voicebus.bench.sip import run_sip_bench
+
+        result = await run_sip_bench(calls=args.calls, turns=args.turns,
+                                     providers=args.providers, spread_s=args.spread,
+                                     gap_s=args.gap, timeout_s=args.timeout)
     elif args.bench == "chaos":
         from voicebus.bench.chaos import run_chaos_bench
 
@@ -397,6 +430,18 @@ def _replica_counts(text: str) -> dict[str, int]:
             raise argparse.ArgumentTypeError(
                 f"{item!r}: want stage=count with a stage of {', '.join(sj.STAGES)}")
         counts[stage] = int(count)
+    return counts
+
+
+def _call_counts(text: str) -> list[int]:
+    """``20`` → [20]; ``1,20,50`` → [1, 20, 50] (a capacity ladder, smallest first)."""
+    try:
+        counts = [int(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1 or counts != sorted(counts):
+        raise argparse.ArgumentTypeError(f"{text!r}: want a count of calls, or counts in "
+                                         "ascending order (1,20,50)")
     return counts
 
 
@@ -448,8 +493,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the token service (it also dispatches the agent)")
     call.add_argument("--room", default=f"call-{secrets.token_hex(3)}")
     call.add_argument("--identity", default="caller")
+    call.add_argument("--agent", default="", help="the agent profile to talk to (GET /api/agents "
+                      "lists them; default: the default one)")
     call.add_argument("--wav", type=Path, action="append", help="a spoken question (repeatable)")
     call.add_argument("--say", action="append", help="a sentence for Piper to say (repeatable)")
+    call.add_argument("--text", action="append", help="a message typed into the chat, after the "
+                      "spoken ones (repeatable)")
     call.add_argument("--out", type=Path, default=Path("reply.wav"),
                       help="where the agent's voice is recorded")
     call.add_argument("--timeout", type=float, default=60.0, help="seconds to wait per reply")
@@ -524,6 +573,19 @@ def build_parser() -> argparse.ArgumentParser:
                            "starts with this")
     sip_setup.set_defaults(run=cmd_sip_setup)
 
+    dial = sub.add_parser("dial", help="have voicebus's SIP gateway call a number or a SIP "
+                          "URI; prints the session it started as JSON")
+    dial.add_argument("target", help="a number (through the gateway's VOICEBUS_SIP_DIAL_TRUNK) "
+                      "or a sip: URI")
+    dial.add_argument("--greeting", default="", help="what the agent says once they pick up")
+    dial.add_argument("--caller-id", default="", help="the number or user the callee sees")
+    dial.add_argument("--agent", default="", help="the agent profile that talks")
+    dial.add_argument("--instructions", default="", help="instructions for this call only")
+    dial.add_argument("--ring-timeout", type=float, default=30.0,
+                      help="seconds to let it ring (1-120)")
+    _bus_arguments(dial)
+    dial.set_defaults(run=cmd_dial)
+
     say = sub.add_parser("say", help="speak a sentence into a WAV file with Piper")
     say.add_argument("text")
     say.add_argument("-o", "--out", type=Path, default=Path("question.wav"))
@@ -588,6 +650,23 @@ def build_parser() -> argparse.ArgumentParser:
     _bus_arguments(redeploy)
     redeploy.add_argument("--timeout", type=float, default=300.0)
     redeploy.set_defaults(run=cmd_redeploy)
+    sip_bench = bench_sub.add_parser("sip", help="real SIP calls into the SIP gateway (the "
+                                     "bench is the phone): V2V at the phone, calls carried")
+    sip_bench.add_argument("--calls", type=_call_counts, default=[1],
+                           help="concurrent calls; 1,20,50 runs each in turn and reports the "
+                           "capacity (the largest carried with v2v p95 within 1.5x the first)")
+    sip_bench.add_argument("--turns", type=int, default=5, help="questions per call")
+    sip_bench.add_argument("--providers", choices=("offline", "instant"), default="offline",
+                           help="offline: the models `voicebus up` runs; instant: answers at "
+                           "once (fixed transcript, echo, a tone), to size the system itself")
+    sip_bench.add_argument("--spread", type=float, default=5.0,
+                           help="seconds over which the calls are placed")
+    sip_bench.add_argument("--gap", type=float, default=1.5, help="seconds of the agent's "
+                           "silence that end its reply (then the phone asks again)")
+    sip_bench.add_argument("--timeout", type=float, default=30.0,
+                           help="seconds the phone waits for an answer, the greeting or a reply")
+    sip_bench.add_argument("--json", action="store_true", help="one line of JSON")
+    sip_bench.set_defaults(run=cmd_bench)
     chaos = bench_sub.add_parser("chaos", help="two replicas of every stage; owners killed or "
                                  "stopped mid-call: turns lost, recovery time, stale audio")
     chaos.add_argument("--calls", type=int, default=10)

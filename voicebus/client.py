@@ -86,7 +86,8 @@ def timing(event: ev.Event) -> ev.Timing:
 
 async def dispatch(nc: Client, tap: Tap, session: str, *, wav_in: Sequence[str] = (),
                    wav_out: str = "", room: str = "", stages: Sequence[str] = sj.STAGES,
-                   greeting: str = "", timeout: float = 30.0) -> dict[str, str]:
+                   greeting: str = "", agent: str = "", timeout: float = 30.0
+                   ) -> dict[str, str]:
     """Publish ``SessionStart`` (``FileSessionStart`` with WAV file edges, a development aid)
     and wait until every stage has claimed it.
 
@@ -98,7 +99,7 @@ async def dispatch(nc: Client, tap: Tap, session: str, *, wav_in: Sequence[str] 
                                     greeting=greeting, wav_in=tuple(wav_in), wav_out=wav_out)
     else:
         start = ev.SessionStart(session=session, seq=1, ts_ns=time.time_ns(), room=room,
-                                greeting=greeting)
+                                greeting=greeting, agent=agent)
     await nc.publish(sj.CTL_START.subject(session), codec.encode(start))
 
     def claimed() -> dict[str, str] | None:

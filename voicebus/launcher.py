@@ -40,6 +40,8 @@ ROOT = Path(__file__).resolve().parent.parent
 OPERATOR_REDEPLOY = "voicebus.launcher.redeploy"
 
 LogSink = Callable[[str], None]
+# The tool services a stack can start (``Stack.tools``), by name.
+TOOL_MODULES = {"demo": "services.tools.demo"}
 
 
 def free_port() -> int:
@@ -153,6 +155,11 @@ def _installed(script: str, what: str) -> str:
 def sip_gateway_binary() -> str:
     """voicebus's SIP gateway (services/sip, Go), built once by scripts/install-sip-gateway.sh."""
     return _installed("install-sip-gateway.sh", "the SIP gateway")
+
+
+def sip_phone_binary() -> str:
+    """The SIP phone of ``voicebus bench sip`` (services/sip/cmd/phone), built with the gateway."""
+    return _installed("install-sip-phone.sh", "the SIP phone")
 
 
 def sip_port(wanted: int) -> int:
@@ -279,6 +286,9 @@ class Stack:
     # sip:agent@127.0.0.1:<sip_port> (UDP or TCP).
     sip: bool = False
     sip_port: int = 0
+    # Tool services (services/tools, docs/tools.md) started after the stages, as the role
+    # `tool`: "demo" runs the offline demo tools (`python -m services.tools.demo`).
+    tools: tuple[str, ...] = ()
     # A Redis for one node too: LiveKit keeps its SIP trunks and dispatch rules there
     # (`voicebus sip setup`), and refuses the SIP API without one.
     livekit_redis: bool = False
@@ -436,10 +446,42 @@ class Stack:
             for index in range(self.replicas.get(stage, 1)):
                 await self.start_stage(stage, index)
         await self.wait_ready(stages, timeout)
+        for group in self.tools:
+            await self.start_tools(group)
+        await self.wait_tools(timeout)
         if self.livekit:
             await self.start_token()
         if self.sip:
             await self.start_sip()
+
+    async def start_tools(self, group: str) -> Proc:
+        """A tool process of ``TOOL_MODULES`` as the role ``tool`` (process ``tools-<group>``);
+        ready once ``wait_tools`` sees it answer discovery."""
+        if group not in TOOL_MODULES:
+            raise ValueError(f"no tools {group!r}; one of {', '.join(TOOL_MODULES)}")
+        name = f"tools-{group}"
+        env = {**os.environ, **self.env, **self.role_env("tool"), "VOICEBUS_REPLICA": name}
+        if self.metrics:
+            self.metrics_ports[name] = port = free_port()
+            env["VOICEBUS_METRICS_PORT"] = str(port)
+        argv = [sys.executable, "-m", TOOL_MODULES[group]]
+        self.procs[name] = proc = await spawn(name, argv, env, self.sink)
+        return proc
+
+    async def wait_tools(self, timeout: float = 90.0) -> None:
+        """Until every tool process of ``tools`` answers nats.micro's ``$SRV.PING``."""
+        if not self.tools:
+            return
+        nc = await self.connect()
+        try:
+            deadline = time.monotonic() + timeout
+            for group in self.tools:
+                while not await replicas_of(nc, f"voicebus-tools-{group}"):
+                    if not self.procs[f"tools-{group}"].alive or time.monotonic() > deadline:
+                        raise RuntimeError(f"the {group} tools did not come up")
+                    await asyncio.sleep(0.1)
+        finally:
+            await nc.close()
 
     async def start_sip(self) -> Proc:
         """The SIP gateway as the role ``sip``, on ``sip_port`` (5060 for ``voicebus up``,

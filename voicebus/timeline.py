@@ -382,4 +382,14 @@ def _describe(event: ev.AnyEvent) -> str:
             return f"{stage} failed: {message}"
         case ev.InputTrack(participant=participant, active=active):
             return f"{participant}'s microphone {'on' if active else 'off'}"
+        case ev.UserText(participant=participant):
+            return f"{participant} typed a message"  # its words are in the turn's transcript
+        case ev.ToolUse(name=name, done=False):
+            return f"calls {name}"
+        case ev.ToolUse(name=name, error=error) if error:
+            return f"{name} failed: {error[:120]}"
+        case ev.ToolUse(name=name, ms=ms):
+            return f"{name} answered in {ms:.0f} ms"
+        case ev.Dtmf(digit=digit):
+            return f"key {digit}"
     return ""

@@ -27,6 +27,8 @@ DEV_API_SECRET = "voicebus-development-secret-change-me"
 
 # Names LiveKit's front-end components look for (livekit/components-js, agents).
 TOPIC_TRANSCRIPTION = "lk.transcription"
+# What a user types to the agent (LiveKit Agents reads the same topic).
+TOPIC_CHAT = "lk.chat"
 ATTR_SEGMENT_ID = "lk.segment_id"
 ATTR_TRACK_ID = "lk.transcribed_track_id"
 ATTR_FINAL = "lk.transcription_final"
@@ -81,6 +83,19 @@ def token_for(config: LiveKitConfig, room: str, identity: str, *,
     return token.to_jwt()
 
 
+class _UnclaimedStreams(logging.Filter):
+    """Drops the SDK's line for each data stream on a topic nobody handles. Users may publish
+    data (they type to the agent), so any user could send a stream per packet on topics of
+    their choosing: one INFO line each would let them flood our logs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name == "root" and isinstance(record.msg, str)
+                    and record.msg.startswith(("ignoring text stream", "ignoring byte stream")))
+
+
+_QUIET = _UnclaimedStreams()
+
+
 async def join(config: LiveKitConfig, room_name: str, identity: str, *,
                grants: api.VideoGrants, kind: str = "standard", auto_subscribe: bool = False,
                room: rtc.Room | None = None) -> rtc.Room:
@@ -88,6 +103,7 @@ async def join(config: LiveKitConfig, room_name: str, identity: str, *,
     unreachable for up to ``livekit_connect_timeout`` seconds. Raises ``ConnectionError``."""
     from livekit import rtc
 
+    logging.getLogger().addFilter(_QUIET)  # the SDK logs on the root logger (a no-op if added)
     room = room or rtc.Room()
     deadline = time.monotonic() + config.livekit_connect_timeout
     delay = 0.2

@@ -1,9 +1,10 @@
 package main
 
-// The four bus events the gateway speaks (proto/events.py): msgpack maps tagged by "kind",
-// fields in the Python classes' order (the subclass's own fields, then the Event base's), with
-// fields equal to their default left out (msgspec's omit_defaults), integers in their shortest
-// form. proto/vectors/gateway.json holds the bytes this must reproduce.
+// The bus events the gateway speaks (proto/events.py), and the dial request it answers with its
+// reply: msgpack maps tagged by "kind", fields in the Python classes' order (the subclass's own
+// fields, then the Event base's), with fields equal to their default left out (msgspec's
+// omit_defaults), integers in their shortest form. proto/vectors/gateway.json holds the bytes
+// this must reproduce.
 
 import (
 	"bytes"
@@ -17,6 +18,16 @@ const (
 	KindPhoneStart = "sip.start"
 	KindDtmf       = "ingress.dtmf"
 	KindEnd        = "ctl.end"
+	KindDial       = "sip.dial"
+	KindDialReply  = "sip.dial.reply"
+
+	// Where dial requests come (proto/subjects.py SIP_DIAL), and the gateways' queue group.
+	subjectDial = "voicebus.sip.dial"
+	queueDial   = "sip"
+
+	directionInbound  = "inbound"
+	directionOutbound = "outbound"
+	defaultAnswerMs   = 30000
 )
 
 // Base holds the Event base's fields: session (required), seq and ts_ns (default 0).
@@ -37,13 +48,17 @@ type AudioFrame struct {
 	TextOffset int64
 }
 
-// PhoneSessionStart: a call through the gateway (SessionStart's room, greeting, caller).
+// PhoneSessionStart: a call through the gateway (SessionStart's room, greeting, caller, agent
+// profile and instructions). Caller is the other party either way; Direction says who called whom.
 type PhoneSessionStart struct {
 	Base
-	Room       string
-	Greeting   string
-	Caller     string
-	SampleRate int64 // default 8000
+	Room         string
+	Greeting     string
+	Caller       string
+	Agent        string
+	Instructions string
+	SampleRate   int64  // default 8000
+	Direction    string // default "inbound"
 }
 
 // Dtmf: one key the caller pressed.
@@ -58,13 +73,34 @@ type SessionEnd struct {
 	Reason string
 }
 
-// Event is one of *AudioFrame, *PhoneSessionStart, *Dtmf, *SessionEnd.
+// DialRequest asks the gateway to call Target (not a session's event: no Base).
+type DialRequest struct {
+	Target          string // required: a number or a sip:/sips: URI
+	CallerID        string
+	Greeting        string
+	Agent           string
+	Instructions    string
+	AnswerTimeoutMs int64 // default 30000
+}
+
+// DialReply answers a DialRequest: the session started, or why not.
+type DialReply struct {
+	Session string
+	Error   string
+	Status  int64
+	Reason  string
+}
+
+// Event is one of *AudioFrame, *PhoneSessionStart, *Dtmf, *SessionEnd, and the dial request
+// and reply.
 type Event interface{ Kind() string }
 
 func (*AudioFrame) Kind() string        { return KindAudio }
 func (*PhoneSessionStart) Kind() string { return KindPhoneStart }
 func (*Dtmf) Kind() string              { return KindDtmf }
 func (*SessionEnd) Kind() string        { return KindEnd }
+func (*DialRequest) Kind() string       { return KindDial }
+func (*DialReply) Kind() string         { return KindDialReply }
 
 type field struct {
 	key   string
@@ -100,12 +136,31 @@ func fieldsOf(e Event) ([]field, error) {
 			{"room", e.Room, e.Room == ""},
 			{"greeting", e.Greeting, e.Greeting == ""},
 			{"caller", e.Caller, e.Caller == ""},
+			{"agent", e.Agent, e.Agent == ""},
+			{"instructions", e.Instructions, e.Instructions == ""},
 			{"sample_rate", e.SampleRate, e.SampleRate == 8000},
+			{"direction", e.Direction, e.Direction == directionInbound},
 		}, baseFields(e.Base)...), nil
 	case *Dtmf:
 		return append([]field{{"digit", e.Digit, false}}, baseFields(e.Base)...), nil
 	case *SessionEnd:
 		return append([]field{{"reason", e.Reason, e.Reason == ""}}, baseFields(e.Base)...), nil
+	case *DialRequest:
+		return []field{
+			{"target", e.Target, false},
+			{"caller_id", e.CallerID, e.CallerID == ""},
+			{"greeting", e.Greeting, e.Greeting == ""},
+			{"agent", e.Agent, e.Agent == ""},
+			{"instructions", e.Instructions, e.Instructions == ""},
+			{"answer_timeout_ms", e.AnswerTimeoutMs, e.AnswerTimeoutMs == defaultAnswerMs},
+		}, nil
+	case *DialReply:
+		return []field{
+			{"session", e.Session, e.Session == ""},
+			{"error", e.Error, e.Error == ""},
+			{"status", e.Status, e.Status == 0},
+			{"reason", e.Reason, e.Reason == ""},
+		}, nil
 	}
 	return nil, fmt.Errorf("unknown event type %T", e)
 }
@@ -113,8 +168,10 @@ func fieldsOf(e Event) ([]field, error) {
 // NewAudioFrame returns a frame with the defaults of the Python class (one channel).
 func NewAudioFrame() *AudioFrame { return &AudioFrame{Channels: 1} }
 
-// NewPhoneSessionStart returns a start with the defaults of the Python class (8 kHz).
-func NewPhoneSessionStart() *PhoneSessionStart { return &PhoneSessionStart{SampleRate: 8000} }
+// NewPhoneSessionStart returns a start with the defaults of the Python class (8 kHz, inbound).
+func NewPhoneSessionStart() *PhoneSessionStart {
+	return &PhoneSessionStart{SampleRate: 8000, Direction: directionInbound}
+}
 
 // Encode an event as the bus carries it.
 func Encode(e Event) ([]byte, error) {
@@ -165,6 +222,76 @@ func Encode(e Event) ([]byte, error) {
 // Decode a bus message into one of the gateway's events. Unknown keys are skipped; a kind the
 // gateway does not know, a missing required field or a value of the wrong type is an error.
 func Decode(data []byte) (Event, error) {
+	m, err := decodeMap(data)
+	if err != nil {
+		return nil, err
+	}
+	switch kind := m.strs["kind"]; kind {
+	case KindDial:
+		target, ok := m.strs["target"]
+		if !ok {
+			return nil, fmt.Errorf("dial request without target")
+		}
+		return &DialRequest{Target: target, CallerID: m.strs["caller_id"], Greeting: m.strs["greeting"],
+			Agent: m.strs["agent"], Instructions: m.strs["instructions"],
+			AnswerTimeoutMs: m.intOr("answer_timeout_ms", defaultAnswerMs)}, nil
+	case KindDialReply:
+		return &DialReply{Session: m.strs["session"], Error: m.strs["error"], Status: m.ints["status"],
+			Reason: m.strs["reason"]}, nil
+	}
+	session, ok := m.strs["session"]
+	if !ok {
+		return nil, fmt.Errorf("no session")
+	}
+	return m.sessionEvent(Base{Session: session, Seq: m.ints["seq"], TsNs: m.ints["ts_ns"]})
+}
+
+// sessionEvent builds a session's event (one with the Event base) from the decoded map.
+func (m *decoded) sessionEvent(base Base) (Event, error) {
+	switch kind := m.strs["kind"]; kind {
+	case KindAudio:
+		rate, ok := m.ints["sample_rate"]
+		if m.pcm == nil || !ok {
+			return nil, fmt.Errorf("audio without pcm or sample_rate")
+		}
+		return &AudioFrame{Base: base, Pcm: m.pcm, SampleRate: rate, Channels: m.intOr("channels", 1),
+			PtsMs: m.ints["pts_ms"], Turn: m.ints["turn"], TextOffset: m.ints["text_offset"]}, nil
+	case KindPhoneStart:
+		direction := m.strs["direction"]
+		if direction == "" {
+			direction = directionInbound
+		}
+		return &PhoneSessionStart{Base: base, Room: m.strs["room"], Greeting: m.strs["greeting"],
+			Caller: m.strs["caller"], Agent: m.strs["agent"], Instructions: m.strs["instructions"],
+			SampleRate: m.intOr("sample_rate", 8000), Direction: direction}, nil
+	case KindDtmf:
+		digit, ok := m.strs["digit"]
+		if !ok {
+			return nil, fmt.Errorf("dtmf without digit")
+		}
+		return &Dtmf{Base: base, Digit: digit}, nil
+	case KindEnd:
+		return &SessionEnd{Base: base, Reason: m.strs["reason"]}, nil
+	default:
+		return nil, fmt.Errorf("kind %q is not one the gateway reads", kind)
+	}
+}
+
+// decoded is a message's fields by type: the keys the gateway knows, each with its one type.
+type decoded struct {
+	strs map[string]string
+	ints map[string]int64
+	pcm  []byte
+}
+
+func (m *decoded) intOr(key string, def int64) int64 {
+	if v, ok := m.ints[key]; ok {
+		return v
+	}
+	return def
+}
+
+func decodeMap(data []byte) (*decoded, error) {
 	dec := msgpack.NewDecoder(bytes.NewReader(data))
 	n, err := dec.DecodeMapLen()
 	if err != nil {
@@ -173,73 +300,48 @@ func Decode(data []byte) (Event, error) {
 	if n < 0 {
 		return nil, fmt.Errorf("nil instead of an event")
 	}
-	strs := map[string]string{}
-	ints := map[string]int64{}
-	var pcm []byte
+	m := &decoded{strs: map[string]string{}, ints: map[string]int64{}}
 	for i := 0; i < n; i++ {
 		key, err := dec.DecodeString()
 		if err != nil {
 			return nil, fmt.Errorf("bad key: %w", err)
 		}
-		switch key {
-		case "kind", "session", "room", "greeting", "caller", "digit", "reason":
-			v, err := dec.DecodeString()
-			if err != nil {
-				return nil, fmt.Errorf("field %s: %w", key, err)
-			}
-			strs[key] = v
-		case "seq", "ts_ns", "sample_rate", "channels", "pts_ms", "turn", "text_offset":
-			v, err := dec.DecodeInt64()
-			if err != nil {
-				return nil, fmt.Errorf("field %s: %w", key, err)
-			}
-			ints[key] = v
-		case "pcm":
-			v, err := dec.DecodeBytes()
-			if err != nil {
-				return nil, fmt.Errorf("field pcm: %w", err)
-			}
-			if v == nil {
-				v = []byte{}
-			}
-			pcm = v
-		default:
-			if err := dec.Skip(); err != nil {
-				return nil, fmt.Errorf("field %s: %w", key, err)
-			}
+		if err := m.field(dec, key); err != nil {
+			return nil, err
 		}
 	}
-	session, ok := strs["session"]
-	if !ok {
-		return nil, fmt.Errorf("no session")
-	}
-	base := Base{Session: session, Seq: ints["seq"], TsNs: ints["ts_ns"]}
-	intOr := func(key string, def int64) int64 {
-		if v, ok := ints[key]; ok {
-			return v
+	return m, nil
+}
+
+func (m *decoded) field(dec *msgpack.Decoder, key string) error {
+	switch key {
+	case "kind", "session", "room", "greeting", "caller", "digit", "reason", "direction",
+		"target", "caller_id", "error", "agent", "instructions":
+		v, err := dec.DecodeString()
+		if err != nil {
+			return fmt.Errorf("field %s: %w", key, err)
 		}
-		return def
-	}
-	switch kind := strs["kind"]; kind {
-	case KindAudio:
-		rate, ok := ints["sample_rate"]
-		if pcm == nil || !ok {
-			return nil, fmt.Errorf("audio without pcm or sample_rate")
+		m.strs[key] = v
+	case "seq", "ts_ns", "sample_rate", "channels", "pts_ms", "turn", "text_offset",
+		"answer_timeout_ms", "status":
+		v, err := dec.DecodeInt64()
+		if err != nil {
+			return fmt.Errorf("field %s: %w", key, err)
 		}
-		return &AudioFrame{Base: base, Pcm: pcm, SampleRate: rate, Channels: intOr("channels", 1),
-			PtsMs: ints["pts_ms"], Turn: ints["turn"], TextOffset: ints["text_offset"]}, nil
-	case KindPhoneStart:
-		return &PhoneSessionStart{Base: base, Room: strs["room"], Greeting: strs["greeting"],
-			Caller: strs["caller"], SampleRate: intOr("sample_rate", 8000)}, nil
-	case KindDtmf:
-		digit, ok := strs["digit"]
-		if !ok {
-			return nil, fmt.Errorf("dtmf without digit")
+		m.ints[key] = v
+	case "pcm":
+		v, err := dec.DecodeBytes()
+		if err != nil {
+			return fmt.Errorf("field pcm: %w", err)
 		}
-		return &Dtmf{Base: base, Digit: digit}, nil
-	case KindEnd:
-		return &SessionEnd{Base: base, Reason: strs["reason"]}, nil
+		if v == nil {
+			v = []byte{}
+		}
+		m.pcm = v
 	default:
-		return nil, fmt.Errorf("kind %q is not one the gateway reads", kind)
+		if err := dec.Skip(); err != nil {
+			return fmt.Errorf("field %s: %w", key, err)
+		}
 	}
+	return nil
 }

@@ -80,12 +80,25 @@ func TestGatewayVectors(t *testing.T) {
 			if !bytes.Equal(wantJSON, gotJSON) { // json.Marshal sorts map keys
 				t.Fatalf("fields differ:\n got %s\nwant %s", gotJSON, wantJSON)
 			}
-			// The subject's session is the event's.
-			parts := strings.Split(v.Subject, ".")
-			if len(parts) != 4 || parts[1] != sessionOf(e) {
-				t.Fatalf("subject %s does not name session %s", v.Subject, sessionOf(e))
-			}
+			checkSubject(t, v.Subject, e)
 		})
+	}
+}
+
+// checkSubject: a session's event names its session in the subject; the dial request and its
+// reply travel on the dial subject.
+func checkSubject(t *testing.T, subject string, e Event) {
+	t.Helper()
+	switch e.(type) {
+	case *DialRequest, *DialReply:
+		if subject != subjectDial {
+			t.Fatalf("%s on %s, not %s", e.Kind(), subject, subjectDial)
+		}
+		return
+	}
+	parts := strings.Split(subject, ".")
+	if len(parts) != 4 || parts[1] != sessionOf(e) {
+		t.Fatalf("subject %s does not name session %s", subject, sessionOf(e))
 	}
 }
 
@@ -107,6 +120,28 @@ func TestEncodeFromScratch(t *testing.T) {
 	want = "85a46b696e64a97369702e7374617274ab73616d706c655f72617465cd3e80a773657373696f6ea963616c6c2d30303032a373657101a574735f6e7301"
 	if hex.EncodeToString(got) != want {
 		t.Fatalf("got %x", got)
+	}
+}
+
+// The defaults of the Python classes are the Go constructors' and decoder's: a minimal dial
+// request means 30 s of ringing, a start without direction is inbound.
+func TestDialDefaults(t *testing.T) {
+	e, err := Decode([]byte("\x82\xa4kind\xa8sip.dial\xa6target\xa5+1555"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if req := e.(*DialRequest); req.Target != "+1555" || req.AnswerTimeoutMs != defaultAnswerMs {
+		t.Fatalf("%+v", req)
+	}
+	if _, err := Decode([]byte("\x81\xa4kind\xa8sip.dial")); err == nil {
+		t.Fatal("a dial request without a target decoded")
+	}
+	start := NewPhoneSessionStart()
+	start.Session = "s"
+	data, _ := Encode(start)
+	back, _ := Decode(data)
+	if back.(*PhoneSessionStart).Direction != directionInbound || bytes.Contains(data, []byte("direction")) {
+		t.Fatalf("%x", data)
 	}
 }
 

@@ -1,16 +1,20 @@
 // voicebus-sip: voicebus's own SIP gateway (docs/telephony.md, "the bus contract").
 //
-// It answers inbound calls (PCMU/PCMA at 8 kHz, diago doing SIP, SDP and RTP), starts a phone
-// session per call on the bus as the role `sip`, publishes the caller's audio as 20 ms
-// AudioFrames on `voice.<session>.sip.audio` (continuous, silence included) and the keys on
-// `sip.dtmf`, plays the agent's `egress.audio` frames back as RTP, and ends the call either way:
-// the caller's BYE becomes a SessionEnd on `ctl.end`; `floor.end` (the agent's goodbye) or
-// `ctl.end` from elsewhere becomes a BYE.
+// It answers inbound calls (PCMU/PCMA at 8 kHz, diago doing SIP, SDP and RTP) that the trunks
+// file admits, and places outbound ones asked for on the bus (dial.go); each call is a phone
+// session on the bus as the role `sip`: the caller's audio, put in order by a jitter buffer,
+// goes out as 20 ms AudioFrames on `voice.<session>.sip.audio` (continuous, silence included),
+// the keys on `sip.dtmf`; the agent's `egress.audio` frames come back as RTP. The call ends
+// either way: the caller's BYE becomes a SessionEnd on `ctl.end`; `floor.end` (the agent's
+// goodbye) or `ctl.end` from elsewhere becomes a BYE.
 //
 // Environment: VOICEBUS_NATS_URL (comma-separated), VOICEBUS_NATS_NKEY_FILE,
-// VOICEBUS_NATS_TLS_CA, VOICEBUS_METRICS_PORT (and _ADDR; /metrics, /healthz, /readyz), VOICEBUS_SIP_LISTEN (host:port, default 127.0.0.1:5060),
-// VOICEBUS_SIP_TRANSPORTS (default "udp,tcp"), VOICEBUS_SIP_EXTERNAL_HOST (the address put in
-// Contact and SDP when it differs from the bound one), VOICEBUS_GREETING, VOICEBUS_LOG_LEVEL.
+// VOICEBUS_NATS_TLS_CA, VOICEBUS_METRICS_PORT (and _ADDR; /metrics, /healthz, /readyz),
+// VOICEBUS_SIP_LISTEN (host:port, default 127.0.0.1:5060), VOICEBUS_SIP_TRANSPORTS (default
+// "udp,tcp"), VOICEBUS_SIP_EXTERNAL_HOST (the address put in Contact and SDP when it differs
+// from the bound one), VOICEBUS_GREETING, VOICEBUS_LOG_LEVEL, VOICEBUS_SIP_CONFIG (the trunks
+// file, trunks.go; without one, loopback only), and the phone settings of dial.go:
+// VOICEBUS_SIP_RING_MS, VOICEBUS_SIP_JITTER_MS, VOICEBUS_SIP_DIAL_TRUNK, VOICEBUS_SIP_RTP_PORTS.
 package main
 
 import (
@@ -20,12 +24,14 @@ import (
 	"net"
 	"os"
 	"os/signal"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
 	"time"
 
 	"github.com/emiago/diago"
+	"github.com/emiago/diago/media"
 	"github.com/emiago/sipgo"
 	"github.com/nats-io/nats.go"
 )
@@ -46,6 +52,9 @@ type config struct {
 	greeting    string
 	metricsAddr string
 	metricsPort int
+	trunksFile  string
+	// The gate every INVITE and REGISTER passes (trunks.go), built from trunksFile at start.
+	admission *gate
 }
 
 func env(name, def string) string {
@@ -76,6 +85,7 @@ func configFromEnv() (config, error) {
 		greeting:    os.Getenv("VOICEBUS_GREETING"),
 		metricsAddr: env("VOICEBUS_METRICS_ADDR", "127.0.0.1"),
 		metricsPort: metricsPort,
+		trunksFile:  env("VOICEBUS_SIP_CONFIG", ""),
 	}, nil
 }
 
@@ -143,6 +153,21 @@ func run() error {
 	if len(cfg.transports) == 0 {
 		return fmt.Errorf("VOICEBUS_SIP_TRANSPORTS names no transport")
 	}
+	settings, err := trunksFor(cfg, host)
+	if err != nil {
+		return err
+	}
+	cfg.admission = newGate(settings, log)
+	logTrunks(log, settings)
+	// A bad setting stops the gateway now: one that rings for the wrong time or cannot dial is
+	// worse than one that does not start.
+	phone, err := phoneSettingsFromEnv(os.Getenv)
+	if err != nil {
+		return err
+	}
+	if phone.rtpLow > 0 { // diago's pool is process-wide: this gateway is the process
+		media.RTPPortStart, media.RTPPortEnd = phone.rtpLow, phone.rtpHigh
+	}
 
 	nc, err := connectNATS(cfg, log)
 	if err != nil {
@@ -167,17 +192,27 @@ func run() error {
 		libLevel = logLevel()
 	}
 	libLog := slog.New(newQuietHandler(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: libLevel}))).With("lib", "diago")
-	opts := []diago.DiagoOption{diago.WithLogger(libLog)}
+	// Our own server under diago's, to answer REGISTER (softphones) beside diago's methods.
+	srv, err := sipgo.NewServer(ua, sipgo.WithServerLogger(libLog))
+	if err != nil {
+		return err
+	}
+	opts := []diago.DiagoOption{diago.WithLogger(libLog), diago.WithServer(srv)}
 	for _, t := range cfg.transports {
 		opts = append(opts, diago.WithTransport(diago.Transport{
 			Transport: t, BindHost: host, BindPort: port, ExternalHost: cfg.external,
 		}))
 	}
 	dg := diago.NewDiago(ua, opts...)
-	gw := &gateway{nc: nc, cfg: cfg, log: log, ctx: ctx}
+	srv.OnRegister(cfg.admission.handleRegister)
+	gw := &gateway{nc: nc, cfg: cfg, log: log, ctx: ctx, phone: phone}
+	if err := startDialer(gw, dg); err != nil { // dial.go: dial requests from the bus
+		return err
+	}
 	if err := dg.ServeBackground(ctx, gw.handle); err != nil {
 		return fmt.Errorf("SIP listen on %s: %w", cfg.listen, err)
 	}
+	registrations := cfg.admission.registerTrunks(ctx, dg)
 	setReady(true)
 	log.Info("voicebus-sip ready", "listen", cfg.listen, "transports", strings.Join(cfg.transports, ","),
 		"nats", nc.ConnectedUrl())
@@ -185,10 +220,59 @@ func run() error {
 	setReady(false)
 	log.Info("voicebus-sip stopping: hanging up calls")
 	gw.wait(5 * time.Second)
+	registrations() // each trunk unregistered, or given up after 2 s
 	if err := nc.Drain(); err != nil {
 		log.Warn("nats drain", "error", err)
 	}
 	return nil
+}
+
+// trunksFor reads VOICEBUS_SIP_CONFIG. Without one the gateway takes calls from anyone, which
+// only a loopback listen address makes safe: anywhere else it refuses to start.
+func trunksFor(cfg config, host string) (*trunkSettings, error) {
+	if cfg.trunksFile == "" {
+		if !isLoopbackHost(host) {
+			return nil, fmt.Errorf("VOICEBUS_SIP_LISTEN %s is not a loopback address and VOICEBUS_SIP_CONFIG "+
+				"is not set: anyone who reaches it could call the agent. Write a trunks file with the "+
+				"addresses each trunk calls from (allow) or softphone users (deploy/sip/trunks.example.toml, "+
+				"docs/telephony.md) and set VOICEBUS_SIP_CONFIG to its path", cfg.listen)
+		}
+		return nil, nil
+	}
+	s, err := loadTrunkSettings(cfg.trunksFile, os.Getenv)
+	if err != nil {
+		return nil, err
+	}
+	for _, t := range s.trunks {
+		if t.register == nil {
+			continue
+		}
+		want, ok := t.register.registrar.UriParams.Get("transport")
+		if !ok {
+			want = "udp" // diago's default for a REGISTER
+		}
+		if !slices.ContainsFunc(cfg.transports, func(have string) bool {
+			return strings.TrimRight(have, "46") == strings.ToLower(want)
+		}) {
+			return nil, fmt.Errorf("VOICEBUS_SIP_CONFIG %s: trunk %s registers over %s, which "+
+				"VOICEBUS_SIP_TRANSPORTS (%s) does not serve", cfg.trunksFile, t.name, want,
+				strings.Join(cfg.transports, ","))
+		}
+	}
+	return s, nil
+}
+
+func logTrunks(log *slog.Logger, s *trunkSettings) {
+	if s == nil {
+		log.Info("no VOICEBUS_SIP_CONFIG: taking calls from anyone (loopback only)")
+		return
+	}
+	names := make([]string, len(s.trunks))
+	for i, t := range s.trunks {
+		names[i] = t.name
+	}
+	log.Info("trunks loaded", "trunks", strings.Join(names, ","), "users", len(s.users),
+		"max_calls", s.maxCalls, "invite_rate", float64(s.inviteRate), "invite_burst", s.inviteBurst)
 }
 
 func main() {

@@ -1,7 +1,8 @@
 """The deployment files, checked without a cluster or Docker.
 
-The Helm chart (deploy/helm/voicebus) is linted and rendered with its defaults and with a
-cluster's values (ci/cluster-values.yaml); every rendered object must pass Kubernetes' own
+The Helm chart (deploy/helm/voicebus) is linted and rendered with its defaults, with a
+cluster's values (ci/cluster-values.yaml, the SIP gateway on its nodes' network) and with the
+gateway behind a Service (ci/sip-service-values.yaml); every rendered object must pass Kubernetes' own
 schemas (kubernetes-validate, strict: an unknown field fails) for one pinned Kubernetes
 release, and must keep the promises of docs/operations.md and docs/security.md. The compose
 file is loaded by compose-go, the loader `docker compose` uses (deploy/composecheck).
@@ -13,6 +14,7 @@ scripts/install-composecheck.sh: a few minutes the first time, then cached in .c
 from __future__ import annotations
 
 import copy
+import json
 import re
 import shutil
 import subprocess
@@ -27,16 +29,21 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "deploy" / "helm" / "voicebus"
 CLUSTER_VALUES = CHART / "ci" / "cluster-values.yaml"
+SIP_SERVICE_VALUES = CHART / "ci" / "sip-service-values.yaml"
 COMPOSE = ROOT / "deploy" / "compose.yaml"
 
 # The oldest release the chart is checked against; kubernetes-validate 1.37.0 ships its schemas.
 KUBERNETES = "1.33.0"
 STAGES = ("ingress", "stt", "llm", "tts", "egress")
 ROLES = (*STAGES, "token")
+# The SIP gateway: off by default; its own Deployment where it is on.
+SIP = "sip"
 # Kinds from CRDs, which kubernetes-validate has no schema for: checked by hand below.
 CRD_KINDS = {("monitoring.coreos.com/v1", "PodMonitor")}
 # The handover needs VOICEBUS_SHUTDOWN_GRACE plus this much (docs/operations.md).
 HANDOVER_MARGIN = 5
+# On SIGTERM the SIP gateway hangs its calls up within this many seconds (services/sip).
+SIP_HANG_UP = 5
 
 # Building helm takes minutes on a fresh machine: longer than the suite's 300 s per test.
 pytestmark = pytest.mark.timeout(1200)
@@ -81,13 +88,18 @@ def cluster(helm: Path) -> list[dict[str, Any]]:
     return render(helm, "-f", CLUSTER_VALUES)
 
 
-@pytest.fixture(params=["defaults", "cluster"])
+@pytest.fixture(scope="session")
+def sip_service(helm: Path) -> list[dict[str, Any]]:
+    return render(helm, "-f", SIP_SERVICE_VALUES)
+
+
+@pytest.fixture(params=["defaults", "cluster", "sip_service"])
 def manifests(request: pytest.FixtureRequest) -> list[dict[str, Any]]:
     return request.getfixturevalue(request.param)
 
 
 def by_kind(docs: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
-    """Objects of one kind by their component label (ingress … egress, token)."""
+    """Objects of one kind by their component label (ingress … egress, token, sip)."""
     return {doc["metadata"]["labels"]["app.kubernetes.io/component"]: doc
             for doc in docs if doc["kind"] == kind}
 
@@ -131,7 +143,8 @@ def walk(node: Any) -> Iterator[Any]:
 
 # ---- the chart -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("values", [[], ["-f", CLUSTER_VALUES]], ids=["defaults", "cluster"])
+@pytest.mark.parametrize("values", [[], ["-f", CLUSTER_VALUES], ["-f", SIP_SERVICE_VALUES]],
+                         ids=["defaults", "cluster", "sip-service"])
 def test_the_chart_lints(helm: Path, values: list[Any]) -> None:
     done = run(helm, "lint", "--strict", CHART, *values)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -147,9 +160,9 @@ def test_every_object_is_valid_kubernetes(manifests: list[dict[str, Any]]) -> No
 
 def test_each_stage_has_a_deployment_a_budget_and_an_autoscaler(
         defaults: list[dict[str, Any]], cluster: list[dict[str, Any]]) -> None:
-    for docs in (defaults, cluster):
-        assert set(by_kind(docs, "Deployment")) == set(ROLES)
-        assert set(by_kind(docs, "PodDisruptionBudget")) == set(ROLES)
+    for docs, roles in ((defaults, set(ROLES)), (cluster, {*ROLES, SIP})):
+        assert set(by_kind(docs, "Deployment")) == roles
+        assert set(by_kind(docs, "PodDisruptionBudget")) == roles
         for budget in by_kind(docs, "PodDisruptionBudget").values():
             assert budget["spec"]["maxUnavailable"] == 1
     assert set(by_kind(defaults, "HorizontalPodAutoscaler")) == set(STAGES)
@@ -168,6 +181,8 @@ def test_the_image_is_the_stage(cluster: list[dict[str, Any]]) -> None:
 
 def test_ready_means_joined_discovery(manifests: list[dict[str, Any]]) -> None:
     for role, deployment in by_kind(manifests, "Deployment").items():
+        if role == SIP:  # its own port and address: test_the_gateway_probes_its_metrics_port
+            continue
         box = container(deployment)
         ports = {port["name"]: port["containerPort"] for port in box["ports"]}
         assert ports["metrics"] == 9100
@@ -188,6 +203,11 @@ def test_the_grace_period_covers_the_handover(manifests: list[dict[str, Any]]) -
         pod = deployment["spec"]["template"]["spec"]
         hook = container(deployment).get("lifecycle", {}).get("preStop", {})
         sleep = hook.get("sleep", {}).get("seconds", 0)
+        if role == SIP:
+            # No handover: it hangs its calls up (5 s at most), unregisters (2 s) and drains.
+            assert "VOICEBUS_SHUTDOWN_GRACE" not in env(deployment)
+            assert pod["terminationGracePeriodSeconds"] >= sleep + SIP_HANG_UP + HANDOVER_MARGIN
+            continue
         shutdown = float(env(deployment)["VOICEBUS_SHUTDOWN_GRACE"]["value"])
         assert pod["terminationGracePeriodSeconds"] >= sleep + shutdown + HANDOVER_MARGIN, role
         if role == "token":  # behind a Service: endpoints must be gone before uvicorn stops
@@ -287,7 +307,9 @@ def test_the_cluster_settings_reach_every_service(cluster: list[dict[str, Any]])
     for role, deployment in by_kind(cluster, "Deployment").items():
         variables = env(deployment)
         assert variables["VOICEBUS_NATS_URL"]["value"].split(",") == nodes
-        assert variables["VOICEBUS_JS_REPLICAS"]["value"] == "3"
+        # The gateway keeps nothing in JetStream.
+        assert variables.get("VOICEBUS_JS_REPLICAS", {}).get("value") == (
+            None if role == SIP else "3"), role
         tls = {name: variables[f"VOICEBUS_NATS_TLS_{name}"]["value"] for name in
                ("CA", "CERT", "KEY")}
         for name, path in tls.items():
@@ -310,6 +332,211 @@ def test_the_pod_monitor_scrapes_the_metrics_port(cluster: list[dict[str, Any]])
     for deployment in by_kind(cluster, "Deployment").values():
         labels = deployment["spec"]["template"]["metadata"]["labels"]
         assert selector.items() <= labels.items()
+
+
+# ---- the SIP gateway -----------------------------------------------------------------------
+
+SIP_CONFIG = "/etc/voicebus/sip/trunks.toml"
+
+
+def sip_values(path: Path) -> dict[str, Any]:
+    return yaml.safe_load(path.read_text())["sip"]
+
+
+def mounted_config(deployment: dict[str, Any], path: str) -> tuple[str, str]:
+    """(ConfigMap name, key) of the file at ``path`` in the container, or an assertion."""
+    volumes = {volume["name"]: volume["configMap"]
+               for volume in deployment["spec"]["template"]["spec"]["volumes"]
+               if "configMap" in volume}
+    for mount in container(deployment)["volumeMounts"]:
+        prefix = mount["mountPath"].rstrip("/") + "/"
+        if path.startswith(prefix) and mount["name"] in volumes:
+            assert mount.get("readOnly") is True, mount
+            return volumes[mount["name"]]["name"], path[len(prefix):]
+    raise AssertionError(f"{path} is not in a mounted ConfigMap")
+
+
+@pytest.fixture(params=["cluster", "sip_service"])
+def with_sip(request: pytest.FixtureRequest) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The manifests with the gateway on, and the values that turned it on."""
+    values = {"cluster": CLUSTER_VALUES, "sip_service": SIP_SERVICE_VALUES}[request.param]
+    return request.getfixturevalue(request.param), sip_values(values)
+
+
+def test_the_gateway_is_off_by_default(defaults: list[dict[str, Any]]) -> None:
+    assert yaml.safe_load((CHART / "values.yaml").read_text())["sip"]["enabled"] is False
+    for doc in defaults:
+        assert doc["metadata"]["labels"]["app.kubernetes.io/component"] != SIP, doc["kind"]
+        assert SIP not in doc["metadata"]["name"].split("-"), doc["metadata"]["name"]
+    assert not [doc for doc in defaults if doc["kind"] == "ConfigMap"]
+    names = {item.get("name") for node in walk(defaults) if isinstance(node, dict)
+             for item in node.get("env", [])}
+    assert not [name for name in names if name and name.startswith("VOICEBUS_SIP_")]
+
+
+def test_the_gateway_mounts_only_its_seed_and_its_trunks(
+        with_sip: tuple[list[dict[str, Any]], dict[str, Any]]) -> None:
+    docs, values = with_sip
+    gateway = by_kind(docs, "Deployment")[SIP]
+    variables = env(gateway)
+    # Its own seed, and no other role's.
+    seed = mounted_file(gateway, variables["VOICEBUS_NATS_NKEY_FILE"]["value"])
+    assert seed == ("voicebus-nkey-sip", "sip.nk")
+    seeds = [v["secretName"] for v in secret_volumes(gateway).values()
+             if "-nkey-" in v["secretName"]]
+    assert seeds == ["voicebus-nkey-sip"]
+    assert not {"LIVEKIT_API_KEY", "LIVEKIT_API_SECRET", "LIVEKIT_URL"} & set(variables)
+    # The trunks file: sip.config as a ConfigMap, mounted read-only where VOICEBUS_SIP_CONFIG
+    # says; the pods roll when it changes.
+    assert variables["VOICEBUS_SIP_CONFIG"]["value"] == SIP_CONFIG
+    name, key = mounted_config(gateway, SIP_CONFIG)
+    (config_map,) = [doc for doc in docs if doc["kind"] == "ConfigMap"]
+    assert (config_map["metadata"]["name"], key) == (name, "trunks.toml") == (
+        "voicebus-sip", "trunks.toml")
+    assert config_map["data"]["trunks.toml"].strip() == values["config"].strip()
+    annotations = gateway["spec"]["template"]["metadata"]["annotations"]
+    assert len(annotations["checksum/sip-config"]) == 64
+    # Listening beyond loopback, which the trunks file makes safe (the gateway refuses without).
+    assert variables["VOICEBUS_SIP_LISTEN"]["value"] == "0.0.0.0:5060"
+    assert variables["VOICEBUS_SIP_TRANSPORTS"]["value"] == "udp,tcp"
+    assert re.fullmatch(r"\d+-\d+", variables["VOICEBUS_SIP_RTP_PORTS"]["value"])
+
+
+def test_the_gateways_passwords_come_from_secrets(
+        with_sip: tuple[list[dict[str, Any]], dict[str, Any]]) -> None:
+    docs, values = with_sip
+    gateway = by_kind(docs, "Deployment")[SIP]
+    names = [item["name"] for item in container(gateway)["env"]]
+    assert len(names) == len(set(names))  # a plain value cannot hide behind a secret one
+    variables = env(gateway)
+    (config_map,) = [doc for doc in docs if doc["kind"] == "ConfigMap"]
+    trunks = config_map["data"]["trunks.toml"]
+    assert not re.search(r"(?m)^\s*password\s*=", trunks)
+    for name in re.findall(r'password_env\s*=\s*"([A-Za-z_][A-Za-z0-9_]*)"', trunks):
+        assert "value" not in variables[name]
+        ref = variables[name]["valueFrom"]["secretKeyRef"]
+        assert {"name": name, "secret": ref["name"], "key": ref["key"]} in values["secretEnv"]
+
+
+def test_the_gateway_probes_its_metrics_port(
+        with_sip: tuple[list[dict[str, Any]], dict[str, Any]]) -> None:
+    docs, _ = with_sip
+    gateway = by_kind(docs, "Deployment")[SIP]
+    box = container(gateway)
+    chart = yaml.safe_load((CHART / "values.yaml").read_text())
+    port = chart["sip"]["metricsPort"]
+    assert port != chart["metrics"]["port"]  # 9100 is node-exporter's on a node's network
+    ports = {(p["name"], p["protocol"]): p["containerPort"] for p in box["ports"]}
+    assert ports[("metrics", "TCP")] == port
+    assert (ports[("sip-udp", "UDP")], ports[("sip-tcp", "TCP")]) == (5060, 5060)
+    assert env(gateway)["VOICEBUS_METRICS_PORT"]["value"] == str(port)
+    # Ready while SIP listens and the bus is connected; alive while the process serves.
+    assert box["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    assert box["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    annotations = gateway["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(port)
+    # A call cannot move between pods, and on the node's network the ports are the old pod's.
+    strategy = gateway["spec"]["strategy"]["rollingUpdate"]
+    assert (strategy["maxSurge"], strategy["maxUnavailable"]) == (0, 1)
+
+
+def test_the_gateway_on_its_nodes_network(cluster: list[dict[str, Any]]) -> None:
+    gateway = by_kind(cluster, "Deployment")[SIP]
+    pod = gateway["spec"]["template"]["spec"]
+    assert pod["hostNetwork"] is True
+    assert pod["dnsPolicy"] == "ClusterFirstWithHostNet"  # the NATS Service still resolves
+    assert pod["nodeSelector"] == {"voicebus.example.com/sip": "true"}
+    assert gateway["spec"]["replicas"] == 2
+    # Each port is the node's: the scheduler puts one gateway on a node.
+    for port in container(gateway)["ports"]:
+        assert port["hostPort"] == port["containerPort"], port
+    variables = env(gateway)
+    # Callers get the node's address; /metrics is served on the node's cluster address only,
+    # not on every address of the node.
+    assert variables["VOICEBUS_SIP_EXTERNAL_HOST"]["valueFrom"] == {
+        "fieldRef": {"fieldPath": "status.hostIP"}}
+    assert variables["VOICEBUS_METRICS_ADDR"]["valueFrom"] == {
+        "fieldRef": {"fieldPath": "status.podIP"}}
+    assert variables["VOICEBUS_GREETING"]["value"] == "Hello, how can I help?"
+    assert SIP not in by_kind(cluster, "Service")
+
+
+def test_the_gateway_behind_a_service(sip_service: list[dict[str, Any]]) -> None:
+    values = sip_values(SIP_SERVICE_VALUES)
+    gateway = by_kind(sip_service, "Deployment")[SIP]
+    pod = gateway["spec"]["template"]["spec"]
+    assert "hostNetwork" not in pod and gateway["spec"]["replicas"] == 1
+    variables = env(gateway)
+    assert variables["VOICEBUS_SIP_EXTERNAL_HOST"]["value"] == values["externalHost"]
+    assert variables["VOICEBUS_METRICS_ADDR"]["value"] == "0.0.0.0"
+    service = by_kind(sip_service, "Service")[SIP]["spec"]
+    assert service["type"] == "LoadBalancer"
+    assert service["externalTrafficPolicy"] == "Local"  # the allow lists see the caller
+    assert service["loadBalancerSourceRanges"] == values["service"]["loadBalancerSourceRanges"]
+    assert service["selector"].items() <= gateway["spec"]["template"]["metadata"]["labels"].items()
+    first, last = map(int, values["rtpPorts"].split("-"))
+    wanted = {(5060, "UDP"), (5060, "TCP")} | {(p, "UDP") for p in range(first, last + 1)}
+    assert {(p["port"], p["protocol"]) for p in service["ports"]} == wanted
+    for port in service["ports"]:  # the same number everywhere: the gateway writes it in SDP
+        assert port["targetPort"] == port["port"], port
+    assert variables["VOICEBUS_SIP_RTP_PORTS"]["value"] == values["rtpPorts"]
+
+
+def test_a_node_port_service_keeps_every_number(helm: Path) -> None:
+    docs = render(helm, "-f", SIP_SERVICE_VALUES, "--set", "sip.service.type=NodePort",
+                  "--set", "sip.port=30060", "--set", "sip.rtpPorts=30100-30103")
+    service = by_kind(docs, "Service")[SIP]["spec"]
+    assert "loadBalancerSourceRanges" not in service
+    assert sorted((p["nodePort"], p["port"]) for p in service["ports"]) == [
+        (30060, 30060), (30060, 30060), *((n, n) for n in range(30100, 30104))]
+    assert env(by_kind(docs, "Deployment")[SIP])["VOICEBUS_SIP_LISTEN"]["value"] == "0.0.0.0:30060"
+
+
+def test_the_example_trunks_file_goes_in_as_it_is(helm: Path) -> None:
+    """deploy/sip/trunks.example.toml, comments and all, passes the chart's password check (its
+    passwords are password_env) and reaches the gateway unchanged."""
+    example = ROOT / "deploy" / "sip" / "trunks.example.toml"
+    names = re.findall(r'(?m)^[^#\n]*password_env\s*=\s*"(\w+)"', example.read_text())
+    assert names  # the example shows how
+    secret_env = [{"name": name, "secret": "voicebus-sip-trunks", "key": name.lower()}
+                  for name in names]
+    docs = render(helm, "--set", "sip.enabled=true", "--set-file", f"sip.config={example}",
+                  "--set-json", f"sip.secretEnv={json.dumps(secret_env)}")
+    (config_map,) = [doc for doc in docs if doc["kind"] == "ConfigMap"]
+    assert config_map["data"]["trunks.toml"] == example.read_text().strip() + "\n"
+    variables = env(by_kind(docs, "Deployment")[SIP])
+    for name in names:
+        assert variables[name]["valueFrom"]["secretKeyRef"]["name"] == "voicebus-sip-trunks"
+
+
+SIP_REFUSALS = {
+    "no trunks file": (["--set", "sip.enabled=true"], "sip.config: the trunks file"),
+    "a password in the trunks file": (
+        ["--set", "sip.enabled=true", "--set-string",
+         # helm's --set takes "\," for a comma inside a value
+         'sip.config=[[trunks]]\nname = "o"\nusers = [{username = "a"\\, password = "x"}]'],
+        "sip.config: a password is written in the trunks file"),
+    "a password_env that no Secret fills": (
+        ["-f", CLUSTER_VALUES, "--set-json", "sip.secretEnv=[]"],
+        "sip.config: password_env EXOTEL_SIP_PASSWORD is not in sip.secretEnv"),
+    "two replicas behind a Service": (
+        ["-f", SIP_SERVICE_VALUES, "--set", "sip.replicas=2"], "sip.replicas: one in service mode"),
+    "a Service without the address": (
+        ["-f", SIP_SERVICE_VALUES, "--set", "sip.externalHost="], "sip.externalHost: in service"),
+    "a grace period shorter than the hang-up": (
+        ["-f", CLUSTER_VALUES, "--set", "sip.terminationGracePeriodSeconds=9"],
+        "sip: terminationGracePeriodSeconds 9 is too short"),
+    "an unknown setting": (["--set", "sip.hostNetwork=true"], "hostNetwork"),
+    "an unknown network": (["--set", "sip.network=host"], "value must be one of"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SIP_REFUSALS))
+def test_the_chart_refuses_a_gateway_that_cannot_work(helm: Path, case: str) -> None:
+    args, message = SIP_REFUSALS[case]
+    done = run(helm, "template", "voicebus", CHART, "--kube-version", KUBERNETES, *args)
+    assert done.returncode != 0, done.stdout
+    assert message in done.stderr
 
 
 def _stt(docs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -386,6 +613,44 @@ def test_the_compose_file_demands_the_livekit_secret(composecheck: Path) -> None
     done = check_compose(composecheck, COMPOSE)
     assert done.returncode == 1
     assert "required variable LIVEKIT_API_SECRET is missing a value" in done.stderr
+
+
+def test_the_phone_gateway_is_behind_its_profile_with_its_own_seed() -> None:
+    compose = yaml.safe_load(COMPOSE.read_text())
+    services = compose["services"]
+    sip = services["sip"]
+    # A plain `up` starts no gateway, so it needs no trunks file.
+    assert sip["profiles"] == ["phone"]
+    # Its own seed and no other's; nobody else holds it; no LiveKit secret.
+    assert sip["secrets"] == ["sip_nkey"]
+    assert compose["secrets"]["sip_nkey"] == {"file": "./bus/sip.nk"}
+    assert [name for name, s in services.items() if "sip_nkey" in s.get("secrets", [])] == ["sip"]
+    variables = sip["environment"]
+    assert variables["VOICEBUS_NATS_NKEY_FILE"] == "/run/secrets/sip_nkey"
+    assert not [name for name in variables if name.startswith("LIVEKIT_")]
+    # The trunks file, read-only, from deploy/sip/trunks.toml (a copy of the example).
+    (trunks,) = [v for v in sip["volumes"] if v["target"] == variables["VOICEBUS_SIP_CONFIG"]]
+    assert (trunks["type"], trunks["source"], trunks["read_only"]) == (
+        "bind", "./sip/trunks.toml", True)
+    assert trunks["bind"]["create_host_path"] is False
+    assert (COMPOSE.parent / "sip" / "trunks.example.toml").is_file()
+    # SIP on UDP and TCP, and the RTP range the gateway uses, published as is.
+    rtp = variables["VOICEBUS_SIP_RTP_PORTS"]
+    assert sip["ports"] == ["5060:5060/udp", "5060:5060/tcp", f"{rtp}:{rtp}/udp"]
+    assert variables["VOICEBUS_SIP_EXTERNAL_HOST"].startswith("${VOICEBUS_SIP_EXTERNAL_HOST:-")
+    # Prometheus scrapes it (a job of its own: the name resolves only with the profile on).
+    scrape = yaml.safe_load((COMPOSE.parent / "prometheus.yml").read_text())
+    (job,) = [job for job in scrape["scrape_configs"] if job["job_name"] == "voicebus-sip"]
+    assert job["dns_sd_configs"] == [{"names": ["sip"], "type": "A", "port": 9100}]
+    assert "Dockerfile.sip" in sip["build"]["dockerfile"]
+    assert "EXPOSE 5060/udp 5060/tcp 9100" in (COMPOSE.parent / "Dockerfile.sip").read_text()
+
+
+def test_the_compose_file_takes_another_rtp_range(composecheck: Path) -> None:
+    done = check_compose(composecheck, COMPOSE, "LIVEKIT_API_SECRET=not-a-secret",
+                         "VOICEBUS_SIP_RTP_PORTS=20000-20009",
+                         "VOICEBUS_SIP_EXTERNAL_HOST=203.0.113.7")
+    assert done.returncode == 0, done.stderr
 
 
 BROKEN_COMPOSE = {

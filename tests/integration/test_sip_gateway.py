@@ -12,6 +12,7 @@ and the session ends on the bus with "caller hung up"."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import re
@@ -20,6 +21,7 @@ import struct
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -94,8 +96,10 @@ def tool(script: str) -> str:
 class Gateway:
     """The gateway process, its log lines collected as they come."""
 
-    def __init__(self, process: asyncio.subprocess.Process, port: int) -> None:
+    def __init__(self, process: asyncio.subprocess.Process, port: int,
+                 metrics_port: int = 0) -> None:
         self.process, self.port, self.lines = process, port, []
+        self.metrics_port = metrics_port
         self._changed = asyncio.Event()
         self._reader = asyncio.create_task(self._read())
 
@@ -121,6 +125,23 @@ class Gateway:
             except asyncio.TimeoutError:
                 pass
 
+    async def metric(self, name: str, **labels: str) -> float:
+        """A counter's value from the gateway's /metrics (0 before its first count)."""
+        def scrape() -> str:
+            url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+            with urllib.request.urlopen(url, timeout=10) as response:
+                return response.read().decode()
+
+        want = ",".join(f'{key}="{value}"' for key, value in sorted(labels.items()))
+        for line in (await asyncio.to_thread(scrape)).splitlines():
+            series, _, value = line.rpartition(" ")
+            if series == (f"{name}{{{want}}}" if want else name):
+                return float(value)
+        return 0.0
+
+    async def problems(self, kind: str) -> float:
+        return await self.metric("voicebus_sip_problems_total", kind=kind)
+
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def phone_stack(tmp_path_factory: pytest.TempPathFactory):
@@ -128,24 +149,39 @@ async def phone_stack(tmp_path_factory: pytest.TempPathFactory):
         yield running
 
 
-@pytest_asyncio.fixture(loop_scope="module", scope="module")
-async def gateway(phone_stack):
+async def start_gateway(stack, **env: str) -> Gateway:
+    """A gateway process as the role ``sip``, with its metrics on a port of its own."""
     binary = tool("scripts/install-sip-gateway.sh")
-    port = free_port()
-    env = {**os.environ, **phone_stack.role_env("sip"),
-           "VOICEBUS_SIP_LISTEN": f"127.0.0.1:{port}", "VOICEBUS_LOG_LEVEL": "info"}
+    port, metrics_port = free_port(), free_port()
+    env = {**os.environ, **stack.role_env("sip"), "VOICEBUS_SIP_LISTEN": f"127.0.0.1:{port}",
+           "VOICEBUS_LOG_LEVEL": "info", "VOICEBUS_METRICS_PORT": str(metrics_port), **env}
     process = await asyncio.create_subprocess_exec(binary, env=env, stderr=asyncio.subprocess.PIPE)
-    gw = Gateway(process, port)
+    gw = Gateway(process, port, metrics_port)
     await gw.line(r"voicebus-sip ready", 20)
-    yield gw
-    process.terminate()
+    return gw
+
+
+async def stop_gateway(gw: Gateway) -> None:
+    """SIGTERM; it must exit with 0."""
+    gw.process.terminate()
     try:
-        code = await asyncio.wait_for(process.wait(), 10)
+        code = await asyncio.wait_for(gw.process.wait(), 10)
     except asyncio.TimeoutError:
-        process.kill()
-        code = await process.wait()
+        gw.process.kill()
+        code = await gw.process.wait()
     await gw._reader
     assert code == 0, "\n".join(gw.lines)
+
+
+# The gateway's RTP port pool (VOICEBUS_SIP_RTP_PORTS): a call's media port comes from here.
+RTP_POOL = (31000, 31199)
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def gateway(phone_stack):
+    gw = await start_gateway(phone_stack, VOICEBUS_SIP_RTP_PORTS="%d-%d" % RTP_POOL)
+    yield gw
+    await stop_gateway(gw)
 
 
 @pytest.fixture(scope="module")
@@ -324,6 +360,7 @@ async def test_a_sip_call_is_answered_by_the_agent_and_the_hang_up_ends_the_sess
         answered = await gateway.line(
             r"call answered.*session=(\S+).*caller=(\S+).*call_id=(\S+).*local=(\S+):(\d+)", 30)
         session, caller, call_id, media_host, media_port = answered.groups()
+        assert RTP_POOL[0] <= int(media_port) <= RTP_POOL[1] and int(media_port) % 2 == 0
         assert caller == CALLER
         await tap.wait_for(lambda: len(tap.of(ev.StageReady, session)) == 5, 30, "every stage")
         sender = asyncio.create_task(send_rtp(phone, (media_host, int(media_port)),
@@ -483,3 +520,591 @@ async def test_a_call_without_a_common_codec_is_refused_with_488(gateway, sipp, 
     await gateway.line(r"cannot answer", 5, since)
     assert not any("session started" in line for line in gateway.lines[since:])
     assert gateway.process.returncode is None
+
+
+# ---- media, hold and outbound calls --------------------------------------------------------------
+#
+# The caller's RTP through the jitter buffer (loss, reordering), RTP from an address the phone's
+# SDP did not name, a hold by re-INVITE, a CANCEL while the gateway rings, and calls the gateway
+# places itself (`voicebus dial`, a DialRequest on the bus) to SIPp answering as the callee.
+
+async def question_8k(tmp_path: Path) -> np.ndarray:
+    """The Piper-spoken question at 8 kHz, as a phone would send it."""
+    pcm, rate, channels = read_wav(await say_to_wav("What time is it?", tmp_path / "q.wav",
+                                                    lead_ms=400))
+    resampler = Resampler(rate, channels)
+    at_16k = resampler.process(pcm) + resampler.flush()
+    return soxr.resample(np.frombuffer(at_16k, np.int16), 16000, 8000).astype(np.int16)
+
+
+class RtpStream:
+    """One sender's RTP: PCMU packets of 20 ms with its own SSRC, sequence and clock."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self.ssrc, self.seq, self.ts = rng.getrandbits(32), rng.getrandbits(16), rng.getrandbits(32)
+
+    def packet(self, pcm: bytes) -> bytes:
+        data = struct.pack("!BBHII", 0x80, 0, self.seq, self.ts, self.ssrc) + ulaw_encode(
+            np.frombuffer(pcm.ljust(320, b"\0")[:320], np.int16))
+        self.seq, self.ts = (self.seq + 1) & 0xFFFF, (self.ts + 160) & 0xFFFFFFFF
+        return data
+
+
+async def paced(slots: int | None, stop: asyncio.Event, slot) -> None:
+    """Call ``slot(n)`` every 20 ms of real time (catching up after a stall, as a phone's clock
+    does) until ``stop`` or ``slots`` slots."""
+    began, n = time.monotonic(), 0
+    while not stop.is_set() and (slots is None or n < slots):
+        slot(n)
+        n += 1
+        await asyncio.sleep(max(0.0, began + n * 0.02 - time.monotonic()))
+
+
+class Lossy:
+    """``audio`` then silence, with every 20th packet lost and some neighbours swapped (the
+    packet held back one slot and sent right after its successor), from a fixed seed."""
+
+    def __init__(self, sock: asyncio.DatagramTransport, to: tuple[str, int], audio: bytes,
+                 seed: int) -> None:
+        self.sock, self.to, self.audio = sock, to, audio
+        self.rng = random.Random(seed)
+        self.stream = RtpStream(self.rng)
+        self.held: bytes | None = None
+        self.dropped = self.swapped = 0
+
+    def slot(self, n: int) -> None:
+        packet = self.stream.packet(self.audio[n * 320:(n + 1) * 320])
+        out: list[bytes] = []
+        if n % 20 == 19:
+            self.dropped += 1
+        elif self.held is None and self.rng.random() < 0.1:
+            self.held, packet = packet, b""
+            self.swapped += 1
+        else:
+            out.append(packet)
+        if self.held is not None and packet:
+            out.append(self.held)
+            self.held = None
+        for data in out:
+            self.sock.sendto(data, self.to)
+
+
+class PlacedCall:
+    """A call SIPp places to the gateway with ``scenario``; the test is the phone's media."""
+
+    def __init__(self, stack, gateway: Gateway, sipp: str, tmp_path: Path, scenario: str,
+                 caller: str = CALLER) -> None:
+        self.stack, self.gateway, self.sipp, self.tmp_path = stack, gateway, sipp, tmp_path
+        self.scenario, self.caller = scenario, caller
+        self.rtp_port, self.sipp_port, self.sipp_media = free_port(), free_port(), free_port()
+
+    async def __aenter__(self) -> PlacedCall:
+        loop = asyncio.get_running_loop()
+        self.transport, self.phone = await loop.create_datagram_endpoint(
+            Phone, local_addr=("127.0.0.1", self.rtp_port))
+        xml = self.tmp_path / f"call-{self.sipp_port}.xml"
+        xml.write_text(self.scenario.format(caller=self.caller, rtp_port=self.rtp_port,
+                                            ack=ACK.format(caller=self.caller),
+                                            flags=self.tmp_path))
+        self.nc = await self.stack.connect()
+        self.tap = Tap(self.nc)
+        await self.tap.watch(sj.everything())
+        since = len(self.gateway.lines)
+        self.sipp_process = await asyncio.create_subprocess_exec(
+            self.sipp, f"127.0.0.1:{self.gateway.port}", "-sf", str(xml), "-m", "1", "-l", "1",
+            "-i", "127.0.0.1", "-p", str(self.sipp_port), "-mp", str(self.sipp_media),
+            "-t", "u1", "-nostdin", "-timeout", "170s", "-trace_err",
+            cwd=self.tmp_path, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        answered = await self.gateway.line(
+            rf"call answered.*session=(\S+).*caller={re.escape(self.caller)}.*call_id=(\S+)"
+            r".*local=(\S+):(\d+)", 30, since)
+        self.session, self.call_id, host, port = answered.groups()
+        self.media = (host, int(port))
+        await self.tap.wait_for(lambda: len(self.tap.of(ev.StageReady, self.session)) == 5, 30,
+                                "every stage")
+        return self
+
+    def info(self) -> None:
+        """Release SIPp's next step (the scenarios wait for an INFO of the test's)."""
+        self.transport.sendto(info_request(self.sipp_port, self.call_id),
+                              ("127.0.0.1", self.sipp_port))
+
+    async def hang_up(self) -> None:
+        self.info()
+        out, _ = await asyncio.wait_for(self.sipp_process.communicate(), 30)
+        assert self.sipp_process.returncode == 0, out.decode(errors="replace")[-4000:]
+        await self.tap.wait_for(lambda: self.tap.of(ev.SessionEnd, self.session,
+                                                    topic=sj.CTL_END), 10, "the hang-up")
+
+    async def __aexit__(self, *exc_info) -> None:
+        if self.sipp_process.returncode is None:
+            self.sipp_process.kill()
+            await self.sipp_process.communicate()
+        await self.tap.close()
+        await self.nc.close()
+        self.transport.close()
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_a_question_through_loss_and_reordering_is_heard_and_answered(
+        phone_stack, gateway, sipp, tmp_path) -> None:
+    """5 % of the packets lost (every 20th) and one in ten held back behind its successor: the
+    jitter buffer puts them in order and conceals the losses, and whisper still hears the
+    question, which the agent answers."""
+    question = await question_8k(tmp_path)
+    lost_before = await gateway.problems("rtp_lost")
+    stop = asyncio.Event()
+    async with PlacedCall(phone_stack, gateway, sipp, tmp_path, SCENARIO) as call:
+        lossy = Lossy(call.transport, call.media, question.tobytes(), seed=16)
+        sender = asyncio.create_task(paced(None, stop, lossy.slot))
+        try:
+            (final,) = await call.tap.wait_for(
+                lambda: call.tap.of(ev.Transcript, call.session, turn=1, final=True), 90,
+                "the question's transcript")
+            await call.tap.wait_for(
+                lambda: call.tap.of(ev.Playback, call.session, turn=1, final=True), 90,
+                "the answer played")
+        finally:
+            stop.set()
+            await sender
+        await call.hang_up()
+        frames = call.tap.of(ev.AudioFrame, call.session, topic=sj.SIP_AUDIO)
+    assert "time" in final.text.lower(), final.text
+    assert lossy.dropped >= 5 and lossy.swapped >= 5, (lossy.dropped, lossy.swapped)
+    # Each loss was concealed (the last may have had no successors to prove it).
+    assert await gateway.problems("rtp_lost") - lost_before >= lossy.dropped - 1
+    assert [f.pts_ms for f in frames] == list(range(0, 20 * len(frames), 20))
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_rtp_from_another_address_is_not_heard_and_is_counted(
+        phone_stack, gateway, sipp, tmp_path) -> None:
+    """While the phone sends silence, someone else sends the spoken question to the call's media
+    port: none of it reaches the bus, and every packet is counted. Then the phone's own tone
+    does reach it."""
+    question = await question_8k(tmp_path)
+    wrong_before = await gateway.problems("rtp_wrong_source")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    async with PlacedCall(phone_stack, gateway, sipp, tmp_path, SCENARIO) as call:
+        phone_stream, tone = RtpStream(random.Random(1)), [False]
+        loud = (np.full(160, 8000, np.int16)).tobytes()
+        phone = asyncio.create_task(paced(None, stop, lambda n: call.transport.sendto(
+            phone_stream.packet(loud if tone[0] else bytes(320)), call.media)))
+        intruder, _ = await loop.create_datagram_endpoint(asyncio.DatagramProtocol,
+                                                          local_addr=("127.0.0.1", 0))
+        intruder_stream, audio = RtpStream(random.Random(2)), question.tobytes()
+        slots = len(audio) // 320
+        try:
+            await paced(slots, asyncio.Event(), lambda n: intruder.sendto(
+                intruder_stream.packet(audio[n * 320:(n + 1) * 320]), call.media))
+
+            async def counted() -> bool:
+                return await gateway.problems("rtp_wrong_source") - wrong_before >= slots
+            deadline = time.monotonic() + 30
+            while not await counted():
+                assert time.monotonic() < deadline, "the intruder's packets were not all counted"
+                await asyncio.sleep(0.1)  # polling /metrics: nothing to wait on but the count
+            # The frames of the intruder's time (and the jitter buffer's depth after it).
+            seen = len(call.tap.of(ev.AudioFrame, call.session, topic=sj.SIP_AUDIO))
+            await call.tap.wait_for(lambda: len(call.tap.of(
+                ev.AudioFrame, call.session, topic=sj.SIP_AUDIO)) >= seen + 10, 10, "frames")
+            during = call.tap.of(ev.AudioFrame, call.session, topic=sj.SIP_AUDIO)
+            tone[0] = True  # the phone itself speaks up: that is heard
+            await call.tap.wait_for(lambda: any(
+                np.abs(np.frombuffer(f.pcm, np.int16)).max() > 4000
+                for f in call.tap.of(ev.AudioFrame, call.session, topic=sj.SIP_AUDIO)), 10,
+                "the phone's own tone")
+        finally:
+            stop.set()
+            await phone
+            intruder.close()
+        await call.hang_up()
+        vad = call.tap.of(ev.SpeechStarted, call.session)
+    assert len(during) > slots  # the whole time the intruder spoke
+    assert all(not any(f.pcm) for f in during), "the intruder's audio reached the bus"
+    assert not vad or vad[0].pts_ms >= during[-1].pts_ms, "the VAD heard the intruder"
+    assert await gateway.problems("rtp_wrong_source") - wrong_before == slots
+
+
+HOLD_AND_RESUME = SCENARIO.split("{ack}")[0] + """{ack}  <!-- Hold when the test says (INFO), resume when it says again, then hang up. -->
+  <recv request="INFO" timeout="60000"/>
+{hold}  <nop><action><exec command="touch {flags}/held"/></action></nop>
+  <recv request="INFO" timeout="60000"/>
+{resume}  <nop><action><exec command="touch {flags}/resumed"/></action></nop>
+  <recv request="INFO" timeout="60000"/>
+  <send retrans="500">
+    <![CDATA[
+      BYE [next_url] SIP/2.0
+      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
+      From: "Caller" <sip:{caller}@[local_ip]:[local_port]>;tag=[pid]SIPpTag00[call_number]
+      To: <sip:agent@[remote_ip]:[remote_port]>[peer_tag_param]
+      Call-ID: [call_id]
+      CSeq: 4 BYE
+      Contact: <sip:{caller}@[local_ip]:[local_port]>
+      Max-Forwards: 70
+      Content-Length: 0
+
+    ]]>
+  </send>
+  <recv response="200" crlf="true"/>
+</scenario>
+"""
+
+REINVITE = """  <send retrans="500">
+    <![CDATA[
+      INVITE [next_url] SIP/2.0
+      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
+      From: "Caller" <sip:{{caller}}@[local_ip]:[local_port]>;tag=[pid]SIPpTag00[call_number]
+      To: <sip:agent@[remote_ip]:[remote_port]>[peer_tag_param]
+      Call-ID: [call_id]
+      CSeq: {cseq} INVITE
+      Contact: <sip:{{caller}}@[local_ip]:[local_port]>
+      Max-Forwards: 70
+      Content-Type: application/sdp
+      Content-Length: [len]
+
+      v=0
+      o=caller 53655765 {version} IN IP4 127.0.0.1
+      s=-
+      c=IN IP4 127.0.0.1
+      t=0 0
+      m=audio {{rtp_port}} RTP/AVP 0 101
+      a=rtpmap:0 PCMU/8000
+      a=rtpmap:101 telephone-event/8000
+      a=fmtp:101 0-15
+      a=ptime:20
+      a={direction}
+
+    ]]>
+  </send>
+  <recv response="100" optional="true"/>
+  <recv response="200"/>
+  <send>
+    <![CDATA[
+      ACK [next_url] SIP/2.0
+      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
+      From: "Caller" <sip:{{caller}}@[local_ip]:[local_port]>;tag=[pid]SIPpTag00[call_number]
+      To: <sip:agent@[remote_ip]:[remote_port]>[peer_tag_param]
+      Call-ID: [call_id]
+      CSeq: {cseq} ACK
+      Contact: <sip:{{caller}}@[local_ip]:[local_port]>
+      Max-Forwards: 70
+      Content-Length: 0
+
+    ]]>
+  </send>
+"""
+
+
+def agent_frame(session: str, seq: int, value: int, samples: int = 160) -> bytes:
+    from proto import codec
+
+    return codec.encode(ev.AudioFrame(session=session, seq=seq, ts_ns=time.time_ns(),
+                                      pcm=np.full(samples, value, np.int16).tobytes(),
+                                      sample_rate=8000, pts_ms=20 * seq))
+
+
+async def wait_for_file(path: Path, timeout: float) -> None:
+    """SIPp touches a file when it reached a step of its scenario."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"SIPp never reached {path.name}"
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_a_hold_and_its_resume_keep_the_call_and_the_session(
+        phone_stack, gateway, sipp, tmp_path) -> None:
+    """The phone holds the call with a re-INVITE (a=inactive: diago itself would go on sending)
+    and resumes it (a=sendrecv). The call and its session go on; the agent's audio is not sent
+    while the phone holds, and is again once it resumed."""
+    scenario = HOLD_AND_RESUME.replace("{hold}", REINVITE.format(
+        cseq=2, version=2353687638, direction="inactive")).replace("{resume}", REINVITE.format(
+            cseq=3, version=2353687639, direction="sendrecv"))
+    egress = await phone_stack.connect(role="egress")
+    try:
+        async with PlacedCall(phone_stack, gateway, sipp, tmp_path, scenario,
+                              caller="+15550142") as call:
+            since = len(gateway.lines)
+            call.info()
+            await gateway.line(rf"call on hold.*session={call.session}|"
+                               rf"session={call.session}.*call on hold", 20, since)
+            await wait_for_file(tmp_path / "held", 20)
+            subject = sj.EGRESS_AUDIO.subject(call.session)
+            for seq in range(1, 26):  # the agent speaks while the phone holds: not sent
+                await egress.publish(subject, agent_frame(call.session, seq, 8000))
+            # A frame of the wrong shape after them: once the gateway says so, it has dealt
+            # with every frame before it (one subscription, in order).
+            await egress.publish(subject, agent_frame(call.session, 26, 0, samples=10))
+            await egress.flush()
+            await gateway.line(rf"wrong shape.*session={call.session}|"
+                               rf"session={call.session}.*wrong shape", 20, since)
+            call.info()
+            await gateway.line(rf"call resumed.*session={call.session}|"
+                               rf"session={call.session}.*call resumed", 20, since)
+            await wait_for_file(tmp_path / "resumed", 20)
+            for seq in range(27, 52):  # and once it resumed: sent
+                await egress.publish(subject, agent_frame(call.session, seq, -8000))
+            await egress.flush()
+            await call.tap.wait_for(lambda: len(call.phone.heard) >= 25, 20, "the agent's audio")
+            assert not call.tap.of(ev.SessionEnd, call.session)  # the session lived through it
+            await call.hang_up()
+            heard = [int(ulaw_decode(p).mean()) for p in call.phone.heard]
+            frames = call.tap.of(ev.AudioFrame, call.session, topic=sj.SIP_AUDIO)
+    finally:
+        await egress.close()
+    assert len(heard) == 25 and all(v < -7000 for v in heard), heard  # none from the hold
+    assert [f.pts_ms for f in frames] == list(range(0, 20 * len(frames), 20))
+    (end,) = call.tap.of(ev.SessionEnd, call.session, topic=sj.CTL_END)
+    assert end.reason == "caller hung up"
+
+
+CANCELLED = SCENARIO.split("  <recv response=\"100\"")[0] + """  <recv response="100" optional="true"/>
+  <recv response="180"/>
+  <send>
+    <![CDATA[
+      CANCEL sip:agent@[remote_ip]:[remote_port] SIP/2.0
+      [last_Via:]
+      From: "Caller" <sip:{caller}@[local_ip]:[local_port]>;tag=[pid]SIPpTag00[call_number]
+      To: <sip:agent@[remote_ip]:[remote_port]>
+      Call-ID: [call_id]
+      CSeq: 1 CANCEL
+      Max-Forwards: 70
+      Content-Length: 0
+
+    ]]>
+  </send>
+  <recv response="200"/>
+  <recv response="487"/>
+  <send>
+    <![CDATA[
+      ACK sip:agent@[remote_ip]:[remote_port] SIP/2.0
+      [last_Via:]
+      From: "Caller" <sip:{caller}@[local_ip]:[local_port]>;tag=[pid]SIPpTag00[call_number]
+      [last_To:]
+      Call-ID: [call_id]
+      CSeq: 1 ACK
+      Max-Forwards: 70
+      Content-Length: 0
+
+    ]]>
+  </send>
+</scenario>
+"""
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def ringing_gateway(phone_stack):
+    """A second gateway that rings 30 s before it answers (VOICEBUS_SIP_RING_MS)."""
+    gw = await start_gateway(phone_stack, VOICEBUS_SIP_RING_MS="30000")
+    yield gw
+    await stop_gateway(gw)
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_a_cancel_while_ringing_ends_the_call_with_487_and_no_session(
+        phone_stack, ringing_gateway, sipp, tmp_path) -> None:
+    caller = "+15550187"
+    nc = await phone_stack.connect()
+    tap = Tap(nc)
+    try:
+        await tap.watch(sj.everything())
+        xml = CANCELLED.format(caller=caller, rtp_port=9)
+        call = await run_sipp(sipp, ringing_gateway, xml, tmp_path)
+        out, _ = await asyncio.wait_for(call.communicate(), 30)
+        assert call.returncode == 0, out.decode(errors="replace")[-4000:]  # 180, 200, 487
+        await ringing_gateway.line(rf"caller cancelled while ringing.*caller={re.escape(caller)}|"
+                                   rf"caller={re.escape(caller)}.*caller cancelled", 10)
+        assert await ringing_gateway.metric("voicebus_sip_calls_total", direction="inbound",
+                                            outcome="cancelled") == 1
+    finally:
+        await tap.close()
+        await nc.close()
+    assert not any("session started" in line for line in ringing_gateway.lines)
+    assert not [s for s in tap.of(ev.PhoneSessionStart) if s.caller == caller]
+
+
+CALLEE = """<?xml version="1.0" encoding="ISO-8859-1" ?>
+<!DOCTYPE scenario SYSTEM "sipp.dtd">
+<scenario name="voicebus callee">
+  <recv request="INVITE" crlf="true"/>
+{answer}</scenario>
+"""
+
+ANSWERS = """  <send>
+    <![CDATA[
+      SIP/2.0 180 Ringing
+      [last_Via:]
+      [last_From:]
+      [last_To:];tag=[pid]SIPpTag01[call_number]
+      [last_Call-ID:]
+      [last_CSeq:]
+      Contact: <sip:callee@[local_ip]:[local_port];transport=[transport]>
+      Content-Length: 0
+
+    ]]>
+  </send>
+  <send retrans="500">
+    <![CDATA[
+      SIP/2.0 200 OK
+      [last_Via:]
+      [last_From:]
+      [last_To:];tag=[pid]SIPpTag01[call_number]
+      [last_Call-ID:]
+      [last_CSeq:]
+      Contact: <sip:callee@[local_ip]:[local_port];transport=[transport]>
+      Content-Type: application/sdp
+      Content-Length: [len]
+
+      v=0
+      o=callee 53655765 2353687637 IN IP4 127.0.0.1
+      s=-
+      c=IN IP4 127.0.0.1
+      t=0 0
+      m=audio {rtp_port} RTP/AVP 0 101
+      a=rtpmap:0 PCMU/8000
+      a=rtpmap:101 telephone-event/8000
+      a=fmtp:101 0-15
+      a=sendrecv
+
+    ]]>
+  </send>
+  <recv request="ACK" crlf="true"/>
+  <recv request="BYE" timeout="150000"/>
+  <send>
+    <![CDATA[
+      SIP/2.0 200 OK
+      [last_Via:]
+      [last_From:]
+      [last_To:]
+      [last_Call-ID:]
+      [last_CSeq:]
+      Content-Length: 0
+
+    ]]>
+  </send>
+"""
+
+BUSY = """  <send retrans="500">
+    <![CDATA[
+      SIP/2.0 486 Busy Here
+      [last_Via:]
+      [last_From:]
+      [last_To:];tag=[pid]SIPpTag01[call_number]
+      [last_Call-ID:]
+      [last_CSeq:]
+      Content-Length: 0
+
+    ]]>
+  </send>
+  <recv request="ACK" crlf="true"/>
+"""
+
+
+def udp_bound(port: int) -> bool:
+    """Something listens on UDP ``port`` (without binding it: that would race the owner)."""
+    for table in ("/proc/net/udp", "/proc/net/udp6"):
+        with open(table) as rows:
+            next(rows)
+            if any(int(row.split()[1].rsplit(":", 1)[1], 16) == port for row in rows):
+                return True
+    return False
+
+
+async def callee(sipp: str, tmp_path: Path, answer: str, rtp_port: int = 9):
+    """SIPp waiting for the gateway's call on a port of its own; returns it and its URI."""
+    port = free_port()
+    xml = tmp_path / f"callee-{port}.xml"
+    xml.write_text(CALLEE.format(answer=answer.format(rtp_port=rtp_port)))
+    process = await asyncio.create_subprocess_exec(
+        sipp, "-sf", str(xml), "-m", "1", "-i", "127.0.0.1", "-p", str(port), "-t", "u1",
+        "-nostdin", "-timeout", "170s", "-trace_err",
+        cwd=tmp_path, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    deadline = time.monotonic() + 20
+    while not udp_bound(port):
+        assert process.returncode is None and time.monotonic() < deadline, "SIPp did not start"
+        await asyncio.sleep(0.05)
+    return process, f"sip:callee@127.0.0.1:{port}"
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_voicebus_dial_calls_out_and_the_callee_hears_the_greeting(
+        phone_stack, gateway, sipp, tmp_path) -> None:
+    """`voicebus dial` as the operator; SIPp answers as the callee with an SDP whose media port
+    is this test's. The session starts on the bus as an outbound call, the agent's greeting
+    comes to the callee as PCMU RTP, and ctl.end hangs up."""
+    rtp_port = free_port()
+    loop = asyncio.get_running_loop()
+    transport, phone = await loop.create_datagram_endpoint(Phone,
+                                                           local_addr=("127.0.0.1", rtp_port))
+    nc = await phone_stack.connect()
+    tap = Tap(nc)
+    answered_before = await gateway.metric("voicebus_sip_calls_total", direction="outbound",
+                                           outcome="answered")
+    sipp_process, target = await callee(sipp, tmp_path, ANSWERS, rtp_port)
+    greeting = "Hello, this is your voice agent calling."
+    try:
+        await tap.watch(sj.everything())
+        env = {**os.environ, "VOICEBUS_NATS_NKEY_FILE": str(phone_stack.seed_file("operator"))}
+        cli = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "voicebus", "dial", target, "--greeting", greeting,
+            "--nats", phone_stack.nats_url, cwd=ROOT, env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        printed, errors = await asyncio.wait_for(cli.communicate(), 120)
+        assert cli.returncode == 0, errors.decode()
+        reply = json.loads(printed)
+        session = reply["session"]
+        (start,) = tap.of(ev.PhoneSessionStart, session, topic=sj.CTL_START)
+        assert (start.direction, start.caller, start.greeting) == ("outbound", target, greeting)
+        (played,) = await tap.wait_for(
+            lambda: tap.of(ev.Playback, session, turn=0, final=True), 60, "the greeting played")
+        await tap.wait_for(lambda: len(phone.heard) * 20 >= played.played_ms - 20, 10,
+                           "the greeting's last packets")
+        end = ev.SessionEnd(session=session, seq=1, ts_ns=time.time_ns(), reason="done")
+        from proto import codec
+        await nc.publish(sj.CTL_END.subject(session), codec.encode(end))
+        out, _ = await asyncio.wait_for(sipp_process.communicate(), 30)  # the gateway's BYE
+        assert sipp_process.returncode == 0, out.decode(errors="replace")[-4000:]
+        await gateway.line(rf'msg="call ended" session={session}', 10)
+    finally:
+        if sipp_process.returncode is None:
+            sipp_process.kill()
+            await sipp_process.communicate()
+        await tap.close()
+        await nc.close()
+        transport.close()
+    assert reply == {"session": session}
+    assert await gateway.metric("voicebus_sip_calls_total", direction="outbound",
+                                outcome="answered") == answered_before + 1
+    assert len(phone.heard) > 25 and {len(p) for p in phone.heard} == {160}, phone.other_types
+    said = await hear(b"".join(ulaw_decode(p).tobytes() for p in phone.heard))
+    assert "hello" in said or "agent" in said, said
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_a_busy_callee_gives_a_clear_error_reply(phone_stack, gateway, sipp, tmp_path) -> None:
+    """The dial request straight on the bus: a callee that answers 486 Busy Here makes the
+    reply say so, with the status, and no session starts."""
+    from proto import codec
+
+    busy_before = await gateway.problems("dial_busy")
+    sipp_process, target = await callee(sipp, tmp_path, BUSY)
+    nc = await phone_stack.connect()
+    tap = Tap(nc)
+    try:
+        await tap.watch(sj.everything())
+        request = ev.DialRequest(target=target, greeting="Hi", answer_timeout_ms=20_000)
+        msg = await nc.request(sj.SIP_DIAL, codec.encode(request), timeout=60)
+        reply = codec.decode_dial(msg.data)
+        out, _ = await asyncio.wait_for(sipp_process.communicate(), 30)
+        assert sipp_process.returncode == 0, out.decode(errors="replace")[-4000:]
+    finally:
+        if sipp_process.returncode is None:
+            sipp_process.kill()
+            await sipp_process.communicate()
+        await tap.close()
+        await nc.close()
+    assert reply == ev.DialReply(error="busy", status=486, reason="486 Busy Here")
+    assert not [s for s in tap.of(ev.PhoneSessionStart) if s.caller == target]
+    assert await gateway.problems("dial_busy") == busy_before + 1

@@ -47,11 +47,13 @@ def test_compose_publishes_no_nats_port_and_gives_each_service_its_own_seed() ->
     services = compose["services"]
     assert "ports" not in services["nats"]
     assert "/etc/nats/nats.conf" in " ".join(services["nats"]["command"])
-    for role in ("ingress", "stt", "llm", "tts", "egress", "token"):
+    for role in ("ingress", "stt", "llm", "tts", "egress", "token", "sip"):
         service = services[role]
         assert service["secrets"] == [f"{role}_nkey"], role
         assert service["environment"]["VOICEBUS_NATS_NKEY_FILE"] == f"/run/secrets/{role}_nkey"
         assert "VOICEBUS_AUDIO_DIR" not in service["environment"], role
         assert compose["secrets"][f"{role}_nkey"]["file"] == f"./bus/{role}.nk"
-    assert not any(Path(v.split(":")[0]).name == "operator.nk"
-                   for s in services.values() for v in s.get("volumes", []))
+    # A volume in the short form ("src:dst:ro") or the long one ({source: …, target: …}).
+    sources = [v["source"] if isinstance(v, dict) else v.split(":")[0]
+               for s in services.values() for v in s.get("volumes", [])]
+    assert not any(Path(source).name == "operator.nk" for source in sources)

@@ -18,10 +18,17 @@ SERIES = {"histogram": ("_bucket", "_sum", "_count"), "counter": ("_total",), "g
 
 
 def _exported() -> set[str]:
-    """Every series name the stages' metrics can expose, observed yet or not."""
-    return {family.name + suffix
-            for metric in vars(metrics).values() if isinstance(metric, MetricWrapperBase)
-            for family in metric.collect() for suffix in SERIES.get(family.type, ("",))}
+    """Every series name the stages' metrics can expose, observed yet or not, and the SIP
+    gateway's (Go: the full names in its metric options; any of a histogram's series)."""
+    python = {family.name + suffix
+              for metric in vars(metrics).values() if isinstance(metric, MetricWrapperBase)
+              for family in metric.collect() for suffix in SERIES.get(family.type, ("",))}
+    gateway = {name + suffix
+               for path in (DEPLOY.parent / "services" / "sip").glob("*.go")
+               if not path.name.endswith("_test.go")
+               for name in re.findall(r'Name:\s*"(voicebus_[a-z0-9_]+)"', path.read_text())
+               for suffix in ("", "_bucket", "_sum", "_count")}
+    return python | gateway
 
 
 def test_every_dashboard_query_names_a_metric_the_stages_export() -> None:

@@ -34,10 +34,13 @@ SAMPLES = [
     ev.FileSessionStart(session="s1", seq=1, ts_ns=1, wav_in=("/a.wav",), wav_out="/b.wav"),
     ev.PhoneSessionStart(session="s1", seq=1, ts_ns=1, caller="+15550100", sample_rate=8000),
     ev.Dtmf(session="s1", seq=1, ts_ns=1, digit="#"),
+    ev.UserText(session="s1", seq=5, ts_ns=1, text="Book a table for two.", participant="u"),
     ev.SessionEnd(session="s1", seq=2, ts_ns=1, reason="bye"),
     ev.Cancel(session="s1", seq=3, ts_ns=1, turn=2),
     ev.AgentState(session="s1", seq=4, ts_ns=1, state="thinking", turn=2),
     ev.StageReady(session="s1", seq=1, ts_ns=1, stage="stt", replica="r1"),
+    ev.ToolUse(session="s1", seq=1, ts_ns=1, turn=2, call_id="call_1", name="get_time",
+               done=True, result='{"time": "12:00"}', ms=3.5),
     ev.StageError(session="s1", seq=1, ts_ns=1, stage="llm", turn=1, message="down"),
 ]
 
@@ -52,9 +55,9 @@ def test_wire_tags_are_stable() -> None:
     tags = {type(e).__name__: type(e).__struct_config__.tag for e in SAMPLES}
     assert tags == {
         "AudioFrame": "audio", "SpeechStarted": "vad.start", "SpeechEnded": "vad.end",
-        "InputTrack": "ingress.track", "Dtmf": "ingress.dtmf", "Transcript": "stt.transcript", "UserIdle": "stt.idle",
+        "InputTrack": "ingress.track", "Dtmf": "ingress.dtmf", "UserText": "ingress.text", "Transcript": "stt.transcript", "UserIdle": "stt.idle",
         "Verdict": "floor.verdict", "ReplyDelta": "llm.delta", "ReplyDone": "llm.done",
-        "SynthesisDone": "tts.done", "Playback": "egress.playback", "SessionStart": "ctl.start",
+        "ToolUse": "llm.tool", "SynthesisDone": "tts.done", "Playback": "egress.playback", "SessionStart": "ctl.start",
         "FileSessionStart": "dev.start", "PhoneSessionStart": "sip.start",
         "SessionEnd": "ctl.end", "Cancel": "ctl.cancel",
         "AgentState": "ctl.state", "StageReady": "ctl.ready", "StageError": "ctl.error",
@@ -216,9 +219,83 @@ def test_the_shared_vectors_are_what_the_contract_makes_now() -> None:
     from proto import vectors
 
     assert vectors.main(["--check"]) == 0
+    kinds = set()
     for vector in json.loads(vectors.FILE.read_text())["vectors"]:
-        event = codec.decode_on(vector["subject"], bytes.fromhex(vector["msgpack_hex"]))
+        data = bytes.fromhex(vector["msgpack_hex"])
+        if vector["subject"] == sj.SIP_DIAL:
+            event = codec.decode_dial(data)
+        else:
+            event = codec.decode_on(vector["subject"], data)
         assert json.loads(msgspec.json.encode(event)) == vector["event"]
+        kinds.add((vector["event"]["kind"], vector["event"].get("direction", "")))
+    # Both directions of a call, and the dial request with both kinds of reply.
+    assert {("sip.start", ""), ("sip.start", "outbound"), ("sip.dial", ""),
+            ("sip.dial.reply", "")} <= kinds
+
+
+def test_a_phone_session_start_is_inbound_unless_it_says_otherwise() -> None:
+    old = msgspec.msgpack.encode({"kind": "sip.start", "session": "s1", "caller": "+1555"})
+    assert codec.decode_on(sj.CTL_START.subject("s1"), old).direction == "inbound"
+    out = ev.PhoneSessionStart(session="s1", direction="outbound")
+    assert codec.decode_on(sj.CTL_START.subject("s1"), codec.encode(out)) == out
+    with pytest.raises(codec.Rejected):
+        codec.decode(msgspec.msgpack.encode({"kind": "sip.start", "session": "s1",
+                                             "direction": "sideways"}))
+
+
+@pytest.mark.parametrize("target", ["+15550100", "15550100", "*21#", "sip:bob@192.0.2.7",
+                                    "sips:bob@example.com:5061;transport=tls"])
+def test_a_dial_request_takes_a_number_or_a_sip_uri(target: str) -> None:
+    request = ev.DialRequest(target=target, greeting="Hi")
+    assert codec.decode_dial(codec.encode(request)) == request
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("target", ""), ("target", "bob"), ("target", "tel:+1555"), ("target", "+1 555"),
+    ("target", "sip:bob@host\r\nVia: x"), ("target", "sip:<bob>"), ("target", "1" * 33),
+    ("caller_id", "x\r\nVia: evil"), ("caller_id", "a b"), ("agent", "../etc"),
+    ("answer_timeout_ms", 0), ("answer_timeout_ms", 3_600_000),
+])
+def test_a_dial_request_the_gateway_cannot_use_is_refused(field: str, value: object) -> None:
+    fields = {"kind": "sip.dial", "target": "+15550100", field: value}
+    with pytest.raises(codec.Rejected):
+        codec.decode_dial(msgspec.msgpack.encode(fields))
+
+
+def test_dial_messages_are_not_session_events() -> None:
+    """They travel outside voice.>: neither the session decoder nor a session subject takes
+    them, and a session's event is not a dial message."""
+    request = codec.encode(ev.DialRequest(target="+15550100"))
+    with pytest.raises(codec.Rejected):
+        codec.decode(request)
+    with pytest.raises(codec.Rejected):
+        codec.decode_dial(codec.encode(SAMPLES[0]))
+    assert not sj.SIP_DIAL.startswith(sj.PREFIX + ".")
+
+
+def test_only_the_operator_and_the_gateway_touch_dial_requests() -> None:
+    from proto import permissions
+
+    for role in permissions.ROLES:
+        rights = permissions.rights(role)
+        if rights is None:
+            assert role == permissions.OPERATOR  # it may do anything, dialling included
+            continue
+        publishes = any(_matches(p, sj.SIP_DIAL) for p in rights.publish)
+        subscribes = any(_matches(p, sj.SIP_DIAL) for p in rights.subscribe)
+        assert not publishes, role  # not the token service, not a stage, not the gateway
+        assert subscribes == (role == permissions.SIP), role
+
+
+def _matches(pattern: str, subject: str) -> bool:
+    """NATS subject matching: ``*`` one token, ``>`` the rest."""
+    want, have = pattern.split("."), subject.split(".")
+    for i, token in enumerate(want):
+        if token == ">":
+            return len(have) > i
+        if i >= len(have) or token not in ("*", have[i]):
+            return False
+    return len(want) == len(have)
 
 
 @pytest.mark.parametrize("digit", ["x", "12", "", "#\n"])
@@ -236,3 +313,18 @@ def test_a_phone_call_at_a_rate_no_phone_has_is_refused() -> None:
                                          "sample_rate": rate})
         with pytest.raises(codec.Rejected):
             codec.decode_on(sj.CTL_START.subject("s1"), forged)
+
+
+def test_a_typed_message_is_bounded_and_a_typed_final_keeps_the_old_wire() -> None:
+    subject = sj.INGRESS_TEXT.subject("s1")
+    for text in ("", "x" * (ev.MAX_CHAT_CHARS + 1)):
+        forged = msgspec.msgpack.encode({"kind": "ingress.text", "session": "s1", "text": text})
+        with pytest.raises(codec.Rejected):
+            codec.decode_on(subject, forged)
+    ok = ev.UserText(session="s1", text="x" * ev.MAX_CHAT_CHARS, participant="alice")
+    assert codec.decode_on(subject, codec.encode(ok)) == ok
+    # ``typed`` is omitted when false: a spoken final is the same bytes as before the field.
+    spoken = ev.Transcript(session="s1", turn=1, text="hi", final=True)
+    assert b"typed" not in codec.encode(spoken)
+    typed = ev.Transcript(session="s1", turn=2, text="hi", final=True, typed=True)
+    assert codec.decode_on(sj.STT_FINAL.subject("s1"), codec.encode(typed)).typed

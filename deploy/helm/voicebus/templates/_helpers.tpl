@@ -50,6 +50,11 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s-%s" $prefix .role }}
 {{- end }}
 
+{{/* Where the SIP gateway's trunks file is mounted (from the ConfigMap of sip.config). */}}
+{{- define "voicebus.sipConfigPath" -}}
+/etc/voicebus/sip/trunks.toml
+{{- end }}
+
 {{- define "voicebus.livekitSecret" -}}
 {{- .Values.livekit.existingSecret | default (printf "%s-livekit" (include "voicebus.fullname" .)) }}
 {{- end }}
@@ -67,14 +72,18 @@ the drain (docs/operations.md); less would SIGKILL a replica mid-handover. Call 
 {{- end }}
 
 {{/*
-The pod template of a stage or of the token service. Call with
-(dict "root" $ "component" name "values" componentValues "ports" list "readiness" probe).
+The pod template of a stage, the token service or the SIP gateway. Call with
+(dict "root" $ "component" name "values" componentValues "ports" list "readiness" probe), and
+optionally "metricsPort" (instead of metrics.port), "hostNetwork" true (the node's network:
+each port is the node's too), "annotations", "volumes" and "volumeMounts" (extra ones).
+A port is (dict "name" n "port" p), with "protocol" UDP where it is not TCP.
 */}}
 {{- define "voicebus.podTemplate" -}}
 {{- $root := .root }}
 {{- $v := .values }}
 {{- $component := .component }}
-{{- $metricsPort := int $root.Values.metrics.port -}}
+{{- $hostNetwork := .hostNetwork | default false }}
+{{- $metricsPort := int (.metricsPort | default $root.Values.metrics.port) -}}
 metadata:
   labels:
     {{- include "voicebus.selectorLabels" . | nindent 4 }}
@@ -84,12 +93,20 @@ metadata:
     prometheus.io/port: {{ $metricsPort | quote }}
     prometheus.io/path: /metrics
     {{- end }}
+    {{- with .annotations }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
     {{- with $v.podAnnotations }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
 spec:
   # The services never call the Kubernetes API.
   automountServiceAccountToken: false
+  {{- if $hostNetwork }}
+  hostNetwork: true
+  # Cluster names (the NATS Service) still resolve on the node's network.
+  dnsPolicy: ClusterFirstWithHostNet
+  {{- end }}
   terminationGracePeriodSeconds: {{ int $v.terminationGracePeriodSeconds }}
   {{- with $root.Values.imagePullSecrets }}
   imagePullSecrets:
@@ -131,16 +148,22 @@ spec:
       ports:
         - name: metrics
           containerPort: {{ $metricsPort }}
+          {{- if $hostNetwork }}
+          hostPort: {{ $metricsPort }}
+          {{- end }}
           protocol: TCP
         {{- range .ports }}
         - name: {{ .name }}
           containerPort: {{ .port }}
-          protocol: TCP
+          {{- if $hostNetwork }}
+          hostPort: {{ .port }}
+          {{- end }}
+          protocol: {{ .protocol | default "TCP" }}
         {{- end }}
       env:
         {{- include "voicebus.env" . | nindent 8 }}
-      # /readyz: 200 once the replica joined $SRV discovery and while its bus connection is up;
-      # 503 while it drains. /healthz: 200 while the process serves.
+      # /readyz: 200 once a stage joined $SRV discovery (the gateway: listens for SIP) and while
+      # its bus connection is up; 503 while it drains. /healthz: 200 while the process serves.
       readinessProbe:
         {{- toYaml .readiness | nindent 8 }}
         periodSeconds: 5
@@ -183,6 +206,9 @@ spec:
           mountPath: /etc/voicebus/nats-tls
           readOnly: true
         {{- end }}
+        {{- with .volumeMounts }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
   volumes:
     - name: tmp
       emptyDir: {}
@@ -213,6 +239,9 @@ spec:
         secretName: {{ required "nats.tls.secretName is required when nats.tls.enabled" $root.Values.nats.tls.secretName }}
         defaultMode: 0440
     {{- end }}
+    {{- with .volumes }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
 {{- end }}
 
 {{/* The environment of a service: the bus, its identity, LiveKit where needed, its own settings. */}}
@@ -224,16 +253,28 @@ spec:
   value: /tmp
 - name: VOICEBUS_NATS_URL
   value: {{ join "," $root.Values.nats.urls | quote }}
-- name: VOICEBUS_JS_REPLICAS
-  value: {{ $root.Values.nats.jetstreamReplicas | quote }}
 - name: VOICEBUS_METRICS_PORT
-  value: {{ $root.Values.metrics.port | quote }}
+  value: {{ .metricsPort | default $root.Values.metrics.port | quote }}
+{{- if .hostNetwork }}
+{{- /* On the node's network 0.0.0.0 would be every address of the node, public ones too: the
+pod's address is the node's cluster address, which the probes and Prometheus use. */}}
+- name: VOICEBUS_METRICS_ADDR
+  valueFrom:
+    fieldRef:
+      fieldPath: status.podIP
+{{- else }}
 - name: VOICEBUS_METRICS_ADDR
   value: 0.0.0.0
+{{- end }}
+{{- if ne $component "sip" }}
+{{- /* The gateway keeps nothing in JetStream, hangs up in a fixed 5 s and has no model. */}}
+- name: VOICEBUS_JS_REPLICAS
+  value: {{ $root.Values.nats.jetstreamReplicas | quote }}
 - name: VOICEBUS_SHUTDOWN_GRACE
   value: {{ $root.Values.shutdownGraceSeconds | quote }}
 - name: VOICEBUS_WHISPER_CACHE
   value: /var/cache/voicebus
+{{- end }}
 {{- if $root.Values.nats.nkeys.enabled }}
 - name: VOICEBUS_NATS_NKEY_FILE
   value: /etc/voicebus/nkey/{{ $component }}.nk
@@ -294,6 +335,26 @@ spec:
 - name: VOICEBUS_SESSION_PAGES_NKEY_FILE
   value: /etc/voicebus/nkey-pages/pages.nk
 {{- end }}
+{{- end }}
+{{- end }}
+{{- if eq $component "sip" }}
+- name: VOICEBUS_SIP_LISTEN
+  value: {{ printf "0.0.0.0:%d" (int $v.port) | quote }}
+- name: VOICEBUS_SIP_TRANSPORTS
+  value: {{ $v.transports | quote }}
+- name: VOICEBUS_SIP_RTP_PORTS
+  value: {{ $v.rtpPorts | quote }}
+- name: VOICEBUS_SIP_CONFIG
+  value: {{ include "voicebus.sipConfigPath" $root }}
+{{- if $v.externalHost }}
+- name: VOICEBUS_SIP_EXTERNAL_HOST
+  value: {{ $v.externalHost | quote }}
+{{- else if .hostNetwork }}
+{{- /* The node's address as the cluster knows it (its InternalIP, else ExternalIP). */}}
+- name: VOICEBUS_SIP_EXTERNAL_HOST
+  valueFrom:
+    fieldRef:
+      fieldPath: status.hostIP
 {{- end }}
 {{- end }}
 {{- range $name, $value := merge (dict) ($v.env | default dict) $root.Values.env }}
