@@ -19,7 +19,8 @@ The agent holds the floor from a verdict that it speaks until that reply's final
 When the user starts speaking over it, the voice pauses at once (no transcript needed). Then the
 utterance interrupts (``TurnRules.interrupts``: long enough, with real words, judged on partials
 as they come and on the final) and the reply is cut for good; or it ends without interrupting
-(a cough, "uh-huh", no words) and the reply resumes where the user stopped hearing it.
+(a cough, "uh-huh", no words) and the reply resumes where the user stopped hearing it. Those
+rules are for speech: a message the user typed is always a turn, and it cuts a reply at once.
 
 ``Floor`` is pure logic: the worker feeds it events in any order NATS delivers them across
 subjects and carries out what it asks through ``FloorActions``. Its state is the shared turn
@@ -34,6 +35,11 @@ from typing import Protocol
 from proto.events import AgentStateName, VerdictAction
 from services.runtime.ledger import FloorRecord, TurnLedger
 from services.runtime.turns import TurnRules, words
+
+
+# Why a goodbye ends the session (SessionEnd.reason on floor.end).
+USER_IDLE = "user idle"
+AGENT_HUNG_UP = "the agent ended the call"
 
 
 class FloorActions(Protocol):
@@ -75,6 +81,7 @@ class Floor:
         self.idle_prompts = idle_prompts
         self.reply: int | None = record.reply if record.reply >= 0 else None  # holds the floor
         self.goodbye: int | None = record.goodbye if record.goodbye >= 0 else None
+        self.goodbye_reason = record.goodbye_reason or USER_IDLE
         self.greeted = record.greeted
         self.greeting = greeting and not record.greeted  # a greeting is configured and due
         self.audible = False  # the reply is being played
@@ -129,7 +136,7 @@ class Floor:
         self._record()
 
     def final_transcript(self, turn: int, text: str, speech_ms: int,
-                         continued: bool = False) -> None:
+                         continued: bool = False, typed: bool = False) -> None:
         if self.drafting is not None and self.drafting[0] == turn:
             self._settle_draft(turn, text, continued)
             return
@@ -143,15 +150,23 @@ class Floor:
             return
         if not self._judgeable(turn):
             return
-        said = words(text)
+        # Typed text is words in any script; speech counts the words the recogniser heard.
+        said = bool(text.strip()) if typed else bool(words(text))
         # The user spoke first: no greeting is coming any more.
         self.greeting = self.greeting and not said
+        # A typed message says the user is there, microphone or not.
+        self.user_heard = self.user_heard or typed
         if self.reply is not None and turn > self.reply:
-            if not self.rules.interrupts(text, speech_ms, final=True):
+            if typed and said:
+                # Typed words are meant: no cough or "uh-huh" to tell apart, so even a typed
+                # "ok" asks something new. The reply is cut and the message answered.
+                self._interrupt("typed")
+            elif not self.rules.interrupts(text, speech_ms, final=True):
                 self._resume()  # a cough, a backchannel: the reply goes on, unanswered
                 self._ignore(turn, self._not_a_turn(text, speech_ms))
                 return
-            self._interrupt()
+            else:
+                self._interrupt()
         if said:
             self._speak(turn, "answer", text)
         else:
@@ -184,9 +199,17 @@ class Floor:
         if turn == self.goodbye:
             self.goodbye = None
             if not interrupted:
-                self.actions.end_session("user idle")
+                self.actions.end_session(self.goodbye_reason)
         self._record()
         self._show(turn)
+
+    def end_call(self, turn: int) -> None:
+        """The agent decided to hang up in reply ``turn`` (its ``end_call`` tool): the session
+        ends once that reply is heard in full, as after an idle goodbye. A reply already cut
+        (or superseded) ends nothing."""
+        if turn == self.reply:
+            self.goodbye, self.goodbye_reason = turn, AGENT_HUNG_UP
+            self._record()
 
     def abandon_reply(self, reason: str) -> None:
         """The reply holding the floor cannot be heard any more (its audio died with a replica):
@@ -253,7 +276,7 @@ class Floor:
         self.reply = turn
         self.audible = False
         if action == "goodbye":
-            self.goodbye = turn
+            self.goodbye, self.goodbye_reason = turn, USER_IDLE
         self.actions.verdict(turn, action, text, "")
         if self.speaking_since is not None:
             self._pause()  # the user already speaks again: the reply waits its turn
@@ -290,6 +313,7 @@ class Floor:
             judged=self.ledger.newest, cut=self.ledger.cut, greeted=self.greeted,
             reply=-1 if self.reply is None else self.reply,
             goodbye=-1 if self.goodbye is None else self.goodbye,
+            goodbye_reason="" if self.goodbye_reason == USER_IDLE else self.goodbye_reason,
             draft=-1 if self.drafting is None else self.drafting[0],
             draft_text="" if self.drafting is None else self.drafting[1]))
 

@@ -133,6 +133,7 @@ class EgressWorker(SessionWorker[EgressConfig]):
                         sj.producer_all(self.session, "stt"), sj.producer_all(self.session, "llm")):
             await self.subscribe(subject, self.handle)
         await self.subscribe(sj.INGRESS_TRACK.subject(self.session), self.handle)
+        await self.subscribe(sj.INGRESS_TEXT.subject(self.session), self.handle)
 
     async def on_claimed(self) -> None:
         self.wav_out = ""
@@ -156,7 +157,7 @@ class EgressWorker(SessionWorker[EgressConfig]):
                 self._show_user(event)
                 self.turns.final(event.turn)
                 self.floor.final_transcript(event.turn, event.text, event.speech_ms,
-                                            continued=event.continued)
+                                            continued=event.continued, typed=event.typed)
             case ev.Transcript(settled=True):
                 self._show_user(event)
                 self.floor.settled_transcript(event.turn, event.text)
@@ -167,10 +168,18 @@ class EgressWorker(SessionWorker[EgressConfig]):
                 self.floor.user_idle(event.turn, event.count)
             case ev.ReplyDelta() if self.transcripts is not None and event.text:
                 self.transcripts.agent_text(event.turn, event.text)
-            case ev.ReplyDone() if self.transcripts is not None:
-                self.transcripts.agent_text(event.turn, event.text, whole=True)
+            case ev.ReplyDone():
+                if event.end_call:
+                    self.floor.end_call(event.turn)
+                if self.transcripts is not None:
+                    self.transcripts.agent_text(event.turn, event.text, whole=True)
             case ev.InputTrack():
                 self.on_input_track(event)
+            case ev.UserText(participant=participant) if self.transcripts is not None \
+                    and participant:
+                # Ingress passes on only the session's user's messages: the transcripts go to
+                # whoever typed, with a microphone or without one.
+                self.transcripts.user_identity = participant
 
     # ---- the agent's voice ----------------------------------------------------------------------
 

@@ -8,11 +8,19 @@ closes end to end. The history keeps of each reply what the user heard (``Playba
 A ``draft`` verdict is answered at once like any other, but its turn enters the history only
 when the plain verdict of the same turn confirms it; a cancel before that forgets it whole (the
 user's words come again in the turn that carries them on).
+
+Tools (docs/tools.md): the model may answer with tool calls. The decision enters the history
+first, then each call runs exactly once, outside the reply's task: a barge-in cancels the reply
+but not a call that has started (unless its tool is cancellable), and its result is kept for
+the next reply, which waits for it. A draft acts only once its turn is confirmed; a reply cut
+before the model finished deciding calls nothing. The model sees each decision followed by the
+answers to its calls, whatever order they arrived in.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
@@ -25,7 +33,9 @@ from proto import events as ev
 from proto import subjects as sj
 from proto.events import Timing
 from services.llm.config import LlmConfig
-from services.llm.provider import PROVIDERS, ChatMessage, LlmProvider
+from proto.tools import ToolSpec
+from services.llm.provider import PROVIDERS, ChatMessage, LlmProvider, ToolCall
+from services.llm.tools import END_CALL, ToolBox
 from services.runtime import metrics, tracing
 from services.runtime.fallback import FallbackAdapter, answered_by
 from services.runtime.ledger import MAX_AHEAD, FloorRecord, TurnLedger
@@ -35,6 +45,8 @@ from services.runtime.service import ProviderStage, SessionWorker
 HISTORY_BUCKET = "voicebus_history"
 _history_codec = (msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(list[ChatMessage]))
 _PROBE = (ChatMessage("system", "Answer with one word."), ChatMessage("user", "Say OK."))
+# Rounds of tool calls in one reply; the last round is offered no tools, so it must speak.
+MAX_TOOL_ROUNDS = 4
 
 
 class Origin(NamedTuple):
@@ -47,12 +59,23 @@ class Origin(NamedTuple):
 class Draft:
     """A reply to a draft verdict, kept out of the history until its turn is confirmed."""
 
-    __slots__ = ("confirmed", "dropped", "memory")
+    __slots__ = ("certain", "confirmed", "dropped", "memory")
 
     def __init__(self) -> None:
         self.confirmed = False
         self.dropped = False
         self.memory: tuple[str, str, bool] | None = None  # (user, reply, interrupted) once done
+        self.certain = asyncio.Event()  # set on confirmation: its tool calls may run
+
+
+class Acting:
+    """A reply whose model called tools: what of it the history already holds."""
+
+    __slots__ = ("stored_chars", "user_stored")
+
+    def __init__(self) -> None:
+        self.user_stored = False  # the user's message went in before the first decision
+        self.stored_chars = 0  # the reply's text up to here is in the decisions
 
 
 class LlmFallback(FallbackAdapter[LlmProvider]):
@@ -61,8 +84,12 @@ class LlmFallback(FallbackAdapter[LlmProvider]):
 
     stage = "llm"
 
-    def complete(self, messages: Sequence[ChatMessage]) -> AsyncIterator[str]:
-        return self.run(lambda provider, _: provider.complete(messages))
+    def complete(self, messages: Sequence[ChatMessage],
+                 tools: Sequence[ToolSpec] = ()) -> AsyncIterator[str | ToolCall]:
+        # Without tools, the one-argument call: a provider that knows no tools still works.
+        if not tools:
+            return self.run(lambda provider, _: provider.complete(messages))
+        return self.run(lambda provider, _: provider.complete(messages, tools))
 
     async def probe(self, provider: LlmProvider) -> None:
         async with aclosing(provider.complete(_PROBE)) as deltas:
@@ -81,6 +108,10 @@ class LlmWorker(SessionWorker[LlmConfig]):
         self.reply_turn = -1
         self.heard: dict[int, int] = {}  # Playback cuts that came before their reply was stored
         self.drafts: dict[int, Draft] = {}
+        self.agent = self.service.agents.get_or_default(self.start_event.agent)
+        self.acting: dict[int, Acting] = {}
+        self.calls: set[asyncio.Task[ChatMessage]] = set()  # tool calls still running
+        self.end_call_turn = -1  # the reply that called end_call
         # The judge's decisions in one subscription: a cancel and the verdict after it stay in
         # order.
         await self.subscribe(sj.producer_all(self.session, "floor"), self.handle)
@@ -92,12 +123,18 @@ class LlmWorker(SessionWorker[LlmConfig]):
         error: its text may have been half sent, so asking the model again could say it twice.
         The agent listens again and the user's next words are answered."""
         turn = record.reply
-        if turn < 0 or any(message.turn == turn for message in self.history):
+        if turn < 0 or any(message.turn == turn and message.role != "user"
+                           for message in self.history):
             return
         self.ledger.pass_over(turn)
         await self.stage_error("the replica answering this turn died", retryable=True, turn=turn)
         await self.emit(sj.LLM_DONE, ev.ReplyDone, turn=turn, interrupted=True,
-                        error="replica lost", provider=self.service.provider.name)
+                        error="replica lost", provider=self.provider.name)
+
+    @property
+    def provider(self) -> LlmFallback:
+        """This session's LLM chain (its agent's, if that agent has LLM settings of its own)."""
+        return self.service.provider_for(self.start_event.agent)
 
     async def _load_history(self) -> list[ChatMessage]:
         try:
@@ -157,7 +194,10 @@ class LlmWorker(SessionWorker[LlmConfig]):
 
     def messages_for(self, text: str) -> list[ChatMessage]:
         keep = self.history[-2 * self.config.llm_history_turns:] if self.config.llm_history_turns else []
-        return [ChatMessage("system", self.config.system_prompt), *keep, ChatMessage("user", text)]
+        system = self.agent.instructions or self.config.system_prompt
+        if extra := self.start_event.instructions:
+            system = f"{system}\n\n{extra}"
+        return [ChatMessage("system", system), *model_view(keep), ChatMessage("user", text)]
 
     async def respond(self, verdict: ev.Verdict, received: float,
                       superseded: asyncio.Task[None] | None, origin: Origin) -> None:
@@ -165,43 +205,154 @@ class LlmWorker(SessionWorker[LlmConfig]):
             # It stores its user message (and what it said) as it closes: the model must see
             # that turn before this one.
             await asyncio.wait([superseded])
+        if self.calls:
+            # Tool calls of an earlier reply still running (it was cut): the model must see
+            # their results. Each is bounded by its tool's timeout.
+            await asyncio.wait(set(self.calls))
+        turn = verdict.turn
         parts: list[str] = []
         outcome, error = "ok", ""
-        provider = self.service.provider
-        # Not started until iterated; it names the provider that answered (or failed last).
-        stream = provider.complete(self.messages_for(verdict.text))
+        provider = self.provider
+        messages = self.messages_for(verdict.text)
+        stream: AsyncIterator[str | ToolCall] | None = None
         try:
-            await self._stream_reply(stream, verdict.turn, received, parts, origin)
+            offered = await self.service.tools.offered(self.agent.tools) if self.agent.tools else []
+            for round_ in range(MAX_TOOL_ROUNDS + 1):
+                # Not started until iterated; it names the provider that answered (or failed).
+                stream = provider.complete(messages, offered if round_ < MAX_TOOL_ROUNDS else ())
+                calls = await self._stream_reply(stream, turn, received, parts, origin)
+                if not calls:
+                    break
+                messages += await self._act(verdict, calls, parts, offered, received, origin)
         except asyncio.CancelledError:
             outcome = "interrupted"
         except Exception as exc:  # a provider failure or a bug: the turn still closes
-            outcome, error = "error", await self.provider_failed(verdict.turn, exc, "reply")
+            outcome, error = "error", await self.provider_failed(turn, exc, "reply")
         text = "".join(parts)
-        await self.emit(sj.LLM_DONE, ev.ReplyDone, turn=verdict.turn, text=text,
+        await self.emit(sj.LLM_DONE, ev.ReplyDone, turn=turn, text=text,
                         interrupted=outcome == "interrupted", error=error,
-                        provider=answered_by(stream, provider),
+                        provider=answered_by(stream, provider) if stream else provider.name,
+                        end_call=outcome == "ok" and self.end_call_turn == turn,
                         timing=Timing(compute_ms=(time.perf_counter() - received) * 1000))
         metrics.TURNS.labels("llm", outcome).inc()
         await self._settle(verdict.turn, verdict.text, text, outcome == "interrupted")
 
     async def _unstarted(self, turn: int) -> None:
         await self.emit(sj.LLM_DONE, ev.ReplyDone, turn=turn, interrupted=True,
-                        provider=self.service.provider.name)
+                        provider=self.provider.name)
 
-    async def _stream_reply(self, stream: AsyncIterator[str], turn: int, received: float,
-                            parts: list[str], origin: Origin) -> None:
+    async def _stream_reply(self, stream: AsyncIterator[str | ToolCall], turn: int,
+                            received: float, parts: list[str], origin: Origin
+                            ) -> list[ToolCall]:
+        """Speak the model's text as it comes; return the calls it decided on (at its end)."""
+        calls: list[ToolCall] = []
+        # A round after words already said: keep a space between them.
+        gap = bool(parts) and not parts[-1][-1:].isspace()
         # aclosing: a cancelled turn must close the provider's stream at once.
         async with aclosing(stream):
-            async for delta in stream:
-                elapsed = (time.perf_counter() - received) * 1000
-                trace = None
-                if not parts:
-                    name = answered_by(stream, self.service.provider)
-                    metrics.PROVIDER_SECONDS.labels("llm", name).observe(elapsed / 1000)
-                    trace = self._first_token(turn, origin, name)
-                await self.emit(sj.LLM_DELTA, ev.ReplyDelta, turn=turn, text=delta, trace=trace,
-                                index=len(parts), timing=Timing(compute_ms=elapsed))
-                parts.append(delta)
+            async for item in stream:
+                if isinstance(item, ToolCall):
+                    calls.append(item)
+                    continue
+                if not item:
+                    continue
+                if gap:
+                    item, gap = " " + item, False
+                await self._delta(turn, item, parts, received, origin,
+                                  answered_by(stream, self.provider))
+        return calls
+
+    async def _delta(self, turn: int, text: str, parts: list[str], received: float,
+                     origin: Origin, provider: str) -> None:
+        elapsed = (time.perf_counter() - received) * 1000
+        trace = None
+        if not parts:
+            metrics.PROVIDER_SECONDS.labels("llm", provider).observe(elapsed / 1000)
+            trace = self._first_token(turn, origin, provider)
+        await self.emit(sj.LLM_DELTA, ev.ReplyDelta, turn=turn, text=text, trace=trace,
+                        index=len(parts), timing=Timing(compute_ms=elapsed))
+        parts.append(text)
+
+    # ---- tools -----------------------------------------------------------------------------------
+
+    async def _act(self, verdict: ev.Verdict, calls: list[ToolCall], parts: list[str],
+                   offered: list[ToolSpec], received: float, origin: Origin
+                   ) -> list[ChatMessage]:
+        """The model decided to call tools: the decision goes into the history, each call runs
+        once, and what the model must see next (the decision and the answers) comes back."""
+        turn = verdict.turn
+        draft = self.drafts.get(turn)
+        if draft is not None and not draft.confirmed:
+            await draft.certain.wait()  # a cancel of the draft cancels this reply meanwhile
+        acting = self.acting.setdefault(turn, Acting())
+        said = "".join(parts)
+        if not acting.user_stored:
+            acting.user_stored = True
+            self.history.append(ChatMessage("user", verdict.text, turn=turn))
+        decision = ChatMessage("assistant", said[acting.stored_chars:], turn=turn,
+                               tool_calls=tuple(calls))
+        acting.stored_chars = len(said)
+        self.history.append(decision)
+        await self._save()
+        specs = {spec.name: spec for spec in offered}
+        running = [self._start_call(turn, call, specs.get(call.name)) for call in calls]
+        answers = await self._await_calls(turn, running, [specs.get(c.name) for c in calls],
+                                          parts, received, origin)
+        return [decision, *answers]
+
+    def _start_call(self, turn: int, call: ToolCall, spec: ToolSpec | None
+                    ) -> asyncio.Task[ChatMessage]:
+        # Its own task, not the reply's: cutting the reply must not cut a call that started.
+        task = asyncio.create_task(self._run_call(turn, call, spec), name=f"tool-{call.name}")
+        self.calls.add(task)
+        task.add_done_callback(self.calls.discard)
+        return task
+
+    async def _await_calls(self, turn: int, running: list[asyncio.Task[ChatMessage]],
+                           specs: list[ToolSpec | None], parts: list[str], received: float,
+                           origin: Origin) -> list[ChatMessage]:
+        together = asyncio.gather(*running)
+        try:
+            wait = self.agent.filler_ms / 1000
+            if self.agent.filler and wait and not "".join(parts).strip():
+                done, _ = await asyncio.wait([together], timeout=wait)
+                if not done:  # a slow tool and a silent agent: say something meanwhile
+                    await self._delta(turn, self.agent.filler.strip() + " ", parts, received,
+                                      origin, "voicebus")
+            return list(await asyncio.shield(together))
+        except asyncio.CancelledError:
+            for task, spec in zip(running, specs):
+                if spec is not None and spec.cancellable:
+                    task.cancel()
+            raise
+
+    async def _run_call(self, turn: int, call: ToolCall, spec: ToolSpec | None) -> ChatMessage:
+        began = time.perf_counter()
+        await self.emit(sj.LLM_TOOL, ev.ToolUse, turn=turn, call_id=call.id[:128],
+                        name=call.name[:64], arguments=call.arguments[:16384])
+        result, error = "", "cancelled: the user interrupted"
+        try:
+            if spec is None:
+                result, error = "", f"there is no tool named {call.name!r}"
+            elif spec.name == END_CALL.name:
+                self.end_call_turn = turn
+                result, error = json.dumps("The call ends once the user has heard this reply."), ""
+            else:
+                result, error = await self.service.tools.call(spec, call, self.session, turn)
+        finally:
+            ms = (time.perf_counter() - began) * 1000
+            content = json.dumps({"error": error}) if error else result
+            answer = ChatMessage("tool", content, turn=turn, tool_call_id=call.id, name=call.name)
+            self.history.append(answer)
+            metrics.TOOL_CALLS.labels(call.name if spec else "unknown",
+                                      "error" if error else "ok").inc()
+            if error:
+                self.log.info("tool %s failed: %s", call.name, error)
+            await self._save()
+            await self.emit(sj.LLM_TOOL, ev.ToolUse, turn=turn, call_id=call.id[:128],
+                            name=call.name[:64], done=True, result=result[:16384],
+                            error=error[:16384], ms=ms)
+        return answer
 
     def _first_token(self, turn: int, origin: Origin, provider: str) -> tracing.Headers | None:
         """The reply's first text is out: LLM TTFT, and the turn's trace goes on to the TTS."""
@@ -215,6 +366,9 @@ class LlmWorker(SessionWorker[LlmConfig]):
 
     async def _settle(self, turn: int, user: str, reply: str, interrupted: bool) -> None:
         """Reply ``turn`` is over: into the history, unless it is a draft not yet confirmed."""
+        if (acting := self.acting.pop(turn, None)) is not None:
+            # Its decisions hold the user's words and what was said before each call.
+            user, reply = "" if acting.user_stored else user, reply[acting.stored_chars:]
         draft = self.drafts.get(turn)
         if draft is None or draft.confirmed:
             self.drafts.pop(turn, None)
@@ -227,6 +381,7 @@ class LlmWorker(SessionWorker[LlmConfig]):
     async def _confirm(self, turn: int) -> None:
         """The final agreed with draft ``turn``: it is the answer, and joins the history."""
         draft = self.drafts[turn]
+        draft.certain.set()
         if draft.memory is None:
             draft.confirmed = True  # still being written: it joins the history when done
             return
@@ -246,40 +401,67 @@ class LlmWorker(SessionWorker[LlmConfig]):
 
     # ---- history ---------------------------------------------------------------------------------
 
+    async def _save(self) -> None:
+        await self.bus.put(self.kv, self.session, _history_codec[0].encode(self.history))
+
     async def _remember(self, user: str, assistant: str, interrupted: bool, turn: int) -> None:
         if user:
             self.history.append(ChatMessage("user", user, turn=turn))
         if assistant:
-            message = ChatMessage("assistant", assistant, interrupted=interrupted, turn=turn)
-            if (heard := self.heard.pop(turn, None)) is not None:
-                message = _heard_part(message, heard)
-            if message.content:
-                self.history.append(message)
-        await self.bus.put(self.kv, self.session, _history_codec[0].encode(self.history))
+            self.history.append(ChatMessage("assistant", assistant, interrupted=interrupted,
+                                            turn=turn))
+        if (heard := self.heard.pop(turn, None)) is not None:
+            _cut_history(self.history, turn, heard)
+        await self._save()
 
     async def _cut(self, turn: int, heard: int) -> None:
         """The user heard reply ``turn`` only up to character ``heard``: keep just that, marked
         interrupted (nothing heard: no assistant message at all)."""
-        for index in range(len(self.history) - 1, -1, -1):
-            message = self.history[index]
-            if message.role == "assistant" and message.turn == turn:
-                cut = _heard_part(message, heard)
-                if cut.content:
-                    self.history[index] = cut
-                else:
-                    del self.history[index]
-                await self.bus.put(self.kv, self.session,
-                                   _history_codec[0].encode(self.history))
-                return
-        # Not stored yet (still being written, or closing after a newer turn took over).
+        settled = turn not in self.acting and any(
+            m.role == "assistant" and m.turn == turn for m in self.history)
+        if settled:
+            _cut_history(self.history, turn, heard)
+            await self._save()
+            return
+        # Not stored (in full) yet: still being written, or closing after a newer turn took over.
         self.heard[turn] = heard
         while len(self.heard) > 64:  # cuts of replies that never had text
             del self.heard[min(self.heard)]
 
 
-def _heard_part(message: ChatMessage, heard: int) -> ChatMessage:
-    text = message.content[:max(0, heard)].rstrip()
-    return msgspec.structs.replace(message, content=text, interrupted=True)
+def _cut_history(history: list[ChatMessage], turn: int, heard: int) -> None:
+    """Cut the assistant messages of ``turn`` (its text before each tool call, then the rest:
+    consecutive pieces of the reply) to the first ``heard`` characters of the reply. A piece
+    left empty goes, unless it holds tool calls (their answers refer to it)."""
+    start = 0
+    for index in range(len(history)):
+        message = history[index]
+        if message.role != "assistant" or message.turn != turn:
+            continue
+        length = len(message.content)
+        if heard < start + length:
+            text = message.content[:max(0, heard - start)].rstrip()
+            history[index] = msgspec.structs.replace(message, content=text, interrupted=True)
+        start += length
+    history[:] = [m for m in history if not (m.role == "assistant" and m.turn == turn
+                                             and not m.content and not m.tool_calls)]
+
+
+def model_view(history: Sequence[ChatMessage]) -> list[ChatMessage]:
+    """The history as a model must read it: each decision to call tools followed at once by
+    the answers to its calls (whatever came between them in time), an answer that was lost
+    (its replica died) said to be lost, and answers whose decision is out of view left out."""
+    answers = {m.tool_call_id: m for m in history if m.role == "tool"}
+    view: list[ChatMessage] = []
+    for message in history:
+        if message.role == "tool":
+            continue
+        view.append(message)
+        for call in message.tool_calls:
+            view.append(answers.get(call.id) or ChatMessage(
+                "tool", json.dumps({"error": "the result was lost"}), turn=message.turn,
+                tool_call_id=call.id, name=call.name))
+    return view
 
 
 class LlmService(ProviderStage[LlmConfig]):
@@ -289,3 +471,7 @@ class LlmService(ProviderStage[LlmConfig]):
     PROVIDERS = PROVIDERS
     Fallback = LlmFallback
     provider: LlmFallback
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        self.tools = ToolBox(self.bus.nc)
+        await super().serve(stop)

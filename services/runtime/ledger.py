@@ -35,6 +35,8 @@ class FloorRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
     greeted: bool = False
     reply: int = -1
     goodbye: int = -1
+    # Why the goodbye ends the session: the user stayed silent (empty), or the agent hung up.
+    goodbye_reason: str = ""
     draft: int = -1
     draft_text: str = ""
 

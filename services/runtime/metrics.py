@@ -70,6 +70,10 @@ PROVIDER_PROBES = Counter(
 LLM_TOKENS = Counter(
     "voicebus_llm_tokens", "Tokens as reported by the LLM API", ["provider", "kind"]
 )
+TOOL_CALLS = Counter(
+    "voicebus_tool_calls", "Tool calls the LLM stage ran, by tool (unknown: a name the model "
+    "made up) and outcome (ok, error)", ["tool", "outcome"]
+)
 
 # A turn's latency, in the names LiveKit Agents users know (its EOUMetrics, LLMMetrics and
 # TTSMetrics fields), each measured by the stage that sees both of its ends.

@@ -32,7 +32,7 @@ import proto
 from proto import codec
 from proto import events as ev
 from proto import subjects as sj
-from services.runtime import metrics, tracing
+from services.runtime import agents, metrics, tracing
 from services.runtime.bus import Bus, Handler, Stopped, replicas_of
 from services.runtime.config import BaseConfig
 from services.runtime.errors import ConfigError, ProviderError
@@ -60,10 +60,12 @@ class SessionWorker(Generic[C]):
     def __init__(self, service: StageService[C], start: ev.SessionStart) -> None:
         self.service = service
         self.bus = service.bus
-        self.config: C = service.config
+        self.config: C = service.config_for(start.agent)
         self.start_event = start
         self.session = start.session
         self.log = logging.LoggerAdapter(log, {"stage": service.stage, "session": self.session})
+        if start.agent and start.agent not in getattr(service, "agents", (start.agent,)):
+            self.log.warning("unknown agent %r: this session gets the default one", start.agent)
         self.ledger = TurnLedger()
         # ``seq`` counts per producer: egress speaks as "egress" and as the judge, "floor".
         self._seq: collections.defaultdict[str, itertools.count[int]] = collections.defaultdict(
@@ -209,6 +211,19 @@ class StageService(Generic[C]):
         self._claiming: set[str] = set()
         self._ended: dict[str, None] = {}  # recently ended sessions, oldest first
         self._lease_rev: dict[str, int] = {}
+
+    def load_agents(self) -> None:
+        """The agent profiles (services/runtime/agents.py) and this stage's settings for each:
+        a profile this stage cannot use stops the start (ConfigError), not a call."""
+        self.agents = agents.load()
+        self.agent_configs = {name: agents.stage_config(self.config, agent, self.stage, name)
+                              for name, agent in self.agents.items()}
+
+    def config_for(self, agent: str) -> C:
+        """The settings of a session of ``agent``: the stage's own, with the agent's (an
+        unknown agent gets the default's; the token service refuses those)."""
+        configs = getattr(self, "agent_configs", None) or {}
+        return configs.get(agent or agents.DEFAULT) or configs.get(agents.DEFAULT) or self.config
 
     async def setup(self) -> None:
         """Load models and providers, before NATS is even connected: a configuration error
@@ -456,11 +471,26 @@ class ProviderStage(StageService[C]):
     provider: Any
 
     async def setup(self) -> None:
-        providers = [load_provider(self.stage, self.PROVIDERS, name, self.config)
-                     for name in chain_names(self.config, self.stage)]
-        self.provider = self.Fallback.from_config(providers, self.config)
+        self.provider = self._chain(self.config)
+        # An agent with settings of its own for this stage gets a chain made with them (its
+        # providers, its voice…), made now: one it cannot have stops the start.
+        self.chains: dict[str, Any] = {}
+        for name, config in getattr(self, "agent_configs", {}).items():
+            if config is not self.config:
+                self.chains[name] = self._chain(config)
+
+    def _chain(self, config: C) -> Any:
+        providers = [load_provider(self.stage, self.PROVIDERS, name, config)
+                     for name in chain_names(config, self.stage)]
+        return self.Fallback.from_config(providers, config)
+
+    def provider_for(self, agent: str) -> Any:
+        """The provider chain of a session of ``agent``."""
+        return self.chains.get(agent or agents.DEFAULT, self.provider)
 
     async def teardown(self) -> None:
+        for chain in getattr(self, "chains", {}).values():
+            await chain.aclose()
         await self.provider.aclose()
 
 
@@ -480,6 +510,7 @@ async def run(service_cls: type[StageService[Any]]) -> None:
     try:
         access = config.nats_options(service_cls.stage)
         tracing.setup(service_cls.stage, service.replica)
+        service.load_agents()
         await service.setup()
     except ConfigError as exc:
         raise SystemExit(f"voicebus {service_cls.stage}: configuration error: {exc}") from None

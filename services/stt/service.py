@@ -4,7 +4,9 @@ Only speech is decoded: frames are kept in a short pre-roll while the user is si
 utterance runs from ``SpeechStarted`` (plus pre-roll) to ``SpeechEnded``. An utterance opens the
 next turn, unless the previous turn's final is still held back (``endpoint.py``: a phrase left
 hanging waits for more speech): then it continues that turn, and the turn ends in one final of
-all its words. The turn counter lives in JetStream KV so another replica can carry on.
+all its words. A message the user typed (``UserText``) is a turn of its own, with a final
+marked ``typed``, after every turn already open. The turn counter lives in JetStream KV so
+another replica can carry on.
 """
 
 from __future__ import annotations
@@ -120,6 +122,8 @@ class OpenTurn:
         self.compute_ms = 0.0  # of the last utterance: end of speech to its provider final
         self.provider = ""
         self.last: Utterance | None = None
+        # The user typed meanwhile: they are done speaking this turn, so no hold for more.
+        self.typed_after = False
 
     def add(self, utterance: Utterance) -> None:
         self.pending.append(utterance)
@@ -147,6 +151,8 @@ class SttWorker(SessionWorker[SttConfig]):
         self.gaps = SeqGaps()
         self.keys = ""  # keypad keys pressed, not yet a turn
         self.keys_timer: asyncio.TimerHandle | None = None
+        # Messages the user typed, waiting for the turns still open to end.
+        self.typed: deque[str] = deque()
         # One subscription for audio and VAD keeps them in publish order.
         await self.subscribe(sj.producer_all(self.session, "ingress"), self.handle)
         if self.config.stt_user_idle_s > 0:
@@ -183,6 +189,8 @@ class SttWorker(SessionWorker[SttConfig]):
                 self.end_utterance(event)
             case ev.Dtmf():
                 self.on_key(event.digit)
+            case ev.UserText():
+                self.on_text(event.text)
 
     def on_audio(self, frame: ev.AudioFrame) -> None:
         if problem := frame_problem(frame, SAMPLE_RATE):
@@ -227,7 +235,7 @@ class SttWorker(SessionWorker[SttConfig]):
                 failed = False
                 while open_turn.pending:
                     failed = not await self.transcribe(open_turn, open_turn.pending.popleft())
-                hold = 0 if failed else self.holds.hold_ms(so_far.text)
+                hold = 0 if failed or open_turn.typed_after else self.holds.hold_ms(so_far.text)
                 settled = False
                 if hold and not open_turn.pending:
                     if hold <= self.config.stt_preemptive_max_hold_ms and words(so_far.text):
@@ -290,7 +298,7 @@ class SttWorker(SessionWorker[SttConfig]):
     async def transcribe(self, open_turn: OpenTurn, utt: Utterance) -> bool:
         """Transcribe one utterance into the turn; False when every provider failed (the turn
         then ends at once with what it has)."""
-        so_far, provider = open_turn.so_far, self.service.provider
+        so_far, provider = open_turn.so_far, self.service.provider_for(self.start_event.agent)
         text, confidence, ok = "", 0.0, True
         try:
             # Closed on every way out (a cancelled turn too): a provider's socket must not
@@ -354,11 +362,47 @@ class SttWorker(SessionWorker[SttConfig]):
             self.ledger.close(turn)
             self._activity_changed()
 
+    # ---- typed messages --------------------------------------------------------------------
+
+    def on_text(self, text: str) -> None:
+        """A message the user typed: a turn of its own once every turn open now has ended.
+        Turns are judged in order and a turn older than one judged is dropped, so a spoken turn
+        under way keeps its number and goes first; its end-of-turn hold is cut short, as the
+        user has turned to the keyboard."""
+        self.typed.append(text)
+        if self.open_turn is not None:
+            self.open_turn.typed_after = True
+            self.open_turn.more.set()  # wakes a hold in progress; ``pending`` is unchanged
+        self._activity_changed()
+
+    def _take_typed(self) -> None:
+        if not self.typed or self.ledger.open_turns:
+            return
+        text = self.typed.popleft()
+        self.user_idle.user_spoke()
+        self.turn += 1
+        self.ledger.open(self.turn)
+        self.spawn(self._typed_turn(self.turn, text), f"typed-{self.turn}")
+
+    async def _typed_turn(self, turn: int, text: str) -> None:
+        try:
+            # No speech: the judge answers it whoever holds the floor (barge-in rules are for
+            # speech), and it is one final with nothing before it.
+            await self.emit(sj.STT_FINAL, ev.Transcript, turn=turn, text=text, final=True,
+                            confidence=1.0, provider="typed", typed=True)
+            metrics.TURNS.labels("stt", "typed").inc()
+            await self._save_turn()
+        finally:
+            self.ledger.close(turn)
+            self._activity_changed()
+
     # ---- user idle -----------------------------------------------------------------------
 
     def _activity_changed(self) -> None:
-        """The user or a turn started or stopped: keep the user-idle timer in step."""
-        busy = self.utterance is not None or bool(self.ledger.open_turns)
+        """The user or a turn started or stopped: a typed message waiting for the turns open
+        may go, and the user-idle timer keeps in step."""
+        self._take_typed()
+        busy = self.utterance is not None or bool(self.ledger.open_turns) or bool(self.typed)
         if self.idle_timer is not None:
             self.idle_timer.cancel()
             self.idle_timer = None

@@ -8,7 +8,7 @@ from types import FrameType
 
 import uvicorn
 
-from services.runtime import metrics
+from services.runtime import agents, metrics
 from services.runtime.errors import ConfigError
 from services.runtime.logs import setup_logging
 from services.token.app import create_app
@@ -28,6 +28,7 @@ def main() -> None:
     try:
         config = load_config()
         authorize = load_authorizer(config.token_authorize)
+        agents.load()  # a broken agents file stops us here, not at the first token
     except ConfigError as exc:
         raise SystemExit(f"voicebus token: configuration error: {exc}") from None
     setup_logging(config.log_format, config.log_level)

@@ -34,6 +34,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from proto import events as ev
 from proto import subjects as sj
+from services.runtime import agents
 from services.runtime.bus import Bus
 from services.runtime.livekit import token_for
 from services.token import metrics
@@ -65,6 +66,7 @@ class TokenService:
         self.authorize = authorize
         self.limiter = RateLimiter(config.token_rate_per_minute / 60.0, config.token_burst)
         self.webhooks = Webhooks(config)
+        self.agents = agents.load()
         self.bus: Bus | None = None
         # The session pages' own connection, as the read-only role "pages" (when they are on).
         self.pages_bus: Bus | None = None
@@ -109,9 +111,11 @@ class TokenService:
     def mint(self, room: str, identity: str, name: str) -> TokenResponse:
         grants = api.VideoGrants(
             room_join=True, room=room, can_publish=True, can_publish_sources=["microphone"],
-            # No data: the page sends none, and a user's data or text streams would reach the
-            # agent as if it were ours to trust.
-            can_subscribe=True, can_publish_data=False, can_update_own_metadata=False)
+            # Data: the user types to the agent (text streams on lk.chat). Nothing a user sends
+            # is trusted as ours: livekit-server stamps a user's packets with their own
+            # identity, ingress reads lk.chat from the session's user alone (bounded, rate
+            # limited), and the page shows transcripts only from the agent (docs/security.md).
+            can_subscribe=True, can_publish_data=True, can_update_own_metadata=False)
         token = token_for(self.config, room, identity, grants=grants, kind="standard", name=name,
                           ttl=self.config.token_ttl)
         # The expiry as written into the token (the SDK rounds to whole seconds).
@@ -122,14 +126,16 @@ class TokenService:
     def event(self, cls: type[E], session: str, **fields: Any) -> E:
         return cls(session=session, seq=next(self._seq), ts_ns=time.time_ns(), **fields)
 
-    async def dispatch(self, room: str, caller: str = "") -> None:
+    async def dispatch(self, room: str, caller: str = "", agent: str = "",
+                       instructions: str = "") -> None:
         """Send the agent: stages ignore a repeated start for a session they own, so every
         token dispatches. Returns once nats-server has the start; else 503."""
         if self.bus is None or not self.connected:
             raise HTTPException(503, "the agent cannot be dispatched: not connected to NATS")
+        greeting = self.agents[agent].greeting or self.config.greeting
         await self.bus.publish(sj.CTL_START, self.event(ev.SessionStart, room, room=room,
-                                                        greeting=self.config.greeting,
-                                                        caller=caller))
+                                                        greeting=greeting, caller=caller,
+                                                        agent=agent, instructions=instructions))
         try:
             await self.bus.nc.flush(timeout=2)
         except (nats.errors.Error, asyncio.TimeoutError):
@@ -204,6 +210,12 @@ def _add_api_routes(app: FastAPI, service: TokenService) -> None:
         response.headers["Cache-Control"] = "no-store"  # a credential: no cache may keep it
         return granted
 
+    @app.get("/api/agents")
+    async def list_agents() -> list[dict[str, str]]:
+        """The agents a token may ask for (``agent``), with what they do."""
+        return [{"name": name, "description": agent.description}
+                for name, agent in service.agents.items()]
+
     @app.post("/livekit/webhook", include_in_schema=False)
     async def webhook(request: Request) -> dict[str, bool]:
         body = await read_limited(request, MAX_WEBHOOK_BODY)
@@ -225,11 +237,15 @@ def _add_api_routes(app: FastAPI, service: TokenService) -> None:
 async def _mint_for(service: TokenService, request: Request) -> TokenResponse:
     service.check_rate(request)  # before the body is read: the cheapest refusal first
     wanted = await read_token_request(request)
+    agent = wanted.agent or request.query_params.get("agent", "")
+    if agent not in service.agents:
+        known = ", ".join(service.agents)
+        raise HTTPException(400, f"unknown agent {agent[:64]!r}; known: {known}")
     identity = wanted.identity or f"user-{secrets.token_hex(6)}"
-    await require(service.authorize, request, wanted.room, identity,
-                  "not allowed to join this room")
+    instructions = await require(service.authorize, request, wanted.room, identity,
+                                 "not allowed to join this room")
     granted = service.mint(wanted.room, identity, wanted.name or "")
-    await service.dispatch(wanted.room)
+    await service.dispatch(wanted.room, agent=agent, instructions=instructions)
     metrics.TOKENS_MINTED.inc()
     log.info("token for %s", identity, extra={"stage": STAGE, "session": wanted.room})
     return granted

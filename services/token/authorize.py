@@ -53,19 +53,22 @@ def load_authorizer(target: str) -> Authorizer | None:
 
 
 async def is_allowed(authorize: Authorizer | None, request: Request, room: str,
-                     identity: str) -> bool:
+                     identity: str) -> Any:
+    """The hook's answer (truthy: allowed); True without a hook."""
     if authorize is None:
         return True
     verdict = authorize(request, room, identity)
     if inspect.isawaitable(verdict):
         verdict = await verdict
-    return bool(verdict)
+    return verdict
 
 
 async def require(authorize: Authorizer | None, request: Request, room: str, identity: str,
-                  refusal: str) -> None:
+                  refusal: str) -> str:
     """Ask the hook; 403 with ``refusal`` when it says no. A hook that fails is a 500 (and a
-    logged traceback), never a yes."""
+    logged traceback), never a yes. A hook that allows with a dict holding ``instructions``
+    (text) gives this session's agent those instructions too (the caller's name, their
+    account…): they are returned."""
     try:
         allowed = await is_allowed(authorize, request, room, identity)
     except HTTPException:
@@ -75,3 +78,6 @@ async def require(authorize: Authorizer | None, request: Request, room: str, ide
         raise HTTPException(500, "authorisation failed") from None
     if not allowed:
         raise HTTPException(403, refusal)
+    if isinstance(allowed, dict) and isinstance(allowed.get("instructions"), str):
+        return allowed["instructions"][:16384]
+    return ""

@@ -41,6 +41,9 @@ class TokenRequest(BaseModel):
     identity: Annotated[str | None, Field(pattern=IDENTITY_PATTERN, description="generated "
                                           "when missing")] = None
     name: Annotated[str | None, Field(max_length=64, description="display name")] = None
+    agent: Annotated[str | None, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="the "
+                                       "agent profile that answers (GET /api/agents); the "
+                                       "default one when missing")] = None
 
     @field_validator("identity")
     @classmethod

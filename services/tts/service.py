@@ -208,7 +208,7 @@ class TtsWorker(SessionWorker[TtsConfig]):
         await self.emit(sj.TTS_DONE, ev.SynthesisDone, turn=turn, interrupted=interrupted)
 
     async def speak(self, speech: TurnSpeech) -> None:
-        provider = self.service.provider
+        provider = self.service.provider_for(self.start_event.agent)
         framer = _Framer(provider.sample_rate)
         frames, first_ts, tts_ms = 0, 0, 0.0
         interrupted = False

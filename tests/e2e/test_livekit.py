@@ -5,6 +5,7 @@ token from the token service, exactly what ``voicebus call`` does."""
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 import time
 
@@ -15,7 +16,7 @@ from proto import events as ev
 from proto import subjects as sj
 from services.ingress.audio import read_wav
 from services.runtime.livekit import AGENT_IDENTITY
-from voicebus.call import Caller
+from voicebus.call import Caller, CallError, fetch_token
 from voicebus.client import Tap
 from voicebus.speech import say_to_wav, transcribe_wav
 
@@ -193,3 +194,44 @@ async def test_voicebus_call_command(lk_stack, lk_tap, tmp_path):
     spoken_s = sum(d.frames for d in lk_tap.of(ev.SynthesisDone, room)) * ev.FRAME_MS / 1000
     assert len(pcm) / 2 / rate >= spoken_s, (len(pcm) / 2 / rate, spoken_s)
     assert "time" in _words(await transcribe_wav(out)), text
+
+
+async def test_the_demo_agent_tells_the_time_through_its_tool(lk_stack, tmp_path):
+    """The offline demo agent (agents.toml): its rule-based LLM calls the demo tools' get_time
+    on the bus, and the user hears the time the tool gave, in voice and in the transcript."""
+    room = "lk-demo"
+    nc = await lk_stack.connect()
+    tap = Tap(nc)
+    await tap.watch(sj.session_all(room))
+    caller = Caller(lk_stack.token_url, room, "bob", agent="demo")
+    await caller.join()
+    try:
+        await caller.wait_state("listening", timeout=30)
+        caller.recording.clear()  # the demo's greeting
+        await caller.say(*await _utterance("What time is it?", tmp_path))
+        await caller.wait_reply(timeout=30)
+        (played,) = await tap.wait_for(
+            lambda: [p for p in tap.of(ev.Playback, room, final=True) if p.turn > 0], 15,
+            "the answer played")
+    finally:
+        caller.save_recording(tmp_path / "reply.wav")
+        await caller.leave()
+        await tap.close()
+        await nc.drain()
+
+    (start,) = tap.of(ev.SessionStart, room, topic=sj.CTL_START)
+    assert start.agent == "demo" and start.greeting.startswith("Hello! Ask me the time")
+    uses = tap.of(ev.ToolUse, room, topic=sj.LLM_TOOL)
+    assert [(u.name, u.done) for u in uses] == [("get_time", False), ("get_time", True)]
+    assert not uses[1].error
+    told = json.loads(uses[1].result)
+    (reply,) = tap.of(ev.ReplyDone, room, turn=played.turn)
+    assert reply.text == told["say"] and not reply.interrupted
+    assert played.played_ms > 1000 and not played.interrupted
+    heard = _words(await transcribe_wav(tmp_path / "reply.wav"))
+    assert heard & {"time", told["weekday"].lower()}, heard
+
+
+async def test_an_unknown_agent_is_refused_with_a_clear_4xx(lk_stack) -> None:
+    with pytest.raises(CallError, match="400: unknown agent 'bank'; known: default, demo"):
+        await fetch_token(lk_stack.token_url, "lk-bank", "carol", agent="bank")

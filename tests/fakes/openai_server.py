@@ -7,6 +7,10 @@ before streaming, a stall before the first byte, a broken connection or garbage 
     fake = await start_fake_openai(api_key="test-key")
     fake.reply = "Hello there."          # or leave None: "You said: <last user text>."
     fake.disconnect_after(2)             # drop the connection after two content chunks
+    fake.tool_calls = [{"name": "get_time", "arguments": "{}"}]
+                                         # answer a user message with these calls (streamed
+                                         # in pieces, as the API does); after the tools'
+                                         # answers: "The tools said: <their contents>."
     ...                                  # point OpenAILlm at fake.base_url
     assert fake.requests[0]["messages"][0]["role"] == "system"
     await fake.close()
@@ -55,6 +59,9 @@ class FakeOpenAI(FakeServer):
         super().__init__(api_key, host=host)
         # The reply text; None means "You said: <last user message>."
         self.reply: str | None = None
+        # Tool calls to answer a user's message with (after any ``reply`` text): name and
+        # arguments (JSON text, possibly malformed on purpose) of each.
+        self.tool_calls: list[dict[str, str]] = []
         self.requests: list[dict[str, Any]] = []
         self._ids = itertools.count(1)
 
@@ -78,12 +85,28 @@ class FakeOpenAI(FakeServer):
         if (status := self._take_status()) is not None:
             return openai_error(status)
         await pause(self.faults.stall)
+        calls = self._calls_for(body)
         reply = self._reply_text(body)
+        if calls and self.reply is None:
+            reply = ""
         if body.get("stream"):
-            return await self._stream_reply(request, body, reply)
+            return await self._stream_reply(request, body, reply, calls)
         return web.json_response(self._completion(body, reply), headers=self._headers())
 
+    def _calls_for(self, body: dict[str, Any]) -> list[dict[str, str]]:
+        """The tool calls to make: only for a user's message, and only of offered tools."""
+        messages = body.get("messages") or [{}]
+        offered = {t["function"]["name"] for t in body.get("tools") or ()}
+        if messages[-1].get("role") != "user":
+            return []
+        return [call for call in self.tool_calls if call["name"] in offered]
+
     def _reply_text(self, body: dict[str, Any]) -> str:
+        messages = body.get("messages") or [{}]
+        if messages[-1].get("role") == "tool":
+            said = [m.get("content") or "" for m in messages if m.get("role") == "tool"
+                    and m.get("tool_call_id") in _last_calls(messages)]
+            return f"The tools said: {'; '.join(said)}."
         if self.reply is not None:
             return self.reply
         users = [m.get("content") or "" for m in body.get("messages", []) if m.get("role") == "user"]
@@ -94,16 +117,29 @@ class FakeOpenAI(FakeServer):
         return {"x-request-id": f"req_fake{next(self._ids)}", "openai-processing-ms": "1"}
 
     async def _stream_reply(self, request: web.Request, body: dict[str, Any],
-                            reply: str) -> web.StreamResponse:
+                            reply: str, calls: list[dict[str, str]]) -> web.StreamResponse:
         chunks = _Chunks(body.get("model", "gpt-4o-mini"), body)
 
         async def write(response: web.StreamResponse) -> bool:
             await _send(response, chunks.delta({"role": "assistant", "content": ""}))
-            for index, piece in enumerate(_PIECE.findall(reply)):
+            pieces = _PIECE.findall(reply)
+            for index, piece in enumerate(pieces):
                 if not await self._inject(request, response, index):
                     return False
                 await _send(response, chunks.delta({"content": piece}))
-            await _send(response, chunks.delta({}, finish_reason="stop"))
+            for number, call in enumerate(calls):
+                # As the API streams a call: id and name first, the arguments in pieces after.
+                if not await self._inject(request, response, len(pieces) + number):
+                    return False
+                head = {"index": number, "id": f"call_fake{next(self._ids)}", "type": "function",
+                        "function": {"name": call["name"], "arguments": ""}}
+                await _send(response, chunks.delta({"tool_calls": [head]}))
+                half = len(call["arguments"]) // 2
+                for part in (call["arguments"][:half], call["arguments"][half:]):
+                    await _send(response, chunks.delta(
+                        {"tool_calls": [{"index": number, "function": {"arguments": part}}]}))
+            finish = "tool_calls" if calls else "stop"
+            await _send(response, chunks.delta({}, finish_reason=finish))
             if chunks.include_usage:
                 await _send(response, chunks.usage(reply))
             await response.write(b"data: [DONE]\n\n")
@@ -170,6 +206,14 @@ class _Chunks:
         chunk["usage"] = {"prompt_tokens": self.prompt_words, "completion_tokens": completion,
                           "total_tokens": self.prompt_words + completion}
         return chunk
+
+
+def _last_calls(messages: list[dict[str, Any]]) -> set[str]:
+    """The ids of the calls of the last assistant message that made some."""
+    for message in reversed(messages):
+        if message.get("role") == "assistant" and message.get("tool_calls"):
+            return {call["id"] for call in message["tool_calls"]}
+    return set()
 
 
 async def _send(response: web.StreamResponse, chunk: dict[str, Any]) -> None:

@@ -10,5 +10,13 @@ TICKET = "open-sesame"
 CLOSED_ROOM = "closed-room"
 
 
-async def require_ticket(request: Request, room: str, identity: str) -> bool:
-    return request.headers.get(TICKET_HEADER) == TICKET and room != CLOSED_ROOM
+CUSTOMER_HEADER = "x-voicebus-customer"
+
+
+async def require_ticket(request: Request, room: str, identity: str) -> bool | dict[str, str]:
+    """A ticket lets you in; a known customer's agent also learns who is calling."""
+    if request.headers.get(TICKET_HEADER) != TICKET or room == CLOSED_ROOM:
+        return False
+    if customer := request.headers.get(CUSTOMER_HEADER):
+        return {"instructions": f"The caller is {customer}, a premium customer."}
+    return True

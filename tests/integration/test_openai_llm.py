@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import AsyncIterator
 
 import pytest
 
 from services.llm.config import LlmConfig
-from services.llm.provider import ChatMessage
+from proto.tools import ToolSpec
+from services.llm.provider import ChatMessage, ToolCall
 from services.llm.providers.openai import OpenAILlm
 from services.runtime.errors import (
     APIConnectionError,
@@ -178,3 +180,65 @@ async def test_the_key_never_reaches_the_logs(
         await _collect(llm, [])
     assert any("completion usage" in r.getMessage() for r in caplog.records)
     assert KEY not in caplog.text
+
+
+# ---- tool calls ------------------------------------------------------------------------------
+
+CLOCK = ToolSpec(name="get_time", description="The time now.",
+                 parameters={"type": "object", "properties": {"zone": {"type": "string"}}})
+BANK = ToolSpec(name="get_balance", description="An account's balance.")
+
+
+async def test_streamed_tool_calls_come_whole_after_the_text(fake: FakeOpenAI,
+                                                             llm: OpenAILlm) -> None:
+    """The API streams each call as pieces (id and name, then the arguments in parts): the
+    provider yields the words first, then each call once, assembled, in the model's order."""
+    fake.reply = "Let me look."
+    fake.tool_calls = [{"name": "get_time", "arguments": '{"zone": "Europe/Paris"}'},
+                       {"name": "get_balance", "arguments": '{"account": "savings"}'}]
+    got = [item async for item in llm.complete(HISTORY, [CLOCK, BANK])]
+    text = "".join(item for item in got if isinstance(item, str))
+    calls = [item for item in got if isinstance(item, ToolCall)]
+    assert text == "Let me look."
+    assert isinstance(got[-1], ToolCall) and isinstance(got[-2], ToolCall)
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [
+        ("get_time", {"zone": "Europe/Paris"}), ("get_balance", {"account": "savings"})]
+    assert len({c.id for c in calls}) == 2 and all(c.id.startswith("call_") for c in calls)
+    (body,) = fake.requests
+    assert [t["function"]["name"] for t in body["tools"]] == ["get_time", "get_balance"]
+    assert body["tools"][0]["function"]["parameters"] == CLOCK.parameters
+
+
+async def test_only_a_call_and_no_words(fake: FakeOpenAI, llm: OpenAILlm) -> None:
+    fake.tool_calls = [{"name": "get_time", "arguments": "{}"}]
+    got = [item async for item in llm.complete(HISTORY, [CLOCK])]
+    assert len(got) == 1 and isinstance(got[0], ToolCall) and got[0].name == "get_time"
+
+
+async def test_a_stream_cut_before_its_end_decides_nothing(fake: FakeOpenAI,
+                                                           llm: OpenAILlm) -> None:
+    """The connection breaks after the words, before the calls arrive: no call is yielded
+    (a half-streamed call must never run)."""
+    fake.reply = "Let me look."
+    fake.tool_calls = [{"name": "get_time", "arguments": '{"zone": "UTC"}'}]
+    fake.disconnect_after(3)  # the three words went out; the call's pieces never do
+    got: list[object] = []
+    with pytest.raises(ProviderError):
+        async for item in llm.complete(HISTORY, [CLOCK]):
+            got.append(item)
+    assert got and not any(isinstance(item, ToolCall) for item in got)
+
+
+async def test_a_conversation_with_calls_goes_on_the_wire_as_the_api_wants(
+        fake: FakeOpenAI, llm: OpenAILlm) -> None:
+    call = ToolCall(id="call_7", name="get_time", arguments='{"zone": "UTC"}')
+    history = [*HISTORY, ChatMessage("assistant", "", tool_calls=(call,)),
+               ChatMessage("tool", '{"time": "12:00"}', tool_call_id="call_7", name="get_time")]
+    got = "".join([item async for item in llm.complete(history, [CLOCK])])
+    assert got == 'The tools said: {"time": "12:00"}.'
+    (body,) = fake.requests
+    assert body["messages"][-2] == {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_7", "type": "function",
+         "function": {"name": "get_time", "arguments": '{"zone": "UTC"}'}}]}
+    assert body["messages"][-1] == {"role": "tool", "tool_call_id": "call_7",
+                                    "content": '{"time": "12:00"}'}

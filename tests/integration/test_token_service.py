@@ -27,7 +27,8 @@ from proto import events as ev
 from proto import subjects as sj
 from services.runtime.livekit import AGENT_IDENTITY
 from tests.conftest import LogTail
-from tests.integration.auth_hook import CLOSED_ROOM, TICKET, TICKET_HEADER
+from services.runtime import agents
+from tests.integration.auth_hook import CLOSED_ROOM, CUSTOMER_HEADER, TICKET, TICKET_HEADER
 from voicebus.launcher import ROOT, Stack
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -184,7 +185,8 @@ async def test_token_carries_the_least_grants_a_user_needs(main: Service) -> Non
     video = claims.video
     assert claims.identity == "alice" and claims.name == "Alice A." and claims.kind == "standard"
     assert video.room == "grants" and video.room_join and video.can_subscribe
-    assert video.can_publish_sources == ["microphone"] and not video.can_publish_data
+    # Data for typed chat (lk.chat), which ingress reads from the session's user alone.
+    assert video.can_publish_sources == ["microphone"] and video.can_publish_data
     assert not video.can_update_own_metadata
     assert not any((video.room_admin, video.room_create, video.room_list, video.room_record,
                     video.hidden, video.agent, video.recorder, video.ingress_admin,
@@ -403,6 +405,49 @@ async def test_a_token_dispatches_the_agent(main: Service, nc) -> None:
     # The agent is sent with its greeting (VOICEBUS_GREETING; the default here).
     assert start.greeting == "Hello! How can I help you today?"
     await sub.unsubscribe()
+
+
+async def _start_of(nc, room: str, request) -> ev.SessionStart:
+    sub = await nc.subscribe(sj.CTL_START.subject(room))
+    await nc.flush()
+    try:
+        await request
+        msg = await sub.next_msg(timeout=10)
+    finally:
+        await sub.unsubscribe()
+    start = codec.decode_on(msg.subject, msg.data)
+    assert isinstance(start, ev.SessionStart)
+    return start
+
+
+async def test_the_client_chooses_the_agent_and_an_unknown_one_is_refused(main: Service,
+                                                                          nc) -> None:
+    listed = (await main.http.get("/api/agents")).json()
+    assert {a["name"] for a in listed} == {"default", "demo"}
+    assert all(a["description"] for a in listed)
+    start = await _start_of(nc, "bank-room", _token(main.http, room="bank-room", agent="demo"))
+    assert start.agent == "demo"
+    assert start.greeting == agents.load()["demo"].greeting  # the agent's own greeting
+    # As the design documents' clients ask: a query parameter.
+    resp = main.http.post("/api/token?agent=demo", json={"room": "query-room"})
+    start = await _start_of(nc, "query-room", resp)
+    assert start.agent == "demo"
+    refused = await main.http.post("/api/token", json={"room": "r", "agent": "bank"})
+    assert refused.status_code == 400
+    assert refused.json()["detail"] == "unknown agent 'bank'; known: default, demo"
+    assert (await main.http.post("/api/token", json={"room": "r", "agent": "../x"})
+            ).status_code == 422
+
+
+async def test_the_authorisation_hook_may_tell_the_agent_who_calls(guarded) -> None:
+    service, _ = guarded
+    nc = await service.stack.connect()
+    try:
+        start = await _start_of(nc, "vip-room", service.http.post(
+            "/api/token", json={"room": "vip-room"}, headers={CUSTOMER_HEADER: "Ada"}))
+    finally:
+        await nc.close()
+    assert start.instructions == "The caller is Ada, a premium customer."
 
 
 async def test_only_signed_webhooks_are_believed(main: Service, nc) -> None:

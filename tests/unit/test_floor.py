@@ -299,6 +299,40 @@ def test_a_goodbye_cut_by_the_user_does_not_end_the_session() -> None:
     assert actions.log == ["pause", "cut 2", "resume"] and actions.ends == []
 
 
+def test_end_call_ends_the_session_once_its_reply_is_heard_in_full() -> None:
+    floor, actions = in_state("listening")
+    floor.final_transcript(2, "that is all, goodbye", 900)
+    floor.end_call(2)  # the reply that called end_call is done
+    assert actions.ends == []
+    floor.played(2, interrupted=False)
+    assert actions.ends == ["the agent ended the call"]
+
+
+def test_end_call_from_a_reply_the_user_cut_ends_nothing() -> None:
+    floor, actions = in_state("listening")
+    floor.final_transcript(2, "that is all, goodbye", 900)
+    floor.end_call(2)
+    floor.playing(2)
+    floor.speech_started(1.0)
+    floor.partial_transcript("no wait one more thing", 1.5)
+    floor.played(2, interrupted=True)
+    floor.end_call(1)  # a stale reply's end_call: not the one holding the floor
+    floor.final_transcript(3, "what is my balance", 900)
+    floor.played(3, interrupted=False)
+    assert actions.ends == []
+
+
+def test_an_end_call_survives_a_new_judge() -> None:
+    """The judge's record keeps the pending hang-up and why: a replica that takes over ends
+    the call once the goodbye has been heard, with the agent's reason."""
+    floor, actions = in_state("listening")
+    floor.final_transcript(2, "goodbye", 900)
+    floor.end_call(2)
+    heir, heirs_actions = judge(record=actions.records[-1])
+    heir.played(2, interrupted=False)
+    assert heirs_actions.ends == ["the agent ended the call"]
+
+
 def test_a_user_idle_turn_while_the_user_speaks_is_ignored() -> None:
     floor, actions = in_state("listening")
     floor.speech_started(1.0)

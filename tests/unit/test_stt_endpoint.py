@@ -177,6 +177,12 @@ class FakeService:
     def __init__(self, provider: ScriptedStt, config: SttConfig) -> None:
         self.provider, self.config, self.bus = provider, config, FakeBus()
 
+    def config_for(self, agent: str) -> SttConfig:  # one agent here: the default
+        return self.config
+
+    def provider_for(self, agent: str) -> ScriptedStt:
+        return self.provider
+
 
 class User:
     """Drives one worker as ingress and egress would, and reads what it published."""

@@ -10,6 +10,7 @@ import asyncio
 import re
 from collections.abc import AsyncIterator, Sequence
 
+from proto.tools import ToolSpec
 from services.llm.config import LlmConfig
 from services.llm.provider import ChatMessage
 
@@ -38,7 +39,8 @@ class EchoLlm:
         heard = heard[0].upper() + heard[1:]
         return f"{heard}... {self.ack}" if self.ack else f"{heard}..."
 
-    async def complete(self, messages: Sequence[ChatMessage]) -> AsyncIterator[str]:
+    async def complete(self, messages: Sequence[ChatMessage],
+                       tools: Sequence[ToolSpec] = ()) -> AsyncIterator[str]:  # never calls tools
         for delta in _WORD.findall(self.reply_to(messages)):
             yield delta
             # No artificial latency, but let a cancel or other sessions in between words.

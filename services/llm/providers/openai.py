@@ -18,7 +18,8 @@ import openai
 from openai.types.chat import ChatCompletionChunk
 
 from services.llm.config import LlmConfig
-from services.llm.provider import ChatMessage
+from proto.tools import ToolSpec
+from services.llm.provider import ChatMessage, ToolCall
 from services.runtime import metrics
 from services.runtime.config import require_key
 from services.runtime.errors import APIConnectionError, APIStatusError, ProviderError
@@ -50,35 +51,47 @@ class OpenAILlm:
         return cls(client, model=cfg.llm_model, retries=cfg.llm_retries,
                    retry_backoff=cfg.llm_retry_backoff, stream_usage=cfg.llm_stream_usage)
 
-    async def complete(self, messages: Sequence[ChatMessage]) -> AsyncIterator[str]:
+    async def complete(self, messages: Sequence[ChatMessage],
+                       tools: Sequence[ToolSpec] = ()) -> AsyncIterator[str | ToolCall]:
         self.last_usage = None
         request: dict[str, Any] = {
             "model": self.model, "messages": [_wire_message(m) for m in messages], "stream": True,
         }
+        if tools:
+            request["tools"] = [_wire_tool(tool) for tool in tools]
         if self.stream_usage:
             request["stream_options"] = {"include_usage": True}
         usage: dict[str, Any] = {}  # per call: one provider serves many sessions at once
-        stream, first = await self._first_delta(request, usage)
+        calls: dict[int, dict[str, str]] = {}  # the tool calls, by index, as they stream in
+        stream, first = await self._first_delta(request, usage, calls)
         # Leaving this block early (the turn was cancelled, aclose()) closes the HTTP response,
         # which is what tells the server to stop generating.
         async with stream:
             if first is not None:
                 yield first
                 while (chunk := await self._next_chunk(stream)) is not None:
-                    if text := _read(chunk, usage):
+                    if text := _read(chunk, usage, calls):
                         yield text
         self._count_usage(usage)
+        # Only a stream read to its end gives calls: a cut one decided nothing.
+        for index in sorted(calls):
+            call = calls[index]
+            yield ToolCall(id=call["id"] or f"call_{index}", name=call["name"],
+                           arguments=call["arguments"] or "{}")
 
-    async def _first_delta(self, request: dict[str, Any], usage: dict[str, Any]
+    async def _first_delta(self, request: dict[str, Any], usage: dict[str, Any],
+                           calls: dict[int, dict[str, str]]
                            ) -> tuple[openai.AsyncStream[ChatCompletionChunk], str | None]:
-        """Open the stream and read up to its first text delta (None: it ended without one),
-        retrying transient failures: until then nothing reached the user."""
+        """Open the stream and read up to its first text delta (None: it ended without one,
+        e.g. only tool calls), retrying transient failures: until then nothing reached the
+        user, and nothing was decided."""
         for attempt in range(self.retries + 1):
             stream = None
+            calls.clear()
             try:
                 stream = await self._open(request)
                 while (chunk := await self._next_chunk(stream)) is not None:
-                    if text := _read(chunk, usage):
+                    if text := _read(chunk, usage, calls):
                         return stream, text
                 return stream, None
             except ProviderError as exc:
@@ -125,11 +138,23 @@ class OpenAILlm:
         await self._client.close()
 
 
-def _wire_message(message: ChatMessage) -> dict[str, str]:
+def _wire_message(message: ChatMessage) -> dict[str, Any]:
     # ``interrupted`` stays off the wire: Chat Completions has no such field (strict
     # OpenAI-compatible servers reject unknown keys), and writing a marker into the content
     # teaches the model to say the marker itself.
+    if message.role == "tool":
+        return {"role": "tool", "tool_call_id": message.tool_call_id, "content": message.content}
+    if message.tool_calls:
+        return {"role": "assistant", "content": message.content or None,
+                "tool_calls": [{"id": call.id, "type": "function",
+                                "function": {"name": call.name, "arguments": call.arguments}}
+                               for call in message.tool_calls]}
     return {"role": message.role, "content": message.content}
+
+
+def _wire_tool(tool: ToolSpec) -> dict[str, Any]:
+    return {"type": "function", "function": {"name": tool.name, "description": tool.description,
+                                             "parameters": tool.parameters}}
 
 
 def _transient(exc: ProviderError) -> bool:
@@ -140,13 +165,23 @@ def _transient(exc: ProviderError) -> bool:
     return isinstance(exc, APIConnectionError)
 
 
-def _read(chunk: ChatCompletionChunk, usage: dict[str, Any]) -> str:
-    """The chunk's text; notes the token usage the last chunk carries."""
+def _read(chunk: ChatCompletionChunk, usage: dict[str, Any],
+          calls: dict[int, dict[str, str]]) -> str:
+    """The chunk's text; adds its pieces of tool calls to ``calls`` and notes the token usage
+    the last chunk carries."""
     if (reported := _usage_of(chunk)) is not None:
         usage.update(reported)
-    if chunk.choices and chunk.choices[0].delta.content:
-        return chunk.choices[0].delta.content
-    return ""
+    if not chunk.choices:
+        return ""
+    delta = chunk.choices[0].delta
+    for piece in delta.tool_calls or ():
+        call = calls.setdefault(piece.index, {"id": "", "name": "", "arguments": ""})
+        if piece.id:
+            call["id"] = piece.id
+        if piece.function is not None:
+            call["name"] += piece.function.name or ""
+            call["arguments"] += piece.function.arguments or ""
+    return delta.content or ""
 
 
 def _usage_of(chunk: ChatCompletionChunk) -> dict[str, Any] | None:

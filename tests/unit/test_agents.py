@@ -1,0 +1,63 @@
+"""Agent profiles: the file's checks, and each stage's settings for an agent."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.llm.config import LlmConfig
+from services.runtime import agents
+from services.runtime.errors import ConfigError
+from services.tts.config import TtsConfig
+
+
+def test_the_built_in_file_has_the_default_and_the_demo_agent() -> None:
+    known = agents.load(str(agents.BUILT_IN))
+    assert list(known) == ["default", "demo"]
+    demo = known["demo"]
+    assert demo.tools == ("get_time", "get_balance", "end_call") and demo.greeting
+    config = agents.stage_config(LlmConfig(llm_provider="echo"), demo, "llm", "demo")
+    assert config.llm_provider == "demo"
+
+
+def test_a_stage_gets_the_agents_own_settings_and_keeps_the_rest() -> None:
+    parsed = agents.parse('[agents.bank.tts]\npiper_voice = "/voices/alba.onnx"\n'
+                          'piper_length_scale = 1.2\n')
+    base = TtsConfig(tts_provider="piper")
+    config = agents.stage_config(base, parsed["bank"], "tts", "bank")
+    assert (config.piper_voice, config.piper_length_scale, config.tts_provider) == (
+        "/voices/alba.onnx", 1.2, "piper")
+    # Another stage, or an agent without settings, keeps the stage's own object.
+    assert agents.stage_config(base, parsed["default"], "tts", "default") is base
+
+
+@pytest.mark.parametrize("text, says", [
+    ('[agents.x.llm]\nno_such = 1\n', "has no such setting"),
+    ('[agents.x.llm]\nopenai_api_key = "sk-1"\n', "not a setting an agent may change"),
+    ('[agents.x.llm]\nnats_url = "nats://elsewhere"\n', "not a setting an agent may change"),
+    ('[agents.x.llm]\nllm_timeout = "soon"\n', "agent 'x', [llm]"),
+])
+def test_a_setting_an_agent_may_not_have_stops_the_stage(text: str, says: str) -> None:
+    parsed = agents.parse(text)
+    with pytest.raises(ConfigError, match=says.replace("[", r"\[").replace("]", r"\]")):
+        agents.stage_config(LlmConfig(), parsed["x"], "llm", "x")
+
+
+@pytest.mark.parametrize("text, says", [
+    ("[agents.x]\ntool = ['a']\n", "unknown field `tool`"),
+    ("[agents.x]\ntools = ['no spaces']\n", "tools"),
+    ("[agents.'a b']\n", "agent name 'a b'"),
+    ("[agents.x\n", "not TOML"),
+])
+def test_a_malformed_file_is_refused_naming_the_fault(text: str, says: str) -> None:
+    with pytest.raises(ConfigError, match=says):
+        agents.parse(text, "agents.toml")
+
+
+def test_an_unknown_agent_gets_the_default(tmp_path) -> None:
+    path = tmp_path / "a.toml"
+    path.write_text("[agents.bank]\ngreeting = 'Hi'\n")
+    known = agents.load(str(path))
+    assert "bank" in known and "" in known and "nope" not in known
+    assert known.get_or_default("nope") == known["default"] == agents.Agent()
+    with pytest.raises(ConfigError, match="cannot read"):
+        agents.load(str(tmp_path / "missing.toml"))
