@@ -1,5 +1,6 @@
-// voicebus in the browser: join a LiveKit room with a token from the token service, talk to the
-// agent, and show what both sides said, the agent's state and how long each answer took.
+// voicebus in the browser: join a LiveKit room with a token from the token service, talk (or
+// type) to the agent, and show what both sides said, the agent's state and how long each answer
+// took.
 // A plain script with no build step: livekit-client's UMD build defines the global LivekitClient.
 'use strict';
 
@@ -8,6 +9,8 @@
   const AGENT = 'voicebus-agent';
   const STATE_ATTR = 'lk.agent.state';
   const TOPIC = 'lk.transcription';
+  const CHAT_TOPIC = 'lk.chat'; // what LiveKit Agents reads typed messages from
+  const CHAT_MAX = 2000;        // characters a message; the agent drops longer ones
   const ROOM_RE = /^[A-Za-z0-9_-]{1,64}$/; // what the token service accepts
 
   // Levels are the RMS of the analyser's waveform in dBFS. Speech into a microphone sits around
@@ -25,6 +28,7 @@
     mic: $('mic'), level: $('level'), state: $('state'), transcript: $('transcript'),
     latency: $('latency').tBodies[0], error: $('error'), status: $('status'),
     startAudio: $('start-audio'), audio: $('agent-audio'),
+    chat: $('chat-form'), chatText: $('chat-text'), send: $('send'),
   };
 
   let room = null;        // the LiveKit Room while joining or joined
@@ -35,6 +39,8 @@
   let segments = new Map(); // lk.segment_id -> {el, seq, final}
   let agentState = '';
   let lastSpeechAt = 0;   // performance.now() of the last mic sample above USER_SPEECH_DBFS
+  let lastSentAt = 0;     // performance.now() of the last typed message sent
+  let sending = false;    // a typed message is on its way
   let lastTurnAt = 0;     // when the previous turn started: older speech belongs to that turn
   let turns = 0;
   let pending = null;     // the turn being timed: {speechEnd, row, spoke, heard}
@@ -94,6 +100,9 @@
   async function fetchToken(roomName, name) {
     const body = { room: roomName };
     if (name) body.name = name;
+    // The agent to talk to: the page's own ?agent= (GET /api/agents lists them).
+    const agent = new URLSearchParams(window.location.search).get('agent');
+    if (agent) body.agent = agent;
     let res;
     try {
       res = await fetch('/api/token', {
@@ -186,7 +195,41 @@
     ui.latency.replaceChildren();
     turns = 0;
     pending = null;
-    lastSpeechAt = lastTurnAt = 0;
+    lastSpeechAt = lastSentAt = lastTurnAt = 0;
+  }
+
+  // ---- typing ----
+
+  // The message goes to the agent as a text stream on lk.chat; it shows in the transcript when
+  // the agent has taken it as the user's turn (its transcript of it comes back like speech).
+  async function sendChat() {
+    const r = room;
+    const text = ui.chatText.value.trim();
+    if (!r || sending || !text) return;
+    if (text.length > CHAT_MAX) {
+      showError(`A message may have at most ${CHAT_MAX} characters.`);
+      return;
+    }
+    clearError();
+    sending = true;
+    showChat();
+    lastSentAt = performance.now(); // a typed turn is timed from Send
+    try {
+      await r.localParticipant.sendText(text, { topic: CHAT_TOPIC });
+      if (room === r && ui.chatText.value.trim() === text) ui.chatText.value = '';
+    } catch (err) {
+      if (room === r) showError(`Not sent: ${err && err.message ? err.message : err}`);
+    } finally {
+      sending = false;
+      showChat();
+      if (room === r) ui.chatText.focus();
+    }
+  }
+
+  function showChat() {
+    const connected = document.body.dataset.connected === 'true';
+    ui.chatText.disabled = !connected;
+    ui.send.disabled = !connected || sending;
   }
 
   // ---- microphone ----
@@ -261,17 +304,19 @@
   }
 
   // A turn starts when the agent starts thinking; its latency runs from the last moment the
-  // user's mic was loud before that to the agent's state "speaking" and to its first sound.
-  // Both ends are clocked here, so the figures include the network both ways.
-  // Turns the agent starts on its own (the greeting, an idle re-prompt) follow no speech of
-  // the user's: they get no row.
+  // user's mic was loud before that (or from Send, for a typed message) to the agent's state
+  // "speaking" and to its first sound. Both ends are clocked here, so the figures include the
+  // network both ways. Turns the agent starts on its own (the greeting, an idle re-prompt)
+  // follow nothing of the user's: they get no row.
   function startTurn(now) {
     finishTurn();
-    if (lastSpeechAt <= lastTurnAt) { lastTurnAt = now; return; }
+    const from = Math.max(lastSpeechAt, lastSentAt);
+    if (from <= lastTurnAt) { lastTurnAt = now; return; }
     const row = ui.latency.insertRow();
     row.dataset.turn = String(++turns);
+    if (lastSentAt > lastSpeechAt) row.dataset.typed = 'true';
     for (const text of [String(turns), '…', '…']) row.insertCell().textContent = text;
-    pending = { speechEnd: lastSpeechAt, row, spoke: false, heard: false };
+    pending = { speechEnd: from, row, spoke: false, heard: false };
     lastTurnAt = now;
   }
 
@@ -306,13 +351,21 @@
   // same segment replaces it. Only the newest stream of a segment may write, so a slow older
   // stream cannot overwrite a newer one, and nothing replaces a final.
   async function onTranscript(reader, info) {
+    // Users may send text streams too (they can type): only the agent's word counts. It sends
+    // both sides, the user's under the user's own identity, which livekit-server lets no one
+    // but an agent or the user claim; anything else in the room is dropped unread.
+    const speaker = speakerOf(info.identity);
+    if (!speaker) {
+      reader[Symbol.asyncIterator]().return().catch(() => {});
+      return;
+    }
     const attrs = reader.info.attributes || {};
     const id = attrs['lk.segment_id'] || reader.info.id;
     const final = attrs['lk.transcription_final'] === 'true';
     let seg = segments.get(id);
     if (!seg) {
       const el = document.createElement('p');
-      el.dataset.speaker = speakerOf(info.identity, attrs['lk.transcribed_track_id']);
+      el.dataset.speaker = speaker;
       el.dataset.identity = info.identity;
       el.dataset.segment = id;
       el.dataset.final = 'false';
@@ -343,13 +396,11 @@
     if (stick) ui.transcript.scrollTop = ui.transcript.scrollHeight;
   }
 
-  // The agent sends both sides' transcripts; the sender identity says whose words they are,
-  // and the transcribed track is a second witness for the user's own speech.
-  function speakerOf(identity, trackId) {
-    const local = room.localParticipant;
-    if (identity === local.identity) return 'user';
-    for (const pub of local.trackPublications.values()) if (trackId && pub.trackSid === trackId) return 'user';
-    return identity === AGENT ? 'agent' : 'user';
+  // Whose words a transcript stream carries: the agent's, the user's own (sent by the agent on
+  // the user's behalf), or nobody's we show ('').
+  function speakerOf(identity) {
+    if (identity === AGENT) return 'agent';
+    return identity && identity === room.localParticipant.identity ? 'user' : '';
   }
 
   // ---- page state ----
@@ -361,6 +412,7 @@
     ui.mic.disabled = phase !== 'connected';
     ui.room.disabled = ui.name.disabled = phase !== 'idle';
     ui.status.textContent = status;
+    showChat();
   }
 
   function showError(err) {
@@ -392,6 +444,7 @@
     ui.form.addEventListener('submit', (e) => { e.preventDefault(); join(); });
     ui.leave.addEventListener('click', leave);
     ui.mic.addEventListener('click', toggleMic);
+    ui.chat.addEventListener('submit', (e) => { e.preventDefault(); sendChat(); }); // Enter too
     ui.startAudio.addEventListener('click', () => {
       const r = room; // must be called right in the click, the one gesture browsers accept
       if (r) r.startAudio().then(() => { if (room === r) ui.startAudio.hidden = r.canPlaybackAudio; }, showError);

@@ -2,11 +2,12 @@
 
 Ingress joins the session's room as a hidden participant that publishes nothing, subscribes to
 the microphone of the session's user, and hands the frames to the ingress core. The session's
-user is the first user heard (a standard participant that is not one of ours); nobody else in
-the room is listened to while they are there. Once they have left, the next user who publishes
-a microphone is the session's user (a reloaded page comes back under a new identity). The user may leave, come back, or republish the track: their
-newest microphone wins, and when a track goes away mid-sentence the source adds the silence a
-muted microphone would have given, so the user's turn still ends.
+user is the first user heard, by microphone or by a typed message (``chat.py``): a standard
+participant that is not one of ours; nobody else in the room is listened to while they are
+there. Once they have left, the next user who publishes a microphone is the session's user (a
+reloaded page comes back under a new identity). The user may leave, come back, or republish
+the track: their newest microphone wins, and when a track goes away mid-sentence the source
+adds the silence a muted microphone would have given, so the user's turn still ends.
 """
 
 from __future__ import annotations
@@ -98,6 +99,21 @@ class MicrophoneSource:
     def _hears(self, participant: rtc.RemoteParticipant) -> bool:
         return is_user(participant) and self.owner in ("", participant.identity)
 
+    def admits(self, identity: str) -> bool:
+        """Whether what ``identity`` sends (a typed message) is the session's user's: the same
+        rule as for the microphone, and a user heard first this way is the session's user."""
+        participant = self.room.remote_participants.get(identity)
+        if self._closed or participant is None or not self._hears(participant):
+            return False
+        if not self.owner:
+            self._claim(identity)
+        return True
+
+    def _claim(self, identity: str) -> None:
+        self.owner = identity
+        if self.on_owner is not None:
+            self.on_owner(identity)
+
     def _on_published(self, publication: rtc.RemoteTrackPublication,
                       participant: rtc.RemoteParticipant) -> None:
         if self._hears(participant) and publication.source == rtc.TrackSource.SOURCE_MICROPHONE:
@@ -115,9 +131,7 @@ class MicrophoneSource:
                                 and isinstance(track, rtc.RemoteAudioTrack)):
             return
         if not self.owner:
-            self.owner = participant.identity
-            if self.on_owner is not None:
-                self.on_owner(participant.identity)
+            self._claim(participant.identity)
         previous = self._reader
         self.current = (participant.identity, publication.sid)
         self._reader = asyncio.create_task(self._read(track, previous), name="microphone")

@@ -1,4 +1,5 @@
-"""Ingress stage: the user's audio in, 16 kHz mono 20 ms frames and VAD edges out.
+"""Ingress stage: the user's audio in, 16 kHz mono 20 ms frames and VAD edges out; and in a
+room, what the user types (``chat.py``), out as ``UserText``.
 
 ``feed`` is the core: any async iterator of 16 kHz mono frames, paced in real time. The sources:
 the LiveKit microphone of the room's user; a phone caller's voice from the SIP gateway
@@ -23,12 +24,13 @@ from proto.events import Timing
 from services.ingress.audio import (
     FRAME_BYTES, FRAME_MS, SAMPLE_RATE, AudioFormatError, paced, to_frames, wav_frames,
 )
+from services.ingress.chat import ChatInbox, ChatLimits
 from services.ingress.microphone import MicrophoneSource
 from services.ingress.vad import VadEdge, VadSegmenter
 from services.runtime import metrics, tracing
 from services.runtime.audio import frame_problem
 from services.runtime.config import audio_file
-from services.runtime.livekit import LiveKitConfig
+from services.runtime.livekit import TOPIC_CHAT, LiveKitConfig
 from services.runtime.service import SessionWorker, StageService
 
 SILENCE = bytes(FRAME_BYTES)
@@ -57,6 +59,15 @@ class IngressConfig(LiveKitConfig, frozen=True, kw_only=True):
     reply_timeout: float = 20.0
     # Seconds to hold audio back while no STT replica has claimed the session yet.
     stt_wait: float = 10.0
+    # What the user may type (LiveKit's lk.chat): characters a message, messages at once, and
+    # messages a minute after that; more is dropped and counted (docs/security.md).
+    chat_max_chars: int = ev.MAX_CHAT_CHARS
+    chat_burst: int = 5
+    chat_per_minute: float = 20.0
+
+    def chat_limits(self) -> ChatLimits:
+        return ChatLimits(max_chars=min(self.chat_max_chars, ev.MAX_CHAT_CHARS),
+                          burst=self.chat_burst, per_minute=self.chat_per_minute)
 
 
 class IngressWorker(SessionWorker[IngressConfig]):
@@ -71,6 +82,9 @@ class IngressWorker(SessionWorker[IngressConfig]):
         self.replies: set[int] = set()
         self.stt_listening = asyncio.Event()
         self.microphone: MicrophoneSource | None = None
+        self.chat: ChatInbox | None = None
+        # Typed messages on their way to the bus, one after the other, in the order typed.
+        self.typed: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
         start = self.start_event
         self.wav_in = start.wav_in if isinstance(start, ev.FileSessionStart) else ()
         await self.subscribe(sj.READY["stt"].subject(self.session), self.handle)
@@ -107,6 +121,8 @@ class IngressWorker(SessionWorker[IngressConfig]):
                 self.replies.add(event.turn)
 
     async def stop(self) -> None:
+        if self.chat is not None:
+            await self.chat.aclose()
         if self.microphone is not None:
             await self.microphone.aclose()
         if self.phone is not None:
@@ -161,6 +177,9 @@ class IngressWorker(SessionWorker[IngressConfig]):
             self.config, room, trailing_silence_ms=self.config.vad_silence_ms,
             on_change=self.on_track_change, owner=await self._session_user(),
             on_owner=self._keep_user, on_dtmf=self.on_key)
+        self.chat = ChatInbox(self.microphone.room, self.microphone.admits, self.on_text,
+                              self.on_chat_refused, self.config.chat_limits())
+        self.spawn(self.pass_on_typed(), "chat")
         try:
             await self.microphone.start()
         except Exception as exc:  # unreachable server, refused join…: say so on the bus
@@ -180,6 +199,19 @@ class IngressWorker(SessionWorker[IngressConfig]):
         self.log.info("the session's user is %s", identity)
         self.spawn(self.bus.put(self.service.state, user_key(self.session), identity.encode()),
                    "user")
+
+    def on_text(self, participant: str, text: str) -> None:
+        """A message the session's user typed: on to the STT, which makes it a turn."""
+        self.typed.put_nowait((participant, text))
+
+    def on_chat_refused(self, reason: str, detail: str) -> None:
+        self.bus.reject(reason, detail, f"livekit {TOPIC_CHAT}")
+
+    async def pass_on_typed(self) -> None:
+        while True:
+            participant, text = await self.typed.get()
+            await self.wait_for_stt()  # a message nobody listens to would be lost
+            await self.emit(sj.INGRESS_TEXT, ev.UserText, text=text, participant=participant)
 
     def on_track_change(self, participant: str, track_sid: str, active: bool) -> None:
         self.spawn(self.announce_track(participant, track_sid, active), "input-track")

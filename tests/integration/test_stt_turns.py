@@ -309,3 +309,30 @@ async def test_keys_are_a_turn_after_a_pause_or_at_hash_and_wait_for_speech_in_p
     spoken, keys = await user.final(2), await user.final(3)
     assert "time" in spoken.text and keys.text == "(keypad: #)"
     assert keys.turn == spoken.turn + 1 == first.turn + 2
+
+
+# ---- typed messages --------------------------------------------------------------------------
+
+async def test_a_typed_message_is_a_turn_of_its_own_after_the_spoken_turn_it_cuts_short(
+        setup: Setup) -> None:
+    """A typed message is a final of its own (``typed``); typed while a spoken turn is still
+    open, it waits for that turn's final, which goes out at once instead of after its hold."""
+    user = await User(setup, setup.eot, "typed").join()
+    await user.publish(sj.INGRESS_TEXT, ev.UserText, text="Book a table for two.",
+                       participant="alice")
+    first = await user.final(1)
+    assert (first.turn, first.text, first.final, first.typed) == \
+        (1, "Book a table for two.", True, True)
+    assert first.provider == "typed" and not user.partials()  # no speech, so no partials
+
+    # "I want to" is a phrase left hanging: its final would be held INCOMPLETE_MS (5 s).
+    _, ended = await user.say("I want to")
+    await user.publish(sj.INGRESS_TEXT, ev.UserText, text="a pizza", participant="alice")
+    spoken, typed = await user.final(2), await user.final(3)
+    assert (spoken.turn, spoken.text, spoken.typed) == (2, "i want to", False)
+    assert (typed.turn, typed.text, typed.typed) == (3, "a pizza", True)
+    assert user.position(spoken) < user.position(typed)
+    assert held_ms(spoken, ended) < INCOMPLETE_MS / 2  # cut short: the user turned to typing
+    js = setup.eot.nc.jetstream()
+    entry = await (await js.key_value("voicebus_sessions")).get("typed.turn")
+    assert entry.value == b"3"  # a typed turn is a turn like any other
