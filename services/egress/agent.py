@@ -15,14 +15,13 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
-import numpy as np
-import soxr
 from livekit import api, rtc
 
 from services.runtime.livekit import (
     AGENT_IDENTITY, ATTR_AGENT_STATE, ATTR_FINAL, ATTR_SEGMENT_ID, ATTR_TRACK_ID,
     TOPIC_TRANSCRIPTION, LiveKitConfig, is_user, join,
 )
+from services.runtime.resample import StreamResampler
 
 log = logging.getLogger("voicebus.egress.agent")
 
@@ -97,21 +96,20 @@ class TrackSink:
     def __init__(self, agent: AgentParticipant, sample_rate: int) -> None:
         self.agent = agent
         self.sample_rate = sample_rate
-        self.resampler = soxr.ResampleStream(sample_rate, TRACK_RATE, 1, dtype="int16")
+        # Each 20 ms frame's output at once (soxr's streaming mode would hold 40-60 ms back).
+        self.resampler = StreamResampler(sample_rate, TRACK_RATE)
 
     async def write(self, pcm: bytes) -> None:
-        await self._capture(self.resampler.resample_chunk(np.frombuffer(pcm, dtype=np.int16)))
+        await self._capture(self.resampler.process(pcm))
 
     async def end_turn(self) -> None:
         # The resampler's delay line still holds the turn's last milliseconds: play them now,
         # not at the start of the next turn.
-        await self._capture(self.resampler.resample_chunk(np.empty(0, dtype=np.int16),
-                                                          last=True))
-        self.resampler.clear()
+        await self._capture(self.resampler.flush())
 
-    async def _capture(self, samples: np.ndarray) -> None:
-        if len(samples):
-            frame = rtc.AudioFrame(samples.tobytes(), TRACK_RATE, 1, len(samples))
+    async def _capture(self, pcm: bytes) -> None:
+        if pcm:
+            frame = rtc.AudioFrame(pcm, TRACK_RATE, 1, len(pcm) // 2)
             await self.agent.source.capture_frame(frame)
 
     def clear(self) -> int:

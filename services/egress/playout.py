@@ -17,9 +17,7 @@ from collections.abc import Awaitable, Callable
 from os import PathLike
 from typing import NamedTuple, Protocol
 
-import numpy as np
-import soxr
-
+from services.runtime.resample import StreamResampler
 
 # How far a pause can take audio back: more than any sink's queue (the agent track holds 100 ms).
 REWIND_FRAMES = 25
@@ -395,22 +393,19 @@ class PhoneSink:
         self.publish = publish
         self.in_rate = in_rate
         self.frame_bytes = out_rate * 2 // 50
-        self.resampler = (None if in_rate == out_rate else
-                          soxr.ResampleStream(in_rate, out_rate, 1, dtype="int16"))
+        self.resampler = None if in_rate == out_rate else StreamResampler(in_rate, out_rate)
         self.pending = bytearray()
         self.pts_ms = 0
 
     async def write(self, pcm: bytes) -> None:
         if self.resampler is not None:
-            pcm = self.resampler.resample_chunk(np.frombuffer(pcm, dtype=np.int16)).tobytes()
+            pcm = self.resampler.process(pcm)
         await self._send(pcm)
 
     async def end_turn(self) -> None:
         """The turn's last milliseconds: what the resampler holds, padded to a whole frame."""
         if self.resampler is not None:
-            await self._send(self.resampler.resample_chunk(np.empty(0, dtype=np.int16),
-                                                           last=True).tobytes())
-            self.resampler.clear()
+            await self._send(self.resampler.flush())
         if self.pending:
             await self._send(bytes(self.frame_bytes - len(self.pending)))
 

@@ -14,10 +14,10 @@ from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from os import PathLike
 
 import numpy as np
-import soxr
 
 from proto.events import FRAME_MS, INGRESS_RATE
 from services.runtime.audio import frame_bytes
+from services.runtime.resample import StreamResampler
 
 SAMPLE_RATE = INGRESS_RATE
 FRAME_BYTES = frame_bytes(SAMPLE_RATE)  # 640: s16le mono
@@ -55,9 +55,10 @@ def read_wav(path: str | PathLike[str]) -> tuple[bytes, int, int]:
 class Resampler:
     """Streaming s16le interleaved PCM at any rate/channel count → 16 kHz mono s16le.
 
-    Channels are averaged before resampling (less work for soxr). soxr keeps filter state across
-    calls, so chunk boundaries leave no clicks; ``flush`` drains its algorithmic delay at the end
-    of a stream and readies the resampler for a new one.
+    Channels are averaged before resampling (less work). The resampler keeps its filter state
+    across calls, so chunk boundaries leave no clicks, and gives each chunk's output at once
+    (services/runtime/resample.py: no block of 40-100 ms held back, as soxr's streaming mode
+    does); ``flush`` ends a stream and readies the resampler for a new one.
     """
 
     def __init__(self, in_rate: int, in_channels: int) -> None:
@@ -66,9 +67,9 @@ class Resampler:
         self.in_rate = in_rate
         self.in_channels = in_channels
         self._frame_bytes = 2 * in_channels
-        self._stream: soxr.ResampleStream | None = None
+        self._stream: StreamResampler | None = None
         if in_rate != SAMPLE_RATE:
-            self._stream = soxr.ResampleStream(in_rate, SAMPLE_RATE, 1, dtype="int16")
+            self._stream = StreamResampler(in_rate, SAMPLE_RATE)
 
     @property
     def passthrough(self) -> bool:
@@ -84,14 +85,12 @@ class Resampler:
         mono = self._downmix(np.frombuffer(pcm, dtype=np.int16))
         if self._stream is None:
             return mono.tobytes()
-        return self._stream.resample_chunk(mono).tobytes()
+        return self._stream.process(mono)
 
     def flush(self) -> bytes:
         if self._stream is None:
             return b""
-        tail = self._stream.resample_chunk(np.empty(0, dtype=np.int16), last=True).tobytes()
-        self._stream.clear()
-        return tail
+        return self._stream.flush()
 
     def _downmix(self, samples: np.ndarray) -> np.ndarray:
         if self.in_channels == 1:
