@@ -73,9 +73,12 @@ class FloorActions(Protocol):
 class Floor:
     def __init__(self, rules: TurnRules, actions: FloorActions, ledger: TurnLedger, *,
                  greeting: bool, idle_prompts: int = 1,
-                 record: FloorRecord | None = None) -> None:
+                 record: FloorRecord | None = None, ready: bool = True) -> None:
         record = record or FloorRecord()
         self.rules = rules
+        # The stages that speak (LLM, TTS) have claimed the session: a greeting decided before
+        # would reach nobody (a verdict is not kept for a late subscriber).
+        self.ready = ready
         self.actions = actions
         self.ledger = ledger  # turns judged (opened when spoken, passed over when ignored), cut
         self.idle_prompts = idle_prompts
@@ -98,9 +101,22 @@ class Floor:
 
     def user_track(self, active: bool) -> None:
         self.user_heard = self.user_heard or active
-        if active and self.greeting and self.reply is None and self.ledger.newest < 0:
-            self._speak(0, "greet")
+        if active:
+            self._greet_if_due()
         self._show()
+
+    def agent_ready(self) -> None:
+        """The LLM and TTS have the session (or waiting for them was given up): a greeting
+        held for them goes now."""
+        if not self.ready:
+            self.ready = True
+            if self.user_heard:
+                self._greet_if_due()
+                self._show()
+
+    def _greet_if_due(self) -> None:
+        if self.ready and self.greeting and self.reply is None and self.ledger.newest < 0:
+            self._speak(0, "greet")
 
     def speech_started(self, now: float) -> None:
         self.speaking_since = now

@@ -90,6 +90,11 @@ def heard_offset(played_ms: int, marks: list[ev.WordMark], estimate: int) -> int
     return marks[index - 1].text_end if index else 0
 
 
+# The stages the agent speaks through, and how long a greeting waits for them at most.
+SPEAKERS = frozenset({"llm", "tts"})
+SPEAKERS_WAIT_S = 2.0
+
+
 class EgressWorker(SessionWorker[EgressConfig]):
     async def subscribe_inputs(self) -> None:
         self.playout: Playout | None = None
@@ -122,9 +127,14 @@ class EgressWorker(SessionWorker[EgressConfig]):
             self.transcripts = Transcripts(self.agent)
         # A session without a room greets too when its start asks (a replay of a call): the
         # microphone's InputTrack is the cue, as in a room.
+        # A fresh session greets only once the LLM and TTS have claimed it; a session taken
+        # over from another replica had them long ago.
+        self.speakers_ready: set[str] = set()
         self.floor = Floor(self.config.turn_rules(), self, self.ledger,
                            greeting=bool(start.greeting),
-                           idle_prompts=self.config.idle_prompts, record=record)
+                           idle_prompts=self.config.idle_prompts, record=record,
+                           ready=record != FloorRecord())
+        self.ready_timer: asyncio.TimerHandle | None = None
         self.vad_timer: asyncio.TimerHandle | None = None
         # The watchdog on a reply that never comes, and the newest turn TTS said anything of.
         self.reply_timer: asyncio.TimerHandle | None = None
@@ -137,6 +147,8 @@ class EgressWorker(SessionWorker[EgressConfig]):
 
     async def on_claimed(self) -> None:
         self.wav_out = ""
+        if not self.floor.ready:
+            self.spawn(self._speakers_claimed(), "speakers")
         if self.agent is not None:
             self.spawn(self.join_room(self.agent), "agent")
         elif isinstance(self.start_event, ev.FileSessionStart) and self.start_event.wav_out:
@@ -175,6 +187,10 @@ class EgressWorker(SessionWorker[EgressConfig]):
                     self.transcripts.agent_text(event.turn, event.text, whole=True)
             case ev.InputTrack():
                 self.on_input_track(event)
+            case ev.StageReady(stage=stage) if stage in SPEAKERS:
+                self.speakers_ready.add(stage)
+                if self.speakers_ready >= SPEAKERS:
+                    self.floor.agent_ready()
             case ev.UserText(participant=participant) if self.transcripts is not None \
                     and participant:
                 # Ingress passes on only the session's user's messages: the transcripts go to
@@ -327,11 +343,26 @@ class EgressWorker(SessionWorker[EgressConfig]):
         elif transcript.text:
             self.transcripts.user(transcript.turn, transcript.text, transcript.final)
 
+    async def _speakers_claimed(self) -> None:
+        """The LLM and TTS may have claimed the session before this replica subscribed (their
+        StageReady then passed unheard): a held lease says so, as a stage subscribes before it
+        takes the lease."""
+        for stage in SPEAKERS - self.speakers_ready:
+            if await self.service.leases.holder(stage, self.session) is not None:
+                self.speakers_ready.add(stage)
+        if self.speakers_ready >= SPEAKERS:
+            self.floor.agent_ready()
+
     def on_input_track(self, track: ev.InputTrack) -> None:
         if track.active and self.transcripts is not None:
             self.transcripts.user_identity = track.participant
             self.transcripts.user_track = track.track_sid
         self.floor.user_track(track.active)
+        if track.active and not self.floor.ready and self.ready_timer is None:
+            # Should a StageReady never come (published before this replica subscribed), the
+            # greeting goes anyway after a while rather than never.
+            self.ready_timer = asyncio.get_running_loop().call_later(
+                SPEAKERS_WAIT_S, self.floor.agent_ready)
 
     # ---- what the judge asks (FloorActions) -----------------------------------------------------
 
@@ -448,7 +479,7 @@ class EgressWorker(SessionWorker[EgressConfig]):
 
     async def stop(self) -> None:
         self.presence.cancel()
-        for timer in (self.vad_timer, self.reply_timer):
+        for timer in (self.vad_timer, self.reply_timer, self.ready_timer):
             if timer is not None:
                 timer.cancel()
         if self.playout is not None:

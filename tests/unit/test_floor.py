@@ -406,3 +406,25 @@ def test_a_draft_survives_a_replica_change_through_the_record() -> None:
     heir, heir_actions = judge(record=actions.records[-1])
     heir.final_transcript(1, "please call my mother", 900)
     assert heir_actions.verdicts == [(1, "answer", "")]
+
+
+def test_the_greeting_waits_until_the_agent_can_speak() -> None:
+    """A phone session's microphone is heard at once, maybe before the LLM and TTS have the
+    session: a greet verdict then would reach nobody. It goes once they are ready."""
+    actions = Actions()
+    floor = Floor(EgressConfig().turn_rules(), actions, TurnLedger(), greeting=True, ready=False)
+    floor.user_track(True)
+    assert actions.verdicts == [] and floor.user_heard
+    floor.agent_ready()
+    assert actions.verdicts == [(0, "greet", "")]
+    floor.agent_ready()  # once only
+    assert actions.verdicts == [(0, "greet", "")]
+
+
+def test_a_user_who_spoke_before_the_agent_was_ready_is_answered_not_greeted() -> None:
+    actions = Actions()
+    floor = Floor(EgressConfig().turn_rules(), actions, TurnLedger(), greeting=True, ready=False)
+    floor.user_track(True)
+    floor.final_transcript(1, "hello there", 600)
+    floor.agent_ready()
+    assert actions.verdicts == [(1, "answer", "")]
