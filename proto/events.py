@@ -341,6 +341,28 @@ class StageReady(Event, frozen=True, tag="ctl.ready"):
     replica: str
 
 
+class PhoneAction(Event, frozen=True, tag="llm.phone"):
+    """The agent acts on its phone call (the built-in tools ``send_dtmf`` and ``transfer``,
+    docs/tools.md), as a request to the SIP gateway on ``llm.phone``: ``dtmf`` sends ``digits``
+    to the other party as RFC 4733 keys; ``transfer`` hands the call to ``target`` (a number
+    or a SIP URI) with a SIP REFER and hangs up once the other party took it. ``call_id`` is
+    the tool call's. The gateway answers with a ``PhoneActionDone`` (the NATS reply)."""
+
+    turn: Turn
+    call_id: Annotated[str, msgspec.Meta(max_length=128)]
+    action: Literal["dtmf", "transfer"]
+    digits: Annotated[str, msgspec.Meta(pattern=r"^[0-9*#A-D]{0,32}\Z")] = ""
+    target: Annotated[str, msgspec.Meta(pattern=r"^(|\+?[0-9*#]{1,32}|sips?:[^\s<>\"]{1,250})\Z")] = ""
+
+
+class PhoneActionDone(Event, frozen=True, tag="sip.action.done"):
+    """The gateway's answer to a ``PhoneAction``: done, or ``error`` in words (no such call
+    here, the keys could not be sent, the transfer was refused: the REFER's status)."""
+
+    call_id: Annotated[str, msgspec.Meta(max_length=128)]
+    error: Text = ""
+
+
 class StageError(Event, frozen=True, tag="ctl.error"):
     """A stage could not do its work for ``turn`` (every provider failed, bad config…)."""
 
@@ -412,6 +434,8 @@ AnyEvent = (
     | ReplyDelta
     | ReplyDone
     | ToolUse
+    | PhoneAction
+    | PhoneActionDone
     | SynthesisDone
     | Playback
     | SessionStart

@@ -120,11 +120,13 @@ def rights(role: str) -> Rights | None:
         return Rights(tuple(_capture_reads()), (f"{inbox_prefix(PAGES)}.>",))
     if role == SIP:
         # The caller's voice in; the agent's voice, and the judge's end of the call, out. It
-        # takes dial requests (and answers them: nats-server's allow_responses).
+        # takes dial requests and the agent's phone actions (keys, transfer), and answers them
+        # (nats-server's allow_responses).
         return Rights((sj.CTL_START.every_session(), sj.CTL_END.every_session(),
                        f"{sj.PREFIX}.*.{SIP}.*"),
                       (sj.EGRESS_AUDIO.every_session(), sj.FLOOR_END.every_session(),
-                       sj.CTL_END.every_session(), sj.SIP_DIAL, f"{inbox_prefix(SIP)}.>"))
+                       sj.CTL_END.every_session(), sj.LLM_PHONE.every_session(), sj.SIP_DIAL,
+                       f"{inbox_prefix(SIP)}.>"))
     if role == TOOL:
         # Calls and discovery in; out only answers to them (allow_responses, voicebus/auth.py).
         return Rights((), (f"{tools.PREFIX}.>", "$SRV.>", f"{inbox_prefix(TOOL)}.>"))

@@ -56,6 +56,8 @@ FLOOR_END = Topic("floor", "end", (ev.SessionEnd,))
 LLM_DELTA = Topic("llm", "delta", (ev.ReplyDelta,))
 LLM_DONE = Topic("llm", "done", (ev.ReplyDone,))
 LLM_TOOL = Topic("llm", "tool", (ev.ToolUse,))
+# The agent's requests to the SIP gateway about its call (keys, transfer); answered by reply.
+LLM_PHONE = Topic("llm", "phone", (ev.PhoneAction,))
 TTS_AUDIO = Topic("tts", "audio", (ev.AudioFrame,))
 TTS_DONE = Topic("tts", "done", (ev.SynthesisDone,))
 EGRESS_PLAYBACK = Topic("egress", "playback", (ev.Playback,))
@@ -82,7 +84,7 @@ TOPICS: dict[tuple[str, str], Topic] = {
     for t in (
         INGRESS_AUDIO, INGRESS_VAD, INGRESS_TRACK, INGRESS_DTMF, INGRESS_TEXT, STT_PARTIAL,
         STT_FINAL, STT_IDLE, FLOOR_VERDICT, FLOOR_CANCEL, FLOOR_STATE, FLOOR_END, LLM_DELTA,
-        LLM_DONE, LLM_TOOL, TTS_AUDIO, TTS_DONE, EGRESS_PLAYBACK, SIP_AUDIO, SIP_DTMF,
+        LLM_DONE, LLM_TOOL, LLM_PHONE, TTS_AUDIO, TTS_DONE, EGRESS_PLAYBACK, SIP_AUDIO, SIP_DTMF,
         EGRESS_AUDIO, CTL_START, CTL_END,
         *READY.values(), *ERROR.values(), *HANDOVER.values(),
     )

@@ -22,8 +22,9 @@ from proto import subjects as sj
 FILE = Path(__file__).with_name("vectors") / "gateway.json"
 
 # What the SIP gateway publishes and consumes, with edge values: an empty and a full caller,
-# silence and a loud frame, the largest pts of a long call, an outbound call; and the dial
-# request it answers.
+# silence and a loud frame, the largest pts of a long call, an outbound call, the agent's phone
+# actions (keys; a transfer) and the gateway's answers (done; refused); and the dial request it
+# answers.
 _PCM = bytes(range(256)) + bytes(64)  # 320 bytes: 20 ms at 8 kHz, every byte value once
 
 
@@ -48,6 +49,12 @@ def vectors() -> list[dict[str, object]]:
                                             agent="reminders",
                                             instructions="Remind Bob of his 3 pm appointment.",
                                             direction="outbound")),
+        (sj.LLM_PHONE, ev.PhoneAction(session="call-0001", seq=12, ts_ns=1_796_000_030_000,
+                                      turn=3, call_id="call_kd81HsQ2", action="dtmf",
+                                      digits="12#*AD0")),
+        (sj.LLM_PHONE, ev.PhoneAction(session="call-0001", seq=13, ts_ns=1_796_000_031_000,
+                                      turn=0, call_id="c" * 128, action="transfer",
+                                      target="sip:desk@pbx.example.com;transport=tcp")),
     ]
     out = []
     for topic, event in cases:
@@ -56,7 +63,26 @@ def vectors() -> list[dict[str, object]]:
         out.append({"subject": topic.subject(event.session),
                     "event": json.loads(msgspec.json.encode(event)),
                     "msgpack_hex": data.hex()})
-    return out + dial_vectors()
+    return out + phone_answers() + dial_vectors()
+
+
+def phone_answers() -> list[dict[str, object]]:
+    """The gateway's answers to phone actions: the NATS reply to a request on ``LLM_PHONE``
+    (named as the vector's subject: the reply itself goes to the requester's inbox)."""
+    cases = [
+        ev.PhoneActionDone(session="call-0001", seq=40, ts_ns=1_796_000_030_700,
+                           call_id="call_kd81HsQ2"),
+        ev.PhoneActionDone(session="call-0001", seq=41, ts_ns=1_796_000_033_000,
+                           call_id="c" * 128, error="the transfer was refused: 403 Forbidden"),
+    ]
+    out = []
+    for done in cases:
+        data = codec.encode(done)
+        assert codec.decode(data) == done
+        out.append({"subject": sj.LLM_PHONE.subject(done.session),
+                    "event": json.loads(msgspec.json.encode(done)),
+                    "msgpack_hex": data.hex()})
+    return out
 
 
 def dial_vectors() -> list[dict[str, object]]:

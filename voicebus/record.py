@@ -43,6 +43,11 @@ FORMAT = "voicebus-recording"
 FILE_VERSION = 1
 MODES = ("off", "events", "all")
 AUDIO_TOPICS = (sj.INGRESS_AUDIO, sj.TTS_AUDIO)
+# Requests on the session subjects, answered by whoever serves them (the SIP gateway, the agent's
+# phone actions). Never captured: a stream acknowledges a stored message that has a reply subject,
+# to that subject, and its acknowledgement would come first, as the requester's answer (and no
+# request would ever meet "no responders"). ToolUse on llm.tool keeps what they asked and got.
+REQUEST_TOPICS = (sj.LLM_PHONE,)
 
 
 class RecordingError(ValueError):
@@ -150,10 +155,10 @@ class CaptureSettings:
                    replicas=int(env.get("VOICEBUS_RECORD_REPLICAS", base.replicas)))
 
     def subjects(self) -> list[str]:
-        if self.mode == "all":
-            return [sj.everything()]
-        return [topic.every_session() for topic in sj.TOPICS.values()
-                if topic not in AUDIO_TOPICS]
+        """Every session topic (``voice.*.<producer>.<kind>``, not ``voice.>``: the requests
+        are left out), audio frames too with ``all``."""
+        skipped = REQUEST_TOPICS + (() if self.mode == "all" else AUDIO_TOPICS)
+        return [topic.every_session() for topic in sj.TOPICS.values() if topic not in skipped]
 
 
 async def setup(js: Any, settings: CaptureSettings) -> str:

@@ -35,7 +35,7 @@ from proto.events import Timing
 from services.llm.config import LlmConfig
 from proto.tools import ToolSpec
 from services.llm.provider import PROVIDERS, ChatMessage, LlmProvider, ToolCall
-from services.llm.tools import END_CALL, ToolBox
+from services.llm.tools import END_CALL, PHONE_BUILT_IN, ToolBox
 from services.runtime import metrics, tracing
 from services.runtime.fallback import FallbackAdapter, answered_by
 from services.runtime.ledger import MAX_AHEAD, FloorRecord, TurnLedger
@@ -216,7 +216,9 @@ class LlmWorker(SessionWorker[LlmConfig]):
         messages = self.messages_for(verdict.text)
         stream: AsyncIterator[str | ToolCall] | None = None
         try:
-            offered = await self.service.tools.offered(self.agent.tools) if self.agent.tools else []
+            phone = isinstance(self.start_event, ev.PhoneSessionStart)
+            offered = (await self.service.tools.offered(self.agent.tools, phone=phone)
+                       if self.agent.tools else [])
             for round_ in range(MAX_TOOL_ROUNDS + 1):
                 # Not started until iterated; it names the provider that answered (or failed).
                 stream = provider.complete(messages, offered if round_ < MAX_TOOL_ROUNDS else ())
@@ -337,6 +339,9 @@ class LlmWorker(SessionWorker[LlmConfig]):
             elif spec.name == END_CALL.name:
                 self.end_call_turn = turn
                 result, error = json.dumps("The call ends once the user has heard this reply."), ""
+            elif spec.name in PHONE_BUILT_IN:
+                result, error = await self.service.tools.phone(spec, call, self.session, turn,
+                                                               self.next_seq("llm"))
             else:
                 result, error = await self.service.tools.call(spec, call, self.session, turn)
         finally:

@@ -3,7 +3,8 @@ calling one.
 
 Discovery asks ``$SRV.INFO`` (every nats.micro service answers) and keeps the endpoints on
 ``tools.<name>``; it is cached, refreshed in the background when older than ``REFRESH_S``, and
-awaited only when a session's agent allows a tool that is not known yet. A call is one NATS
+awaited only when a session's agent allows a tool that is not known yet (at most every
+``MISSING_RETRY_S``). A call is one NATS
 request with the tool's own timeout; every way it can fail becomes an error text for the model
 (it tells the user, rather than the turn hanging).
 """
@@ -21,6 +22,9 @@ from nats.aio.client import Client
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
+from proto import codec
+from proto import events as ev
+from proto import subjects as sj
 from proto import tools as tl
 from services.llm.provider import ToolCall
 from services.runtime.logs import Throttle
@@ -30,6 +34,7 @@ _throttle = Throttle(60.0)
 _EXTRA = {"stage": "llm"}
 
 REFRESH_S = 5.0
+MISSING_RETRY_S = 2.0
 # Discovery waits for answers until none came for QUIET_S (at most WINDOW_S in all).
 QUIET_S, WINDOW_S = 0.1, 1.0
 
@@ -39,7 +44,24 @@ END_CALL = tl.ToolSpec(
     description="Hang up the call. Say goodbye in the same reply: the call ends once the user "
                 "has heard all of it (if they interrupt, it does not end).",
 )
+# On a call through voicebus's SIP gateway only (a PhoneAction the gateway carries out).
+SEND_DTMF = tl.ToolSpec(
+    name="send_dtmf",
+    description="Press keys on the phone call (to answer a phone menu): digits 0-9, * and #.",
+    parameters={"type": "object", "required": ["digits"], "additionalProperties": False,
+                "properties": {"digits": {"type": "string", "pattern": "^[0-9*#]{1,32}$"}}},
+    timeout_ms=10_000,
+)
+TRANSFER = tl.ToolSpec(
+    name="transfer",
+    description="Hand the call to a person: a phone number (+15550100) or a SIP address "
+                "(sip:desk@example.com). Say so before; the call leaves you once they take it.",
+    parameters={"type": "object", "required": ["to"], "additionalProperties": False,
+                "properties": {"to": {"type": "string"}}},
+    timeout_ms=30_000,
+)
 BUILT_IN = {END_CALL.name: END_CALL}
+PHONE_BUILT_IN = {SEND_DTMF.name: SEND_DTMF, TRANSFER.name: TRANSFER}
 
 
 class ToolBox:
@@ -51,19 +73,23 @@ class ToolBox:
         self.refreshed = 0.0  # monotonic time of the last discovery (0: never)
         self._refresh: asyncio.Task[None] | None = None
 
-    async def offered(self, allowed: Iterable[str]) -> list[tl.ToolSpec]:
-        """The specs of the allowed tools that exist now (built-ins included)."""
-        allowed = list(allowed)
-        on_bus = [name for name in allowed if name not in BUILT_IN]
+    async def offered(self, allowed: Iterable[str], phone: bool = False) -> list[tl.ToolSpec]:
+        """The specs of the allowed tools that exist now: built-ins (the phone's on a call
+        through the gateway only), then the bus's."""
+        built_in = {**BUILT_IN, **(PHONE_BUILT_IN if phone else {})}
+        allowed = [name for name in allowed if phone or name not in PHONE_BUILT_IN]
+        on_bus = [name for name in allowed if name not in built_in]
         if on_bus:
-            stale = time.monotonic() - self.refreshed > REFRESH_S
-            missing = any(name not in self.specs for name in on_bus)
-            if stale or missing:
+            age = time.monotonic() - self.refreshed
+            # A tool not seen yet may have just started: look once, but not on every turn
+            # of an agent whose tool is simply not running (each look costs a turn ~0.1 s).
+            missing = age > MISSING_RETRY_S and any(name not in self.specs for name in on_bus)
+            if age > REFRESH_S or missing:
                 task = self._start_refresh()
                 if missing:
                     await asyncio.shield(task)
         return [spec for name in allowed
-                if (spec := BUILT_IN.get(name) or self.specs.get(name)) is not None]
+                if (spec := built_in.get(name) or self.specs.get(name)) is not None]
 
     def _start_refresh(self) -> asyncio.Task[None]:
         if self._refresh is None or self._refresh.done():
@@ -113,6 +139,36 @@ class ToolBox:
                     log.warning("tool %s ignored: %s", subject, exc, extra=_EXTRA)
                 continue
             found.setdefault(spec.name, spec)  # replicas of one service announce it alike
+
+    async def phone(self, spec: tl.ToolSpec, call: ToolCall, session: str, turn: int,
+                    seq: int) -> tuple[str, str]:
+        """A phone built-in: a PhoneAction the SIP gateway carries out on the call."""
+        try:
+            arguments = json.loads(call.arguments or "{}")
+            action = ev.PhoneAction(
+                session=session, seq=seq, ts_ns=time.time_ns(), turn=turn, call_id=call.id[:128],
+                action="dtmf" if spec is SEND_DTMF else "transfer",
+                digits=str(arguments.get("digits", "")) if spec is SEND_DTMF else "",
+                target=str(arguments.get("to", "")) if spec is TRANSFER else "")
+            data = codec.encode(action)
+            codec.decode(data)  # the contract's checks (digits, a number or SIP URI)
+        except (ValueError, AttributeError, codec.Rejected) as exc:
+            return "", f"bad arguments ({exc})"
+        try:
+            reply = await self.nc.request(sj.LLM_PHONE.subject(session), data,
+                                          timeout=spec.timeout_ms / 1000)
+            done = codec.decode(reply.data)
+        except NoRespondersError:
+            return "", "this call cannot do that (no SIP gateway has it)"
+        except (NatsTimeout, asyncio.TimeoutError):
+            return "", "the phone did not confirm in time"
+        except codec.Rejected as exc:  # (a Rejected is a ValueError: caught here first)
+            return "", f"the gateway's answer was unreadable ({exc})"
+        if not isinstance(done, ev.PhoneActionDone):
+            return "", "the gateway's answer was unreadable"
+        if done.error:
+            return "", done.error
+        return json.dumps("done" if spec is SEND_DTMF else "transferred: the call is theirs now"), ""
 
     async def call(self, spec: tl.ToolSpec, call: ToolCall, session: str, turn: int
                    ) -> tuple[str, str]:

@@ -387,9 +387,11 @@ func (g *gate) problem(d decision, req *sip.Request) {
 
 // ---- the gateway's side ------------------------------------------------------------------------
 
-// admitted is what a call takes along from the gate: its greeting and the slot to give back.
+// admitted is what a call takes along from the gate: its greeting, its trunk's agent and the
+// slot to give back.
 type admitted struct {
 	greeting string
+	agent    string
 	release  func()
 }
 
@@ -403,11 +405,14 @@ func (g *gateway) admit(d *diago.DialogServerSession) (admitted, bool) {
 		dec = gt.decideInvite(d.InviteRequest, time.Now())
 	}
 	if dec.status == 0 {
-		greeting := g.cfg.greeting
+		greeting, agent := g.cfg.greeting, ""
 		if dec.trunk != nil && dec.trunk.greeting != nil {
 			greeting = *dec.trunk.greeting
 		}
-		return admitted{greeting: greeting, release: dec.release}, true
+		if dec.trunk != nil {
+			agent = dec.trunk.agent
+		}
+		return admitted{greeting: greeting, agent: agent, release: dec.release}, true
 	}
 	if dec.kind != "" {
 		callsTotal.WithLabelValues("inbound", "refused").Inc()

@@ -73,6 +73,10 @@ func sessionOf(e Event) string {
 		return e.Session
 	case *SessionEnd:
 		return e.Session
+	case *PhoneAction:
+		return e.Session
+	case *PhoneActionDone:
+		return e.Session
 	}
 	return ""
 }
@@ -108,6 +112,9 @@ type call struct {
 	signalIP     net.IP // where the phone's SIP comes from (its INVITE, or its answer to ours)
 	mu           sync.Mutex
 	jitter       *jitterBuffer // the caller's audio put in order (under mu)
+	keys         sync.Mutex    // held while keys are sent (phone_action.go); play drops frames then
+	underKeys    atomic.Int64  // agent frames dropped as keys were sent
+	transferred  atomic.Bool   // the agent's transfer went through: the session ends "transferred"
 }
 
 func (g *gateway) newCall(direction string) *call {
@@ -183,6 +190,7 @@ func (g *gateway) handle(d *diago.DialogServerSession) {
 	callsTotal.WithLabelValues(directionInbound, "answered").Inc()
 	start := NewPhoneSessionStart()
 	start.Caller, start.Greeting = caller, admission.greeting // the trunk's, else VOICEBUS_GREETING
+	start.Agent = admission.agent                             // the trunk's, else the default
 	// A call whose session could not start: diago hangs up as this handler returns.
 	_ = c.bridge(d, med, start, nil)
 }
@@ -228,7 +236,8 @@ func (c *call) bridge(d dialog, med *diago.DialogMedia, start *PhoneSessionStart
 		return err
 	}
 	hangup := make(chan string, 1)
-	subs, err := c.subscribe(writer, hangup)
+	actions := c.newPhoneActions(d, med, hangup)
+	subs, err := c.subscribe(writer, hangup, actions)
 	defer func() {
 		for _, s := range subs {
 			_ = s.Unsubscribe()
@@ -250,9 +259,10 @@ func (c *call) bridge(d dialog, med *diago.DialogMedia, start *PhoneSessionStart
 	ctx, cancel := context.WithCancel(d.Context())
 	defer cancel()
 	var media sync.WaitGroup
-	media.Add(2)
+	media.Add(3)
 	go func() { defer media.Done(); c.readCaller(ctx, phone) }()
 	go func() { defer media.Done(); c.sendFrames(ctx) }()
+	go func() { defer media.Done(); actions.run(ctx) }()
 	c.awaitEnd(d, hangup)
 	cancel()
 	_ = med.Close() // unblocks the RTP reader
@@ -262,9 +272,9 @@ func (c *call) bridge(d dialog, med *diago.DialogMedia, start *PhoneSessionStart
 	return nil
 }
 
-// subscribe to the agent's voice and to the session's end (the judge's or dispatch's), before
-// the session starts: hangup gets why the agent's side ended it.
-func (c *call) subscribe(writer io.Writer, hangup chan string) ([]*nats.Subscription, error) {
+// subscribe to the agent's voice, its phone actions and the session's end (the judge's or
+// dispatch's), before the session starts: hangup gets why the agent's side ended it.
+func (c *call) subscribe(writer io.Writer, hangup chan string, actions *phoneActions) ([]*nats.Subscription, error) {
 	ask := func(why string) {
 		select {
 		case hangup <- why:
@@ -278,6 +288,11 @@ func (c *call) subscribe(writer io.Writer, hangup chan string) ([]*nats.Subscrip
 		return nil, err
 	}
 	subs := []*nats.Subscription{egress}
+	phone, err := c.g.nc.Subscribe(subject(c.session, "llm", "phone"), actions.take)
+	if err != nil {
+		return subs, err
+	}
+	subs = append(subs, phone)
 	for _, kind := range []string{"floor.end", "ctl.end"} {
 		s, err := c.g.nc.Subscribe("voice."+c.session+"."+kind, func(m *nats.Msg) {
 			e, derr := Decode(m.Data)
@@ -304,9 +319,16 @@ func (c *call) awaitEnd(d dialog, hangup chan string) {
 		if c.direction == directionOutbound {
 			who = "callee"
 		}
-		c.publish("ctl", "end", &SessionEnd{Base: c.base(&c.seqCtl), Reason: who + " hung up"})
-		c.log.Info(who + " hung up")
+		reason := who + " hung up"
+		if c.transferred.Load() { // the other party left for the transfer's target first
+			reason = reasonTransferred
+		}
+		c.publish("ctl", "end", &SessionEnd{Base: c.base(&c.seqCtl), Reason: reason})
+		c.log.Info(reason)
 	case why := <-hangup:
+		if c.transferred.Load() { // nobody on the bus ended it: say so, for every stage
+			c.publish("ctl", "end", &SessionEnd{Base: c.base(&c.seqCtl), Reason: reasonTransferred})
+		}
 		c.log.Info("hanging up", "why", why)
 		hctx, hcancel := context.WithTimeout(context.Background(), 5*time.Second)
 		if err := d.Hangup(hctx); err != nil {
@@ -557,6 +579,11 @@ func (c *call) play(w io.Writer, data []byte) {
 	if c.held.Load() {
 		return
 	}
+	if !c.keys.TryLock() { // keys are being sent: this frame would land inside them
+		c.underKeys.Add(1)
+		return
+	}
+	defer c.keys.Unlock()
 	if _, err := w.Write(encodeG711(c.codecName, frame.Pcm)); err != nil {
 		c.warn("RTP write failed", "error", err)
 	}
@@ -569,6 +596,9 @@ func (c *call) logEnd() {
 	c.mu.Unlock()
 	if n := c.wrongSources.Load(); n > 0 {
 		stats["rtp_wrong_source"] = n
+	}
+	if n := c.underKeys.Load(); n > 0 {
+		stats["agent_frames_under_keys"] = n
 	}
 	args := []any{}
 	for _, kind := range slices.Sorted(maps.Keys(stats)) {

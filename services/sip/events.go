@@ -20,6 +20,8 @@ const (
 	KindEnd        = "ctl.end"
 	KindDial       = "sip.dial"
 	KindDialReply  = "sip.dial.reply"
+	KindPhoneAct   = "llm.phone"
+	KindActDone    = "sip.action.done"
 
 	// Where dial requests come (proto/subjects.py SIP_DIAL), and the gateways' queue group.
 	subjectDial = "voicebus.sip.dial"
@@ -91,8 +93,26 @@ type DialReply struct {
 	Reason  string
 }
 
-// Event is one of *AudioFrame, *PhoneSessionStart, *Dtmf, *SessionEnd, and the dial request
-// and reply.
+// PhoneAction: the agent acts on its call (the tools send_dtmf and transfer), a request on
+// voice.<session>.llm.phone: Action "dtmf" sends Digits, "transfer" refers the call to Target.
+type PhoneAction struct {
+	Base
+	Turn   int64  // required
+	CallID string // required: the tool call's id, echoed in the answer
+	Action string // required: dtmf or transfer
+	Digits string
+	Target string
+}
+
+// PhoneActionDone answers a PhoneAction (the NATS reply): Error empty when it was done.
+type PhoneActionDone struct {
+	Base
+	CallID string // required
+	Error  string
+}
+
+// Event is one of *AudioFrame, *PhoneSessionStart, *Dtmf, *SessionEnd, the agent's phone
+// action and its answer, and the dial request and reply.
 type Event interface{ Kind() string }
 
 func (*AudioFrame) Kind() string        { return KindAudio }
@@ -101,6 +121,8 @@ func (*Dtmf) Kind() string              { return KindDtmf }
 func (*SessionEnd) Kind() string        { return KindEnd }
 func (*DialRequest) Kind() string       { return KindDial }
 func (*DialReply) Kind() string         { return KindDialReply }
+func (*PhoneAction) Kind() string       { return KindPhoneAct }
+func (*PhoneActionDone) Kind() string   { return KindActDone }
 
 type field struct {
 	key   string
@@ -145,6 +167,19 @@ func fieldsOf(e Event) ([]field, error) {
 		return append([]field{{"digit", e.Digit, false}}, baseFields(e.Base)...), nil
 	case *SessionEnd:
 		return append([]field{{"reason", e.Reason, e.Reason == ""}}, baseFields(e.Base)...), nil
+	case *PhoneAction:
+		return append([]field{
+			{"turn", e.Turn, false},
+			{"call_id", e.CallID, false},
+			{"action", e.Action, false},
+			{"digits", e.Digits, e.Digits == ""},
+			{"target", e.Target, e.Target == ""},
+		}, baseFields(e.Base)...), nil
+	case *PhoneActionDone:
+		return append([]field{
+			{"call_id", e.CallID, false},
+			{"error", e.Error, e.Error == ""},
+		}, baseFields(e.Base)...), nil
 	case *DialRequest:
 		return []field{
 			{"target", e.Target, false},
@@ -272,6 +307,21 @@ func (m *decoded) sessionEvent(base Base) (Event, error) {
 		return &Dtmf{Base: base, Digit: digit}, nil
 	case KindEnd:
 		return &SessionEnd{Base: base, Reason: m.strs["reason"]}, nil
+	case KindPhoneAct:
+		turn, hasTurn := m.ints["turn"]
+		callID, hasID := m.strs["call_id"]
+		action, hasAction := m.strs["action"]
+		if !hasTurn || !hasID || !hasAction {
+			return nil, fmt.Errorf("phone action without turn, call_id or action")
+		}
+		return &PhoneAction{Base: base, Turn: turn, CallID: callID, Action: action,
+			Digits: m.strs["digits"], Target: m.strs["target"]}, nil
+	case KindActDone:
+		callID, ok := m.strs["call_id"]
+		if !ok {
+			return nil, fmt.Errorf("phone action answer without call_id")
+		}
+		return &PhoneActionDone{Base: base, CallID: callID, Error: m.strs["error"]}, nil
 	default:
 		return nil, fmt.Errorf("kind %q is not one the gateway reads", kind)
 	}
@@ -316,7 +366,7 @@ func decodeMap(data []byte) (*decoded, error) {
 func (m *decoded) field(dec *msgpack.Decoder, key string) error {
 	switch key {
 	case "kind", "session", "room", "greeting", "caller", "digit", "reason", "direction",
-		"target", "caller_id", "error", "agent", "instructions":
+		"target", "caller_id", "error", "agent", "instructions", "call_id", "action", "digits":
 		v, err := dec.DecodeString()
 		if err != nil {
 			return fmt.Errorf("field %s: %w", key, err)

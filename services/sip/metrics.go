@@ -29,6 +29,10 @@ var (
 		Name: "voicebus_sip_calls_total",
 		Help: "Calls by direction (inbound, outbound) and how they ended (answered, refused, failed).",
 	}, []string{"direction", "outcome"})
+	phoneActionsTotal = promauto.NewCounterVec(prometheus.CounterOpts{
+		Name: "voicebus_sip_phone_actions_total",
+		Help: "The agent's phone actions (dtmf, transfer) by outcome.",
+	}, []string{"action", "outcome"})
 	callsActive = promauto.NewGauge(prometheus.GaugeOpts{
 		Name: "voicebus_sip_calls_active",
 		Help: "Calls in progress.",

@@ -50,6 +50,7 @@ type trunkEntry struct {
 	Name     string         `toml:"name"`
 	Allow    []string       `toml:"allow"`
 	Greeting *string        `toml:"greeting"`
+	Agent    string         `toml:"agent"`
 	MaxCalls int            `toml:"max_calls"`
 	Register *registerEntry `toml:"register"`
 	Users    []userEntry    `toml:"users"`
@@ -83,6 +84,7 @@ type trunk struct {
 	name     string
 	allow    []netip.Prefix
 	greeting *string // nil: VOICEBUS_GREETING
+	agent    string  // the agent profile its calls get ("": the default)
 	maxCalls int
 	register *trunkRegistration
 	users    int
@@ -110,6 +112,8 @@ const (
 
 var (
 	trunkName = regexp.MustCompile(`^[A-Za-z0-9_.-]{1,64}$`)
+	// An agent profile's name, as SessionStart.agent takes it (proto/events.py).
+	agentName = regexp.MustCompile(`^[A-Za-z0-9_-]{1,64}$`)
 	// SIP user names as softphones send them; nothing that needs quoting in a header.
 	userName = regexp.MustCompile(`^[A-Za-z0-9_.!~*'()&=+$,;?/%-]{1,64}$`)
 )
@@ -187,7 +191,10 @@ func (e *trunkEntry) check(where string, getenv func(string) string) (*trunk, []
 		return nil, nil, fmt.Errorf("%s.name: %q: 1-64 of A-Z a-z 0-9 _ . -", where, e.Name)
 	}
 	where = fmt.Sprintf("%s (%s)", where, e.Name)
-	t := &trunk{name: e.Name, greeting: e.Greeting, maxCalls: e.MaxCalls}
+	t := &trunk{name: e.Name, greeting: e.Greeting, agent: e.Agent, maxCalls: e.MaxCalls}
+	if e.Agent != "" && !agentName.MatchString(e.Agent) {
+		return nil, nil, fmt.Errorf("%s.agent: %q: 1-64 of A-Z a-z 0-9 _ -", where, e.Agent)
+	}
 	if e.MaxCalls < 0 {
 		return nil, nil, fmt.Errorf("%s.max_calls: %d: 0 (no limit) or more", where, e.MaxCalls)
 	}

@@ -85,6 +85,9 @@ allow = ["192.0.2.7", "198.51.100.9/24", "2001:db8::/32"]
 			t.Errorf("%s allowed: %v, want %v", addr, got, want)
 		}
 	}
+	if s.trunks[0].agent != "" {
+		t.Fatal("a trunk without agent: the default agent")
+	}
 	off := mustLoad(t, "invite_rate = 0\n[[trunks]]\nname = \"a\"\nallow = [\"192.0.2.7\"]\n")
 	if off.inviteRate != 0 {
 		t.Fatal("invite_rate = 0 must turn the limit off")
@@ -121,6 +124,8 @@ func TestConfigErrorsNameTheKey(t *testing.T) {
 		{"max_calls = \"ten\"\n" + trunk + "allow = [\"192.0.2.1\"]\n", "max_calls"},
 		{"realm = \"a\\\"b\"\n" + trunk + "allow = [\"192.0.2.1\"]\n", "realm:"},
 		{trunk + "allow = [\"192.0.2.1\"]\nmax_calls = -3\n", "trunks[0] (t).max_calls: -3"},
+		{trunk + "allow = [\"192.0.2.1\"]\nagent = \"the bank\"\n", `trunks[0] (t).agent: "the bank"`},
+		{trunk + "allow = [\"192.0.2.1\"]\nagent = \"bank.eu\"\n", "trunks[0] (t).agent"},
 	} {
 		_, err := loadTrunkSettings(writeTrunks(t, c.text), noEnv)
 		if err == nil || !strings.Contains(err.Error(), c.want) {
@@ -168,6 +173,7 @@ name = "carrier"
 allow = ["127.0.0.1/32"]
 max_calls = 2
 greeting = "carrier greeting"
+agent = "front_desk"
 [[trunks]]
 name = "phones"
   [[trunks.users]]
@@ -213,7 +219,8 @@ func TestAnInviteFromATrunkAddressIsAdmittedAndAnyOtherForbidden(t *testing.T) {
 	g := newGate(mustLoad(t, admissionConfig), quietLog())
 	now := time.Now()
 	ok := g.decideInvite(request(sip.INVITE, "127.0.0.1:5070", "+15550100"), now)
-	if ok.status != 0 || ok.trunk == nil || ok.trunk.name != "carrier" || g.active.Load() != 1 {
+	if ok.status != 0 || ok.trunk == nil || ok.trunk.name != "carrier" || ok.trunk.agent != "front_desk" ||
+		g.active.Load() != 1 {
 		t.Fatalf("from the carrier: %+v", ok)
 	}
 	ok.release()

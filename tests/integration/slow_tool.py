@@ -5,12 +5,14 @@ process while a call is under way), and answers how long it waited."""
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 
 from proto.tools import ToolRequest, ToolSpec
 from services.tools.serve import Tool, ToolProcess
 
 TIMEOUT_MS = 8_000
+NAME = os.environ.get("SLOW_TOOL_NAME", "slow")  # another test serves a "slow" of its own
 STARTED = "slow call started:"
 
 
@@ -21,7 +23,7 @@ async def slow(request: ToolRequest) -> dict[str, float]:
     return {"waited": seconds}
 
 
-TOOLS = [Tool(ToolSpec(name="slow", description="Waits, then answers.",
+TOOLS = [Tool(ToolSpec(name=NAME, description="Waits, then answers.",
                        parameters={"type": "object",
                                    "properties": {"seconds": {"type": "number"}}},
                        timeout_ms=TIMEOUT_MS), slow)]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -28,14 +29,17 @@ from services.llm.provider import ChatMessage
 from services.llm.service import model_view
 from services.tools.serve import Tool, ToolError, serve
 from tests.fakes.openai_server import start_fake_openai
+from tests.integration import slow_tool
 from tests.integration.test_stage_processes import publish
+from tests.integration.test_tools import start_process, wait_for_tools
 from voicebus.client import dispatch
 
 seq = itertools.count(1)
+SLOW_TOOL = Path(slow_tool.__file__)
 AGENTS = """
 [agents.clerk]
 instructions = "You are a test clerk."
-tools = ["lookup", "slow", "stuck", "end_call"]
+tools = ["lookup", "slow", "stuck", "nap", "end_call"]
 filler = "One moment."
 filler_ms = 300
 
@@ -147,7 +151,7 @@ async def test_a_tool_answers_and_the_reply_speaks_its_result(clerk) -> None:
     first, second = fake.requests
     assert first["messages"][0] == {"role": "system", "content": "You are a test clerk."}
     assert {t["function"]["name"] for t in first["tools"]} == {"lookup", "slow", "stuck",
-                                                               "end_call"}
+                                                               "end_call"}  # no nap running
     call_id = second["messages"][-2]["tool_calls"][0]["id"]
     assert second["messages"][-1] == {"role": "tool", "tool_call_id": call_id,
                                       "content": '{"value":"alpha-value"}'}
@@ -264,3 +268,28 @@ async def test_end_call_is_asked_for_by_a_reply_that_ran_to_its_end(clerk) -> No
     assert reply.end_call and not reply.interrupted
     assert reply.text.startswith("Goodbye then.")
     assert tools.calls == []  # a built-in: no service was asked
+
+
+async def test_a_tool_process_killed_mid_call_is_an_error_for_the_model_not_a_hang(clerk) -> None:
+    """A tool service of its own process (tests/integration/slow_tool.py, as "nap") dies
+    mid-call: the reply comes once the tool's timeout has passed, and says what went wrong."""
+    stack, nc, tap, fake, tools = clerk
+    session = "tools-killed"
+    proc, lines = await start_process(stack, "naptool", [sys.executable, str(SLOW_TOOL)],
+                                      SLOW_TOOL_NAME="nap")
+    try:
+        await wait_for_tools(nc, {"nap"}, proc=proc)  # up and announced
+        await start(nc, tap, session)
+        fake.tool_calls = [{"name": "nap", "arguments": '{"seconds": 3600}'}]
+        began = time.monotonic()
+        await ask(nc, session, 1, "take a nap")  # the stage finds nap, not yet in its cache
+        await lines.wait_for(slow_tool.STARTED)
+        proc.process.kill()
+        await proc.process.wait()
+        reply = await done(tap, session, 1)
+    finally:
+        await proc.stop()
+    assert "did not answer within 8 s" in reply.text and not reply.interrupted
+    assert time.monotonic() - began < slow_tool.TIMEOUT_MS / 1000 + 15
+    (use,) = [u for u in tap.of(ev.ToolUse, session) if u.done]
+    assert use.name == "nap" and "did not answer" in use.error

@@ -9,6 +9,7 @@ from proto.tools import ToolSpec
 from services.llm.provider import ChatMessage, ToolCall
 from services.llm.providers.demo import GOODBYE, HELP, DemoLlm
 from services.llm.service import _cut_history, model_view
+from services.llm.tools import ToolBox
 
 CALL = ToolCall(id="c1", name="get_time")
 OFFERED = [ToolSpec(name=n) for n in ("get_time", "get_balance", "end_call")]
@@ -78,3 +79,11 @@ async def test_the_demo_agent_speaks_the_results() -> None:
     ]
     said = "".join(await _run(llm, messages))
     assert said == "It is noon. Sorry, get balance did not work: no account 'x'."
+
+
+async def test_the_phone_built_ins_are_offered_on_a_gateway_call_only() -> None:
+    box = ToolBox(nc=None)  # built-ins only: no discovery on the bus
+    allowed = ["end_call", "send_dtmf", "transfer"]
+    assert [s.name for s in await box.offered(allowed)] == ["end_call"]
+    assert [s.name for s in await box.offered(allowed, phone=True)] == allowed
+    assert [s.name for s in await box.offered(["transfer"], phone=True)] == ["transfer"]

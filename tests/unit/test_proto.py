@@ -42,6 +42,9 @@ SAMPLES = [
     ev.ToolUse(session="s1", seq=1, ts_ns=1, turn=2, call_id="call_1", name="get_time",
                done=True, result='{"time": "12:00"}', ms=3.5),
     ev.StageError(session="s1", seq=1, ts_ns=1, stage="llm", turn=1, message="down"),
+    ev.PhoneAction(session="s1", seq=2, ts_ns=1, turn=2, call_id="call_2", action="dtmf",
+                   digits="12#"),
+    ev.PhoneActionDone(session="s1", seq=6, ts_ns=1, call_id="call_2"),
 ]
 
 
@@ -61,6 +64,7 @@ def test_wire_tags_are_stable() -> None:
         "FileSessionStart": "dev.start", "PhoneSessionStart": "sip.start",
         "SessionEnd": "ctl.end", "Cancel": "ctl.cancel",
         "AgentState": "ctl.state", "StageReady": "ctl.ready", "StageError": "ctl.error",
+        "PhoneAction": "llm.phone", "PhoneActionDone": "sip.action.done",
     }
     # Every event type of the contract is sampled here.
     assert set(tags) == {cls.__name__ for cls in ev.AnyEvent.__args__}
@@ -224,13 +228,17 @@ def test_the_shared_vectors_are_what_the_contract_makes_now() -> None:
         data = bytes.fromhex(vector["msgpack_hex"])
         if vector["subject"] == sj.SIP_DIAL:
             event = codec.decode_dial(data)
+        elif vector["event"]["kind"] == "sip.action.done":  # a reply: no subject of its own
+            event = codec.decode(data)
+            assert isinstance(event, ev.PhoneActionDone)
         else:
             event = codec.decode_on(vector["subject"], data)
         assert json.loads(msgspec.json.encode(event)) == vector["event"]
         kinds.add((vector["event"]["kind"], vector["event"].get("direction", "")))
-    # Both directions of a call, and the dial request with both kinds of reply.
-    assert {("sip.start", ""), ("sip.start", "outbound"), ("sip.dial", ""),
-            ("sip.dial.reply", "")} <= kinds
+    # Both directions of a call, the agent's phone actions and their answers, and the dial
+    # request with both kinds of reply.
+    assert {("sip.start", ""), ("sip.start", "outbound"), ("llm.phone", ""),
+            ("sip.action.done", ""), ("sip.dial", ""), ("sip.dial.reply", "")} <= kinds
 
 
 def test_a_phone_session_start_is_inbound_unless_it_says_otherwise() -> None:
