@@ -31,6 +31,7 @@ CHART = ROOT / "deploy" / "helm" / "voicebus"
 CLUSTER_VALUES = CHART / "ci" / "cluster-values.yaml"
 SIP_SERVICE_VALUES = CHART / "ci" / "sip-service-values.yaml"
 COMPOSE = ROOT / "deploy" / "compose.yaml"
+LIVEKIT_SIP = ROOT / "deploy" / "compose.livekit-sip.yaml"
 
 # The oldest release the chart is checked against; kubernetes-validate 1.37.0 ships its schemas.
 KUBERNETES = "1.33.0"
@@ -590,6 +591,26 @@ def test_a_bad_value_that_helm_renders_is_caught(helm: Path) -> None:
 
 def check_compose(composecheck: Path, path: Path, *env: str) -> subprocess.CompletedProcess[str]:
     return run(composecheck, *[arg for name in env for arg in ("-e", name)], path)
+
+
+def test_livekit_sip_runs_beside_the_stack_with_a_shared_redis(composecheck: Path) -> None:
+    """deploy/compose.livekit-sip.yaml over the main file: valid as compose merges them,
+    livekit-server and LiveKit SIP share a password-protected Redis, LiveKit SIP gets no
+    bus identity and its secrets only from the environment."""
+    done = run(composecheck, "-e", "LIVEKIT_API_SECRET=not-a-secret", "-e", "REDIS_PASSWORD=pw",
+               COMPOSE, LIVEKIT_SIP)
+    assert done.returncode == 0, done.stderr
+    refused = run(composecheck, "-e", "LIVEKIT_API_SECRET=not-a-secret", COMPOSE, LIVEKIT_SIP)
+    assert refused.returncode != 0 and "REDIS_PASSWORD" in refused.stderr
+    services = yaml.safe_load(LIVEKIT_SIP.read_text())["services"]
+    sip = services["livekit-sip"]
+    assert "secrets" not in sip and sip["network_mode"] == "host"
+    body = sip["environment"]["SIP_CONFIG_BODY"]
+    assert "${LIVEKIT_API_SECRET:?" in body and "${REDIS_PASSWORD:?" in body
+    assert re.search(r"(?m)^\s*password:\s*\$\{REDIS_PASSWORD", body)
+    command = services["livekit"]["command"]
+    assert command[command.index("--redis-host") + 1] == "redis:6379"
+    assert services["redis"]["ports"] == ["127.0.0.1:6379:6379"]  # loopback only
 
 
 def test_the_compose_file_is_valid(composecheck: Path) -> None:
