@@ -115,12 +115,16 @@ type call struct {
 	keys         sync.Mutex    // held while keys are sent (phone_action.go); play drops frames then
 	underKeys    atomic.Int64  // agent frames dropped as keys were sent
 	transferred  atomic.Bool   // the agent's transfer went through: the session ends "transferred"
+	lastRTP      atomic.Int64  // unix ns of the phone's last packet (or the call's start)
+	silentPhone  chan struct{} // closed when the phone sent nothing for VOICEBUS_SIP_MEDIA_TIMEOUT_MS
+	silentOnce   sync.Once
 }
 
 func (g *gateway) newCall(direction string) *call {
 	c := &call{g: g, session: newSession(), direction: direction, log: g.log,
-		jitter: newJitterBuffer(g.phone.jitterDepth())}
+		jitter: newJitterBuffer(g.phone.jitterDepth()), silentPhone: make(chan struct{})}
 	c.jitter.note = count
+	c.lastRTP.Store(time.Now().UnixNano())
 	return c
 }
 
@@ -335,12 +339,33 @@ func (c *call) awaitEnd(d dialog, hangup chan string) {
 			c.log.Warn("BYE failed", "error", err)
 		}
 		hcancel()
+	case <-c.silentPhone:
+		why := fmt.Sprintf("no media from the phone for %s", c.g.phone.mediaTimeout)
+		c.publish("ctl", "end", &SessionEnd{Base: c.base(&c.seqCtl), Reason: why})
+		c.log.Info("hanging up", "why", why)
+		hctx, hcancel := context.WithTimeout(context.Background(), 5*time.Second)
+		_ = d.Hangup(hctx)
+		hcancel()
 	case <-c.g.ctx.Done():
 		c.publish("ctl", "end", &SessionEnd{Base: c.base(&c.seqCtl), Reason: "gateway stopped"})
 		hctx, hcancel := context.WithTimeout(context.Background(), 3*time.Second)
 		_ = d.Hangup(hctx)
 		hcancel()
 	}
+}
+
+// phoneGone: the phone sent no packet for the media timeout (it vanished without a BYE, its
+// network went): the call is ended, or it would hold a session and a call slot for ever.
+func (c *call) phoneGone() bool {
+	limit := c.g.phone.mediaTimeout
+	if limit <= 0 || time.Since(time.Unix(0, c.lastRTP.Load())) < limit {
+		return false
+	}
+	c.silentOnce.Do(func() {
+		count("rtp_timeout")
+		close(c.silentPhone)
+	})
+	return true
 }
 
 func (c *call) base(seq *atomic.Int64) Base {
@@ -509,6 +534,7 @@ func (c *call) readCaller(ctx context.Context, phone *phoneAudio) {
 			}
 			return
 		}
+		c.lastRTP.Store(time.Now().UnixNano())
 		if n == 0 {
 			continue // a keep-alive, or a packet diago set aside (our side sendonly)
 		}
@@ -550,6 +576,9 @@ func (c *call) sendFrames(ctx context.Context) {
 		c.mu.Unlock()
 		if c.held.Load() {
 			pcm = make([]byte, frameBytes)
+			c.lastRTP.Store(time.Now().UnixNano()) // a held phone may well send nothing
+		} else if c.phoneGone() {
+			return
 		}
 		frame := NewAudioFrame()
 		frame.Base = c.base(&c.seqSip)

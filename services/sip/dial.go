@@ -29,12 +29,32 @@ import (
 //	                        (unset: only sip: URIs can be dialled)
 //	VOICEBUS_SIP_RTP_PORTS  the RTP port pool, LOW-HIGH (unset: any free port); one even
 //	                        port per call (RTCP the odd one after it), so HIGH-LOW+1 >= 2*calls
+//	VOICEBUS_SIP_MEDIA_TIMEOUT_MS a call whose phone sends no packet this long (not on hold) is
+//	                        hung up (60000; 0: never): a phone gone without a BYE
+//	VOICEBUS_SIP_TRANSFER_TO where the agent may transfer calls (its transfer tool): targets
+//	                        separated by commas, each a number or sip: URI, a trailing *
+//	                        allowing any that start so ("+1555*"); unset: no transfer at all.
+//	                        The caller talks to the model, and the model picks the target: without
+//	                        a list, anyone could have their call forwarded to a premium number.
 type phoneSettings struct {
-	ring      time.Duration
-	jitter    time.Duration
-	dialTrunk *sip.Uri
-	rtpLow    int
-	rtpHigh   int
+	ring         time.Duration
+	jitter       time.Duration
+	dialTrunk    *sip.Uri
+	rtpLow       int
+	rtpHigh      int
+	transfers    []string
+	mediaTimeout time.Duration
+}
+
+// mayTransferTo: target is on VOICEBUS_SIP_TRANSFER_TO.
+func (p phoneSettings) mayTransferTo(target string) bool {
+	for _, allowed := range p.transfers {
+		if prefix, wild := strings.CutSuffix(allowed, "*"); wild && strings.HasPrefix(target, prefix) ||
+			!wild && target == allowed {
+			return true
+		}
+	}
+	return false
 }
 
 func (p phoneSettings) jitterDepth() time.Duration {
@@ -54,7 +74,11 @@ func phoneSettingsFromEnv(getenv func(string) string) (phoneSettings, error) {
 	if err != nil {
 		return p, err
 	}
-	p.ring, p.jitter = ring, jitter
+	media, err := millis(getenv, "VOICEBUS_SIP_MEDIA_TIMEOUT_MS", 60_000, 0, 3_600_000)
+	if err != nil {
+		return p, err
+	}
+	p.ring, p.jitter, p.mediaTimeout = ring, jitter, media
 	if text := strings.TrimSpace(getenv("VOICEBUS_SIP_DIAL_TRUNK")); text != "" {
 		var uri sip.Uri
 		if err := sip.ParseUri(text, &uri); err != nil || uri.Host == "" || uri.User != "" {
@@ -71,6 +95,16 @@ func phoneSettingsFromEnv(getenv func(string) string) (phoneSettings, error) {
 				"1024 <= LOW < HIGH <= 65535", text)
 		}
 		p.rtpLow, p.rtpHigh = lo, hi
+	}
+	for _, target := range strings.Split(getenv("VOICEBUS_SIP_TRANSFER_TO"), ",") {
+		if target = strings.TrimSpace(target); target == "" {
+			continue
+		}
+		if !targetPattern.MatchString(strings.TrimSuffix(target, "*")) && target != "*" {
+			return p, fmt.Errorf("VOICEBUS_SIP_TRANSFER_TO %q: each target a number or sip: URI, "+
+				"or its start followed by *", target)
+		}
+		p.transfers = append(p.transfers, target)
 	}
 	return p, nil
 }

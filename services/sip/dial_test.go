@@ -19,8 +19,15 @@ func envOf(vars map[string]string) func(string) string {
 
 func TestPhoneSettings(t *testing.T) {
 	p, err := phoneSettingsFromEnv(envOf(nil))
-	if err != nil || p.ring != 0 || p.jitterDepth() != 60*time.Millisecond || p.dialTrunk != nil {
+	if err != nil || p.ring != 0 || p.jitterDepth() != 60*time.Millisecond || p.dialTrunk != nil ||
+		p.mayTransferTo("+15550100") {
 		t.Fatalf("defaults: %+v %v", p, err)
+	}
+	p, err = phoneSettingsFromEnv(envOf(map[string]string{
+		"VOICEBUS_SIP_TRANSFER_TO": "+1555*, sip:desk@example.com"}))
+	if err != nil || !p.mayTransferTo("+15550100") || !p.mayTransferTo("sip:desk@example.com") ||
+		p.mayTransferTo("+19005550100") || p.mayTransferTo("sip:desk@example.com.evil") {
+		t.Fatalf("transfer list: %+v %v", p, err)
 	}
 	p, err = phoneSettingsFromEnv(envOf(map[string]string{"VOICEBUS_SIP_RING_MS": "3000",
 		"VOICEBUS_SIP_JITTER_MS": "80", "VOICEBUS_SIP_DIAL_TRUNK": "sip:trunk.example.com:5080;transport=tcp",
@@ -33,7 +40,7 @@ func TestPhoneSettings(t *testing.T) {
 	for _, bad := range []map[string]string{{"VOICEBUS_SIP_RING_MS": "-1"}, {"VOICEBUS_SIP_JITTER_MS": "20"},
 		{"VOICEBUS_SIP_DIAL_TRUNK": "sip:alice@trunk.example.com"}, {"VOICEBUS_SIP_RTP_PORTS": "10001-10099"},
 		{"VOICEBUS_SIP_RTP_PORTS": "20000-10000"}, {"VOICEBUS_SIP_RTP_PORTS": "80-100"},
-		{"VOICEBUS_SIP_RTP_PORTS": "10000"}} {
+		{"VOICEBUS_SIP_RTP_PORTS": "10000"}, {"VOICEBUS_SIP_TRANSFER_TO": "desk@example.com"}} {
 		if _, err := phoneSettingsFromEnv(envOf(bad)); err == nil {
 			t.Errorf("%v taken", bad)
 		}
@@ -42,6 +49,7 @@ func TestPhoneSettings(t *testing.T) {
 
 func testGateway(trunk string) *gateway {
 	g := &gateway{log: slog.New(slog.NewTextHandler(io.Discard, nil)), ctx: context.Background()}
+	g.phone.transfers = []string{"*"} // any target (VOICEBUS_SIP_TRANSFER_TO=*)
 	g.cfg.listen = "127.0.0.1:5060"
 	if trunk != "" {
 		var uri sip.Uri

@@ -151,11 +151,24 @@ func (j *jitterBuffer) restart(ssrc uint32, seq uint16) {
 	}
 	j.ssrc, j.next, j.started, j.begun, j.jumped = ssrc, seq, true, false, false
 	j.playing, j.waited = false, 0
+	j.capOut()
+}
+
+// capOut keeps what waits to be played within jitterCapMs, the oldest going first: a sender
+// that restarts its stream again and again (a new SSRC or a jump with every few packets) must
+// not pile audio up behind real time.
+func (j *jitterBuffer) capOut() {
+	if over := len(j.out) - jitterCapMs*frameBytes/frameMs; over > 0 {
+		over = (over + frameBytes - 1) / frameBytes * frameBytes
+		j.out = j.out[over:]
+		j.report(kindOverflow)
+	}
 }
 
 // pull hands out the next 20 ms, every tick: the caller's audio in order, or what stands in
 // for it (silence before the first packet and while buffering, concealment of a loss).
 func (j *jitterBuffer) pull() []byte {
+	j.capOut()
 	if !j.playing && len(j.out) < frameBytes {
 		if !j.ready() {
 			return j.hand(j.conceal(frameBytes), true)

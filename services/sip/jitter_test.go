@@ -376,3 +376,20 @@ func TestQuiet(t *testing.T) {
 		t.Fatal("quiet")
 	}
 }
+
+// A hostile sender that restarts its stream with every packet, far faster than real time,
+// cannot make the buffer hold more than jitterCapMs: the call stays near real time.
+func TestRestartsCannotPileAudioUp(t *testing.T) {
+	j := newJitterBuffer(defaultJitterMs * time.Millisecond)
+	limit := jitterCapMs * frameBytes / frameMs
+	for i := 0; i < 5000; i++ {
+		pcm := make([]byte, frameBytes)
+		j.push(uint32(i), uint16(i*7), pcm) // a new SSRC each time
+		if i%20 == 0 {
+			j.pull() // one tick for twenty packets
+		}
+		if len(j.out) > limit {
+			t.Fatalf("after %d packets %d bytes wait to be played (cap %d)", i, len(j.out), limit)
+		}
+	}
+}

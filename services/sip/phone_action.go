@@ -255,6 +255,9 @@ func samplesIn(d time.Duration) uint32 {
 // (the final status in a NOTIFY's sipfrag). A refused REFER, a failing status or no word in time
 // keeps the call.
 func (a *phoneActions) transfer(parent context.Context, target string) (outcome, why string) {
+	if !a.c.g.phone.mayTransferTo(target) {
+		return "not_allowed", fmt.Sprintf("transfers to %s are not allowed here (VOICEBUS_SIP_TRANSFER_TO)", target)
+	}
 	to, bad := a.c.g.dialTarget(target)
 	if bad != "" {
 		return "bad_target", bad
@@ -266,6 +269,9 @@ func (a *phoneActions) transfer(parent context.Context, target string) (outcome,
 	defer cancel()
 	final := make(chan int, 1)
 	var gaveUp atomic.Bool
+	// However this wait ends, a NOTIFY after it goes to lateNotify (a success still ends the
+	// call as transferred), never into a channel nobody reads.
+	defer gaveUp.Store(true)
 	onNotify := func(status int) { // diago's NOTIFY handler: never block it
 		if status >= 100 && status < 200 {
 			return // still trying

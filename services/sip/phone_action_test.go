@@ -215,9 +215,12 @@ func TestTransferOutcomes(t *testing.T) {
 		{"no answer to the REFER", "sip:desk@192.0.2.5", referee{block: true}, "no_answer", "did not answer the transfer (REFER)", ""},
 		{"a transport error", "sip:desk@192.0.2.5", referee{answer: errors.New("connection refused")}, "failed",
 			"the transfer could not be asked for: connection refused", ""},
+		{"a target not on the list", "+19005550000", referee{notify: []int{200}}, "not_allowed",
+			"transfers to +19005550000 are not allowed here", ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			a, _, ended := testActions(testCall("sip:trunk.example.com:5080;transport=tcp"))
+			a.c.g.phone.transfers = []string{"sip:desk@192.0.2.5", "+1555*"}
 			a.wait = 300 * time.Millisecond
 			r := tc.referee
 			a.refer = r.refer

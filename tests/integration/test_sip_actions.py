@@ -80,7 +80,8 @@ async def stack(tmp_path_factory: pytest.TempPathFactory, fake_llm):
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def gateway(stack):
-    gw = await start_gateway(stack, VOICEBUS_SIP_DIAL_TRUNK=f"sip:127.0.0.1:{TRUNK_PORT}")
+    gw = await start_gateway(stack, VOICEBUS_SIP_DIAL_TRUNK=f"sip:127.0.0.1:{TRUNK_PORT}",
+                             VOICEBUS_SIP_TRANSFER_TO=f"{TRANSFER_NUMBER},sip:desk@192.0.2.80:5060")
     yield gw
     await stop_gateway(gw)
 

@@ -1108,3 +1108,36 @@ async def test_a_busy_callee_gives_a_clear_error_reply(phone_stack, gateway, sip
     assert reply == ev.DialReply(error="busy", status=486, reason="486 Busy Here")
     assert not [s for s in tap.of(ev.PhoneSessionStart) if s.caller == target]
     assert await gateway.problems("dial_busy") == busy_before + 1
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_a_phone_that_goes_silent_without_a_bye_is_hung_up(phone_stack, sipp,
+                                                                   tmp_path) -> None:
+    """A phone that vanishes (no BYE, no packet: its network went) must not hold a session and
+    a call slot for ever: after VOICEBUS_SIP_MEDIA_TIMEOUT_MS without a packet the gateway ends
+    the session and sends BYE. This caller never sends RTP at all."""
+    quiet = await start_gateway(phone_stack, VOICEBUS_SIP_MEDIA_TIMEOUT_MS="1500")
+    offer = "m=audio 9 RTP/AVP 0\n      a=rtpmap:0 PCMU/8000\n      a=sendrecv"
+    xml = invite_only(SCENARIO, offer, AGENT_HANGS_UP).format(
+        caller=CALLER, rtp_port=9, ack=ACK.format(caller=CALLER))
+    nc = await phone_stack.connect()
+    tap = Tap(nc)
+    call = None
+    try:
+        await tap.watch(sj.everything())
+        call = await run_sipp(sipp, quiet, xml, tmp_path)
+        answered = await quiet.line(r'msg="call answered" session=(\S+)', 30)
+        session = answered.group(1)
+        (end,) = await tap.wait_for(lambda: tap.of(ev.SessionEnd, session, topic=sj.CTL_END),
+                                    30, "the gateway's end of the session")
+        out, _ = await asyncio.wait_for(call.communicate(), 20)  # SIPp had its BYE
+        assert end.reason == "no media from the phone for 1.5s"
+        assert call.returncode == 0, out.decode(errors="replace")[-3000:]
+        assert await quiet.problems("rtp_timeout") == 1
+    finally:
+        if call is not None and call.returncode is None:
+            call.kill()
+            await call.communicate()
+        await tap.close()
+        await nc.close()
+        await stop_gateway(quiet)
