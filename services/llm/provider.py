@@ -34,6 +34,9 @@ class ChatMessage(msgspec.Struct, frozen=True, omit_defaults=True):
     # A tool's answer ("tool" role): which call it answers, and the tool's name.
     tool_call_id: str = ""
     name: str = ""
+    # The end of a reply that called tools and said nothing after them (an empty assistant
+    # message): the turn is settled, which a replica taking over must be able to tell.
+    end: bool = False
 
 
 class LlmProvider(Protocol):

@@ -45,8 +45,10 @@ from services.runtime.service import ProviderStage, SessionWorker
 HISTORY_BUCKET = "voicebus_history"
 _history_codec = (msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(list[ChatMessage]))
 _PROBE = (ChatMessage("system", "Answer with one word."), ChatMessage("user", "Say OK."))
-# Rounds of tool calls in one reply; the last round is offered no tools, so it must speak.
+# Rounds of tool calls in one reply; calls the model asks for after the last are not run.
 MAX_TOOL_ROUNDS = 4
+# What of a tool's answer the history keeps (the whole history is one KV value).
+MAX_RESULT_CHARS = 16_384
 
 
 class Origin(NamedTuple):
@@ -123,13 +125,22 @@ class LlmWorker(SessionWorker[LlmConfig]):
         error: its text may have been half sent, so asking the model again could say it twice.
         The agent listens again and the user's next words are answered."""
         turn = record.reply
-        if turn < 0 or any(message.turn == turn and message.role != "user"
-                           for message in self.history):
+        if turn < 0 or _settled(self.history, turn):
             return
         self.ledger.pass_over(turn)
         await self.stage_error("the replica answering this turn died", retryable=True, turn=turn)
         await self.emit(sj.LLM_DONE, ev.ReplyDone, turn=turn, interrupted=True,
                         error="replica lost", provider=self.provider.name)
+
+    async def stop(self) -> None:
+        """Tool calls still running (a cut reply's, which run to their end) may finish within
+        the grace, their answers kept, before another replica takes the session over."""
+        if self.calls:
+            await asyncio.wait(set(self.calls), timeout=self.config.shutdown_grace)
+            for task in self.calls:
+                task.cancel()  # past the grace: its answer says it was cut
+            await asyncio.gather(*self.calls, return_exceptions=True)
+        await super().stop()
 
     @property
     def provider(self) -> LlmFallback:
@@ -221,10 +232,13 @@ class LlmWorker(SessionWorker[LlmConfig]):
                        if self.agent.tools else [])
             for round_ in range(MAX_TOOL_ROUNDS + 1):
                 # Not started until iterated; it names the provider that answered (or failed).
-                stream = provider.complete(messages, offered if round_ < MAX_TOOL_ROUNDS else ())
+                # Tools stay offered in every round: some APIs refuse a conversation holding
+                # tool calls without them.
+                stream = provider.complete(messages, offered)
                 calls = await self._stream_reply(stream, turn, received, parts, origin)
-                if not calls:
-                    break
+                if not calls or round_ == MAX_TOOL_ROUNDS:
+                    break  # (calls past the last round are not run: the reply ends)
+                calls = self._unique_ids(calls, turn, round_)
                 messages += await self._act(verdict, calls, parts, offered, received, origin)
         except asyncio.CancelledError:
             outcome = "interrupted"
@@ -302,6 +316,19 @@ class LlmWorker(SessionWorker[LlmConfig]):
                                           parts, received, origin)
         return [decision, *answers]
 
+    def _unique_ids(self, calls: list[ToolCall], turn: int, round_: int) -> list[ToolCall]:
+        """The model's ids, unless one is missing or was seen before in this session (a
+        compatible server without ids, a provider counting from 1 again after a restart): an
+        answer must find its own decision, and a tool may rely on an id meaning one call."""
+        seen = {c.id for m in self.history for c in m.tool_calls}
+        unique = []
+        for index, call in enumerate(calls):
+            if not call.id or call.id in seen:
+                call = msgspec.structs.replace(call, id=f"vb{turn}-{round_}-{index}")
+            seen.add(call.id)
+            unique.append(call)
+        return unique
+
     def _start_call(self, turn: int, call: ToolCall, spec: ToolSpec | None
                     ) -> asyncio.Task[ChatMessage]:
         # Its own task, not the reply's: cutting the reply must not cut a call that started.
@@ -344,8 +371,15 @@ class LlmWorker(SessionWorker[LlmConfig]):
                                                                self.next_seq("llm"))
             else:
                 result, error = await self.service.tools.call(spec, call, self.session, turn)
+        except asyncio.CancelledError:
+            raise  # (its answer, below, says the user interrupted)
+        except Exception as exc:  # a bug of ours: the model hears that the call failed
+            self.log.exception("tool call %s failed in the stage", call.name)
+            result, error = "", f"the call failed ({type(exc).__name__})"
         finally:
             ms = (time.perf_counter() - began) * 1000
+            if len(result) > MAX_RESULT_CHARS:
+                result, error = "", f"the answer was too long ({len(result)} characters)"
             content = json.dumps({"error": error}) if error else result
             answer = ChatMessage("tool", content, turn=turn, tool_call_id=call.id, name=call.name)
             self.history.append(answer)
@@ -371,13 +405,15 @@ class LlmWorker(SessionWorker[LlmConfig]):
 
     async def _settle(self, turn: int, user: str, reply: str, interrupted: bool) -> None:
         """Reply ``turn`` is over: into the history, unless it is a draft not yet confirmed."""
+        end = False
         if (acting := self.acting.pop(turn, None)) is not None:
             # Its decisions hold the user's words and what was said before each call.
             user, reply = "" if acting.user_stored else user, reply[acting.stored_chars:]
+            end = not reply.strip()
         draft = self.drafts.get(turn)
         if draft is None or draft.confirmed:
             self.drafts.pop(turn, None)
-            await self._remember(user, reply, interrupted=interrupted, turn=turn)
+            await self._remember(user, reply, interrupted=interrupted, turn=turn, end=end)
         elif draft.dropped:
             del self.drafts[turn]
         else:
@@ -409,12 +445,13 @@ class LlmWorker(SessionWorker[LlmConfig]):
     async def _save(self) -> None:
         await self.bus.put(self.kv, self.session, _history_codec[0].encode(self.history))
 
-    async def _remember(self, user: str, assistant: str, interrupted: bool, turn: int) -> None:
+    async def _remember(self, user: str, assistant: str, interrupted: bool, turn: int,
+                        end: bool = False) -> None:
         if user:
             self.history.append(ChatMessage("user", user, turn=turn))
-        if assistant:
-            self.history.append(ChatMessage("assistant", assistant, interrupted=interrupted,
-                                            turn=turn))
+        if assistant.strip() or end:
+            self.history.append(ChatMessage("assistant", assistant if not end else "",
+                                            interrupted=interrupted, turn=turn, end=end))
         if (heard := self.heard.pop(turn, None)) is not None:
             _cut_history(self.history, turn, heard)
         await self._save()
@@ -449,7 +486,15 @@ def _cut_history(history: list[ChatMessage], turn: int, heard: int) -> None:
             history[index] = msgspec.structs.replace(message, content=text, interrupted=True)
         start += length
     history[:] = [m for m in history if not (m.role == "assistant" and m.turn == turn
-                                             and not m.content and not m.tool_calls)]
+                                             and not m.content and not m.tool_calls
+                                             and not m.end)]
+
+
+def _settled(history: Sequence[ChatMessage], turn: int) -> bool:
+    """Reply ``turn`` reached the history as a whole: a reply without tools, or the end of one
+    that called some (the decisions alone are stored before the calls run)."""
+    return any(m.turn == turn and m.role == "assistant" and (not m.tool_calls or m.end)
+               for m in history)
 
 
 def model_view(history: Sequence[ChatMessage]) -> list[ChatMessage]:
@@ -459,7 +504,7 @@ def model_view(history: Sequence[ChatMessage]) -> list[ChatMessage]:
     answers = {m.tool_call_id: m for m in history if m.role == "tool"}
     view: list[ChatMessage] = []
     for message in history:
-        if message.role == "tool":
+        if message.role == "tool" or message.end:
             continue
         view.append(message)
         for call in message.tool_calls:

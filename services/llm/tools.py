@@ -97,7 +97,16 @@ class ToolBox:
         return self._refresh
 
     async def discover(self) -> None:
-        """Ask every micro service what it serves; keep the tools."""
+        """Ask every micro service what it serves; keep the tools. A failure (the bus down)
+        keeps what was known, and is not tried again before ``MISSING_RETRY_S``."""
+        try:
+            await self._discover()
+        except Exception as exc:
+            if _throttle.allow("discovery") is not None:
+                log.warning("tool discovery failed: %s", exc, extra=_EXTRA)
+            self.refreshed = time.monotonic()
+
+    async def _discover(self) -> None:
         inbox = self.nc.new_inbox()
         answers: asyncio.Queue[bytes] = asyncio.Queue()
 

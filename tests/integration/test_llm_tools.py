@@ -236,7 +236,10 @@ async def test_a_cancellable_call_is_abandoned_on_a_barge_in(clerk) -> None:
                                 20, "the call's end")
     assert use.name == "stuck" and "cancelled" in use.error
     kept = await history(nc, session)
-    assert [m.role for m in kept] == ["user", "assistant", "tool"]
+    # The decision, its answer, and the reply's end (it said nothing after the call).
+    assert [(m.role, m.end) for m in kept] == [("user", False), ("assistant", False),
+                                               ("assistant", True), ("tool", False)]
+    assert [m.role for m in model_view(kept)] == ["user", "assistant", "tool"]
 
 
 async def test_a_reply_cut_before_the_model_decided_calls_nothing(clerk) -> None:

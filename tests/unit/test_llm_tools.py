@@ -87,3 +87,20 @@ async def test_the_phone_built_ins_are_offered_on_a_gateway_call_only() -> None:
     assert [s.name for s in await box.offered(allowed)] == ["end_call"]
     assert [s.name for s in await box.offered(allowed, phone=True)] == allowed
     assert [s.name for s in await box.offered(["transfer"], phone=True)] == ["transfer"]
+
+
+def test_a_reply_with_tools_is_settled_only_once_it_ended() -> None:
+    """A replica taking over must tell a turn whose decision is stored but whose calls were
+    still running (it closes that turn) from a turn that ended (it leaves that alone)."""
+    from services.llm.service import _settled
+    decided = [ChatMessage("user", "book it", turn=2),
+               ChatMessage("assistant", "", turn=2, tool_calls=(CALL,))]
+    assert not _settled(decided, 2)
+    assert _settled([*decided, ChatMessage("assistant", "", turn=2, end=True)], 2)
+    assert _settled([*decided, ChatMessage("assistant", "Booked.", turn=2)], 2)
+    assert _settled([ChatMessage("assistant", "Hi.", turn=0)], 0) and not _settled([], 0)
+    # The end marker survives a cut, and the model never sees it.
+    ended = [*decided, ChatMessage("assistant", "", turn=2, end=True)]
+    _cut_history(ended, 2, 0)
+    assert ended[-1].end and [m.role for m in model_view(ended)] == ["user", "assistant",
+                                                                     "tool"]
