@@ -9,8 +9,10 @@ class LlmConfig(ChainConfig, frozen=True, kw_only=True):
     ENV: ClassVar[dict[str, str]] = {
         "openai_api_key": "OPENAI_API_KEY",
         "openai_base_url": "OPENAI_BASE_URL",
+        "anthropic_api_key": "ANTHROPIC_API_KEY",
+        "anthropic_base_url": "ANTHROPIC_BASE_URL",
     }
-    SECRETS: ClassVar[frozenset[str]] = frozenset({"openai_api_key"})
+    SECRETS: ClassVar[frozenset[str]] = frozenset({"openai_api_key", "anthropic_api_key"})
 
     # The one provider, used when VOICEBUS_LLM_PROVIDERS is not set.
     llm_provider: str = "echo"
@@ -47,3 +49,10 @@ class LlmConfig(ChainConfig, frozen=True, kw_only=True):
     llm_stream_usage: bool = True
     openai_api_key: str = ""
     openai_base_url: str = ""
+    # The anthropic provider (Claude, Messages API); shares the timeouts and retries above.
+    anthropic_api_key: str = ""
+    anthropic_base_url: str = ""
+    # Its own model setting, so a chain "openai,anthropic" names a model for each.
+    anthropic_model: str = "claude-haiku-5-5"
+    # The API requires a cap on the reply; a spoken reply is far below it.
+    anthropic_max_tokens: int = 1024

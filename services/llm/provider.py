@@ -56,5 +56,6 @@ class LlmProvider(Protocol):
 PROVIDERS = {
     "echo": "services.llm.providers.echo:EchoLlm",
     "openai": "services.llm.providers.openai:OpenAILlm",
+    "anthropic": "services.llm.providers.anthropic:AnthropicLlm",
     "demo": "services.llm.providers.demo:DemoLlm",
 }
