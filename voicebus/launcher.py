@@ -30,7 +30,7 @@ import nats
 
 from proto.permissions import OPERATOR, inbox_prefix
 from proto.subjects import STAGES
-from services.runtime.bus import replicas_of
+from services.runtime.bus import Bus, replicas_of
 from services.runtime.config import nats_servers
 from voicebus import auth
 from services.runtime.livekit import DEV_API_KEY, DEV_API_SECRET
@@ -504,7 +504,9 @@ class Stack:
         settings = record.CaptureSettings.from_env({**os.environ, **self.env})
         nc = await self.connect()
         try:
-            self.sink(f"launcher| {await record.setup(nc.jetstream(), settings)}")
+            # A cluster just started may not have elected its JetStream leader yet (503).
+            done = await Bus.jetstream(lambda: record.setup(nc.jetstream(), settings))
+            self.sink(f"launcher| {done}")
         finally:
             await nc.close()
 
