@@ -11,7 +11,6 @@ user turn.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Sequence
@@ -32,6 +31,7 @@ from services.runtime.errors import (
     APITimeoutError,
     ProviderError,
 )
+from services.runtime.retry import before_first
 
 log = logging.getLogger(__name__)
 _LOG_EXTRA = {"stage": "llm", "provider": "anthropic"}
@@ -133,28 +133,21 @@ class AnthropicLlm:
         """Open the stream and read up to its first text (None: it ended without one, e.g.
         only tool calls), retrying transient failures: until then nothing reached the user,
         and nothing was decided."""
-        for attempt in range(self.retries + 1):
-            stream = None
+        async def attempt() -> tuple[anthropic.AsyncStream[RawMessageStreamEvent], str | None,
+                                     _Reply]:
             reply = _Reply()
+            stream = await self._open(request)
             try:
-                stream = await self._open(request)
                 while (event := await self._next_event(stream)) is not None:
                     if text := reply.read(event):
                         return stream, text, reply
                 return stream, None, reply
-            except ProviderError as exc:
-                if stream is not None:
-                    await stream.close()
-                if attempt >= self.retries or not _transient(exc):
-                    raise
-                delay = self.retry_backoff * 2 ** attempt
-                log.info("retrying in %.2fs after: %s", delay, exc, extra=_LOG_EXTRA)
-                await asyncio.sleep(delay)
-            except BaseException:  # cancelled: the connection must not linger
-                if stream is not None:
-                    await stream.close()
+            except BaseException:  # a failure, or cancelled: the connection must not linger
+                await stream.close()
                 raise
-        raise AssertionError("unreachable: the last attempt returns or raises")
+
+        return await before_first(attempt, retries=self.retries, backoff=self.retry_backoff,
+                                  transient=_transient, log=log, extra=_LOG_EXTRA)
 
     async def _open(self, request: dict[str, Any]) -> anthropic.AsyncStream[RawMessageStreamEvent]:
         try:

@@ -8,7 +8,6 @@ for failures a second try can fix. Past that, which provider to try is the fallb
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -24,6 +23,7 @@ from services.runtime import metrics
 from services.runtime.config import require_key
 from services.runtime.errors import APIConnectionError, APIStatusError, ProviderError
 from services.runtime.openai_api import make_client, map_openai_error
+from services.runtime.retry import before_first
 
 log = logging.getLogger(__name__)
 _LOG_EXTRA = {"stage": "llm", "provider": "openai"}
@@ -85,28 +85,20 @@ class OpenAILlm:
         """Open the stream and read up to its first text delta (None: it ended without one,
         e.g. only tool calls), retrying transient failures: until then nothing reached the
         user, and nothing was decided."""
-        for attempt in range(self.retries + 1):
-            stream = None
+        async def attempt() -> tuple[openai.AsyncStream[ChatCompletionChunk], str | None]:
             calls.clear()
+            stream = await self._open(request)
             try:
-                stream = await self._open(request)
                 while (chunk := await self._next_chunk(stream)) is not None:
                     if text := _read(chunk, usage, calls):
                         return stream, text
                 return stream, None
-            except ProviderError as exc:
-                if stream is not None:
-                    await stream.close()
-                if attempt >= self.retries or not _transient(exc):
-                    raise
-                delay = self.retry_backoff * 2 ** attempt
-                log.info("retrying in %.2fs after: %s", delay, exc, extra=_LOG_EXTRA)
-                await asyncio.sleep(delay)
-            except BaseException:  # cancelled: the connection must not linger
-                if stream is not None:
-                    await stream.close()
+            except BaseException:  # a failure, or cancelled: the connection must not linger
+                await stream.close()
                 raise
-        raise AssertionError("unreachable: the last attempt returns or raises")
+
+        return await before_first(attempt, retries=self.retries, backoff=self.retry_backoff,
+                                  transient=_transient, log=log, extra=_LOG_EXTRA)
 
     async def _open(self, request: dict[str, Any]) -> openai.AsyncStream[ChatCompletionChunk]:
         try:
