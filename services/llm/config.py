@@ -11,8 +11,11 @@ class LlmConfig(ChainConfig, frozen=True, kw_only=True):
         "openai_base_url": "OPENAI_BASE_URL",
         "anthropic_api_key": "ANTHROPIC_API_KEY",
         "anthropic_base_url": "ANTHROPIC_BASE_URL",
+        "groq_api_key": "GROQ_API_KEY",
+        "gemini_api_key": "GEMINI_API_KEY",
     }
-    SECRETS: ClassVar[frozenset[str]] = frozenset({"openai_api_key", "anthropic_api_key"})
+    SECRETS: ClassVar[frozenset[str]] = frozenset({"openai_api_key", "anthropic_api_key",
+                                                   "groq_api_key", "gemini_api_key"})
 
     # The one provider, used when VOICEBUS_LLM_PROVIDERS is not set.
     llm_provider: str = "echo"
@@ -56,3 +59,12 @@ class LlmConfig(ChainConfig, frozen=True, kw_only=True):
     anthropic_model: str = "claude-haiku-5-5"
     # The API requires a cap on the reply; a spoken reply is far below it.
     anthropic_max_tokens: int = 1024
+    # Groq and Gemini through their OpenAI-compatible endpoints (the openai provider's code
+    # under names of their own, so one chain can hold "openai,anthropic,groq"); they share the
+    # timeouts, retries and llm_stream_usage above.
+    groq_api_key: str = ""
+    groq_base_url: str = "https://api.groq.com/openai/v1"
+    groq_model: str = "llama-3.3-70b-versatile"
+    gemini_api_key: str = ""
+    gemini_base_url: str = "https://generativelanguage.googleapis.com/v1beta/openai/"
+    gemini_model: str = "gemini-2.5-flash"

@@ -57,5 +57,7 @@ PROVIDERS = {
     "echo": "services.llm.providers.echo:EchoLlm",
     "openai": "services.llm.providers.openai:OpenAILlm",
     "anthropic": "services.llm.providers.anthropic:AnthropicLlm",
+    "groq": "services.llm.providers.groq:GroqLlm",
+    "gemini": "services.llm.providers.gemini:GeminiLlm",
     "demo": "services.llm.providers.demo:DemoLlm",
 }

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -32,6 +32,24 @@ BUILT_IN = Path(__file__).with_name("agents.toml")
 DEFAULT = "default"
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
 BUILT_IN_TOOLS = frozenset({"end_call"})
+# An agent's ``language``: a BCP-47 tag (language, then optional subtags such as the region).
+LANGUAGE = re.compile(r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*\Z")
+
+
+def _region_upper(tag: str) -> str:
+    primary, _, rest = tag.partition("-")
+    return f"{primary.lower()}-{rest.upper()}" if len(rest) == 2 else tag
+
+
+# What ``language`` sets in each stage, each in the spelling its provider reads: "hi-IN" is
+# stt_language "hi-in" (read by pocketsphinx, whisper, deepgram and openai, like its default
+# "en-us") and the Sarvam settings "hi-IN". A setting the stage does not have is left out; one
+# the agent's table for the stage sets itself wins. (Cartesia's language is its provider's own
+# environment setting, not the stage's, so no agent can change it yet.)
+LANGUAGE_SETTINGS: dict[str, dict[str, Callable[[str], str]]] = {
+    "stt": {"stt_language": str.lower, "sarvam_stt_language": _region_upper},
+    "tts": {"sarvam_tts_language": _region_upper},
+}
 
 
 class Agent(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -41,6 +59,9 @@ class Agent(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     tools: tuple[Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")], ...] = ()
     filler: str = "One moment."
     filler_ms: Annotated[int, msgspec.Meta(ge=0, le=60_000)] = 1500
+    # The language spoken with this agent ("hi-IN"): sets the language settings of the stages
+    # that have one (LANGUAGE_SETTINGS), unless the stage's table below sets them itself.
+    language: str = ""
     # Each stage's own settings for this agent's sessions, by the names of its environment
     # variables without VOICEBUS_ (llm_provider, piper_voice, stt_eot_question_ms…).
     ingress: dict[str, Setting] = {}
@@ -91,17 +112,21 @@ def parse(text: str, source: str = "<text>") -> Agents:
         parsed = msgspec.convert(raw, _File)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"{source}: {exc}") from None
-    for name in parsed.agents:
+    for name, agent in parsed.agents.items():
         if not NAME.match(name):
             raise ConfigError(f"{source}: agent name {name!r}: 1-64 letters, digits, _ or -")
+        if agent.language and not LANGUAGE.match(agent.language):
+            raise ConfigError(f"{source}: agent {name!r}: language {agent.language!r} is not "
+                              'a BCP-47 tag such as "hi-IN", "ta-IN" or "en-US"')
     return Agents(parsed.agents, source)
 
 
 def stage_config(base: C, agent: Agent, stage: str, name: str) -> C:
     """``base`` (the stage's settings from its environment) with the agent's own for
     ``stage``. Only the stage's own settings may differ per agent: not a secret, and nothing
-    every service shares (bus, logs, metrics)."""
-    settings = agent.settings(stage)
+    every service shares (bus, logs, metrics). The agent's ``language`` comes first, so the
+    stage's table overrides it setting by setting."""
+    settings = {**_language_settings(base, agent, stage), **agent.settings(stage)}
     if not settings:
         return base
     known = {field.name for field in msgspec.structs.fields(type(base))}
@@ -117,6 +142,14 @@ def stage_config(base: C, agent: Agent, stage: str, name: str) -> C:
         return msgspec.convert(raw, type(base), strict=False)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"agent {name!r}, [{stage}]: {exc}") from None
+
+
+def _language_settings(base: BaseConfig, agent: Agent, stage: str) -> dict[str, Setting]:
+    if not agent.language:
+        return {}
+    known = {field.name for field in msgspec.structs.fields(type(base))}
+    return {key: spell(agent.language)
+            for key, spell in LANGUAGE_SETTINGS.get(stage, {}).items() if key in known}
 
 
 def load(path: str | None = None) -> Agents:

@@ -52,3 +52,9 @@ class SttConfig(ChainConfig, frozen=True, kw_only=True):
     whisper_threads: int = 2
     # Beam search of this width instead of greedy decoding (0): more CPU per decode.
     whisper_beam_size: int = 0
+    # sarvam (services/stt/providers/sarvam.py; the key and URL are its own): the language
+    # spoken, as Sarvam names it ("hi-IN", "ta-IN", "en-IN"…; "auto" detects it), the model,
+    # and what it writes ("transcribe"; "translate" to English, "translit", "codemix"…).
+    sarvam_stt_language: str = "en-IN"
+    sarvam_stt_model: str = "saaras:v3-realtime"
+    sarvam_stt_mode: str = "transcribe"

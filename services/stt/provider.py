@@ -37,6 +37,7 @@ PROVIDERS = {
     "whisper": "services.stt.providers.whisper:WhisperCppStt",
     "deepgram": "services.stt.providers.deepgram:DeepgramStt",
     "openai": "services.stt.providers.openai:OpenAIStt",
+    "sarvam": "services.stt.providers.sarvam:SarvamStt",
     # Capacity planning only (voicebus bench pipeline --providers instant): the same words always.
     "instant": "services.stt.providers.instant:InstantStt",
 }

@@ -24,5 +24,12 @@ class TtsConfig(ChainConfig, frozen=True, kw_only=True):
     tts_first_clause_chars: int = 12
     # instant (services/tts/providers/instant.py, capacity planning only): tone per word.
     tts_instant_ms_per_word: int = 250
+    # sarvam (services/tts/providers/sarvam.py; the key and URL are its own): the language of
+    # the text ("hi-IN", "ta-IN", "en-IN"…), the model and its voice (lower case, one the
+    # model has), and the rate of its raw PCM (8000, 16000, 22050 or 24000).
+    sarvam_tts_language: str = "en-IN"
+    sarvam_tts_model: str = "bulbul:v3"
+    sarvam_tts_speaker: str = "shubh"
+    sarvam_tts_sample_rate: int = 22050
     # Seconds without reply text after which a turn is closed (a lost ReplyDone).
     tts_text_timeout: float = 30.0

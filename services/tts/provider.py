@@ -46,6 +46,8 @@ PROVIDERS = {
     "cartesia": "services.tts.providers.cartesia:CartesiaTts",
     "openai": "services.tts.providers.openai:OpenAITts",
     "deepgram": "services.tts.providers.deepgram:DeepgramTts",
+    "elevenlabs": "services.tts.providers.elevenlabs:ElevenLabsTts",
+    "sarvam": "services.tts.providers.sarvam:SarvamTts",
     # Capacity planning only (voicebus bench pipeline --providers instant): a tone, at once.
     "instant": "services.tts.providers.instant:InstantTts",
 }

@@ -15,6 +15,12 @@ before streaming, a stall before the first byte, a broken connection or garbage 
     assert fake.requests[0]["messages"][0]["role"] == "system"
     await fake.close()
 
+``path`` and ``dialect`` make it an OpenAI-compatible vendor: ``FakeOpenAI(path="/openai/v1",
+dialect="groq")`` serves Groq's path, refuses ``messages[].name`` and reports usage as
+``x_groq.usage``; ``dialect="gemini"`` streams each tool call whole without ``index`` and with a
+thought signature it requires back with the call, finishes with ``stop``, and answers errors
+(a bad key: 400) as Gemini's one-element list.
+
 Token counts in ``usage`` are word counts: deterministic, not a real tokenizer.
 """
 
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import re
 import time
 from dataclasses import dataclass
@@ -47,6 +54,7 @@ class Faults(BaseFaults):
     """What the next requests should suffer. Chunk counts are content chunks."""
 
     stall: float = 0.0  # before the first byte
+    first_token_delay: float = 0.0  # the stream is open: before its first content chunk
     disconnect_after: int | None = None
     malformed_after: int | None = None  # an SSE event whose data is not JSON
     hold_after: int | None = None
@@ -55,8 +63,12 @@ class Faults(BaseFaults):
 class FakeOpenAI(FakeServer):
     Faults = Faults
 
-    def __init__(self, api_key: str = "test-key", *, host: str = "127.0.0.1") -> None:
+    def __init__(self, api_key: str = "test-key", *, host: str = "127.0.0.1", path: str = "/v1",
+                 dialect: str = "openai") -> None:
         super().__init__(api_key, host=host)
+        self.path = path.rstrip("/")  # where chat/completions is served
+        self.dialect = dialect  # "openai", "groq" or "gemini"
+        self.headers: list[dict[str, str]] = []
         # The reply text; None means "You said: <last user message>."
         self.reply: str | None = None
         # Tool calls to answer a user's message with (after any ``reply`` text): name and
@@ -67,10 +79,14 @@ class FakeOpenAI(FakeServer):
 
     @property
     def base_url(self) -> str:
-        return self.address("http", "/v1")
+        return self.address("http", self.path)
 
     def routes(self) -> list[web.RouteDef]:
-        return [web.post("/v1/chat/completions", self._watched(self._answer))]
+        return [web.post(f"{self.path}/chat/completions", self._watched(self._answer))]
+
+    def slow_first_token(self, seconds: float = math.inf) -> None:
+        """Open the stream at once, then hold its first token back ``seconds``."""
+        self._set_fault("first_token_delay", seconds)
 
     # -- the endpoint -------------------------------------------------------------------------
 
@@ -80,10 +96,13 @@ class FakeOpenAI(FakeServer):
         except ValueError:
             return openai_error(400, "We could not parse the JSON body of your request.")
         self.requests.append(body)
+        self.headers.append(dict(request.headers))
         if request.headers.get("Authorization") != f"Bearer {self.api_key}":
-            return openai_error(401)
+            return self._error(401)
         if (status := self._take_status()) is not None:
-            return openai_error(status)
+            return self._error(status)
+        if (problem := self._refused(body)) is not None:
+            return self._error(400, problem)
         await pause(self.faults.stall)
         calls = self._calls_for(body)
         reply = self._reply_text(body)
@@ -92,6 +111,26 @@ class FakeOpenAI(FakeServer):
         if body.get("stream"):
             return await self._stream_reply(request, body, reply, calls)
         return web.json_response(self._completion(body, reply), headers=self._headers())
+
+    def _error(self, status: int, message: str | None = None) -> web.Response:
+        if self.dialect != "gemini":
+            return openai_error(status, message)
+        if status == 401:  # Gemini's answer to a bad key
+            status, message = 400, "API key not valid. Please pass a valid API key."
+        error = {"code": status, "message": message or f"Fake error {status}.",
+                 "status": _GEMINI_STATUS.get(status, "UNKNOWN")}
+        return web.json_response([{"error": error}], status=status)
+
+    def _refused(self, body: dict[str, Any]) -> str | None:
+        """What the vendor would refuse in a well-formed request."""
+        for number, message in enumerate(body.get("messages") or ()):
+            if self.dialect == "groq" and "name" in message:
+                return f"'messages.{number}' : property 'name' is unsupported"
+            calls = message.get("tool_calls")
+            if self.dialect == "gemini" and calls and not _signature(calls[0]):
+                return ("Function call is missing a thought_signature in functionCall parts. "
+                        f"Additional data, position {number}.")
+        return None
 
     def _calls_for(self, body: dict[str, Any]) -> list[dict[str, str]]:
         """The tool calls to make: only for a user's message, and only of offered tools."""
@@ -123,6 +162,8 @@ class FakeOpenAI(FakeServer):
         async def write(response: web.StreamResponse) -> bool:
             await _send(response, chunks.delta({"role": "assistant", "content": ""}))
             pieces = _PIECE.findall(reply)
+            if pieces:
+                await pause(self.faults.first_token_delay)
             for index, piece in enumerate(pieces):
                 if not await self._inject(request, response, index):
                     return False
@@ -131,6 +172,12 @@ class FakeOpenAI(FakeServer):
                 # As the API streams a call: id and name first, the arguments in pieces after.
                 if not await self._inject(request, response, len(pieces) + number):
                     return False
+                if self.dialect == "gemini":  # whole, no index, signed
+                    await _send(response, chunks.delta({"tool_calls": [{
+                        "id": f"function-call-{next(self._ids)}", "type": "function",
+                        "function": {"name": call["name"], "arguments": call["arguments"]},
+                        "extra_content": {"google": {"thought_signature": f"sig-{number}"}}}]}))
+                    continue
                 head = {"index": number, "id": f"call_fake{next(self._ids)}", "type": "function",
                         "function": {"name": call["name"], "arguments": ""}}
                 await _send(response, chunks.delta({"tool_calls": [head]}))
@@ -138,9 +185,12 @@ class FakeOpenAI(FakeServer):
                 for part in (call["arguments"][:half], call["arguments"][half:]):
                     await _send(response, chunks.delta(
                         {"tool_calls": [{"index": number, "function": {"arguments": part}}]}))
-            finish = "tool_calls" if calls else "stop"
-            await _send(response, chunks.delta({}, finish_reason=finish))
-            if chunks.include_usage:
+            finish = "tool_calls" if calls and self.dialect != "gemini" else "stop"
+            last = chunks.delta({}, finish_reason=finish)
+            if self.dialect == "groq":  # usage on the last chunk, under Groq's own key
+                last["x_groq"] = {"id": "req_fake", "usage": chunks.usage(reply)["usage"]}
+            await _send(response, last)
+            if chunks.include_usage and self.dialect != "groq":
                 await _send(response, chunks.usage(reply))
             await response.write(b"data: [DONE]\n\n")
             return True
@@ -206,6 +256,14 @@ class _Chunks:
         chunk["usage"] = {"prompt_tokens": self.prompt_words, "completion_tokens": completion,
                           "total_tokens": self.prompt_words + completion}
         return chunk
+
+
+_GEMINI_STATUS = {400: "INVALID_ARGUMENT", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
+                  429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 503: "UNAVAILABLE"}
+
+
+def _signature(call: dict[str, Any]) -> str | None:
+    return ((call.get("extra_content") or {}).get("google") or {}).get("thought_signature")
 
 
 def _last_calls(messages: list[dict[str, Any]]) -> set[str]:

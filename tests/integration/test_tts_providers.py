@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import aclosing
@@ -30,7 +31,9 @@ from services.tts.config import TtsConfig
 from services.tts.provider import PROVIDERS, SpokenAudio
 from tests.fakes.cartesia_server import FakeCartesia
 from tests.fakes.deepgram_speak import FakeDeepgramSpeak
+from tests.fakes.elevenlabs_server import FakeElevenLabs
 from tests.fakes.openai_speech import FakeOpenAISpeech, tone_pcm
+from tests.fakes.sarvam_server import FakeSarvam
 
 KEY = "test-key-5f3a9c"
 BOUND = 10.0  # no call in these tests may take longer, whatever the fault
@@ -45,16 +48,16 @@ class Case:
     fake_type: Callable[..., Any]
 
     def url(self, fake: Any) -> str:
-        return fake.url if self.name == "cartesia" else fake.base_url
+        return fake.url if self.name in ("cartesia", "elevenlabs") else fake.base_url
 
     def fail(self, fake: Any, status: int) -> None:
-        if self.name == "cartesia":
+        if self.name in ("cartesia", "elevenlabs"):
             fake.fail_handshake(status)
         else:
             fake.fail_with_status(status)
 
     def malformed(self, fake: Any) -> None:
-        if self.name == "cartesia":
+        if self.name in ("cartesia", "elevenlabs"):
             fake.malformed_after(1)
         else:
             fake.malformed()
@@ -64,6 +67,9 @@ CASES = [
     Case("cartesia", "CARTESIA_API_KEY", "VOICEBUS_CARTESIA_URL", FakeCartesia),
     Case("openai", "OPENAI_API_KEY", "OPENAI_BASE_URL", FakeOpenAISpeech),
     Case("deepgram", "DEEPGRAM_API_KEY", "VOICEBUS_DEEPGRAM_URL", FakeDeepgramSpeak),
+    # FakeSarvam's base_url is an http:// origin, which VOICEBUS_SARVAM_URL takes as well.
+    Case("sarvam", "SARVAM_API_KEY", "VOICEBUS_SARVAM_URL", FakeSarvam),
+    Case("elevenlabs", "ELEVENLABS_API_KEY", "VOICEBUS_ELEVENLABS_URL", FakeElevenLabs),
 ]
 
 
@@ -375,3 +381,255 @@ async def test_deepgram_asks_for_raw_linear16_at_the_configured_rate(
     assert request["query"] == {"model": "aura-2-thalia-en", "encoding": "linear16",
                                 "container": "none", "sample_rate": "16000"}
     assert request["headers"]["authorization"] == f"Token {KEY}"
+
+
+# -- elevenlabs: the stream-input WebSocket -------------------------------------------------------
+
+elevenlabs_only = pytest.mark.parametrize(
+    "case", [c for c in CASES if c.name == "elevenlabs"], indirect=True, ids=["elevenlabs"])
+
+
+@elevenlabs_only
+async def test_elevenlabs_turn_is_one_socket_of_flushed_chunks(build: Build, fake: Any) -> None:
+    await speak(await build(), "Hello there.", " How are you?")
+    (headers,) = fake.handshakes
+    assert headers["xi-api-key"] == KEY and headers["user-agent"].startswith("elevenlabs/")
+    assert fake.queries == [{"model_id": "eleven_flash_v2_5", "output_format": "pcm_24000",
+                             "sync_alignment": "true", "inactivity_timeout": "60"}]
+    assert fake.voices == ["JBFqnCBsd6RMkjVDRZzb"]
+    # The opening message (the key is in the header, not here), each chunk the moment it came,
+    # flushed and ending in one space, then the empty text that ends the input.
+    assert fake.requests == [{"text": " "}, {"text": "Hello there. ", "flush": True},
+                             {"text": "How are you? ", "flush": True}, {"text": ""}]
+    assert fake.finals == 1
+
+
+@elevenlabs_only
+async def test_elevenlabs_settings_reach_the_wire(build: Build, fake: Any,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in [("SAMPLE_RATE", "16000"), ("LANGUAGE", "de"), ("STABILITY", "0.4"),
+                        ("SPEED", "1.1"), ("VOICE", "voice-1"), ("MODEL", "eleven_turbo_v2_5")]:
+        monkeypatch.setenv(f"VOICEBUS_ELEVENLABS_TTS_{name}", value)
+    tts = await build()
+    pieces = await speak(tts, "Hallo.")
+    assert tts.sample_rate == 16000 and audio_of(pieces, 0) == tone_pcm("Hallo.", 16000)
+    assert fake.voices == ["voice-1"]
+    (query,) = fake.queries
+    assert (query["model_id"], query["output_format"], query["language_code"]) == (
+        "eleven_turbo_v2_5", "pcm_16000", "de")
+    assert fake.requests[0] == {"text": " ", "voice_settings": {"stability": 0.4, "speed": 1.1}}
+
+
+@elevenlabs_only
+async def test_elevenlabs_alignments_become_word_timings_on_the_turns_clock(build: Build) -> None:
+    from services.tts.provider import WordTiming
+
+    chunks = ["Hello there.", LONG, "Bye now."]
+    # The fake speaks 10 characters per 100 ms message: "This sente|nce is lon|g enough…",
+    # so words are cut between messages and must come out whole.
+    words: list[WordTiming] = []
+    pieces = await speak(await build(), *chunks, words=words)
+    expected, offset = [], 0.0
+    for text in chunks:  # each character lasts 10 ms; a chunk starts where the one before ended
+        expected += [(m.group(), offset + m.start() / 100, offset + m.end() / 100)
+                     for m in re.finditer(r"\S+", text)]
+        offset += len(text) / 100
+    # The text as sent (``alignment``), not as normalized (the fake lower-cases that one).
+    assert [w.word for w in words] == [word for word, _, _ in expected]
+    assert [t for w in words for t in (w.start, w.end)] == pytest.approx(
+        [t for _, start, end in expected for t in (start, end)])
+    seconds = sum(len(p.pcm) for p in pieces) / 2 / 24000
+    assert words[-1].end == pytest.approx(seconds)  # the same clock as the turn's audio
+    for index, text in enumerate(chunks):  # and the characters put each message in its chunk
+        assert audio_of(pieces, index) == tone_pcm(text, 24000)
+
+
+@elevenlabs_only
+async def test_elevenlabs_early_close_closes_the_socket(build: Build, fake: Any) -> None:
+    fake.hold_after(1)
+    tts = await build()
+    async with aclosing(tts.synthesize(texts_in([LONG, "And more."]))) as audio:
+        await asyncio.wait_for(anext(audio), BOUND)
+    await asyncio.wait_for(fake.stopped.wait(), BOUND)
+    assert (fake.audio_messages, fake.finals) == (1, 0)
+
+
+@elevenlabs_only
+@pytest.mark.parametrize(("error", "status", "retryable"), [
+    ("system_busy", 503, True), ("too_many_concurrent_requests", 429, True),
+    ("internal_error", 500, True), ("quota_exceeded", 402, False)])
+async def test_elevenlabs_error_message_mid_turn(build: Build, fake: Any, error: str,
+                                                 status: int, retryable: bool) -> None:
+    fake.error_after(2, error)
+    got: list[SpokenAudio] = []
+    with pytest.raises(APIStatusError) as caught:
+        await speak(await build(), LONG, got=got)
+    assert (caught.value.status, caught.value.retryable) == (status, retryable)
+    assert len(got) == 2  # after audio went out: the fallback chain must not retry this turn
+
+
+@elevenlabs_only
+@pytest.mark.parametrize(("code", "reason", "status"), [
+    (1011, "", 500), (1013, "", 503), (1008, "Invalid API key", 401), (1000, "", None)])
+async def test_elevenlabs_close_without_a_message(build: Build, fake: Any, code: int,
+                                                  reason: str, status: int | None) -> None:
+    fake.close_after(1, code, reason)
+    with pytest.raises(ProviderError) as caught:
+        await speak(await build(), LONG)
+    if status is None:  # a normal close before isFinal: the speech was cut
+        assert type(caught.value) is APIConnectionError
+    else:
+        assert isinstance(caught.value, APIStatusError) and caught.value.status == status
+
+
+@elevenlabs_only
+async def test_elevenlabs_wrong_key_is_refused_on_the_open_socket(build: Build, fake: Any) -> None:
+    with pytest.raises(APIStatusError) as caught:
+        await speak(await build(key="sk-wrong-key-1234"), "Hello.")
+    assert (caught.value.status, caught.value.retryable) == (401, False)
+    assert len(fake.handshakes) == 1 and fake.audio_messages == 0  # upgraded, then refused
+
+
+@elevenlabs_only
+async def test_elevenlabs_key_never_logged_nor_shown(build: Build, fake: Any,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    tts = await build()
+    await speak(tts, "Hello.")
+    assert "xi-api-key: <redacted>" in caplog.text  # the upgrade's headers were logged...
+    fake.close_after(0, 1008, f"Invalid API key {KEY}")  # a server that echoes the key
+    with pytest.raises(APIStatusError) as caught:
+        await speak(tts, "Hello.")
+    assert caught.value.status == 401 and "<redacted>" in str(caught.value)
+    assert KEY not in str(caught.value) and KEY not in caplog.text  # ...never the key
+
+
+@elevenlabs_only
+async def test_elevenlabs_connection_refused_and_handshake_stall(build: Build, fake: Any) -> None:
+    tts = await build(timeout=0.3)
+    await fake.refuse_connections()
+    with pytest.raises(APIConnectionError) as refused:
+        await speak(tts, "Hello.")
+    assert type(refused.value) is APIConnectionError and refused.value.retryable
+    await fake.accept_connections()
+    fake.stall_handshake()
+    with pytest.raises(APITimeoutError):
+        await speak(tts, "Hello.")
+    fake.reset()
+    assert audio_of(await speak(tts, "Hello."), 0) == tone_pcm("Hello.", 24000)
+
+
+@elevenlabs_only
+@pytest.mark.parametrize(("variable", "value"), [
+    ("VOICEBUS_ELEVENLABS_TTS_SAMPLE_RATE", "48000"),
+    ("VOICEBUS_ELEVENLABS_TTS_INACTIVITY_TIMEOUT", "600"),
+    ("VOICEBUS_ELEVENLABS_URL", "api.elevenlabs.io")])
+async def test_elevenlabs_bad_settings_fail_at_start(case: Case, monkeypatch: pytest.MonkeyPatch,
+                                                     variable: str, value: str) -> None:
+    monkeypatch.setenv("ELEVENLABS_API_KEY", KEY)
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError, match=variable):
+        load_provider("tts", PROVIDERS, "elevenlabs", TtsConfig(tts_provider="elevenlabs"))
+
+
+# -- Sarvam ---------------------------------------------------------------------------------------
+
+sarvam_only = pytest.mark.parametrize("case", [c for c in CASES if c.name == "sarvam"],
+                                      indirect=True, ids=["sarvam"])
+
+
+async def _sarvam(build: Build, **settings: Any) -> Any:
+    """A Sarvam provider with stage settings of its own (the environment as ``build`` sets it)."""
+    await build()
+    # Nothing to close after: its sockets live only as long as their turn.
+    return load_provider("tts", PROVIDERS, "sarvam", TtsConfig(**settings))
+
+
+@sarvam_only
+async def test_sarvam_turn_is_one_socket_config_then_each_chunk_flushed(build: Build,
+                                                                        fake: Any) -> None:
+    tts = await _sarvam(build, sarvam_tts_language="hi-in", sarvam_tts_speaker="ritu")
+    pieces = await speak(tts, "नमस्ते।", "How are you?")
+    assert audio_of(pieces, 0) == tone_pcm("नमस्ते।", 22050)
+    (sock,) = fake.tts_sockets
+    assert sock.query == {"model": "bulbul:v3", "send_completion_event": "true"}
+    assert fake.headers[0]["api-subscription-key"] == KEY
+    config, *rest = sock.messages
+    assert config["type"] == "config"
+    assert {k: config["data"][k] for k in ("language_code", "speaker", "speech_sample_rate",
+                                           "output_audio_codec")} == {
+        "language_code": "hi-IN", "speaker": "ritu", "speech_sample_rate": 22050,
+        "output_audio_codec": "linear16"}
+    # One chunk at a time: the next text goes out once the previous one is spoken.
+    assert rest == [{"type": "text", "data": {"text": "नमस्ते।"}}, {"type": "flush"},
+                    {"type": "text", "data": {"text": "How are you?"}}, {"type": "flush"}]
+    assert not getattr(tts, "word_timestamps", False)  # the WebSocket gives no word timings
+
+
+@sarvam_only
+async def test_sarvam_agent_language_reaches_the_wire(build: Build, fake: Any) -> None:
+    from services.runtime import agents
+
+    agent = agents.parse('[agents.telugu]\nlanguage = "te-IN"\n')["telugu"]
+    await build()
+    config = agents.stage_config(TtsConfig(), agent, "tts", "telugu")
+    await speak(load_provider("tts", PROVIDERS, "sarvam", config), "Hello.")
+    assert fake.tts_sockets[0].config["language_code"] == "te-IN"
+
+
+@sarvam_only
+async def test_sarvam_speaks_at_the_configured_rate(build: Build, fake: Any) -> None:
+    tts = await _sarvam(build, sarvam_tts_sample_rate=16000)
+    assert tts.sample_rate == 16000
+    assert audio_of(await speak(tts, "Hello."), 0) == tone_pcm("Hello.", 16000)
+    assert fake.tts_sockets[0].config["speech_sample_rate"] == 16000
+    with pytest.raises(ConfigError, match="VOICEBUS_SARVAM_TTS_SAMPLE_RATE"):
+        await _sarvam(build, sarvam_tts_sample_rate=44100)
+
+
+@sarvam_only
+@pytest.mark.parametrize(("status", "retryable"), [(400, False), (429, True), (500, True)])
+async def test_sarvam_error_message_mid_turn(build: Build, fake: Any, status: int,
+                                             retryable: bool) -> None:
+    fake.error_after(1, status=status)
+    got: list[SpokenAudio] = []
+    with pytest.raises(APIStatusError) as caught:
+        await speak(await build(), LONG, got=got)
+    assert (caught.value.status, caught.value.retryable) == (status, retryable)
+    assert got  # after audio went out: the fallback chain must not retry this turn
+
+
+@sarvam_only
+async def test_sarvam_refused_config_is_a_400(build: Build, fake: Any) -> None:
+    tts = await _sarvam(build, sarvam_tts_language="xx-IN")
+    with pytest.raises(APIStatusError) as caught:
+        await speak(tts, "Hello.")
+    assert (caught.value.status, caught.value.retryable) == (400, False)
+    assert "language_code" in str(caught.value)
+
+
+@sarvam_only
+async def test_sarvam_handshake_stall_times_out(build: Build, fake: Any) -> None:
+    fake.stall_handshake()
+    started = time.perf_counter()
+    with pytest.raises(APITimeoutError):
+        await speak(await build(timeout=0.3), "Hello.")
+    assert time.perf_counter() - started < 3.0
+
+
+@sarvam_only
+async def test_sarvam_in_a_chain_hands_a_failed_turn_on(build: Build, fake: Any) -> None:
+    from services.tts.service import TtsFallback
+
+    await build()
+    config = TtsConfig(tts_providers="sarvam,instant", provider_probe_interval=60.0)
+    chain = TtsFallback.from_config(
+        [load_provider("tts", PROVIDERS, name, config) for name in ("sarvam", "instant")], config)
+    fake.fail_handshake(503)
+    try:
+        pieces = await speak(chain, "Hello there.")
+    finally:
+        await chain.aclose()
+    assert chain.sample_rate == 22050  # the first provider's rate: instant's tone is resampled
+    assert pieces and {p.chunk for p in pieces} == {0}
+    assert fake.tts_sockets == []  # Sarvam refused the upgrade; the turn was spoken anyway

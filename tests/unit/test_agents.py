@@ -7,6 +7,7 @@ import pytest
 from services.llm.config import LlmConfig
 from services.runtime import agents
 from services.runtime.errors import ConfigError
+from services.stt.config import SttConfig
 from services.tts.config import TtsConfig
 
 
@@ -61,3 +62,26 @@ def test_an_unknown_agent_gets_the_default(tmp_path) -> None:
     assert known.get_or_default("nope") == known["default"] == agents.Agent()
     with pytest.raises(ConfigError, match="cannot read"):
         agents.load(str(tmp_path / "missing.toml"))
+
+
+def test_language_sets_each_stages_language_settings_in_their_spelling() -> None:
+    parsed = agents.parse('[agents.hi]\nlanguage = "hi-IN"\n')
+    stt = agents.stage_config(SttConfig(), parsed["hi"], "stt", "hi")
+    assert (stt.stt_language, stt.sarvam_stt_language) == ("hi-in", "hi-IN")
+    assert agents.stage_config(TtsConfig(), parsed["hi"], "tts", "hi").sarvam_tts_language == \
+        "hi-IN"
+    llm = LlmConfig()
+    assert agents.stage_config(llm, parsed["hi"], "llm", "hi") is llm  # no language there
+
+
+def test_a_stage_table_overrides_the_agents_language_setting_by_setting() -> None:
+    parsed = agents.parse('[agents.x]\nlanguage = "ta-in"\n'
+                          '[agents.x.stt]\nstt_language = "en-us"\n')
+    stt = agents.stage_config(SttConfig(), parsed["x"], "stt", "x")
+    assert (stt.stt_language, stt.sarvam_stt_language) == ("en-us", "ta-IN")
+
+
+@pytest.mark.parametrize("value", ["Hindi", "hi_IN", "h-IN", "hi-", "hi IN"])
+def test_a_language_that_is_not_a_bcp47_tag_stops_the_start(value: str) -> None:
+    with pytest.raises(ConfigError, match=f"agent 'x': language '{value}' is not a BCP-47 tag"):
+        agents.parse(f'[agents.x]\nlanguage = "{value}"\n', "agents.toml")

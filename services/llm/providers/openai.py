@@ -1,6 +1,7 @@
 """Streaming chat completions through the official ``openai`` SDK.
 
-Works with any OpenAI-compatible server (``OPENAI_BASE_URL``: Groq, Gemini, Ollama…). The
+Works with any OpenAI-compatible server (``OPENAI_BASE_URL``: Ollama, vLLM…); Groq and Gemini
+have named providers on top of it (``groq.py``, ``gemini.py``) with settings of their own. The
 SDK's own retries are off because it would retry at any point; ours happen only before the
 first token (a retry after it would make the user hear the start of the reply twice), and only
 for failures a second try can fix. Past that, which provider to try is the fallback chain's call.
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from typing import Any, Self
 
 import httpx
 import openai
@@ -26,7 +27,8 @@ from services.runtime.openai_api import make_client, map_openai_error
 from services.runtime.retry import before_first
 
 log = logging.getLogger(__name__)
-_LOG_EXTRA = {"stage": "llm", "provider": "openai"}
+# Calls whose extra fields (Gemini's thought signature) are kept to be sent back with them.
+_KEPT_CALLS = 1024
 
 
 class OpenAILlm:
@@ -41,28 +43,39 @@ class OpenAILlm:
         self.stream_usage = stream_usage
         # Token usage of the last finished completion, as the API reported it.
         self.last_usage: dict[str, Any] | None = None
+        # What a server attached to a tool call besides id, name and arguments, by call id,
+        # to go back with the call in later requests (Gemini wants its thought signatures).
+        self._call_extras: dict[str, dict[str, Any]] = {}
+        self._log_extra = {"stage": "llm", "provider": self.name}
 
     @classmethod
     def from_config(cls, cfg: LlmConfig) -> OpenAILlm:
-        require_key(cfg.openai_api_key, provider=cls.name, stage="llm",
-                    variable="OPENAI_API_KEY")
-        client = make_client(cfg.openai_api_key, cfg.openai_base_url,
+        return cls.for_account(cfg, model=cfg.llm_model)
+
+    @classmethod
+    def for_account(cls, cfg: LlmConfig, *, model: str) -> Self:
+        """The provider on the account of the config's ``<name>_api_key`` and
+        ``<name>_base_url``, with the shared timeouts and retries."""
+        key = getattr(cfg, f"{cls.name}_api_key")
+        require_key(key, provider=cls.name, stage="llm",
+                    variable=cfg.env_name(f"{cls.name}_api_key"))
+        client = make_client(key, getattr(cfg, f"{cls.name}_base_url"),
                              httpx.Timeout(cfg.llm_timeout, connect=cfg.llm_connect_timeout))
-        return cls(client, model=cfg.llm_model, retries=cfg.llm_retries,
+        return cls(client, model=model, retries=cfg.llm_retries,
                    retry_backoff=cfg.llm_retry_backoff, stream_usage=cfg.llm_stream_usage)
 
     async def complete(self, messages: Sequence[ChatMessage],
                        tools: Sequence[ToolSpec] = ()) -> AsyncIterator[str | ToolCall]:
         self.last_usage = None
         request: dict[str, Any] = {
-            "model": self.model, "messages": [_wire_message(m) for m in messages], "stream": True,
+            "model": self.model, "messages": [self._wire(m) for m in messages], "stream": True,
         }
         if tools:
             request["tools"] = [_wire_tool(tool) for tool in tools]
         if self.stream_usage:
             request["stream_options"] = {"include_usage": True}
         usage: dict[str, Any] = {}  # per call: one provider serves many sessions at once
-        calls: dict[int, dict[str, str]] = {}  # the tool calls, by index, as they stream in
+        calls: dict[int, dict[str, Any]] = {}  # the tool calls, by index, as they stream in
         stream, first = await self._first_delta(request, usage, calls)
         # Leaving this block early (the turn was cancelled, aclose()) closes the HTTP response,
         # which is what tells the server to stop generating.
@@ -76,11 +89,12 @@ class OpenAILlm:
         # Only a stream read to its end gives calls: a cut one decided nothing.
         for index in sorted(calls):
             call = calls[index]
+            self._keep_extras(call)
             yield ToolCall(id=call["id"] or f"call_{index}", name=call["name"],
                            arguments=call["arguments"] or "{}")
 
     async def _first_delta(self, request: dict[str, Any], usage: dict[str, Any],
-                           calls: dict[int, dict[str, str]]
+                           calls: dict[int, dict[str, Any]]
                            ) -> tuple[openai.AsyncStream[ChatCompletionChunk], str | None]:
         """Open the stream and read up to its first text delta (None: it ended without one,
         e.g. only tool calls), retrying transient failures: until then nothing reached the
@@ -98,7 +112,7 @@ class OpenAILlm:
                 raise
 
         return await before_first(attempt, retries=self.retries, backoff=self.retry_backoff,
-                                  transient=_transient, log=log, extra=_LOG_EXTRA)
+                                  transient=_transient, log=log, extra=self._log_extra)
 
     async def _open(self, request: dict[str, Any]) -> openai.AsyncStream[ChatCompletionChunk]:
         try:
@@ -111,7 +125,7 @@ class OpenAILlm:
         for kind in ("prompt", "completion"):
             if isinstance(tokens := usage.get(f"{kind}_tokens"), int):
                 metrics.LLM_TOKENS.labels(self.name, kind).inc(tokens)
-        log.debug("completion usage: %s", self.last_usage, extra=_LOG_EXTRA)
+        log.debug("completion usage: %s", self.last_usage, extra=self._log_extra)
 
     async def _next_chunk(self, stream: openai.AsyncStream[ChatCompletionChunk]) -> ChatCompletionChunk | None:
         # Error mapping lives here, not around the ``yield``, so an exception the consumer
@@ -125,6 +139,19 @@ class OpenAILlm:
 
     def _map_error(self, exc: Exception) -> ProviderError:
         return map_openai_error(exc, provider=self.name, client=self._client)
+
+    def _wire(self, message: ChatMessage) -> dict[str, Any]:
+        wired = _wire_message(message)
+        for call in wired.get("tool_calls", ()):
+            if (extra := self._call_extras.get(call["id"])) is not None:
+                call.update(extra)
+        return wired
+
+    def _keep_extras(self, call: dict[str, Any]) -> None:
+        if call["id"] and (extra := call.get("extra")):
+            self._call_extras[call["id"]] = extra
+            if len(self._call_extras) > _KEPT_CALLS:  # the oldest go: their turns are long past
+                del self._call_extras[next(iter(self._call_extras))]
 
     async def aclose(self) -> None:
         await self._client.close()
@@ -158,7 +185,7 @@ def _transient(exc: ProviderError) -> bool:
 
 
 def _read(chunk: ChatCompletionChunk, usage: dict[str, Any],
-          calls: dict[int, dict[str, str]]) -> str:
+          calls: dict[int, dict[str, Any]]) -> str:
     """The chunk's text; adds its pieces of tool calls to ``calls`` and notes the token usage
     the last chunk carries."""
     if (reported := _usage_of(chunk)) is not None:
@@ -167,13 +194,26 @@ def _read(chunk: ChatCompletionChunk, usage: dict[str, Any],
         return ""
     delta = chunk.choices[0].delta
     for piece in delta.tool_calls or ():
-        call = calls.setdefault(piece.index, {"id": "", "name": "", "arguments": ""})
+        index = piece.index if piece.index is not None else _unindexed(piece.id, calls)
+        call = calls.setdefault(index, {"id": "", "name": "", "arguments": ""})
         if piece.id:
             call["id"] = piece.id
         if piece.function is not None:
             call["name"] += piece.function.name or ""
             call["arguments"] += piece.function.arguments or ""
+        # Gemini's extension (its thought signature): kept, to be sent back with the call.
+        if (extra := (piece.model_extra or {}).get("extra_content")) is not None:
+            call["extra"] = {"extra_content": extra}
     return delta.content or ""
+
+
+def _unindexed(call_id: str | None, calls: dict[int, dict[str, Any]]) -> int:
+    """The index of a piece that has none (Gemini sends each call whole, without one): a new
+    id starts the next call, anything else continues the last."""
+    last = max(calls, default=-1)
+    if last < 0 or (call_id and call_id != calls[last]["id"]):
+        return last + 1
+    return last
 
 
 def _usage_of(chunk: ChatCompletionChunk) -> dict[str, Any] | None:
