@@ -419,6 +419,40 @@ class DialReply(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True,
     reason: Text = ""
 
 
+class Usage(Event, frozen=True, tag="usage"):
+    """What one provider of ``stage`` did for ``turn``, in the units vendors bill, published by
+    that stage on ``<stage>.usage`` once the turn's work there is over (finished, cut or
+    failed): one event per provider that worked on the turn, so a fallback chain gives one for
+    the provider that failed (``failed``; what it consumed before failing counts) and one for
+    the provider that answered. ``interrupted``: the turn was cut (barge-in, a newer turn);
+    the counts are what went to the provider until then.
+
+    ``requests``: times the stage asked the provider (a completion per tool round, a stream per
+    utterance or reply). LLM: the tokens the API reported, ``input_tokens`` including the
+    ``cached_tokens`` read from its prompt cache; none when it reported nothing (a reply cut
+    before its end, a failure). TTS: ``characters`` of text given to the provider and
+    ``audio_out_s`` it made. STT: ``audio_in_s`` of audio sent to it. ``cost_usd`` from the
+    deployment's price table (``VOICEBUS_PRICES``, docs/providers.md); ``None`` when the table
+    has no price for this provider or a priced unit went unreported.
+
+    ``seq`` counts usage events on their own: a reading of the meter is not part of the stage's
+    stream, so consumers counting gaps in that stream (``SeqGaps``) see no hole."""
+
+    stage: str = ""
+    provider: str = ""
+    turn: Turn = 0
+    requests: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_tokens: int = 0
+    characters: int = 0
+    audio_in_s: float = 0.0
+    audio_out_s: float = 0.0
+    failed: bool = False
+    interrupted: bool = False
+    cost_usd: float | None = None
+
+
 AnyEvent = (
     AudioFrame
     | SpeechStarted
@@ -444,6 +478,7 @@ AnyEvent = (
     | SessionEnd
     | StageReady
     | StageError
+    | Usage
 )
 
 

@@ -74,6 +74,9 @@ STAGES = ("ingress", "stt", "llm", "tts", "egress")
 READY = {stage: Topic(stage, "ready", (ev.StageReady,)) for stage in STAGES}
 ERROR = {stage: Topic(stage, "error", (ev.StageError,)) for stage in STAGES}
 HANDOVER = {stage: Topic(stage, "handover", (ev.SessionStart,)) for stage in STAGES}
+# What the providers of a stage did per turn (``Usage``): voice.S.<stage>.usage
+PROVIDER_STAGES = ("stt", "llm", "tts")
+USAGE = {stage: Topic(stage, "usage", (ev.Usage,)) for stage in PROVIDER_STAGES}
 # Where a session's end may come from: dispatch (the room is gone) or the judge (user idle).
 SESSION_ENDS = (CTL_END, FLOOR_END)
 
@@ -86,7 +89,7 @@ TOPICS: dict[tuple[str, str], Topic] = {
         STT_FINAL, STT_IDLE, FLOOR_VERDICT, FLOOR_CANCEL, FLOOR_STATE, FLOOR_END, LLM_DELTA,
         LLM_DONE, LLM_TOOL, LLM_PHONE, TTS_AUDIO, TTS_DONE, EGRESS_PLAYBACK, SIP_AUDIO, SIP_DTMF,
         EGRESS_AUDIO, CTL_START, CTL_END,
-        *READY.values(), *ERROR.values(), *HANDOVER.values(),
+        *READY.values(), *ERROR.values(), *HANDOVER.values(), *USAGE.values(),
     )
 }
 

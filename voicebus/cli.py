@@ -301,6 +301,11 @@ async def cmd_record(args: argparse.Namespace) -> int:
             record.write_wav(out, record.conversation_audio(recording), mix=args.mix)
             channels = "mixed" if args.mix else "user left, agent right"
             print(f"{out}: the call as heard ({channels})")
+        elif args.action == "usage":
+            from voicebus import timeline
+
+            recording = await record.export(js, args.session)
+            print("\n".join(timeline.usage_report(args.session, recording.entries)))
         elif args.action == "import":
             print(f"imported {await record.import_file(js, record.read_file(args.file))}")
         elif args.action == "purge":
@@ -522,11 +527,14 @@ def build_parser() -> argparse.ArgumentParser:
     aud.add_argument("session")
     aud.add_argument("-o", "--out", type=Path)
     aud.add_argument("--mix", action="store_true", help="one channel instead of two")
+    use = rec_sub.add_parser("usage", help="what the providers did (and cost) per turn, and "
+                             "in all, in one session")
+    use.add_argument("session")
     imp = rec_sub.add_parser("import", help="keep a .vbus file on this bus (not replayed)")
     imp.add_argument("file", type=Path)
     pur = rec_sub.add_parser("purge", help="delete everything kept of one session")
     pur.add_argument("session")
-    for parser_ in (exp, aud, imp, pur):
+    for parser_ in (exp, aud, use, imp, pur):
         _bus_arguments(parser_)
     rec.set_defaults(run=cmd_record)
 

@@ -60,8 +60,9 @@ def inputs_of(stages: tuple[str, ...]) -> set[tuple[str, str]]:
         for item in CONSUMES[stage]:
             topics = ([item] if isinstance(item, sj.Topic)
                       else [t for t in sj.TOPICS.values() if t.producer == item])
-            wanted |= {(t.producer, t.kind) for t in topics
-                       if t.producer not in own and t.kind not in ("ready", "error", "handover")}
+            # (A usage reading is no stage's input: a replay's own usage is its stages'.)
+            wanted |= {(t.producer, t.kind) for t in topics if t.producer not in own
+                       and t.kind not in ("ready", "error", "handover", "usage")}
     return wanted
 
 

@@ -73,6 +73,24 @@ class Heard(msgspec.Struct, kw_only=True):
     final: bool
 
 
+class Use(msgspec.Struct, kw_only=True):
+    """What one provider of a stage did (``Usage`` events): in one turn, or summed over the
+    session. ``cost_usd``: the sum of the priced events' costs (None: none was priced)."""
+
+    stage: str
+    provider: str
+    requests: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_tokens: int = 0
+    characters: int = 0
+    audio_in_s: float = 0.0
+    audio_out_s: float = 0.0
+    cost_usd: float | None = None
+    failed: bool = False  # (a turn's) the provider failed on it
+    turns: int = 0  # (the session's) turns it worked on
+
+
 class Turn(msgspec.Struct, kw_only=True):
     turn: int
     kind: str  # user, greeting, prompt, goodbye (the agent's own turns) or idle
@@ -88,6 +106,7 @@ class Turn(msgspec.Struct, kw_only=True):
     interrupted: bool = False
     cancelled_ms: float | None = None  # when the judge cut this reply
     waterfall: list[Step] = []
+    usage: list[Use] = []  # each stage's providers' work on the turn
 
 
 class State(msgspec.Struct):
@@ -118,6 +137,7 @@ class Timeline(msgspec.Struct, kw_only=True):
     states: list[State] = []
     turns: list[Turn] = []
     marks: list[Mark] = []
+    usage: list[Use] = []  # per stage and provider, the whole session
 
 
 @dataclass
@@ -136,6 +156,7 @@ class _Facts:
     synthesis: ev.SynthesisDone | None = None
     plays: list[ev.Playback] = field(default_factory=list)
     cancel: ev.Cancel | None = None
+    usage: list[ev.Usage] = field(default_factory=list)
 
 
 def build(session: str, entries: Iterable[Entry]) -> Timeline:
@@ -158,7 +179,8 @@ def build(session: str, entries: Iterable[Entry]) -> Timeline:
                     duration_ms=builder.ms(builder.last_ns), ended=builder.ended,
                     messages=messages, rejected=rejected, spans=builder.spans(users),
                     states=builder.states, turns=builder.turns(users),
-                    marks=sorted(builder.marks, key=lambda m: m.at_ms))
+                    marks=sorted(builder.marks, key=lambda m: m.at_ms),
+                    usage=_totals(u for f in builder.facts.values() for u in f.usage))
 
 
 class _Builder:
@@ -259,6 +281,9 @@ class _Builder:
             case ev.SessionEnd(reason=reason):
                 self.ended = self.ended or reason
                 self.mark(subject, event, reason)
+            case ev.Usage(turn=turn):
+                self.turn(turn).usage.append(event)
+                self.mark(subject, event, usage_line(use_of(event)), turn)
             case _:
                 self.mark(subject, event, _describe(event))
 
@@ -315,7 +340,8 @@ class _Builder:
             verdict=verdict.action if verdict else "", reason=verdict.reason if verdict else "",
             reply=text, error=done.error if done else "", heard=heard, interrupted=interrupted,
             cancelled_ms=self.ms(facts.cancel.ts_ns) if facts.cancel else None,
-            waterfall=self.waterfall(facts, speech_end_ms))
+            waterfall=self.waterfall(facts, speech_end_ms),
+            usage=[use_of(u) for u in facts.usage])
 
     def waterfall(self, facts: _Facts, speech_end_ms: float | None) -> list[Step]:
         synthesis = facts.synthesis
@@ -342,6 +368,61 @@ class _Builder:
             steps.append(Step(name=name, at_ms=at_ms, since_ms=round(at_ms - first, 1),
                               delta_ms=round(at_ms - before, 1)))
         return steps
+
+
+def use_of(event: ev.Usage) -> Use:
+    return Use(stage=event.stage, provider=event.provider, requests=event.requests,
+               input_tokens=event.input_tokens, output_tokens=event.output_tokens,
+               cached_tokens=event.cached_tokens, characters=event.characters,
+               audio_in_s=event.audio_in_s, audio_out_s=event.audio_out_s,
+               cost_usd=event.cost_usd, failed=event.failed, turns=1)
+
+
+def _totals(events: Iterable[ev.Usage]) -> list[Use]:
+    """The session's usage per stage and provider, in pipeline order."""
+    totals: dict[tuple[str, str], Use] = {}
+    for event in events:
+        one = use_of(event)
+        total = totals.setdefault((one.stage, one.provider), Use(stage=one.stage,
+                                                                 provider=one.provider))
+        for unit in ("requests", "input_tokens", "output_tokens", "cached_tokens",
+                     "characters", "turns"):
+            setattr(total, unit, getattr(total, unit) + getattr(one, unit))
+        total.audio_in_s = round(total.audio_in_s + one.audio_in_s, 3)
+        total.audio_out_s = round(total.audio_out_s + one.audio_out_s, 3)
+        if one.cost_usd is not None:
+            total.cost_usd = round((total.cost_usd or 0.0) + one.cost_usd, 9)
+    order = {stage: index for index, stage in enumerate(sj.PROVIDER_STAGES)}
+    return sorted(totals.values(), key=lambda u: (order.get(u.stage, 9), u.provider))
+
+
+def usage_line(use: Use) -> str:
+    """``llm openai: 2 requests, 120 input tokens (100 cached), 12 output tokens, $0.000031``"""
+    def plural(count: int, what: str) -> str:
+        return f"{count} {what}{'' if count == 1 else 's'}"
+
+    parts = [plural(use.turns, "turn")] if use.turns > 1 else []
+    parts.append(plural(use.requests, "request"))
+    if use.input_tokens or use.output_tokens:
+        cached = f" ({use.cached_tokens} cached)" if use.cached_tokens else ""
+        parts += [f"{use.input_tokens} input tokens{cached}", f"{use.output_tokens} output tokens"]
+    if use.characters:
+        parts.append(plural(use.characters, "character"))
+    if use.audio_in_s:
+        parts.append(f"{use.audio_in_s:.2f} s of audio in")
+    if use.audio_out_s:
+        parts.append(f"{use.audio_out_s:.2f} s of audio out")
+    if use.cost_usd is not None:
+        parts.append(f"${use.cost_usd:.6f}")
+    return f"{use.stage} {use.provider}: {', '.join(parts)}" + (" (failed)" if use.failed else "")
+
+
+def usage_report(session: str, entries: Iterable[Entry]) -> list[str]:
+    """``voicebus record usage``: a line per provider per turn, then per provider in all."""
+    built = build(session, entries)
+    lines = [f"turn {turn.turn}\t{usage_line(use)}" for turn in built.turns for use in turn.usage]
+    lines += [f"total\t{usage_line(use)}" for use in built.usage]
+    return lines or [f"no usage recorded in {session}"]
 
 
 def _play_start(play: ev.Playback) -> int:

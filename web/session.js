@@ -70,6 +70,10 @@
     $('summary').textContent = `${t.session} · ${started} · ${seconds(t.duration_ms)} · ` +
       `${t.turns.length} turns${ended}`;
     drawLanes(t);
+    // What each provider did over the session (voicebus_usage, docs/observability.md).
+    for (const use of t.usage || []) {
+      $('lanes').append(el('p', { class: 'note usage', 'data-stage': use.stage }, usageLine(use)));
+    }
     for (const turn of t.turns) $('turns').append(drawTurn(turn));
     drawLog(t.marks);
     $('timeline').hidden = false;
@@ -123,7 +127,26 @@
     if (turn.reply || turn.heard) box.append(agentLine(turn));
     if (turn.error) box.append(el('p', { class: 'note bad' }, `error: ${turn.error}`));
     if (turn.waterfall.length) box.append(drawWaterfall(turn.waterfall));
+    for (const use of turn.usage || []) {
+      box.append(el('p', { class: 'note usage', 'data-stage': use.stage }, usageLine(use)));
+    }
     return box;
+  }
+
+  // "llm openai: 2 requests, 120 input tokens, 12 output tokens, $0.000031" (timeline.usage_line)
+  function usageLine(u) {
+    const parts = [];
+    if (u.turns > 1) parts.push(`${u.turns} turns`);
+    parts.push(`${u.requests} request${u.requests === 1 ? '' : 's'}`);
+    if (u.input_tokens || u.output_tokens) {
+      const cached = u.cached_tokens ? ` (${u.cached_tokens} cached)` : '';
+      parts.push(`${u.input_tokens} input tokens${cached}`, `${u.output_tokens} output tokens`);
+    }
+    if (u.characters) parts.push(`${u.characters} characters`);
+    if (u.audio_in_s) parts.push(`${u.audio_in_s.toFixed(2)} s of audio in`);
+    if (u.audio_out_s) parts.push(`${u.audio_out_s.toFixed(2)} s of audio out`);
+    if (u.cost_usd !== null && u.cost_usd !== undefined) parts.push(`$${u.cost_usd.toFixed(6)}`);
+    return `${u.stage} ${u.provider}: ${parts.join(', ')}${u.failed ? ' (failed)' : ''}`;
   }
 
   function userLine(turn) {

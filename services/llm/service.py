@@ -36,7 +36,7 @@ from services.llm.config import LlmConfig
 from proto.tools import ToolSpec
 from services.llm.provider import PROVIDERS, ChatMessage, LlmProvider, ToolCall
 from services.llm.tools import END_CALL, PHONE_BUILT_IN, ToolBox
-from services.runtime import metrics, tracing
+from services.runtime import metrics, tracing, usage
 from services.runtime.fallback import FallbackAdapter, answered_by
 from services.runtime.ledger import MAX_AHEAD, FloorRecord, TurnLedger
 from services.runtime.service import ProviderStage, SessionWorker
@@ -226,6 +226,7 @@ class LlmWorker(SessionWorker[LlmConfig]):
         provider = self.provider
         messages = self.messages_for(verdict.text)
         stream: AsyncIterator[str | ToolCall] | None = None
+        meter = usage.metering()  # the tokens of every round, by provider
         try:
             phone = isinstance(self.start_event, ev.PhoneSessionStart)
             offered = (await self.service.tools.offered(self.agent.tools, phone=phone)
@@ -250,6 +251,7 @@ class LlmWorker(SessionWorker[LlmConfig]):
                         provider=answered_by(stream, provider) if stream else provider.name,
                         end_call=outcome == "ok" and self.end_call_turn == turn,
                         timing=Timing(compute_ms=(time.perf_counter() - received) * 1000))
+        await usage.publish(self, meter, turn, interrupted=outcome == "interrupted")
         metrics.TURNS.labels("llm", outcome).inc()
         await self._settle(verdict.turn, verdict.text, text, outcome == "interrupted")
 

@@ -22,11 +22,12 @@ on top of ``FallbackAdapter.run`` and defines the probe.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, ClassVar, Generic, TypeVar
 
-from services.runtime import metrics
+from services.runtime import metrics, usage
 from services.runtime.config import BaseConfig, parse_list
 from services.runtime.errors import APITimeoutError, ConfigError, ProviderError
 
@@ -48,6 +49,9 @@ class ChainConfig(BaseConfig, frozen=True, kw_only=True):
     provider_probe_interval: float = 5.0
     # Seconds a probe may take before it counts as failed.
     provider_probe_timeout: float = 10.0
+    # The price table (services/runtime/usage.py): a TOML file or its entries inline; empty:
+    # usage without cost.
+    prices: str = ""
 
 
 def chain_names(config: Any, stage: str) -> tuple[str, ...]:
@@ -244,7 +248,11 @@ class FallbackAdapter(Generic[P]):
                 if index:
                     self._moved(slots[index - 1], slot)
                 stream.provider = slot.name
-                items = call(slot.provider, replay.reader() if replay else None)
+                # What this provider reads and makes is charged to it (usage.py).
+                used = usage.attempt(self.stage, slot.name)
+                reader = usage.metered_input(self.stage, used, replay.reader() if replay else None)
+                items = usage.metered_output(self.stage, used, call(slot.provider, reader),
+                                             getattr(self, "sample_rate", 0))
                 budget = self.first_result_timeout if index < len(slots) - 1 else None
                 ready = replay.ready(ready_on) if replay else None
                 started = asyncio.get_running_loop().time()
@@ -264,6 +272,8 @@ class FallbackAdapter(Generic[P]):
                     return
                 except Exception as exc:
                     failed = True
+                    if used is not None:
+                        used.failed = True
                     self._failed(slot, exc)
                     if committed:
                         raise  # a result went out: the stage reports the failure, no retry
@@ -347,8 +357,10 @@ class FallbackAdapter(Generic[P]):
             return
         slot.up.clear()
         metrics.PROVIDER_AVAILABLE.labels(self.stage, slot.name).set(0)
+        # A context of its own: probes are not the failed turn's work (nor its trace).
         slot.probe = asyncio.create_task(self._probe_until_back(slot),
-                                         name=f"{self.stage}:probe:{slot.name}")
+                                         name=f"{self.stage}:probe:{slot.name}",
+                                         context=contextvars.Context())
 
     def _mark_up(self, slot: _Slot) -> None:
         slot.up.set()

@@ -70,6 +70,15 @@ PROVIDER_PROBES = Counter(
 LLM_TOKENS = Counter(
     "voicebus_llm_tokens", "Tokens as reported by the LLM API", ["provider", "kind"]
 )
+# What the providers did for turns (services/runtime/usage.py): the units of the Usage events
+# (input_tokens, output_tokens, cached_tokens, characters, audio_in_s, audio_out_s, requests),
+# and their cost when VOICEBUS_PRICES prices the provider. Probes are not turns: not counted.
+USAGE = Counter(
+    "voicebus_usage", "Provider usage of turns, by unit", ["stage", "provider", "unit"]
+)
+COST = Counter(
+    "voicebus_cost_usd", "Cost of turns in USD, from the price table", ["stage", "provider"]
+)
 TOOL_CALLS = Counter(
     "voicebus_tool_calls", "Tool calls the LLM stage ran, by tool (unknown: a name the model "
     "made up) and outcome (ok, error)", ["tool", "outcome"]

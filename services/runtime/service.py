@@ -32,7 +32,7 @@ import proto
 from proto import codec
 from proto import events as ev
 from proto import subjects as sj
-from services.runtime import agents, metrics, tracing
+from services.runtime import agents, metrics, tracing, usage
 from services.runtime.bus import Bus, Handler, Stopped, replicas_of
 from services.runtime.config import BaseConfig
 from services.runtime.errors import ConfigError, ProviderError
@@ -471,6 +471,7 @@ class ProviderStage(StageService[C]):
     provider: Any
 
     async def setup(self) -> None:
+        self.prices = usage.load_prices(self.config.prices)  # a bad table stops the start
         self.provider = self._chain(self.config)
         # An agent with settings of its own for this stage gets a chain made with them (its
         # providers, its voice…), made now: one it cannot have stops the start.

@@ -23,7 +23,7 @@ from nats.js.errors import KeyNotFoundError
 from proto import events as ev
 from proto import subjects as sj
 from proto.events import Timing
-from services.runtime import metrics, tracing
+from services.runtime import metrics, tracing, usage
 from services.runtime.audio import frame_problem
 from services.runtime.bus import SeqGaps
 from services.runtime.fallback import READY_END, FallbackAdapter, answered_by
@@ -230,6 +230,7 @@ class SttWorker(SessionWorker[SttConfig]):
 
     async def run_turn(self, open_turn: OpenTurn) -> None:
         so_far = open_turn.so_far
+        meter = usage.metering()  # the audio each provider heard in this turn
         try:
             while True:
                 failed = False
@@ -275,6 +276,7 @@ class SttWorker(SessionWorker[SttConfig]):
                             timing=Timing(compute_ms=open_turn.compute_ms, hold_ms=hold))
             metrics.TURNS.labels("stt", "ok" if so_far.text else "empty").inc()
             await self._save_turn()
+            await usage.publish(self, meter, so_far.turn)
         finally:
             self.ledger.close(so_far.turn)
             self._activity_changed()

@@ -19,7 +19,7 @@ import numpy as np
 from proto import events as ev
 from proto import subjects as sj
 from proto.events import Timing
-from services.runtime import metrics, tracing
+from services.runtime import metrics, tracing, usage
 from services.runtime.audio import frame_bytes
 from services.runtime.errors import ConfigError, ProviderError
 from services.runtime.fallback import READY_FIRST, FallbackAdapter, answered_by
@@ -214,6 +214,7 @@ class TtsWorker(SessionWorker[TtsConfig]):
         interrupted = False
         words: list[WordTiming] | None = [] if provider.word_timestamps else None
         chunks = speech.chunks(self.config.tts_text_timeout)
+        meter = usage.metering()  # the text each provider read, the audio it made
         try:
             async with aclosing(provider.synthesize(chunks, words=words)) as audio:
                 async for piece in audio:
@@ -243,6 +244,7 @@ class TtsWorker(SessionWorker[TtsConfig]):
                         words=word_marks(speech.text, words or []),
                         timing=Timing(first_frame_ts_ns=first_ts, llm_ms=speech.llm_ms,
                                       tts_ms=tts_ms))
+        await usage.publish(self, meter, speech.turn, interrupted=interrupted)
         metrics.TURNS.labels("tts", "interrupted" if interrupted else "ok").inc()
 
     def _first_audio(self, speech: TurnSpeech, provider: str, tts_ms: float

@@ -45,6 +45,8 @@ SAMPLES = [
     ev.PhoneAction(session="s1", seq=2, ts_ns=1, turn=2, call_id="call_2", action="dtmf",
                    digits="12#"),
     ev.PhoneActionDone(session="s1", seq=6, ts_ns=1, call_id="call_2"),
+    ev.Usage(session="s1", seq=1, ts_ns=1, stage="llm", provider="openai", turn=2, requests=1,
+             input_tokens=120, output_tokens=12, cached_tokens=100, cost_usd=0.0000123),
 ]
 
 
@@ -64,7 +66,7 @@ def test_wire_tags_are_stable() -> None:
         "FileSessionStart": "dev.start", "PhoneSessionStart": "sip.start",
         "SessionEnd": "ctl.end", "Cancel": "ctl.cancel",
         "AgentState": "ctl.state", "StageReady": "ctl.ready", "StageError": "ctl.error",
-        "PhoneAction": "llm.phone", "PhoneActionDone": "sip.action.done",
+        "PhoneAction": "llm.phone", "PhoneActionDone": "sip.action.done", "Usage": "usage",
     }
     # Every event type of the contract is sampled here.
     assert set(tags) == {cls.__name__ for cls in ev.AnyEvent.__args__}

@@ -32,6 +32,7 @@ from services.runtime.errors import (
     ProviderError,
 )
 from services.runtime.retry import before_first
+from services.runtime.usage import report_tokens
 
 log = logging.getLogger(__name__)
 _LOG_EXTRA = {"stage": "llm", "provider": "anthropic"}
@@ -168,6 +169,7 @@ class AnthropicLlm:
 
     def _count_usage(self, usage: dict[str, Any]) -> None:
         self.last_usage = usage or None
+        report_tokens(self.name, usage)  # to the turn being metered
         for kind, field in (("prompt", "input_tokens"), ("completion", "output_tokens")):
             if isinstance(tokens := usage.get(field), int):
                 metrics.LLM_TOKENS.labels(self.name, kind).inc(tokens)

@@ -25,6 +25,7 @@ from services.runtime.config import require_key
 from services.runtime.errors import APIConnectionError, APIStatusError, ProviderError
 from services.runtime.openai_api import make_client, map_openai_error
 from services.runtime.retry import before_first
+from services.runtime.usage import report_tokens
 
 log = logging.getLogger(__name__)
 # Calls whose extra fields (Gemini's thought signature) are kept to be sent back with them.
@@ -122,6 +123,7 @@ class OpenAILlm:
 
     def _count_usage(self, usage: dict[str, Any]) -> None:
         self.last_usage = usage or None
+        report_tokens(self.name, usage)  # to the turn being metered
         for kind in ("prompt", "completion"):
             if isinstance(tokens := usage.get(f"{kind}_tokens"), int):
                 metrics.LLM_TOKENS.labels(self.name, kind).inc(tokens)
