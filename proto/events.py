@@ -76,12 +76,17 @@ class AudioFrame(Event, frozen=True, tag="audio"):
     pts_ms: int = 0
     turn: Turn = 0
     text_offset: int = 0
+    # From ingress in a room where everyone is heard: whose microphone (the participant's
+    # identity); each speaker's frames are a stream, and an audio clock, of their own. Empty:
+    # the session's one user.
+    speaker: str = ""
 
 
 class SpeechStarted(Event, frozen=True, tag="vad.start"):
-    """The user started speaking at audio time ``pts_ms``."""
+    """The user (``speaker``, as on ``AudioFrame``) started speaking at audio time ``pts_ms``."""
 
     pts_ms: int
+    speaker: str = ""
 
 
 class SpeechEnded(Event, frozen=True, tag="vad.end"):
@@ -91,6 +96,7 @@ class SpeechEnded(Event, frozen=True, tag="vad.end"):
     pts_ms: int
     speech_ms: int = 0
     timing: Timing | None = None
+    speaker: str = ""
 
 
 class InputTrack(Event, frozen=True, tag="ingress.track"):
@@ -101,6 +107,8 @@ class InputTrack(Event, frozen=True, tag="ingress.track"):
     participant: str
     track_sid: str = ""
     active: bool = False
+    # Set (to ``participant``) in a room where everyone is heard: one of several speakers.
+    speaker: str = ""
 
 
 DTMF_KEYS = "0123456789*#ABCD"
@@ -126,6 +134,8 @@ class UserText(Event, frozen=True, tag="ingress.text"):
 
     text: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_CHAT_CHARS)]
     participant: str = ""
+    # In a room where everyone is heard: the typist as a speaker (``Transcript.speaker``).
+    speaker: str = ""
 
 
 # ---- stt: the user's words -----------------------------------------------------------------
@@ -154,6 +164,9 @@ class Transcript(Event, frozen=True, tag="stt.transcript"):
     settled: bool = False
     continued: bool = False
     typed: bool = False
+    # Who said it, in a room where everyone is heard (their identity); empty: the session's
+    # one user. A turn is one speaker's: turns are numbered as they start and end in order.
+    speaker: str = ""
 
 
 class UserIdle(Event, frozen=True, tag="stt.idle"):
@@ -167,6 +180,9 @@ class UserIdle(Event, frozen=True, tag="stt.idle"):
 # ---- floor: the one judge of turn-taking (in egress) -----------------------------------------
 
 VerdictAction = Literal["answer", "ignore", "greet", "prompt", "goodbye"]
+# An ``ignore`` verdict's reason in a meeting where only turns addressed to the agent are
+# answered; its ``text`` and ``speaker`` are kept, for the model to see as context.
+NOT_ADDRESSED = "not addressed"
 
 
 class Verdict(Event, frozen=True, tag="floor.verdict"):
@@ -184,6 +200,8 @@ class Verdict(Event, frozen=True, tag="floor.verdict"):
     text: Text = ""
     reason: str = ""
     draft: bool = False
+    # Who spoke the turn (``Transcript.speaker``): the LLM tells the model who said what.
+    speaker: str = ""
 
 
 class Cancel(Event, frozen=True, tag="ctl.cancel"):
@@ -417,6 +435,9 @@ class DialReply(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True,
     error: DialError = ""
     status: Annotated[int, msgspec.Meta(ge=0, le=699)] = 0
     reason: Text = ""
+
+
+# ---- usage: what the providers did, per turn ---------------------------------------------------
 
 
 class Usage(Event, frozen=True, tag="usage"):

@@ -397,10 +397,12 @@
   }
 
   // Whose words a transcript stream carries: the agent's, the user's own (sent by the agent on
-  // the user's behalf), or nobody's we show ('').
+  // the user's behalf), another person's in a meeting (labelled with their identity: only they
+  // or the agent can send under it), or nobody's we show ('').
   function speakerOf(identity) {
     if (identity === AGENT) return 'agent';
-    return identity && identity === room.localParticipant.identity ? 'user' : '';
+    if (identity && identity === room.localParticipant.identity) return 'user';
+    return identity && room.remoteParticipants.has(identity) ? 'other' : '';
   }
 
   // ---- page state ----

@@ -125,8 +125,9 @@ class TrackSink:
 
 class Transcripts:
     """Both sides of the conversation on ``lk.transcription``, one segment per user utterance
-    and per agent reply, addressed to the session's user alone (anyone else in the room
-    receives none of it, and before the user is known nothing is sent).
+    and per agent reply, addressed to the users the agent hears alone (the session's user; in
+    a meeting, everyone heard: anyone else in the room receives none of it, and before a user
+    is known nothing is sent). A user segment is sent as its speaker's, naming their track.
 
     A user segment's partials are whole replacements (a new stream with the same segment id).
     An agent segment is in step with the voice: one stream that grows by the words as they are
@@ -139,6 +140,9 @@ class Transcripts:
         self.agent = agent
         self.user_track = ""
         self.user_identity = ""
+        # Everyone heard (a meeting: every speaker), and each one's microphone track.
+        self.audience: dict[str, None] = {}
+        self.tracks: dict[str, str] = {}
         self._replies: dict[int, _Reply] = {}
         # A turn whose words the next one carries on shows in the segment of the turn it
         # began in: the next turn → that first turn.
@@ -148,12 +152,23 @@ class Transcripts:
         """``turn`` ended unanswered and ``turn + 1`` carries its words on."""
         self._carried[turn + 1] = self._carried.pop(turn, turn)
 
-    def user(self, turn: int, text: str, final: bool) -> None:
-        if not self.user_identity:
+    def hear(self, identity: str, track_sid: str = "", meeting: bool = False) -> None:
+        """``identity`` is heard (their microphone ``track_sid``, or what they typed): one of
+        several in a ``meeting``, else the session's one user (who may have come back under a
+        new identity: the old one gets nothing more)."""
+        self.user_identity = identity
+        if not meeting:
+            self.audience.clear()
+        self.audience[identity] = None
+        if track_sid:
+            self.user_track = self.tracks[identity] = track_sid
+
+    def user(self, turn: int, text: str, final: bool, speaker: str = "") -> None:
+        identity = speaker or self.user_identity
+        if not identity:
             return
         segment = self._carried.pop(turn, turn) if final else self._carried.get(turn, turn)
-        attrs = self._attrs(f"user-{segment}", self.user_track, final)
-        identity = self.user_identity
+        attrs = self._attrs(f"user-{segment}", self.tracks.get(identity, self.user_track), final)
         self.agent.submit(lambda: self._send(text, attrs, identity))
 
     def agent_text(self, turn: int, text: str, whole: bool = False) -> None:
@@ -165,7 +180,7 @@ class Transcripts:
         """Reply ``turn`` has been played up to character ``offset``: its words up to there
         join the segment."""
         reply = self._replies.get(turn)
-        if reply is None or not self.user_identity:
+        if reply is None or not self.audience:
             return
         upto = word_boundary(reply.text, offset)
         if upto > reply.sent:
@@ -189,7 +204,7 @@ class Transcripts:
     async def _send(self, text: str, attrs: dict[str, str], identity: str) -> None:
         writer = await self.agent.room.local_participant.stream_text(
             topic=TOPIC_TRANSCRIPTION, attributes=attrs, sender_identity=identity,
-            destination_identities=[self.user_identity])
+            destination_identities=list(self.audience))
         await writer.write(text)
         await writer.aclose()
 
@@ -198,7 +213,7 @@ class Transcripts:
             attrs = self._attrs(f"agent-{turn}", self.agent.track_sid, False)
             reply.writer = await self.agent.room.local_participant.stream_text(
                 topic=TOPIC_TRANSCRIPTION, attributes=attrs,
-                destination_identities=[self.user_identity])
+                destination_identities=list(self.audience))
         await reply.writer.write(words)
         await self._legacy(turn, reply.text[:reply.sent], final=False)
 
@@ -206,14 +221,15 @@ class Transcripts:
                       attrs: dict[str, str]) -> None:
         if reply.writer is not None:
             await reply.writer.aclose()
-        if heard and self.user_identity:  # nothing heard (empty, failed, cut at once): no line
+        if heard and self.audience:  # nothing heard (empty, failed, cut at once): no line
             await self._send(heard, attrs, AGENT_IDENTITY)
             await self._legacy(turn, heard, final=True)
 
     async def _legacy(self, turn: int, text: str, final: bool) -> None:
-        user = self.agent.room.remote_participants.get(self.user_identity)
         # The protocol a client announced is in the participant's info (no public accessor).
-        if user is None or user._info.client_protocol >= TEXT_STREAM_PROTOCOL:
+        listeners = (self.agent.room.remote_participants.get(who) for who in self.audience)
+        if not any(user is not None and user._info.client_protocol < TEXT_STREAM_PROTOCOL
+                   for user in listeners):
             return
         segment = rtc.TranscriptionSegment(id=f"agent-{turn}", text=text, start_time=0,
                                            end_time=0, final=final, language="")

@@ -22,6 +22,11 @@ as they come and on the final) and the reply is cut for good; or it ends without
 (a cough, "uh-huh", no words) and the reply resumes where the user stopped hearing it. Those
 rules are for speech: a message the user typed is always a turn, and it cuts a reply at once.
 
+In a meeting (several people heard, each turn labelled with its speaker) speech from anyone
+pauses and interrupts the reply alike, and ``Addressing`` says which turns are the agent's to
+answer (everyone's, or only those that name it and their follow-ups); a turn not addressed is
+ignored with the reason "not addressed" and its words, which the LLM keeps as context.
+
 ``Floor`` is pure logic: the worker feeds it events in any order NATS delivers them across
 subjects and carries out what it asks through ``FloorActions``. Its state is the shared turn
 ledger plus a ``FloorRecord`` it hands to ``FloorActions.record`` after each decision, kept in
@@ -32,9 +37,9 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from proto.events import AgentStateName, VerdictAction
+from proto.events import NOT_ADDRESSED, AgentStateName, VerdictAction
 from services.runtime.ledger import FloorRecord, TurnLedger
-from services.runtime.turns import TurnRules, words
+from services.runtime.turns import Addressing, TurnRules, words
 
 
 # Why a goodbye ends the session (SessionEnd.reason on floor.end).
@@ -51,9 +56,10 @@ class FloorActions(Protocol):
         """Cut reply ``turn`` (and all before it) for good."""
         ...
 
-    def verdict(self, turn: int, action: VerdictAction, text: str, reason: str) -> None: ...
+    def verdict(self, turn: int, action: VerdictAction, text: str, reason: str,
+                speaker: str = "") -> None: ...
 
-    def draft(self, turn: int, text: str) -> None:
+    def draft(self, turn: int, text: str, speaker: str = "") -> None:
         """Prepare the answer to ``text`` for ``turn``, unheard until ``verdict`` confirms it."""
         ...
 
@@ -73,9 +79,11 @@ class FloorActions(Protocol):
 class Floor:
     def __init__(self, rules: TurnRules, actions: FloorActions, ledger: TurnLedger, *,
                  greeting: bool, idle_prompts: int = 1,
-                 record: FloorRecord | None = None, ready: bool = True) -> None:
+                 record: FloorRecord | None = None, ready: bool = True,
+                 addressing: Addressing | None = None) -> None:
         record = record or FloorRecord()
         self.rules = rules
+        self.addressing = addressing or Addressing()
         # The stages that speak (LLM, TTS) have claimed the session: a greeting decided before
         # would reach nobody (a verdict is not kept for a late subscriber).
         self.ready = ready
@@ -89,7 +97,9 @@ class Floor:
         self.greeting = greeting and not record.greeted  # a greeting is configured and due
         self.audible = False  # the reply is being played
         self.user_heard = False  # the user's microphone reaches the agent
-        self.speaking_since: float | None = None  # monotonic s; the user speaks
+        self.speaking_since: float | None = None  # monotonic s; a user speaks (the first)
+        self.speakers: dict[str, float] = {}  # who speaks now, since when
+        self.reply_speaker = ""  # whom the reply holding the floor answers
         self.paused = False
         self.partial = ""
         self.shown: tuple[AgentStateName, int] | None = None
@@ -118,14 +128,17 @@ class Floor:
         if self.ready and self.greeting and self.reply is None and self.ledger.newest < 0:
             self._speak(0, "greet")
 
-    def speech_started(self, now: float) -> None:
-        self.speaking_since = now
+    def speech_started(self, now: float, speaker: str = "") -> None:
+        self.speakers[speaker] = now
+        self.speaking_since = min(self.speakers.values())
         self.partial = ""
         if self.reply is not None:
             self._pause()
 
-    def speech_ended(self) -> None:
-        self.speaking_since = None  # the final transcript decides what happens to a pause
+    def speech_ended(self, speaker: str = "") -> None:
+        # The final transcript decides what happens to a pause; someone else may speak on.
+        self.speakers.pop(speaker, None)
+        self.speaking_since = min(self.speakers.values()) if self.speakers else None
 
     def partial_transcript(self, text: str, now: float) -> None:
         self.partial = text
@@ -138,23 +151,26 @@ class Floor:
         if self.rules.interrupts(self.partial, (now - self.speaking_since) * 1000, final=False):
             self._interrupt()
 
-    def settled_transcript(self, turn: int, text: str) -> None:
+    def settled_transcript(self, turn: int, text: str, speaker: str = "",
+                           now: float = 0.0) -> None:
         """The words of ``turn`` are all there, but the user may still go on: an answer is
         prepared now when one would be given (the agent silent, real words), heard only once
         the final agrees."""
         if (self.reply is not None or self.drafting is not None or not words(text)
+                or not self.addressing.addressed(speaker, text, now)
                 or not self._judgeable(turn)):
             return
         self.greeting = False  # the user spoke first: no greeting is coming any more
         self.ledger.open(turn)
         self.drafting = (turn, text)
-        self.actions.draft(turn, text)
+        self.actions.draft(turn, text, speaker)
         self._record()
 
     def final_transcript(self, turn: int, text: str, speech_ms: int,
-                         continued: bool = False, typed: bool = False) -> None:
+                         continued: bool = False, typed: bool = False, speaker: str = "",
+                         now: float = 0.0) -> None:
         if self.drafting is not None and self.drafting[0] == turn:
-            self._settle_draft(turn, text, continued)
+            self._settle_draft(turn, text, continued, speaker)
             return
         if continued:
             # Not drafted (the agent was speaking): the next turn carries these words on and
@@ -168,6 +184,7 @@ class Floor:
             return
         # Typed text is words in any script; speech counts the words the recogniser heard.
         said = bool(text.strip()) if typed else bool(words(text))
+        addressed = self.addressing.addressed(speaker, text, now)
         # The user spoke first: no greeting is coming any more.
         self.greeting = self.greeting and not said
         # A typed message says the user is there, microphone or not.
@@ -183,10 +200,12 @@ class Floor:
                 return
             else:
                 self._interrupt()
-        if said:
-            self._speak(turn, "answer", text)
-        else:
+        if not said:
             self._ignore(turn, "no words")
+        elif not addressed:
+            self._ignore(turn, NOT_ADDRESSED, text, speaker)
+        else:
+            self._speak(turn, "answer", text, speaker)
 
     def user_idle(self, turn: int, count: int) -> None:
         """The STT opened ``turn`` because the user stayed silent ``count`` times in a row."""
@@ -204,10 +223,12 @@ class Floor:
             self.audible = True
             self._show()
 
-    def played(self, turn: int, interrupted: bool) -> None:
+    def played(self, turn: int, interrupted: bool, now: float = 0.0) -> None:
         """Reply ``turn`` has its final Playback: played out, cut, or empty."""
         if turn == 0 and not self.greeted:
             self.greeted, self.greeting = True, False
+        if self.reply is None or turn == self.reply:
+            self.addressing.reply_over(now)  # played out, or the final report of a cut one
         if turn == self.reply:
             self.reply = None
             self.audible = False
@@ -245,7 +266,7 @@ class Floor:
 
     # ---- inside --------------------------------------------------------------------------------
 
-    def _settle_draft(self, turn: int, text: str, continued: bool) -> None:
+    def _settle_draft(self, turn: int, text: str, continued: bool, speaker: str) -> None:
         """The final of a drafted turn: the draft is the answer if its words are the final's."""
         drafted = self.drafting[1] if self.drafting is not None else ""
         self.drafting = None
@@ -254,9 +275,10 @@ class Floor:
             self.actions.withdraw(turn, "continued" if continued else "words changed")
             self._record()
             return
-        self.reply = turn
+        self.reply, self.reply_speaker = turn, speaker
+        self.addressing.answering(speaker)
         self.audible = False
-        self.actions.verdict(turn, "answer", text, "")
+        self.actions.verdict(turn, "answer", text, "", speaker)
         if self.speaking_since is not None:
             self._pause()  # the user already speaks again: the reply waits its turn
         self._record()
@@ -281,19 +303,22 @@ class Floor:
             return "too short"
         return "backchannel"
 
-    def _ignore(self, turn: int, reason: str) -> None:
+    def _ignore(self, turn: int, reason: str, text: str = "", speaker: str = "") -> None:
         self.ledger.pass_over(turn)
-        self.actions.verdict(turn, "ignore", "", reason)
+        self.actions.verdict(turn, "ignore", text, reason, speaker)
         self._record()
         self._show()
 
-    def _speak(self, turn: int, action: VerdictAction, text: str = "") -> None:
+    def _speak(self, turn: int, action: VerdictAction, text: str = "",
+               speaker: str = "") -> None:
         self.ledger.open(turn)
-        self.reply = turn
+        self.reply, self.reply_speaker = turn, speaker
+        if action == "answer":
+            self.addressing.answering(speaker)
         self.audible = False
         if action == "goodbye":
             self.goodbye, self.goodbye_reason = turn, USER_IDLE
-        self.actions.verdict(turn, action, text, "")
+        self.actions.verdict(turn, action, text, "", speaker)
         if self.speaking_since is not None:
             self._pause()  # the user already speaks again: the reply waits its turn
         self._record()

@@ -34,7 +34,7 @@ from services.runtime.config import audio_file
 from services.runtime.ledger import RECORD_CODEC, FloorRecord, TurnLedger, floor_key
 from services.runtime.livekit import LiveKitConfig
 from services.runtime.service import SessionWorker, StageService
-from services.runtime.turns import DEFAULT_BACKCHANNEL, TurnRules
+from services.runtime.turns import DEFAULT_BACKCHANNEL, Addressing, AnswerMode, TurnRules
 
 
 class EgressConfig(LiveKitConfig, frozen=True, kw_only=True):
@@ -65,10 +65,21 @@ class EgressConfig(LiveKitConfig, frozen=True, kw_only=True):
     session_join_grace: float = 60.0
     # …and for a user to be back after the last one left ("room empty": a reload, a blip).
     session_empty_grace: float = 10.0
+    # A meeting (ingress's VOICEBUS_LISTEN=everyone): answer every speaker's turns
+    # ("everyone"), or only those that name the agent and the follow-ups of the person it has
+    # just answered ("addressed"; docs/turn-taking.md).
+    answer: AnswerMode = "everyone"
+    # What people call the agent: comma-separated names ("Nova, hey nova").
+    agent_name: str = "agent"
+    # Seconds after a reply to someone during which they may go on without naming the agent.
+    answer_follow_up_s: float = 8.0
 
     def turn_rules(self) -> TurnRules:
         return TurnRules.parse(self.interrupt_min_speech_ms, self.interrupt_min_words,
                                self.backchannel_words)
+
+    def addressing(self) -> Addressing:
+        return Addressing(self.answer, self.agent_name, self.answer_follow_up_s)
 
 
 # Seconds after the user's speech ended that a reply paused by it waits for the final's verdict.
@@ -133,7 +144,8 @@ class EgressWorker(SessionWorker[EgressConfig]):
         self.floor = Floor(self.config.turn_rules(), self, self.ledger,
                            greeting=bool(start.greeting),
                            idle_prompts=self.config.idle_prompts, record=record,
-                           ready=record != FloorRecord())
+                           ready=record != FloorRecord(),
+                           addressing=self.config.addressing())
         self.ready_timer: asyncio.TimerHandle | None = None
         self.vad_timer: asyncio.TimerHandle | None = None
         # The watchdog on a reply that never comes, and the newest turn TTS said anything of.
@@ -169,10 +181,12 @@ class EgressWorker(SessionWorker[EgressConfig]):
                 self._show_user(event)
                 self.turns.final(event.turn)
                 self.floor.final_transcript(event.turn, event.text, event.speech_ms,
-                                            continued=event.continued, typed=event.typed)
+                                            continued=event.continued, typed=event.typed,
+                                            speaker=event.speaker, now=time.monotonic())
             case ev.Transcript(settled=True):
                 self._show_user(event)
-                self.floor.settled_transcript(event.turn, event.text)
+                self.floor.settled_transcript(event.turn, event.text, event.speaker,
+                                              time.monotonic())
             case ev.Transcript():
                 self._show_user(event)
                 self.floor.partial_transcript(event.text, time.monotonic())
@@ -193,9 +207,9 @@ class EgressWorker(SessionWorker[EgressConfig]):
                     self.floor.agent_ready()
             case ev.UserText(participant=participant) if self.transcripts is not None \
                     and participant:
-                # Ingress passes on only the session's user's messages: the transcripts go to
+                # Ingress passes on only the messages of users it hears: the transcripts go to
                 # whoever typed, with a microphone or without one.
-                self.transcripts.user_identity = participant
+                self.transcripts.hear(participant, meeting=bool(event.speaker))
 
     # ---- the agent's voice ----------------------------------------------------------------------
 
@@ -288,7 +302,7 @@ class EgressWorker(SessionWorker[EgressConfig]):
                 self.transcripts.agent_played(report.turn, heard,
                                               report.interrupted or not report.played_ms)
             self.speaking.discard(report.turn)
-            self.floor.played(report.turn, report.interrupted)
+            self.floor.played(report.turn, report.interrupted, time.monotonic())
             self.turns.forget(report.turn)
         elif report.turn not in self.speaking:
             self.speaking.add(report.turn)
@@ -320,12 +334,12 @@ class EgressWorker(SessionWorker[EgressConfig]):
         loop = asyncio.get_running_loop()
         self.turns.vad(event)
         if isinstance(event, ev.SpeechStarted):
-            self.floor.speech_started(time.monotonic())
+            self.floor.speech_started(time.monotonic(), event.speaker)
             # Duration alone may decide (VOICEBUS_INTERRUPT_MIN_WORDS=0): judge again then.
             self.vad_timer = loop.call_later(self.floor.rules.min_speech_ms / 1000,
                                              self._speech_long_enough)
         else:
-            self.floor.speech_ended()
+            self.floor.speech_ended(event.speaker)
             # The final normally comes within the STT's end-of-turn hold; if it never does,
             # a paused reply must not stay paused for ever.
             self.vad_timer = loop.call_later(PAUSE_VERDICT_TIMEOUT_S, self.floor.give_up_pause)
@@ -341,7 +355,8 @@ class EgressWorker(SessionWorker[EgressConfig]):
             # Its words go on in the next turn: one segment for both, final at the next's end.
             self.transcripts.user_continues(transcript.turn)
         elif transcript.text:
-            self.transcripts.user(transcript.turn, transcript.text, transcript.final)
+            self.transcripts.user(transcript.turn, transcript.text, transcript.final,
+                                  transcript.speaker)
 
     async def _speakers_claimed(self) -> None:
         """The LLM and TTS may have claimed the session before this replica subscribed (their
@@ -355,8 +370,7 @@ class EgressWorker(SessionWorker[EgressConfig]):
 
     def on_input_track(self, track: ev.InputTrack) -> None:
         if track.active and self.transcripts is not None:
-            self.transcripts.user_identity = track.participant
-            self.transcripts.user_track = track.track_sid
+            self.transcripts.hear(track.participant, track.track_sid, meeting=bool(track.speaker))
         self.floor.user_track(track.active)
         if track.active and not self.floor.ready and self.ready_timer is None:
             # Should a StageReady never come (published before this replica subscribed), the
@@ -385,12 +399,12 @@ class EgressWorker(SessionWorker[EgressConfig]):
         self.spawn(self.emit(sj.FLOOR_CANCEL, ev.Cancel, turn=turn, reason=reason, trace=trace),
                    "cancel")
 
-    def draft(self, turn: int, text: str) -> None:
+    def draft(self, turn: int, text: str, speaker: str = "") -> None:
         if self.playout is not None:
             self.playout.hold(turn)
         metrics.DRAFTS.labels("prepared").inc()
         self.spawn(self.emit(sj.FLOOR_VERDICT, ev.Verdict, turn=turn, action="answer", text=text,
-                             draft=True), f"draft-{turn}")
+                             draft=True, speaker=speaker), f"draft-{turn}")
 
     def withdraw(self, turn: int, reason: str) -> None:
         """Nothing of the draft was heard: its audio goes, the track keeps what it plays."""
@@ -406,7 +420,8 @@ class EgressWorker(SessionWorker[EgressConfig]):
         """Reply ``turn`` is a draft its final has not confirmed yet."""
         return self.floor.drafting is not None and self.floor.drafting[0] == turn
 
-    def verdict(self, turn: int, action: ev.VerdictAction, text: str, reason: str) -> None:
+    def verdict(self, turn: int, action: ev.VerdictAction, text: str, reason: str,
+                speaker: str = "") -> None:
         if self.playout is not None:
             self.playout.release(turn)  # a confirmed draft plays from what is ready
         if (silent := self.silent_drafts.pop(turn, None)) is not None:
@@ -422,7 +437,7 @@ class EgressWorker(SessionWorker[EgressConfig]):
             self.reply_timer = asyncio.get_running_loop().call_later(
                 self.config.egress_reply_timeout, self._reply_overdue, turn)
         self.spawn(self.emit(sj.FLOOR_VERDICT, ev.Verdict, turn=turn, action=action, text=text,
-                             reason=reason, trace=trace), f"verdict-{turn}")
+                             reason=reason, trace=trace, speaker=speaker), f"verdict-{turn}")
 
     def _reply_overdue(self, turn: int) -> None:
         """Nothing of reply ``turn`` came from TTS in time: its verdict or the reply was lost

@@ -8,6 +8,10 @@ there. Once they have left, the next user who publishes a microphone is the sess
 reloaded page comes back under a new identity). The user may leave, come back, or republish
 the track: their newest microphone wins, and when a track goes away mid-sentence the source
 adds the silence a muted microphone would have given, so the user's turn still ends.
+
+In a meeting (``everyone``: VOICEBUS_LISTEN=everyone) every user's microphone is heard, each as
+a stream of frames of its own (a ``Voice``), handed to ingress by ``on_voice`` when the speaker
+is first heard; typed messages and keys are taken from any user too.
 """
 
 from __future__ import annotations
@@ -30,138 +34,38 @@ log = logging.getLogger("voicebus.ingress.microphone")
 TrackChange = Callable[[str, str, bool], None]
 
 
-class MicrophoneSource:
-    def __init__(self, config: LiveKitConfig, room_name: str, *, trailing_silence_ms: int,
-                 on_change: TrackChange, max_queued_ms: int = 2000, owner: str = "",
-                 on_owner: Callable[[str], None] | None = None,
-                 on_dtmf: Callable[[str], None] | None = None) -> None:
-        self.config = config
-        self.room_name = room_name
-        # The session's user: the first user heard (or the one a replica before us heard).
-        # Nobody else in the room is listened to: one user per session.
-        self.owner = owner
-        self.on_owner = on_owner
-        self.room = rtc.Room()
-        self.on_change = on_change
-        self.on_dtmf = on_dtmf
-        self.trailing_frames = trailing_silence_ms // FRAME_MS + 2
+# A speaker heard for the first time (meetings): their identity and their frames.
+VoiceFound = Callable[[str, AsyncIterator[bytes]], None]
+
+
+class Voice:
+    """One speaker's microphone as 16 kHz frames: their newest track; when it goes away, the
+    silence a muted microphone would have given, so an utterance under way still ends."""
+
+    def __init__(self, *, trailing_frames: int, max_queued_ms: int) -> None:
+        self.trailing_frames = trailing_frames
         self.queue: asyncio.Queue[bytes] = asyncio.Queue(max_queued_ms // FRAME_MS)
         self.current: tuple[str, str] | None = None  # (identity, track sid) being heard
         self._reader: asyncio.Task[None] | None = None
-        self._closed = False
         self.dropped = 0
-        self._ignored: set[asyncio.Task[str]] = set()
 
-    async def start(self) -> None:
-        self.room.on("track_published", self._on_published)
-        self.room.on("track_subscribed", self._on_subscribed)
-        self.room.on("track_unsubscribed", lambda _track, pub, who: self._on_gone(pub, who))
-        self.room.on("track_unpublished", self._on_gone)
-        self.room.on("participant_disconnected", self._on_left)
-        self.room.on("sip_dtmf_received", self._on_dtmf)
-        # Transcripts other participants send to the whole room are not for the microphone:
-        # drained quietly (the SDK logs each unclaimed stream at INFO).
-        self.room.register_text_stream_handler(TOPIC_TRANSCRIPTION, self._on_transcription)
-        grants = api.VideoGrants(room_join=True, room=self.room_name, hidden=True,
-                                 can_publish=False, can_publish_data=False, can_subscribe=True)
-        await join(self.config, self.room_name, INGRESS_IDENTITY, grants=grants, room=self.room)
-        if self.owner and self.owner not in self.room.remote_participants:
-            self.owner = ""  # the user a replica before us heard has left since
-        self._listen_to_whoever_is_there()
+    def hear(self, identity: str, sid: str, track: rtc.RemoteAudioTrack) -> None:
+        previous = self._reader
+        self.current = (identity, sid)
+        self._reader = asyncio.create_task(self._read(track, previous), name="microphone")
+        self._reader.add_done_callback(_log_failure)
 
-    def _listen_to_whoever_is_there(self) -> None:
-        for participant in list(self.room.remote_participants.values()):
-            for publication in list(participant.track_publications.values()):
-                self._on_published(publication, participant)
+    def lose(self) -> None:
+        self.current = None
+        self._reader = asyncio.create_task(self._silence(self._reader), name="trailing-silence")
 
     async def frames(self) -> AsyncIterator[bytes]:
         while True:
             yield await self.queue.get()
 
     async def aclose(self) -> None:
-        self._closed = True  # the disconnect's own track events must not start anything
-        await self._stop_reader()
-        await self.room.disconnect()
-
-    # ---- room events (plain callbacks: never block the SDK's event loop work) ------------------
-
-    def _on_transcription(self, reader: rtc.TextStreamReader, sender: str) -> None:
-        task = asyncio.create_task(reader.read_all(), name="ignored-transcript")
-        self._ignored.add(task)
-        task.add_done_callback(self._ignored.discard)
-
-    def _on_dtmf(self, dtmf: rtc.SipDTMF) -> None:
-        """A key pressed on a phone (LiveKit SIP's DTMF packet): the session's user's only."""
-        who = dtmf.participant
-        if self.on_dtmf is not None and who is not None and self.owner == who.identity:
-            self.on_dtmf(dtmf.digit)
-
-    def _hears(self, participant: rtc.RemoteParticipant) -> bool:
-        return is_user(participant) and self.owner in ("", participant.identity)
-
-    def admits(self, identity: str) -> bool:
-        """Whether what ``identity`` sends (a typed message) is the session's user's: the same
-        rule as for the microphone, and a user heard first this way is the session's user."""
-        participant = self.room.remote_participants.get(identity)
-        if self._closed or participant is None or not self._hears(participant):
-            return False
-        if not self.owner:
-            self._claim(identity)
-        return True
-
-    def _claim(self, identity: str) -> None:
-        self.owner = identity
-        if self.on_owner is not None:
-            self.on_owner(identity)
-
-    def _on_published(self, publication: rtc.RemoteTrackPublication,
-                      participant: rtc.RemoteParticipant) -> None:
-        if self._hears(participant) and publication.source == rtc.TrackSource.SOURCE_MICROPHONE:
-            publication.set_subscribed(True)
-        elif is_user(participant):
-            log.info("not listening to %s: the session's user is %s", participant.identity,
-                     self.owner)
-
-    def _on_subscribed(self, track: rtc.Track, publication: rtc.RemoteTrackPublication,
-                       participant: rtc.RemoteParticipant) -> None:
-        if not self._hears(participant) and is_user(participant):
-            publication.set_subscribed(False)  # lost the race to be the session's user
-            return
-        if self._closed or not (self._hears(participant)
-                                and isinstance(track, rtc.RemoteAudioTrack)):
-            return
-        if not self.owner:
-            self._claim(participant.identity)
-        previous = self._reader
-        self.current = (participant.identity, publication.sid)
-        self._reader = asyncio.create_task(self._read(track, previous), name="microphone")
-        self._reader.add_done_callback(_log_failure)
-        log.info("hearing %s (track %s)", participant.identity, publication.sid)
-        self.on_change(participant.identity, publication.sid, True)
-
-    def _on_gone(self, publication: rtc.RemoteTrackPublication,
-                 participant: rtc.RemoteParticipant) -> None:
-        if self.current == (participant.identity, publication.sid):
-            self._lost(participant.identity, publication.sid)
-
-    def _on_left(self, participant: rtc.RemoteParticipant) -> None:
-        if self.current is not None and self.current[0] == participant.identity:
-            self._lost(*self.current)
-        if participant.identity == self.owner and not self._closed:
-            # One user at a time: once the session's user has left (a reload comes back under
-            # a new identity), the next user who publishes a microphone is the session's user.
-            self.owner = ""
-            self._listen_to_whoever_is_there()
-
-    def _lost(self, identity: str, sid: str) -> None:
-        if self._closed:
-            return
-        log.info("%s's microphone went away (track %s)", identity, sid)
-        self.current = None
-        self._reader = asyncio.create_task(self._silence(self._reader), name="trailing-silence")
-        self.on_change(identity, sid, False)
-
-    # ---- audio ----------------------------------------------------------------------------------
+        await _cancel(self._reader)
+        self._reader = None
 
     async def _read(self, track: rtc.RemoteAudioTrack, previous: asyncio.Task[None] | None) -> None:
         await _cancel(previous)
@@ -191,9 +95,174 @@ class MicrophoneSource:
             metrics.FRAMES_DROPPED.labels("ingress").inc()
         self.queue.put_nowait(frame)
 
-    async def _stop_reader(self) -> None:
-        await _cancel(self._reader)
-        self._reader = None
+
+class MicrophoneSource:
+    def __init__(self, config: LiveKitConfig, room_name: str, *, trailing_silence_ms: int,
+                 on_change: TrackChange, max_queued_ms: int = 2000, owner: str = "",
+                 on_owner: Callable[[str], None] | None = None,
+                 on_dtmf: Callable[[str], None] | None = None,
+                 on_voice: VoiceFound | None = None) -> None:
+        self.config = config
+        self.room_name = room_name
+        # Everyone in the room is heard (a meeting), each speaker a Voice of their own.
+        self.everyone = on_voice is not None
+        self.on_voice = on_voice
+        # The session's user: the first user heard (or the one a replica before us heard).
+        # Unless everyone is heard, nobody else in the room is listened to: one user a session.
+        self.owner = owner
+        self.on_owner = on_owner
+        self.room = rtc.Room()
+        self.on_change = on_change
+        self.on_dtmf = on_dtmf
+        self._voice_args = {"trailing_frames": trailing_silence_ms // FRAME_MS + 2,
+                            "max_queued_ms": max_queued_ms}
+        # By speaker identity in a meeting; the one user's under "" otherwise.
+        self.voices: dict[str, Voice] = {}
+        self._closed = False
+        self._ignored: set[asyncio.Task[str]] = set()
+
+    @property
+    def current(self) -> tuple[str, str] | None:
+        """The one user's microphone being heard (identity, track sid), if any."""
+        voice = self.voices.get("")
+        return voice.current if voice is not None else None
+
+    def heard(self) -> list[tuple[str, str]]:
+        """Every microphone being heard now: (identity, track sid)."""
+        return [voice.current for voice in self.voices.values() if voice.current is not None]
+
+    def hears(self, identity: str, sid: str) -> bool:
+        return (identity, sid) in self.heard()
+
+    async def start(self) -> None:
+        self.room.on("track_published", self._on_published)
+        self.room.on("track_subscribed", self._on_subscribed)
+        self.room.on("track_unsubscribed", lambda _track, pub, who: self._on_gone(pub, who))
+        self.room.on("track_unpublished", self._on_gone)
+        self.room.on("participant_disconnected", self._on_left)
+        self.room.on("sip_dtmf_received", self._on_dtmf)
+        # Transcripts other participants send to the whole room are not for the microphone:
+        # drained quietly (the SDK logs each unclaimed stream at INFO).
+        self.room.register_text_stream_handler(TOPIC_TRANSCRIPTION, self._on_transcription)
+        grants = api.VideoGrants(room_join=True, room=self.room_name, hidden=True,
+                                 can_publish=False, can_publish_data=False, can_subscribe=True)
+        await join(self.config, self.room_name, INGRESS_IDENTITY, grants=grants, room=self.room)
+        self.listen_again()
+
+    def listen_again(self) -> None:
+        """Ask for the microphones of whoever is in the room now: after joining, and after every
+        return to the room (a rejoin finds the users there without a new-track event; the
+        SDK's own reconnection loses the subscriptions asked for meanwhile). Idempotent."""
+        if self.owner and self.owner not in self.room.remote_participants:
+            self.owner = ""  # the user a replica before us heard, or heard before an outage, left
+        self._listen_to_whoever_is_there()
+
+    def _listen_to_whoever_is_there(self) -> None:
+        for participant in list(self.room.remote_participants.values()):
+            for publication in list(participant.track_publications.values()):
+                self._on_published(publication, participant)
+
+    def frames(self) -> AsyncIterator[bytes]:
+        """The one user's frames (unless everyone is heard: then ``on_voice`` hands out each
+        speaker's)."""
+        return self._voice("").frames()
+
+    def _voice(self, key: str) -> Voice:
+        voice = self.voices.get(key)
+        if voice is None:
+            voice = self.voices[key] = Voice(**self._voice_args)
+            if self.everyone and self.on_voice is not None:
+                self.on_voice(key, voice.frames())
+        return voice
+
+    async def aclose(self) -> None:
+        self._closed = True  # the disconnect's own track events must not start anything
+        for voice in self.voices.values():
+            await voice.aclose()
+        await self.room.disconnect()
+
+    # ---- room events (plain callbacks: never block the SDK's event loop work) ------------------
+
+    def _on_transcription(self, reader: rtc.TextStreamReader, sender: str) -> None:
+        task = asyncio.create_task(reader.read_all(), name="ignored-transcript")
+        self._ignored.add(task)
+        task.add_done_callback(self._ignored.discard)
+
+    def _on_dtmf(self, dtmf: rtc.SipDTMF) -> None:
+        """A key pressed on a phone (LiveKit SIP's DTMF packet): a user's who is heard."""
+        who = dtmf.participant
+        if self.on_dtmf is not None and who is not None and (
+                self.owner == who.identity or (self.everyone and is_user(who))):
+            self.on_dtmf(dtmf.digit)
+
+    def _hears(self, participant: rtc.RemoteParticipant) -> bool:
+        return is_user(participant) and (self.everyone or self.owner in ("", participant.identity))
+
+    def admits(self, identity: str) -> bool:
+        """Whether what ``identity`` sends (a typed message) is heard: the same rule as for the
+        microphone, and a user heard first this way is the session's user."""
+        participant = self.room.remote_participants.get(identity)
+        if self._closed or participant is None or not self._hears(participant):
+            return False
+        if not self.owner and not self.everyone:
+            self._claim(identity)
+        return True
+
+    def _claim(self, identity: str) -> None:
+        self.owner = identity
+        if self.on_owner is not None:
+            self.on_owner(identity)
+
+    def _on_published(self, publication: rtc.RemoteTrackPublication,
+                      participant: rtc.RemoteParticipant) -> None:
+        if self._hears(participant) and publication.source == rtc.TrackSource.SOURCE_MICROPHONE:
+            publication.set_subscribed(True)
+        elif is_user(participant):
+            log.info("not listening to %s: the session's user is %s", participant.identity,
+                     self.owner)
+
+    def _on_subscribed(self, track: rtc.Track, publication: rtc.RemoteTrackPublication,
+                       participant: rtc.RemoteParticipant) -> None:
+        if not self._hears(participant) and is_user(participant):
+            publication.set_subscribed(False)  # lost the race to be the session's user
+            return
+        if self._closed or not (self._hears(participant)
+                                and isinstance(track, rtc.RemoteAudioTrack)):
+            return
+        if not self.owner and not self.everyone:
+            self._claim(participant.identity)
+        voice = self._voice(participant.identity if self.everyone else "")
+        voice.hear(participant.identity, publication.sid, track)
+        log.info("hearing %s (track %s)", participant.identity, publication.sid)
+        self.on_change(participant.identity, publication.sid, True)
+
+    def _on_gone(self, publication: rtc.RemoteTrackPublication,
+                 participant: rtc.RemoteParticipant) -> None:
+        if self.hears(participant.identity, publication.sid):
+            self._lost(participant.identity, publication.sid)
+
+    def _on_left(self, participant: rtc.RemoteParticipant) -> None:
+        for identity, sid in self.heard():
+            if identity == participant.identity:
+                self._lost(identity, sid)
+        # While we are out of the room (an outage) everyone seems to leave: the session's user
+        # stays theirs until we are back and see who is there (``listen_again``).
+        connected = self.room.connection_state == rtc.ConnectionState.CONN_CONNECTED
+        if participant.identity == self.owner and connected and not self._closed \
+                and not self.everyone:
+            # One user at a time: once the session's user has left (a reload comes back under
+            # a new identity), the next user who publishes a microphone is the session's user.
+            self.owner = ""
+            self._listen_to_whoever_is_there()
+
+    def _lost(self, identity: str, sid: str) -> None:
+        if self._closed:
+            return
+        log.info("%s's microphone went away (track %s)", identity, sid)
+        for voice in self.voices.values():
+            if voice.current == (identity, sid):
+                voice.lose()
+        self.on_change(identity, sid, False)
 
 
 async def _cancel(task: asyncio.Task[None] | None) -> None:

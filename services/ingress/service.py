@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterable, AsyncIterator
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from nats.js.errors import KeyNotFoundError
 
@@ -64,21 +64,33 @@ class IngressConfig(LiveKitConfig, frozen=True, kw_only=True):
     chat_max_chars: int = ev.MAX_CHAT_CHARS
     chat_burst: int = 5
     chat_per_minute: float = 20.0
+    # Whose microphone is heard in a room: "user", the session's one user (the first heard;
+    # anyone else in the room is not listened to), or "everyone" (a meeting: each user's
+    # speech is a stream of its own, transcribed and answered as theirs; docs/turn-taking.md).
+    listen: Literal["user", "everyone"] = "user"
 
     def chat_limits(self) -> ChatLimits:
         return ChatLimits(max_chars=min(self.chat_max_chars, ev.MAX_CHAT_CHARS),
                           burst=self.chat_burst, per_minute=self.chat_per_minute)
 
 
-class IngressWorker(SessionWorker[IngressConfig]):
-    async def subscribe_inputs(self) -> None:
-        cfg = self.config
-        self.vad = VadSegmenter(threshold=cfg.vad_threshold, neg_threshold=cfg.vad_neg_threshold,
-                                min_speech_ms=cfg.vad_min_speech_ms, silence_ms=cfg.vad_silence_ms,
-                                energy_floor_dbfs=cfg.vad_energy_floor_dbfs)
+class Listener:
+    """One speaker's audio on its way to the bus: its VAD, its audio clock, its utterance."""
+
+    def __init__(self, config: IngressConfig, speaker: str) -> None:
+        self.speaker = speaker
+        self.vad = VadSegmenter(
+            threshold=config.vad_threshold, neg_threshold=config.vad_neg_threshold,
+            min_speech_ms=config.vad_min_speech_ms, silence_ms=config.vad_silence_ms,
+            energy_floor_dbfs=config.vad_energy_floor_dbfs)
         self.pts = 0
         # Publish time of recent frames by pts, to stamp SpeechEnded with its last speech frame.
         self.sent_at: dict[int, int] = {}
+        self.utterance = -1  # its number in the stage's ledger while speaking
+
+
+class IngressWorker(SessionWorker[IngressConfig]):
+    async def subscribe_inputs(self) -> None:
         self.replies: set[int] = set()
         self.stt_listening = asyncio.Event()
         self.microphone: MicrophoneSource | None = None
@@ -113,8 +125,9 @@ class IngressWorker(SessionWorker[IngressConfig]):
             case ev.StageReady(stage="stt"):
                 self.stt_listening.set()
             case ev.StageReady(stage="egress"):
-                if self.microphone is not None and self.microphone.current is not None:
-                    self.on_track_change(*self.microphone.current, True)
+                if self.microphone is not None:
+                    for identity, sid in self.microphone.heard():
+                        self.on_track_change(identity, sid, True)
                 elif self.phone is not None:
                     self.spawn(self.announce_phone(), "input-track")
             case ev.Playback(final=True):
@@ -176,7 +189,8 @@ class IngressWorker(SessionWorker[IngressConfig]):
         self.microphone = MicrophoneSource(
             self.config, room, trailing_silence_ms=self.config.vad_silence_ms,
             on_change=self.on_track_change, owner=await self._session_user(),
-            on_owner=self._keep_user, on_dtmf=self.on_key)
+            on_owner=self._keep_user, on_dtmf=self.on_key,
+            on_voice=self.on_voice if self.config.listen == "everyone" else None)
         self.chat = ChatInbox(self.microphone.room, self.microphone.admits, self.on_text,
                               self.on_chat_refused, self.config.chat_limits())
         self.spawn(self.pass_on_typed(), "chat")
@@ -185,7 +199,12 @@ class IngressWorker(SessionWorker[IngressConfig]):
         except Exception as exc:  # unreachable server, refused join…: say so on the bus
             await self.stage_error(str(exc), retryable=True)
             return
-        await self.feed(self.microphone.frames())
+        if not self.microphone.everyone:
+            await self.feed(self.microphone.frames())
+
+    def on_voice(self, speaker: str, frames: AsyncIterator[bytes]) -> None:
+        """A speaker heard for the first time in a meeting: their frames go out as theirs."""
+        self.spawn(self.feed(frames, speaker), f"voice-{speaker}")
 
     async def _session_user(self) -> str:
         """Who the session's user is, if a replica before us heard one (KV ``<session>.user``)."""
@@ -211,7 +230,8 @@ class IngressWorker(SessionWorker[IngressConfig]):
         while True:
             participant, text = await self.typed.get()
             await self.wait_for_stt()  # a message nobody listens to would be lost
-            await self.emit(sj.INGRESS_TEXT, ev.UserText, text=text, participant=participant)
+            await self.emit(sj.INGRESS_TEXT, ev.UserText, text=text, participant=participant,
+                            speaker=participant if self.config.listen == "everyone" else "")
 
     def on_track_change(self, participant: str, track_sid: str, active: bool) -> None:
         self.spawn(self.announce_track(participant, track_sid, active), "input-track")
@@ -221,10 +241,11 @@ class IngressWorker(SessionWorker[IngressConfig]):
         if active:
             await self.wait_for_stt()
             mic = self.microphone
-            if mic is None or mic.current != (participant, track_sid):
+            if mic is None or not mic.hears(participant, track_sid):
                 return  # gone (or replaced) while we waited: its end was announced already
         await self.emit(sj.INGRESS_TRACK, ev.InputTrack, participant=participant,
-                        track_sid=track_sid, active=active)
+                        track_sid=track_sid, active=active,
+                        speaker=participant if self.config.listen == "everyone" else "")
 
     async def wait_for_stt(self) -> None:
         """Hold the user's audio until an STT replica listens to this session: what it would
@@ -260,34 +281,39 @@ class IngressWorker(SessionWorker[IngressConfig]):
         for _ in range(self.config.vad_silence_ms // FRAME_MS + 5):
             yield SILENCE
 
-    async def feed(self, frames: AsyncIterable[bytes]) -> None:
-        """Publish every frame and the VAD edges it produces."""
+    async def feed(self, frames: AsyncIterable[bytes], speaker: str = "") -> None:
+        """Publish every frame of one speaker (the session's one user: "") and the VAD edges
+        it produces."""
         await self.wait_for_stt()
         horizon = 5000 // FRAME_MS  # remember publish times for the last 5 s
+        who = Listener(self.config, speaker)
         async for pcm in frames:
             frame = await self.emit(sj.INGRESS_AUDIO, ev.AudioFrame, pcm=pcm,
-                                    sample_rate=SAMPLE_RATE, pts_ms=self.pts)
-            self.sent_at[self.pts] = frame.ts_ns
-            self.sent_at.pop(self.pts - horizon * FRAME_MS, None)
-            for edge in self.vad.push(pcm, self.pts):
-                await self._publish_edge(edge)
-            self.pts += FRAME_MS
+                                    sample_rate=SAMPLE_RATE, pts_ms=who.pts, speaker=speaker)
+            who.sent_at[who.pts] = frame.ts_ns
+            who.sent_at.pop(who.pts - horizon * FRAME_MS, None)
+            for edge in who.vad.push(pcm, who.pts):
+                await self._publish_edge(who, edge)
+            who.pts += FRAME_MS
 
-    async def _publish_edge(self, edge: VadEdge) -> None:
+    async def _publish_edge(self, who: Listener, edge: VadEdge) -> None:
         # The user's utterance is this stage's turn in flight: a replica told to stop hands
         # the session over only once the utterance has ended (its SpeechEnded sent), or the
         # STT would wait for an end that the next replica, hearing silence, never sends.
         if edge.kind == "start":
-            self.ledger.open(self.ledger.newest + 1)
-            await self.emit(sj.INGRESS_VAD, ev.SpeechStarted, pts_ms=edge.pts_ms)
+            who.utterance = self.ledger.newest + 1
+            self.ledger.open(who.utterance)
+            await self.emit(sj.INGRESS_VAD, ev.SpeechStarted, pts_ms=edge.pts_ms,
+                            speaker=who.speaker)
             return
-        self.ledger.close(self.ledger.newest)
-        last_ts = self.sent_at.get(edge.last_speech_frame_pts_ms, 0)
+        self.ledger.close(who.utterance)
+        last_ts = who.sent_at.get(edge.last_speech_frame_pts_ms, 0)
         # A turn's trace begins here: from the user's last word to the VAD being sure of it.
         trace = tracing.stage_span("end_of_speech", session=self.session, start_ns=last_ts,
-                                   utterance=self.ledger.newest, speech_ms=edge.speech_ms)
+                                   utterance=who.utterance, speech_ms=edge.speech_ms)
         await self.emit(sj.INGRESS_VAD, ev.SpeechEnded, pts_ms=edge.pts_ms, trace=trace,
-                        speech_ms=edge.speech_ms, timing=Timing(last_speech_ts_ns=last_ts))
+                        speech_ms=edge.speech_ms, timing=Timing(last_speech_ts_ns=last_ts),
+                        speaker=who.speaker)
 
 
 class IngressService(StageService[IngressConfig]):

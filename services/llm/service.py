@@ -31,7 +31,7 @@ from nats.js.errors import KeyNotFoundError
 
 from proto import events as ev
 from proto import subjects as sj
-from proto.events import Timing
+from proto.events import NOT_ADDRESSED, Timing
 from services.llm.config import LlmConfig
 from proto.tools import ToolSpec
 from services.llm.provider import PROVIDERS, ChatMessage, LlmProvider, ToolCall
@@ -47,6 +47,11 @@ _history_codec = (msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(list[ChatMe
 _PROBE = (ChatMessage("system", "Answer with one word."), ChatMessage("user", "Say OK."))
 # Rounds of tool calls in one reply; calls the model asks for after the last are not run.
 MAX_TOOL_ROUNDS = 4
+# Told to the model in a meeting (several people heard, each message after its speaker's name).
+MEETING_PROMPT = (
+    "Several people take part in this conversation. Each of their messages begins with the "
+    "speaker's name and a colon. Answer the person who spoke last, by name when it helps; do "
+    "not begin your reply with a name and a colon.")
 # What of a tool's answer the history keeps (the whole history is one KV value).
 MAX_RESULT_CHARS = 16_384
 
@@ -114,6 +119,9 @@ class LlmWorker(SessionWorker[LlmConfig]):
         self.acting: dict[int, Acting] = {}
         self.calls: set[asyncio.Task[ChatMessage]] = set()  # tool calls still running
         self.end_call_turn = -1  # the reply that called end_call
+        # What people in a meeting said to each other while a reply was being written: into
+        # the history once that reply is stored, so the history stays in the order of speech.
+        self.overheard: list[ChatMessage] = []
         # The judge's decisions in one subscription: a cancel and the verdict after it stay in
         # order.
         await self.subscribe(sj.producer_all(self.session, "floor"), self.handle)
@@ -162,6 +170,8 @@ class LlmWorker(SessionWorker[LlmConfig]):
         match event:
             case ev.Verdict(action="ignore"):
                 self.ledger.pass_over(event.turn)
+                if event.reason == NOT_ADDRESSED and event.text:
+                    await self._overhear(event)
             case ev.Verdict(draft=False) if event.turn in self.drafts:
                 await self._confirm(event.turn)
             case ev.Verdict() if self.ledger.open(event.turn):
@@ -203,11 +213,13 @@ class LlmWorker(SessionWorker[LlmConfig]):
 
     # ---- answering -------------------------------------------------------------------------------
 
-    def messages_for(self, text: str) -> list[ChatMessage]:
+    def messages_for(self, text: str, meeting: bool = False) -> list[ChatMessage]:
         keep = self.history[-2 * self.config.llm_history_turns:] if self.config.llm_history_turns else []
         system = self.agent.instructions or self.config.system_prompt
         if extra := self.start_event.instructions:
             system = f"{system}\n\n{extra}"
+        if meeting:
+            system = f"{system}\n\n{MEETING_PROMPT}"
         return [ChatMessage("system", system), *model_view(keep), ChatMessage("user", text)]
 
     async def respond(self, verdict: ev.Verdict, received: float,
@@ -224,7 +236,7 @@ class LlmWorker(SessionWorker[LlmConfig]):
         parts: list[str] = []
         outcome, error = "ok", ""
         provider = self.provider
-        messages = self.messages_for(verdict.text)
+        messages = self.messages_for(said_by(verdict), meeting=bool(verdict.speaker))
         stream: AsyncIterator[str | ToolCall] | None = None
         meter = usage.metering()  # the tokens of every round, by provider
         try:
@@ -253,7 +265,7 @@ class LlmWorker(SessionWorker[LlmConfig]):
                         timing=Timing(compute_ms=(time.perf_counter() - received) * 1000))
         await usage.publish(self, meter, turn, interrupted=outcome == "interrupted")
         metrics.TURNS.labels("llm", outcome).inc()
-        await self._settle(verdict.turn, verdict.text, text, outcome == "interrupted")
+        await self._settle(verdict.turn, said_by(verdict), text, outcome == "interrupted")
 
     async def _unstarted(self, turn: int) -> None:
         await self.emit(sj.LLM_DONE, ev.ReplyDone, turn=turn, interrupted=True,
@@ -306,7 +318,7 @@ class LlmWorker(SessionWorker[LlmConfig]):
         said = "".join(parts)
         if not acting.user_stored:
             acting.user_stored = True
-            self.history.append(ChatMessage("user", verdict.text, turn=turn))
+            self.history.append(ChatMessage("user", said_by(verdict), turn=turn))
         decision = ChatMessage("assistant", said[acting.stored_chars:], turn=turn,
                                tool_calls=tuple(calls))
         acting.stored_chars = len(said)
@@ -454,8 +466,19 @@ class LlmWorker(SessionWorker[LlmConfig]):
         if assistant.strip() or end:
             self.history.append(ChatMessage("assistant", assistant if not end else "",
                                             interrupted=interrupted, turn=turn, end=end))
+        self.history += self.overheard
+        self.overheard.clear()
         if (heard := self.heard.pop(turn, None)) is not None:
             _cut_history(self.history, turn, heard)
+        await self._save()
+
+    async def _overhear(self, verdict: ev.Verdict) -> None:
+        """A meeting's turn the agent was not asked to answer: the model sees it next time."""
+        said = ChatMessage("user", said_by(verdict), turn=verdict.turn)
+        if self.reply is not None and not self.reply.done():
+            self.overheard.append(said)  # after the reply being written, once it is stored
+            return
+        self.history.append(said)
         await self._save()
 
     async def _cut(self, turn: int, heard: int) -> None:
@@ -471,6 +494,11 @@ class LlmWorker(SessionWorker[LlmConfig]):
         self.heard[turn] = heard
         while len(self.heard) > 64:  # cuts of replies that never had text
             del self.heard[min(self.heard)]
+
+
+def said_by(verdict: ev.Verdict) -> str:
+    """The user's words as the model reads them: in a meeting, after the speaker's name."""
+    return f"{verdict.speaker}: {verdict.text}" if verdict.speaker else verdict.text
 
 
 def _cut_history(history: list[ChatMessage], turn: int, heard: int) -> None:

@@ -110,3 +110,45 @@ class TurnRules(msgspec.Struct, frozen=True):
         # often a stray "i" or "the"): it must carry one real word more than a final.
         needed = self.min_words if final or not self.min_words else self.min_words + 1
         return len(self.substantive(text)) >= needed
+
+
+AnswerMode = Literal["everyone", "addressed"]
+
+
+class Addressing:
+    """Whom the agent answers in a room where everyone is heard (``VOICEBUS_ANSWER``).
+
+    ``everyone``: every turn with words. ``addressed``: a turn that names the agent (any of
+    ``names``, as whole words: "Nova, what time is it?"), or one from the person the agent is
+    answering — while it answers them and for ``follow_up_s`` after that reply is over (played
+    or cut): the conversation goes on without a name in every sentence, as between people
+    ("Nova…" then "what time is it?" in a second breath). Other turns are heard but left
+    unanswered (the model still sees them: a meeting's context). Pure logic; time comes in as
+    ``now``."""
+
+    def __init__(self, mode: AnswerMode = "everyone", names: str = "",
+                 follow_up_s: float = 0.0) -> None:
+        self.mode = mode
+        self.names = [tuple(words(name)) for name in names.split(",") if words(name)]
+        self.follow_up_s = follow_up_s
+        self._partner = ""  # whom the agent answers, or answered last
+        self._until: float | None = None  # end of their follow-up (None: still answering)
+
+    def addressed(self, speaker: str, text: str, now: float) -> bool:
+        if self.mode == "everyone":
+            return True
+        said = words(text)
+        for name in self.names:
+            if any(tuple(said[i:i + len(name)]) == name for i in range(len(said))):
+                return True
+        return bool(self._partner) and self._partner == speaker and (
+            self._until is None or now <= self._until)
+
+    def answering(self, speaker: str) -> None:
+        """The agent takes a turn of ``speaker``'s: the conversation is with them now."""
+        self._partner, self._until = speaker, None
+
+    def reply_over(self, now: float) -> None:
+        """The reply to the partner is over (heard, or cut): the follow-up time starts."""
+        if self._partner and self._until is None:
+            self._until = now + self.follow_up_s

@@ -7,6 +7,11 @@ hanging waits for more speech): then it continues that turn, and the turn ends i
 all its words. A message the user typed (``UserText``) is a turn of its own, with a final
 marked ``typed``, after every turn already open. The turn counter lives in JetStream KV so
 another replica can carry on.
+
+In a meeting each speaker's audio (``AudioFrame.speaker``) is an utterance stream of its own:
+two people talking at once are two turns, numbered as they started, transcribed side by side,
+and closed in that order (a turn's final waits for the finals of those before it), so the judge
+sees every turn, in order.
 """
 
 from __future__ import annotations
@@ -41,6 +46,9 @@ MAX_UTTERANCE_FRAMES = 30 * 50
 # like an utterance of KEYS_SPEECH_MS (long enough to interrupt the agent).
 KEYS_PAUSE_S = 1.0
 KEYS_SPEECH_MS = 600
+# A turn's usage goes out however the turn ended; a cancelled one (the session is closing)
+# waits at most this long for it.
+USAGE_PUBLISH_TIMEOUT_S = 1.0
 # A probe: half a second of silence (20 ms frames).
 _PROBE_FRAMES = 25
 _SILENCE = bytes(SAMPLE_RATE * 2 // 50)
@@ -115,7 +123,8 @@ class OpenTurn:
     """A turn whose final has not been published yet. Its utterances are transcribed in order
     (a continuation's partials show the words before it), by one task."""
 
-    def __init__(self, turn: int) -> None:
+    def __init__(self, turn: int, speaker: str = "") -> None:
+        self.speaker = speaker
         self.so_far = TurnSoFar(turn)
         self.pending: deque[Utterance] = deque()
         self.more = asyncio.Event()
@@ -139,9 +148,12 @@ class SttWorker(SessionWorker[SttConfig]):
         self.turn = await self._load_turn()
         # The STT opens the user's turns, one step at a time, from the counter it keeps in KV.
         self.ledger = TurnLedger(newest=self.turn)
-        self.preroll: deque[bytes] = deque(maxlen=max(1, self.config.stt_preroll_ms // 20))
-        self.utterance: Utterance | None = None
-        self.open_turn: OpenTurn | None = None
+        # By speaker ("": the session's one user): audio before speech, the utterance being
+        # heard, and the turn still open.
+        self.preroll: dict[str, deque[bytes]] = {}
+        self.utterances: dict[str, Utterance] = {}
+        self.open_turns: dict[str, OpenTurn] = {}
+        self.turn_closed = asyncio.Event()  # a turn left the ledger: a later final may go
         self.holds = EndOfTurnHolds(self.config.stt_eot_question_ms,
                                     self.config.stt_eot_statement_ms,
                                     self.config.stt_eot_incomplete_ms,
@@ -152,7 +164,7 @@ class SttWorker(SessionWorker[SttConfig]):
         self.keys = ""  # keypad keys pressed, not yet a turn
         self.keys_timer: asyncio.TimerHandle | None = None
         # Messages the user typed, waiting for the turns still open to end.
-        self.typed: deque[str] = deque()
+        self.typed: deque[tuple[str, str]] = deque()  # (text, speaker)
         # One subscription for audio and VAD keeps them in publish order.
         await self.subscribe(sj.producer_all(self.session, "ingress"), self.handle)
         if self.config.stt_user_idle_s > 0:
@@ -178,59 +190,82 @@ class SttWorker(SessionWorker[SttConfig]):
             return
         if lost := self.gaps.lost(event):
             metrics.FRAMES_DROPPED.labels("stt").inc(lost)
-            if self.utterance is not None:
-                self.utterance.dropped += lost
+            for utterance in self.utterances.values():
+                utterance.dropped += lost
         match event:
             case ev.AudioFrame():
                 self.on_audio(event)
             case ev.SpeechStarted():
-                self.begin_utterance()
-            case ev.SpeechEnded() if self.utterance is not None:
-                self.end_utterance(event)
+                self.begin_utterance(event.speaker)
+            case ev.SpeechEnded() if event.speaker in self.utterances:
+                self.end_utterance(event.speaker, event)
             case ev.Dtmf():
                 self.on_key(event.digit)
             case ev.UserText():
-                self.on_text(event.text)
+                self.on_text(event.text, event.speaker)
 
     def on_audio(self, frame: ev.AudioFrame) -> None:
         if problem := frame_problem(frame, SAMPLE_RATE):
             self.bus.reject("bad_audio", problem, sj.INGRESS_AUDIO.subject(self.session))
             return
-        if self.utterance is None:
-            self.preroll.append(frame.pcm)
+        utterance = self.utterances.get(frame.speaker)
+        if utterance is None:
+            self._preroll(frame.speaker).append(frame.pcm)
             return
-        self.utterance.push(frame.pcm)
-        if self.utterance.frames >= MAX_UTTERANCE_FRAMES:
-            self.end_utterance()
+        utterance.push(frame.pcm)
+        if utterance.frames >= MAX_UTTERANCE_FRAMES:
+            self.end_utterance(frame.speaker)
 
-    def begin_utterance(self) -> None:
-        if self.utterance is not None:
-            self.end_utterance()  # its SpeechEnded was lost
+    def _preroll(self, speaker: str) -> deque[bytes]:
+        preroll = self.preroll.get(speaker)
+        if preroll is None:
+            preroll = self.preroll[speaker] = deque(
+                maxlen=max(1, self.config.stt_preroll_ms // 20))
+        return preroll
+
+    def begin_utterance(self, speaker: str = "") -> None:
+        if speaker in self.utterances:
+            self.end_utterance(speaker)  # its SpeechEnded was lost
         self.user_idle.user_spoke()
         utterance = Utterance()
-        for pcm in self.preroll:
+        preroll = self._preroll(speaker)
+        for pcm in preroll:
             utterance.push(pcm, speech=False)
-        self.preroll.clear()
-        self.utterance = utterance
-        if self.open_turn is None:
+        preroll.clear()
+        self.utterances[speaker] = utterance
+        open_turn = self.open_turns.get(speaker)
+        if open_turn is None:
             self.turn += 1
             self.ledger.open(self.turn)
-            self.open_turn = OpenTurn(self.turn)
-            self.spawn(self.run_turn(self.open_turn), f"turn-{self.turn}")
-        self.open_turn.add(utterance)  # a held final's turn goes on with this utterance
+            open_turn = self.open_turns[speaker] = OpenTurn(self.turn, speaker)
+            self.spawn(self.run_turn(open_turn), f"turn-{self.turn}")
+        open_turn.add(utterance)  # a held final's turn goes on with this utterance
         self._activity_changed()
 
-    def end_utterance(self, edge: ev.SpeechEnded | None = None) -> None:
-        assert self.utterance is not None
-        self.utterance.end(edge)
-        self.utterance = None
+    def end_utterance(self, speaker: str, edge: ev.SpeechEnded | None = None) -> None:
+        self.utterances.pop(speaker).end(edge)
         self._activity_changed()
+
+    def _close(self, turn: int) -> None:
+        self.ledger.close(turn)
+        self.turn_closed.set()
+
+    def _earlier_open(self, turn: int) -> bool:
+        return any(other < turn for other in self.ledger.open_turns)
+
+    async def _after_earlier_turns(self, turn: int) -> None:
+        """Wait until every turn opened before ``turn`` (another speaker's) has closed: the
+        judge takes turns in order, and drops one older than a turn it has judged."""
+        while self._earlier_open(turn):
+            self.turn_closed.clear()
+            await self.turn_closed.wait()
 
     # ---- one turn: its utterances, the end-of-turn hold, its final ---------------------------
 
     async def run_turn(self, open_turn: OpenTurn) -> None:
         so_far = open_turn.so_far
         meter = usage.metering()  # the audio each provider heard in this turn
+        heard = False  # the turn's speech is over: its final is next
         try:
             while True:
                 failed = False
@@ -239,12 +274,13 @@ class SttWorker(SessionWorker[SttConfig]):
                 hold = 0 if failed or open_turn.typed_after else self.holds.hold_ms(so_far.text)
                 settled = False
                 if hold and not open_turn.pending:
-                    if hold <= self.config.stt_preemptive_max_hold_ms and words(so_far.text):
+                    if (hold <= self.config.stt_preemptive_max_hold_ms and words(so_far.text)
+                            and not self._earlier_open(so_far.turn)):
                         # The words are all there: the agent may prepare its answer meanwhile.
                         await self.emit(sj.STT_PARTIAL, ev.Transcript, turn=so_far.turn,
                                         text=so_far.text, settled=True,
                                         provider=open_turn.provider, speech_ms=so_far.speech_ms,
-                                        timing=Timing(hold_ms=hold))
+                                        timing=Timing(hold_ms=hold), speaker=open_turn.speaker)
                         settled = True
                     open_turn.more.clear()
                     with contextlib.suppress(TimeoutError):
@@ -253,14 +289,24 @@ class SttWorker(SessionWorker[SttConfig]):
                 if not open_turn.pending:
                     break
                 if settled:
-                    await self._carry_on(so_far)
+                    await self._carry_on(so_far, open_turn.speaker)
                 self.log.debug("turn %d goes on after %r", so_far.turn, so_far.text)
+            heard = True
         finally:
             # No await since the last look at ``pending``: speech from now on opens the next
             # turn (and a turn that died of a bug does not swallow the speech after it).
-            if self.open_turn is open_turn:
-                self.open_turn = None
+            if self.open_turns.get(open_turn.speaker) is open_turn:
+                del self.open_turns[open_turn.speaker]
+            if not heard:  # cancelled (the session ends) or a bug: the audio heard is billed
+                try:
+                    await self._publish_usage(meter, so_far.turn, interrupted=True)
+                finally:
+                    # No final will come: another speaker's later turn must not wait for it.
+                    self._close(so_far.turn)
+                    self._activity_changed()
+        cancelled = False
         try:
+            await self._after_earlier_turns(so_far.turn)
             last = open_turn.last
             trace = tracing.stage_span(
                 "stt_final", session=self.session, turn=so_far.turn, parent=last and last.trace,
@@ -272,16 +318,30 @@ class SttWorker(SessionWorker[SttConfig]):
                             trace=trace,
                             final=True, confidence=so_far.confidence,
                             frames_dropped=so_far.frames_dropped, provider=open_turn.provider,
-                            speech_ms=so_far.speech_ms,
+                            speech_ms=so_far.speech_ms, speaker=open_turn.speaker,
                             timing=Timing(compute_ms=open_turn.compute_ms, hold_ms=hold))
             metrics.TURNS.labels("stt", "ok" if so_far.text else "empty").inc()
             await self._save_turn()
-            await usage.publish(self, meter, so_far.turn)
+        except asyncio.CancelledError:
+            cancelled = True
+            raise
         finally:
-            self.ledger.close(so_far.turn)
-            self._activity_changed()
+            try:  # before the ledger settles: a hand-over waits for that, not for this
+                await self._publish_usage(meter, so_far.turn, interrupted=cancelled)
+            finally:
+                self._close(so_far.turn)
+                self._activity_changed()
 
-    async def _carry_on(self, so_far: TurnSoFar) -> None:
+    async def _publish_usage(self, meter: usage.Meter, turn: int, *, interrupted: bool) -> None:
+        """The turn's usage, however it ended. Never raises (it must not hide how the turn
+        ended) and is bounded (a cancelled turn's session is closing)."""
+        try:
+            async with asyncio.timeout(USAGE_PUBLISH_TIMEOUT_S):
+                await usage.publish(self, meter, turn, interrupted=interrupted)
+        except Exception:
+            self.log.warning("turn %d: its usage was not published", turn, exc_info=True)
+
+    async def _carry_on(self, so_far: TurnSoFar, speaker: str) -> None:
         """The user spoke again after the turn's words went out settled (an answer to them may
         be on its way): the turn ends unanswered, and the next one carries its words on."""
         ended = so_far.turn
@@ -289,13 +349,14 @@ class SttWorker(SessionWorker[SttConfig]):
         self.ledger.open(self.turn)
         so_far.turn = self.turn
         try:
+            await self._after_earlier_turns(ended)
             await self.emit(sj.STT_FINAL, ev.Transcript, turn=ended, text=so_far.text,
                             final=True, continued=True, provider="",
-                            speech_ms=so_far.speech_ms)
+                            speech_ms=so_far.speech_ms, speaker=speaker)
             metrics.TURNS.labels("stt", "continued").inc()
             await self._save_turn()
         finally:
-            self.ledger.close(ended)
+            self._close(ended)
 
     async def transcribe(self, open_turn: OpenTurn, utt: Utterance) -> bool:
         """Transcribe one utterance into the turn; False when every provider failed (the turn
@@ -310,7 +371,8 @@ class SttWorker(SessionWorker[SttConfig]):
                     name = answered_by(stream, provider)
                     if not result.final:
                         await self.emit(sj.STT_PARTIAL, ev.Transcript, turn=so_far.turn,
-                                        text=so_far.shown(result.text), provider=name)
+                                        text=so_far.shown(result.text), provider=name,
+                                        speaker=open_turn.speaker)
                         continue
                     text, confidence = result.text, result.confidence
                     compute = time.perf_counter() - utt.ended_at
@@ -340,7 +402,7 @@ class SttWorker(SessionWorker[SttConfig]):
 
     async def _keys_turn(self) -> None:
         self.keys_timer = None
-        if self.open_turn is not None:
+        if self.open_turns:
             # The user is speaking too: the spoken turn goes first, the keys right after.
             self.keys_timer = asyncio.get_running_loop().call_later(
                 KEYS_PAUSE_S / 2, lambda: self.spawn(self._keys_turn(), "keypad"))
@@ -361,41 +423,41 @@ class SttWorker(SessionWorker[SttConfig]):
             metrics.TURNS.labels("stt", "keypad").inc()
             await self._save_turn()
         finally:
-            self.ledger.close(turn)
+            self._close(turn)
             self._activity_changed()
 
     # ---- typed messages --------------------------------------------------------------------
 
-    def on_text(self, text: str) -> None:
+    def on_text(self, text: str, speaker: str = "") -> None:
         """A message the user typed: a turn of its own once every turn open now has ended.
         Turns are judged in order and a turn older than one judged is dropped, so a spoken turn
         under way keeps its number and goes first; its end-of-turn hold is cut short, as the
         user has turned to the keyboard."""
-        self.typed.append(text)
-        if self.open_turn is not None:
-            self.open_turn.typed_after = True
-            self.open_turn.more.set()  # wakes a hold in progress; ``pending`` is unchanged
+        self.typed.append((text, speaker))
+        if (open_turn := self.open_turns.get(speaker)) is not None:
+            open_turn.typed_after = True
+            open_turn.more.set()  # wakes a hold in progress; ``pending`` is unchanged
         self._activity_changed()
 
     def _take_typed(self) -> None:
         if not self.typed or self.ledger.open_turns:
             return
-        text = self.typed.popleft()
+        text, speaker = self.typed.popleft()
         self.user_idle.user_spoke()
         self.turn += 1
         self.ledger.open(self.turn)
-        self.spawn(self._typed_turn(self.turn, text), f"typed-{self.turn}")
+        self.spawn(self._typed_turn(self.turn, text, speaker), f"typed-{self.turn}")
 
-    async def _typed_turn(self, turn: int, text: str) -> None:
+    async def _typed_turn(self, turn: int, text: str, speaker: str) -> None:
         try:
             # No speech: the judge answers it whoever holds the floor (barge-in rules are for
             # speech), and it is one final with nothing before it.
             await self.emit(sj.STT_FINAL, ev.Transcript, turn=turn, text=text, final=True,
-                            confidence=1.0, provider="typed", typed=True)
+                            confidence=1.0, provider="typed", typed=True, speaker=speaker)
             metrics.TURNS.labels("stt", "typed").inc()
             await self._save_turn()
         finally:
-            self.ledger.close(turn)
+            self._close(turn)
             self._activity_changed()
 
     # ---- user idle -----------------------------------------------------------------------
@@ -404,7 +466,7 @@ class SttWorker(SessionWorker[SttConfig]):
         """The user or a turn started or stopped: a typed message waiting for the turns open
         may go, and the user-idle timer keeps in step."""
         self._take_typed()
-        busy = self.utterance is not None or bool(self.ledger.open_turns) or bool(self.typed)
+        busy = bool(self.utterances) or bool(self.ledger.open_turns) or bool(self.typed)
         if self.idle_timer is not None:
             self.idle_timer.cancel()
             self.idle_timer = None
@@ -427,7 +489,7 @@ class SttWorker(SessionWorker[SttConfig]):
             metrics.TURNS.labels("stt", "idle").inc()
             await self._save_turn()
         finally:
-            self.ledger.close(turn)
+            self._close(turn)
             self._activity_changed()
 
 

@@ -423,7 +423,7 @@ async def _start_of(nc, room: str, request) -> ev.SessionStart:
 async def test_the_client_chooses_the_agent_and_an_unknown_one_is_refused(main: Service,
                                                                           nc) -> None:
     listed = (await main.http.get("/api/agents")).json()
-    assert {a["name"] for a in listed} == {"default", "demo"}
+    assert {a["name"] for a in listed} == {"default", "demo", "meeting"}
     assert all(a["description"] for a in listed)
     start = await _start_of(nc, "bank-room", _token(main.http, room="bank-room", agent="demo"))
     assert start.agent == "demo"

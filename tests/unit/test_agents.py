@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from services.egress.service import EgressConfig
+from services.ingress.service import IngressConfig
 from services.llm.config import LlmConfig
 from services.runtime import agents
 from services.runtime.errors import ConfigError
@@ -11,13 +13,18 @@ from services.stt.config import SttConfig
 from services.tts.config import TtsConfig
 
 
-def test_the_built_in_file_has_the_default_and_the_demo_agent() -> None:
+def test_the_built_in_file_has_the_default_demo_and_meeting_agents() -> None:
     known = agents.load(str(agents.BUILT_IN))
-    assert list(known) == ["default", "demo"]
+    assert list(known) == ["default", "demo", "meeting"]
     demo = known["demo"]
     assert demo.tools == ("get_time", "get_balance", "end_call") and demo.greeting
     config = agents.stage_config(LlmConfig(llm_provider="echo"), demo, "llm", "demo")
     assert config.llm_provider == "demo"
+    meeting = known["meeting"]
+    heard = agents.stage_config(IngressConfig(), meeting, "ingress", "meeting")
+    judged = agents.stage_config(EgressConfig(), meeting, "egress", "meeting")
+    assert heard.listen == "everyone"
+    assert (judged.answer, judged.agent_name) == ("addressed", "Nova, computer")
 
 
 def test_a_stage_gets_the_agents_own_settings_and_keeps_the_rest() -> None:

@@ -8,7 +8,7 @@ import pytest
 from services.egress.floor import Floor
 from services.egress.service import EgressConfig
 from services.runtime.ledger import MAX_AHEAD, FloorRecord, TurnLedger
-from services.runtime.turns import TurnRules
+from services.runtime.turns import Addressing, TurnRules
 
 
 class Actions:
@@ -17,6 +17,7 @@ class Actions:
     def __init__(self) -> None:
         self.log: list[str] = []
         self.verdicts: list[tuple[int, str, str]] = []
+        self.speakers: list[str] = []  # of each verdict
         self.states: list[str] = []
         self.ends: list[str] = []
         self.records: list[FloorRecord] = []
@@ -30,10 +31,12 @@ class Actions:
     def interrupt(self, turn: int, reason: str = "barge-in") -> None:
         self.log.append(f"cut {turn}" if reason == "barge-in" else f"cut {turn} ({reason})")
 
-    def verdict(self, turn: int, action: str, text: str, reason: str) -> None:
+    def verdict(self, turn: int, action: str, text: str, reason: str,
+                speaker: str = "") -> None:
         self.verdicts.append((turn, action, reason))
+        self.speakers.append(speaker)
 
-    def draft(self, turn: int, text: str) -> None:
+    def draft(self, turn: int, text: str, speaker: str = "") -> None:
         self.log.append(f"draft {turn}: {text}")
 
     def withdraw(self, turn: int, reason: str) -> None:
@@ -50,11 +53,12 @@ class Actions:
 
 
 def judge(*, greeting: bool = False, rules: TurnRules | None = None,
-          record: FloorRecord | None = None) -> tuple[Floor, Actions]:
+          record: FloorRecord | None = None,
+          addressing: Addressing | None = None) -> tuple[Floor, Actions]:
     actions = Actions()
     record = record or FloorRecord()
     floor = Floor(rules or EgressConfig().turn_rules(), actions, TurnLedger.from_record(record),
-                  greeting=greeting, record=record)
+                  greeting=greeting, record=record, addressing=addressing)
     floor.refresh()
     floor.user_track(True)
     return floor, actions
@@ -428,3 +432,91 @@ def test_a_user_who_spoke_before_the_agent_was_ready_is_answered_not_greeted() -
     floor.final_transcript(1, "hello there", 600)
     floor.agent_ready()
     assert actions.verdicts == [(1, "answer", "")]
+
+
+# ---- a meeting: several speakers, whom the agent answers ------------------------------------
+
+
+def test_anyone_speaking_over_the_reply_pauses_and_cuts_it_for_everyone() -> None:
+    floor, actions = judge()
+    floor.final_transcript(1, "tell me a story", 900, speaker="alice")
+    floor.playing(1)
+    floor.speech_started(10.0, "bob")          # Bob talks over the reply Alice asked for
+    floor.speech_started(10.1, "carol")
+    floor.speech_ended("carol")                # Bob still speaks: still paused
+    assert floor.speaking_since == 10.0 and actions.log == ["pause"]
+    floor.check(10.5)                           # Bob's speech is long enough, but no words yet
+    floor.partial_transcript("wait a moment", 10.6)
+    assert actions.log == ["pause", "cut 1", "resume"]
+    floor.speech_ended("bob")
+    floor.final_transcript(2, "wait a moment please", 800, speaker="bob")
+    assert actions.verdicts[-1] == (2, "answer", "") and actions.speakers[-1] == "bob"
+
+
+def test_when_only_addressed_the_agent_answers_its_name_and_the_follow_up() -> None:
+    floor, actions = judge(addressing=Addressing("addressed", "Nova, hey computer", 5.0))
+    floor.final_transcript(1, "did you see the game", 900, speaker="alice", now=1.0)
+    floor.final_transcript(2, "Nova, what time is it?", 900, speaker="bob", now=2.0)
+    assert actions.verdicts == [(1, "ignore", "not addressed"), (2, "answer", "")]
+    floor.playing(2)
+    floor.played(2, interrupted=False, now=3.0)
+    floor.final_transcript(3, "and the date", 800, speaker="bob", now=4.0)     # follow-up
+    floor.played(3, interrupted=False, now=5.0)
+    floor.final_transcript(4, "what about me", 800, speaker="alice", now=6.0)  # not Bob
+    floor.final_transcript(5, "one more thing", 800, speaker="bob", now=20.0)  # too late
+    floor.final_transcript(6, "hey computer tell me a joke", 900, speaker="alice", now=21.0)
+    assert actions.verdicts[2:] == [(3, "answer", ""), (4, "ignore", "not addressed"),
+                                    (5, "ignore", "not addressed"), (6, "answer", "")]
+    assert actions.speakers == ["alice", "bob", "bob", "alice", "bob", "alice"]
+
+
+def test_a_turn_not_addressed_still_cuts_the_reply_it_talks_over() -> None:
+    floor, actions = judge(addressing=Addressing("addressed", "nova"))
+    floor.final_transcript(1, "nova tell me a story", 900, speaker="alice")
+    floor.playing(1)
+    floor.speech_started(10.0, "bob")
+    floor.speech_ended("bob")
+    floor.final_transcript(2, "can we move on to the budget", 1200, speaker="bob")
+    assert actions.log == ["pause", "cut 1", "resume"]
+    assert actions.verdicts[-1] == (2, "ignore", "not addressed")
+
+
+def test_no_draft_is_prepared_for_a_turn_not_addressed() -> None:
+    floor, actions = judge(addressing=Addressing("addressed", "nova"))
+    floor.settled_transcript(1, "I think so", speaker="alice")
+    floor.settled_transcript(2, "Nova, I think so", speaker="bob")
+    assert actions.log == ["draft 2: Nova, I think so"]
+
+
+def test_names_match_whole_words_only() -> None:
+    addressing = Addressing("addressed", "Al, Nova")
+    assert addressing.addressed("x", "hi, AL!", 0.0)
+    assert not addressing.addressed("x", "always novas", 0.0)
+    assert Addressing().addressed("x", "anything", 0.0)
+
+
+def test_the_person_being_answered_may_go_on_unnamed() -> None:
+    floor, actions = judge(addressing=Addressing("addressed", "nova"))
+    floor.final_transcript(1, "nova", 400, speaker="alice")               # a pause after the name
+    floor.final_transcript(2, "what time is it", 700, speaker="alice")
+    # Someone else, unnamed: not answered, though talking over the agent still cuts it.
+    floor.final_transcript(3, "what about lunch", 700, speaker="bob")
+    assert actions.verdicts == [(1, "answer", ""), (2, "answer", ""),
+                                (3, "ignore", "not addressed")]
+    assert actions.log == ["cut 1", "cut 2"]
+
+
+def test_the_person_who_cuts_their_own_answer_short_is_still_answered() -> None:
+    floor, actions = judge(addressing=Addressing("addressed", "nova", 5.0))
+    floor.final_transcript(1, "nova tell me a story", 900, speaker="alice", now=1.0)
+    floor.playing(1)
+    floor.speech_started(2.0, "alice")
+    floor.partial_transcript("actually make it", 2.5)   # cut before the reply was over
+    floor.speech_ended("alice")
+    floor.final_transcript(2, "actually make it a short one", 900, speaker="alice", now=3.0)
+    floor.played(1, interrupted=True, now=3.1)          # the cut reply's last report
+    floor.playing(2)
+    floor.played(2, interrupted=False, now=4.0)
+    floor.final_transcript(3, "and funny", 500, speaker="alice", now=20.0)  # long after
+    assert actions.verdicts == [(1, "answer", ""), (2, "answer", ""),
+                                (3, "ignore", "not addressed")]

@@ -20,7 +20,7 @@ from services.runtime.errors import APIConnectionError
 from services.stt.config import SttConfig
 from services.stt.endpoint import EndOfTurnHolds, IdleWatch, TurnSoFar, joined
 from services.stt.provider import SttResult
-from services.stt.service import MAX_UTTERANCE_FRAMES, SttWorker
+from services.stt.service import MAX_UTTERANCE_FRAMES, SttFallback, SttWorker
 
 HOLDS = EndOfTurnHolds(question_ms=0, statement_ms=200, incomplete_ms=1500, brief_ms=350)
 FRAME = bytes(640)
@@ -198,13 +198,14 @@ class User:
         self.seq += 1
         self.worker.handle(cls(session="s", seq=self.seq, **fields))
 
-    def speak(self, frames: int = 10) -> None:
-        self.send(ev.SpeechStarted, pts_ms=0)
+    def speak(self, frames: int = 10, speaker: str = "") -> None:
+        self.send(ev.SpeechStarted, pts_ms=0, speaker=speaker)
         for i in range(frames):
-            self.send(ev.AudioFrame, pcm=FRAME, sample_rate=16000, pts_ms=20 * i)
+            self.send(ev.AudioFrame, pcm=FRAME, sample_rate=16000, pts_ms=20 * i,
+                      speaker=speaker)
 
-    def stop(self, speech_ms: int) -> None:
-        self.send(ev.SpeechEnded, pts_ms=0, speech_ms=speech_ms)
+    def stop(self, speech_ms: int, speaker: str = "") -> None:
+        self.send(ev.SpeechEnded, pts_ms=0, speech_ms=speech_ms, speaker=speaker)
 
     def state(self, name: str) -> None:
         self.worker.handle(ev.AgentState(session="s", state=name))  # type: ignore[arg-type]
@@ -254,7 +255,7 @@ async def test_speech_during_the_hold_continues_the_turn_in_one_final(started: A
     user.stop(700)
     await user.settle()
     assert not user.worker.ledger.settled.is_set()  # a held final is a turn in flight
-    assert user.worker.open_turn is not None and user.worker.open_turn.so_far.text == "I want to"
+    assert user.worker.open_turns.get("") is not None and user.worker.open_turns[""].so_far.text == "I want to"
     user.speak()                          # within the hold: the same turn
     await user.settle()
     user.stop(900)
@@ -349,7 +350,7 @@ async def test_a_question_goes_out_without_a_hold_and_the_next_speech_is_a_new_t
     user.speak()
     user.stop(300)
     await user.settle()
-    assert user.worker.open_turn is not None and user.worker.open_turn.so_far.turn == 2
+    assert user.worker.open_turns.get("") is not None and user.worker.open_turns[""].so_far.turn == 2
 
 
 async def test_a_failed_utterance_closes_the_turn_at_once_with_what_was_heard(
@@ -368,12 +369,67 @@ async def test_a_failed_utterance_closes_the_turn_at_once_with_what_was_heard(
     assert [e.turn for e in errors] == [1]  # type: ignore[attr-defined]
 
 
+class UnfinishedStt(ScriptedStt):
+    """Hears the utterance to its end, then never gives a final."""
+
+    name = "unfinished"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.heard = asyncio.Event()
+
+    async def stream(self, frames: AsyncIterator[bytes]) -> AsyncIterator[SttResult]:
+        async for _ in frames:
+            pass
+        self.heard.set()
+        await asyncio.Future()  # until cancelled
+        yield SttResult("", final=True)
+
+
+async def test_a_turn_cut_by_the_sessions_end_still_reports_the_audio_heard(
+        started: Any) -> None:
+    provider = UnfinishedStt()
+    chain = SttFallback([provider], first_result_timeout=60, probe_interval=60)
+    user = await started(chain)  # through the chain, which charges each attempt to the turn
+    user.speak(10)
+    user.stop(200)
+    await asyncio.wait_for(provider.heard.wait(), 5)
+    await user.worker.close()  # the session ends: the turn's task is cancelled
+    assert user.of(sj.STT_FINAL) == []
+    (used,) = user.of(sj.USAGE["stt"])
+    assert (used.turn, used.provider, used.requests, used.interrupted) == (
+        1, "unfinished", 1, True)
+    assert used.audio_in_s == pytest.approx(0.2)  # 10 frames
+    await chain.aclose()
+
+
+async def test_a_turn_whose_counter_was_not_saved_still_reports_its_usage(
+        started: Any) -> None:
+    chain = SttFallback([ScriptedStt("what time is it")], first_result_timeout=5,
+                        probe_interval=60)
+    user = await started(chain)
+
+    async def unsaved(key: str, value: bytes) -> int:
+        raise ConnectionError("KV unreachable")
+
+    user.bus.kv.put = unsaved  # type: ignore[method-assign]
+    user.speak(10)
+    user.stop(200)
+    (final, used) = await user.finals(2, topics=(sj.STT_FINAL, sj.USAGE["stt"]))
+    assert final.text == "what time is it"
+    assert (used.turn, used.provider, used.interrupted) == (1, "scripted", False)
+    assert used.audio_in_s == pytest.approx(0.2)
+    await user.settle()
+    assert user.worker.ledger.settled.is_set()  # and the turn closed all the same
+    await chain.aclose()
+
+
 async def test_an_utterance_cut_at_the_length_limit_counts_its_frames(started: Any) -> None:
     user = await started(ScriptedStt("go on and on"), stt_eot_incomplete_ms=0)
     for _ in range(2):                    # two frames of pre-roll (not speech)…
         user.send(ev.AudioFrame, pcm=FRAME, sample_rate=16000, pts_ms=0)
     user.speak(MAX_UTTERANCE_FRAMES)      # …then speech past the limit, and no SpeechEnded
-    assert user.worker.utterance is None
+    assert "" not in user.worker.utterances
     (final,) = await user.finals(1)
     assert final.speech_ms == (MAX_UTTERANCE_FRAMES - 2) * 20
 
@@ -420,3 +476,50 @@ async def test_the_idle_timer_is_off_by_default_and_gone_on_close(started: Any) 
     assert timer is not None and not timer.done()
     await timed.worker.close()
     assert timer.cancelled()
+
+
+# ---- a meeting: each speaker's speech is a turn of its own -----------------------------------
+
+
+async def test_two_speakers_at_once_are_two_turns_labelled_and_closed_in_order(
+        started: Any) -> None:
+    # Alice starts first and goes on longer; Bob's words are ready first but his final waits
+    # for hers, so the judge gets turn 1 before turn 2.
+    user = await started(ScriptedStt("what time is it", "where is the station"),
+                         stt_eot_statement_ms=0, stt_eot_question_ms=0,
+                         stt_eot_incomplete_ms=0)
+    user.speak(speaker="alice")
+    user.speak(speaker="bob")
+    user.stop(600, speaker="bob")
+    await user.settle()
+    assert user.of(sj.STT_FINAL) == []       # Bob's turn is later than Alice's open one
+    partials = user.of(sj.STT_PARTIAL)
+    assert {(p.turn, p.speaker) for p in partials} == {(1, "alice"), (2, "bob")}
+    user.stop(900, speaker="alice")
+    first, second = await user.finals(2)
+    assert (first.turn, first.speaker, first.text) == (1, "alice", "what time is it")
+    assert (second.turn, second.speaker, second.text) == (2, "bob", "where is the station")
+
+
+async def test_one_speakers_held_turn_does_not_take_anothers_speech(started: Any) -> None:
+    user = await started(ScriptedStt("I want to", "hello there", "book a flight"),
+                         stt_eot_incomplete_ms=60_000, stt_eot_statement_ms=0)
+    user.speak(speaker="alice")
+    user.stop(700, speaker="alice")          # "I want to": held for more
+    await user.settle()
+    user.speak(speaker="bob")                # Bob speaks meanwhile: his own turn, 2
+    user.stop(500, speaker="bob")
+    await user.settle()
+    assert user.of(sj.STT_FINAL) == []       # waiting for Alice's turn 1
+    user.speak(speaker="alice")              # Alice goes on: still turn 1
+    user.stop(800, speaker="alice")
+    first, second = await user.finals(2)
+    assert (first.turn, first.speaker, first.text) == (1, "alice", "I want to book a flight")
+    assert (second.turn, second.speaker, second.text) == (2, "bob", "hello there")
+
+
+async def test_a_typed_message_is_its_typists_turn(started: Any) -> None:
+    user = await started(ScriptedStt())
+    user.send(ev.UserText, text="hi from chat", participant="carol", speaker="carol")
+    (final,) = await user.finals(1)
+    assert (final.speaker, final.typed, final.text) == ("carol", True, "hi from chat")
