@@ -6,6 +6,10 @@ the same ``Caller``.
 
 The microphone never stops: between utterances it sends silence, as a real one would, so the
 agent hears a continuous track and its end-of-speech window runs on real time.
+
+The call outlives its token (livekit-server refreshes it over the signal connection) and a
+livekit-server restart: dropped for good, it joins the same room again with a fresh token from
+the token service (``RoomKeeper``, docs/operations.md).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from livekit import rtc
 
 from services.runtime.livekit import (
     AGENT_IDENTITY, ATTR_AGENT_STATE, ATTR_FINAL, ATTR_SEGMENT_ID, ATTR_TRACK_ID, TOPIC_CHAT,
-    TOPIC_TRANSCRIPTION,
+    TOPIC_TRANSCRIPTION, RoomKeeper,
 )
 
 MIC_RATE = 48000
@@ -34,6 +38,8 @@ RECORD_RATE = 24000
 LOUD = 500
 # Arrivals of loud agent frames kept (10 ms each: the last ten minutes of the agent's voice).
 LOUD_FRAMES_KEPT = 60_000
+# Seconds a call keeps trying to get back into its room after a drop before it gives up.
+REJOIN_GIVE_UP_S = 120.0
 
 
 class CallError(RuntimeError):
@@ -114,12 +120,22 @@ class Caller:
         self._reading: set[asyncio.Task[None]] = set()  # text streams being read
         self._recorder: asyncio.Task[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        # Staying in the room: the SDK's own reconnection (with the token livekit-server
+        # refreshes, so the token's TTL may be shorter than the call), then ours after a drop.
+        self.keeper: RoomKeeper | None = None
+        self._grant: dict[str, str] | None = None  # join()'s own grant, if it was given one
+        self.grant: dict[str, str] = {}  # what the first join used (token, url, expires_at…)
+        self.drops: list[str] = []  # why the room dropped us (not our own leave), in order
+        self.returns = 0  # times we were back after a drop (ours, or the SDK's reconnect)
+        self.back = asyncio.Event()  # set at each return, the microphone published again
+        self.gone = ""  # why we gave up getting back in (then every wait fails)
 
     # ---- joining -------------------------------------------------------------------------------
 
     async def join(self, grant: dict[str, str] | None = None) -> None:
         """Join with a token from the token service (which sends the agent), or with
         ``grant`` ({"url", "token"}) made elsewhere (a phone caller, as LiveKit SIP joins)."""
+        self._grant = grant
         grant = grant or await fetch_token(self.token_url, self.room_name, self.identity,
                                            self.agent)
         self.room.register_text_stream_handler(TOPIC_TRANSCRIPTION, self._on_text)
@@ -127,12 +143,52 @@ class Caller:
         self.room.on("participant_connected", self._on_participant)
         self.room.on("track_subscribed", self._on_track)
         self.room.on("transcription_received", self._on_legacy_transcription)
-        await self.room.connect(self.livekit_url or grant["url"], grant["token"],
-                                rtc.RoomOptions(auto_subscribe=True))
+        self.room.on("disconnected", self._on_dropped)
+        self.grant = grant
+        options = rtc.RoomOptions(auto_subscribe=True)
+        await self.room.connect(self.livekit_url or grant["url"], grant["token"], options)
+        self.keeper = RoomKeeper(self.room, self.room_name, self._credentials, stage="call",
+                                 options=options, on_back=self._back, on_gone=self._gave_up,
+                                 give_up_after=REJOIN_GIVE_UP_S)
         for participant in self.room.remote_participants.values():
             self._on_participant(participant)
         await self.publish_microphone()
         self._tasks.append(asyncio.create_task(self._microphone(), name="microphone"))
+
+    async def _credentials(self) -> tuple[str, str]:
+        """What a rejoin uses: a fresh token, asked for as the first one was (which sends the
+        agent again if the session ended meanwhile); a grant made elsewhere is used again."""
+        grant = self._grant or await fetch_token(self.token_url, self.room_name, self.identity,
+                                                 self.agent)
+        return self.livekit_url or grant["url"], grant["token"]
+
+    def _on_dropped(self, reason: int) -> None:
+        if reason != rtc.DisconnectReason.CLIENT_INITIATED:
+            self.drops.append(rtc.DisconnectReason.Name(reason)
+                              if reason in rtc.DisconnectReason.values() else str(reason))
+
+    def _back(self) -> None:
+        task = asyncio.create_task(self._return(), name="back-in-room")
+        self._tasks.append(task)
+
+    async def _return(self) -> None:
+        """Back in the room after a drop: the microphone (republished by the SDK, or published
+        again after a rejoin of ours) and the agent's state as it is now."""
+        published = list(self.room.local_participant.track_publications.values())
+        if published:
+            self.mic_sid = published[0].sid
+        else:
+            self.mic_sid = ""  # the old publication went with the old connection
+            await self.publish_microphone()
+        for participant in self.room.remote_participants.values():
+            self._on_participant(participant)
+        self.returns += 1
+        self.back.set()
+
+    def _gave_up(self, reason: str) -> None:
+        self.gone = reason
+        self.state_changed.set()
+        self.final_arrived.set()
 
     async def publish_microphone(self) -> str:
         """(Re)publish the microphone track; returns its sid."""
@@ -145,6 +201,8 @@ class Caller:
         return self.mic_sid
 
     async def leave(self) -> None:
+        if self.keeper is not None:
+            await self.keeper.aclose()
         for task in self._tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -218,6 +276,8 @@ class Caller:
         deadline = time.monotonic() + timeout
         while self.state not in states:
             self.state_changed.clear()
+            if self.gone:
+                raise CallError(f"out of the room: {self.gone}")
             left = deadline - time.monotonic()
             if left <= 0:
                 raise CallError(f"agent state stayed {self.state!r}; wanted one of {states}")

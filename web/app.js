@@ -1,6 +1,6 @@
 // voicebus in the browser: join a LiveKit room with a token from the token service, talk (or
 // type) to the agent, and show what both sides said, the agent's state and how long each answer
-// took.
+// took. A room that drops the page (livekit-server restarted, the network went) is joined again.
 // A plain script with no build step: livekit-client's UMD build defines the global LivekitClient.
 'use strict';
 
@@ -12,6 +12,15 @@
   const CHAT_TOPIC = 'lk.chat'; // what LiveKit Agents reads typed messages from
   const CHAT_MAX = 2000;        // characters a message; the agent drops longer ones
   const ROOM_RE = /^[A-Za-z0-9_-]{1,64}$/; // what the token service accepts
+  // Leaving the room for these was somebody's decision (the user left, another tab took this
+  // identity, the participant was removed, the room deleted): the page stays out. Any other
+  // disconnect (livekit-server restarted, the network went, livekit-client's own reconnection
+  // gave up) is followed by joining the same room again as the same participant.
+  const FINAL_DISCONNECTS = new Set(['CLIENT_INITIATED', 'DUPLICATE_IDENTITY',
+                                     'PARTICIPANT_REMOVED', 'ROOM_DELETED']);
+  const REJOIN_FIRST_MS = 500;     // before the first attempt (jittered), doubled after each…
+  const REJOIN_MAX_MS = 5000;      // …up to this
+  const REJOIN_GIVE_UP_MS = 120000;
 
   // Levels are the RMS of the analyser's waveform in dBFS. Speech into a microphone sits around
   // -35..-15 dBFS, noise-suppressed room noise well below -50, decoded Opus silence near -inf.
@@ -32,6 +41,9 @@
   };
 
   let room = null;        // the LiveKit Room while joining or joined
+  let session = null;     // {room, name, identity} while in a session: what a rejoin asks for
+  let rejoining = false;  // a rejoin is under way: its failed attempts are not the end
+  let returns = 0;        // times the page got back into the room after a drop
   let audioCtx = null;    // one AudioContext for both level meters
   let sampler = 0;        // setInterval id of the level poll
   let meters = {};        // 'mic' | 'agent' -> {mst, source, analyser, buf}
@@ -62,24 +74,35 @@
     const r = room = newRoom();
     setPhase('connecting', 'asking for a token…');
     try {
-      const grant = await fetchToken(roomName, ui.name.value.trim());
+      const name = ui.name.value.trim();
+      const grant = await fetchToken(roomName, name);
       if (room !== r) return; // Leave was clicked meanwhile
       setPhase('connecting', 'connecting…');
-      await r.connect(grant.url, grant.token);
-      if (room !== r) return;
-      setPhase('connected', `in room ${grant.room} as ${grant.identity}`);
-      for (const p of r.remoteParticipants.values()) { if (p.identity === AGENT) showState(p.attributes[STATE_ATTR]); }
-      sampler = setInterval(sample, SAMPLE_MS);
-      // Still close enough to the click for autoplay; the button covers browsers that disagree.
-      const playable = () => { if (room === r) ui.startAudio.hidden = r.canPlaybackAudio; };
-      r.startAudio().then(playable, playable);
+      // A rejoin asks for the same room as the same participant (the identity the token
+      // service gave): ingress goes on hearing this user, the agent answers the same session.
+      await enter(r, grant, { room: roomName, name, identity: grant.identity });
     } catch (err) {
       if (left.has(r)) return; // cancelled by Leave: not an error
       showError(err); // after a Disconnected event, if any: the connect error says more
       if (room === r) teardown();
       r.disconnect();
-      return;
     }
+  }
+
+  // Connects ``r`` with ``grant`` (throws if that fails) and starts what a room needs here:
+  // the agent's state, the level meters, audio, the microphone. Once connected, a drop of the
+  // room is followed by a rejoin that asks for ``wanted`` (a first join that fails is not).
+  async function enter(r, grant, wanted) {
+    await r.connect(grant.url, grant.token);
+    if (room !== r) return;
+    session = wanted;
+    setPhase('connected', `in room ${grant.room} as ${grant.identity}`);
+    for (const p of r.remoteParticipants.values()) { if (p.identity === AGENT) showState(p.attributes[STATE_ATTR]); }
+    clearInterval(sampler);
+    sampler = setInterval(sample, SAMPLE_MS);
+    // Still close enough to the click for autoplay; the button covers browsers that disagree.
+    const playable = () => { if (room === r) ui.startAudio.hidden = r.canPlaybackAudio; };
+    r.startAudio().then(playable, playable);
     // Without a microphone the user can still listen, so a refusal does not end the call.
     try {
       await r.localParticipant.setMicrophoneEnabled(true);
@@ -89,17 +112,63 @@
     showMic();
   }
 
+  // The room dropped us for no decision of anyone's: join it again, same room, same identity,
+  // with a fresh token from the token service (which also sends the agent again if the session
+  // ended meanwhile). livekit-client has already retried on its own (with the token
+  // livekit-server keeps refreshing, so a short token TTL never matters while connected); this
+  // covers a longer outage and a server that sent everyone away. Capped, jittered backoff; the
+  // transcript and the latency table stay: it is the same conversation.
+  async function rejoin(reason) {
+    const wanted = session;
+    rejoining = true;
+    offline();
+    showState('');
+    setPhase('reconnecting', `reconnecting… (${reason})`);
+    const since = performance.now();
+    let delay = REJOIN_FIRST_MS;
+    try {
+      for (let attempt = 1; ; attempt++) {
+        await new Promise((done) => setTimeout(done, delay / 2 + Math.random() * delay / 2));
+        if (session !== wanted) return; // Leave was clicked
+        const r = room = newRoom();
+        try {
+          const grant = await fetchToken(wanted.room, wanted.name, wanted.identity);
+          if (session !== wanted || room !== r) { r.disconnect(); return; }
+          await enter(r, grant, wanted);
+          if (room !== r) return;
+          returns += 1;
+          document.body.dataset.returns = String(returns);
+          return;
+        } catch (err) {
+          r.disconnect();
+          if (session !== wanted) return;
+          if (performance.now() - since > REJOIN_GIVE_UP_MS) {
+            showError(`Could not get back into the room: ${err && err.message ? err.message : err}`);
+            teardown();
+            return;
+          }
+          ui.status.textContent = `reconnecting… (attempt ${attempt} failed)`;
+          delay = Math.min(delay * 2, REJOIN_MAX_MS);
+        }
+      }
+    } finally {
+      rejoining = false;
+    }
+  }
+
   async function leave() {
     const r = room;
-    if (!r) return;
+    session = null; // no more rejoining
+    if (!r) { teardown(); return; }
     left.add(r);
     teardown(); // first, so the Disconnected event of this room is not shown as an error
     await r.disconnect();
   }
 
-  async function fetchToken(roomName, name) {
+  async function fetchToken(roomName, name, identity) {
     const body = { room: roomName };
     if (name) body.name = name;
+    if (identity) body.identity = identity; // a rejoin: the same participant as before
     // The agent to talk to: the page's own ?agent= (GET /api/agents lists them).
     const agent = new URLSearchParams(window.location.search).get('agent');
     if (agent) body.agent = agent;
@@ -155,12 +224,24 @@
         if (track === agentTrack) agentTrack = null;
       }))
       .on(E.AudioPlaybackStatusChanged, mine(() => { ui.startAudio.hidden = r.canPlaybackAudio; }))
-      .on(E.Reconnecting, mine(() => { ui.status.textContent = 'reconnecting…'; }))
-      .on(E.Reconnected, mine(() => { ui.status.textContent = `in room ${r.name}`; }))
+      // livekit-client's own reconnection (a resume, or a full reconnect to a restarted server).
+      .on(E.Reconnecting, mine(() => setPhase('reconnecting', 'reconnecting…')))
+      .on(E.Reconnected, mine(() => {
+        setPhase('connected', `in room ${r.name} as ${r.localParticipant.identity}`);
+        returns += 1;
+        document.body.dataset.returns = String(returns);
+        showMic();
+      }))
       .on(E.MediaDevicesError, mine((err) => showError(micError(err))))
       .on(E.Disconnected, mine((reason) => {
-        const name = LK.DisconnectReason[reason] || 'connection lost';
-        showError(`Disconnected: ${name.toLowerCase().replace(/_/g, ' ')}.`);
+        if (rejoining) return; // an attempt of the rejoin that failed: it tries again
+        const name = LK.DisconnectReason[reason] || 'UNKNOWN_REASON';
+        const said = name.toLowerCase().replace(/_/g, ' ');
+        if (session && !FINAL_DISCONNECTS.has(name)) {
+          rejoin(said);
+          return;
+        }
+        showError(`Disconnected: ${said}.`);
         teardown();
       }));
     r.registerTextStreamHandler(TOPIC, (reader, info) => { if (room === r) onTranscript(reader, info); });
@@ -176,17 +257,23 @@
   // Stops everything of the current room in the page; the caller disconnects the room itself.
   function teardown() {
     room = null;
+    session = null;
+    offline();
+    ui.startAudio.hidden = true;
+    showState('');
+    setPhase('idle', 'not connected');
+    showMic();
+  }
+
+  // What a room that is gone leaves in the page: its meters, its audio, a turn being timed.
+  function offline() {
     clearInterval(sampler);
     for (const m of Object.values(meters)) m.source.disconnect();
     meters = {};
     agentTrack = null;
     ui.audio.replaceChildren();
-    ui.startAudio.hidden = true;
-    showState('');
     finishTurn();
     ui.level.value = 0;
-    setPhase('idle', 'not connected');
-    showMic();
   }
 
   function resetSession() {
@@ -408,6 +495,7 @@
   // ---- page state ----
 
   function setPhase(phase, status) {
+    document.body.dataset.phase = phase; // idle, connecting, connected, reconnecting
     document.body.dataset.connected = String(phase === 'connected');
     ui.join.disabled = phase !== 'idle';
     ui.leave.disabled = phase === 'idle';

@@ -19,7 +19,7 @@ from livekit import api, rtc
 
 from services.runtime.livekit import (
     AGENT_IDENTITY, ATTR_AGENT_STATE, ATTR_FINAL, ATTR_SEGMENT_ID, ATTR_TRACK_ID,
-    TOPIC_TRANSCRIPTION, LiveKitConfig, is_user, join,
+    TOPIC_TRANSCRIPTION, LiveKitConfig, RoomKeeper, is_user, join,
 )
 from services.runtime.resample import StreamResampler
 
@@ -29,18 +29,26 @@ TRACK_RATE = 48000  # what WebRTC's Opus runs at: resampling here keeps the SDK 
 # The client protocol from which LiveKit clients read transcripts from text streams; older
 # ones read the legacy transcription packets.
 TEXT_STREAM_PROTOCOL = 3
+# Seconds one room update (an attribute, a transcript stream) may take.
+JOB_TIMEOUT_S = 10.0
 
 
 class AgentParticipant:
     def __init__(self, config: LiveKitConfig, room_name: str, queue_ms: int = 100,
-                 on_users: Callable[[int], None] | None = None) -> None:
+                 on_users: Callable[[int], None] | None = None,
+                 on_gone: Callable[[str], None] | None = None,
+                 give_up_after: float = 0.0) -> None:
         self.config = config
         self.on_users = on_users  # told how many users are in the room, on every change
+        # Told when the room could not be rejoined for ``give_up_after`` seconds (0: never).
+        self.on_gone = on_gone
+        self.give_up_after = give_up_after
         self.room_name = room_name
         self.room = rtc.Room()
         self.source = rtc.AudioSource(TRACK_RATE, 1, queue_size_ms=queue_ms)
         self.track_sid = ""
         self.state = ""
+        self.keeper: RoomKeeper | None = None
         self._jobs: asyncio.Queue[Callable[[], Awaitable[object]] | None] = asyncio.Queue()
         self._worker: asyncio.Task[None] | None = None
 
@@ -53,15 +61,41 @@ class AgentParticipant:
                 self.room.on(change, lambda _participant: self._count_users())
         await join(self.config, self.room_name, AGENT_IDENTITY, grants=grants, kind="agent",
                    room=self.room)
+        # After a livekit-server restart (or an outage) the agent joins again, voice and all.
+        self.keeper = RoomKeeper.minting(
+            self.config, self.room, self.room_name, AGENT_IDENTITY, grants=grants,
+            stage="egress", kind="agent", on_back=self._back, on_gone=self.on_gone,
+            give_up_after=self.give_up_after)
         self._count_users()  # who was there before the agent
         self._worker = asyncio.create_task(self._run_jobs(), name="agent-room")
+        await self._publish()
+
+    async def _publish(self) -> None:
         track = rtc.LocalAudioTrack.create_audio_track("agent-voice", self.source)
         options = rtc.TrackPublishOptions(source=rtc.TrackSource.SOURCE_MICROPHONE)
         publication = await self.room.local_participant.publish_track(track, options)
         self.track_sid = publication.sid
 
+    def _back(self) -> None:
+        """Back in the room after a drop (``RoomKeeper``): the server may be a new one. The
+        voice: the SDK republished it under a new sid, or (a rejoin of ours) it is published
+        again; the state is set again; the users are counted again."""
+        published = list(self.room.local_participant.track_publications.values())
+        if published:
+            self.track_sid = published[0].sid
+        else:
+            self.submit(self._publish)
+        if self.state:
+            state = self.state
+            self.submit(lambda: self.room.local_participant.set_attributes(
+                {ATTR_AGENT_STATE: state}))
+        self._count_users()
+
     def _count_users(self) -> None:
-        if self.on_users is not None and self.room.isconnected():
+        # Only while connected: the SDK lists everyone as gone while it reconnects, which says
+        # nothing about the users; they are counted again once the agent is back (``_back``).
+        if self.on_users is not None and \
+                self.room.connection_state == rtc.ConnectionState.CONN_CONNECTED:
             self.on_users(sum(is_user(p) for p in self.room.remote_participants.values()))
 
     def set_state(self, state: str) -> None:
@@ -76,12 +110,17 @@ class AgentParticipant:
 
     async def _run_jobs(self) -> None:
         while (job := await self._jobs.get()) is not None:
+            if self.room.connection_state == rtc.ConnectionState.CONN_DISCONNECTED:
+                continue  # out of the room (rejoining): what it would say is set again after
             try:
-                await job()
+                # Bounded: a call into a room that drops under it must not stall the queue.
+                await asyncio.wait_for(job(), JOB_TIMEOUT_S)
             except Exception as exc:  # a room hiccup must not end the session
-                log.warning("room update failed: %s", exc)
+                log.warning("room update failed: %s", exc or type(exc).__name__)
 
     async def aclose(self) -> None:
+        if self.keeper is not None:
+            await self.keeper.aclose()
         if self._worker is not None:
             self._jobs.put_nowait(None)
             with contextlib.suppress(asyncio.TimeoutError):

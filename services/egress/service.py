@@ -132,9 +132,13 @@ class EgressWorker(SessionWorker[EgressConfig]):
         self.presence = Presence(self.config.session_join_grace, self.config.session_empty_grace,
                                  self.end_session, seen=record.judged >= 0)
         if start.room and not isinstance(start, ev.FileSessionStart):
+            # A room the agent cannot rejoin (livekit-server gone) for as long as a session
+            # waits for its first user is a session nobody can be in: it ends.
             self.agent = AgentParticipant(self.config, start.room,
                                           queue_ms=self.config.egress_track_queue_ms,
-                                          on_users=self.presence.update)
+                                          on_users=self.presence.update,
+                                          on_gone=self.end_session,
+                                          give_up_after=self.config.session_join_grace)
             self.transcripts = Transcripts(self.agent)
         # A session without a room greets too when its start asks (a replay of a call): the
         # microphone's InputTrack is the cue, as in a room.

@@ -21,12 +21,12 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 
-from livekit import api, rtc
+from livekit import rtc
 
 from services.ingress.audio import FRAME_BYTES, FRAME_MS, SAMPLE_RATE, Framer
 from services.runtime import metrics
 from services.runtime.livekit import (INGRESS_IDENTITY, TOPIC_TRANSCRIPTION, LiveKitConfig,
-                                      is_user, join)
+                                      is_user, join, listener_grants)
 
 log = logging.getLogger("voicebus.ingress.microphone")
 
@@ -144,9 +144,8 @@ class MicrophoneSource:
         # Transcripts other participants send to the whole room are not for the microphone:
         # drained quietly (the SDK logs each unclaimed stream at INFO).
         self.room.register_text_stream_handler(TOPIC_TRANSCRIPTION, self._on_transcription)
-        grants = api.VideoGrants(room_join=True, room=self.room_name, hidden=True,
-                                 can_publish=False, can_publish_data=False, can_subscribe=True)
-        await join(self.config, self.room_name, INGRESS_IDENTITY, grants=grants, room=self.room)
+        await join(self.config, self.room_name, INGRESS_IDENTITY,
+                   grants=listener_grants(self.room_name), room=self.room)
         self.listen_again()
 
     def listen_again(self) -> None:

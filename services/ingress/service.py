@@ -30,7 +30,8 @@ from services.ingress.vad import VadEdge, VadSegmenter
 from services.runtime import metrics, tracing
 from services.runtime.audio import frame_problem
 from services.runtime.config import audio_file
-from services.runtime.livekit import TOPIC_CHAT, LiveKitConfig
+from services.runtime.livekit import (INGRESS_IDENTITY, TOPIC_CHAT, LiveKitConfig, RoomKeeper,
+                                      listener_grants)
 from services.runtime.service import SessionWorker, StageService
 
 SILENCE = bytes(FRAME_BYTES)
@@ -199,8 +200,18 @@ class IngressWorker(SessionWorker[IngressConfig]):
         except Exception as exc:  # unreachable server, refused join…: say so on the bus
             await self.stage_error(str(exc), retryable=True)
             return
-        if not self.microphone.everyone:
-            await self.feed(self.microphone.frames())
+        # Back into the room after livekit-server restarts (or the network drops us), for as
+        # long as this task lives (the session); then the users' microphones are asked for again.
+        keeper = RoomKeeper.minting(self.config, self.microphone.room, room, INGRESS_IDENTITY,
+                                    grants=listener_grants(room), stage="ingress",
+                                    on_back=self.microphone.listen_again)
+        try:
+            if not self.microphone.everyone:
+                await self.feed(self.microphone.frames())
+            else:
+                await asyncio.Future()  # each speaker is fed by a task of their own
+        finally:
+            await keeper.aclose()
 
     def on_voice(self, speaker: str, frames: AsyncIterator[bytes]) -> None:
         """A speaker heard for the first time in a meeting: their frames go out as theirs."""

@@ -8,13 +8,17 @@ The ingress, egress and token services read ``LIVEKIT_URL``, ``LIVEKIT_API_KEY``
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import logging
 import os
+import random
 import sys
 import time
-from typing import TYPE_CHECKING, ClassVar
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, ClassVar
 
+from services.runtime import metrics
 from services.runtime.config import BaseConfig
 
 if TYPE_CHECKING:  # the SDKs are optional extras; import them where they are used
@@ -120,6 +124,185 @@ async def join(config: LiveKitConfig, room_name: str, identity: str, *,
             log.warning("joining %s failed (%s); retrying in %.1fs", room_name, exc, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
+
+
+def listener_grants(room_name: str) -> api.VideoGrants:
+    """Ingress's grants: hidden, it only listens (subscribes), publishes nothing."""
+    from livekit import api
+
+    return api.VideoGrants(room_join=True, room=room_name, hidden=True, can_publish=False,
+                           can_publish_data=False, can_subscribe=True)
+
+
+# Leaving the room for these was somebody's decision: our own leave, a newer participant with
+# our identity (a replica that took the session over, another tab of the same user), an
+# operator removing us or deleting the room. Staying out is then the point. Every other
+# reason (the server went away or restarted, the network did, the SDK's own reconnection gave
+# up) is an outage, and the participant joins again.
+FINAL_DISCONNECTS = frozenset({"CLIENT_INITIATED", "DUPLICATE_IDENTITY", "PARTICIPANT_REMOVED",
+                               "ROOM_DELETED"})
+REJOIN_FIRST_DELAY = 0.5  # seconds before the first attempt (jittered), doubled after each…
+REJOIN_MAX_DELAY = 5.0  # …up to this
+
+# (url, token) for the next join: services mint their own, users ask the token service.
+Credentials = Callable[[], Awaitable[tuple[str, str]]]
+
+
+class RoomKeeper:
+    """Keeps a participant in its room. The SDK reconnects on its own for a while (a resume,
+    then full reconnects with the token livekit-server refreshes over the signal connection,
+    so a short token TTL does not matter); once it gives up (an outage longer than ~20 s) or
+    the server sends everyone away (a forced stop), the room reports ``disconnected``, and the
+    keeper joins the SAME ``rtc.Room`` again with fresh credentials, with capped, jittered
+    backoff, until it is back or ``aclose`` is called (or, with ``give_up_after``, that many
+    seconds passed: ``on_gone`` is told). Handlers registered on the room stay with it.
+
+    ``on_back`` (a plain callable) runs each time the participant is back: after a rejoin of
+    ours and after the SDK reconnected on its own. Either way a restarted server knows nothing
+    of us any more: tracks (the SDK republishes its own, under new sids), attributes set since
+    the last token refresh, and subscriptions asked for while the SDK was reconnecting (they
+    are dropped: found by test) must be checked again. It must be idempotent: a plain resume
+    after a network blip calls it too.
+
+    Each outage is logged once when it starts and once when it ends, and counted in
+    ``voicebus_livekit_rejoins_total{stage,outcome}``.
+    """
+
+    def __init__(self, room: rtc.Room, room_name: str, credentials: Credentials, *, stage: str,
+                 options: rtc.RoomOptions | None = None,
+                 on_back: Callable[[], object] | None = None, give_up_after: float = 0.0,
+                 on_gone: Callable[[str], None] | None = None) -> None:
+        self.room = room
+        self.room_name = room_name
+        self.credentials = credentials
+        self.stage = stage
+        self.options = options
+        self.on_back = on_back
+        self.give_up_after = give_up_after
+        self.on_gone = on_gone
+        self.outages = 0  # disconnects we rejoined from (or are rejoining from)
+        self._closed = False
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        room.on("disconnected", self._on_disconnected)
+        room.on("reconnected", self._on_reconnected)
+
+    @classmethod
+    def minting(cls, config: LiveKitConfig, room: rtc.Room, room_name: str, identity: str, *,
+                grants: api.VideoGrants, stage: str, kind: str = "standard",
+                auto_subscribe: bool = False, **options: Any) -> RoomKeeper:
+        """A keeper for one of our own participants, which mints a token for each attempt."""
+        from livekit import rtc
+
+        async def credentials() -> tuple[str, str]:
+            return config.livekit_url, token_for(config, room_name, identity, grants=grants,
+                                                 kind=kind)
+
+        room_options = rtc.RoomOptions(auto_subscribe=auto_subscribe,
+                                       connect_timeout=config.livekit_connect_timeout)
+        return cls(room, room_name, credentials, stage=stage, options=room_options, **options)
+
+    @property
+    def rejoining(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def _on_disconnected(self, reason: int) -> None:
+        from livekit import rtc
+
+        name = rtc.DisconnectReason.Name(reason) if reason in rtc.DisconnectReason.values() \
+            else str(reason)
+        if self._closed or self.rejoining:
+            return
+        if name in FINAL_DISCONNECTS:
+            if name != "CLIENT_INITIATED":
+                log.warning("left room %s (%s): not rejoining", self.room_name, name.lower(),
+                            extra={"stage": self.stage, "session": self.room_name})
+            return
+        self.outages += 1
+        self._task = asyncio.create_task(self._rejoin(name.lower()), name="livekit-rejoin")
+
+    def _on_reconnected(self) -> None:
+        if self._closed:
+            return
+        metrics.LIVEKIT_REJOINS.labels(self.stage, "sdk").inc()
+        log.info("back in room %s (the SDK reconnected)", self.room_name,
+                 extra={"stage": self.stage, "session": self.room_name})
+        self._back()
+
+    async def _rejoin(self, reason: str) -> None:
+        log.warning("dropped from room %s (%s): rejoining", self.room_name, reason,
+                    extra={"stage": self.stage, "session": self.room_name})
+        started = time.monotonic()
+        delay, attempts, error = REJOIN_FIRST_DELAY, 0, ""
+        while not self._closed:
+            # Full jitter on half the delay: the sessions of a restarted server spread out.
+            await self._pause(random.uniform(delay / 2, delay))
+            if self._closed:
+                break
+            if self.give_up_after and time.monotonic() - started > self.give_up_after:
+                log.error("could not rejoin room %s for %.0f s (%s): giving up", self.room_name,
+                          time.monotonic() - started, error,
+                          extra={"stage": self.stage, "session": self.room_name})
+                if self.on_gone is not None:
+                    self.on_gone(f"room unreachable: {error}")
+                return
+            attempts += 1
+            try:
+                await self._connect()
+            except Exception as exc:  # unreachable, refused, the token service down…
+                error = str(exc) or type(exc).__name__
+                metrics.LIVEKIT_REJOINS.labels(self.stage, "failed").inc()
+                log.debug("rejoining %s failed: %s", self.room_name, error)
+                delay = min(delay * 2, REJOIN_MAX_DELAY)
+                continue
+            if self._closed:  # closed while we were joining: leave again, for good
+                await self.room.disconnect()
+                return
+            metrics.LIVEKIT_REJOINS.labels(self.stage, "rejoined").inc()
+            log.info("back in room %s after %.1f s (%d attempts)", self.room_name,
+                     time.monotonic() - started, attempts,
+                     extra={"stage": self.stage, "session": self.room_name})
+            self._back()
+            return
+
+    async def _connect(self) -> None:
+        room = self.room
+        # The dropped connection's own event loop in the SDK must end before a new one starts
+        # on the same Room (both would read its next events).
+        listener = getattr(room, "_task", None)
+        if listener is not None and not listener.done():
+            await asyncio.wait({listener}, timeout=5.0)
+        # A room dropped at once (the server's leave) still lists who was there: they are gone
+        # (a restarted server knows nobody). Listeners hear it as the SDK tells it after its
+        # own full reconnect; and connect() would refuse to list them again.
+        for identity, participant in list(room.remote_participants.items()):
+            room.remote_participants.pop(identity, None)
+            room.emit("participant_disconnected", participant)
+        url, token = await asyncio.wait_for(self.credentials(), 30.0)
+        if self.options is not None:
+            await room.connect(url, token, self.options)
+        else:
+            await room.connect(url, token)
+
+    def _back(self) -> None:
+        if self.on_back is None:
+            return
+        try:
+            self.on_back()
+        except Exception:
+            log.exception("after rejoining room %s", self.room_name)
+
+    async def _pause(self, seconds: float) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), seconds)
+
+    async def aclose(self) -> None:
+        """No more rejoining. A join in flight is let finish (its connection is then left at
+        once); the room itself is disconnected by its owner."""
+        self._closed = True
+        self._wake.set()
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
 
 
 def is_user(participant: rtc.RemoteParticipant) -> bool:

@@ -79,6 +79,13 @@ USAGE = Counter(
 COST = Counter(
     "voicebus_cost_usd", "Cost of turns in USD, from the price table", ["stage", "provider"]
 )
+# Staying in a LiveKit room (services/runtime/livekit.py RoomKeeper): "rejoined" once per
+# outage we rejoined from, "failed" per rejoin attempt that failed, "sdk" each time the SDK's
+# own reconnection brought the participant back (a resume, or a full reconnect after a restart).
+LIVEKIT_REJOINS = Counter(
+    "voicebus_livekit_rejoins", "Returns to a LiveKit room after a drop, by outcome",
+    ["stage", "outcome"],
+)
 TOOL_CALLS = Counter(
     "voicebus_tool_calls", "Tool calls the LLM stage ran, by tool (unknown: a name the model "
     "made up) and outcome (ok, error)", ["tool", "outcome"]
