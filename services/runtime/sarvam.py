@@ -1,15 +1,18 @@
 """What Sarvam's STT and TTS providers share: the SDK's environment for a configured origin,
-Sarvam's spelling of language tags, and keeping the key out of the SDK's handshake log. Imported
-only by those providers (the ``sarvamai`` SDK is an optional extra)."""
+Sarvam's spelling of language tags, what a socket's close means, and keeping the key out of the
+SDK's handshake log. Imported only by those providers (the ``sarvamai`` SDK is an optional
+extra)."""
 
 from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
+from typing import Any
 
 from sarvamai.environment import SarvamAIEnvironment
 
-from services.runtime.errors import ConfigError
+from services.runtime.errors import APIConnectionError, APIStatusError, ConfigError, ProviderError
 
 PRODUCTION = SarvamAIEnvironment.PRODUCTION.production  # wss://api.sarvam.ai
 
@@ -31,6 +34,20 @@ def environment(url: str) -> SarvamAIEnvironment:
     websocket = re.sub(r"^http", "ws", origin)
     http = re.sub(r"^ws", "http", origin)
     return SarvamAIEnvironment(base=http, creative=f"{http}/dubbing", production=websocket)
+
+
+def closed_error(close: Any, provider: str, redact: Callable[[str], str]) -> ProviderError:
+    """A socket closed without an error event first (``close``: the close frame received, if
+    any). Sarvam closes with 4000 when it rejects the request itself (model, language, voice, a
+    parameter, no beta access): no retry helps that. The reason is the server's text, which may
+    echo what it was sent: redacted."""
+    if close is None:
+        return APIConnectionError("connection lost (no close frame)", provider=provider)
+    why = redact(f"code {close.code}, {close.reason or 'no reason'}")
+    if close.code == 4000:
+        return APIStatusError(f"Sarvam rejected the stream ({why})", status=400,
+                              provider=provider)
+    return APIConnectionError(f"connection closed ({why})", provider=provider)
 
 
 class _RedactKey(logging.Filter):

@@ -61,6 +61,15 @@ class Counts:
     audio_out_s: float = 0.0
     failed: bool = False
     measured: set[str] = field(default_factory=set)
+    # Token counts the API reported: one per request (a completion read to its end); with
+    # fewer, some round's tokens are missing and the token units are not measured.
+    token_reports: int = 0
+
+    def measured_units(self) -> set[str]:
+        """The units measured for the whole turn: tokens only if every request reported."""
+        if self.token_reports == self.requests:
+            return self.measured
+        return self.measured - set(TOKENS)
 
 
 class Meter:
@@ -155,6 +164,7 @@ def report_tokens(provider: str, usage: Mapping[str, Any] | None) -> None:
     counts.input_tokens += tokens[0]
     counts.output_tokens += tokens[1]
     counts.cached_tokens += tokens[2]
+    counts.token_reports += 1
     counts.measured.update(TOKENS)
 
 
@@ -188,10 +198,12 @@ class Prices:
 
     def cost(self, stage: str, provider: str, counts: Counts) -> float | None:
         """What ``counts`` cost; None without a price for the provider, or when a priced unit
-        was not measured (tokens an API did not report). Units without a price are free;
-        cached tokens cost the input price unless they have their own."""
+        was not measured (tokens an API did not report for every request: a turn whose
+        second tool round was cut is not priced on its first round's tokens). Units without
+        a price are free; cached tokens cost the input price unless they have their own."""
         prices = self.table.get((stage, provider))
-        if prices is None or any(unit not in counts.measured for unit in prices):
+        measured = counts.measured_units()
+        if prices is None or any(unit not in measured for unit in prices):
             return None
         total = 0.0
         for unit, price in prices.items():

@@ -31,6 +31,7 @@ came. What it says is ``tone_pcm(text)`` of each flushed text, in 100 ms chunks.
     fake.hold_after(1)                # one piece, then silence until the client leaves
     fake.error_after(0, status=429)   # a fatal error instead of the first piece
     fake.close_after(1, code=4000)    # a close frame alone (no error event) after one piece
+    fake.close_after(0, reason="…")   # …with a reason of its own (default "Fake rejection")
     await fake.stopped.wait()         # a client left while an answer was owed
 
 A "piece" is a transcript event (STT) or an audio chunk (TTS), counted per socket.
@@ -76,6 +77,7 @@ class Faults(BaseFaults):
     error_status: int = 500
     close_after: int | None = None  # a close frame with ``close_code``, no error event first
     close_code: int = 4000
+    close_reason: str = "Fake rejection"
 
 
 @dataclass
@@ -148,9 +150,12 @@ class FakeSarvam(FakeServer):
         """A fatal error message instead of piece number ``count``."""
         self.faults.error_after, self.faults.error_status = count, status
 
-    def close_after(self, count: int, *, code: int = 4000) -> None:
-        """Close the socket with ``code`` (and no error event first) instead of piece ``count``."""
+    def close_after(self, count: int, *, code: int = 4000,
+                    reason: str = "Fake rejection") -> None:
+        """Close the socket with ``code`` and ``reason`` (and no error event first) instead of
+        piece ``count``."""
         self.faults.close_after, self.faults.close_code = count, code
+        self.faults.close_reason = reason
 
     # -- the upgrade ----------------------------------------------------------------------------
 
@@ -180,7 +185,7 @@ class FakeSarvam(FakeServer):
             await ended.wait()  # the socket stays open; nothing more comes
             return False
         if count == faults.close_after:
-            await ws.close(code=faults.close_code, message=b"Fake rejection")
+            await ws.close(code=faults.close_code, message=faults.close_reason.encode()[:123])
             return False
         return True
 

@@ -35,6 +35,10 @@ running = chains.running  # the fixture: nats-server, and the stages each test s
 
 KEYS = {"OPENAI_API_KEY": "sk-chain-openai-key", "ANTHROPIC_API_KEY": "sk-ant-chain-key",
         "GROQ_API_KEY": "gsk_chain-groq-key"}
+# Upper bounds on a turn's compute time: generous (a loaded 2-core machine is slow, and the time
+# includes the whole reply), yet under the providers' own 5 s timeout (the stages' settings
+# below): the turn moved on at the budget, not when the primary timed out.
+WITHIN_MS = 5000
 
 
 def requests_of(fake: FakeOpenAI | FakeAnthropic, text: str) -> int:
@@ -94,7 +98,7 @@ async def test_llm_chain_openai_claude_groq(
     openai.slow_first_token()
     done = await ask(run, "chain", 2, "question two")
     assert (done.provider, done.text, done.error) == ("anthropic", "You said: question two.", "")
-    assert done.timing is not None and done.timing.compute_ms < (BUDGET + 1.0) * 1000
+    assert done.timing is not None and done.timing.compute_ms < WITHIN_MS
     assert await counted("requests_total", provider="openai", outcome="timeout") == 1
     assert await counted("fallbacks_total", from_provider="openai", to_provider="anthropic") == 2
     await heal(openai, "openai")
@@ -180,7 +184,7 @@ async def test_stt_chain_deepgram_whisper(
         assert (final.provider, final.text) == ("openai", WHISPER_TEXT), what
         assert whisper.uploads[-1].frames == FRAMES * SAMPLES_PER_FRAME, what
         assert final.timing is not None, what
-        assert final.timing.compute_ms < (BUDGET + 1.5) * 1000, what
+        assert final.timing.compute_ms < WITHIN_MS, what
 
     # Healthy: Deepgram hears it, Whisper is not asked.
     final = await speaker.say(FRAMES)

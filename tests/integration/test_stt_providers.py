@@ -651,3 +651,13 @@ async def test_sarvam_close_without_an_error_event(sv: SarvamStt, sv_fake: FakeS
     assert type(error) is error_type and getattr(error, "status", None) == status
     assert error.retryable is (status is None)
     assert f"code {code}, Fake rejection" in str(error)
+
+
+async def test_sarvam_close_reason_never_shows_the_key(
+        sv: SarvamStt, sv_fake: FakeSarvam, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    sv_fake.close_after(1, code=4000, reason=f"Invalid key {SV_KEY}")  # a server echoing it
+    error = await failure(sv, frames_of(1.0))
+    assert isinstance(error, APIStatusError) and error.status == 400
+    assert "Invalid key <redacted>" in str(error)
+    assert SV_KEY not in str(error) and SV_KEY not in caplog.text

@@ -516,7 +516,9 @@ async def test_elevenlabs_connection_refused_and_handshake_stall(build: Build, f
     with pytest.raises(APITimeoutError):
         await speak(tts, "Hello.")
     fake.reset()
-    assert audio_of(await speak(tts, "Hello."), 0) == tone_pcm("Hello.", 24000)
+    # Healed: a provider with the default timeout (0.3 s for a handshake and the first audio
+    # would flake on a loaded machine).
+    assert audio_of(await speak(await build(), "Hello."), 0) == tone_pcm("Hello.", 24000)
 
 
 @elevenlabs_only
@@ -606,6 +608,34 @@ async def test_sarvam_refused_config_is_a_400(build: Build, fake: Any) -> None:
         await speak(tts, "Hello.")
     assert (caught.value.status, caught.value.retryable) == (400, False)
     assert "language_code" in str(caught.value)
+
+
+@sarvam_only
+@pytest.mark.parametrize(("code", "error_type", "status"), [
+    (4000, APIStatusError, 400),  # Sarvam rejecting the request (a voice, a parameter)
+    (1011, APIConnectionError, None),  # its own failure, said only by the close
+])
+async def test_sarvam_close_without_an_error_message(build: Build, fake: Any, code: int,
+                                                     error_type: type, status: int | None) -> None:
+    fake.close_after(1, code=code)
+    got: list[SpokenAudio] = []
+    with pytest.raises(ProviderError) as caught:
+        await speak(await build(), LONG, got=got)
+    error = caught.value
+    assert type(error) is error_type and getattr(error, "status", None) == status
+    assert error.retryable is (status is None)  # as Sarvam's STT: no retry helps a 4000
+    assert f"code {code}, Fake rejection" in str(error) and len(got) == 1
+
+
+@sarvam_only
+async def test_sarvam_close_reason_never_shows_the_key(build: Build, fake: Any,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    fake.close_after(0, code=4000, reason=f"Invalid key {KEY}")  # a server that echoes the key
+    with pytest.raises(APIStatusError) as caught:
+        await speak(await build(), "Hello.")
+    assert caught.value.status == 400 and "Invalid key <redacted>" in str(caught.value)
+    assert KEY not in str(caught.value) and KEY not in caplog.text
 
 
 @sarvam_only

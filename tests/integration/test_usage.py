@@ -141,15 +141,24 @@ async def test_every_stage_reports_each_turns_usage_and_cost_and_the_record_keep
 
     # ---- turn 2: the judge cuts the reply after two words -------------------------------
     run.fake.hold_after(2)
+    run.fake.reply = "Okay. Counting to ten now."  # a first sentence the TTS speaks at once
     await run.verdict(2, "count to ten")
     await run.wait("two words", lambda: len(run.tap.of(ev.ReplyDelta, SESSION, turn=2)) == 2)
+    # Cut while the TTS's provider works on the turn: its first sentence is being spoken.
+    await run.wait("the first sentence's audio", lambda: run.tap.of(
+        ev.AudioFrame, SESSION, topic=sj.TTS_AUDIO, turn=2))
     await run.publish(sj.FLOOR_CANCEL, ev.Cancel, turn=2, reason="barge-in")
     (llm,) = await run.wait("the cut reply's usage", lambda: run.used("llm", 2))
     # Charged to openai, cut; its API reports tokens only at a stream's end: none, no cost.
     assert (llm.provider, llm.requests, llm.interrupted, llm.input_tokens,
             llm.output_tokens, llm.cost_usd) == ("openai", 1, True, 0, 0, None)
     await run.wait("the cut speech's end", lambda: run.tap.of(ev.SynthesisDone, SESSION, turn=2))
+    (tts2,) = await run.wait("the cut speech's usage", lambda: run.used("tts", 2))
+    # Cut: what the provider was given until then (the first sentence; the rest never came).
+    assert (tts2.provider, tts2.requests, tts2.interrupted, tts2.characters) == (
+        "instant", 1, True, len("Okay."))
     run.fake.reset()
+    run.fake.reply = None
 
     # ---- turn 3: openai fails, echo answers the same turn -------------------------------
     run.fake.fail_with_status(500)
@@ -162,8 +171,7 @@ async def test_every_stage_reports_each_turns_usage_and_cost_and_the_record_keep
         "echo", False, 1, None)  # echo has no price: no cost, not a zero
     (tts3,) = await run.wait("the echo reply's speech", lambda: run.used("tts", 3))
     assert tts3.characters == chunk_chars(run.tap.of(ev.ReplyDelta, SESSION, turn=3))
-    # One event per provider per turn; a cut TTS turn (if it got that far) says it was cut.
-    assert all(u.interrupted for u in run.used("tts", 2))
+    # One event per provider per turn.
     usages = run.tap.of(ev.Usage, SESSION)
     assert len(usages) == len({(u.stage, u.provider, u.turn) for u in usages})
 

@@ -5,6 +5,7 @@ session's record shows them (voicebus/timeline.py)."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import itertools
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
@@ -99,7 +100,7 @@ def test_cost_only_from_prices_and_measured_units() -> None:
                                "llm.openai.output_tokens=4/1M,llm.echo.requests=0,"
                                "tts.cartesia.characters=30/1M")
     tokens = usage.Counts(requests=1, input_tokens=1000, cached_tokens=400, output_tokens=100,
-                          measured={"requests", *usage.TOKENS})
+                          measured={"requests", *usage.TOKENS}, token_reports=1)
     # 600 uncached + 400 cached at half price + 100 output
     assert prices.cost("llm", "openai", tokens) == pytest.approx((600 + 200 + 400) / 1e6)
     # Not priced: no cost at all, not a zero.
@@ -118,8 +119,26 @@ def test_cost_only_from_prices_and_measured_units() -> None:
 def test_cached_tokens_without_a_price_of_their_own_cost_the_input_price() -> None:
     prices = usage.load_prices("llm.openai.input_tokens=1/1M")
     counts = usage.Counts(requests=1, input_tokens=1000, cached_tokens=400, output_tokens=9,
-                          measured={"requests", *usage.TOKENS})
+                          measured={"requests", *usage.TOKENS}, token_reports=1)
     assert prices.cost("llm", "openai", counts) == pytest.approx(1000 / 1e6)
+
+
+@pytest.mark.parametrize(("reports", "priced"), [(1, False), (2, True)])
+async def test_tokens_are_priced_only_when_every_request_reported_them(reports: int,
+                                                                       priced: bool) -> None:
+    # A turn of two rounds (a tool call, then the answer); a cut round reports nothing, and
+    # the first round's tokens alone are not the turn's.
+    name = unique("llm")
+    prices = usage.load_prices(f"llm.{name}.input_tokens=1/1M,llm.{name}.output_tokens=4/1M")
+    meter = usage.metering()
+    for round_ in range(2):
+        usage.attempt("llm", name)
+        if round_ < reports:
+            usage.report_tokens(name, {"prompt_tokens": 100, "completion_tokens": 10})
+    counts = meter.providers[name]
+    assert (counts.requests, counts.token_reports) == (2, reports)
+    cost = prices.cost("llm", name, counts)
+    assert cost == (pytest.approx(2 * (100 + 40) / 1e6) if priced else None)
 
 
 @pytest.mark.parametrize(("reported", "tokens"), [
@@ -185,14 +204,26 @@ async def test_each_stt_provider_is_charged_the_audio_it_heard() -> None:
     await chain.aclose()
 
 
-async def test_nothing_is_charged_outside_a_metered_turn() -> None:
+async def test_nothing_is_charged_outside_a_metered_turn(monkeypatch) -> None:
     provider = FakeStt()
     chain = SttFallback([provider], first_result_timeout=5)
-    assert await transcribe(chain, 5) == "hello"  # no meter in this context
+    charged: list[usage.Counts | None] = []
+    attempt = usage.attempt
+
+    def spied(stage: str, name: str) -> usage.Counts | None:
+        charged.append(counts := attempt(stage, name))
+        return counts
+
+    monkeypatch.setattr(usage, "attempt", spied)
     meter = usage.metering()
+    # Work in a context of its own (as the chain's probes are): no meter there, not this one.
+    outside = asyncio.create_task(transcribe(chain, 5), context=contextvars.Context())
+    assert await outside == "hello"
+    assert charged == [None] and meter.providers == {}
     meter.closed = True  # a turn already published
     assert await transcribe(chain, 5) == "hello"
-    assert meter.providers == {}
+    assert charged == [None, None] and meter.providers == {}
+    await chain.aclose()
 
 
 class FakeTts:

@@ -49,7 +49,13 @@ from services.runtime.errors import (
     APITimeoutError,
     ProviderError,
 )
-from services.runtime.sarvam import PRODUCTION, environment, language_code, redact_websocket_log
+from services.runtime.sarvam import (
+    PRODUCTION,
+    closed_error,
+    environment,
+    language_code,
+    redact_websocket_log,
+)
 from services.stt.config import SttConfig
 from services.stt.provider import SAMPLE_RATE, SttResult
 
@@ -148,7 +154,7 @@ class SarvamStt:
             status = exc.status_code or 0
             return APIStatusError(_describe_status(status), status=status, provider=self.name)
         if isinstance(exc, websockets.ConnectionClosed):
-            return _closed(exc.rcvd)
+            return closed_error(exc.rcvd, self.name, self.redact)
         if isinstance(exc, ValueError):  # json.JSONDecodeError
             return _malformed(type(exc).__name__)
         if isinstance(exc, OSError | websockets.InvalidHandshake | EOFError):
@@ -268,18 +274,6 @@ def _server_error(error: RealtimeError, provider: SarvamStt) -> ProviderError:
     if error.status_code and error.status_code >= 400:
         return APIStatusError(message, status=error.status_code, provider=provider.name)
     return ProviderError(message, provider=provider.name)
-
-
-def _closed(close: Any) -> ProviderError:
-    """A socket closed without an error event first. Sarvam closes with 4000 when it rejects
-    the request itself (model, language, a parameter, no beta access): no retry helps that."""
-    if close is None:
-        return APIConnectionError("connection lost (no close frame)", provider=SarvamStt.name)
-    why = f"code {close.code}, {close.reason or 'no reason'}"
-    if close.code == 4000:
-        return APIStatusError(f"Sarvam rejected the stream ({why})", status=400,
-                              provider=SarvamStt.name)
-    return APIConnectionError(f"connection closed ({why})", provider=SarvamStt.name)
 
 
 def _malformed(what: str) -> ProviderError:

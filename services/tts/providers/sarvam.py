@@ -46,7 +46,13 @@ from services.runtime.errors import (
     ConfigError,
     ProviderError,
 )
-from services.runtime.sarvam import PRODUCTION, environment, language_code, redact_websocket_log
+from services.runtime.sarvam import (
+    PRODUCTION,
+    closed_error,
+    environment,
+    language_code,
+    redact_websocket_log,
+)
 from services.tts.config import TtsConfig
 from services.tts.provider import SpokenAudio
 from services.tts.providers._common import WholeSamples, speakable
@@ -142,9 +148,7 @@ class SarvamTts:
                    else "Sarvam refused the WebSocket handshake")
             return APIStatusError(why, status=status, provider=self.name)
         if isinstance(exc, websockets.ConnectionClosed):
-            close = exc.rcvd
-            why = f"code {close.code}, {close.reason or 'no reason'}" if close else "no close frame"
-            return APIConnectionError(f"connection lost ({why})", provider=self.name)
+            return closed_error(exc.rcvd, self.name, self.redact)  # as STT's: 4000 is a 400
         if isinstance(exc, ValueError):  # not JSON, or JSON the SDK cannot parse
             return ProviderError(f"malformed message from Sarvam: {type(exc).__name__}",
                                  provider=self.name)
