@@ -434,7 +434,7 @@ async def test_the_client_chooses_the_agent_and_an_unknown_one_is_refused(main: 
     assert start.agent == "demo"
     refused = await main.http.post("/api/token", json={"room": "r", "agent": "bank"})
     assert refused.status_code == 400
-    assert refused.json()["detail"] == "unknown agent 'bank'; known: default, demo"
+    assert refused.json()["detail"] == "unknown agent 'bank'; known: default, demo, meeting"
     assert (await main.http.post("/api/token", json={"room": "r", "agent": "../x"})
             ).status_code == 422
 
