@@ -17,7 +17,7 @@
   // disconnect (livekit-server restarted, the network went, livekit-client's own reconnection
   // gave up) is followed by joining the same room again as the same participant.
   const FINAL_DISCONNECTS = new Set(['CLIENT_INITIATED', 'DUPLICATE_IDENTITY',
-                                     'PARTICIPANT_REMOVED', 'ROOM_DELETED']);
+                                     'PARTICIPANT_REMOVED', 'ROOM_DELETED', 'ROOM_CLOSED']);
   const REJOIN_FIRST_MS = 500;     // before the first attempt (jittered), doubled after each…
   const REJOIN_MAX_MS = 5000;      // …up to this
   const REJOIN_GIVE_UP_MS = 120000;
@@ -43,6 +43,7 @@
   let room = null;        // the LiveKit Room while joining or joined
   let session = null;     // {room, name, identity} while in a session: what a rejoin asks for
   let rejoining = false;  // a rejoin is under way: its failed attempts are not the end
+  let rejoinRuns = 0;     // rejoins started: only the newest goes on
   let returns = 0;        // times the page got back into the room after a drop
   let audioCtx = null;    // one AudioContext for both level meters
   let sampler = 0;        // setInterval id of the level poll
@@ -95,6 +96,8 @@
   async function enter(r, grant, wanted) {
     await r.connect(grant.url, grant.token);
     if (room !== r) return;
+    // In from here: a drop from now on (even before the microphone is on) is a new outage.
+    rejoining = false;
     session = wanted;
     setPhase('connected', `in room ${grant.room} as ${grant.identity}`);
     for (const p of r.remoteParticipants.values()) { if (p.identity === AGENT) showState(p.attributes[STATE_ATTR]); }
@@ -120,6 +123,7 @@
   // transcript and the latency table stay: it is the same conversation.
   async function rejoin(reason) {
     const wanted = session;
+    const run = ++rejoinRuns; // a newer outage's rejoin replaces this one
     rejoining = true;
     offline();
     showState('');
@@ -129,7 +133,7 @@
     try {
       for (let attempt = 1; ; attempt++) {
         await new Promise((done) => setTimeout(done, delay / 2 + Math.random() * delay / 2));
-        if (session !== wanted) return; // Leave was clicked
+        if (session !== wanted || run !== rejoinRuns) return; // Leave was clicked, or superseded
         const r = room = newRoom();
         try {
           const grant = await fetchToken(wanted.room, wanted.name, wanted.identity);
@@ -152,7 +156,7 @@
         }
       }
     } finally {
-      rejoining = false;
+      if (run === rejoinRuns) rejoining = false;
     }
   }
 

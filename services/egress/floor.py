@@ -42,6 +42,9 @@ from services.runtime.ledger import FloorRecord, TurnLedger
 from services.runtime.turns import Addressing, TurnRules, words
 
 
+# Seconds after which someone whose end of speech never came no longer counts as speaking: past
+# the longest utterance the STT keeps (30 s).
+STALE_SPEECH_S = 40.0
 # Why a goodbye ends the session (SessionEnd.reason on floor.end).
 USER_IDLE = "user idle"
 AGENT_HUNG_UP = "the agent ended the call"
@@ -99,6 +102,7 @@ class Floor:
         self.user_heard = False  # the user's microphone reaches the agent
         self.speaking_since: float | None = None  # monotonic s; a user speaks (the first)
         self.speakers: dict[str, float] = {}  # who speaks now, since when
+        self.now = 0.0  # the latest time an event brought (for decisions made without one)
         self.reply_speaker = ""  # whom the reply holding the floor answers
         self.paused = False
         self.partial = ""
@@ -129,6 +133,11 @@ class Floor:
             self._speak(0, "greet")
 
     def speech_started(self, now: float, speaker: str = "") -> None:
+        self.now = now
+        # Someone whose end of speech never came (their ingress replica died as they spoke,
+        # or they left mid-word) is not still speaking after any utterance could have ended.
+        self.speakers = {who: since for who, since in self.speakers.items()
+                         if now - since < STALE_SPEECH_S}
         self.speakers[speaker] = now
         self.speaking_since = min(self.speakers.values())
         self.partial = ""
@@ -141,11 +150,13 @@ class Floor:
         self.speaking_since = min(self.speakers.values()) if self.speakers else None
 
     def partial_transcript(self, text: str, now: float) -> None:
+        self.now = now
         self.partial = text
         self.check(now)
 
     def check(self, now: float) -> None:
         """Judge the utterance so far (on a partial, or when its minimum length has passed)."""
+        self.now = now
         if self.reply is None or not self.paused or self.speaking_since is None:
             return
         if self.rules.interrupts(self.partial, (now - self.speaking_since) * 1000, final=False):
@@ -169,6 +180,7 @@ class Floor:
     def final_transcript(self, turn: int, text: str, speech_ms: int,
                          continued: bool = False, typed: bool = False, speaker: str = "",
                          now: float = 0.0) -> None:
+        self.now = now
         if self.drafting is not None and self.drafting[0] == turn:
             self._settle_draft(turn, text, continued, speaker)
             return
@@ -192,8 +204,10 @@ class Floor:
         if self.reply is not None and turn > self.reply:
             if typed and said:
                 # Typed words are meant: no cough or "uh-huh" to tell apart, so even a typed
-                # "ok" asks something new. The reply is cut and the message answered.
-                self._interrupt("typed")
+                # "ok" asks something new. The reply is cut and the message answered — unless
+                # it is people in a meeting writing to each other: the reply goes on.
+                if addressed:
+                    self._interrupt("typed")
             elif not self.rules.interrupts(text, speech_ms, final=True):
                 self._resume()  # a cough, a backchannel: the reply goes on, unanswered
                 self._ignore(turn, self._not_a_turn(text, speech_ms))
@@ -225,6 +239,7 @@ class Floor:
 
     def played(self, turn: int, interrupted: bool, now: float = 0.0) -> None:
         """Reply ``turn`` has its final Playback: played out, cut, or empty."""
+        self.now = now
         if turn == 0 and not self.greeted:
             self.greeted, self.greeting = True, False
         if self.reply is None or turn == self.reply:
@@ -338,6 +353,7 @@ class Floor:
     def _interrupt(self, reason: str = "barge-in") -> None:
         assert self.reply is not None
         turn, self.reply = self.reply, None
+        self.addressing.reply_over(self.now)  # a reply cut before any audio has no last report
         self.ledger.cancel(turn)
         self.audible = False
         if turn == 0:

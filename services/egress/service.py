@@ -376,6 +376,10 @@ class EgressWorker(SessionWorker[EgressConfig]):
         if track.active and self.transcripts is not None:
             self.transcripts.hear(track.participant, track.track_sid, meeting=bool(track.speaker))
         self.floor.user_track(track.active)
+        if not track.active and track.speaker and track.speaker in self.floor.speakers:
+            # In a meeting a microphone that went away mid-sentence ends that speaker's speech
+            # (no SpeechEnded may come for it: their ingress replica may have gone too).
+            self.floor.speech_ended(track.speaker)
         if track.active and not self.floor.ready and self.ready_timer is None:
             # Should a StageReady never come (published before this replica subscribed), the
             # greeting goes anyway after a while rather than never.

@@ -34,6 +34,8 @@ log = logging.getLogger("voicebus.ingress.microphone")
 TrackChange = Callable[[str, str, bool], None]
 
 
+# Seconds the session's user has to come back after an outage before someone else may be heard.
+OWNER_RETURN_GRACE_S = 20.0
 # A speaker heard for the first time (meetings): their identity and their frames.
 VoiceFound = Callable[[str, AsyncIterator[bytes]], None]
 
@@ -120,6 +122,7 @@ class MicrophoneSource:
         self.voices: dict[str, Voice] = {}
         self._closed = False
         self._ignored: set[asyncio.Task[str]] = set()
+        self._owner_wait: asyncio.TimerHandle | None = None  # the user's return, after an outage
 
     @property
     def current(self) -> tuple[str, str] | None:
@@ -146,15 +149,29 @@ class MicrophoneSource:
         self.room.register_text_stream_handler(TOPIC_TRANSCRIPTION, self._on_transcription)
         await join(self.config, self.room_name, INGRESS_IDENTITY,
                    grants=listener_grants(self.room_name), room=self.room)
-        self.listen_again()
+        if self.owner and self.owner not in self.room.remote_participants:
+            self.owner = ""  # the user a replica before us heard has left since
+        self._listen_to_whoever_is_there()
 
     def listen_again(self) -> None:
-        """Ask for the microphones of whoever is in the room now: after joining, and after every
-        return to the room (a rejoin finds the users there without a new-track event; the
-        SDK's own reconnection loses the subscriptions asked for meanwhile). Idempotent."""
-        if self.owner and self.owner not in self.room.remote_participants:
-            self.owner = ""  # the user a replica before us heard, or heard before an outage, left
+        """Back in the room after an outage: ask for the microphones of whoever is there (a
+        rejoin finds them without a new-track event; the SDK's own reconnection loses the
+        subscriptions asked for meanwhile). Idempotent. The session's user may be slower to
+        come back than we are (their client asks the token service first): theirs it stays for
+        ``OWNER_RETURN_GRACE_S``, or a second person in the room could take their session."""
+        if self.owner and self.owner not in self.room.remote_participants \
+                and self._owner_wait is None:
+            self._owner_wait = asyncio.get_running_loop().call_later(
+                OWNER_RETURN_GRACE_S, self._owner_not_back, self.owner)
         self._listen_to_whoever_is_there()
+
+    def _owner_not_back(self, owner: str) -> None:
+        self._owner_wait = None
+        if self.owner == owner and owner not in self.room.remote_participants \
+                and not self._closed:
+            log.info("%s did not come back after the outage: the next user is heard", owner)
+            self.owner = ""
+            self._listen_to_whoever_is_there()
 
     def _listen_to_whoever_is_there(self) -> None:
         for participant in list(self.room.remote_participants.values()):
@@ -176,6 +193,8 @@ class MicrophoneSource:
 
     async def aclose(self) -> None:
         self._closed = True  # the disconnect's own track events must not start anything
+        if self._owner_wait is not None:
+            self._owner_wait.cancel()
         for voice in self.voices.values():
             await voice.aclose()
         await self.room.disconnect()

@@ -47,6 +47,8 @@ _history_codec = (msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(list[ChatMe
 _PROBE = (ChatMessage("system", "Answer with one word."), ChatMessage("user", "Say OK."))
 # Rounds of tool calls in one reply; calls the model asks for after the last are not run.
 MAX_TOOL_ROUNDS = 4
+# Messages of a session's history kept in KV (the model sees the last llm_history_turns).
+HISTORY_KEPT = 500
 # Told to the model in a meeting (several people heard, each message after its speaker's name).
 MEETING_PROMPT = (
     "Several people take part in this conversation. Each of their messages begins with the "
@@ -457,6 +459,9 @@ class LlmWorker(SessionWorker[LlmConfig]):
     # ---- history ---------------------------------------------------------------------------------
 
     async def _save(self) -> None:
+        # A long call (a meeting's every line goes in) must stay within a KV value: the oldest
+        # messages go, far beyond what the model is shown (llm_history_turns).
+        del self.history[:-HISTORY_KEPT]
         await self.bus.put(self.kv, self.session, _history_codec[0].encode(self.history))
 
     async def _remember(self, user: str, assistant: str, interrupted: bool, turn: int,

@@ -140,7 +140,7 @@ def listener_grants(room_name: str) -> api.VideoGrants:
 # reason (the server went away or restarted, the network did, the SDK's own reconnection gave
 # up) is an outage, and the participant joins again.
 FINAL_DISCONNECTS = frozenset({"CLIENT_INITIATED", "DUPLICATE_IDENTITY", "PARTICIPANT_REMOVED",
-                               "ROOM_DELETED"})
+                               "ROOM_DELETED", "ROOM_CLOSED"})
 REJOIN_FIRST_DELAY = 0.5  # seconds before the first attempt (jittered), doubled after each…
 REJOIN_MAX_DELAY = 5.0  # …up to this
 
@@ -230,6 +230,8 @@ class RoomKeeper:
         self._back()
 
     async def _rejoin(self, reason: str) -> None:
+        from livekit import rtc
+
         log.warning("dropped from room %s (%s): rejoining", self.room_name, reason,
                     extra={"stage": self.stage, "session": self.room_name})
         started = time.monotonic()
@@ -258,6 +260,9 @@ class RoomKeeper:
             if self._closed:  # closed while we were joining: leave again, for good
                 await self.room.disconnect()
                 return
+            if self.room.connection_state != rtc.ConnectionState.CONN_CONNECTED:
+                error = "dropped again as it joined"  # its drop came while we were rejoining
+                continue
             metrics.LIVEKIT_REJOINS.labels(self.stage, "rejoined").inc()
             log.info("back in room %s after %.1f s (%d attempts)", self.room_name,
                      time.monotonic() - started, attempts,

@@ -135,8 +135,8 @@ class Addressing:
         self._until: float | None = None  # end of their follow-up (None: still answering)
 
     def addressed(self, speaker: str, text: str, now: float) -> bool:
-        if self.mode == "everyone":
-            return True
+        if self.mode == "everyone" or not speaker:
+            return True  # a turn of nobody in the crowd: keys pressed on a phone
         said = words(text)
         for name in self.names:
             if any(tuple(said[i:i + len(name)]) == name for i in range(len(said))):

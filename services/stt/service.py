@@ -42,6 +42,8 @@ from services.stt.provider import PROVIDERS, SAMPLE_RATE, SttProvider, SttResult
 STATE_BUCKET = "voicebus_sessions"
 # An utterance longer than this is closed without waiting for the VAD (a lost SpeechEnded).
 MAX_UTTERANCE_FRAMES = 30 * 50
+# …and, should its frames stop coming, this long after it could have been that long.
+UTTERANCE_GRACE_S = 5.0
 # Keypad keys: this long after the last key (or at "#") they are a turn, which the judge weighs
 # like an utterance of KEYS_SPEECH_MS (long enough to interrupt the agent).
 KEYS_PAUSE_S = 1.0
@@ -93,6 +95,7 @@ class Utterance:
         self.trace: tracing.Headers | None = None
         self.ended_ns = 0
         self.last_speech_ns = 0
+        self.deadline: asyncio.TimerHandle | None = None  # when it is ended without its edge
 
     def push(self, pcm: bytes, *, speech: bool = True) -> None:
         self.frames += 1
@@ -203,6 +206,10 @@ class SttWorker(SessionWorker[SttConfig]):
                 self.on_key(event.digit)
             case ev.UserText():
                 self.on_text(event.text, event.speaker)
+            case ev.InputTrack(active=False) if event.speaker in self.utterances:
+                # A speaker's microphone went away mid-sentence (and a replica of ingress may
+                # have gone with it): their utterance ends here, not never.
+                self.end_utterance(event.speaker)
 
     def on_audio(self, frame: ev.AudioFrame) -> None:
         if problem := frame_problem(frame, SAMPLE_RATE):
@@ -233,6 +240,11 @@ class SttWorker(SessionWorker[SttConfig]):
             utterance.push(pcm, speech=False)
         preroll.clear()
         self.utterances[speaker] = utterance
+        # Frames that stop coming (ingress lost, the speaker gone without a word) must not keep
+        # the utterance, and every turn after it, open: ended after the longest one there is.
+        utterance.deadline = asyncio.get_running_loop().call_later(
+            MAX_UTTERANCE_FRAMES * ev.FRAME_MS / 1000 + UTTERANCE_GRACE_S,
+            self._end_if_open, speaker, utterance)
         open_turn = self.open_turns.get(speaker)
         if open_turn is None:
             self.turn += 1
@@ -242,8 +254,16 @@ class SttWorker(SessionWorker[SttConfig]):
         open_turn.add(utterance)  # a held final's turn goes on with this utterance
         self._activity_changed()
 
+    def _end_if_open(self, speaker: str, utterance: Utterance) -> None:
+        if self.utterances.get(speaker) is utterance:
+            self.log.warning("%s's utterance got no end from ingress: ended", speaker or "the user")
+            self.end_utterance(speaker)
+
     def end_utterance(self, speaker: str, edge: ev.SpeechEnded | None = None) -> None:
-        self.utterances.pop(speaker).end(edge)
+        utterance = self.utterances.pop(speaker)
+        utterance.end(edge)
+        if utterance.deadline is not None:
+            utterance.deadline.cancel()
         self._activity_changed()
 
     def _close(self, turn: int) -> None:
@@ -389,6 +409,9 @@ class SttWorker(SessionWorker[SttConfig]):
     async def stop(self) -> None:
         if self.keys_timer is not None:
             self.keys_timer.cancel()
+        for utterance in self.utterances.values():
+            if utterance.deadline is not None:
+                utterance.deadline.cancel()
 
     def on_key(self, digit: str) -> None:
         """A key pressed on the phone. Keys make a turn of their own, like words: when "#" is
@@ -402,8 +425,8 @@ class SttWorker(SessionWorker[SttConfig]):
 
     async def _keys_turn(self) -> None:
         self.keys_timer = None
-        if self.open_turns:
-            # The user is speaking too: the spoken turn goes first, the keys right after.
+        if self.open_turns or self.ledger.open_turns:
+            # The user is speaking too (or a turn waits for its final): the spoken turn goes first, the keys right after.
             self.keys_timer = asyncio.get_running_loop().call_later(
                 KEYS_PAUSE_S / 2, lambda: self.spawn(self._keys_turn(), "keypad"))
             return

@@ -520,3 +520,39 @@ def test_the_person_who_cuts_their_own_answer_short_is_still_answered() -> None:
     floor.final_transcript(3, "and funny", 500, speaker="alice", now=20.0)  # long after
     assert actions.verdicts == [(1, "answer", ""), (2, "answer", ""),
                                 (3, "ignore", "not addressed")]
+
+
+def test_a_reply_cut_while_thinking_starts_the_follow_up_time() -> None:
+    floor, actions = judge(addressing=Addressing("addressed", "nova", 5.0))
+    floor.final_transcript(1, "nova tell me a story", 900, speaker="alice", now=1.0)
+    floor.speech_started(2.0, "bob")                    # cut before any audio: no Playback
+    floor.partial_transcript("hold on everyone", 2.5)
+    floor.speech_ended("bob")
+    floor.final_transcript(2, "hold on everyone", 900, speaker="bob", now=3.0)
+    floor.final_transcript(3, "so about that story", 900, speaker="alice", now=60.0)
+    assert actions.verdicts == [(1, "answer", ""), (2, "ignore", "not addressed"),
+                                (3, "ignore", "not addressed")]
+
+
+def test_people_typing_to_each_other_do_not_cut_the_reply() -> None:
+    floor, actions = judge(addressing=Addressing("addressed", "nova"))
+    floor.final_transcript(1, "nova tell me a story", 900, speaker="alice")
+    floor.playing(1)
+    floor.final_transcript(2, "brb coffee", 0, typed=True, speaker="bob")
+    floor.final_transcript(3, "nova stop", 0, typed=True, speaker="bob")
+    assert actions.verdicts[1:] == [(2, "ignore", "not addressed"), (3, "answer", "")]
+    assert actions.log == ["cut 1 (typed)"]
+
+
+def test_keys_pressed_in_a_meeting_are_for_the_agent() -> None:
+    floor, actions = judge(addressing=Addressing("addressed", "nova"))
+    floor.final_transcript(1, "(keypad: 1)", 600)
+    assert actions.verdicts == [(1, "answer", "")]
+
+
+def test_someone_whose_end_of_speech_never_came_stops_counting_as_speaking() -> None:
+    floor, actions = judge()
+    floor.speech_started(1.0, "alice")                  # her SpeechEnded is lost
+    floor.speech_started(100.0, "bob")
+    floor.speech_ended("bob")
+    assert floor.speaking_since is None

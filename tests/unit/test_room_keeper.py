@@ -28,6 +28,8 @@ class FakeRoom:
         self.disconnects = 0
         self.gone: list[object] = []
         self.on("participant_disconnected", self.gone.append)
+        self.connection_state = rtc.ConnectionState.CONN_DISCONNECTED
+        self.drop_as_it_joins = 0  # connects that succeed but are dropped before they return
 
     def on(self, event: str, callback: Callable[..., Any]) -> None:
         self.handlers[event].append(callback)
@@ -42,6 +44,10 @@ class FakeRoom:
             await self.joining.wait()
         if len(self.tokens) <= self.failures:
             raise rtc.ConnectError("connection refused")
+        if self.drop_as_it_joins:
+            self.drop_as_it_joins -= 1
+            return  # in, and out again at once: the state says so
+        self.connection_state = rtc.ConnectionState.CONN_CONNECTED
 
     async def disconnect(self) -> None:
         self.disconnects += 1
@@ -139,4 +145,16 @@ async def test_a_room_that_stays_out_of_reach_is_given_up():
     room.emit("disconnected", rtc.DisconnectReason.UNKNOWN_REASON)
     await asyncio.wait_for(keeper._task, 5)  # type: ignore[arg-type]
     assert len(gone) == 1 and gone[0].startswith("room unreachable: connection refused")
+    await keeper.aclose()
+
+
+async def test_a_drop_that_comes_as_the_rejoin_connects_is_rejoined_too():
+    back: list[int] = []
+    room = FakeRoom()
+    room.drop_as_it_joins = 1
+    keeper, minted = _keeper(room, "unit-dropped-again",
+                             on_back=lambda: back.append(len(room.tokens)))
+    room.emit("disconnected", rtc.DisconnectReason.SERVER_SHUTDOWN)
+    await asyncio.wait_for(keeper._task, 5)  # type: ignore[arg-type]
+    assert minted == ["token-1", "token-2"] and back == [2]  # not "back" after the first
     await keeper.aclose()

@@ -523,3 +523,19 @@ async def test_a_typed_message_is_its_typists_turn(started: Any) -> None:
     user.send(ev.UserText, text="hi from chat", participant="carol", speaker="carol")
     (final,) = await user.finals(1)
     assert (final.speaker, final.typed, final.text) == ("carol", True, "hi from chat")
+
+
+async def test_a_speaker_whose_microphone_goes_away_mid_sentence_holds_nobody_up(
+        started: Any) -> None:
+    user = await started(ScriptedStt("so what I", "where is the station"),
+                         stt_eot_statement_ms=0, stt_eot_question_ms=0,
+                         stt_eot_incomplete_ms=0)
+    user.speak(speaker="alice")              # …and her SpeechEnded never comes
+    user.speak(speaker="bob")
+    user.stop(600, speaker="bob")
+    await user.settle()
+    assert user.of(sj.STT_FINAL) == []
+    user.send(ev.InputTrack, participant="alice", track_sid="TR_a", active=False,
+              speaker="alice")
+    first, second = await user.finals(2)
+    assert (first.speaker, second.speaker) == ("alice", "bob")
