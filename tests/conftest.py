@@ -11,6 +11,9 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
+from services.tts.config import TtsConfig
+from services.tts.providers.piper import PiperTts
+from voicebus import speech
 from voicebus.client import Tap
 from voicebus.launcher import Stack
 
@@ -18,6 +21,32 @@ from voicebus.launcher import Stack
 # Piper varies each utterance at random; tests want the same audio for the same text, in this
 # process (questions) and in every stage process started from it (replies).
 os.environ["VOICEBUS_PIPER_DETERMINISTIC"] = "true"
+
+
+class _KeptPiper(PiperTts):
+    """A voice ``say_to_wav`` does not close: the next call uses it again."""
+
+    async def aclose(self) -> None:
+        pass
+
+
+class _OnePiperPerSettings:
+    """``say_to_wav`` (tests' questions) loads Piper's voice on every call unless given one:
+    ~2 s each, more on a busy machine, some 50 times a run. Here the calls share one voice per
+    setting (deterministic: the same text is the same audio, loaded once or every time); the
+    stages still load their own."""
+
+    voices: dict[tuple[str, float, bool], PiperTts] = {}
+
+    @classmethod
+    def from_config(cls, cfg: TtsConfig) -> PiperTts:
+        key = (cfg.piper_voice, cfg.piper_length_scale, cfg.piper_deterministic)
+        if key not in cls.voices:
+            cls.voices[key] = _KeptPiper.from_config(cfg)
+        return cls.voices[key]
+
+
+speech.PiperTts = _OnePiperPerSettings  # type: ignore[misc,assignment]
 
 
 class LogTail:

@@ -8,6 +8,7 @@ fails)."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import uuid
 import wave
@@ -160,6 +161,12 @@ async def _impostor(lk_stack, room: str) -> rtc.Room:
     return impostor
 
 
+async def _gone(other: rtc.Room, name: str) -> None:
+    """Until ``other`` no longer sees a participant called ``name`` in its room."""
+    while any(p.name == name for p in other.remote_participants.values()):
+        await asyncio.sleep(0.05)
+
+
 async def test_a_person_types_in_the_chat_box_and_the_agent_answers(lk_stack, chromium, tmp_path):
     """The text box under the transcript: usable once connected, Enter sends, the message is
     the user's line (as the agent took it) and the agent's answer follows it. What another
@@ -218,6 +225,13 @@ async def test_a_person_types_in_the_chat_box_and_the_agent_answers(lk_stack, ch
                                                 timeout=TIMEOUT_MS)
             await expect(page.locator("#error")).to_be_hidden()
             await screens.keep(page, CHAT_SCREENSHOT)
+
+            # Leave as a person does: a browser closed in a call stays a participant until
+            # livekit-server times its peer out, and livekit-server's stop waits for that.
+            await page.click("#leave")
+            await expect(page.locator("body")).to_have_attribute("data-connected", "false")
+            await expect(page.locator("#state")).to_have_attribute("data-state", "absent")
+            await asyncio.wait_for(_gone(impostor, "Bob"), TIMEOUT_MS / 1000)  # as the room saw
         except Exception:
             if page is None:
                 raise

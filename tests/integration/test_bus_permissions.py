@@ -27,6 +27,10 @@ from voicebus.launcher import Stack, make_certificates
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 S = "victim"
+# A refused request is never answered: it fails by timing out, after this long. (That it was
+# refused is the server's word, which Client.refused waits for; a request let through would
+# be answered, and fail the test, well within it.)
+UNANSWERED_S = 0.5
 # Who may publish each topic of a session: its producer (the judge speaks from egress; the
 # token service and the SIP gateway dispatch), and the operator.
 PUBLISHERS = {
@@ -207,14 +211,15 @@ async def test_the_history_is_the_llms_alone_and_a_stage_writes_only_its_own_lea
         client = clients[role]
         assert client.nc is not None
         with pytest.raises((NatsError, asyncio.TimeoutError)):
-            await client.nc.jetstream(timeout=2).key_value("voicebus_history")
+            await client.nc.jetstream(timeout=UNANSWERED_S).key_value("voicebus_history")
         assert await client.refused("$JS.API.STREAM.INFO.KV_voicebus_history")
     leases = await llm.jetstream().create_key_value(bucket="voicebus_leases")
     await leases.put(f"llm.{S}", b"llm")  # its own
     stt = clients["stt"]
     assert stt.nc is not None
+    js = stt.nc.jetstream(timeout=UNANSWERED_S)
     with pytest.raises((NatsError, asyncio.TimeoutError)):
-        await stt.nc.jetstream(timeout=2).publish(f"$KV.voicebus_leases.llm.{S}", b"stt")
+        await js.publish(f"$KV.voicebus_leases.llm.{S}", b"stt")
     assert await stt.refused(f"$KV.voicebus_leases.llm.{S}")
     assert (await leases.get(f"llm.{S}")).value == b"llm"
 
@@ -239,10 +244,12 @@ async def test_the_session_pages_read_the_capture_and_cannot_delete_from_it(bus)
     assert [(e.subject, codec.decode_on(e.subject, e.data)) for e in entries] == said
     assert (await record.sessions(pages.jetstream()))[kept] == 2
 
-    js = pages.jetstream(timeout=2)
+    js = pages.jetstream(timeout=UNANSWERED_S)
     attempts = {"STREAM.PURGE": lambda: js.purge_stream("VOICEBUS_RECORD",
                                                          subject=f"voice.{kept}.>"),
-                "STREAM.MSG.DELETE": lambda: js.delete_msg("VOICEBUS_RECORD", acks[1].seq),
+                # (nats-py's delete_msg waits 5 s whatever the context's timeout)
+                "STREAM.MSG.DELETE": lambda: asyncio.wait_for(
+                    js.delete_msg("VOICEBUS_RECORD", acks[1].seq), UNANSWERED_S),
                 "STREAM.DELETE": lambda: js.delete_stream("VOICEBUS_RECORD")}
     for api, attempt in attempts.items():
         with pytest.raises((NatsError, asyncio.TimeoutError)):
@@ -252,7 +259,7 @@ async def test_the_session_pages_read_the_capture_and_cannot_delete_from_it(bus)
 
     for role, nc in (("token", token), ("stt", stt)):
         with pytest.raises((NatsError, asyncio.TimeoutError)):
-            await record.captured(nc.jetstream(timeout=2), kept)
+            await record.captured(nc.jetstream(timeout=UNANSWERED_S), kept)
         assert await clients[role].refused("$JS.API.STREAM.INFO.VOICEBUS_RECORD")
 
 

@@ -127,7 +127,10 @@ async def test_the_judge_gives_up_a_reply_that_never_comes_and_listens_again(bar
     the judge cuts it (a Cancel everywhere) and listens: the next question is answered. A
     reply under way is left alone."""
     stack, nc, tap = bare_stack
-    await stack.start_stage("egress", VOICEBUS_EGRESS_REPLY_TIMEOUT="1")
+    # Egress is alone here: no TTS reports the end of the turn given up last, so on SIGTERM
+    # it would wait out the whole shutdown grace (10 s) for it before exiting (0 either way).
+    await stack.start_stage("egress", VOICEBUS_EGRESS_REPLY_TIMEOUT="1",
+                            VOICEBUS_SHUTDOWN_GRACE="1")
     await stack.wait_ready(("egress",))
     await tap.watch(sj.session_all(SESSION))
     await dispatch(nc, tap, SESSION, stages=("egress",))

@@ -171,7 +171,10 @@ async def test_egress_judges_a_barge_in_stops_at_once_and_never_plays_the_cut_tu
 async def test_egress_reports_whole_timed_words_as_heard(bare_stack):
     """With word timings from the TTS, Playback says which words were heard, not an estimate."""
     stack, nc, tap = bare_stack
-    await stack.start_stage("egress", VOICEBUS_EGRESS_PROGRESS_MS="100")
+    # Egress is alone here: nothing answers turn 2 (the barge-in), so on SIGTERM it would wait
+    # out the whole shutdown grace (10 s) for that turn before exiting (0 either way).
+    await stack.start_stage("egress", VOICEBUS_EGRESS_PROGRESS_MS="100",
+                            VOICEBUS_SHUTDOWN_GRACE="1")
     await stack.wait_ready(("egress",))
     await tap.watch(sj.session_all("words"))
     await dispatch(nc, tap, "words", stages=("egress",))

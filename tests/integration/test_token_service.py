@@ -100,7 +100,9 @@ async def nc(main: Service):
     await conn.drain()
 
 
-@pytest_asyncio.fixture(loop_scope="module", scope="module")
+# Autouse: started before the module's first test, so that the expiry test (the last) finds
+# its token past livekit-server's leeway after the other tests' time, not a minute of its own.
+@pytest_asyncio.fixture(loop_scope="module", scope="module", autouse=True)
 async def guarded(main: Service, tmp_path_factory: pytest.TempPathFactory):
     """A second token service: tokens live 2 s, and an authorisation hook is required. Its
     first token is joined at once (while valid); the expiry test checks it much later."""
@@ -617,7 +619,24 @@ async def test_the_secret_never_leaves(main: Service) -> None:
     assert not any(SECRET in line for line in token_lines)  # …redacted
 
 
-# ---- expiry (last: its token was minted when the guarded service started) --------------------
+async def test_schemathesis_finds_no_server_error(main: Service, tmp_path) -> None:
+    """A bounded fuzzing pass over the published OpenAPI: every operation, generated and
+    mutated bodies, headers and content types; no 5xx, ever (rate limits are off: burst 1000)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "schemathesis.cli", "run", f"{main.stack.token_url}/openapi.json",
+        "--checks", "not_a_server_error", "--max-examples", "60", "--generation-deterministic",
+        "--request-timeout", "10", "--no-color",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=tmp_path)
+    out, _ = await asyncio.wait_for(proc.communicate(), 300)
+    text = out.decode(errors="replace")
+    assert proc.returncode == 0, text[-4000:]
+    cases = re.search(r"(\d+) generated, (\d+) passed", text)
+    assert cases and int(cases[1]) >= 50 and cases[1] == cases[2], text[-2000:]
+    assert "No issues found" in text, text[-2000:]
+    assert SECRET not in text
+
+
+# ---- expiry (last: its token was minted when the guarded service started, first) -------------
 
 
 async def test_an_expired_token_is_refused_by_livekit(guarded) -> None:
@@ -634,20 +653,3 @@ async def test_an_expired_token_is_refused_by_livekit(guarded) -> None:
         await asyncio.sleep(0.5)
     with pytest.raises(rtc.ConnectError):
         await rtc.Room().connect(grant["url"], grant["token"])
-
-
-async def test_schemathesis_finds_no_server_error(main: Service, tmp_path) -> None:
-    """A bounded fuzzing pass over the published OpenAPI: every operation, generated and
-    mutated bodies, headers and content types; no 5xx, ever (rate limits are off: burst 1000)."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "schemathesis.cli", "run", f"{main.stack.token_url}/openapi.json",
-        "--checks", "not_a_server_error", "--max-examples", "60", "--generation-deterministic",
-        "--request-timeout", "10", "--no-color",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=tmp_path)
-    out, _ = await asyncio.wait_for(proc.communicate(), 300)
-    text = out.decode(errors="replace")
-    assert proc.returncode == 0, text[-4000:]
-    cases = re.search(r"(\d+) generated, (\d+) passed", text)
-    assert cases and int(cases[1]) >= 50 and cases[1] == cases[2], text[-2000:]
-    assert "No issues found" in text, text[-2000:]
-    assert SECRET not in text
