@@ -5,16 +5,65 @@ extra)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from typing import Any
 
+import websockets
+from sarvamai.core.api_error import ApiError
 from sarvamai.environment import SarvamAIEnvironment
 
-from services.runtime.errors import APIConnectionError, APIStatusError, ConfigError, ProviderError
+from services.runtime.errors import (
+    APIConnectionError,
+    APIStatusError,
+    APITimeoutError,
+    ConfigError,
+    ProviderError,
+)
 
 PRODUCTION = SarvamAIEnvironment.PRODUCTION.production  # wss://api.sarvam.ai
+CLOSE_SECONDS = 1.0  # a socket that cannot close this fast is dropped (websockets' own is 10)
+
+
+async def open_socket(connecting: AbstractAsyncContextManager[Any], stack: AsyncExitStack, *,
+                      timeout: float, provider: str, redact: Callable[[str], str]) -> Any:
+    """The SDK's socket, entered on ``stack`` within ``timeout``; its failures as ours."""
+    try:
+        async with asyncio.timeout(timeout):
+            socket = await stack.enter_async_context(connecting)
+    except TimeoutError:
+        raise APITimeoutError(f"no WebSocket handshake within {timeout:g} s",
+                              provider=provider) from None
+    except Exception as exc:
+        raise sdk_error(exc, provider, redact) from None  # never chained: ApiError shows the key
+    # The SDK takes no socket options; a turn cut short must not wait websockets' 10 s for a
+    # server that does not answer the close handshake.
+    socket._websocket.close_timeout = CLOSE_SECONDS
+    return socket
+
+
+def sdk_error(exc: BaseException, provider: str, redact: Callable[[str], str]) -> ProviderError:
+    """Our error for an SDK or WebSocket failure; an ``ApiError``'s text is never used (it
+    shows every handshake header, the key among them)."""
+    if isinstance(exc, ProviderError):
+        return exc
+    if isinstance(exc, ApiError):
+        status = exc.status_code or 0
+        why = ("Sarvam refused the API key (SARVAM_API_KEY)" if status in (401, 403)
+               else "Sarvam refused the WebSocket handshake")
+        return APIStatusError(why, status=status, provider=provider)
+    if isinstance(exc, websockets.ConnectionClosed):
+        return closed_error(exc.rcvd, provider, redact)
+    if isinstance(exc, ValueError):  # not JSON, or JSON the SDK cannot parse
+        return ProviderError(f"malformed message from Sarvam: {type(exc).__name__}",
+                             provider=provider)
+    if isinstance(exc, OSError | websockets.InvalidHandshake | EOFError):
+        return APIConnectionError(f"cannot reach Sarvam: {type(exc).__name__}: "
+                                  f"{redact(str(exc))}", provider=provider)
+    return ProviderError(type(exc).__name__, provider=provider)
 
 
 def language_code(language: str) -> str:

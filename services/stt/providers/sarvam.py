@@ -37,24 +37,23 @@ from sarvamai import (
     RealtimeTranscriptFinal,
     RealtimeTranscriptPartial,
 )
-from sarvamai.core.api_error import ApiError
 from sarvamai.speech_to_text_realtime_streaming.socket_client import (
     AsyncSpeechToTextRealtimeStreamingSocketClient as Socket,
 )
 
 from services.runtime.config import BaseConfig, require_key
 from services.runtime.errors import (
-    APIConnectionError,
     APIStatusError,
     APITimeoutError,
     ProviderError,
 )
 from services.runtime.sarvam import (
     PRODUCTION,
-    closed_error,
     environment,
     language_code,
+    open_socket,
     redact_websocket_log,
+    sdk_error,
 )
 from services.stt.config import SttConfig
 from services.stt.provider import SAMPLE_RATE, SttResult
@@ -62,7 +61,6 @@ from services.stt.provider import SAMPLE_RATE, SttResult
 log = logging.getLogger(__name__)
 
 _END_SECONDS = 1.0  # the polite "end" after a final is not worth waiting longer for
-_CLOSE_SECONDS = 1.0  # a socket that cannot close this fast is dropped
 # Events whose fields we read: one of these that does not parse is a malformed message. Other
 # events (session.begin, pong, ones newer than this SDK) carry nothing we need.
 _READ = frozenset({"transcript.partial", "transcript.final", "error"})
@@ -133,34 +131,11 @@ class SarvamStt:
         self._closed = True
 
     async def _connect(self, stack: AsyncExitStack) -> Socket:
-        try:
-            async with asyncio.timeout(self.timeout):
-                socket = await stack.enter_async_context(self._realtime.connect(**self.params))
-        except TimeoutError:
-            raise APITimeoutError(f"no WebSocket handshake within {self.timeout:g} s",
-                                  provider=self.name) from None
-        except Exception as exc:
-            raise self.map_error(exc) from None  # never chained: ApiError shows the key
-        # The SDK takes no socket options; a turn cut short must not wait websockets' 10 s for
-        # a server that does not answer the close handshake.
-        socket._websocket.close_timeout = _CLOSE_SECONDS
-        return socket
+        return await open_socket(self._realtime.connect(**self.params), stack,
+                                 timeout=self.timeout, provider=self.name, redact=self.redact)
 
     def map_error(self, exc: BaseException) -> ProviderError:
-        """Our error for an SDK or WebSocket failure; an ``ApiError``'s text is never used."""
-        if isinstance(exc, ProviderError):
-            return exc
-        if isinstance(exc, ApiError):
-            status = exc.status_code or 0
-            return APIStatusError(_describe_status(status), status=status, provider=self.name)
-        if isinstance(exc, websockets.ConnectionClosed):
-            return closed_error(exc.rcvd, self.name, self.redact)
-        if isinstance(exc, ValueError):  # json.JSONDecodeError
-            return _malformed(type(exc).__name__)
-        if isinstance(exc, OSError | websockets.InvalidHandshake | EOFError):
-            return APIConnectionError(f"cannot reach Sarvam: {type(exc).__name__}: "
-                                      f"{self.redact(str(exc))}", provider=self.name)
-        return ProviderError(type(exc).__name__, provider=self.name)
+        return sdk_error(exc, self.name, self.redact)
 
     def redact(self, text: str) -> str:
         return text.replace(self._key, "<redacted>") if self._key else text
@@ -279,9 +254,3 @@ def _server_error(error: RealtimeError, provider: SarvamStt) -> ProviderError:
 def _malformed(what: str) -> ProviderError:
     # As the other providers: neither a status nor a lost connection, and retryable.
     return ProviderError(f"malformed message from Sarvam: {what}", provider=SarvamStt.name)
-
-
-def _describe_status(status: int) -> str:
-    if status in (401, 403):
-        return "Sarvam refused the API key (SARVAM_API_KEY)"
-    return "Sarvam refused the WebSocket handshake"

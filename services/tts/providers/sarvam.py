@@ -26,21 +26,18 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from typing import Any, ClassVar
 
-import websockets
 from sarvamai import (
     AsyncSarvamAI,
     AudioOutput,
     ErrorResponse,
     EventResponse,
 )
-from sarvamai.core.api_error import ApiError
 from sarvamai.text_to_speech_streaming.socket_client import (
     AsyncTextToSpeechStreamingSocketClient as Socket,
 )
 
 from services.runtime.config import BaseConfig, require_key
 from services.runtime.errors import (
-    APIConnectionError,
     APIStatusError,
     APITimeoutError,
     ConfigError,
@@ -48,10 +45,11 @@ from services.runtime.errors import (
 )
 from services.runtime.sarvam import (
     PRODUCTION,
-    closed_error,
     environment,
     language_code,
+    open_socket,
     redact_websocket_log,
+    sdk_error,
 )
 from services.tts.config import TtsConfig
 from services.tts.provider import SpokenAudio
@@ -60,7 +58,6 @@ from services.tts.providers._common import WholeSamples, speakable
 log = logging.getLogger(__name__)
 
 _RATES = (8000, 16000, 22050, 24000)  # what the WebSocket offers
-_CLOSE_SECONDS = 1.0  # a socket that cannot close this fast is dropped (websockets' own is 10)
 
 
 class SarvamTtsConfig(BaseConfig, frozen=True, kw_only=True):
@@ -124,38 +121,12 @@ class SarvamTts:
         pass
 
     async def _connect(self, stack: AsyncExitStack) -> Socket:
-        try:
-            async with asyncio.timeout(self.timeout):
-                socket = await stack.enter_async_context(
-                    self._streaming.connect(model=self._model, send_completion_event="true"))
-        except TimeoutError:
-            raise APITimeoutError(f"no WebSocket handshake within {self.timeout:g} s",
-                                  provider=self.name) from None
-        except Exception as exc:
-            raise self.map_error(exc) from None  # never chained: ApiError shows the key
-        # The SDK takes no socket options; an early close (barge-in) must not wait 10 s for a
-        # server that does not answer the close handshake.
-        socket._websocket.close_timeout = _CLOSE_SECONDS
-        return socket
+        return await open_socket(
+            self._streaming.connect(model=self._model, send_completion_event="true"), stack,
+            timeout=self.timeout, provider=self.name, redact=self.redact)
 
     def map_error(self, exc: BaseException) -> ProviderError:
-        """Our error for an SDK or WebSocket failure; an ``ApiError``'s text is never used."""
-        if isinstance(exc, ProviderError):
-            return exc
-        if isinstance(exc, ApiError):
-            status = exc.status_code or 0
-            why = ("Sarvam refused the API key (SARVAM_API_KEY)" if status in (401, 403)
-                   else "Sarvam refused the WebSocket handshake")
-            return APIStatusError(why, status=status, provider=self.name)
-        if isinstance(exc, websockets.ConnectionClosed):
-            return closed_error(exc.rcvd, self.name, self.redact)  # as STT's: 4000 is a 400
-        if isinstance(exc, ValueError):  # not JSON, or JSON the SDK cannot parse
-            return ProviderError(f"malformed message from Sarvam: {type(exc).__name__}",
-                                 provider=self.name)
-        if isinstance(exc, OSError | websockets.InvalidHandshake | EOFError):
-            return APIConnectionError(f"cannot reach Sarvam: {type(exc).__name__}: "
-                                      f"{self.redact(str(exc))}", provider=self.name)
-        return ProviderError(type(exc).__name__, provider=self.name)
+        return sdk_error(exc, self.name, self.redact)
 
     def redact(self, text: str) -> str:
         return text.replace(self._key, "<redacted>") if self._key else text
