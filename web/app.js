@@ -8,6 +8,7 @@
   const LK = window.LivekitClient;
   const AGENT = 'voicebus-agent';
   const STATE_ATTR = 'lk.agent.state';
+  const MEETING_ATTR = 'voicebus.meeting'; // set by the agent when everyone in the room is heard
   const TOPIC = 'lk.transcription';
   const CHAT_TOPIC = 'lk.chat'; // what LiveKit Agents reads typed messages from
   const CHAT_MAX = 2000;        // characters a message; the agent drops longer ones
@@ -489,11 +490,14 @@
 
   // Whose words a transcript stream carries: the agent's, the user's own (sent by the agent on
   // the user's behalf), another person's in a meeting (labelled with their identity: only they
-  // or the agent can send under it), or nobody's we show ('').
+  // or the agent can send under it; shown only once the agent says everyone is heard, so in a
+  // one-user room nobody else can put words on this page), or nobody's we show ('').
   function speakerOf(identity) {
     if (identity === AGENT) return 'agent';
     if (identity && identity === room.localParticipant.identity) return 'user';
-    return identity && room.remoteParticipants.has(identity) ? 'other' : '';
+    const agent = [...room.remoteParticipants.values()].find((p) => p.identity === AGENT);
+    const meeting = agent && agent.attributes[MEETING_ATTR] === 'true';
+    return meeting && identity && room.remoteParticipants.has(identity) ? 'other' : '';
   }
 
   // ---- page state ----

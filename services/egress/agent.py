@@ -33,11 +33,17 @@ TEXT_STREAM_PROTOCOL = 3
 JOB_TIMEOUT_S = 10.0
 
 
+# The agent's attribute saying everyone in the room is heard (a meeting): the page then shows
+# other people's lines too.
+ATTR_MEETING = "voicebus.meeting"
+
+
 class AgentParticipant:
     def __init__(self, config: LiveKitConfig, room_name: str, queue_ms: int = 100,
                  on_users: Callable[[int], None] | None = None,
                  on_gone: Callable[[str], None] | None = None,
                  give_up_after: float = 0.0) -> None:
+        self.meeting = False  # marked for the page once a meeting is heard
         self.config = config
         self.on_users = on_users  # told how many users are in the room, on every change
         # Told when the room could not be rejoined for ``give_up_after`` seconds (0: never).
@@ -89,6 +95,8 @@ class AgentParticipant:
             state = self.state
             self.submit(lambda: self.room.local_participant.set_attributes(
                 {ATTR_AGENT_STATE: state}))
+        if self.meeting:
+            self.submit(lambda: self.room.local_participant.set_attributes({ATTR_MEETING: "true"}))
         self._count_users()
 
     def _count_users(self) -> None:
@@ -97,6 +105,14 @@ class AgentParticipant:
         if self.on_users is not None and \
                 self.room.connection_state == rtc.ConnectionState.CONN_CONNECTED:
             self.on_users(sum(is_user(p) for p in self.room.remote_participants.values()))
+
+    def mark_meeting(self) -> None:
+        """Everyone in the room is heard: the page may show other people's lines (without this
+        mark it shows only the agent's and its user's own, so nobody else in a one-user room
+        can put words on it)."""
+        if not self.meeting:
+            self.meeting = True
+            self.submit(lambda: self.room.local_participant.set_attributes({ATTR_MEETING: "true"}))
 
     def set_state(self, state: str) -> None:
         if state != self.state:

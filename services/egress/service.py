@@ -375,6 +375,8 @@ class EgressWorker(SessionWorker[EgressConfig]):
     def on_input_track(self, track: ev.InputTrack) -> None:
         if track.active and self.transcripts is not None:
             self.transcripts.hear(track.participant, track.track_sid, meeting=bool(track.speaker))
+            if track.speaker and self.agent is not None:
+                self.agent.mark_meeting()
         self.floor.user_track(track.active)
         if not track.active and track.speaker and track.speaker in self.floor.speakers:
             # In a meeting a microphone that went away mid-sentence ends that speaker's speech

@@ -47,6 +47,9 @@ async def test_a_second_person_in_the_room_is_not_heard_and_gets_no_transcripts(
         await user.say(*question[:2])
         await user.wait_reply(timeout=30)
         await tap.wait_for(lambda: tap.of(ev.Playback, room, turn=1, final=True), 15, "reply")
+        # Not a meeting: the page shows nobody's lines but the agent's and its user's own.
+        assert "voicebus.meeting" not in \
+            user.room.remote_participants[AGENT_IDENTITY].attributes
     finally:
         await intruder.leave()
         await user.leave()
@@ -141,6 +144,9 @@ async def test_a_meeting_hears_everyone_and_answers_whoever_addresses_it(
                                                        final=True), 30, "the story cut")
         await alice.wait_state("listening", timeout=30)
         await bob.wait_state("listening", timeout=30)
+        # The agent tells the pages that everyone is heard (they then show others' lines).
+        agent = alice.room.remote_participants[AGENT_IDENTITY]
+        assert agent.attributes.get("voicebus.meeting") == "true", agent.attributes
     except TimeoutError as exc:
         raise AssertionError(f"{exc}; heard so far: {judged()}") from None
     finally:
