@@ -670,9 +670,11 @@ class Stack:
             port = self.nats_ports[node] if self.nats_ports else self.nats_port
             while True:
                 try:
+                    # One attempt per loop: left to itself, nats-py tries a refused server 60
+                    # times, 2 s apart, before raising.
                     nc = await nats.connect(
                         f"nats://127.0.0.1:{port}", connect_timeout=1, allow_reconnect=False,
-                        error_cb=_quiet, nkeys_seed=str(self.seed_file(OPERATOR)),
+                        max_reconnect_attempts=1, reconnect_time_wait=0.05, error_cb=_quiet, nkeys_seed=str(self.seed_file(OPERATOR)),
                         inbox_prefix=inbox_prefix(OPERATOR), **self._tls_options())
                     try:
                         await nc.jetstream().account_info()
