@@ -39,6 +39,9 @@ _CONTINUES = frozenset(
 _OPENS = frozenset("well first now actually anyway basically also firstly secondly".split())
 # A lone answer: complete, but often the start of more ("Yes, please call my mother").
 _BRIEF = frozenset("yes no yeah yep nope okay ok sure right alright fine".split())
+# A turn that opens by counting announces a second part ("First turn off the lights, then lock
+# the door"): its first sentence is complete, but the user is not done.
+_COUNTS_ON = frozenset("first firstly".split())
 # How a speech recogniser that punctuates marks words trailing off: "Well...", "So, -".
 _TRAILS_OFF = ("...", "…", ",", "-", "—")
 _QUESTION_START = frozenset(
@@ -60,14 +63,15 @@ def end_of_turn(text: str) -> EndOfTurn:
     """How a final transcript ends: ``incomplete`` when its last word leaves the phrase open
     ("and", "um", "to", "the"), when it is a lone opener ("Well", "First") or trails off
     ("So...", "Yes,"), ``question`` when it opens like a question and ends complete, ``brief``
-    when it is a lone answer ("Yes.", "Okay"), else ``statement``."""
+    when it is a lone answer ("Yes.", "Okay") or opens by counting ("First turn off the
+    lights."), else ``statement``."""
     said = words(text)
     if not said:
         return "statement"
     if said[-1] in _CONTINUES or (len(said) == 1 and said[0] in _OPENS) or \
             text.rstrip().endswith(_TRAILS_OFF):
         return "incomplete"
-    if len(said) == 1 and said[0] in _BRIEF:
+    if (len(said) == 1 and said[0] in _BRIEF) or said[0] in _COUNTS_ON:
         return "brief"
     if text.rstrip().endswith("?") or said[0] in _QUESTION_START:
         return "question"

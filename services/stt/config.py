@@ -32,7 +32,7 @@ class SttConfig(ChainConfig, frozen=True, kw_only=True):
     stt_eot_question_ms: Ms = 0
     # …a statement after a short pause, a lone answer ("Yes.", "Okay") a little longer, as
     # it often leads into more ("Yes, please call my mother")…
-    stt_eot_statement_ms: Ms = 100
+    stt_eot_statement_ms: Ms = 50
     stt_eot_brief_ms: Ms = 300
     # …and a phrase left hanging ("I want to", "and um") waits long for the rest of it.
     stt_eot_incomplete_ms: Ms = 1500
@@ -41,6 +41,11 @@ class SttConfig(ChainConfig, frozen=True, kw_only=True):
     # answer during the hold (heard only once the final agrees). Speech in the hold then opens
     # the next turn, which carries these words on. 0: off.
     stt_preemptive_max_hold_ms: Ms = 1000
+    # …and sooner still when the provider knows the words before the end of speech (whisper's
+    # final decoded ahead, after 80 ms of quiet): the answer is then prepared during the VAD's
+    # silence window too, questions' included. Speech that resumes after that costs a
+    # prepared answer thrown away (an LLM request, with a cloud LLM).
+    stt_early_drafts: bool = True
     # Seconds the user may stay silent while the agent listens before the STT opens a turn
     # with no speech (a final with idle=1, 2, … in a row) for the agent to prompt them; 0: off.
     stt_user_idle_s: Seconds = 0.0

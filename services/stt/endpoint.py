@@ -22,7 +22,7 @@ class EndOfTurnHolds:
     """How long (ms) a turn's final waits for more speech, by how its transcript ends."""
 
     question_ms: int = 0
-    statement_ms: int = 100
+    statement_ms: int = 50
     incomplete_ms: int = 1500
     brief_ms: int = 300
 

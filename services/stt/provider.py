@@ -13,9 +13,14 @@ SAMPLE_RATE = INGRESS_RATE  # what ingress publishes
 
 
 class SttResult(msgspec.Struct, frozen=True):
+    """A partial, or the utterance's one final. ``stable`` (a partial): the words the final
+    will have if the speech ends now; a provider that knows them early says so, and the agent
+    starts preparing its answer before the end of speech is certain."""
+
     text: str
     final: bool = False
     confidence: float = 0.0
+    stable: bool = False
 
 
 class SttProvider(Protocol):
@@ -25,7 +30,8 @@ class SttProvider(Protocol):
         """Transcribe one utterance of 16 kHz mono s16le frames.
 
         Yields partial results while frames arrive and exactly one final result after the
-        frame iterator ends (the end of speech). Raises only ``ProviderError``.
+        frame iterator ends (the end of speech). A ``stable`` partial promises nothing: speech
+        that goes on changes the words. Raises only ``ProviderError``.
         """
         ...
 

@@ -136,6 +136,9 @@ class OpenTurn:
         self.last: Utterance | None = None
         # The user typed meanwhile: they are done speaking this turn, so no hold for more.
         self.typed_after = False
+        # The words of a settled transcript published before the end of speech (the provider
+        # knew them early), which the final must repeat for the draft to stand.
+        self.early: str | None = None
 
     def add(self, utterance: Utterance) -> None:
         self.pending.append(utterance)
@@ -170,7 +173,9 @@ class SttWorker(SessionWorker[SttConfig]):
         self.typed: deque[tuple[str, str]] = deque()  # (text, speaker)
         # One subscription for audio and VAD keeps them in publish order.
         await self.subscribe(sj.producer_all(self.session, "ingress"), self.handle)
-        if self.config.stt_user_idle_s > 0:
+        # The agent's state: whether the user-idle timer may run, and whether words known
+        # early are an answer to prepare (the agent listens) or not.
+        if self.config.stt_user_idle_s > 0 or self.config.stt_early_drafts:
             await self.subscribe(sj.FLOOR_STATE.subject(self.session), self.handle)
 
     async def _load_turn(self) -> int:
@@ -291,11 +296,15 @@ class SttWorker(SessionWorker[SttConfig]):
                 failed = False
                 while open_turn.pending:
                     failed = not await self.transcribe(open_turn, open_turn.pending.popleft())
+                if open_turn.early is not None and (failed or open_turn.early != so_far.text):
+                    # Settled early on words the speech then changed: that draft is dropped,
+                    # and the next turn answers the words as they are now.
+                    open_turn.early = None
+                    await self._carry_on(so_far, open_turn.speaker)
+                settled, open_turn.early = open_turn.early is not None, None
                 hold = 0 if failed or open_turn.typed_after else self.holds.hold_ms(so_far.text)
-                settled = False
                 if hold and not open_turn.pending:
-                    if (hold <= self.config.stt_preemptive_max_hold_ms and words(so_far.text)
-                            and not self._earlier_open(so_far.turn)):
+                    if not settled and self._may_draft(open_turn, so_far.text, hold):
                         # The words are all there: the agent may prepare its answer meanwhile.
                         await self.emit(sj.STT_PARTIAL, ev.Transcript, turn=so_far.turn,
                                         text=so_far.text, settled=True,
@@ -361,6 +370,31 @@ class SttWorker(SessionWorker[SttConfig]):
         except Exception:
             self.log.warning("turn %d: its usage was not published", turn, exc_info=True)
 
+    def _may_draft(self, open_turn: OpenTurn, text: str, hold: int) -> bool:
+        """Whether the words ``text`` may go out settled, for the agent to prepare its answer
+        while the final is held back ``hold`` ms."""
+        return (0 < self.config.stt_preemptive_max_hold_ms and
+                hold <= self.config.stt_preemptive_max_hold_ms and bool(words(text))
+                and not open_turn.typed_after and not self._earlier_open(open_turn.so_far.turn))
+
+    async def _settle_early(self, open_turn: OpenTurn, text: str, provider: str) -> None:
+        """The provider knows the utterance's words before its end of speech (a stable
+        partial): they go out settled now, so the answer is prepared during the VAD's silence
+        window as well as the hold. Once per turn, and only while the agent listens (over its
+        reply, words are not an answer to prepare but maybe an interruption, which the final
+        decides); the final decides whether the draft stands."""
+        so_far = open_turn.so_far
+        text = so_far.shown(text)
+        if (open_turn.early is not None or open_turn.pending or not self.config.stt_early_drafts
+                or not self.user_idle.listening
+                or not self._may_draft(open_turn, text, self.holds.hold_ms(text))):
+            return
+        open_turn.early = text
+        await self.emit(sj.STT_PARTIAL, ev.Transcript, turn=so_far.turn, text=text,
+                        settled=True, provider=provider, speech_ms=so_far.speech_ms,
+                        timing=Timing(hold_ms=self.holds.hold_ms(text)),
+                        speaker=open_turn.speaker)
+
     async def _carry_on(self, so_far: TurnSoFar, speaker: str) -> None:
         """The user spoke again after the turn's words went out settled (an answer to them may
         be on its way): the turn ends unanswered, and the next one carries its words on."""
@@ -389,6 +423,9 @@ class SttWorker(SessionWorker[SttConfig]):
             async with contextlib.aclosing(provider.stream(utt.frames_iter())) as stream:
                 async for result in stream:
                     name = answered_by(stream, provider)
+                    if result.stable:
+                        await self._settle_early(open_turn, result.text, name)
+                        continue
                     if not result.final:
                         await self.emit(sj.STT_PARTIAL, ev.Transcript, turn=so_far.turn,
                                         text=so_far.shown(result.text), provider=name,

@@ -77,8 +77,20 @@ async def test_partials_while_speaking_then_one_final_with_the_words(stt, speech
     finals = [r for r in results if r.final]
     assert len(finals) == 1 and results[-1] is finals[0]
     assert {"set", "alarm", "morning"} <= words(finals[0].text), finals[0].text
-    partials = [r.text for r in results if not r.final]
+    partials = [r.text for r in results if not r.final and not r.stable]
     assert partials and len(set(partials)) == len(partials), partials  # each one new
+
+
+async def test_the_final_decoded_ahead_is_announced_stable_before_the_end(stt, speech) -> None:
+    """After 80 ms of quiet the final is decoded ahead; its words come out as a stable partial
+    while the frames still arrive (the STT drafts the answer from them), then as the final.
+    Three seconds of quiet: the decode is done well before the frames end, however loaded the
+    machine."""
+    results = await transcribe(stt, frames(speech + bytes(2 * 16000 * 3), paced=True))
+    stable = [r for r in results if r.stable]
+    assert len(stable) == 1 and not stable[0].final
+    assert results.index(stable[0]) < len(results) - 1
+    assert stable[0].text == results[-1].text and results[-1].final
 
 
 async def test_a_burst_of_frames_is_heard_the_same(stt, speech) -> None:

@@ -23,8 +23,14 @@ def test_a_pause_shorter_than_the_hold_keeps_one_turn() -> None:
 def test_a_pause_longer_than_the_hold_is_a_cut_off() -> None:
     # A statement's hold (100 ms) is over at 1320; the rest starts at 1400: two answers.
     turns = answered([utterance(300, 1000), utterance(1400, 2500)],
+                     ["turn off the lights", "then lock the door"], HOLDS)
+    assert [text for _, text, _ in turns] == ["turn off the lights", "then lock the door"]
+
+
+def test_a_turn_that_opens_by_counting_waits_for_its_second_part() -> None:
+    turns = answered([utterance(300, 1000), utterance(1400, 2500)],
                      ["first turn off the lights", "then lock the door"], HOLDS)
-    assert [text for _, text, _ in turns] == ["first turn off the lights", "then lock the door"]
+    assert [text for _, text, _ in turns] == ["first turn off the lights then lock the door"]
 
 
 def test_a_phrase_left_hanging_waits_and_words_decide_the_last_hold() -> None:

@@ -46,7 +46,7 @@ def test_the_holds_come_from_the_environment_with_the_documented_defaults() -> N
     config = SttConfig.from_env({})
     assert (config.stt_eot_question_ms, config.stt_eot_statement_ms, config.stt_eot_brief_ms,
             config.stt_eot_incomplete_ms, config.stt_user_idle_s,
-            config.stt_preemptive_max_hold_ms) == (0, 100, 300, 1500, 0.0, 1000)
+            config.stt_preemptive_max_hold_ms) == (0, 50, 300, 1500, 0.0, 1000)
     config = SttConfig.from_env({"VOICEBUS_STT_EOT_QUESTION_MS": "50",
                                  "VOICEBUS_STT_EOT_STATEMENT_MS": "300",
                                  "VOICEBUS_STT_EOT_BRIEF_MS": "400",
@@ -259,7 +259,7 @@ async def test_speech_during_the_hold_continues_the_turn_in_one_final(started: A
     user.speak()                          # within the hold: the same turn
     await user.settle()
     user.stop(900)
-    # "book a flight" is a statement: published after the (default) 100 ms hold.
+    # "book a flight" is a statement: published after the (default) 50 ms hold.
     (final,) = await user.finals(1)
     assert (final.turn, final.text, final.speech_ms) == (1, "I want to book a flight", 1600)
     partials = [p for p in user.of(sj.STT_PARTIAL) if not p.settled]
@@ -268,7 +268,7 @@ async def test_speech_during_the_hold_continues_the_turn_in_one_final(started: A
     # "I want to" waited 60 s: too long to prepare an answer for; the statement did not.
     assert [p.text for p in user.of(sj.STT_PARTIAL) if p.settled] == ["I want to book a flight"]
     assert final.timing.compute_ms < 100  # the provider's time, not the hold's
-    assert final.timing.hold_ms == 100
+    assert final.timing.hold_ms == 50
     await user.settle()
     assert user.worker.ledger.settled.is_set() and user.bus.kv.data["s.turn"] == b"1"
     # After the final, speech opens the next turn.
@@ -351,6 +351,101 @@ async def test_a_question_goes_out_without_a_hold_and_the_next_speech_is_a_new_t
     user.stop(300)
     await user.settle()
     assert user.worker.open_turns.get("") is not None and user.worker.open_turns[""].so_far.turn == 2
+
+
+class EarlyStt:
+    """Knows each utterance's words early: a stable partial (``early``) with its first frame,
+    then the final (``final``) once the frames end, like whisper's final decoded ahead."""
+
+    name = "early"
+
+    def __init__(self, *script: tuple[str, str]) -> None:
+        self.script = list(script)
+
+    async def stream(self, frames: AsyncIterator[bytes]) -> AsyncIterator[SttResult]:
+        early, final = self.script.pop(0)
+        first = True
+        async for _ in frames:
+            if first:
+                first = False
+                yield SttResult(early, stable=True)
+        yield SttResult(final, final=True, confidence=0.8)
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_words_known_before_the_end_of_speech_go_out_settled_at_once(
+        started: Any) -> None:
+    user = await started(EarlyStt(("what time is it", "what time is it")))
+    user.state("listening")
+    user.speak()
+    await user.settle()
+    # Before the VAD's end edge: the agent prepares its answer during the silence window, a
+    # question's too (it has no hold of its own to prepare it in).
+    (settled,) = [p for p in user.of(sj.STT_PARTIAL) if p.settled]
+    assert (settled.turn, settled.text, settled.timing.hold_ms) == (1, "what time is it", 0)
+    assert not user.of(sj.STT_FINAL)
+    user.stop(800)
+    (final,) = await user.finals(1)
+    # The final agrees: the draft stands (one settled transcript, no continued turn).
+    assert (final.turn, final.text, final.continued) == (1, "what time is it", False)
+    assert len([p for p in user.of(sj.STT_PARTIAL) if p.settled]) == 1
+
+
+async def test_early_words_the_speech_then_changed_end_their_turn_and_the_next_answers(
+        started: Any) -> None:
+    user = await started(EarlyStt(("please call my mother", "please call my mother at work")),
+                         stt_eot_statement_ms=50)
+    user.state("listening")
+    user.speak()
+    await user.settle()
+    user.stop(1200)
+    ended, final = await user.finals(2)
+    # The draft for the early words is dropped (continued), and the words as they are now are
+    # the next turn's, settled and then final after the statement's hold.
+    assert (ended.turn, ended.text, ended.continued) == (1, "please call my mother at work", True)
+    assert (final.turn, final.text, final.continued) == (2, "please call my mother at work", False)
+    settled = [(p.turn, p.text) for p in user.of(sj.STT_PARTIAL) if p.settled]
+    assert settled == [(1, "please call my mother"), (2, "please call my mother at work")]
+    assert user.bus.kv.data["s.turn"] == b"2"
+
+
+async def test_early_words_a_statement_held_back_are_settled_once(started: Any) -> None:
+    user = await started(EarlyStt(("please call my mother", "please call my mother")),
+                         stt_eot_statement_ms=50)
+    user.state("listening")
+    user.speak()
+    user.stop(900)
+    (final,) = await user.finals(1)
+    assert final.timing.hold_ms == 50 and not final.continued
+    assert [p.text for p in user.of(sj.STT_PARTIAL) if p.settled] == ["please call my mother"]
+
+
+async def test_no_early_settled_transcript_over_the_agents_reply(started: Any) -> None:
+    user = await started(EarlyStt(("stop please", "stop please")), stt_eot_statement_ms=50)
+    user.state("speaking")
+    user.speak()
+    await user.settle()
+    assert not [p for p in user.of(sj.STT_PARTIAL) if p.settled]
+    user.stop(800)
+    (final,) = await user.finals(1)  # one turn, its words as heard: the judge decides
+    assert (final.turn, final.text, final.continued) == (1, "stop please", False)
+
+
+@pytest.mark.parametrize("settings", [{"stt_early_drafts": False},
+                                      {"stt_preemptive_max_hold_ms": 0}])
+async def test_no_early_settled_transcripts_when_switched_off(started: Any,
+                                                            settings: dict[str, Any]) -> None:
+    user = await started(EarlyStt(("what time is it", "what time is it")), **settings)
+    user.state("listening")
+    user.speak()
+    await user.settle()
+    assert not [p for p in user.of(sj.STT_PARTIAL) if p.settled]
+    user.stop(800)
+    (final,) = await user.finals(1)
+    assert final.text == "what time is it"
+    assert not [p for p in user.of(sj.STT_PARTIAL) if p.settled]  # a question: no hold
 
 
 async def test_a_failed_utterance_closes_the_turn_at_once_with_what_was_heard(
@@ -466,8 +561,10 @@ async def test_user_idle_turns_count_up_once_per_listening_and_stop_while_speaki
 
 
 async def test_the_idle_timer_is_off_by_default_and_gone_on_close(started: Any) -> None:
-    user = await started(ScriptedStt())
-    assert sj.FLOOR_STATE.subject("s") not in user.bus.handlers
+    user = await started(ScriptedStt(), stt_early_drafts=False)
+    assert sj.FLOOR_STATE.subject("s") not in user.bus.handlers  # nothing needs the state
+    early = await started(ScriptedStt())
+    assert sj.FLOOR_STATE.subject("s") in early.bus.handlers  # early drafts: while listening
     user.worker.handle(ev.AgentState(session="s", state="listening"))
     assert user.worker.idle_timer is None
     timed = await started(ScriptedStt(), stt_user_idle_s=30)

@@ -62,6 +62,8 @@ def test_more_words_can_be_required_and_the_vocabulary_is_configurable() -> None
     ("you go first", "statement"),       # …but complete at the end of a phrase
     ("I'm well.", "statement"),
     ("Yes.", "brief"),                   # a lone answer: often the start of more
+    ("First turn off the lights.", "brief"),  # counting: a second part is coming
+    ("Turn off the lights first.", "statement"),
     ("yes please", "statement"),
     ("", "statement"),
 ])

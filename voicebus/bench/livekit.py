@@ -165,4 +165,8 @@ def summarise(tap: Tap, room: str, turns: int, rows: list[dict[str, float]],
         "overhead_split_ms": {"to_final": column("to_final"), "after_final": column("after_final")},
         "compute_ms": {stage: column(stage) for stage in ("stt", "llm", "tts")},
         "failures": failures,
+        # Each turn's own figures, in order: which prompt paid what (p95 is one or two turns).
+        "per_turn": [{key: round(row[key], 1) for key in
+                      ("v2v", "pipeline_v2v", "eos", "hold", "stt", "llm", "tts", "in",
+                       "to_track", "out", "drafted")} for row in rows],
     }

@@ -90,9 +90,8 @@ class WhisperCppStt:
         utt = _Utterance(self)
         try:
             async for pcm in frames:
-                partial = utt.feed(pcm)
-                if partial:
-                    yield SttResult(partial)
+                if result := utt.feed(pcm):
+                    yield result
             final = await utt.finish()
         finally:
             utt.abandon()  # the consumer closed us, or the task was cancelled: stop decoding
@@ -138,8 +137,9 @@ class _Utterance:
         self.last_partial = ""
         self.heard = False  # a loud frame came (the pre-roll before it is quiet)
 
-    def feed(self, pcm: bytes) -> str:
-        """Take a frame; a new partial's text when one is ready ('' otherwise)."""
+    def feed(self, pcm: bytes) -> SttResult | None:
+        """Take a frame; a new partial when one is ready: the speculative final is a stable
+        one (the final's words, unless the speech goes on)."""
         self.audio += pcm
         self.since_partial += FRAME_MS
         loud = bool(len(pcm)) and int(np.abs(np.frombuffer(pcm, np.int16)).max()) > LOUD
@@ -161,27 +161,28 @@ class _Utterance:
             self._start(speculative=False)
         return out
 
-    def _collect(self) -> str:
+    def _collect(self) -> SttResult | None:
         task = self.running
         if task is None or not task.done():
-            return ""
+            return None
         self.running = None
         if task.cancelled() or task.exception() is not None:
             error = None if task.cancelled() else task.exception()
             if error is not None:
                 log.warning("a whisper decode failed: %s", error)
             self.speculative = False
-            return ""
+            return None
         text = task.result()
         if self.speculative:
             self.speculative = False
             if text is not None and self.quiet > 0:
                 self.ready = text
-            return ""
+                return SttResult(text, stable=True) if text else None
+            return None
         if text and text != self.last_partial:
             self.last_partial = text
-            return text
-        return ""
+            return SttResult(text)
+        return None
 
     def _start(self, *, speculative: bool) -> None:
         self.running_abort = abort = threading.Event()
