@@ -66,3 +66,32 @@ class Throttle:
             return self._held.pop(key, 0)
         self._held[key] = self._held.get(key, 0) + 1
         return None
+
+
+class _Redact(logging.Filter):
+    """Writes ``<redacted>`` for each secret in a record's message."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.secrets: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if any(secret in text for secret in self.secrets):
+            for secret in self.secrets:
+                text = text.replace(secret, "<redacted>")
+            record.msg, record.args = text, None
+        return True
+
+
+def redact(logger: logging.Logger, secret: str) -> None:
+    """Keep ``secret`` out of what ``logger`` writes: for a library's logger that prints what
+    we send (a WebSocket client logs each upgrade's headers, an API key among them, at DEBUG).
+    One filter per logger, however many secrets and providers share it."""
+    if not secret:
+        return
+    own = next((f for f in logger.filters if isinstance(f, _Redact)), None)
+    if own is None:
+        own = _Redact()
+        logger.addFilter(own)
+    own.secrets.add(secret)

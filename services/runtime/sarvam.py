@@ -23,6 +23,7 @@ from services.runtime.errors import (
     ConfigError,
     ProviderError,
 )
+from services.runtime.logs import redact
 
 PRODUCTION = SarvamAIEnvironment.PRODUCTION.production  # wss://api.sarvam.ai
 CLOSE_SECONDS = 1.0  # a socket that cannot close this fast is dropped (websockets' own is 10)
@@ -99,27 +100,7 @@ def closed_error(close: Any, provider: str, redact: Callable[[str], str]) -> Pro
     return APIConnectionError(f"connection closed ({why})", provider=provider)
 
 
-class _RedactKey(logging.Filter):
-    def __init__(self) -> None:
-        super().__init__()
-        self.keys: set[str] = set()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        text = record.getMessage()
-        if any(key in text for key in self.keys):
-            for key in self.keys:
-                text = text.replace(key, "<redacted>")
-            record.msg, record.args = text, None
-        return True
-
-
-_REDACT = _RedactKey()
-
-
 def redact_websocket_log(key: str) -> None:
     # The SDK opens its sockets with websockets' legacy client, which logs each upgrade's
     # headers (the key among them) at DEBUG on this logger, and takes no logger of ours.
-    _REDACT.keys.add(key)
-    handshake_log = logging.getLogger("websockets.client")
-    if _REDACT not in handshake_log.filters:
-        handshake_log.addFilter(_REDACT)
+    redact(logging.getLogger("websockets.client"), key)

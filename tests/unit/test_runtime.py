@@ -9,7 +9,7 @@ import pytest
 
 from proto import events as ev
 from services.runtime.bus import SeqGaps
-from services.runtime.logs import JsonFormatter, Throttle
+from services.runtime.logs import JsonFormatter, Throttle, redact
 from services.tts.service import _Framer
 
 
@@ -30,6 +30,20 @@ def test_json_log_lines_carry_the_context() -> None:
     line = json.loads(JsonFormatter().format(record))
     assert line["msg"] == "bad frame" and line["stage"] == "stt" and line["session"] == "s1"
     assert line["level"] == "WARNING"
+
+
+def test_secrets_are_redacted_from_a_librarys_log_with_one_filter(caplog) -> None:
+    library = logging.getLogger("tests.a-websocket-client")
+    redact(library, "sk-one")
+    redact(library, "sk-two")
+    redact(library, "sk-one")  # a second provider with the same key
+    redact(library, "")        # no key configured: nothing to hide
+    with caplog.at_level(logging.DEBUG, logger=library.name):
+        library.debug("> Authorization: %s, xi-api-key: %s", "Bearer sk-one", "sk-two")
+        library.debug("nothing secret")
+    assert [r.getMessage() for r in caplog.records] == [
+        "> Authorization: Bearer <redacted>, xi-api-key: <redacted>", "nothing secret"]
+    assert len(library.filters) == 1
 
 
 def test_seq_gaps_count_lost_events_and_ignore_reordering() -> None:

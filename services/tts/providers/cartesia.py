@@ -44,6 +44,7 @@ from services.runtime.errors import (
     ConfigError,
     ProviderError,
 )
+from services.runtime.logs import redact
 from services.tts.config import TtsConfig
 from services.tts.provider import SpokenAudio, WordTiming
 from services.tts.providers._common import WholeSamples, speakable
@@ -89,7 +90,7 @@ class CartesiaTts:
         self._closed = False
         # websockets logs the upgrade's headers at DEBUG, the key among them.
         self._ws_log = logging.getLogger(f"{__name__}.websocket")
-        self._ws_log.addFilter(_RedactKey(cfg.cartesia_api_key))
+        redact(self._ws_log, cfg.cartesia_api_key)
         log.info("cartesia tts: model %s, voice %s, %d Hz", cfg.cartesia_tts_model,
                  cfg.cartesia_tts_voice, self.sample_rate, extra={"provider": self.name})
 
@@ -320,18 +321,6 @@ def _classify(exc: BaseException, provider: str) -> ProviderError:
     if isinstance(exc, ValueError):  # the SDK lets JSON errors out of recv() as they are
         return ProviderError(f"malformed message from the server: {exc}", provider=provider)
     return ProviderError(f"{type(exc).__name__}: {exc}", provider=provider)
-
-
-class _RedactKey(logging.Filter):
-    def __init__(self, key: str) -> None:
-        super().__init__()
-        self.key = key
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        text = record.getMessage()
-        if self.key in text:
-            record.msg, record.args = text.replace(self.key, "<redacted>"), None
-        return True
 
 
 def _websocket_url(url: str) -> str | None:

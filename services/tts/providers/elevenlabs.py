@@ -72,6 +72,7 @@ from services.runtime.errors import (
     ConfigError,
     ProviderError,
 )
+from services.runtime.logs import redact
 from services.tts.config import TtsConfig
 from services.tts.provider import SpokenAudio, WordTiming
 from services.tts.providers._common import WholeSamples, speakable
@@ -145,8 +146,7 @@ class ElevenLabsTts:
             self._query())
         # websockets logs the upgrade's headers at DEBUG, the key among them.
         self._ws_log = logging.getLogger(f"{__name__}.websocket")
-        if not any(getattr(f, "key", None) == cfg.elevenlabs_api_key for f in self._ws_log.filters):
-            self._ws_log.addFilter(_RedactKey(cfg.elevenlabs_api_key))
+        redact(self._ws_log, cfg.elevenlabs_api_key)
         log.info("elevenlabs tts: model %s, voice %s, %d Hz", cfg.elevenlabs_tts_model,
                  cfg.elevenlabs_tts_voice, self.sample_rate, extra={"provider": self.name})
 
@@ -446,18 +446,6 @@ def _rest_message(body: bytes | None) -> str:
     if isinstance(detail, dict) and detail.get("message"):
         return str(detail["message"])[:200]
     return text[:200] or "handshake refused"
-
-
-class _RedactKey(logging.Filter):
-    def __init__(self, key: str) -> None:
-        super().__init__()
-        self.key = key
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        text = record.getMessage()
-        if self.key in text:
-            record.msg, record.args = text.replace(self.key, "<redacted>"), None
-        return True
 
 
 def _base_url(url: str) -> str:
