@@ -27,7 +27,8 @@ ALL = ("ingress", "stt", "llm", "tts", "egress")
 RECEIVERS = {
     sj.INGRESS_AUDIO: ("stt",), sj.INGRESS_VAD: ("stt", "egress"), sj.STT_PARTIAL: ("egress",),
     sj.STT_FINAL: ("egress",), sj.STT_IDLE: ("egress",),
-    sj.FLOOR_VERDICT: ("llm",), sj.FLOOR_CANCEL: ("llm", "tts"), sj.FLOOR_STATE: ("llm",),
+    # The STT follows the agent's state for its early drafts (and its user-idle timer).
+    sj.FLOOR_VERDICT: ("llm",), sj.FLOOR_CANCEL: ("llm", "tts"), sj.FLOOR_STATE: ("llm", "stt"),
     # Every stage watches session ends; the LLM also hears this one on its floor.* subscription.
     sj.FLOOR_END: (*ALL, "llm"), sj.LLM_DELTA: ("tts", "egress"),
     sj.LLM_DONE: ("tts", "egress"), sj.TTS_AUDIO: ("egress",), sj.TTS_DONE: ("egress",),
