@@ -69,7 +69,8 @@ class WhisperCppStt:
         started = time.perf_counter()
         # A path, never a model name: given a name, pywhispercpp would try to download it.
         # Beam search (VOICEBUS_WHISPER_BEAM_SIZE) for every decode, partials too: in a trial
-        # with beam for finals only, the finals came out worse than greedy ones.
+        # with beam for finals only, the finals came out worse than greedy ones (a trial made
+        # with flash attention on, so partly noise: see the module docstring).
         search = {"params_sampling_strategy": 1, "beam_search": {
             "beam_size": beam_size, "patience": -1.0}} if beam_size > 0 else {}
         # No flash attention (pywhispercpp turns it on): see the module docstring. Without it
