@@ -306,10 +306,8 @@ class SttWorker(SessionWorker[SttConfig]):
                 if hold and not open_turn.pending:
                     if not settled and self._may_draft(open_turn, so_far.text, hold):
                         # The words are all there: the agent may prepare its answer meanwhile.
-                        await self.emit(sj.STT_PARTIAL, ev.Transcript, turn=so_far.turn,
-                                        text=so_far.text, settled=True,
-                                        provider=open_turn.provider, speech_ms=so_far.speech_ms,
-                                        timing=Timing(hold_ms=hold), speaker=open_turn.speaker)
+                        await self._emit_settled(open_turn, so_far.text, hold,
+                                                 open_turn.provider)
                         settled = True
                     open_turn.more.clear()
                     with contextlib.suppress(TimeoutError):
@@ -383,17 +381,23 @@ class SttWorker(SessionWorker[SttConfig]):
         window as well as the hold. Once per turn, and only while the agent listens (over its
         reply, words are not an answer to prepare but maybe an interruption, which the final
         decides); the final decides whether the draft stands."""
-        so_far = open_turn.so_far
-        text = so_far.shown(text)
+        text = open_turn.so_far.shown(text)
         if (open_turn.early is not None or open_turn.pending or not self.config.stt_early_drafts
-                or not self.user_idle.listening
-                or not self._may_draft(open_turn, text, self.holds.hold_ms(text))):
+                or not self.user_idle.listening):
+            return
+        hold = self.holds.hold_ms(text)
+        if not self._may_draft(open_turn, text, hold):
             return
         open_turn.early = text
-        await self.emit(sj.STT_PARTIAL, ev.Transcript, turn=so_far.turn, text=text,
-                        settled=True, provider=provider, speech_ms=so_far.speech_ms,
-                        timing=Timing(hold_ms=self.holds.hold_ms(text)),
-                        speaker=open_turn.speaker)
+        await self._emit_settled(open_turn, text, hold, provider)
+
+    async def _emit_settled(self, open_turn: OpenTurn, text: str, hold: int,
+                            provider: str) -> None:
+        """The turn's words ``text`` out as settled: the agent may prepare its answer while the
+        final is held back ``hold`` ms."""
+        await self.emit(sj.STT_PARTIAL, ev.Transcript, turn=open_turn.so_far.turn, text=text,
+                        settled=True, provider=provider, speech_ms=open_turn.so_far.speech_ms,
+                        timing=Timing(hold_ms=hold), speaker=open_turn.speaker)
 
     async def _carry_on(self, so_far: TurnSoFar, speaker: str) -> None:
         """The user spoke again after the turn's words went out settled (an answer to them may
