@@ -76,7 +76,9 @@ def test_livekit_bench_has_the_pipeline_keys_and_splits_off_transport() -> None:
     silent, voiced = bytes(640), (b"\x00\x40" * 320)  # 20 ms at 16 kHz: quiet, then loud
     events = [*one_turn("r", 1, t0),
               ev.AudioFrame(session="r", ts_ns=t0 + 442 * MS, pcm=silent, sample_rate=16000, turn=1),
-              ev.AudioFrame(session="r", ts_ns=t0 + 462 * MS, pcm=voiced, sample_rate=16000, turn=1),
+              # Published in the same burst, but 20 ms later on the audio's clock: the onset.
+              ev.AudioFrame(session="r", ts_ns=t0 + 443 * MS, pcm=voiced, sample_rate=16000,
+                            turn=1, pts_ms=20),
               ev.Playback(session="r", ts_ns=t0 + 450 * MS, turn=1, played_ms=20),
               ev.StageError(session="r", stage="tts", turn=1, message="late")]
     tap = tap_with(*events)

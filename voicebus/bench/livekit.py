@@ -8,8 +8,9 @@ after the agent has answered the one before. Per turn:
   sample arrived at the user (measured in the caller process);
 - ``pipeline_v2v_ms``, ``eos_ms``, ``overhead_ms``, ``compute_ms``: the bus's view of the same
   turn, exactly as ``bench pipeline`` computes them;
-- ``onset_ms``: the reply's first frame → its first audible frame on the bus (the silence a
-  voice starts with: the user cannot hear it, so it is part of V2V but not of transport);
+- ``onset_ms``: the reply's first sample → its first audible sample, on the audio's clock (the
+  silence a voice starts with: the user cannot hear it, so it is part of V2V but not of
+  transport);
 - ``transport_ms`` = v2v − (pipeline v2v + onset): both LiveKit legs (WebRTC, Opus, jitter
   buffers) plus egress's playout buffer and the agent track's queue, split in ``legs_ms``:
   ``in`` the user's last speech sample left the microphone → ingress published its frame;
@@ -32,7 +33,7 @@ from proto import events as ev
 from proto import subjects as sj
 from services.ingress.audio import read_wav
 from voicebus.bench.pipeline import PROMPTS, measure_turn, stats, turn_losses
-from voicebus.call import Caller, Turn, loud
+from voicebus.call import Caller, Turn, first_loud_sample, loud
 from voicebus.client import Tap, timing
 from voicebus.launcher import Stack, offline_ear
 from voicebus.speech import say_to_wav
@@ -48,7 +49,10 @@ def _bus_view(tap: Tap, room: str, speech_end_ns: int) -> dict[str, float] | Non
         return None
     reply = min(replies, key=lambda d: timing(d).first_frame_ts_ns)
     measures = measure_turn(tap, room, reply.turn)
-    audible = [f.ts_ns for f in tap.of(ev.AudioFrame, room, turn=reply.turn) if loud(f.pcm)]
+    frames = tap.of(ev.AudioFrame, room, turn=reply.turn)
+    # On the audio's clock, not the bus's: TTS publishes a sentence's frames in one burst.
+    audible = [f.pts_ms + first_loud_sample(f.pcm) * 1000 / f.sample_rate
+               for f in frames if loud(f.pcm)]
     written = [p.ts_ns for p in tap.of(ev.Playback, room, turn=reply.turn, final=False)
                if p.played_ms]
     # The utterance's end of speech: the first one published after the user stopped (the
@@ -60,7 +64,7 @@ def _bus_view(tap: Tap, room: str, speech_end_ns: int) -> dict[str, float] | Non
     # A drafted reply may play once its final confirms it: it is ready then, not before.
     confirmed = tap.of(ev.Verdict, room, turn=reply.turn, draft=False)
     ready = max(first, confirmed[0].ts_ns) if measures["drafted"] and confirmed else first
-    return {**measures, "onset": (min(audible) - first) / 1e6,
+    return {**measures, "onset": min(audible) - min(f.pts_ms for f in frames),
             "at_bus_ns": timing(min(edges, key=lambda e: e.ts_ns)).last_speech_ts_ns,
             "at_reply_ns": ready, "at_track_ns": min(written)}
 
