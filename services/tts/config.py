@@ -22,6 +22,10 @@ class TtsConfig(ChainConfig, frozen=True, kw_only=True):
     # A reply's first chunk may end at its first clause break (",", ";", ":", a dash) once it
     # has this many characters, so the voice starts sooner; 0: whole sentences only.
     tts_first_clause_chars: int = 12
+    # The silence a reply's audio starts with is cut, down to 10 ms before its first sound,
+    # when that sound comes within this many ms (Piper starts 30-80 ms late, and now and then
+    # 200-450 ms: the user would wait for it); a longer silence is played as it is. 0: off.
+    tts_trim_lead_ms: int = 1000
     # instant (services/tts/providers/instant.py, capacity planning only): tone per word.
     tts_instant_ms_per_word: int = 250
     # sarvam (services/tts/providers/sarvam.py; the key and URL are its own): the language of

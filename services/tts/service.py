@@ -210,38 +210,42 @@ class TtsWorker(SessionWorker[TtsConfig]):
     async def speak(self, speech: TurnSpeech) -> None:
         provider = self.service.provider_for(self.start_event.agent)
         framer = _Framer(provider.sample_rate)
+        lead = LeadTrim(provider.sample_rate, self.config.tts_trim_lead_ms)
         frames, first_ts, tts_ms = 0, 0, 0.0
         interrupted = False
         words: list[WordTiming] | None = [] if provider.word_timestamps else None
         chunks = speech.chunks(self.config.tts_text_timeout)
         meter = usage.metering()  # the text each provider read, the audio it made
+
+        async def send(pcm: bytes, text_offset: int) -> None:
+            nonlocal frames, first_ts, tts_ms
+            trace = None
+            if not frames:
+                tts_ms = (time.perf_counter() - speech.first_chunk_at) * 1000
+                trace = self._first_audio(speech, answered_by(audio, provider), tts_ms)
+            frame = await self.emit(sj.TTS_AUDIO, ev.AudioFrame, pcm=pcm,
+                                    sample_rate=provider.sample_rate, pts_ms=frames * FRAME_MS,
+                                    turn=speech.turn, trace=trace, text_offset=text_offset)
+            first_ts = first_ts or frame.ts_ns
+            frames += 1
+
         try:
             async with aclosing(provider.synthesize(chunks, words=words)) as audio:
                 async for piece in audio:
                     start, end = speech.spans[piece.chunk]
-                    for pcm, share in framer.cut(piece.pcm):
-                        trace = None
-                        if not frames:
-                            tts_ms = (time.perf_counter() - speech.first_chunk_at) * 1000
-                            trace = self._first_audio(speech, answered_by(audio, provider),
-                                                      tts_ms)
-                        frame = await self.emit(
-                            sj.TTS_AUDIO, ev.AudioFrame, pcm=pcm, sample_rate=provider.sample_rate,
-                            pts_ms=frames * FRAME_MS, turn=speech.turn, trace=trace,
-                            text_offset=start + round((end - start) * share))
-                        first_ts = first_ts or frame.ts_ns
-                        frames += 1
+                    for pcm, share in framer.cut(lead.cut(piece.pcm)):
+                        await send(pcm, start + round((end - start) * share))
+            for pcm, _ in framer.cut(lead.flush()):  # silent throughout: played as it is
+                await send(pcm, 0)
             if (tail := framer.flush()) is not None:
-                await self.emit(sj.TTS_AUDIO, ev.AudioFrame, pcm=tail, sample_rate=provider.sample_rate,
-                                pts_ms=frames * FRAME_MS, turn=speech.turn, text_offset=len(speech.text))
-                frames += 1
+                await send(tail, len(speech.text))
         except asyncio.CancelledError:
             interrupted = True
         except Exception as exc:  # a provider failure or a bug: the turn still closes
             await self.provider_failed(speech.turn, exc, "synthesis")
         await self.emit(sj.TTS_DONE, ev.SynthesisDone, turn=speech.turn, frames=frames,
                         text=speech.text, interrupted=interrupted,
-                        words=word_marks(speech.text, words or []),
+                        words=word_marks(speech.text, lead.shift(words or [])),
                         timing=Timing(first_frame_ts_ns=first_ts, llm_ms=speech.llm_ms,
                                       tts_ms=tts_ms))
         await usage.publish(self, meter, speech.turn, interrupted=interrupted)
@@ -256,6 +260,50 @@ class TtsWorker(SessionWorker[TtsConfig]):
         return tracing.stage_span("tts_first_audio", session=self.session, turn=speech.turn,
                                   parent=speech.trace, start_ns=speech.first_text_ns,
                                   provider=provider)
+
+
+class LeadTrim:
+    """Cuts the silence a reply's audio starts with, so the user does not wait through it:
+    audio is held until its first sample above ``LEVEL``, then goes on from ``KEEP_MS`` before
+    that sample (a soft onset stays whole). A silence longer than ``limit_ms`` is played as it
+    is (a pause meant), and so is a reply silent throughout (``flush``)."""
+
+    LEVEL = 200  # about -44 dBFS: above a TTS's quiet (Piper's stays under 40), under any onset
+    KEEP_MS = 10
+
+    def __init__(self, sample_rate: int, limit_ms: int) -> None:
+        self.rate = sample_rate
+        self.keep = sample_rate * self.KEEP_MS // 1000
+        self.limit = sample_rate * limit_ms // 1000
+        self.held = b""
+        self.trimmed = 0  # samples cut
+        self.done = limit_ms <= 0
+
+    def cut(self, pcm: bytes) -> bytes:
+        """``pcm`` as it should go on: b"" while still held."""
+        if self.done:
+            return pcm
+        self.held += pcm
+        samples = np.frombuffer(self.held, dtype="<i2", count=len(self.held) // 2)
+        sound = np.flatnonzero((samples > self.LEVEL) | (samples < -self.LEVEL))
+        if sound.size and sound[0] - self.keep <= self.limit:
+            self.trimmed = max(0, int(sound[0]) - self.keep)
+        elif not sound.size and len(samples) <= self.limit + self.keep:
+            return b""  # all quiet so far, and not past the limit
+        return self.flush()
+
+    def flush(self) -> bytes:
+        """What is still held, untrimmed unless the sound was found; nothing is held after."""
+        out, self.held = self.held[self.trimmed * 2:], b""
+        self.done = True
+        return out
+
+    def shift(self, words: list[WordTiming]) -> list[WordTiming]:
+        """Word timings of the provider's audio on the trimmed audio's clock."""
+        if not self.trimmed:
+            return words
+        cut = self.trimmed / self.rate
+        return [WordTiming(w.word, max(0.0, w.start - cut), max(0.0, w.end - cut)) for w in words]
 
 
 class _Framer:

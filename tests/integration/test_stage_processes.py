@@ -9,6 +9,7 @@ import time
 import wave
 
 import msgspec
+import numpy as np
 import pytest
 
 from proto import codec
@@ -279,3 +280,28 @@ async def test_a_missing_key_stops_the_start_even_without_nats(stage, chain, key
     _, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 1, err.decode()
     assert f"voicebus {stage}: configuration error" in err.decode() and key in err.decode()
+
+
+async def test_tts_replies_start_at_their_first_sound(bare_stack):
+    """Piper puts 40-70 ms of quiet before these replies (now and then 200-450 ms): the TTS
+    stage cuts it, so each reply's first frame is within a few ms of its first sound."""
+    stack, nc, tap = bare_stack
+    await stack.start_stage("tts")  # Piper with its random variation, as deployed
+    await stack.wait_ready(("tts",))
+    await tap.watch(sj.session_all("lead"))
+    await dispatch(nc, tap, "lead", stages=("tts",))
+    replies = ["Where is the nearest train station?", "Have a nice day.", "How are you?"]
+    for turn, text in enumerate(replies, start=1):
+        await publish(nc, sj.LLM_DELTA, ev.ReplyDelta(session="lead", seq=2 * turn - 1,
+                                                      ts_ns=time.time_ns(), turn=turn, text=text))
+        await publish(nc, sj.LLM_DONE, ev.ReplyDone(session="lead", seq=2 * turn,
+                                                    ts_ns=time.time_ns(), turn=turn, text=text))
+        await tap.wait_for(lambda turn=turn: tap.of(ev.SynthesisDone, "lead", turn=turn), 20,
+                           f"reply {turn} spoken")
+    leads = {}
+    for turn in range(1, len(replies) + 1):
+        frames = sorted(tap.of(ev.AudioFrame, "lead", topic=sj.TTS_AUDIO, turn=turn),
+                        key=lambda f: f.pts_ms)
+        samples = np.frombuffer(b"".join(f.pcm for f in frames), dtype="<i2").astype(np.int32)
+        leads[turn] = int(np.argmax(np.abs(samples) > 500)) * 1000 / frames[0].sample_rate
+    assert all(lead < 35 for lead in leads.values()), leads
