@@ -122,6 +122,13 @@ class Utterance:
             yield pcm
 
 
+def _hold_left(hold: int, last: Utterance | None) -> int:
+    """What is left of a ``hold`` (ms) counted from the end of the turn's ``last`` utterance."""
+    if last is None or not last.ended_at:
+        return hold
+    return max(0, hold - round((time.perf_counter() - last.ended_at) * 1000))
+
+
 class OpenTurn:
     """A turn whose final has not been published yet. Its utterances are transcribed in order
     (a continuation's partials show the words before it), by one task."""
@@ -309,6 +316,9 @@ class SttWorker(SessionWorker[SttConfig]):
                         await self._emit_settled(open_turn, so_far.text, hold,
                                                  open_turn.provider)
                         settled = True
+                    # The wait runs from the end of speech: speech that resumed while the
+                    # final was decoded is in ``pending`` already, so that time counts.
+                    hold = _hold_left(hold, open_turn.last)
                     open_turn.more.clear()
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(hold / 1000):
