@@ -57,6 +57,10 @@ class SttConfig(ChainConfig, frozen=True, kw_only=True):
     whisper_threads: int = 2
     # Beam search of this width instead of greedy decoding (0): more CPU per decode.
     whisper_beam_size: int = 0
+    # Quiet (ms) after which whisper decodes the final ahead of the end of speech. Less starts
+    # the answer sooner; a pause inside a sentence longer than this plus a decode (~100 ms)
+    # then costs a prepared answer thrown away, and a shorter one a decode aborted.
+    whisper_speculate_ms: Ms = 80
     # sarvam (services/stt/providers/sarvam.py; the key and URL are its own): the language
     # spoken, as Sarvam names it ("hi-IN", "ta-IN", "en-IN"…; "auto" detects it), the model,
     # and what it writes ("transcribe"; "translate" to English, "translit", "codemix"…).

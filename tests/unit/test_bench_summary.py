@@ -257,6 +257,31 @@ def test_stt_bench_scores_words_with_numbers_as_words() -> None:
     assert wer(words("a b"), []) == 1.0
 
 
+async def test_stt_bench_counts_drafts_thrown_and_how_early_the_kept_one_came() -> None:
+    from services.stt.provider import SttResult
+    from voicebus.bench.stt import _measure
+
+    class Scripted:
+        """Stable words after a pause, then the speech goes on: the first draft is thrown."""
+
+        async def stream(self, frames):
+            n = 0
+            async for _ in frames:
+                n += 1
+                if n == 2:
+                    yield SttResult("tell me", stable=True)
+                if n == 4:
+                    yield SttResult("tell me a story", stable=True)
+            yield SttResult("tell me a story", final=True)
+
+    clip = ("a voice", "tell me a story", ("story",), bytes(640 * 6))
+    result = await _measure(Scripted(), [clip], pace=0, quiet_ms=0)
+    assert result["drafts_thrown"] == 1 and result["keywords_kept"] == 1.0
+    # The kept draft came before the last frame (the edge): a lead, not a delay.
+    assert result["stable_before_edge_ms"]["n"] == 1
+    assert result["stable_before_edge_ms"]["p50"] >= 0
+
+
 def test_a_drafted_turn_is_ready_at_its_confirmation_and_only_unhidden_compute_counts() -> None:
     t0 = 10_000 * MS
     # Last speech at t0, end edge at 320, settled words and the draft at 335, the reply's first

@@ -48,3 +48,20 @@ async def test_the_final_gets_the_wider_window(stt: whisper.WhisperCppStt) -> No
     assert windows == [50 + whisper.PARTIAL_CONTEXT_MARGIN, 50 + whisper.CONTEXT_MARGIN,
                        50 + whisper.CONTEXT_MARGIN]
     assert whisper.PARTIAL_CONTEXT_MARGIN < whisper.CONTEXT_MARGIN
+
+
+@pytest.mark.parametrize("speculate_ms", [40, 80])
+def test_the_final_is_decoded_ahead_after_the_quiet_set(monkeypatch: pytest.MonkeyPatch,
+                                                         speculate_ms: int) -> None:
+    monkeypatch.setattr(pywhispercpp_model, "Model", StandInModel)
+    stt = whisper.WhisperCppStt(Path("ggml-tiny.en.bin"), speculate_ms=speculate_ms)
+    frame = whisper.SAMPLE_RATE * whisper.FRAME_MS // 1000
+    loud, quiet = (b"\x00\x10" * frame), bytes(2 * frame)  # 4096: speech; 0: quiet
+    utterance = whisper._Utterance(stt)
+    started = []
+    monkeypatch.setattr(utterance, "_start", lambda *, speculative: started.append(speculative))
+    utterance.feed(loud)
+    for n in range(1, speculate_ms // whisper.FRAME_MS + 1):
+        assert started == []  # not yet: the user may only be between two words
+        utterance.feed(quiet)
+    assert started == [True] and n * whisper.FRAME_MS == speculate_ms

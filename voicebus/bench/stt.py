@@ -10,7 +10,12 @@ VAD waits before its end edge (``VOICEBUS_VAD_SILENCE_MS``), where the frames en
 - ``keywords_kept``: the share of each phrase's key words in its final (numbers as words);
 - ``wer``: word error rate of the finals against the phrases;
 - ``final_after_edge_ms``: from the last frame (the VAD's end edge) to the final, p50 / p95;
-- ``cpu_s_per_audio_s``: the process's CPU time per second of audio streamed.
+- ``cpu_s_per_audio_s``: the process's CPU time per second of audio streamed;
+- ``stable_before_edge_ms``: for a provider that knows the words before the end of speech
+  (whisper's final decoded ahead), how long before the edge its stable partial came, p50 / p95
+  (negative: after it): the time the agent has to prepare its answer;
+- ``drafts_thrown``: stable partials that the final then contradicted (speech went on after a
+  pause): each one an answer prepared for nothing, with an LLM in the cloud a request paid.
 """
 
 from __future__ import annotations
@@ -134,6 +139,8 @@ async def _measure(stt: Any, clips: list[tuple[str, str, tuple[str, ...], bytes]
     kept = total = 0
     errors: list[float] = []
     after_edge: list[float] = []
+    before_edge: list[float] = []
+    thrown = 0
     by_voice: dict[str, list[int]] = {}
     cpu_before, audio_s = time.process_time(), 0.0
     for voice, text, keys, audio in clips:
@@ -141,10 +148,16 @@ async def _measure(stt: Any, clips: list[tuple[str, str, tuple[str, ...], bytes]
         audio_s += len(audio) / 32000
         edge: list[float] = []
         final = ""
+        stable: list[tuple[float, str]] = []
         async for res in stt.stream(_frames(audio, pace, edge)):
+            if res.stable:
+                stable.append((time.perf_counter(), res.text))
             if res.final:
                 final = res.text
                 after_edge.append((time.perf_counter() - edge[0]) * 1000)
+        thrown += sum(text != final for _, text in stable)
+        if stable and stable[-1][1] == final:
+            before_edge.append((edge[0] - stable[-1][0]) * 1000)
         heard = set(words(final))
         got = sum(key in heard for key in keys)
         kept, total = kept + got, total + len(keys)
@@ -156,6 +169,8 @@ async def _measure(stt: Any, clips: list[tuple[str, str, tuple[str, ...], bytes]
         "wer": round(float(np.mean(errors)), 3),
         "final_after_edge_ms": stats(after_edge),
         "cpu_s_per_audio_s": round((time.process_time() - cpu_before) / audio_s, 3),
+        "stable_before_edge_ms": stats(before_edge),
+        "drafts_thrown": thrown,
         "keywords_kept_by_voice": {v: round(k / n, 2) for v, (k, n) in by_voice.items()},
     }
 

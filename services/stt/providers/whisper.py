@@ -4,9 +4,9 @@ Whisper is not a streaming model, so one utterance is decoded again as it grows:
 
 - **partials**: the audio so far, every ``partial_interval_ms`` (at least 400 ms), when no
   decode of the utterance is running;
-- **the final, speculatively**: once the microphone has been quiet for ``SPECULATE_MS`` the
+- **the final, speculatively**: once the microphone has been quiet for ``speculate_ms`` the
   whole utterance is decoded; if nothing loud came by the end of speech (the VAD's edge, some
-  300 ms of silence later), that decode is the final, ready at or before the edge. Speech that
+  200 ms of silence later), that decode is the final, ready at or before the edge. Speech that
   resumes throws it away (a decode still running is aborted).
 
 Each decode runs on the audio's own length (``audio_ctx``) rather than Whisper's fixed 30 s
@@ -42,7 +42,7 @@ from services.stt.providers.whisper_model import ggml_model
 log = logging.getLogger(__name__)
 
 FRAME_MS = 20
-SPECULATE_MS = 80  # quiet before the final is decoded ahead of the end of speech
+SPECULATE_MS = 80  # quiet before the final is decoded ahead of the end of speech (default)
 LOUD = 500  # a frame's peak above this is speech (int16)
 MIN_PARTIAL_MS = 400
 MIN_AUDIO_S = 0.3  # less than this is not decoded for a partial
@@ -60,7 +60,7 @@ class WhisperCppStt:
     name = "whisper"
 
     def __init__(self, model_path: Path, *, threads: int = 2, partial_interval_ms: int = 400,
-                 beam_size: int = 0) -> None:
+                 beam_size: int = 0, speculate_ms: int = SPECULATE_MS) -> None:
         try:
             from pywhispercpp.model import Model
         except ImportError as exc:
@@ -79,6 +79,7 @@ class WhisperCppStt:
                             print_realtime=False, redirect_whispercpp_logs_to=None,
                             context_params={"flash_attn": False}, **search)
         self.partial_interval_ms = max(MIN_PARTIAL_MS, partial_interval_ms)
+        self.speculate_ms = max(FRAME_MS, speculate_ms)
         self._lock = threading.Lock()  # one decode at a time in the model's context
         self._closed = False
         log.info("whisper tiny.en loaded in %.2f s", time.perf_counter() - started,
@@ -96,7 +97,7 @@ class WhisperCppStt:
                               "pip install 'voicebus[stt-whisper]'") from None
         return cls(path, threads=cfg.whisper_threads,
                    partial_interval_ms=cfg.stt_partial_interval_ms,
-                   beam_size=cfg.whisper_beam_size)
+                   beam_size=cfg.whisper_beam_size, speculate_ms=cfg.whisper_speculate_ms)
 
     async def stream(self, frames: AsyncIterator[bytes]) -> AsyncIterator[SttResult]:
         """Partials while frames arrive, then one final (see the module docstring)."""
@@ -166,13 +167,14 @@ class _Utterance:
             if self.speculative:
                 self._stop()
         out = self._collect()
-        if self.heard and self.quiet >= SPECULATE_MS and self.ready is None \
+        if self.heard and self.quiet >= self.stt.speculate_ms and self.ready is None \
                 and not self.speculative:
             self._stop()  # a partial now would only delay the final
             self._start(speculative=True)
         elif self.heard and self.running is None and \
                 self.since_partial >= self.stt.partial_interval_ms and \
-                self.quiet < SPECULATE_MS and len(self.audio) >= SAMPLE_RATE * 2 * MIN_AUDIO_S:
+                self.quiet < self.stt.speculate_ms and \
+                len(self.audio) >= SAMPLE_RATE * 2 * MIN_AUDIO_S:
             self.since_partial = 0
             self._start(speculative=False)
         return out
