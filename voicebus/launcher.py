@@ -165,6 +165,13 @@ def sip_phone_binary() -> str:
 def sip_port(wanted: int) -> int:
     """``wanted`` when UDP and TCP are both free there, else a free port (5060 is often taken
     by a softphone or a PBX on a developer's machine)."""
+    return udp_port(wanted)
+
+
+def udp_port(wanted: int = 0) -> int:
+    """``wanted`` when UDP and TCP are both free there, else a port free for both: for a server
+    that listens on both (SIP, livekit-server's media). ``free_port`` asks the kernel for a free
+    TCP port only, which another server may hold for UDP."""
     for port in ([wanted] if wanted else []) + [0] * 50:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
             try:
@@ -179,7 +186,7 @@ def sip_port(wanted: int) -> int:
                 except OSError:
                     continue
         return port
-    raise RuntimeError("no free port for the SIP gateway")
+    raise RuntimeError("no port free for both UDP and TCP")
 
 
 def redis_server_binary() -> str:
@@ -547,7 +554,7 @@ class Stack:
             "bind_addresses: [127.0.0.1]",
             "rtc:",
             f"  tcp_port: {free_port()}",
-            f"  udp_port: {free_port()}",
+            f"  udp_port: {udp_port()}",
             "  use_external_ip: false",
             "  node_ip: 127.0.0.1",
             "keys:",

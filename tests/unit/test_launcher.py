@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
 
 from services.runtime.livekit import DEV_API_KEY, DEV_API_SECRET
+from voicebus import launcher
 from voicebus.launcher import Stack
 
 
@@ -40,3 +42,16 @@ def test_processes_spread_over_livekit_nodes_each_with_its_node_url(tmp_path: Pa
     single = Stack(tmp_path, livekit=True, livekit_port=7001)
     assert single.livekit_env_for("egress")["LIVEKIT_URL"] == "ws://127.0.0.1:7001"
     assert Stack(tmp_path).livekit_env_for("egress") == {}
+
+
+def test_a_media_port_is_free_for_udp_too() -> None:
+    """livekit-server's media port must be free for UDP: a port only checked for TCP may be
+    another livekit-server's, left running (a killed test run)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as held:
+        held.bind(("127.0.0.1", 0))
+        taken = held.getsockname()[1]
+        port = launcher.udp_port(taken)  # asked for the taken port: another one
+        assert port != taken
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp, socket.socket() as tcp:
+            udp.bind(("127.0.0.1", port))
+            tcp.bind(("127.0.0.1", port))
