@@ -9,7 +9,6 @@ import time
 import wave
 
 import msgspec
-import numpy as np
 import pytest
 
 from proto import codec
@@ -17,6 +16,7 @@ from proto import events as ev
 from proto import subjects as sj
 from tests.fakes.openai_server import start_fake_openai
 from voicebus import record
+from voicebus.call import first_loud_sample
 from voicebus.client import dispatch
 from voicebus.launcher import free_port
 
@@ -302,6 +302,6 @@ async def test_tts_replies_start_at_their_first_sound(bare_stack):
     for turn in range(1, len(replies) + 1):
         frames = sorted(tap.of(ev.AudioFrame, "lead", topic=sj.TTS_AUDIO, turn=turn),
                         key=lambda f: f.pts_ms)
-        samples = np.frombuffer(b"".join(f.pcm for f in frames), dtype="<i2").astype(np.int32)
-        leads[turn] = int(np.argmax(np.abs(samples) > 500)) * 1000 / frames[0].sample_rate
+        leads[turn] = first_loud_sample(b"".join(f.pcm for f in frames)) * 1000 / \
+            frames[0].sample_rate
     assert all(lead < 35 for lead in leads.values()), leads
