@@ -20,6 +20,7 @@ import nats
 from proto import events as ev
 from proto.permissions import OPERATOR, inbox_prefix
 from proto import subjects as sj
+from services.runtime import bus
 from services.runtime.config import nats_servers
 from services.runtime.livekit import exit_process
 from voicebus.client import Tap, dispatch, end_session, timing
@@ -55,7 +56,7 @@ async def connect_operator(args: argparse.Namespace) -> nats.NATS:
     if seed:
         options["nkeys_seed"] = seed
     try:
-        return await nats.connect(nats_servers(args.nats), **options)
+        return await bus.connect(nats_servers(args.nats), **options)
     except Exception as exc:
         hint = "" if seed else " (no credentials given: --nkey FILE, as `voicebus up` prints)"
         raise SystemExit(f"voicebus: cannot connect to {args.nats}: {exc or type(exc).__name__}"

@@ -26,10 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import nats
-
 from proto.permissions import OPERATOR, inbox_prefix
 from proto.subjects import STAGES
+from services.runtime import bus
 from services.runtime.bus import Bus, replicas_of
 from services.runtime.config import nats_servers
 from voicebus import auth
@@ -339,8 +338,8 @@ class Stack:
         """A NATS connection as ``role`` (the operator unless told): tools, tests, benches."""
         for key, value in self._tls_options().items():
             options.setdefault(key, value)
-        return await nats.connect(nats_servers(self.nats_url), nkeys_seed=str(self.seed_file(role)),
-                                  inbox_prefix=inbox_prefix(role), **options)
+        return await bus.connect(nats_servers(self.nats_url), nkeys_seed=str(self.seed_file(role)),
+                                 inbox_prefix=inbox_prefix(role), **options)
 
     @property
     def nats_url(self) -> str:
@@ -679,7 +678,7 @@ class Stack:
                 try:
                     # One attempt per loop: left to itself, nats-py tries a refused server 60
                     # times, 2 s apart, before raising.
-                    nc = await nats.connect(
+                    nc = await bus.connect(
                         f"nats://127.0.0.1:{port}", connect_timeout=1, allow_reconnect=False,
                         max_reconnect_attempts=1, reconnect_time_wait=0.05, error_cb=_quiet, nkeys_seed=str(self.seed_file(OPERATOR)),
                         inbox_prefix=inbox_prefix(OPERATOR), **self._tls_options())

@@ -60,6 +60,42 @@ async def _unless_stopped(stop: asyncio.Event, work: Awaitable[T]) -> T:
     return task.result()
 
 
+class HalfOpen(nats.errors.Error):
+    """nats-py finished connecting on a line that was not the server's PONG.
+
+    A client sends CONNECT and PING and takes the next line as the answer. nats-server sends a
+    PING of its own two seconds after accepting a connection (to measure the round trip); on a
+    loaded machine that can come first. nats-py then returns a connection it never marks
+    connected, and holds every later SUB and PUB in its buffer: a stage that hears nothing and
+    says nothing, with no error, until the server drops it as stale minutes later. (A
+    reconnection marks itself connected, so only the first connection is affected.)"""
+
+    def __str__(self) -> str:
+        return ("nats: the server's PING came before its PONG while connecting, and nats-py "
+                "would send nothing on this connection")
+
+
+async def _refuse_half_open(nc: Client) -> None:
+    if not nc.is_connected:
+        await nc.close()
+        raise HalfOpen()
+
+
+async def connect(servers: str | list[str], attempts: int = 3, **options: Any) -> Client:
+    """``nats.connect``, but never a half-open connection (``HalfOpen``): that one is closed
+    and the connection made again, up to ``attempts`` times. For tools, the launcher and tests;
+    a stage connects with ``Bus.connect``, which does the same."""
+    for _ in range(attempts - 1):
+        nc = await nats.connect(servers, **options)
+        if nc.is_connected:
+            return nc
+        await nc.close()
+        log.warning("%s; connecting again", HalfOpen())
+    nc = await nats.connect(servers, **options)
+    await _refuse_half_open(nc)
+    return nc
+
+
 class Bus:
     def __init__(self, nc: Client, stage: str) -> None:
         self.nc = nc
@@ -98,6 +134,7 @@ class Bus:
                     reconnected_cb=_on_reconnected,
                     **options,
                 ))
+                await _refuse_half_open(nc)
                 return cls(nc, stage)
             except Stopped:
                 await nc.close()
