@@ -97,6 +97,13 @@ func logLevel() slog.Level {
 	return level
 }
 
+// connectAttempts bounds the tries of the first connection. nats-server sends a PING of its own
+// two seconds after it accepts a connection (to time the round trip); on a loaded machine it can
+// reach us before the PONG that answers our handshake, and nats.go refuses the connection. That
+// is worth another try, not a gateway that fails to start (services/runtime/bus.py, HalfOpen,
+// is the same case in nats-py).
+const connectAttempts = 3
+
 func connectNATS(cfg config, log *slog.Logger) (*nats.Conn, error) {
 	opts := []nats.Option{
 		nats.Name("voicebus-sip"),
@@ -131,7 +138,14 @@ func connectNATS(cfg config, log *slog.Logger) (*nats.Conn, error) {
 	if cfg.tlsCA != "" {
 		opts = append(opts, nats.RootCAs(cfg.tlsCA))
 	}
-	return nats.Connect(cfg.natsURL, opts...)
+	for attempt := 1; ; attempt++ {
+		nc, err := nats.Connect(cfg.natsURL, opts...)
+		if err == nil || attempt == connectAttempts || !strings.Contains(err.Error(), "got 'PING'") {
+			return nc, err
+		}
+		log.Warn("nats-server sent its PING before its PONG while we connected; connecting again",
+			"attempt", attempt, "error", err)
+	}
 }
 
 func run() error {
