@@ -64,11 +64,12 @@ class HalfOpen(nats.errors.Error):
     """nats-py finished connecting on a line that was not the server's PONG.
 
     A client sends CONNECT and PING and takes the next line as the answer. nats-server sends a
-    PING of its own two seconds after accepting a connection (to measure the round trip); on a
-    loaded machine that can come first. nats-py then returns a connection it never marks
-    connected, and holds every later SUB and PUB in its buffer: a stage that hears nothing and
-    says nothing, with no error, until the server drops it as stale minutes later. (A
-    reconnection marks itself connected, so only the first connection is affected.)"""
+    PING of its own two seconds after a client's CONNECT (to measure the round trip); when the
+    client's PING reaches it later than that (a process stalled on a loaded machine), the
+    server's PING comes first. nats-py then returns a connection it never marks connected, and
+    holds every later SUB and PUB in its buffer: a stage that hears nothing and says nothing,
+    with no error, until the server drops it as stale minutes later. (A reconnection marks
+    itself connected, so only the first connection is affected.)"""
 
     def __str__(self) -> str:
         return ("nats: the server's PING came before its PONG while connecting, and nats-py "

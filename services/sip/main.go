@@ -98,8 +98,9 @@ func logLevel() slog.Level {
 }
 
 // connectAttempts bounds the tries of the first connection. nats-server sends a PING of its own
-// two seconds after it accepts a connection (to time the round trip); on a loaded machine it can
-// reach us before the PONG that answers our handshake, and nats.go refuses the connection. That
+// two seconds after a client's CONNECT (to time the round trip); when our PING follows our
+// CONNECT by more than that (a stalled process on a loaded machine), the server's PING reaches
+// us before the PONG that answers our handshake, and nats.go refuses the connection. That
 // is worth another try, not a gateway that fails to start (services/runtime/bus.py, HalfOpen,
 // is the same case in nats-py).
 const connectAttempts = 3

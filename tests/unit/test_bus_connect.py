@@ -1,9 +1,11 @@
 """A connection is whole before anyone uses it (services/runtime/bus.py, ``HalfOpen``).
 
-nats-server sends a PING of its own two seconds after it accepts a connection. When that PING
-reaches nats-py between its CONNECT and the server's PONG (a loaded machine), nats-py returns a
-connection it never marks connected and holds everything sent on it. The server here is a small
-fake speaking NATS's client protocol, so the order of those two lines can be chosen."""
+nats-server sends a PING of its own two seconds after a client's CONNECT. When the client's
+PING comes later than that (a stalled process on a loaded machine), the server's PING reaches
+nats-py before the PONG it waits for, and nats-py returns a connection it never marks connected
+and holds everything sent on it. (A real nats-server does this: send CONNECT, wait 2.6 s, send
+PING, and "PING" is the first line back.) The server here is a small fake speaking NATS's client
+protocol, so the order of those two lines can be chosen without waiting."""
 
 from __future__ import annotations
 
