@@ -32,7 +32,7 @@ from services.runtime import metrics, tracing, usage
 from services.runtime.audio import frame_problem
 from services.runtime.bus import SeqGaps
 from services.runtime.fallback import READY_END, FallbackAdapter, answered_by
-from services.runtime.ledger import TurnLedger
+from services.runtime.ledger import FloorRecord, TurnLedger
 from services.runtime.service import ProviderStage, SessionWorker
 from services.runtime.turns import words
 from services.stt.config import SttConfig
@@ -172,6 +172,7 @@ class SttWorker(SessionWorker[SttConfig]):
                                     self.config.stt_eot_incomplete_ms,
                                     self.config.stt_eot_brief_ms)
         self.user_idle = IdleWatch()
+        self.agent_state_heard = False  # an AgentState came since this replica subscribed
         self.idle_timer: asyncio.Task[None] | None = None
         self.gaps = SeqGaps()
         self.keys = ""  # keypad keys pressed, not yet a turn
@@ -184,6 +185,17 @@ class SttWorker(SessionWorker[SttConfig]):
         # early are an answer to prepare (the agent listens) or not.
         if self.config.stt_user_idle_s > 0 or self.config.stt_early_drafts:
             await self.subscribe(sj.FLOOR_STATE.subject(self.session), self.handle)
+
+    async def on_taken_over(self, record: FloorRecord) -> None:
+        """The agent's state is published when it changes, so a replica that takes a session
+        over would not know it until the next change: no user-idle turn and no early drafts
+        while the agent goes on listening (and a user who walked away would never be told
+        goodbye). The judge's record tells: the greeting is over and no reply holds the floor,
+        so the agent listens. An AgentState heard meanwhile is newer and stands."""
+        if not self.agent_state_heard:
+            self.user_idle.agent_state("initializing" if not record.greeted
+                                       else "listening" if record.reply < 0 else "thinking")
+            self._activity_changed()
 
     async def _load_turn(self) -> int:
         try:
@@ -200,6 +212,7 @@ class SttWorker(SessionWorker[SttConfig]):
 
     def handle(self, event: ev.Event) -> None:
         if isinstance(event, ev.AgentState):
+            self.agent_state_heard = True
             self.user_idle.agent_state(event.state)
             self._activity_changed()
             return

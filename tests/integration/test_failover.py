@@ -19,6 +19,7 @@ from proto import events as ev
 from proto import subjects as sj
 from services.ingress.audio import FRAME_BYTES, Resampler, read_wav
 from services.llm.provider import ChatMessage
+from services.runtime.ledger import RECORD_CODEC, STATE_BUCKET, FloorRecord, floor_key
 from tests.conftest import LogTail
 from tests.fakes.openai_server import start_fake_openai
 from voicebus.client import Tap, dispatch
@@ -183,6 +184,15 @@ async def stt_pair(tmp_path):
         yield pair
 
 
+@pytest.fixture
+async def stt_idle_pair(tmp_path):
+    async for pair in start_pair(tmp_path, "stt", VOICEBUS_STT_USER_IDLE_S=str(IDLE_S)):
+        yield pair
+
+
+IDLE_S = 2.0
+
+
 async def _frames(text: str, folder) -> list[bytes]:
     path = await say_to_wav(text, folder / "q.wav", lead_ms=0)
     pcm, rate, channels = read_wav(path)
@@ -229,3 +239,21 @@ async def test_stt_replica_killed_between_turns_and_mid_utterance(stt_pair: Pair
     await speak()
     assert (await final(3)).text == "what time is it"
     assert [t.turn for t in pair.tap.of(ev.Transcript, SESSION, final=True)] == [1, 2, 3]
+
+
+async def test_stt_heir_knows_the_agent_listens_and_still_prompts_a_silent_user(
+        stt_idle_pair: Pair) -> None:
+    """The agent's state is published when it changes; a replica that takes over reads it
+    from the judge's record, so a user who walked away is still prompted, then told goodbye,
+    without waiting for a change that may never come."""
+    pair = stt_idle_pair
+    await dispatch(pair.nc, pair.tap, SESSION, stages=("stt",))
+    kv = await pair.nc.jetstream().key_value(STATE_BUCKET)
+    await kv.put(floor_key(SESSION), RECORD_CODEC[0].encode(FloorRecord(greeted=True)))
+    await pair.publish(sj.FLOOR_STATE, ev.AgentState, state="listening")
+    dead, killed = await pair.kill_owner("stt")
+    await pair.taken_over("stt", dead, killed)
+    idle = await pair.tap.wait_for(
+        lambda: [i for i in pair.tap.of(ev.UserIdle, SESSION) if i.ts_ns > killed],
+        IDLE_S + TAKEOVER_S, "the heir's user-idle turn")
+    assert idle[0].count == 1
