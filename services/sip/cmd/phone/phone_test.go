@@ -85,15 +85,18 @@ func (a *agent) handle(d *diago.DialogServerSession) {
 	}
 	go func() {
 		buf := make([]byte, 1500)
-		spoke, quiet := false, 0
+		spoke := false
+		var lastLoud time.Time
 		for {
 			n, err := r.Read(buf)
 			if err != nil {
 				return
 			}
+			// 200 ms of quiet on the clock, not ten quiet packets: a caller that fell behind
+			// sends the packets it owes in a burst, and ten of them can arrive at once.
 			if peak(g711.DecodeUlaw(buf[:n])) > 500 {
-				spoke, quiet = true, 0
-			} else if quiet++; spoke && quiet == 10 {
+				spoke, lastLoud = true, time.Now()
+			} else if spoke && time.Since(lastLoud) >= 200*time.Millisecond {
 				spoke = false
 				replies <- struct{}{}
 			}
