@@ -41,14 +41,19 @@ def _region_upper(tag: str) -> str:
     return f"{primary.lower()}-{rest.upper()}" if len(rest) == 2 else tag
 
 
+def _primary(tag: str) -> str:
+    return tag.partition("-")[0].lower()
+
+
 # What ``language`` sets in each stage, each in the spelling its provider reads: "hi-IN" is
 # stt_language "hi-in" (read by pocketsphinx, whisper, deepgram and openai, like its default
-# "en-us") and the Sarvam settings "hi-IN". A setting the stage does not have is left out; one
-# the agent's table for the stage sets itself wins. (Cartesia's language is its provider's own
-# environment setting, not the stage's, so no agent can change it yet.)
+# "en-us"), the Sarvam settings "hi-IN" and Cartesia's "hi". A setting the stage does not have
+# is left out; one the agent's table for the stage sets itself wins. (ElevenLabs' language is
+# left to the agent's [tts] table: its API refuses a language for models other than flash and
+# turbo v2.5, and without one the model follows the text.)
 LANGUAGE_SETTINGS: dict[str, dict[str, Callable[[str], str]]] = {
     "stt": {"stt_language": str.lower, "sarvam_stt_language": _region_upper},
-    "tts": {"sarvam_tts_language": _region_upper},
+    "tts": {"sarvam_tts_language": _region_upper, "cartesia_tts_language": _primary},
 }
 
 

@@ -35,5 +35,20 @@ class TtsConfig(ChainConfig, frozen=True, kw_only=True):
     sarvam_tts_model: str = "bulbul:v3"
     sarvam_tts_speaker: str = "shubh"
     sarvam_tts_sample_rate: int = 22050
+    # elevenlabs (services/tts/providers/elevenlabs.py; the key, URL, rate and timeouts are its
+    # own): the voice and how it speaks, which an agent may set for its sessions. The language
+    # is ISO 639-1, enforced by the model (flash and turbo v2.5 only; empty lets it choose);
+    # unset voice settings keep the voice's stored ones.
+    elevenlabs_tts_voice: str = "JBFqnCBsd6RMkjVDRZzb"  # "George", a stock voice
+    elevenlabs_tts_model: str = "eleven_flash_v2_5"
+    elevenlabs_tts_language: str = ""
+    elevenlabs_tts_stability: float | None = None
+    elevenlabs_tts_similarity_boost: float | None = None
+    elevenlabs_tts_speed: float | None = None
+    # cartesia (services/tts/providers/cartesia.py; the key, URL and rate are its own): the
+    # voice, model and language (ISO 639-1), which an agent may set for its sessions.
+    cartesia_tts_model: str = "sonic-3"
+    cartesia_tts_voice: str = "6ccbfb76-1fc6-48f7-b71d-91ac6298247b"
+    cartesia_tts_language: str = "en"
     # Seconds without reply text after which a turn is closed (a lost ReplyDone).
     tts_text_timeout: float = 30.0

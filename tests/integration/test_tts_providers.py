@@ -17,6 +17,7 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import pytest
 
 from services.runtime.errors import (
@@ -97,7 +98,8 @@ async def build(case: Case, fake: Any, monkeypatch: pytest.MonkeyPatch) -> Async
         monkeypatch.setenv(case.key_env, key)
         monkeypatch.setenv(case.url_env, case.url(fake))
         monkeypatch.setenv("VOICEBUS_TTS_TIMEOUT", str(timeout))
-        provider = load_provider("tts", PROVIDERS, case.name, TtsConfig(tts_provider=case.name))
+        stage = msgspec.structs.replace(TtsConfig.from_env(), tts_provider=case.name)
+        provider = load_provider("tts", PROVIDERS, case.name, stage)
         made.append(provider)
         return provider
 
@@ -302,6 +304,23 @@ async def test_cartesia_turn_is_one_context_streamed_and_flushed(build: Build, f
 
 
 @cartesia_only
+async def test_cartesia_an_agents_voice_and_language_reach_the_wire(build: Build,
+                                                                    fake: Any) -> None:
+    from services.runtime import agents
+
+    agent = agents.parse('[agents.hi]\nlanguage = "hi-IN"\n'
+                         '[agents.hi.tts]\ncartesia_tts_voice = "voice-hi"\n')["hi"]
+    await build()
+    config = agents.stage_config(TtsConfig(), agent, "tts", "hi")
+    tts = load_provider("tts", PROVIDERS, "cartesia", config)
+    try:
+        await speak(tts, "Namaste.")
+    finally:
+        await tts.aclose()
+    assert {(r["voice"]["id"], r["language"]) for r in fake.requests} == {("voice-hi", "hi")}
+
+
+@cartesia_only
 async def test_cartesia_word_timestamps_follow_the_turns_audio(build: Build) -> None:
     from services.tts.provider import WordTiming
 
@@ -418,6 +437,23 @@ async def test_elevenlabs_settings_reach_the_wire(build: Build, fake: Any,
     assert (query["model_id"], query["output_format"], query["language_code"]) == (
         "eleven_turbo_v2_5", "pcm_16000", "de")
     assert fake.requests[0] == {"text": " ", "voice_settings": {"stability": 0.4, "speed": 1.1}}
+
+
+@elevenlabs_only
+async def test_elevenlabs_an_agents_voice_reaches_the_wire(build: Build, fake: Any) -> None:
+    from services.runtime import agents
+
+    agent = agents.parse('[agents.ana.tts]\nelevenlabs_tts_voice = "voice-ana"\n'
+                         'elevenlabs_tts_speed = 0.9\n')["ana"]
+    await build()  # the key and the fake's URL, from the environment
+    config = agents.stage_config(TtsConfig(), agent, "tts", "ana")
+    tts = load_provider("tts", PROVIDERS, "elevenlabs", config)
+    try:
+        await speak(tts, "Hello.")
+    finally:
+        await tts.aclose()
+    assert fake.voices == ["voice-ana"]
+    assert fake.requests[0] == {"text": " ", "voice_settings": {"speed": 0.9}}
 
 
 @elevenlabs_only

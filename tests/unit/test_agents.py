@@ -75,8 +75,9 @@ def test_language_sets_each_stages_language_settings_in_their_spelling() -> None
     parsed = agents.parse('[agents.hi]\nlanguage = "hi-IN"\n')
     stt = agents.stage_config(SttConfig(), parsed["hi"], "stt", "hi")
     assert (stt.stt_language, stt.sarvam_stt_language) == ("hi-in", "hi-IN")
-    assert agents.stage_config(TtsConfig(), parsed["hi"], "tts", "hi").sarvam_tts_language == \
-        "hi-IN"
+    tts = agents.stage_config(TtsConfig(), parsed["hi"], "tts", "hi")
+    assert (tts.sarvam_tts_language, tts.cartesia_tts_language) == ("hi-IN", "hi")
+    assert tts.elevenlabs_tts_language == ""  # refused by most of its models: the agent's to set
     llm = LlmConfig()
     assert agents.stage_config(llm, parsed["hi"], "llm", "hi") is llm  # no language there
 
@@ -86,6 +87,15 @@ def test_a_stage_table_overrides_the_agents_language_setting_by_setting() -> Non
                           '[agents.x.stt]\nstt_language = "en-us"\n')
     stt = agents.stage_config(SttConfig(), parsed["x"], "stt", "x")
     assert (stt.stt_language, stt.sarvam_stt_language) == ("en-us", "ta-IN")
+
+
+def test_an_agent_chooses_its_cloud_voices() -> None:
+    parsed = agents.parse('[agents.x.tts]\nelevenlabs_tts_voice = "EXAVITQu4vr4xnSDxMaL"\n'
+                          'elevenlabs_tts_speed = 1.1\ncartesia_tts_voice = "a0e99841"\n')
+    tts = agents.stage_config(TtsConfig(), parsed["x"], "tts", "x")
+    assert (tts.elevenlabs_tts_voice, tts.elevenlabs_tts_speed, tts.cartesia_tts_voice) == \
+        ("EXAVITQu4vr4xnSDxMaL", 1.1, "a0e99841")
+    assert TtsConfig().elevenlabs_tts_voice == "JBFqnCBsd6RMkjVDRZzb"  # the default's unchanged
 
 
 @pytest.mark.parametrize("value", ["Hindi", "hi_IN", "h-IN", "hi-", "hi IN"])

@@ -64,9 +64,7 @@ class CartesiaConfig(BaseConfig, frozen=True, kw_only=True):
     cartesia_api_key: str = ""
     # Base URL of the API (ws://, wss://, http:// or https://); empty means Cartesia's own.
     cartesia_url: str = ""
-    cartesia_tts_model: str = "sonic-3"
-    cartesia_tts_voice: str = "6ccbfb76-1fc6-48f7-b71d-91ac6298247b"
-    cartesia_tts_language: str = "en"
+    # (The voice, model and language are the stage's, TtsConfig: an agent may choose them.)
     cartesia_tts_sample_rate: int = 24000
     # Seconds the server may stay silent while it owes us audio (and to open a socket).
     tts_timeout: float = 10.0
@@ -76,13 +74,13 @@ class CartesiaTts:
     name = "cartesia"
     word_timestamps = True
 
-    def __init__(self, cfg: CartesiaConfig) -> None:
+    def __init__(self, cfg: CartesiaConfig, voice: TtsConfig) -> None:
         require_key(cfg.cartesia_api_key, provider=self.name, stage="tts",
                     variable="CARTESIA_API_KEY")
         if cfg.cartesia_tts_sample_rate not in _RATES:
             raise ConfigError(f"VOICEBUS_CARTESIA_TTS_SAMPLE_RATE must be one of {_RATES}")
         self.sample_rate: int = cfg.cartesia_tts_sample_rate
-        self._cfg = cfg
+        self._cfg, self._voice = cfg, voice
         self._client = cartesia.AsyncCartesia(
             api_key=cfg.cartesia_api_key, websocket_base_url=_websocket_url(cfg.cartesia_url),
             max_retries=0)
@@ -91,12 +89,12 @@ class CartesiaTts:
         # websockets logs the upgrade's headers at DEBUG, the key among them.
         self._ws_log = logging.getLogger(f"{__name__}.websocket")
         redact(self._ws_log, cfg.cartesia_api_key)
-        log.info("cartesia tts: model %s, voice %s, %d Hz", cfg.cartesia_tts_model,
-                 cfg.cartesia_tts_voice, self.sample_rate, extra={"provider": self.name})
+        log.info("cartesia tts: model %s, voice %s, %d Hz", voice.cartesia_tts_model,
+                 voice.cartesia_tts_voice, self.sample_rate, extra={"provider": self.name})
 
     @classmethod
-    def from_config(cls, _stage: TtsConfig) -> CartesiaTts:
-        return cls(CartesiaConfig.from_env())
+    def from_config(cls, stage: TtsConfig) -> CartesiaTts:
+        return cls(CartesiaConfig.from_env(), stage)
 
     async def synthesize(self, chunks: AsyncIterator[str], *,
                          words: list[WordTiming] | None = None) -> AsyncIterator[SpokenAudio]:
@@ -167,13 +165,13 @@ class CartesiaTts:
 
     def _request(self, turn: _Turn, transcript: str, *, flush: bool = False,
                  more: bool = True) -> dict[str, Any]:
-        cfg = self._cfg
+        voice = self._voice
         request: dict[str, Any] = {
-            "context_id": turn.context_id, "model_id": cfg.cartesia_tts_model,
-            "transcript": transcript, "voice": {"mode": "id", "id": cfg.cartesia_tts_voice},
+            "context_id": turn.context_id, "model_id": voice.cartesia_tts_model,
+            "transcript": transcript, "voice": {"mode": "id", "id": voice.cartesia_tts_voice},
             "output_format": {"container": "raw", "encoding": "pcm_s16le",
                               "sample_rate": self.sample_rate},
-            "language": cfg.cartesia_tts_language, "add_timestamps": True, "continue": more,
+            "language": voice.cartesia_tts_language, "add_timestamps": True, "continue": more,
         }
         if flush:
             request["flush"] = True

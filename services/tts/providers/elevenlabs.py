@@ -110,15 +110,9 @@ class ElevenLabsConfig(BaseConfig, frozen=True, kw_only=True):
     elevenlabs_api_key: str = ""
     # Base URL of the API (https://, http://, wss:// or ws://); empty means ElevenLabs' own.
     elevenlabs_url: str = ""
-    elevenlabs_tts_voice: str = "JBFqnCBsd6RMkjVDRZzb"  # "George", a stock voice
-    elevenlabs_tts_model: str = "eleven_flash_v2_5"
-    # ISO 639-1, enforced by the model (flash and turbo v2.5 only); empty lets the model choose.
-    elevenlabs_tts_language: str = ""
+    # (The voice, model, language and voice settings are the stage's, TtsConfig: an agent
+    # may choose them.)
     elevenlabs_tts_sample_rate: int = 24000
-    # Voice settings for this connection; unset ones keep the voice's stored settings.
-    elevenlabs_tts_stability: float | None = None
-    elevenlabs_tts_similarity_boost: float | None = None
-    elevenlabs_tts_speed: float | None = None
     # Seconds the server waits for more text before it ends the stream (it allows 1..180); must
     # outlast the LLM's longest pause in a reply (a tool call), 20 s being the server's default.
     elevenlabs_tts_inactivity_timeout: int = 60
@@ -130,7 +124,7 @@ class ElevenLabsTts:
     name = NAME
     word_timestamps = True
 
-    def __init__(self, cfg: ElevenLabsConfig) -> None:
+    def __init__(self, cfg: ElevenLabsConfig, voice: TtsConfig) -> None:
         require_key(cfg.elevenlabs_api_key, provider=self.name, stage="tts",
                     variable="ELEVENLABS_API_KEY")
         if cfg.elevenlabs_tts_sample_rate not in _RATES:
@@ -138,21 +132,21 @@ class ElevenLabsTts:
         if not 1 <= cfg.elevenlabs_tts_inactivity_timeout <= 180:
             raise ConfigError("VOICEBUS_ELEVENLABS_TTS_INACTIVITY_TIMEOUT must be 1..180")
         self.sample_rate: int = cfg.elevenlabs_tts_sample_rate
-        self._cfg = cfg
+        self._cfg, self._voice = cfg, voice
         base = _base_url(cfg.elevenlabs_url)
         self._sdk = BaseClientWrapper(api_key=cfg.elevenlabs_api_key, base_url=base)
         self._url = build_ws_url(
-            base, ["v1", "text-to-speech", cfg.elevenlabs_tts_voice, "stream-input"],
+            base, ["v1", "text-to-speech", voice.elevenlabs_tts_voice, "stream-input"],
             self._query())
         # websockets logs the upgrade's headers at DEBUG, the key among them.
         self._ws_log = logging.getLogger(f"{__name__}.websocket")
         redact(self._ws_log, cfg.elevenlabs_api_key)
-        log.info("elevenlabs tts: model %s, voice %s, %d Hz", cfg.elevenlabs_tts_model,
-                 cfg.elevenlabs_tts_voice, self.sample_rate, extra={"provider": self.name})
+        log.info("elevenlabs tts: model %s, voice %s, %d Hz", voice.elevenlabs_tts_model,
+                 voice.elevenlabs_tts_voice, self.sample_rate, extra={"provider": self.name})
 
     @classmethod
-    def from_config(cls, _stage: TtsConfig) -> ElevenLabsTts:
-        return cls(ElevenLabsConfig.from_env())
+    def from_config(cls, stage: TtsConfig) -> ElevenLabsTts:
+        return cls(ElevenLabsConfig.from_env(), stage)
 
     async def synthesize(self, chunks: AsyncIterator[str], *,
                          words: list[WordTiming] | None = None) -> AsyncIterator[SpokenAudio]:
@@ -228,22 +222,22 @@ class ElevenLabsTts:
             turn.inbox.put_nowait(message)
 
     def _opening(self) -> InitializeConnection:
-        cfg = self._cfg
+        voice = self._voice
         settings = {name: value for name, value in (
-            ("stability", cfg.elevenlabs_tts_stability),
-            ("similarity_boost", cfg.elevenlabs_tts_similarity_boost),
-            ("speed", cfg.elevenlabs_tts_speed)) if value is not None}
+            ("stability", voice.elevenlabs_tts_stability),
+            ("similarity_boost", voice.elevenlabs_tts_similarity_boost),
+            ("speed", voice.elevenlabs_tts_speed)) if value is not None}
         if settings:
             return InitializeConnection(voice_settings=RealtimeVoiceSettings(**settings))
         return InitializeConnection()  # the key goes in a header, not in this message
 
     def _query(self) -> dict[str, str]:
-        cfg = self._cfg
-        query = {"model_id": cfg.elevenlabs_tts_model, "output_format": f"pcm_{self.sample_rate}",
+        cfg, voice = self._cfg, self._voice
+        query = {"model_id": voice.elevenlabs_tts_model, "output_format": f"pcm_{self.sample_rate}",
                  "sync_alignment": "true",  # timings with every audio message
                  "inactivity_timeout": str(cfg.elevenlabs_tts_inactivity_timeout)}
-        if cfg.elevenlabs_tts_language:
-            query["language_code"] = cfg.elevenlabs_tts_language
+        if voice.elevenlabs_tts_language:
+            query["language_code"] = voice.elevenlabs_tts_language
         return query
 
     async def _send(self, ws: ClientConnection, message: pydantic.BaseModel) -> None:
