@@ -83,10 +83,13 @@ class Floor:
     def __init__(self, rules: TurnRules, actions: FloorActions, ledger: TurnLedger, *,
                  greeting: bool, idle_prompts: int = 1,
                  record: FloorRecord | None = None, ready: bool = True,
-                 addressing: Addressing | None = None) -> None:
+                 addressing: Addressing | None = None, now: float = 0.0) -> None:
         record = record or FloorRecord()
         self.rules = rules
         self.addressing = addressing or Addressing()
+        if record.partner:  # a conversation the replica before began
+            self.addressing.resume(record.partner, None if record.follow_up_ms < 0
+                                   else record.follow_up_ms / 1000, now)
         # The stages that speak (LLM, TTS) have claimed the session: a greeting decided before
         # would reach nobody (a verdict is not kept for a late subscriber).
         self.ready = ready
@@ -102,7 +105,7 @@ class Floor:
         self.user_heard = False  # the user's microphone reaches the agent
         self.speaking_since: float | None = None  # monotonic s; a user speaks (the first)
         self.speakers: dict[str, float] = {}  # who speaks now, since when
-        self.now = 0.0  # the latest time an event brought (for decisions made without one)
+        self.now = now  # the latest time an event brought (for decisions made without one)
         self.reply_speaker = ""  # whom the reply holding the floor answers
         self.paused = False
         self.partial = ""
@@ -366,13 +369,15 @@ class Floor:
         self._show()
 
     def _record(self) -> None:
+        partner, left = self.addressing.follow_up(self.now)
         self.actions.record(FloorRecord(
             judged=self.ledger.newest, cut=self.ledger.cut, greeted=self.greeted,
             reply=-1 if self.reply is None else self.reply,
             goodbye=-1 if self.goodbye is None else self.goodbye,
             goodbye_reason="" if self.goodbye_reason == USER_IDLE else self.goodbye_reason,
             draft=-1 if self.drafting is None else self.drafting[0],
-            draft_text="" if self.drafting is None else self.drafting[1]))
+            draft_text="" if self.drafting is None else self.drafting[1],
+            partner=partner, follow_up_ms=-1 if left is None else round(left * 1000)))
 
     def _show(self, turn: int | None = None) -> None:
         state: AgentStateName

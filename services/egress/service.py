@@ -20,6 +20,8 @@ import os
 import time
 from typing import ClassVar
 
+import msgspec
+
 from proto import events as ev
 from proto import subjects as sj
 from services.egress.agent import AgentParticipant, TrackSink, Transcripts
@@ -31,7 +33,7 @@ from services.runtime import metrics
 from services.runtime.audio import frame_problem
 from services.runtime.bus import SeqGaps
 from services.runtime.config import audio_file
-from services.runtime.ledger import RECORD_CODEC, FloorRecord, TurnLedger, floor_key
+from services.runtime.ledger import RECORD_CODEC, FloorRecord, TurnLedger, aged, floor_key
 from services.runtime.livekit import LiveKitConfig
 from services.runtime.service import SessionWorker, StageService
 from services.runtime.turns import DEFAULT_BACKCHANNEL, Addressing, AnswerMode, TurnRules
@@ -123,7 +125,7 @@ class EgressWorker(SessionWorker[EgressConfig]):
         self.unsaved: FloorRecord | None = None
         self.saver: asyncio.Task[None] | None = None
         self.turns = TurnTraces()
-        record = await self.load_floor()
+        record = aged(await self.load_floor(), time.time_ns() // 1_000_000)
         self.ledger = TurnLedger.from_record(record)
         start = self.start_event
         # A user was here if the judge ever decided a turn (its record, from a replica that
@@ -149,7 +151,7 @@ class EgressWorker(SessionWorker[EgressConfig]):
                            greeting=bool(start.greeting),
                            idle_prompts=self.config.idle_prompts, record=record,
                            ready=record != FloorRecord(),
-                           addressing=self.config.addressing())
+                           addressing=self.config.addressing(), now=time.monotonic())
         self.ready_timer: asyncio.TimerHandle | None = None
         self.vad_timer: asyncio.TimerHandle | None = None
         # The watchdog on a reply that never comes, and the newest turn TTS said anything of.
@@ -473,7 +475,7 @@ class EgressWorker(SessionWorker[EgressConfig]):
 
     def record(self, record: FloorRecord) -> None:
         # Writes are coalesced: only the newest record matters, and never two at once.
-        self.unsaved = record
+        self.unsaved = msgspec.structs.replace(record, written_ms=time.time_ns() // 1_000_000)
         if self.saver is None or self.saver.done():
             self.saver = self.spawn(self._save_records(), "floor-record")
 

@@ -39,6 +39,22 @@ class FloorRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
     goodbye_reason: str = ""
     draft: int = -1
     draft_text: str = ""
+    # In a room where only turns addressed to the agent are answered: the person it answers or
+    # answered last, and the ms left of their follow-up when written (-1: still answering), so
+    # the conversation goes on without the name across a handover. ``written_ms``: when the
+    # record was written (wall clock, ms since the epoch), for the time run on since.
+    partner: str = ""
+    follow_up_ms: int = -1
+    written_ms: int = 0
+
+
+def aged(record: FloorRecord, now_ms: int) -> FloorRecord:
+    """``record`` as it stands at ``now_ms`` (wall clock): the follow-up time it kept has run
+    on since it was written."""
+    if record.follow_up_ms <= 0 or not record.written_ms:
+        return record
+    left = max(0, record.follow_up_ms - max(0, now_ms - record.written_ms))
+    return msgspec.structs.replace(record, follow_up_ms=left)
 
 
 def floor_key(session: str) -> str:

@@ -156,3 +156,15 @@ class Addressing:
         """The reply to the partner is over (heard, or cut): the follow-up time starts."""
         if self._partner and self._until is None:
             self._until = now + self.follow_up_s
+
+    def follow_up(self, now: float) -> tuple[str, float | None]:
+        """Whom the agent answers or answered last ("": nobody yet), and the seconds left of
+        their follow-up (None: the agent still answers them): for the judge's record."""
+        if not self._partner or self._until is None:
+            return self._partner, None
+        return self._partner, max(0.0, self._until - now)
+
+    def resume(self, partner: str, left_s: float | None, now: float) -> None:
+        """Carry on a conversation that a replica which died had begun (``follow_up``'s)."""
+        self._partner = partner
+        self._until = None if left_s is None else now + left_s

@@ -3,11 +3,12 @@ deliver across subjects, the greeting, user idle, bounded turn numbers and the k
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 
 from services.egress.floor import Floor
 from services.egress.service import EgressConfig
-from services.runtime.ledger import MAX_AHEAD, FloorRecord, TurnLedger
+from services.runtime.ledger import MAX_AHEAD, FloorRecord, TurnLedger, aged
 from services.runtime.turns import Addressing, TurnRules
 
 
@@ -468,6 +469,39 @@ def test_when_only_addressed_the_agent_answers_its_name_and_the_follow_up() -> N
     assert actions.verdicts[2:] == [(3, "answer", ""), (4, "ignore", "not addressed"),
                                     (5, "ignore", "not addressed"), (6, "answer", "")]
     assert actions.speakers == ["alice", "bob", "bob", "alice", "bob", "alice"]
+
+
+def test_the_follow_up_goes_on_in_a_new_replica_for_the_time_it_had_left() -> None:
+    floor, actions = judge(addressing=Addressing("addressed", "nova", 5.0))
+    floor.final_transcript(1, "Nova, what time is it?", 900, speaker="bob", now=1.0)
+    assert (actions.records[-1].partner, actions.records[-1].follow_up_ms) == ("bob", -1)
+    floor.playing(1)
+    floor.played(1, interrupted=False, now=3.0)
+    record = actions.records[-1]
+    assert (record.partner, record.follow_up_ms) == ("bob", 5000)
+    # Written at 1 000 000 ms, read 2 s later by an heir whose monotonic clock says 50.
+    record = aged(msgspec.structs.replace(record, written_ms=1_000_000), 1_002_000)
+    assert record.follow_up_ms == 3000
+    heir = Floor(EgressConfig().turn_rules(), actions, TurnLedger.from_record(record),
+                 greeting=False, record=record, addressing=Addressing("addressed", "nova", 5.0),
+                 now=50.0)
+    heir.refresh()
+    heir.user_track(True)
+    heir.final_transcript(2, "and the date", 800, speaker="bob", now=52.5)  # within 3 s
+    heir.played(2, interrupted=False, now=53.0)
+    heir.final_transcript(3, "what about me", 800, speaker="alice", now=53.5)
+    heir.final_transcript(4, "one more thing", 800, speaker="bob", now=60.0)  # 5 s after 53
+    assert actions.verdicts[1:] == [(2, "answer", ""), (3, "ignore", "not addressed"),
+                                    (4, "ignore", "not addressed")]
+
+
+def test_a_reply_the_dead_replica_was_playing_starts_the_follow_up_in_the_heir() -> None:
+    record = FloorRecord(judged=1, greeted=True, reply=1, partner="bob")  # still answering
+    heir = Floor(EgressConfig().turn_rules(), Actions(), TurnLedger.from_record(record),
+                 greeting=False, record=record, addressing=Addressing("addressed", "nova", 5.0),
+                 now=50.0)
+    heir.abandon_reply("replica lost")
+    assert heir.addressing.follow_up(51.0) == ("bob", 4.0)
 
 
 def test_a_turn_not_addressed_still_cuts_the_reply_it_talks_over() -> None:
