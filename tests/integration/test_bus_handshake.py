@@ -14,59 +14,7 @@ import nats
 
 from proto.permissions import inbox_prefix
 from services.runtime import bus
-
-
-class StallingProxy:
-    """TCP proxy to nats-server. On its first connection, the client's first PING is held
-    until the server has sent a PING of its own."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.connections = 0
-        self.server: asyncio.Server | None = None
-        self.tasks: set[asyncio.Task] = set()
-
-    async def __aenter__(self) -> str:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return f"nats://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
-
-    async def __aexit__(self, *_exc: object) -> None:
-        assert self.server is not None
-        self.server.close()
-        for task in self.tasks:
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
-
-    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        stall = self.connections == 0
-        self.connections += 1
-        server_r, server_w = await asyncio.open_connection("127.0.0.1", self.port)
-        server_pinged = asyncio.Event()
-
-        async def down() -> None:  # server to client, as it comes
-            while data := await server_r.read(65536):
-                if b"PING\r\n" in data:
-                    server_pinged.set()
-                client_w.write(data)
-                await client_w.drain()
-            client_w.close()
-
-        async def up() -> None:  # client to server; the handshake's PING may wait
-            if stall:
-                while (line := await client_r.readline()) and line != b"PING\r\n":
-                    server_w.write(line)
-                    await server_w.drain()
-                await server_pinged.wait()
-                server_w.write(line)
-            while data := await client_r.read(65536):
-                server_w.write(data)
-                await server_w.drain()
-            server_w.close()
-
-        for pump in (down(), up()):
-            task = asyncio.create_task(pump)
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
+from tests.fakes.nats_wire import StallingProxy
 
 
 async def _quiet(_exc: Exception) -> None:

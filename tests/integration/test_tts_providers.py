@@ -20,6 +20,7 @@ from typing import Any
 import msgspec
 import pytest
 
+from services.runtime import agents
 from services.runtime.errors import (
     APIConnectionError,
     APIStatusError,
@@ -94,11 +95,16 @@ async def build(case: Case, fake: Any, monkeypatch: pytest.MonkeyPatch) -> Async
     """Makes a provider from the environment, as the stage does; ``key`` and ``timeout`` vary it."""
     made: list[Any] = []
 
-    async def make(key: str = KEY, timeout: float = 5.0) -> Any:
+    async def make(key: str = KEY, timeout: float = 5.0, agent: str = "") -> Any:
+        """``agent``: an agent's profile in TOML, its tables named ``[agent]`` and
+        ``[agent.tts]``; the stage takes its settings, as for a session of that agent."""
         monkeypatch.setenv(case.key_env, key)
         monkeypatch.setenv(case.url_env, case.url(fake))
         monkeypatch.setenv("VOICEBUS_TTS_TIMEOUT", str(timeout))
         stage = msgspec.structs.replace(TtsConfig.from_env(), tts_provider=case.name)
+        if agent:
+            profile = agents.parse(agent.replace("[agent", "[agents.x"))["x"]
+            stage = agents.stage_config(stage, profile, "tts", "x")
         provider = load_provider("tts", PROVIDERS, case.name, stage)
         made.append(provider)
         return provider
@@ -306,17 +312,8 @@ async def test_cartesia_turn_is_one_context_streamed_and_flushed(build: Build, f
 @cartesia_only
 async def test_cartesia_an_agents_voice_and_language_reach_the_wire(build: Build,
                                                                     fake: Any) -> None:
-    from services.runtime import agents
-
-    agent = agents.parse('[agents.hi]\nlanguage = "hi-IN"\n'
-                         '[agents.hi.tts]\ncartesia_tts_voice = "voice-hi"\n')["hi"]
-    await build()
-    config = agents.stage_config(TtsConfig(), agent, "tts", "hi")
-    tts = load_provider("tts", PROVIDERS, "cartesia", config)
-    try:
-        await speak(tts, "Namaste.")
-    finally:
-        await tts.aclose()
+    await speak(await build(agent='[agent]\nlanguage = "hi-IN"\n'
+                                  '[agent.tts]\ncartesia_tts_voice = "voice-hi"\n'), "Namaste.")
     assert {(r["voice"]["id"], r["language"]) for r in fake.requests} == {("voice-hi", "hi")}
 
 
@@ -441,17 +438,8 @@ async def test_elevenlabs_settings_reach_the_wire(build: Build, fake: Any,
 
 @elevenlabs_only
 async def test_elevenlabs_an_agents_voice_reaches_the_wire(build: Build, fake: Any) -> None:
-    from services.runtime import agents
-
-    agent = agents.parse('[agents.ana.tts]\nelevenlabs_tts_voice = "voice-ana"\n'
-                         'elevenlabs_tts_speed = 0.9\n')["ana"]
-    await build()  # the key and the fake's URL, from the environment
-    config = agents.stage_config(TtsConfig(), agent, "tts", "ana")
-    tts = load_provider("tts", PROVIDERS, "elevenlabs", config)
-    try:
-        await speak(tts, "Hello.")
-    finally:
-        await tts.aclose()
+    await speak(await build(agent='[agent.tts]\nelevenlabs_tts_voice = "voice-ana"\n'
+                                  'elevenlabs_tts_speed = 0.9\n'), "Hello.")
     assert fake.voices == ["voice-ana"]
     assert fake.requests[0] == {"text": " ", "voice_settings": {"speed": 0.9}}
 
@@ -606,12 +594,7 @@ async def test_sarvam_turn_is_one_socket_config_then_each_chunk_flushed(build: B
 
 @sarvam_only
 async def test_sarvam_agent_language_reaches_the_wire(build: Build, fake: Any) -> None:
-    from services.runtime import agents
-
-    agent = agents.parse('[agents.telugu]\nlanguage = "te-IN"\n')["telugu"]
-    await build()
-    config = agents.stage_config(TtsConfig(), agent, "tts", "telugu")
-    await speak(load_provider("tts", PROVIDERS, "sarvam", config), "Hello.")
+    await speak(await build(agent='[agent]\nlanguage = "te-IN"\n'), "Hello.")
     assert fake.tts_sockets[0].config["language_code"] == "te-IN"
 
 
