@@ -22,6 +22,9 @@ class SttConfig(ChainConfig, frozen=True, kw_only=True):
     stt_preroll_ms: int = 300
     # How often (in audio ms) a partial transcript may be published while the user speaks.
     stt_partial_interval_ms: int = 200
+    # Partials of an utterance begun while the agent only listens (a provider that pays for
+    # each, Whisper, skips them otherwise): for a page that shows the user's words as they come.
+    stt_partials_while_listening: bool = False
     stt_language: str = "en-us"
     # Decoders loaded at start-up. Loading one later (more people talking at once than this)
     # blocks the process for ~0.5 s, so set it to the utterances you expect at the same time.

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
 import msgspec
@@ -23,10 +23,18 @@ class SttResult(msgspec.Struct, frozen=True):
     stable: bool = False
 
 
+# Whether the stage wants partials now (None: always). Asked before each partial a provider
+# would pay for: Whisper decodes the whole utterance again for each, and while the agent only
+# listens nobody reads them (docs/turn-taking.md, "Partials"); a streaming provider, whose
+# partials come for free, may ignore it.
+WantPartials = Callable[[], bool] | None
+
+
 class SttProvider(Protocol):
     name: str
 
-    def stream(self, frames: AsyncIterator[bytes]) -> AsyncIterator[SttResult]:
+    def stream(self, frames: AsyncIterator[bytes], *,
+               partials: WantPartials = None) -> AsyncIterator[SttResult]:
         """Transcribe one utterance of 16 kHz mono s16le frames.
 
         Yields partial results while frames arrive and exactly one final result after the

@@ -37,7 +37,8 @@ from services.runtime.service import ProviderStage, SessionWorker
 from services.runtime.turns import words
 from services.stt.config import SttConfig
 from services.stt.endpoint import EndOfTurnHolds, IdleWatch, TurnSoFar
-from services.stt.provider import PROVIDERS, SAMPLE_RATE, SttProvider, SttResult
+from services.stt.provider import (PROVIDERS, SAMPLE_RATE, SttProvider, SttResult,
+                                   WantPartials)
 
 STATE_BUCKET = "voicebus_sessions"
 # An utterance longer than this is closed without waiting for the VAD (a lost SpeechEnded).
@@ -68,8 +69,10 @@ class SttFallback(FallbackAdapter[SttProvider]):
         # Partials are shown but bind nothing: until a final, the utterance can move on.
         return item.final
 
-    def stream(self, frames: AsyncIterator[bytes]) -> AsyncIterator[SttResult]:
-        return self.run(lambda provider, replay: provider.stream(replay), frames, READY_END)
+    def stream(self, frames: AsyncIterator[bytes], *,
+               partials: WantPartials = None) -> AsyncIterator[SttResult]:
+        return self.run(lambda provider, replay: provider.stream(replay, partials=partials),
+                        frames, READY_END)
 
     async def probe(self, provider: SttProvider) -> None:
         async def silence() -> AsyncIterator[bytes]:
@@ -96,6 +99,8 @@ class Utterance:
         self.ended_ns = 0
         self.last_speech_ns = 0
         self.deadline: asyncio.TimerHandle | None = None  # when it is ended without its edge
+        # Begun while the agent only listened: its partials are not wanted while that lasts.
+        self.began_listened_to = False
 
     def push(self, pcm: bytes, *, speech: bool = True) -> None:
         self.frames += 1
@@ -260,6 +265,7 @@ class SttWorker(SessionWorker[SttConfig]):
             self.end_utterance(speaker)  # its SpeechEnded was lost
         self.user_idle.user_spoke()
         utterance = Utterance()
+        utterance.began_listened_to = self.user_idle.listening
         preroll = self._preroll(speaker)
         for pcm in preroll:
             utterance.push(pcm, speech=False)
@@ -447,7 +453,8 @@ class SttWorker(SessionWorker[SttConfig]):
         try:
             # Closed on every way out (a cancelled turn too): a provider's socket must not
             # outlive its turn.
-            async with contextlib.aclosing(provider.stream(utt.frames_iter())) as stream:
+            async with contextlib.aclosing(provider.stream(
+                    utt.frames_iter(), partials=lambda: self._want_partials(utt))) as stream:
                 async for result in stream:
                     name = answered_by(stream, provider)
                     if result.stable:
@@ -548,6 +555,17 @@ class SttWorker(SessionWorker[SttConfig]):
             self._activity_changed()
 
     # ---- user idle -----------------------------------------------------------------------
+
+    def _want_partials(self, utt: Utterance) -> bool:
+        """Partials are read by the judge while a reply is in flight (whether the user's
+        words cut it) and by a page showing the user's words live. An utterance that began
+        while the agent only listened, and goes on while it still does, wants none unless
+        ``stt_partials_while_listening``: with Whisper each one decodes the utterance again, and
+        those decodes slowed the final's, and so the answer (docs/turn-taking.md, "Partials").
+        A reply that starts, or a pause of one (the judge shows "listening" then, but the
+        utterance began over the reply), brings them back."""
+        return (self.config.stt_partials_while_listening or not utt.began_listened_to
+                or not self.user_idle.listening)
 
     def _activity_changed(self) -> None:
         """The user or a turn started or stopped: a typed message waiting for the turns open

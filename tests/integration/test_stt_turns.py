@@ -143,14 +143,24 @@ class User:
                            pts_ms=self.pts)
         self.pts += 20
 
-    async def say(self, text: str) -> tuple[ev.SpeechStarted, ev.SpeechEnded]:
-        """Silence (the STT's pre-roll), the speech edge, the words, the end edge."""
-        for _ in range(15):
-            await self.frame(SILENCE)
+    async def say(self, text: str, *, paced: bool = False
+                  ) -> tuple[ev.SpeechStarted, ev.SpeechEnded]:
+        """Silence (the STT's pre-roll), the speech edge, the words, the end edge; ``paced``:
+        a frame each 20 ms, as a microphone gives them (a provider that decodes as the words
+        come, Whisper, is heard as in a call)."""
+        started_at = time.monotonic()
+
+        async def frame(n: int, pcm: bytes) -> None:
+            await self.frame(pcm)
+            if paced:
+                await asyncio.sleep(max(0.0, started_at + (n + 1) * 0.02 - time.monotonic()))
+
+        for n in range(15):
+            await frame(n, SILENCE)
         started = await self.publish(sj.INGRESS_VAD, ev.SpeechStarted, pts_ms=self.pts)
         frames = self.speech[text]
-        for pcm in frames:
-            await self.frame(pcm)
+        for n, pcm in enumerate(frames, start=15):
+            await frame(n, pcm)
         ended = await self.publish(sj.INGRESS_VAD, ev.SpeechEnded, pts_ms=self.pts,
                                    speech_ms=20 * len(frames))
         await self.bus.nc.flush()

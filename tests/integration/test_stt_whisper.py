@@ -8,6 +8,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import pytest_asyncio
@@ -21,6 +22,7 @@ from services.stt.providers.whisper import WhisperCppStt
 from services.tts.config import TtsConfig
 from services.tts.providers.piper import PiperTts
 from tests.conftest import running_stack
+from tests.integration.test_stt_turns import User, start_bus, stop_bus
 from voicebus.client import Tap, dispatch, end_session
 from voicebus.speech import say_to_wav
 
@@ -93,6 +95,22 @@ async def test_the_final_decoded_ahead_is_announced_stable_before_the_end(stt, s
     assert stable[0].text == results[-1].text and results[-1].final
 
 
+async def test_no_partials_while_the_stage_wants_none(stt, speech) -> None:
+    """The stage says when it wants partials (not while the agent only listens): none is
+    decoded then, and the final decoded ahead still comes first, announced stable."""
+    asked = []
+
+    def wanted() -> bool:
+        asked.append(True)
+        return False
+
+    async with asyncio.timeout(60):
+        results = [r async for r in stt.stream(frames(speech, paced=True), partials=wanted)]
+    assert asked, "the provider never asked"
+    assert [r for r in results if not r.final and not r.stable] == []
+    assert {"set", "alarm", "morning"} <= words(results[-1].text) and results[-1].final
+
+
 async def test_a_burst_of_frames_is_heard_the_same(stt, speech) -> None:
     """Frames that arrive at once (a backlog from the bus): no speculation, one decode."""
     results = await transcribe(stt, frames(speech, paced=False))
@@ -136,6 +154,44 @@ async def test_errors_of_the_frames_pass_through_and_a_cut_turn_stops(stt, speec
     first, second = await asyncio.gather(transcribe(stt, frames(speech, paced=False)),
                                          transcribe(stt, frames(speech, paced=True)))
     assert first[-1].text and words(first[-1].text) == words(second[-1].text)
+
+
+def partials_of(user: User, turn: int) -> list[ev.Transcript]:
+    """The partials of ``turn`` (settled transcripts travel as partials too: the words decoded
+    ahead, for a draft)."""
+    return [p for p in user.partials() if p.turn == turn and not p.settled]
+
+
+async def test_the_stage_wants_partials_only_over_a_reply(
+        tmp_path_factory: pytest.TempPathFactory, speech: bytes) -> None:
+    """While the agent only listens nobody reads partials, and each is a decode of the whole
+    utterance that slows the final's: the stage asks for none. Over a reply (whose fate the
+    user's words decide) it does."""
+    bus = await start_bus(tmp_path_factory.mktemp("partials"), VOICEBUS_STT_PROVIDER="whisper",
+                          VOICEBUS_WHISPER_CACHE=str(Path.home() / ".cache" / "voicebus"))
+    try:
+        chunks = [speech[i:i + FRAME_BYTES] for i in range(0, len(speech) - FRAME_BYTES + 1,
+                                                           FRAME_BYTES)]
+        user = await User(SimpleNamespace(speech={QUESTION: chunks}), bus, "partials").join()
+        await user.agent("listening")
+        await user.say(QUESTION, paced=True)
+        first = await user.final(1, timeout=60)
+        await user.agent("speaking")
+        saying = asyncio.create_task(user.say(QUESTION, paced=True))
+        try:
+            await bus.tap.wait_for(lambda: partials_of(user, 2), 30, "a partial over the reply")
+            # The judge pauses the reply while the user speaks, and shows "listening": the
+            # utterance began over the reply, and its words still decide whether it is cut.
+            paused = await user.agent("listening")
+        finally:
+            await saying
+        second = await user.final(2, timeout=60)
+    finally:
+        await stop_bus(bus)
+    assert {"set", "alarm", "morning"} <= words(first.text) <= words(second.text) | {"a"}
+    assert partials_of(user, first.turn) == []
+    assert [p for p in partials_of(user, second.turn) if p.ts_ns > paused.ts_ns]
+    assert first.turn in [p.turn for p in user.partials() if p.settled]  # a draft, still
 
 
 async def test_the_stt_stage_runs_on_whisper(tmp_path_factory: pytest.TempPathFactory) -> None:

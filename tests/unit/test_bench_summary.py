@@ -264,7 +264,7 @@ async def test_stt_bench_counts_drafts_thrown_and_how_early_the_kept_one_came() 
     class Scripted:
         """Stable words after a pause, then the speech goes on: the first draft is thrown."""
 
-        async def stream(self, frames):
+        async def stream(self, frames, *, partials=None):
             n = 0
             async for _ in frames:
                 n += 1

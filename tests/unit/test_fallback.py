@@ -232,7 +232,8 @@ class FakeStt:
         self.heard: list[list[bytes]] = []
         self.listening = asyncio.Event()  # it has heard a frame
 
-    async def stream(self, frames: AsyncIterator[bytes]) -> AsyncIterator[SttResult]:
+    async def stream(self, frames: AsyncIterator[bytes], *,
+                     partials: object = None) -> AsyncIterator[SttResult]:
         heard: list[bytes] = []
         self.heard.append(heard)
         async for frame in frames:
@@ -319,7 +320,8 @@ async def test_stt_partials_bind_nothing_the_utterance_moves_on(fault: str) -> N
 
 async def test_stt_final_commits_a_later_failure_is_an_error() -> None:
     class FinalThenFail(FakeStt):
-        async def stream(self, frames: AsyncIterator[bytes]) -> AsyncIterator[SttResult]:
+        async def stream(self, frames: AsyncIterator[bytes], *,
+                         partials: object = None) -> AsyncIterator[SttResult]:
             async for _ in frames:
                 pass
             yield SttResult("done", final=True)

@@ -106,7 +106,8 @@ class ScriptedStt:
         self.release.set()
         self.fail_next = False
 
-    async def stream(self, frames: AsyncIterator[bytes]) -> AsyncIterator[SttResult]:
+    async def stream(self, frames: AsyncIterator[bytes], *,
+                     partials: object = None) -> AsyncIterator[SttResult]:
         text = self.script.pop(0)
         fail, self.fail_next = self.fail_next, False
         first = True
@@ -377,7 +378,8 @@ class EarlyStt:
     def __init__(self, *script: tuple[str, str]) -> None:
         self.script = list(script)
 
-    async def stream(self, frames: AsyncIterator[bytes]) -> AsyncIterator[SttResult]:
+    async def stream(self, frames: AsyncIterator[bytes], *,
+                     partials: object = None) -> AsyncIterator[SttResult]:
         early, final = self.script.pop(0)
         first = True
         async for _ in frames:
@@ -488,7 +490,8 @@ class UnfinishedStt(ScriptedStt):
         super().__init__()
         self.heard = asyncio.Event()
 
-    async def stream(self, frames: AsyncIterator[bytes]) -> AsyncIterator[SttResult]:
+    async def stream(self, frames: AsyncIterator[bytes], *,
+                     partials: object = None) -> AsyncIterator[SttResult]:
         async for _ in frames:
             pass
         self.heard.set()

@@ -166,7 +166,8 @@ class FakeStt:
         self.name = unique("stt")
         self.frames = frames
 
-    async def stream(self, frames: AsyncIterator[bytes]) -> AsyncIterator[SttResult]:
+    async def stream(self, frames: AsyncIterator[bytes], *,
+                     partials: object = None) -> AsyncIterator[SttResult]:
         heard = 0
         async for _ in frames:
             heard += 1

@@ -3,7 +3,9 @@
 Whisper is not a streaming model, so one utterance is decoded again as it grows:
 
 - **partials**: the audio so far, every ``partial_interval_ms`` (at least 400 ms), when no
-  decode of the utterance is running;
+  decode of the utterance is running and the stage wants them (``stream``'s ``partials``: not
+  while the agent only listens, when nobody reads them and their decodes would slow the
+  final's);
 - **the final, speculatively**: once the microphone has been quiet for ``speculate_ms`` the
   whole utterance is decoded; if nothing loud came by the end of speech (the VAD's edge, some
   200 ms of silence later), that decode is the final, ready at or before the edge. Speech that
@@ -36,7 +38,7 @@ import numpy as np
 
 from services.runtime.errors import ConfigError, ProviderError
 from services.stt.config import SttConfig
-from services.stt.provider import SAMPLE_RATE, SttResult
+from services.stt.provider import SAMPLE_RATE, SttResult, WantPartials
 from services.stt.providers.whisper_model import ggml_model
 
 log = logging.getLogger(__name__)
@@ -99,11 +101,13 @@ class WhisperCppStt:
                    partial_interval_ms=cfg.stt_partial_interval_ms,
                    beam_size=cfg.whisper_beam_size, speculate_ms=cfg.whisper_speculate_ms)
 
-    async def stream(self, frames: AsyncIterator[bytes]) -> AsyncIterator[SttResult]:
-        """Partials while frames arrive, then one final (see the module docstring)."""
+    async def stream(self, frames: AsyncIterator[bytes], *,
+                     partials: WantPartials = None) -> AsyncIterator[SttResult]:
+        """Partials while frames arrive (while ``partials`` says they are wanted), then one
+        final (see the module docstring)."""
         if self._closed:
             raise ProviderError("provider is closed", provider=self.name, retryable=False)
-        utt = _Utterance(self)
+        utt = _Utterance(self, partials)
         try:
             async for pcm in frames:
                 if result := utt.feed(pcm):
@@ -142,8 +146,9 @@ class _Utterance:
     """One utterance's audio and the decode of it in flight (a partial or the speculative
     final)."""
 
-    def __init__(self, stt: WhisperCppStt) -> None:
+    def __init__(self, stt: WhisperCppStt, partials: WantPartials = None) -> None:
         self.stt = stt
+        self.partials = partials
         self.audio = bytearray()
         self.since_partial = 0  # ms
         self.quiet = 0  # ms of quiet at the end so far
@@ -174,7 +179,8 @@ class _Utterance:
         elif self.heard and self.running is None and \
                 self.since_partial >= self.stt.partial_interval_ms and \
                 self.quiet < self.stt.speculate_ms and \
-                len(self.audio) >= SAMPLE_RATE * 2 * MIN_AUDIO_S:
+                len(self.audio) >= SAMPLE_RATE * 2 * MIN_AUDIO_S and \
+                (self.partials is None or self.partials()):
             self.since_partial = 0
             self._start(speculative=False)
         return out
