@@ -404,6 +404,17 @@ class SttWorker(SessionWorker[SttConfig]):
                 hold <= self.config.stt_preemptive_max_hold_ms and bool(words(text))
                 and not open_turn.typed_after and not self._earlier_open(open_turn.so_far.turn))
 
+    def _want_partials(self, utt: Utterance) -> bool:
+        """Partials are read by the judge while a reply is in flight (whether the user's
+        words cut it) and by a page showing the user's words live. An utterance that began
+        while the agent only listened, and goes on while it still does, wants none unless
+        ``stt_partials_while_listening``: with Whisper each one decodes the utterance again, and
+        those decodes slowed the final's, and so the answer (docs/turn-taking.md, "Partials").
+        A reply that starts brings them back. An utterance begun over a reply keeps them, also
+        once the judge pauses the reply and shows "listening"."""
+        return (self.config.stt_partials_while_listening or not utt.began_listened_to
+                or not self.user_idle.listening)
+
     async def _settle_early(self, open_turn: OpenTurn, text: str, provider: str) -> None:
         """The provider knows the utterance's words before its end of speech (a stable
         partial): they go out settled now, so the answer is prepared during the VAD's silence
@@ -555,17 +566,6 @@ class SttWorker(SessionWorker[SttConfig]):
             self._activity_changed()
 
     # ---- user idle -----------------------------------------------------------------------
-
-    def _want_partials(self, utt: Utterance) -> bool:
-        """Partials are read by the judge while a reply is in flight (whether the user's
-        words cut it) and by a page showing the user's words live. An utterance that began
-        while the agent only listened, and goes on while it still does, wants none unless
-        ``stt_partials_while_listening``: with Whisper each one decodes the utterance again, and
-        those decodes slowed the final's, and so the answer (docs/turn-taking.md, "Partials").
-        A reply that starts, or a pause of one (the judge shows "listening" then, but the
-        utterance began over the reply), brings them back."""
-        return (self.config.stt_partials_while_listening or not utt.began_listened_to
-                or not self.user_idle.listening)
 
     def _activity_changed(self) -> None:
         """The user or a turn started or stopped: a typed message waiting for the turns open
