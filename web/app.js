@@ -12,6 +12,12 @@
   const TOPIC = 'lk.transcription';
   const CHAT_TOPIC = 'lk.chat'; // what LiveKit Agents reads typed messages from
   const CHAT_MAX = 2000;        // characters a message; the agent drops longer ones
+  // A typed message is sent again, under the same id (the agent reads it once), until its
+  // words come back as the user's line: a message sent as livekit-server restarted can be lost
+  // in the room without an error here. Again at once after a reconnect, then every few seconds.
+  const CHAT_ID_ATTR = 'voicebus.message_id';
+  const CHAT_RESEND_MS = 4000;
+  const CHAT_GIVE_UP_MS = 30000;
   const ROOM_RE = /^[A-Za-z0-9_-]{1,64}$/; // what the token service accepts
   // Leaving the room for these was somebody's decision (the user left, another tab took this
   // identity, the participant was removed, the room deleted): the page stays out. Any other
@@ -55,6 +61,7 @@
   let lastSpeechAt = 0;   // performance.now() of the last mic sample above USER_SPEECH_DBFS
   let lastSentAt = 0;     // performance.now() of the last typed message sent
   let sending = false;    // a typed message is on its way
+  let unseen = [];        // typed messages not yet back as the user's line: {id, text, at, timer}
   let lastTurnAt = 0;     // when the previous turn started: older speech belongs to that turn
   let turns = 0;
   let pending = null;     // the turn being timed: {speechEnd, row, spoke, heard}
@@ -143,6 +150,7 @@
           if (room !== r) return;
           returns += 1;
           document.body.dataset.returns = String(returns);
+          resendUnseen();
           return;
         } catch (err) {
           r.disconnect();
@@ -236,6 +244,7 @@
         returns += 1;
         document.body.dataset.returns = String(returns);
         showMic();
+        resendUnseen();
       }))
       .on(E.MediaDevicesError, mine((err) => showError(micError(err))))
       .on(E.Disconnected, mine((reason) => {
@@ -263,6 +272,7 @@
   function teardown() {
     room = null;
     session = null;
+    forgetUnseen();
     offline();
     ui.startAudio.hidden = true;
     showState('');
@@ -306,16 +316,68 @@
     sending = true;
     showChat();
     lastSentAt = performance.now(); // a typed turn is timed from Send
+    const msg = { id: messageId(), text, at: performance.now(), timer: 0 };
+    unseen.push(msg); // before it goes: its line may come back before the send returns
     try {
-      await r.localParticipant.sendText(text, { topic: CHAT_TOPIC });
+      await deliver(r, msg);
+      if (unseen.includes(msg)) resendLater(msg, CHAT_RESEND_MS);
       if (room === r && ui.chatText.value.trim() === text) ui.chatText.value = '';
     } catch (err) {
+      unseen = unseen.filter((m) => m !== msg);
       if (room === r) showError(`Not sent: ${err && err.message ? err.message : err}`);
     } finally {
       sending = false;
       showChat();
       if (room === r) ui.chatText.focus();
     }
+  }
+
+  function deliver(r, msg) {
+    return r.localParticipant.sendText(msg.text, {
+      topic: CHAT_TOPIC, attributes: { [CHAT_ID_ATTR]: msg.id },
+    });
+  }
+
+  // Not back as the user's line after ``delay``: send it again (a rejoin's new room, if any),
+  // until CHAT_GIVE_UP_MS after Send.
+  function resendLater(msg, delay) {
+    clearTimeout(msg.timer);
+    msg.timer = setTimeout(() => {
+      if (!unseen.includes(msg)) return;
+      if (performance.now() - msg.at > CHAT_GIVE_UP_MS) {
+        unseen = unseen.filter((m) => m !== msg);
+        showError(`The agent did not get "${msg.text.slice(0, 60)}": please send it again.`);
+        return;
+      }
+      const r = room;
+      if (r && document.body.dataset.phase === 'connected') deliver(r, msg).catch(() => {});
+      resendLater(msg, CHAT_RESEND_MS);
+    }, delay);
+  }
+
+  // Back in the room: what was typed and not yet seen may have been lost with the old one.
+  function resendUnseen() {
+    for (const msg of unseen) resendLater(msg, 0);
+  }
+
+  // The user's line came back: the oldest message with these words arrived.
+  function seen(text) {
+    const msg = unseen.find((m) => m.text === text.trim());
+    if (!msg) return;
+    clearTimeout(msg.timer);
+    unseen = unseen.filter((m) => m !== msg);
+  }
+
+  function forgetUnseen() {
+    for (const msg of unseen) clearTimeout(msg.timer);
+    unseen = [];
+  }
+
+  // 128 random bits in hex (crypto.randomUUID needs a secure context; a page on a LAN
+  // address over http is not one).
+  function messageId() {
+    return Array.from(crypto.getRandomValues(new Uint8Array(16)),
+      (b) => b.toString(16).padStart(2, '0')).join('');
   }
 
   function showChat() {
@@ -485,6 +547,7 @@
     seg.el.textContent = text;
     seg.el.dataset.final = String(final);
     seg.final = final;
+    if (final && seg.el.dataset.speaker === 'user') seen(text);
     if (stick) ui.transcript.scrollTop = ui.transcript.scrollHeight;
   }
 

@@ -7,6 +7,10 @@ not another agent), the first one heard — at most ``burst`` messages at once a
 ``per_minute`` after that, each at most ``max_chars`` long and complete within
 ``read_timeout`` seconds. Whatever else arrives is dropped unread and reported as a refusal,
 which the stage counts as a rejected message and logs once per burst.
+
+A client that cannot tell whether a message arrived (livekit-server restarted as it was sent)
+sends it again under the same ``voicebus.message_id`` attribute: a message already taken under
+that id is dropped unread, and is no refusal.
 """
 
 from __future__ import annotations
@@ -15,12 +19,13 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from proto.events import MAX_CHAT_CHARS
-from services.runtime.livekit import TOPIC_CHAT
+from services.runtime.livekit import ATTR_MESSAGE_ID, TOPIC_CHAT
 
 if TYPE_CHECKING:
     from livekit import rtc
@@ -33,6 +38,10 @@ Refusal = Callable[[str, str], None]
 Message = Callable[[str, str], None]
 # UTF-8 takes at most 4 bytes a character: a stream announced longer than this cannot fit.
 _BYTES_PER_CHAR = 4
+# Message ids remembered, per session: far more than a client resends (the page resends only
+# the messages it has not seen answered).
+_IDS_KEPT = 256
+_MAX_ID_CHARS = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,34 +108,47 @@ class ChatInbox:
         self.gate = ChatGate(limits.burst, limits.per_minute)
         self._reading: set[asyncio.Task[None]] = set()
         self._last: asyncio.Task[None] | None = None  # the newest message being read
+        self._taken: OrderedDict[str, None] = OrderedDict()  # ids of messages taken, oldest first
         room.register_text_stream_handler(TOPIC_CHAT, self._on_stream)
 
     def _on_stream(self, reader: rtc.TextStreamReader, sender: str) -> None:
         """A plain callback of the SDK: decide at once, read in a task."""
-        refusal = self._refusal(reader, sender)
-        if refusal is not None:
+        message_id = (reader.info.attributes or {}).get(ATTR_MESSAGE_ID, "")[:_MAX_ID_CHARS]
+        refusal = self._refusal(reader, sender, message_id)
+        if refusal is not None or message_id in self._taken:
             reader.close()  # never read: the SDK drops what it buffered
-            self.on_refused(*refusal)
+            if refusal is not None:
+                self.on_refused(*refusal)
+            else:
+                log.debug("message %s from %s again: read once already", message_id, sender)
             return
-        task = asyncio.create_task(self._read(reader, sender, self._last), name="chat")
+        if message_id:
+            self._taken[message_id] = None
+            while len(self._taken) > _IDS_KEPT:
+                self._taken.popitem(last=False)
+        task = asyncio.create_task(self._read(reader, sender, self._last, message_id),
+                                   name="chat")
         self._last = task
         self._reading.add(task)
         task.add_done_callback(self._reading.discard)
 
-    def _refusal(self, reader: rtc.TextStreamReader, sender: str) -> tuple[str, str] | None:
+    def _refusal(self, reader: rtc.TextStreamReader, sender: str,
+                 message_id: str) -> tuple[str, str] | None:
         # The sender's identity is livekit-server's word: it overwrites what a user claims
         # (only an agent may send on another's behalf, and agents are not users).
         if not self.admits(sender):
             return "chat_not_user", f"a message from {sender[:64]!r}, not the session's user"
         if (reader.info.size or 0) > self.limits.max_chars * _BYTES_PER_CHAR:
             return "chat_too_long", f"a message of {reader.info.size} bytes announced"
+        if message_id in self._taken:
+            return None  # a copy: dropped, and it costs the sender nothing
         if not self.gate.allow():
             return "chat_rate", (f"more than {self.limits.burst} messages at once or "
                                  f"{self.limits.per_minute:g} a minute")
         return None
 
     async def _read(self, reader: rtc.TextStreamReader, sender: str,
-                    previous: asyncio.Task[None] | None) -> None:
+                    previous: asyncio.Task[None] | None, message_id: str) -> None:
         from livekit import rtc
 
         try:
@@ -136,9 +158,11 @@ class ChatInbox:
             self.on_refused("chat_too_long", str(exc))
             return
         except TimeoutError:
+            self._taken.pop(message_id, None)  # a copy sent again may arrive whole
             self.on_refused("chat_slow", f"not complete within {self.limits.read_timeout:g} s")
             return
         except rtc.StreamError as exc:  # the sender left mid-message: nothing to answer
+            self._taken.pop(message_id, None)
             log.debug("a chat message broke off: %s", exc)
             return
         finally:

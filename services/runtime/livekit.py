@@ -33,6 +33,9 @@ DEV_API_SECRET = "voicebus-development-secret-change-me"
 TOPIC_TRANSCRIPTION = "lk.transcription"
 # What a user types to the agent (LiveKit Agents reads the same topic).
 TOPIC_CHAT = "lk.chat"
+# A typed message's own id (the web page sets it): a copy sent again after a reconnect, while
+# the first may have arrived, is read once.
+ATTR_MESSAGE_ID = "voicebus.message_id"
 ATTR_SEGMENT_ID = "lk.segment_id"
 ATTR_TRACK_ID = "lk.transcribed_track_id"
 ATTR_FINAL = "lk.transcription_final"

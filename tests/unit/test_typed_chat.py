@@ -14,7 +14,7 @@ from services.egress.floor import Floor
 from services.egress.service import EgressConfig
 from services.ingress.chat import ChatGate, ChatInbox, ChatLimits, TooLong, read_bounded
 from services.runtime.ledger import TurnLedger
-from services.runtime.livekit import TOPIC_CHAT
+from services.runtime.livekit import ATTR_MESSAGE_ID, TOPIC_CHAT
 from tests.unit.test_floor import Actions, in_state
 
 # ---- the judge ------------------------------------------------------------------------------
@@ -116,6 +116,7 @@ async def test_a_message_is_read_whole_or_refused_as_soon_as_it_is_too_long() ->
 @dataclass
 class Info:
     size: int = 0
+    attributes: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -155,10 +156,12 @@ class Inbox:
     refused: list[str]
 
     async def send(self, sender: str, *parts: str, size: int = 0,
-                   ends: asyncio.Event | None = None, wait: bool = True) -> Reader:
+                   ends: asyncio.Event | None = None, wait: bool = True,
+                   message_id: str = "") -> Reader:
         """Open a stream (whose end waits for ``ends``); with ``wait``, until everything sent
         so far is dealt with."""
-        reader = Reader(parts, Info(size), ends=ends)
+        reader = Reader(parts, Info(size, {ATTR_MESSAGE_ID: message_id} if message_id else {}),
+                        ends=ends)
         self.room.handlers[TOPIC_CHAT](reader, sender)  # type: ignore[operator]
         if wait:
             await asyncio.gather(*self.inbox._reading)
@@ -202,3 +205,30 @@ async def test_messages_are_passed_on_in_the_order_they_were_sent() -> None:
     slow.set()
     await asyncio.gather(*chat.inbox._reading)
     assert [text for _, text in chat.texts] == ["a long first message", "then a short one"]
+
+
+async def test_a_message_sent_again_under_its_id_is_read_once() -> None:
+    """The page sends a message it has not seen answered again after a reconnect, under the
+    same id: the copy is dropped unread, is no refusal and costs no rate; a copy of a message
+    that broke off, or one that came from someone else, is no copy."""
+    chat = inbox(burst=2)
+    await chat.send("alice", "Book a table.", message_id="m1")
+    again = await chat.send("alice", "Book a table.", message_id="m1")
+    assert again.closed and chat.texts == [("alice", "Book a table.")] and chat.refused == []
+    await chat.send("alice", "Book a table.")  # no id: every copy is a message
+    assert len(chat.texts) == 2 and chat.refused == []
+    await chat.send("mallory", "Book a table.", message_id="m2")
+    await chat.send("alice", "Order a taxi.", message_id="m2")  # the burst of 2 is spent…
+    assert chat.refused == ["chat_not_user", "chat_rate"]
+    chat.inbox.gate.tokens = 1.0
+    await chat.send("alice", "Order a taxi.", message_id="m2")  # …so m2 was never taken
+    assert chat.texts[-1] == ("alice", "Order a taxi.") and len(chat.texts) == 3
+
+
+async def test_a_message_that_broke_off_may_come_again() -> None:
+    chat = inbox(read_timeout=0)
+    await chat.send("alice", "never ", "ends", ends=asyncio.Event(), message_id="m1")
+    assert chat.refused == ["chat_slow"]
+    chat.inbox.limits = ChatLimits(max_chars=20)
+    await chat.send("alice", "Book a table.", message_id="m1")
+    assert chat.texts == [("alice", "Book a table.")]
