@@ -114,8 +114,9 @@ class ChatInbox:
     def _on_stream(self, reader: rtc.TextStreamReader, sender: str) -> None:
         """A plain callback of the SDK: decide at once, read in a task."""
         message_id = (reader.info.attributes or {}).get(ATTR_MESSAGE_ID, "")[:_MAX_ID_CHARS]
-        refusal = self._refusal(reader, sender, message_id)
-        if refusal is not None or message_id in self._taken:
+        copy = message_id in self._taken  # never "": an id-less message is taken as new
+        refusal = self._refusal(reader, sender, copy)
+        if refusal is not None or copy:
             reader.close()  # never read: the SDK drops what it buffered
             if refusal is not None:
                 self.on_refused(*refusal)
@@ -133,15 +134,15 @@ class ChatInbox:
         task.add_done_callback(self._reading.discard)
 
     def _refusal(self, reader: rtc.TextStreamReader, sender: str,
-                 message_id: str) -> tuple[str, str] | None:
+                 copy: bool) -> tuple[str, str] | None:
         # The sender's identity is livekit-server's word: it overwrites what a user claims
         # (only an agent may send on another's behalf, and agents are not users).
         if not self.admits(sender):
             return "chat_not_user", f"a message from {sender[:64]!r}, not the session's user"
         if (reader.info.size or 0) > self.limits.max_chars * _BYTES_PER_CHAR:
             return "chat_too_long", f"a message of {reader.info.size} bytes announced"
-        if message_id in self._taken:
-            return None  # a copy: dropped, and it costs the sender nothing
+        if copy:
+            return None  # dropped unread, and it costs the sender nothing
         if not self.gate.allow():
             return "chat_rate", (f"more than {self.limits.burst} messages at once or "
                                  f"{self.limits.per_minute:g} a minute")
