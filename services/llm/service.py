@@ -24,7 +24,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import msgspec
 from nats.js.errors import KeyNotFoundError
@@ -39,7 +39,7 @@ from services.llm.tools import END_CALL, PHONE_BUILT_IN, ToolBox
 from services.runtime import metrics, tracing, usage
 from services.runtime.fallback import FallbackAdapter, answered_by
 from services.runtime.ledger import MAX_AHEAD, FloorRecord, TurnLedger
-from services.runtime.service import ProviderStage, SessionWorker
+from services.runtime.service import ProviderStage, SessionWorker, to_the_end
 
 
 HISTORY_BUCKET = "voicebus_history"
@@ -210,6 +210,9 @@ class LlmWorker(SessionWorker[LlmConfig]):
         if text:
             trace = self._first_token(turn, origin, "voicebus")
             await self.emit(sj.LLM_DELTA, ev.ReplyDelta, turn=turn, text=text, trace=trace)
+        await to_the_end(self._said(turn, text))
+
+    async def _said(self, turn: int, text: str) -> None:
         await self.emit(sj.LLM_DONE, ev.ReplyDone, turn=turn, text=text, provider="voicebus")
         await self._remember("", text, interrupted=False, turn=turn)
 
@@ -259,15 +262,22 @@ class LlmWorker(SessionWorker[LlmConfig]):
             outcome = "interrupted"
         except Exception as exc:  # a provider failure or a bug: the turn still closes
             outcome, error = "error", await self.provider_failed(turn, exc, "reply")
-        text = "".join(parts)
-        await self.emit(sj.LLM_DONE, ev.ReplyDone, turn=turn, text=text,
-                        interrupted=outcome == "interrupted", error=error,
-                        provider=answered_by(stream, provider) if stream else provider.name,
-                        end_call=outcome == "ok" and self.end_call_turn == turn,
-                        timing=Timing(compute_ms=(time.perf_counter() - received) * 1000))
-        await usage.publish(self, meter, turn, interrupted=outcome == "interrupted")
+        text, interrupted = "".join(parts), outcome == "interrupted"
+        done = dict(turn=turn, text=text, interrupted=interrupted, error=error,
+                    provider=answered_by(stream, provider) if stream else provider.name,
+                    end_call=outcome == "ok" and self.end_call_turn == turn,
+                    timing=Timing(compute_ms=(time.perf_counter() - received) * 1000))
+        await to_the_end(self._answered(said_by(verdict), done, meter, outcome))
+
+    async def _answered(self, user: str, done: dict[str, Any], meter: usage.Meter,
+                        outcome: str) -> None:
+        """The reply's end: announced, metered, and into the history (a cut that comes now
+        finds nothing left to stop)."""
+        turn, interrupted = done["turn"], done["interrupted"]
+        await self.emit(sj.LLM_DONE, ev.ReplyDone, **done)
+        await usage.publish(self, meter, turn, interrupted=interrupted)
         metrics.TURNS.labels("llm", outcome).inc()
-        await self._settle(verdict.turn, said_by(verdict), text, outcome == "interrupted")
+        await self._settle(turn, user, done["text"], interrupted)
 
     async def _unstarted(self, turn: int) -> None:
         await self.emit(sj.LLM_DONE, ev.ReplyDone, turn=turn, interrupted=True,

@@ -49,6 +49,25 @@ C = TypeVar("C", bound=BaseConfig)
 E = TypeVar("E", bound=ev.Event)
 
 VERSION = "0.1.0"
+T = TypeVar("T")
+
+
+async def to_the_end(work: Awaitable[T]) -> T:
+    """Await ``work`` to its end even if this task is cancelled meanwhile, and absorb the cancel.
+
+    For the close of a turn: once its end has been announced, a late cut (a newer turn, a
+    barge-in) has nothing left to stop, and stopping the close half way would lose what it
+    still had to store, or have the turn announced again by ``spawn_turn``'s fallback."""
+    future = asyncio.ensure_future(work)
+    task = asyncio.current_task()
+    while True:
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            if future.cancelled() or task is None:
+                raise  # the work itself was cancelled: nothing to wait for
+            while task.cancelling():  # the cuts were for the turn, which is over
+                task.uncancel()
 
 
 class SessionWorker(Generic[C]):
@@ -148,7 +167,8 @@ class SessionWorker(Generic[C]):
                    close: Callable[[int], Awaitable[None]]) -> asyncio.Task[Any]:
         """Spawn a turn's work; when it is over, the turn closes in the ledger. A task cancelled
         before it ever ran never reaches its own ``except CancelledError``; ``close(turn)`` then
-        still announces the turn's end, and the turn closes after it."""
+        still announces the turn's end, and the turn closes after it. So the work announces its
+        own end under ``to_the_end``: cancelled after that, it must not end cancelled."""
         task = self.spawn(coro, f"turn-{turn}")
 
         def closed(done: asyncio.Task[Any]) -> None:

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 from functools import partial
 from importlib.util import find_spec
+from typing import Any
 
 import numpy as np
 
@@ -24,7 +25,7 @@ from services.runtime.audio import frame_bytes
 from services.runtime.errors import ConfigError, ProviderError
 from services.runtime.fallback import READY_FIRST, FallbackAdapter, answered_by
 from services.runtime.ledger import FloorRecord, TurnLedger
-from services.runtime.service import ProviderStage, SessionWorker
+from services.runtime.service import ProviderStage, SessionWorker, to_the_end
 from services.tts.chunker import Chunk, SentenceChunker
 from services.tts.config import TtsConfig
 from services.tts.provider import PROVIDERS, SpokenAudio, TtsProvider, WordTiming, word_marks
@@ -243,13 +244,17 @@ class TtsWorker(SessionWorker[TtsConfig]):
             interrupted = True
         except Exception as exc:  # a provider failure or a bug: the turn still closes
             await self.provider_failed(speech.turn, exc, "synthesis")
-        await self.emit(sj.TTS_DONE, ev.SynthesisDone, turn=speech.turn, frames=frames,
-                        text=speech.text, interrupted=interrupted,
-                        words=word_marks(speech.text, lead.shift(words or [])),
-                        timing=Timing(first_frame_ts_ns=first_ts, llm_ms=speech.llm_ms,
-                                      tts_ms=tts_ms))
-        await usage.publish(self, meter, speech.turn, interrupted=interrupted)
-        metrics.TURNS.labels("tts", "interrupted" if interrupted else "ok").inc()
+        done = dict(turn=speech.turn, frames=frames, text=speech.text, interrupted=interrupted,
+                    words=word_marks(speech.text, lead.shift(words or [])),
+                    timing=Timing(first_frame_ts_ns=first_ts, llm_ms=speech.llm_ms,
+                                  tts_ms=tts_ms))
+        await to_the_end(self._spoken(done, meter))
+
+    async def _spoken(self, done: dict[str, Any], meter: usage.Meter) -> None:
+        """The turn's end, announced once: a cut that comes now finds nothing left to stop."""
+        await self.emit(sj.TTS_DONE, ev.SynthesisDone, **done)
+        await usage.publish(self, meter, done["turn"], interrupted=done["interrupted"])
+        metrics.TURNS.labels("tts", "interrupted" if done["interrupted"] else "ok").inc()
 
     def _first_audio(self, speech: TurnSpeech, provider: str, tts_ms: float
                      ) -> tracing.Headers | None:

@@ -1,0 +1,192 @@
+"""A turn whose end is being announced is not cut half way: a cut that lands while the LLM
+stores a reply, or while TTS publishes the end of its speech, finds the turn over. The end is
+announced once (a second, "interrupted" one came from the cut before) and the reply stays in
+the history, before the turn that cut it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+from nats.js.errors import KeyNotFoundError
+
+from proto import events as ev
+from proto import subjects as sj
+from services.llm.config import LlmConfig
+from services.llm.provider import ChatMessage
+from services.llm.providers.echo import EchoLlm
+from services.llm.service import LlmWorker
+from services.runtime.agents import Agents
+from services.runtime.service import to_the_end
+from services.tts.config import TtsConfig
+from services.tts.provider import SpokenAudio
+from services.tts.service import TtsWorker
+
+
+async def test_a_cancel_during_the_close_is_absorbed_and_the_close_finishes() -> None:
+    gate, steps = asyncio.Event(), []
+
+    async def close() -> str:
+        steps.append("announced")
+        await gate.wait()
+        steps.append("stored")
+        return "closed"
+
+    async def turn() -> str:
+        return await to_the_end(close())
+
+    task = asyncio.create_task(turn())
+    while not steps:
+        await asyncio.sleep(0)
+    task.cancel()
+    task.cancel()  # two cuts (a cancel, then a newer verdict) are both for a turn that is over
+    await asyncio.sleep(0)
+    assert not task.done()
+    gate.set()
+    assert await task == "closed"
+    assert steps == ["announced", "stored"]
+    assert not task.cancelled() and task.cancelling() == 0
+
+
+async def test_a_cancel_before_the_close_still_cancels() -> None:
+    started = asyncio.Event()
+
+    async def turn() -> None:
+        started.set()
+        await asyncio.sleep(3600)  # the turn's work, which a cut stops
+        await to_the_end(asyncio.sleep(0))
+
+    task = asyncio.create_task(turn())
+    await started.wait()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert task.cancelled()
+
+
+class Gate:
+    """Holds one kind of bus call until the test lets it through."""
+
+    def __init__(self) -> None:
+        self.reached, self.open = asyncio.Event(), asyncio.Event()
+
+    async def wait(self) -> None:
+        self.reached.set()
+        await self.open.wait()
+
+
+class FakeBus:
+    def __init__(self) -> None:
+        self.kv: dict[str, bytes] = {}
+        self.published: list[ev.Event] = []
+        self.changed = asyncio.Event()
+        self.hold_put: Gate | None = None
+        self.hold_publish: tuple[type[ev.Event], Gate] | None = None
+
+    async def key_value(self, bucket: str, ttl: float = 0.0) -> str:
+        return bucket
+
+    async def get(self, kv: str, key: str) -> Any:
+        if key not in self.kv:
+            raise KeyNotFoundError
+        return type("Entry", (), {"value": self.kv[key]})()
+
+    async def put(self, kv: str, key: str, value: bytes) -> int:
+        if self.hold_put is not None:
+            gate, self.hold_put = self.hold_put, None
+            await gate.wait()
+        self.kv[key] = value
+        return 1
+
+    async def publish(self, topic: sj.Topic, event: ev.Event, subject: str = "",
+                      headers: Any = None) -> None:
+        if self.hold_publish is not None and isinstance(event, self.hold_publish[0]):
+            gate = self.hold_publish[1]
+            self.hold_publish = None
+            await gate.wait()
+        self.published.append(event)
+        self.changed.set()
+
+    async def subscribe(self, subject: str, handler: Any, queue: str = "") -> Any:
+        return type("Sub", (), {"unsubscribe": staticmethod(_nothing)})()
+
+    def of(self, cls: type[ev.Event]) -> list[Any]:
+        return [e for e in self.published if isinstance(e, cls)]
+
+    async def until(self, ready: Any) -> None:
+        async with asyncio.timeout(5):
+            while not ready():
+                self.changed.clear()
+                await self.changed.wait()
+
+
+async def _nothing() -> None:
+    pass
+
+
+class FakeService:
+    def __init__(self, stage: str, config: Any, provider: Any) -> None:
+        self.stage, self.config, self.provider = stage, config, provider
+        self.bus, self.state, self.agents = FakeBus(), "state", Agents({})
+
+    def config_for(self, agent: str) -> Any:
+        return self.config
+
+    def provider_for(self, agent: str) -> Any:
+        return self.provider
+
+
+def _verdict(turn: int, action: str, text: str = "") -> ev.Verdict:
+    return ev.Verdict(session="s", turn=turn, action=action, text=text)
+
+
+async def test_the_llm_stores_a_greeting_cut_as_it_is_stored_and_announces_it_once() -> None:
+    service = FakeService("llm", LlmConfig(), EchoLlm(ack=""))
+    bus = service.bus
+    worker = LlmWorker(service, ev.SessionStart(session="s", greeting="Hi there."))  # type: ignore[arg-type]
+    await worker.subscribe_inputs()
+    bus.hold_put = stored = Gate()
+    await worker.handle(_verdict(0, "greet"))
+    await stored.reached.wait()  # the greeting is announced, and being stored
+    await worker.handle(_verdict(1, "answer", "what time is it"))  # the user spoke: the cut
+    stored.open.set()
+    await bus.until(lambda: any(d.turn == 1 for d in bus.of(ev.ReplyDone)))
+    await worker.close()
+
+    done = [(d.turn, d.text, d.interrupted) for d in bus.of(ev.ReplyDone)]
+    assert done == [(0, "Hi there.", False), (1, "What time is it...", False)]
+    history = msgspec.msgpack.decode(bus.kv["s"], type=list[ChatMessage])
+    assert [(m.role, m.content, m.turn) for m in history] == [
+        ("assistant", "Hi there.", 0), ("user", "what time is it", 1),
+        ("assistant", "What time is it...", 1)]
+
+
+class OneToneTts:
+    name, sample_rate, word_timestamps = "tone", 16000, False
+
+    async def synthesize(self, chunks: AsyncIterator[str], words: Any = None
+                         ) -> AsyncIterator[SpokenAudio]:
+        index = 0
+        async for _ in chunks:
+            yield SpokenAudio(pcm=bytes(640), chunk=index)
+            index += 1
+
+
+async def test_tts_cut_as_it_announces_the_end_of_its_speech_announces_it_once() -> None:
+    service = FakeService("tts", TtsConfig(tts_trim_lead_ms=0), OneToneTts())
+    bus = service.bus
+    worker = TtsWorker(service, ev.SessionStart(session="s"))  # type: ignore[arg-type]
+    await worker.subscribe_inputs()
+    bus.hold_publish = (ev.SynthesisDone, announced := Gate())
+    worker.handle(ev.ReplyDelta(session="s", turn=0, text="Hello there."))
+    worker.handle(ev.ReplyDone(session="s", turn=0, text="Hello there."))
+    await announced.reached.wait()
+    worker.handle(ev.Cancel(session="s", turn=0))  # a barge-in, once every frame is out
+    announced.open.set()
+    await bus.until(lambda: bus.of(ev.SynthesisDone))
+    await worker.close()
+
+    (done,) = bus.of(ev.SynthesisDone)
+    assert (done.turn, done.frames, done.interrupted) == (0, len(bus.of(ev.AudioFrame)), False)
+    assert done.frames > 0
