@@ -38,6 +38,9 @@ PREFIX = f"$KV.{LEASE_BUCKET}."
 MARKER_TTL = 1
 # JetStream's error code for "wrong last sequence": a lost race for a key.
 _WRONG_LAST_SEQUENCE = 10071
+# Reads and writes of a lease that changed in between (a marker written or expired meanwhile)
+# before giving up; only another replica's lease, seen, refuses at once.
+_ACQUIRE_TRIES = 4
 
 
 def _is_free(headers: dict[str, str] | None) -> bool:
@@ -73,21 +76,27 @@ class Leases:
         return await self.bus.jetstream(lambda: self._acquire(session))
 
     async def _acquire(self, session: str) -> int:
-        assert self.kv is not None
         key = self.key(session)
-        try:
-            return await self.kv.create(key, self.replica, msg_ttl=self.ttl)
-        except KeyWrongLastSequenceError:
-            pass  # there is a revision: free (a marker, a deletion) or someone's lease
-        try:
-            last = await self.bus.js.get_msg(STREAM, subject=PREFIX + key)
-        except NotFoundError:
-            return await self.kv.create(key, self.replica, msg_ttl=self.ttl)
-        if last.data == self.replica:
-            return last.seq  # ours already: a try before timed out after it was written
-        if not _is_free(last.headers):
-            raise KeyWrongLastSequenceError(description=f"{key} is held")
-        return await self._write(key, last.seq)
+        revision = 0  # first as a new key: one request for a new session
+        for _ in range(_ACQUIRE_TRIES):
+            try:
+                return await self._write(key, revision)
+            except KeyWrongLastSequenceError:
+                pass  # there is a revision: free (a marker, a deletion) or someone's lease
+            try:
+                last = await self.bus.js.get_msg(STREAM, subject=PREFIX + key)
+            except NotFoundError:
+                revision = 0  # gone since (an expiry marker lives MARKER_TTL): new again
+                continue
+            if _is_free(last.headers):
+                revision = last.seq
+                continue  # taken over the marker, unless it changed meanwhile: look again
+            if last.data == self.replica:
+                return last.seq  # ours already: a try before timed out after it was written
+            raise KeyWrongLastSequenceError(
+                description=f"{key} is held by {(last.data or b'').decode()!r}")
+        # Written and expired under us each time: nobody held it, but it is not ours either.
+        raise KeyWrongLastSequenceError(description=f"{key} changed under {_ACQUIRE_TRIES} tries")
 
     async def refresh(self, session: str, revision: int) -> int:
         """A new revision of our lease, only if ``revision`` is still the last one."""

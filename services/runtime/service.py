@@ -416,10 +416,10 @@ class StageService(Generic[C]):
                 log.warning("lease had expired; renewed", extra={"stage": self.stage, "session": session})
             if session in self.workers:
                 self._lease_rev[session] = revision
-        except KeyWrongLastSequenceError:
+        except KeyWrongLastSequenceError as exc:
             worker = self.workers.pop(session, None)
-            log.error("another replica holds the lease: dropping the session",
-                      extra={"stage": self.stage, "session": session})
+            log.error("another replica holds the lease (%s): dropping the session",
+                      exc.description, extra={"stage": self.stage, "session": session})
             if worker is not None:
                 await worker.close()
         except Exception as exc:
