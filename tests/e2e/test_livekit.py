@@ -65,7 +65,7 @@ async def test_user_hears_the_agent_with_transcripts_and_states(lk_stack, lk_tap
         await caller.leave()
 
     reply = lk_tap.of(ev.ReplyDone, ROOM, turn=1)[0]
-    # The agent's voice reached the user: pocketsphinx hears the echoed question in it.
+    # The agent's voice reached the user: Whisper hears the echoed question in it.
     heard = await transcribe_wav(tmp_path / "reply.wav")
     assert {"what", "time"} <= _words(heard), heard
     assert turn.first_sound > turn.speech_end > 0
