@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Callable
 from livekit import rtc
 
 from services.ingress.audio import FRAME_BYTES, FRAME_MS, SAMPLE_RATE, Framer
+from services.ingress.vad import frames_to_end
 from services.runtime import metrics
 from services.runtime.livekit import (INGRESS_IDENTITY, TOPIC_TRANSCRIPTION, LiveKitConfig,
                                       is_user, join, listener_grants)
@@ -99,7 +100,7 @@ class Voice:
 
 
 class MicrophoneSource:
-    def __init__(self, config: LiveKitConfig, room_name: str, *, trailing_silence_ms: int,
+    def __init__(self, config: LiveKitConfig, room_name: str, *, vad_silence_ms: int,
                  on_change: TrackChange, max_queued_ms: int = 2000, owner: str = "",
                  on_owner: Callable[[str], None] | None = None,
                  on_dtmf: Callable[[str], None] | None = None,
@@ -116,7 +117,7 @@ class MicrophoneSource:
         self.room = rtc.Room()
         self.on_change = on_change
         self.on_dtmf = on_dtmf
-        self._voice_args = {"trailing_frames": trailing_silence_ms // FRAME_MS + 2,
+        self._voice_args = {"trailing_frames": frames_to_end(vad_silence_ms, FRAME_MS),
                             "max_queued_ms": max_queued_ms}
         # By speaker identity in a meeting; the one user's under "" otherwise.
         self.voices: dict[str, Voice] = {}

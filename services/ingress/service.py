@@ -26,7 +26,7 @@ from services.ingress.audio import (
 )
 from services.ingress.chat import ChatInbox, ChatLimits
 from services.ingress.microphone import MicrophoneSource
-from services.ingress.vad import VadEdge, VadSegmenter
+from services.ingress.vad import VadEdge, VadSegmenter, frames_to_end
 from services.runtime import metrics, tracing
 from services.runtime.audio import frame_problem
 from services.runtime.config import audio_file
@@ -188,7 +188,7 @@ class IngressWorker(SessionWorker[IngressConfig]):
 
     async def hear_room(self, room: str) -> None:
         self.microphone = MicrophoneSource(
-            self.config, room, trailing_silence_ms=self.config.vad_silence_ms,
+            self.config, room, vad_silence_ms=self.config.vad_silence_ms,
             on_change=self.on_track_change, owner=await self._session_user(),
             on_owner=self._keep_user, on_dtmf=self.on_key,
             on_voice=self.on_voice if self.config.listen == "everyone" else None)
@@ -289,7 +289,7 @@ class IngressWorker(SessionWorker[IngressConfig]):
             if len(self.replies) == replies_before:
                 self.log.warning("no reply to %s within %.0fs", path, self.config.reply_timeout)
         # A little trailing silence, as a microphone would give, then the source ends.
-        for _ in range(self.config.vad_silence_ms // FRAME_MS + 5):
+        for _ in range(frames_to_end(self.config.vad_silence_ms, FRAME_MS)):
             yield SILENCE
 
     async def feed(self, frames: AsyncIterable[bytes], speaker: str = "") -> None:

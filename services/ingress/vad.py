@@ -16,6 +16,7 @@ wrapper builds an onnxruntime session per stream: ~40 ms and ~10 MB each.)
 
 from __future__ import annotations
 
+import math
 from typing import Literal, NamedTuple, Protocol
 
 import numpy as np
@@ -27,6 +28,21 @@ WINDOW_MS = WINDOW_SAMPLES // SAMPLES_PER_MS  # 32
 _SCALE = 1 / 32768
 
 EdgeKind = Literal["start", "end"]
+# Windows the energy floor does not gate, past the bound below, before a stateful model lets
+# go of a speech it has just heard (a margin: digital silence is gated at the default floor).
+_LINGER_MS = 100
+
+
+def frames_to_end(silence_ms: int, frame_ms: int) -> int:
+    """How many frames of digital silence, right after speech, surely end the utterance under
+    way.
+
+    Not ``silence_ms`` alone: the window holding the last speech samples counts as speech to
+    its end (up to a window past them), and the end is judged on whole windows after it. A
+    microphone that went away mid-word was followed by ``silence_ms`` and two frames: for 7 of
+    33 places to cut "What time is it?" that was 20 ms short, and the utterance never ended."""
+    ms = WINDOW_MS + math.ceil(silence_ms / WINDOW_MS) * WINDOW_MS + _LINGER_MS
+    return math.ceil(ms / frame_ms)
 
 
 class VadEdge(NamedTuple):

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from services.ingress.audio import FRAME_BYTES, FRAME_MS, Resampler
-from services.ingress.vad import WINDOW_MS, WINDOW_SAMPLES, VadEdge, VadSegmenter
+from services.ingress.microphone import Voice
+from services.ingress.vad import WINDOW_MS, WINDOW_SAMPLES, VadEdge, VadSegmenter, frames_to_end
 
 SILENCE_MS = 300
 
@@ -154,6 +155,31 @@ def test_one_utterance_gives_one_start_and_one_end(utterance: tuple[bytes, int, 
     heard_until = end_frame + FRAME_MS
     assert SILENCE_MS <= heard_until - end.pts_ms <= SILENCE_MS + WINDOW_MS + FRAME_MS
     assert not vad.in_speech
+
+
+@pytest.mark.parametrize("silence_ms", [200, 300, 500])
+async def test_a_microphone_gone_mid_word_still_ends_the_utterance(
+        utterance: tuple[bytes, int, int], silence_ms: int) -> None:
+    """Wherever the speech is cut (a participant leaves while speaking), the silence the source
+    adds for a microphone that went away ends the utterance. The frames it adds, and nothing
+    else, come from ``Voice``. With ``silence_ms`` and two frames, 7 of these 33 cuts at 200 ms
+    (4 at 300) left the utterance open for good: its STT turn, and a replica's handover,
+    waited on an end that never came."""
+    pcm, speech_start, speech_end = utterance
+    voice = Voice(trailing_frames=frames_to_end(silence_ms, FRAME_MS),
+                  max_queued_ms=2000)
+    voice.lose()
+    await voice._reader  # the trailing silence is queued
+    trailing = [voice.queue.get_nowait() for _ in range(voice.queue.qsize())]
+    assert trailing and not any(any(frame) for frame in trailing)
+    cuts = range(speech_start // FRAME_MS + 4, speech_end // FRAME_MS, 1)
+    left_open = []
+    for cut in cuts:
+        vad = VadSegmenter(silence_ms=silence_ms)
+        edges = [e.kind for _, e in feed(vad, pcm[:cut * FRAME_BYTES] + b"".join(trailing))]
+        if edges[-1:] != ["end"]:
+            left_open.append(cut * FRAME_MS)
+    assert len(cuts) > 20 and left_open == [], left_open
 
 
 def test_reset_makes_the_segmenter_reusable(utterance: tuple[bytes, int, int]) -> None:
