@@ -7,13 +7,13 @@ import re
 import wave
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from proto.events import FRAME_MS
 from services.ingress.audio import FRAME_BYTES, Resampler, read_wav
 from services.stt.config import SttConfig
+from services.stt.provider import SttProvider
 from services.tts.config import TtsConfig
 from services.tts.providers.piper import PiperTts
 
@@ -65,7 +65,7 @@ def phrases(audio: bytes, *, gap_ms: int = 300, loud: int = 500) -> list[bytes]:
     return out
 
 
-async def transcribe_wav(path: Path, stt: Any = None) -> str:
+async def transcribe_wav(path: Path, stt: SttProvider | None = None) -> str:
     """What an offline STT (``stt``, by default Whisper tiny.en) hears in a WAV file (any rate,
     mono or stereo, 16-bit), phrase by phrase, as lowercase words without punctuation.
 

@@ -28,8 +28,8 @@ WINDOW_MS = WINDOW_SAMPLES // SAMPLES_PER_MS  # 32
 _SCALE = 1 / 32768
 
 EdgeKind = Literal["start", "end"]
-# Windows the energy floor does not gate, past the bound below, before a stateful model lets
-# go of a speech it has just heard (a margin: digital silence is gated at the default floor).
+# A margin on top of the bound below, for silence the energy floor does not gate (the floor
+# off, or silence that is not digital zeros): Silero's state may hold a speech a window longer.
 _LINGER_MS = 100
 
 
@@ -39,8 +39,9 @@ def frames_to_end(silence_ms: int, frame_ms: int) -> int:
 
     Not ``silence_ms`` alone: the window holding the last speech samples counts as speech to
     its end (up to a window past them), and the end is judged on whole windows after it. A
-    microphone that went away mid-word was followed by ``silence_ms`` and two frames: for 7 of
-    33 places to cut "What time is it?" that was 20 ms short, and the utterance never ended."""
+    microphone that went away mid-word was followed by ``silence_ms`` and two frames: at 200 ms,
+    for 7 of 33 places to cut "What time is it?" that was 20 ms short (4 at 300 ms), and the
+    utterance never ended."""
     ms = WINDOW_MS + math.ceil(silence_ms / WINDOW_MS) * WINDOW_MS + _LINGER_MS
     return math.ceil(ms / frame_ms)
 

@@ -24,7 +24,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import msgspec
 from nats.js.errors import KeyNotFoundError
@@ -210,11 +210,12 @@ class LlmWorker(SessionWorker[LlmConfig]):
         if text:
             trace = self._first_token(turn, origin, "voicebus")
             await self.emit(sj.LLM_DELTA, ev.ReplyDelta, turn=turn, text=text, trace=trace)
-        await to_the_end(self._said(turn, text))
 
-    async def _said(self, turn: int, text: str) -> None:
-        await self.emit(sj.LLM_DONE, ev.ReplyDone, turn=turn, text=text, provider="voicebus")
-        await self._remember("", text, interrupted=False, turn=turn)
+        async def close() -> None:
+            await self.emit(sj.LLM_DONE, ev.ReplyDone, turn=turn, text=text, provider="voicebus")
+            await self._remember("", text, interrupted=False, turn=turn)
+
+        await to_the_end(close(), self.config.shutdown_grace)
 
     # ---- answering -------------------------------------------------------------------------------
 
@@ -239,7 +240,8 @@ class LlmWorker(SessionWorker[LlmConfig]):
             await asyncio.wait(set(self.calls))
         turn = verdict.turn
         parts: list[str] = []
-        outcome, error = "ok", ""
+        outcome = "ok"
+        failure: Exception | None = None  # what broke the reply: told as the reply closes
         provider = self.provider
         messages = self.messages_for(said_by(verdict), meeting=bool(verdict.speaker))
         stream: AsyncIterator[str | ToolCall] | None = None
@@ -261,23 +263,24 @@ class LlmWorker(SessionWorker[LlmConfig]):
         except asyncio.CancelledError:
             outcome = "interrupted"
         except Exception as exc:  # a provider failure or a bug: the turn still closes
-            outcome, error = "error", await self.provider_failed(turn, exc, "reply")
+            outcome, failure = "error", exc
         text, interrupted = "".join(parts), outcome == "interrupted"
-        done = dict(turn=turn, text=text, interrupted=interrupted, error=error,
-                    provider=answered_by(stream, provider) if stream else provider.name,
-                    end_call=outcome == "ok" and self.end_call_turn == turn,
-                    timing=Timing(compute_ms=(time.perf_counter() - received) * 1000))
-        await to_the_end(self._answered(said_by(verdict), done, meter, outcome))
+        timing = Timing(compute_ms=(time.perf_counter() - received) * 1000)
 
-    async def _answered(self, user: str, done: dict[str, Any], meter: usage.Meter,
-                        outcome: str) -> None:
-        """The reply's end: announced, metered, and into the history (a cut that comes now
-        finds nothing left to stop)."""
-        turn, interrupted = done["turn"], done["interrupted"]
-        await self.emit(sj.LLM_DONE, ev.ReplyDone, **done)
-        await usage.publish(self, meter, turn, interrupted=interrupted)
-        metrics.TURNS.labels("llm", outcome).inc()
-        await self._settle(turn, user, done["text"], interrupted)
+        async def close() -> None:
+            """Announced, metered, into the history: a cut that comes now finds nothing left
+            to stop."""
+            error = await self.provider_failed(turn, failure, "reply") if failure else ""
+            await self.emit(sj.LLM_DONE, ev.ReplyDone, turn=turn, text=text,
+                            interrupted=interrupted, error=error,
+                            provider=answered_by(stream, provider) if stream else provider.name,
+                            end_call=outcome == "ok" and self.end_call_turn == turn,
+                            timing=timing)
+            await usage.publish(self, meter, turn, interrupted=interrupted)
+            metrics.TURNS.labels("llm", outcome).inc()
+            await self._settle(turn, said_by(verdict), text, interrupted)
+
+        await to_the_end(close(), self.config.shutdown_grace)
 
     async def _unstarted(self, turn: int) -> None:
         await self.emit(sj.LLM_DONE, ev.ReplyDone, turn=turn, interrupted=True,

@@ -49,6 +49,11 @@ def _is_free(headers: dict[str, str] | None) -> bool:
     return "Nats-Marker-Reason" in headers or headers.get("KV-Operation") in ("DEL", "PURGE")
 
 
+class LeaseContended(Exception):
+    """The lease changed between each read and write of a claim: nobody was seen holding it,
+    so the session is not given up; the claim is tried again later."""
+
+
 class Leases:
     def __init__(self, bus: Bus, stage: str, replica: str, ttl: int) -> None:
         self.bus = bus
@@ -71,32 +76,35 @@ class Leases:
 
     async def acquire(self, session: str) -> int:
         """Take the lease (new, released or expired); its revision. Raises
-        ``KeyWrongLastSequenceError`` when another replica holds it or won the race. Tried
-        again while JetStream elects a leader (a cluster node died)."""
+        ``KeyWrongLastSequenceError`` when another replica holds it or won the race (its name
+        read in the key), ``LeaseContended`` when the key kept changing under us. Tried again
+        while JetStream elects a leader (a cluster node died)."""
         return await self.bus.jetstream(lambda: self._acquire(session))
 
     async def _acquire(self, session: str) -> int:
         key = self.key(session)
         revision = 0  # first as a new key: one request for a new session
-        for _ in range(_ACQUIRE_TRIES):
+        for attempt in range(1, _ACQUIRE_TRIES + 1):
             try:
                 return await self._write(key, revision)
             except KeyWrongLastSequenceError:
-                pass  # there is a revision: free (a marker, a deletion) or someone's lease
+                if attempt == _ACQUIRE_TRIES:
+                    break
+            # There is a revision: free (a marker, a deletion) or someone's lease.
             try:
                 last = await self.bus.js.get_msg(STREAM, subject=PREFIX + key)
             except NotFoundError:
                 revision = 0  # gone since (an expiry marker lives MARKER_TTL): new again
                 continue
             if _is_free(last.headers):
-                revision = last.seq
-                continue  # taken over the marker, unless it changed meanwhile: look again
+                revision = last.seq  # over the marker, unless it changes meanwhile
+                continue
             if last.data == self.replica:
                 return last.seq  # ours already: a try before timed out after it was written
             raise KeyWrongLastSequenceError(
                 description=f"{key} is held by {(last.data or b'').decode()!r}")
-        # Written and expired under us each time: nobody held it, but it is not ours either.
-        raise KeyWrongLastSequenceError(description=f"{key} changed under {_ACQUIRE_TRIES} tries")
+        # Written and expired under us each time: nobody was seen holding it.
+        raise LeaseContended(f"{key} changed between each read and write, {_ACQUIRE_TRIES} times")
 
     async def refresh(self, session: str, revision: int) -> int:
         """A new revision of our lease, only if ``revision`` is still the last one."""

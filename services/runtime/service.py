@@ -19,7 +19,7 @@ import signal
 import socket
 import re
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any, ClassVar, Generic, TypeVar
 
 import msgspec
@@ -52,22 +52,40 @@ VERSION = "0.1.0"
 T = TypeVar("T")
 
 
-async def to_the_end(work: Awaitable[T]) -> T:
-    """Await ``work`` to its end even if this task is cancelled meanwhile, and absorb the cancel.
+async def to_the_end(work: Coroutine[Any, Any, T], grace: float) -> T:
+    """Run ``work`` to its end even if this task is cancelled meanwhile, and absorb the cancel.
 
     For the close of a turn: once its end has been announced, a late cut (a newer turn, a
     barge-in) has nothing left to stop, and stopping the close half way would lose what it
-    still had to store, or have the turn announced again by ``spawn_turn``'s fallback."""
-    future = asyncio.ensure_future(work)
+    still had to store, or have the turn announced again by ``spawn_turn``'s fallback. Only
+    the cancels that land here are absorbed (one asked before stays asked), and for ``grace``
+    seconds at most: past it (a KV write stuck in an outage) the work is cancelled and so is
+    this task. Not for use under ``asyncio.timeout`` or in a ``TaskGroup``: their cancel would
+    be absorbed too."""
     task = asyncio.current_task()
+    assert task is not None
+    asked_before = task.cancelling()
+    inner = asyncio.create_task(work, name=f"{task.get_name()}:close")
+    cut_at = 0.0
     while True:
         try:
-            return await asyncio.shield(future)
+            if not cut_at:
+                return await asyncio.shield(inner)
+            left = cut_at + grace - time.monotonic()
+            done, _ = await asyncio.wait({inner}, timeout=max(0.0, left))
+            if not done:
+                inner.cancel()
+                await asyncio.wait({inner})
+                raise asyncio.CancelledError(f"the close outlived its {grace:g} s")
+            return inner.result()
         except asyncio.CancelledError:
-            if future.cancelled() or task is None:
-                raise  # the work itself was cancelled: nothing to wait for
-            while task.cancelling():  # the cuts were for the turn, which is over
+            if inner.cancelled():
+                raise  # cancelled itself, or past its grace: the cancel goes on
+            while task.cancelling() > asked_before:  # the cuts were for the turn, now over
                 task.uncancel()
+            if inner.done():
+                return inner.result()
+            cut_at = cut_at or time.monotonic()
 
 
 class SessionWorker(Generic[C]):
@@ -420,8 +438,10 @@ class StageService(Generic[C]):
             worker = self.workers.pop(session, None)
             log.error("another replica holds the lease (%s): dropping the session",
                       exc.description, extra={"stage": self.stage, "session": session})
-            if worker is not None:
-                await worker.close()
+            if worker is not None:  # off the refresher's path: the other leases are due too
+                task = asyncio.create_task(worker.close(), name=f"drop-{session}")
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
         except Exception as exc:
             log.warning("lease refresh failed: %s", exc, extra={"stage": self.stage})
 

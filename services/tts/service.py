@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 from functools import partial
 from importlib.util import find_spec
-from typing import Any
 
 import numpy as np
 
@@ -214,6 +213,7 @@ class TtsWorker(SessionWorker[TtsConfig]):
         lead = LeadTrim(provider.sample_rate, self.config.tts_trim_lead_ms)
         frames, first_ts, tts_ms = 0, 0, 0.0
         interrupted = False
+        failure: Exception | None = None  # what broke the synthesis: told as the turn closes
         words: list[WordTiming] | None = [] if provider.word_timestamps else None
         chunks = speech.chunks(self.config.tts_text_timeout)
         meter = usage.metering()  # the text each provider read, the audio it made
@@ -243,18 +243,21 @@ class TtsWorker(SessionWorker[TtsConfig]):
         except asyncio.CancelledError:
             interrupted = True
         except Exception as exc:  # a provider failure or a bug: the turn still closes
-            await self.provider_failed(speech.turn, exc, "synthesis")
-        done = dict(turn=speech.turn, frames=frames, text=speech.text, interrupted=interrupted,
-                    words=word_marks(speech.text, lead.shift(words or [])),
-                    timing=Timing(first_frame_ts_ns=first_ts, llm_ms=speech.llm_ms,
-                                  tts_ms=tts_ms))
-        await to_the_end(self._spoken(done, meter))
+            failure = exc
 
-    async def _spoken(self, done: dict[str, Any], meter: usage.Meter) -> None:
-        """The turn's end, announced once: a cut that comes now finds nothing left to stop."""
-        await self.emit(sj.TTS_DONE, ev.SynthesisDone, **done)
-        await usage.publish(self, meter, done["turn"], interrupted=done["interrupted"])
-        metrics.TURNS.labels("tts", "interrupted" if done["interrupted"] else "ok").inc()
+        async def close() -> None:
+            """The turn's end, announced once: a cut that comes now finds nothing to stop."""
+            if failure is not None:
+                await self.provider_failed(speech.turn, failure, "synthesis")
+            await self.emit(sj.TTS_DONE, ev.SynthesisDone, turn=speech.turn, frames=frames,
+                            text=speech.text, interrupted=interrupted,
+                            words=word_marks(speech.text, lead.shift(words or [])),
+                            timing=Timing(first_frame_ts_ns=first_ts, llm_ms=speech.llm_ms,
+                                          tts_ms=tts_ms))
+            await usage.publish(self, meter, speech.turn, interrupted=interrupted)
+            metrics.TURNS.labels("tts", "interrupted" if interrupted else "ok").inc()
+
+        await to_the_end(close(), self.config.shutdown_grace)
 
     def _first_audio(self, speech: TurnSpeech, provider: str, tts_ms: float
                      ) -> tracing.Headers | None:

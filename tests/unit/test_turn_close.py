@@ -6,6 +6,7 @@ the history, before the turn that cut it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -35,7 +36,7 @@ async def test_a_cancel_during_the_close_is_absorbed_and_the_close_finishes() ->
         return "closed"
 
     async def turn() -> str:
-        return await to_the_end(close())
+        return await to_the_end(close(), grace=5)
 
     task = asyncio.create_task(turn())
     while not steps:
@@ -50,19 +51,42 @@ async def test_a_cancel_during_the_close_is_absorbed_and_the_close_finishes() ->
     assert not task.cancelled() and task.cancelling() == 0
 
 
-async def test_a_cancel_before_the_close_still_cancels() -> None:
-    started = asyncio.Event()
+async def test_a_cancel_asked_before_the_close_stays_asked() -> None:
+    """Only the cuts that land during the close are absorbed: one the turn had caught earlier
+    (and not taken back) is still counted when the close is over."""
+    async def turn() -> int:
+        task = asyncio.current_task()
+        assert task is not None
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(0)  # the turn's work, cut: it goes on to its close
+        await to_the_end(asyncio.sleep(0), grace=5)
+        return task.cancelling()
 
-    async def turn() -> None:
-        started.set()
-        await asyncio.sleep(3600)  # the turn's work, which a cut stops
-        await to_the_end(asyncio.sleep(0))
+    assert await asyncio.create_task(turn()) == 1
 
-    task = asyncio.create_task(turn())
-    await started.wait()
+
+async def test_a_close_that_outlives_its_grace_after_a_cut_is_cancelled() -> None:
+    """A close stuck (a KV write in an outage) holds a cut turn for ``grace`` at most: then the
+    close is cancelled, and so is the turn (a replica that stops is not held up for ever)."""
+    stuck, gave_up = asyncio.Event(), asyncio.Event()
+
+    async def close() -> None:
+        stuck.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            gave_up.set()
+            raise
+
+    task = asyncio.create_task(to_the_end(close(), grace=0.5))
+    await stuck.wait()
     task.cancel()
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert not task.done()  # absorbed, within the grace
     await asyncio.gather(task, return_exceptions=True)
-    assert task.cancelled()
+    assert task.cancelled() and gave_up.is_set()
 
 
 class Gate:
