@@ -320,15 +320,19 @@ class StageService(Generic[C]):
     async def _list_sessions(self, request: micro.Request) -> None:
         await request.respond(json.dumps(sorted(self.workers)).encode())
 
+    def _in_background(self, work: Coroutine[Any, Any, Any], name: str) -> None:
+        """Off the caller's path, and awaited before the replica stops."""
+        task = asyncio.create_task(work, name=f"{self.stage}:{name}")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     def _on_start(self, start: ev.SessionStart, taken_from: str | None = None) -> None:
         if start.session in self.workers or start.session in self._claiming:
             return  # a repeated start: we already own (or are claiming) it
         self._ended.pop(start.session, None)
         self._claiming.add(start.session)
         # Claiming talks to KV and the worker subscribes: keep it off the callback's path.
-        task = asyncio.create_task(self._claim(self.Worker(self, start), taken_from))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._in_background(self._claim(self.Worker(self, start), taken_from), "claim")
 
     def _on_lease_expired(self, session: str, owner: str) -> None:
         """A replica of ours stopped renewing its lease: it is dead (or frozen). Try to take
@@ -336,9 +340,7 @@ class StageService(Generic[C]):
         if owner == self.replica or session in self.workers or session in self._claiming \
                 or session in self._ended:
             return  # our own lease lapsed (a starved moment): the refresher takes it back
-        task = asyncio.create_task(self._take_over(session, owner))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._in_background(self._take_over(session, owner), "take-over")
 
     async def _take_over(self, session: str, owner: str) -> None:
         try:
@@ -439,9 +441,7 @@ class StageService(Generic[C]):
             log.error("another replica holds the lease (%s): dropping the session",
                       exc.description, extra={"stage": self.stage, "session": session})
             if worker is not None:  # off the refresher's path: the other leases are due too
-                task = asyncio.create_task(worker.close(), name=f"drop-{session}")
-                self._background.add(task)
-                task.add_done_callback(self._background.discard)
+                self._in_background(worker.close(), f"drop-{session}")
         except Exception as exc:
             log.warning("lease refresh failed: %s", exc, extra={"stage": self.stage})
 

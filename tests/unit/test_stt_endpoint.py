@@ -21,6 +21,7 @@ from services.stt.config import SttConfig
 from services.stt.endpoint import EndOfTurnHolds, IdleWatch, TurnSoFar, joined
 from services.stt.provider import SttResult
 from services.stt.service import MAX_UTTERANCE_FRAMES, SttFallback, SttWorker
+from tests.fakes.bus import FakeBus
 
 HOLDS = EndOfTurnHolds(question_ms=0, statement_ms=200, incomplete_ms=1500, brief_ms=350)
 FRAME = bytes(640)
@@ -122,54 +123,6 @@ class ScriptedStt:
 
     async def aclose(self) -> None:
         pass
-
-
-class FakeKv:
-    def __init__(self) -> None:
-        self.data: dict[str, bytes] = {}
-
-    async def get(self, key: str) -> Any:
-        from nats.js.errors import KeyNotFoundError
-        if key not in self.data:
-            raise KeyNotFoundError
-        return type("Entry", (), {"value": self.data[key]})()
-
-    async def put(self, key: str, value: bytes) -> int:
-        self.data[key] = value
-        return 1
-
-
-class FakeBus:
-    def __init__(self) -> None:
-        self.kv = FakeKv()
-        self.published: list[tuple[sj.Topic, ev.Event]] = []
-        self.changed = asyncio.Event()
-        self.handlers: dict[str, Any] = {}
-
-    async def key_value(self, bucket: str, ttl: float) -> FakeKv:
-        return self.kv
-
-    async def put(self, kv: FakeKv, key: str, value: bytes) -> int:
-        return await kv.put(key, value)
-
-    async def get(self, kv: FakeKv, key: str) -> Any:
-        return await kv.get(key)
-
-    async def publish(self, topic: sj.Topic, event: ev.Event, subject: str = "",
-                      headers: dict[str, str] | None = None) -> None:
-        self.published.append((topic, event))
-        self.changed.set()
-
-    async def subscribe(self, subject: str, handler: Any, queue: str = "") -> Any:
-        self.handlers[subject] = handler
-        return type("Sub", (), {"unsubscribe": staticmethod(_nothing)})()
-
-    def reject(self, *args: Any) -> None:
-        raise AssertionError(f"rejected: {args}")
-
-
-async def _nothing() -> None:
-    pass
 
 
 class FakeService:

@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
-from nats.js.errors import KeyNotFoundError
 
 from proto import events as ev
 from proto import subjects as sj
@@ -24,6 +23,7 @@ from services.runtime.service import to_the_end
 from services.tts.config import TtsConfig
 from services.tts.provider import SpokenAudio
 from services.tts.service import TtsWorker
+from tests.fakes.bus import FakeBus, FakeKv
 
 
 async def test_a_cancel_during_the_close_is_absorbed_and_the_close_finishes() -> None:
@@ -100,28 +100,19 @@ class Gate:
         await self.open.wait()
 
 
-class FakeBus:
+class HoldingBus(FakeBus):
+    """The fake bus, able to hold the next KV write or the next publish of one event class."""
+
     def __init__(self) -> None:
-        self.kv: dict[str, bytes] = {}
-        self.published: list[ev.Event] = []
-        self.changed = asyncio.Event()
+        super().__init__()
         self.hold_put: Gate | None = None
         self.hold_publish: tuple[type[ev.Event], Gate] | None = None
 
-    async def key_value(self, bucket: str, ttl: float = 0.0) -> str:
-        return bucket
-
-    async def get(self, kv: str, key: str) -> Any:
-        if key not in self.kv:
-            raise KeyNotFoundError
-        return type("Entry", (), {"value": self.kv[key]})()
-
-    async def put(self, kv: str, key: str, value: bytes) -> int:
+    async def put(self, kv: FakeKv, key: str, value: bytes) -> int:
         if self.hold_put is not None:
             gate, self.hold_put = self.hold_put, None
             await gate.wait()
-        self.kv[key] = value
-        return 1
+        return await super().put(kv, key, value)
 
     async def publish(self, topic: sj.Topic, event: ev.Event, subject: str = "",
                       headers: Any = None) -> None:
@@ -129,14 +120,10 @@ class FakeBus:
             gate = self.hold_publish[1]
             self.hold_publish = None
             await gate.wait()
-        self.published.append(event)
-        self.changed.set()
-
-    async def subscribe(self, subject: str, handler: Any, queue: str = "") -> Any:
-        return type("Sub", (), {"unsubscribe": staticmethod(_nothing)})()
+        await super().publish(topic, event, subject, headers)
 
     def of(self, cls: type[ev.Event]) -> list[Any]:
-        return [e for e in self.published if isinstance(e, cls)]
+        return [e for _, e in self.published if isinstance(e, cls)]
 
     async def until(self, ready: Any) -> None:
         async with asyncio.timeout(5):
@@ -145,14 +132,11 @@ class FakeBus:
                 await self.changed.wait()
 
 
-async def _nothing() -> None:
-    pass
-
-
 class FakeService:
     def __init__(self, stage: str, config: Any, provider: Any) -> None:
         self.stage, self.config, self.provider = stage, config, provider
-        self.bus, self.state, self.agents = FakeBus(), "state", Agents({})
+        self.bus, self.agents = HoldingBus(), Agents({})
+        self.state = self.bus.kv  # the judge's record: none, a new session
 
     def config_for(self, agent: str) -> Any:
         return self.config
@@ -180,7 +164,7 @@ async def test_the_llm_stores_a_greeting_cut_as_it_is_stored_and_announces_it_on
 
     done = [(d.turn, d.text, d.interrupted) for d in bus.of(ev.ReplyDone)]
     assert done == [(0, "Hi there.", False), (1, "What time is it...", False)]
-    history = msgspec.msgpack.decode(bus.kv["s"], type=list[ChatMessage])
+    history = msgspec.msgpack.decode(bus.kv.data["s"], type=list[ChatMessage])
     assert [(m.role, m.content, m.turn) for m in history] == [
         ("assistant", "Hi there.", 0), ("user", "what time is it", 1),
         ("assistant", "What time is it...", 1)]
