@@ -406,19 +406,27 @@ class Stack:
         """The node a process of ours connects to (``LIVEKIT_NODE_OF``, by its stage)."""
         return LIVEKIT_NODE_OF.get(process.rstrip("0123456789"), 0) % len(self.livekit_urls)
 
+    async def livekit_node_ids(self) -> list[str]:
+        """The ids of the livekit-server nodes that share this stack's Redis."""
+        return sorted(await self._redis("HKEYS", "nodes"))
+
     async def livekit_room_nodes(self) -> dict[str, str]:
         """Which node hosts each room: LiveKit's own map in Redis (room → node id)."""
+        lines = await self._redis("HGETALL", "room_node_map")
+        return dict(zip(lines[0::2], lines[1::2]))
+
+    async def _redis(self, *command: str) -> list[str]:
+        """One command to the stack's Redis (LiveKit's shared state), its reply's lines."""
         if not self.redis_port:
-            return {}
+            return []
         done = await asyncio.create_subprocess_exec(
-            "redis-cli", "-p", str(self.redis_port), "--raw", "HGETALL", "room_node_map",
+            "redis-cli", "-p", str(self.redis_port), "--raw", *command,
             env={**os.environ, "REDISCLI_AUTH": self._redis_password},
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         out, err = await done.communicate()
         if done.returncode != 0:
             raise RuntimeError(f"redis-cli failed: {err.decode(errors='replace')}")
-        lines = out.decode().splitlines()
-        return dict(zip(lines[0::2], lines[1::2]))
+        return out.decode().splitlines()
 
     @property
     def token_url(self) -> str:

@@ -9,6 +9,7 @@ import asyncio
 import msgspec
 import pytest
 import pytest_asyncio
+from livekit import api
 
 from proto import events as ev
 from proto import subjects as sj
@@ -109,18 +110,28 @@ async def test_calls_on_both_livekit_nodes_go_on_when_the_stages_nats_node_dies(
     callers: list[Caller] = []
     try:
         await tap.watch(sj.every_stage("error"))
-        # LiveKit places each new room on a node at random: open rooms until both nodes host
-        # one (callers alternate the node they connect to; LiveKit relays the signalling).
+        # One room on each LiveKit node. LiveKit would place a new room on a node at random,
+        # so each is created on the node that hosts none yet (CreateRoom's node_id); LiveKit
+        # may still move a room whose node looks stale under load, hence the loop.
+        nodes = await stack.livekit_node_ids()
+        assert len(nodes) == 2, nodes
+        env = stack.livekit_env
         hosts: dict[str, str] = {}
-        while len(set(hosts.values())) < 2:
-            assert len(callers) < 12, f"12 rooms, all on one node: {hosts}"
-            index = len(callers)
-            await tap.watch(sj.session_all(f"spread-{index}"))
-            caller = Caller(stack.token_url, f"spread-{index}", f"user-{index}",
-                            livekit_url=stack.livekit_urls[index % 2])
-            callers.append(caller)
-            await caller.join()
-            hosts = await stack.livekit_room_nodes()
+        async with api.LiveKitAPI(stack.livekit_urls[0].replace("ws://", "http://"),
+                                  env["LIVEKIT_API_KEY"], env["LIVEKIT_API_SECRET"]) as lkapi:
+            while len({hosts.get(c.room_name) for c in callers} - {None}) < 2:
+                assert len(callers) < 6, f"rooms kept off a node: {hosts}"
+                index = len(callers)
+                used = {hosts.get(c.room_name) for c in callers}
+                node = next(n for n in nodes if n not in used)
+                await lkapi.room.create_room(api.CreateRoomRequest(name=f"spread-{index}",
+                                                                   node_id=node))
+                await tap.watch(sj.session_all(f"spread-{index}"))
+                caller = Caller(stack.token_url, f"spread-{index}", f"user-{index}",
+                                livekit_url=stack.livekit_urls[index % 2])
+                callers.append(caller)
+                await caller.join()
+                hosts = await stack.livekit_room_nodes()
         # Every agent greeted its user (all at once: one greeting's time, not one per room).
         await asyncio.gather(*(c.wait_state("listening", timeout=60) for c in callers))
         rooms = [c.room_name for c in callers]
