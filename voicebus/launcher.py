@@ -43,30 +43,57 @@ LogSink = Callable[[str], None]
 TOOL_MODULES = {"demo": "services.tools.demo"}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+PORT_RANGE_ENV = "VOICEBUS_PORT_RANGE"
+# The ports this process has handed out: each is bound later, by the server it was given to,
+# and must not be handed out twice meanwhile.
+_handed_out: set[int] = set()
 
 
-def listen_port() -> int:
-    """A free port below the kernel's ephemeral range, for a server that starts after others:
-    a port from ``free_port`` may be taken meanwhile by one of their outgoing connections (a
-    cluster's routes), one from here never is."""
+def port_range() -> range:
+    """Where the stack picks the ports of its own servers: ``VOICEBUS_PORT_RANGE`` ("LOW-HIGH",
+    both included), else the 12 000 ports below the kernel's ephemeral range. Never in that
+    range: the kernel picks every outgoing connection's local port there, and one may take a
+    port between the stack's choice and the server's bind."""
+    if wanted := os.environ.get(PORT_RANGE_ENV, "").strip():
+        try:
+            low, high = (int(end) for end in wanted.split("-"))
+        except ValueError:
+            raise ValueError(f"{PORT_RANGE_ENV}={wanted!r}: expected LOW-HIGH, "
+                             f"e.g. 20000-29999") from None
+        if not 1024 <= low <= high <= 65535:
+            raise ValueError(f"{PORT_RANGE_ENV}={wanted!r}: expected 1024 <= LOW <= HIGH <= 65535")
+        return range(low, high + 1)
     try:
-        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+        ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     except (OSError, ValueError, IndexError):
-        low = 32768
-    rng = random.Random()
-    for _ in range(200):
-        port = rng.randrange(max(1024, low - 12000), low)
-        with socket.socket() as sock:
+        ephemeral = 32768
+    return range(max(1024, ephemeral - 12000), ephemeral)
+
+
+def free_port(*, udp: bool = False, host: str = "127.0.0.1") -> int:
+    """A port of ``port_range`` that is free on ``host`` for TCP (and for UDP too with
+    ``udp``: a server that listens on both), handed out once by this process."""
+    span = port_range()
+    start = random.randrange(len(span))
+    for step in range(len(span)):
+        port = span[(start + step) % len(span)]
+        if port not in _handed_out and _bindable(host, port, udp=udp):
+            _handed_out.add(port)
+            return port
+    raise RuntimeError(f"no free port in {span.start}-{span.stop - 1} on {host}")
+
+
+def _bindable(host: str, port: int, *, udp: bool) -> bool:
+    kinds = (socket.SOCK_STREAM, socket.SOCK_DGRAM) if udp else (socket.SOCK_STREAM,)
+    for kind in kinds:
+        with socket.socket(socket.AF_INET, kind) as sock:
+            if kind == socket.SOCK_STREAM:  # as the servers bind: a port in TIME_WAIT is free
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
-                sock.bind(("127.0.0.1", port))
+                sock.bind((host, port))
             except OSError:
-                continue
-        return port
-    return free_port()
+                return False
+    return True
 
 
 class PortTaken(RuntimeError):
@@ -169,23 +196,10 @@ def sip_port(wanted: int) -> int:
 
 def udp_port(wanted: int = 0) -> int:
     """``wanted`` when UDP and TCP are both free there, else a port free for both: for a server
-    that listens on both (SIP, livekit-server's media). ``free_port`` asks the kernel for a free
-    TCP port only, which another server may hold for UDP."""
-    for port in ([wanted] if wanted else []) + [0] * 50:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            try:
-                udp.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            port = udp.getsockname()[1]
-            with socket.socket() as tcp:
-                tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                try:
-                    tcp.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-        return port
-    raise RuntimeError("no port free for both UDP and TCP")
+    that listens on both (SIP, livekit-server's media)."""
+    if wanted and _bindable("127.0.0.1", wanted, udp=True):
+        return wanted
+    return free_port(udp=True)
 
 
 def redis_server_binary() -> str:
@@ -529,7 +543,7 @@ class Stack:
         media, our keys, and webhooks to the token service; several share a Redis."""
         self.livekit_port = claim_port(self.livekit_port, "livekit-server")
         self.token_port = claim_port(self.token_port, "the token service")
-        self.livekit_ports = [self.livekit_port, *(listen_port()
+        self.livekit_ports = [self.livekit_port, *(free_port()
                                                    for _ in range(self.livekit_nodes - 1))]
         if self.livekit_nodes > 1 or self.livekit_redis:
             await self.start_redis()
@@ -538,7 +552,7 @@ class Stack:
 
     async def start_redis(self) -> None:
         """redis-server on loopback for LiveKit's nodes: a password, nothing kept on disk."""
-        self.redis_port = listen_port()
+        self.redis_port = free_port()
         self._redis_password = secrets.token_hex(16)
         config = self.workdir / "redis.conf"
         config.write_text("\n".join([
@@ -627,9 +641,9 @@ class Stack:
             # Ports from below the ephemeral range: the first nodes' routes dial out before the
             # last node binds, and an outgoing connection must not take its port.
             self.nats_ports = [self.nats_port,
-                               *(listen_port() for _ in range(self.nats_cluster - 1))]
-            self.route_ports = [listen_port() for _ in range(self.nats_cluster)]
-            self.monitor_ports = [listen_port() for _ in range(self.nats_cluster)]
+                               *(free_port() for _ in range(self.nats_cluster - 1))]
+            self.route_ports = [free_port() for _ in range(self.nats_cluster)]
+            self.monitor_ports = [free_port() for _ in range(self.nats_cluster)]
             # Routes carry every message and JetStream's replication: only a node holding a
             # certificate from the cluster's own CA may open one (mutual TLS).
             if not self.route_certificates:

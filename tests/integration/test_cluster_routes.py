@@ -9,7 +9,7 @@ import json
 import urllib.request
 
 from tests.conftest import LogTail
-from voicebus.launcher import Stack, listen_port, make_certificates, nats_server_binary, spawn
+from voicebus.launcher import Stack, free_port, make_certificates, nats_server_binary, spawn
 
 
 def monitor(stack: Stack, node: int, endpoint: str) -> dict:
@@ -48,13 +48,13 @@ async def test_routes_need_a_certificate_of_the_clusters_ca(tmp_path) -> None:
         certs = make_certificates(tmp_path / "rogue", "node")
         config = tmp_path / "rogue.conf"
         config.write_text(json.dumps({"cluster": {
-            "name": "voicebus", "listen": f"127.0.0.1:{listen_port()}",
+            "name": "voicebus", "listen": f"127.0.0.1:{free_port()}",
             "routes": [f"nats-route://127.0.0.1:{stack.route_ports[0]}"],
             "tls": {"cert_file": certs["node.pem"], "key_file": certs["node.key"],
                     "ca_file": stack.route_certificates["ca.pem"], "verify": True,
                     "timeout": 2}}}))
         rogue = await spawn("rogue", [nats_server_binary(), "-c", str(config), "-a", "127.0.0.1",
-                                      "-p", str(listen_port()), "--name", "rogue"],
+                                      "-p", str(free_port()), "--name", "rogue"],
                             {}, rogue_logs.append)
 
         async def refused() -> bool:  # by the cluster's node, for the certificate

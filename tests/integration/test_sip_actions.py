@@ -39,10 +39,10 @@ from proto import subjects as sj
 from tests.conftest import running_stack
 from tests.fakes.openai_server import start_fake_openai
 from tests.integration.test_sip_gateway import (ACK, ANSWERS, CALLER, SCENARIO, Gateway, callee,
-                                                free_port, info_request, send_rtp, start_gateway,
+                                                info_request, send_rtp, start_gateway,
                                                 stop_gateway, tool)
 from voicebus.client import Tap
-from voicebus.launcher import offline_ear
+from voicebus.launcher import offline_ear, udp_port
 
 pytestmark = pytest.mark.e2e
 
@@ -57,7 +57,7 @@ llm_provider = "openai"
 """
 # Where the gateway sends numbers (VOICEBUS_SIP_DIAL_TRUNK): a transfer to a number is referred
 # there. Nothing listens: the phone that is referred does the calling, and SIPp only checks it.
-TRUNK_PORT = free_port()
+TRUNK_PORT = udp_port()
 TRANSFER_NUMBER = "+15550199"
 
 
@@ -255,7 +255,7 @@ class Call:
                  caller: str = CALLER) -> None:
         self.stack, self.gateway, self.sipp, self.tmp_path = stack, gateway, sipp, tmp_path
         self.scenario, self.caller = scenario, caller
-        self.rtp_port, self.sipp_port, self.sipp_media = free_port(), free_port(), free_port()
+        self.rtp_port, self.sipp_port, self.sipp_media = udp_port(), udp_port(), udp_port()
 
     async def __aenter__(self) -> Call:
         loop = asyncio.get_running_loop()

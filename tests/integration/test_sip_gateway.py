@@ -35,7 +35,7 @@ from services.ingress.audio import Resampler, read_wav
 from tests.conftest import running_stack
 from tests.e2e.test_phone import hear
 from voicebus.client import Tap
-from voicebus.launcher import offline_ear
+from voicebus.launcher import offline_ear, udp_port
 from voicebus.speech import say_to_wav
 
 pytestmark = pytest.mark.e2e
@@ -70,21 +70,6 @@ def test_ulaw_round_trip() -> None:
 
 
 # ---- the processes ----------------------------------------------------------------------------
-
-def free_port(kind: int = socket.SOCK_DGRAM) -> int:
-    """A port free for both UDP and TCP on 127.0.0.1."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-            u.bind(("127.0.0.1", 0))
-            port = u.getsockname()[1]
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
-                try:
-                    t.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-            return port
-    raise RuntimeError("no free port")
-
 
 def tool(script: str) -> str:
     done = subprocess.run([str(ROOT / script)], capture_output=True, text=True, timeout=900)
@@ -152,7 +137,7 @@ async def phone_stack(tmp_path_factory: pytest.TempPathFactory):
 async def start_gateway(stack, **env: str) -> Gateway:
     """A gateway process as the role ``sip``, with its metrics on a port of its own."""
     binary = tool("scripts/install-sip-gateway.sh")
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port = udp_port(), udp_port()
     env = {**os.environ, **stack.role_env("sip"), "VOICEBUS_SIP_LISTEN": f"127.0.0.1:{port}",
            "VOICEBUS_LOG_LEVEL": "info", "VOICEBUS_METRICS_PORT": str(metrics_port), **env}
     process = await asyncio.create_subprocess_exec(binary, env=env, stderr=asyncio.subprocess.PIPE)
@@ -339,7 +324,7 @@ async def test_a_sip_call_is_answered_by_the_agent_and_the_hang_up_ends_the_sess
     at_16k = resampler.process(pcm) + resampler.flush()
     question = soxr.resample(np.frombuffer(at_16k, np.int16), 16000, 8000).astype(np.int16)
 
-    rtp_port, sipp_port, sipp_media = free_port(), free_port(), free_port()
+    rtp_port, sipp_port, sipp_media = udp_port(), udp_port(), udp_port()
     loop = asyncio.get_running_loop()
     transport, phone = await loop.create_datagram_endpoint(Phone, local_addr=("127.0.0.1", rtp_port))
     scenario = tmp_path / "caller.xml"
@@ -459,7 +444,7 @@ async def run_sipp(sipp: str, gateway: Gateway, xml: str, tmp_path: Path, transp
     scenario.write_text(xml)
     return await asyncio.create_subprocess_exec(
         sipp, f"127.0.0.1:{gateway.port}", "-sf", str(scenario), "-m", "1", "-l", "1",
-        "-i", "127.0.0.1", "-p", str(free_port()), "-mp", str(free_port()), "-t", transport,
+        "-i", "127.0.0.1", "-p", str(udp_port()), "-mp", str(udp_port()), "-t", transport,
         "-nostdin", "-timeout", "90s", "-trace_err",
         cwd=tmp_path, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
 
@@ -596,7 +581,7 @@ class PlacedCall:
                  caller: str = CALLER) -> None:
         self.stack, self.gateway, self.sipp, self.tmp_path = stack, gateway, sipp, tmp_path
         self.scenario, self.caller = scenario, caller
-        self.rtp_port, self.sipp_port, self.sipp_media = free_port(), free_port(), free_port()
+        self.rtp_port, self.sipp_port, self.sipp_media = udp_port(), udp_port(), udp_port()
 
     async def __aenter__(self) -> PlacedCall:
         loop = asyncio.get_running_loop()
@@ -1014,7 +999,7 @@ def udp_bound(port: int) -> bool:
 
 async def callee(sipp: str, tmp_path: Path, answer: str, rtp_port: int = 9):
     """SIPp waiting for the gateway's call on a port of its own; returns it and its URI."""
-    port = free_port()
+    port = udp_port()
     xml = tmp_path / f"callee-{port}.xml"
     xml.write_text(CALLEE.format(answer=answer.format(rtp_port=rtp_port)))
     process = await asyncio.create_subprocess_exec(
@@ -1034,7 +1019,7 @@ async def test_voicebus_dial_calls_out_and_the_callee_hears_the_greeting(
     """`voicebus dial` as the operator; SIPp answers as the callee with an SDP whose media port
     is this test's. The session starts on the bus as an outbound call, the agent's greeting
     comes to the callee as PCMU RTP, and ctl.end hangs up."""
-    rtp_port = free_port()
+    rtp_port = udp_port()
     loop = asyncio.get_running_loop()
     transport, phone = await loop.create_datagram_endpoint(Phone,
                                                            local_addr=("127.0.0.1", rtp_port))

@@ -24,9 +24,9 @@ from proto import subjects as sj
 from services.ingress.audio import Resampler, read_wav
 from tests.conftest import running_stack
 from tests.e2e.test_phone import hear
-from tests.integration.test_sip_gateway import free_port, tool
+from tests.integration.test_sip_gateway import tool
 from voicebus.client import Tap
-from voicebus.launcher import offline_ear
+from voicebus.launcher import offline_ear, udp_port
 from voicebus.speech import say_to_wav
 
 pytestmark = pytest.mark.e2e
@@ -130,9 +130,9 @@ async def test_baresip_calls_the_agent_with_a_wav_microphone_and_hears_the_answe
     home, dumps = tmp_path / "baresip", tmp_path / "dumps"
     home.mkdir()
     dumps.mkdir()
-    rtp_low, ctrl_port = free_port(), free_port()
+    rtp_low, ctrl_port = udp_port(), udp_port()
     (home / "config").write_text(CONFIG.format(
-        sip_port=free_port(), question=question, rtp_low=rtp_low, rtp_high=rtp_low + 1,
+        sip_port=udp_port(), question=question, rtp_low=rtp_low, rtp_high=rtp_low + 1,
         ctrl_port=ctrl_port, dumps=dumps))
     (home / "accounts").write_text(f"<sip:{CALLER}@127.0.0.1>;regint=0\n")
 

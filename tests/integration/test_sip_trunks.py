@@ -28,9 +28,9 @@ from proto import events as ev
 from proto import subjects as sj
 from tests.conftest import LogTail
 from tests.integration.test_sip_gateway import sipp  # noqa: F401  (the fixture)
-from tests.integration.test_sip_gateway import SCENARIO, Gateway, free_port, info_request, tool
+from tests.integration.test_sip_gateway import SCENARIO, Gateway, info_request, tool
 from voicebus.client import Tap
-from voicebus.launcher import Stack
+from voicebus.launcher import Stack, free_port, udp_port
 
 pytestmark = pytest.mark.e2e
 
@@ -84,7 +84,7 @@ async def running_gateway(bus: Stack, config: str, folder: Path,
     binary = tool("scripts/install-sip-gateway.sh")
     path = folder / f"trunks-{random.getrandbits(32):x}.toml"
     path.write_text(config)
-    port, metrics_port = free_port(), free_port(socket.SOCK_STREAM)
+    port, metrics_port = udp_port(), free_port()
     process = await asyncio.create_subprocess_exec(
         binary, stderr=asyncio.subprocess.PIPE,
         env={**os.environ, **bus.role_env("sip"), "VOICEBUS_SIP_LISTEN": f"{CARRIER}:{port}",
@@ -150,23 +150,17 @@ async def counters_until(gw: Gateway, ok: Callable[[dict[str, float]], bool], ti
         await asyncio.sleep(0.1)
 
 
-def free_udp_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 async def run_sipp(sipp: str, xml: str, folder: Path, *args: str, local: str = CARRIER,
                    target: Gateway | None = None) -> tuple[asyncio.subprocess.Process, int]:
     """SIPp with this scenario, from ``local``, towards ``target`` (none: SIPp is the server).
     Returns the process and SIPp's SIP port."""
     scenario = folder / f"scenario-{random.getrandbits(32):x}.xml"
     scenario.write_text(xml)
-    port = free_udp_port(local)
+    port = free_port(udp=True, host=local)
     towards = [f"{CARRIER}:{target.port}"] if target is not None else []
     process = await asyncio.create_subprocess_exec(
         sipp, *towards, "-sf", str(scenario), "-i", local, "-p", str(port),
-        "-mp", str(free_udp_port(local)), "-t", "u1", "-nostdin", "-timeout", "120s",
+        "-mp", str(free_port(udp=True, host=local)), "-t", "u1", "-nostdin", "-timeout", "120s",
         "-trace_err", *args,
         cwd=folder, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     return process, port

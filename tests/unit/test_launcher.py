@@ -55,3 +55,36 @@ def test_a_media_port_is_free_for_udp_too() -> None:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp, socket.socket() as tcp:
             udp.bind(("127.0.0.1", port))
             tcp.bind(("127.0.0.1", port))
+
+
+def test_ports_come_from_below_the_ephemeral_range_and_each_once() -> None:
+    """Outgoing connections take their local ports from the kernel's ephemeral range, so a
+    server's port is never chosen there; and a port handed out is not handed out again before
+    its server binds it."""
+    span = launcher.port_range()
+    ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = [launcher.free_port() for _ in range(200)]
+    assert all(port in span and port < ephemeral for port in ports)
+    assert len(set(ports)) == len(ports)
+
+
+def test_the_port_range_can_be_set_and_a_taken_port_is_not_given(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as held:
+        held.bind(("127.0.0.1", 0))
+        taken = held.getsockname()[1]
+        monkeypatch.setenv(launcher.PORT_RANGE_ENV, f"{taken}-{taken}")
+        assert launcher.port_range() == range(taken, taken + 1)
+        monkeypatch.setattr(launcher, "_handed_out", set())
+        with pytest.raises(RuntimeError, match=f"no free port in {taken}-{taken} "):
+            launcher.free_port(udp=True)  # held for UDP
+        assert launcher.free_port() == taken  # free for TCP
+        with pytest.raises(RuntimeError, match="no free port"):
+            launcher.free_port()  # handed out already
+
+
+@pytest.mark.parametrize("wanted", ["20000", "20000-", "a-b", "30000-20000", "80-90"])
+def test_a_bad_port_range_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, wanted: str) -> None:
+    monkeypatch.setenv(launcher.PORT_RANGE_ENV, wanted)
+    with pytest.raises(ValueError, match=launcher.PORT_RANGE_ENV):
+        launcher.port_range()
