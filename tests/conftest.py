@@ -15,12 +15,29 @@ from services.tts.config import TtsConfig
 from services.tts.providers.piper import PiperTts
 from voicebus import speech
 from voicebus.client import Tap
-from voicebus.launcher import Stack
+from voicebus.launcher import PORT_RANGE_ENV, Stack, port_range
 
 
 # Piper varies each utterance at random; tests want the same audio for the same text, in this
 # process (questions) and in every stage process started from it (replies).
 os.environ["VOICEBUS_PIPER_DETERMINISTIC"] = "true"
+
+
+def _ports_of_this_worker() -> None:
+    """Parallel workers (``make test`` runs pytest-xdist's) each take their servers' ports from
+    a slice of the range of their own, for them and every process they start: two stacks
+    starting at once never pick the same port."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if not worker.startswith("gw") or workers < 2 or PORT_RANGE_ENV in os.environ:
+        return
+    span = port_range()
+    size = len(span) // workers
+    low = span.start + int(worker.removeprefix("gw")) * size
+    os.environ[PORT_RANGE_ENV] = f"{low}-{low + size - 1}"
+
+
+_ports_of_this_worker()
 
 
 class _KeptPiper(PiperTts):
