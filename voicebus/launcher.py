@@ -8,6 +8,7 @@ thing the same way.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import os
@@ -44,9 +45,9 @@ TOOL_MODULES = {"demo": "services.tools.demo"}
 
 
 PORT_RANGE_ENV = "VOICEBUS_PORT_RANGE"
-# The ports this process has handed out: each is bound later, by the server it was given to,
-# and must not be handed out twice meanwhile.
-_handed_out: set[int] = set()
+# The ports this process handed out last: each is bound later, by the server it was given to,
+# and must not be handed out twice meanwhile (the oldest are long bound, or given up).
+_handed_out: collections.deque[int] = collections.deque(maxlen=1024)
 
 
 def port_range() -> range:
@@ -78,7 +79,7 @@ def free_port(*, udp: bool = False, host: str = "127.0.0.1") -> int:
     for step in range(len(span)):
         port = span[(start + step) % len(span)]
         if port not in _handed_out and _bindable(host, port, udp=udp):
-            _handed_out.add(port)
+            _handed_out.append(port)
             return port
     raise RuntimeError(f"no free port in {span.start}-{span.stop - 1} on {host}")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import socket
 from pathlib import Path
 
@@ -75,7 +76,7 @@ def test_the_port_range_can_be_set_and_a_taken_port_is_not_given(
         taken = held.getsockname()[1]
         monkeypatch.setenv(launcher.PORT_RANGE_ENV, f"{taken}-{taken}")
         assert launcher.port_range() == range(taken, taken + 1)
-        monkeypatch.setattr(launcher, "_handed_out", set())
+        monkeypatch.setattr(launcher, "_handed_out", collections.deque(maxlen=8))
         with pytest.raises(RuntimeError, match=f"no free port in {taken}-{taken} "):
             launcher.free_port(udp=True)  # held for UDP
         assert launcher.free_port() == taken  # free for TCP
