@@ -388,7 +388,9 @@ async def test_early_words_a_statement_held_back_are_settled_once(started: Any) 
     user.speak()
     user.stop(900)
     (final,) = await user.finals(1)
-    assert final.timing.hold_ms == 50 and not final.continued
+    # The statement's hold, counted from the end of speech: a loaded machine spends some of it
+    # before the wait begins (CI once saw 49).
+    assert 0 <= final.timing.hold_ms <= 50 and not final.continued
     assert [p.text for p in user.of(sj.STT_PARTIAL) if p.settled] == ["please call my mother"]
 
 
