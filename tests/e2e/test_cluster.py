@@ -119,10 +119,9 @@ async def test_calls_on_both_livekit_nodes_go_on_when_the_stages_nats_node_dies(
         hosts: dict[str, str] = {}
         async with api.LiveKitAPI(stack.livekit_urls[0].replace("ws://", "http://"),
                                   env["LIVEKIT_API_KEY"], env["LIVEKIT_API_SECRET"]) as lkapi:
-            while len({hosts.get(c.room_name) for c in callers} - {None}) < 2:
+            while len(used := {hosts.get(c.room_name) for c in callers} - {None}) < 2:
                 assert len(callers) < 6, f"rooms kept off a node: {hosts}"
                 index = len(callers)
-                used = {hosts.get(c.room_name) for c in callers}
                 node = next(n for n in nodes if n not in used)
                 await lkapi.room.create_room(api.CreateRoomRequest(name=f"spread-{index}",
                                                                    node_id=node))
