@@ -172,12 +172,16 @@ async def test_the_stage_wants_partials_only_over_a_reply(
     try:
         chunks = [speech[i:i + FRAME_BYTES] for i in range(0, len(speech) - FRAME_BYTES + 1,
                                                            FRAME_BYTES)]
-        user = await User(SimpleNamespace(speech={QUESTION: chunks}), bus, "partials").join()
+        # Over the reply the question is said twice in one breath: words keep coming after the
+        # pause below, however slowly a loaded machine decodes, so there are partials to send.
+        twice = QUESTION + " " + QUESTION
+        user = await User(SimpleNamespace(speech={QUESTION: chunks, twice: chunks + chunks}),
+                          bus, "partials").join()
         await user.agent("listening")
         await user.say(QUESTION, paced=True)
         first = await user.final(1, timeout=60)
         await user.agent("speaking")
-        saying = asyncio.create_task(user.say(QUESTION, paced=True))
+        saying = asyncio.create_task(user.say(twice, paced=True))
         try:
             await bus.tap.wait_for(lambda: partials_of(user, 2), 30, "a partial over the reply")
             # The judge pauses the reply while the user speaks, and shows "listening": the
