@@ -19,11 +19,12 @@ from voicebus.speech import say_to_wav
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="module")]
 
-# A statement's final waits 2 s for more speech, so the user's 1.2 s pause below always falls
-# inside the hold (and the draft's audio is always made before the user goes on), however
-# loaded the machine.
-HOLD_MS = 2000
-PAUSE_MS = 1200
+# A statement's final waits 3.5 s for more speech, so the user's 2.2 s pause below always falls
+# inside the hold. The draft's first audio has the pause, less the VAD's silence and the
+# decode, to be made before the user goes on: some 1.7 s, where Piper takes 0.2 s on an idle
+# machine and has been seen to take 0.6 s on a loaded one.
+HOLD_MS = 3500
+PAUSE_MS = 2200
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")

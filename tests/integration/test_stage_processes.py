@@ -155,7 +155,7 @@ async def test_egress_judges_a_barge_in_stops_at_once_and_never_plays_the_cut_tu
     assert [(c.turn, c.reason) for c in cancels] == [(1, "barge-in")]
     assert [(v.turn, v.action) for v in tap.of(ev.Verdict, "cut")] == [(1, "answer"), (2, "answer")]
     cut = tap.of(ev.Playback, "cut", turn=1, final=True)[0]
-    assert cut.interrupted and 0 < cut.played_ms < 1000
+    assert cut.interrupted and 0 < cut.played_ms < 3000  # not the whole of its 3 s
     assert second[0].played_ms == 200 and not second[0].interrupted
     with wave.open(str(out)) as wav:
         played_ms = wav.getnframes() * 1000 // wav.getframerate()
@@ -249,8 +249,8 @@ async def test_tts_cancel_stops_synthesis_and_ignores_late_text(bare_stack):
     await reply(1, long, done=True)
     await tap.wait_for(lambda: tap.of(ev.AudioFrame, "speak", topic=sj.TTS_AUDIO, turn=1), 10,
                        "the first audio of turn 1")
-    await publish(nc, sj.FLOOR_CANCEL, ev.Cancel(session="speak", seq=next(seq),
-                                               ts_ns=time.time_ns(), turn=1))
+    cancel = ev.Cancel(session="speak", seq=next(seq), ts_ns=time.time_ns(), turn=1)
+    await publish(nc, sj.FLOOR_CANCEL, cancel)
     cut = await tap.wait_for(lambda: tap.of(ev.SynthesisDone, "speak", turn=1), 10, "turn 1 closed")
     await reply(1, "Late words of the cancelled turn.", done=False)
     await reply(2, "Short answer.", done=True)
@@ -258,8 +258,11 @@ async def test_tts_cancel_stops_synthesis_and_ignores_late_text(bare_stack):
 
     assert cut[0].interrupted and not second[0].interrupted and second[0].frames > 0
     frames_1 = tap.of(ev.AudioFrame, "speak", topic=sj.TTS_AUDIO, turn=1)
-    # Sixty sentences are ~2.5 min of speech; synthesis stopped after a sentence or a few.
-    assert 0 < len(frames_1) == cut[0].frames < 600
+    # Sixty sentences are ~2.5 min of speech; synthesis stopped at the cancel. Piper gives a
+    # sentence (~2.3 s, 116 frames) at a time: after the cancel at most the one being made went
+    # out (none, in every run seen), however long the test took to send the cancel.
+    assert 0 < len(frames_1) == cut[0].frames
+    assert len([f for f in frames_1 if f.ts_ns > cancel.ts_ns]) <= 150, len(frames_1)
     assert len(tap.of(ev.SynthesisDone, "speak", turn=1)) == 1
 
 

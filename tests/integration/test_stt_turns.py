@@ -219,7 +219,9 @@ async def test_a_phrase_left_hanging_is_continued_by_the_next_utterance_in_one_f
 
     assert (final.turn, final.text) == (1, "i want to see the menu")
     assert final.speech_ms == end1.speech_ms + end2.speech_ms
-    assert final.provider == "pocketsphinx" and 0 < final.timing.compute_ms < 2000
+    # The decode after the end of speech, a part of the wait for the final (however slow).
+    assert final.provider == "pocketsphinx"
+    assert 0 < final.timing.compute_ms <= waited_ms(final, end2) + 1
     # The second utterance's partials carry the turn's words so far, under the same turn:
     # after the first utterance's own partials, every partial starts with "i want to ".
     partials = user.partials()
@@ -241,7 +243,8 @@ async def test_a_question_goes_out_at_once_and_a_statement_after_its_hold(
     question = await user.final(1)
     assert (question.turn, question.text) == (1, "what time is it")
     assert question.speech_ms == end.speech_ms
-    assert held_ms(question, end) < STATEMENT_MS / 2  # no hold, only the bus hop
+    # No hold, only the bus hop: the STT says so, and a statement's hold (800 ms) was not waited.
+    assert question.timing.hold_ms == 0 and held_ms(question, end) < STATEMENT_MS
 
     # Speech after a published final opens the next turn.
     start, end = await user.say("tomorrow morning")
@@ -285,8 +288,13 @@ async def test_user_idle_turns_count_up_per_listening_and_never_while_the_agent_
 
     # The user speaks: a real turn, and the idle count starts again. The agent's state stays
     # "listening" here (say it let a backchannel pass), so the timer runs from the turn's end.
+    # Said once the user's speech has begun (an open turn arms no idle timer): said before, a
+    # stall of the test of IDLE_S before the speech edge would rightly make turn 3 an idle one.
+    saying = asyncio.create_task(user.say("what time is it"))
+    await user.bus.tap.wait_for(lambda: user.bus.tap.of(ev.SpeechStarted, user.session),
+                                10, "the speech edge")
     await user.agent("listening")
-    await user.say("what time is it")
+    await saying
     spoken = await user.final(3)
     assert isinstance(spoken, ev.Transcript)
     assert (spoken.turn, spoken.text) == (3, "what time is it")

@@ -5,6 +5,7 @@ STT stage process configured with it."""
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -66,7 +67,7 @@ async def frames(audio: bytes, *, paced: bool) -> AsyncIterator[bytes]:
 
 
 def words(text: str) -> set[str]:
-    return set(text.lower().replace(".", " ").replace(",", " ").split())
+    return set(re.findall(r"[a-z0-9']+", text.lower()))
 
 
 async def transcribe(stt: WhisperCppStt, source: AsyncIterator[bytes]) -> list[SttResult]:
@@ -172,16 +173,17 @@ async def test_the_stage_wants_partials_only_over_a_reply(
     try:
         chunks = [speech[i:i + FRAME_BYTES] for i in range(0, len(speech) - FRAME_BYTES + 1,
                                                            FRAME_BYTES)]
-        # Over the reply the question is said twice in one breath: words keep coming after the
-        # pause below, however slowly a loaded machine decodes, so there are partials to send.
-        twice = QUESTION + " " + QUESTION
-        user = await User(SimpleNamespace(speech={QUESTION: chunks, twice: chunks + chunks}),
+        # Over the reply the question is said three times in one breath: words keep coming for
+        # seconds after the pause below, however slowly a loaded machine decodes, so there are
+        # partials to send.
+        thrice = " ".join([QUESTION] * 3)
+        user = await User(SimpleNamespace(speech={QUESTION: chunks, thrice: chunks * 3}),
                           bus, "partials").join()
         await user.agent("listening")
         await user.say(QUESTION, paced=True)
         first = await user.final(1, timeout=60)
         await user.agent("speaking")
-        saying = asyncio.create_task(user.say(twice, paced=True))
+        saying = asyncio.create_task(user.say(thrice, paced=True))
         try:
             await bus.tap.wait_for(lambda: partials_of(user, 2), 30, "a partial over the reply")
             # The judge pauses the reply while the user speaks, and shows "listening": the
@@ -192,7 +194,8 @@ async def test_the_stage_wants_partials_only_over_a_reply(
         second = await user.final(2, timeout=60)
     finally:
         await stop_bus(bus)
-    assert {"set", "alarm", "morning"} <= words(first.text) <= words(second.text) | {"a"}
+    # (Said three times, the question may come back with its number as a figure, or quoted.)
+    assert {"set", "alarm", "morning"} <= words(first.text) & words(second.text)
     assert partials_of(user, first.turn) == []
     assert [p for p in partials_of(user, second.turn) if p.ts_ns > paused.ts_ns]
     assert first.turn in [p.turn for p in user.partials() if p.settled]  # a draft, still

@@ -297,11 +297,13 @@ async def test_stt_budget_runs_from_the_end_of_speech() -> None:
     speech = Speech()
     task = asyncio.create_task(transcripts(chain.stream(speech.frames())))
     speech.say(bytes(640))
-    # The user keeps talking for several budgets: no result is due before the end of speech.
+    # The user keeps talking for several budgets: no result is due before the end of speech,
+    # so the spare is not asked. (After the end, a stall of the loop longer than the budget
+    # may rightly hand the utterance on: that is not checked here.)
     await asyncio.sleep(0.2)
+    assert spare.heard == [] and not task.done()
     speech.say(None)
     assert await asyncio.wait_for(task, 5) == [SttResult("1 frames", final=True)]
-    assert spare.heard == []
 
 
 @pytest.mark.parametrize("fault", ["partial_then_fail", "partial_then_stall"])
@@ -402,9 +404,9 @@ async def test_tts_budget_starts_at_the_first_text_chunk() -> None:
     stream = chain.synthesize(texts("Late text.", first_after=text_ready))
     task = asyncio.create_task(transcripts(stream))  # type: ignore[arg-type]
     await asyncio.sleep(0.2)  # the LLM thinks for several budgets: nothing is due yet
+    assert spare.spoken == [] and not task.done()
     text_ready.set()
     assert len(await asyncio.wait_for(task, 5)) == 1
-    assert stream.provider == first.name and spare.spoken == []
 
 
 async def test_tts_probe_needs_audio() -> None:
