@@ -46,9 +46,10 @@ chromium:
 
 install: $(STAMP) $(LIVEKIT) $(WEB) $(SIP)
 
-# The whole offline stack; open the printed URL. SAY="What time is it?" also asks once.
+# The whole offline stack; open the printed URL. SAY="What time is it?" also asks once (WAV=
+# a recorded question, TEXT= a typed one).
 up: install
-	$(BIN)/voicebus up $(if $(SAY),--say "$(SAY)") $(if $(WAV),--wav $(WAV))
+	$(BIN)/voicebus up $(if $(SAY),--say "$(SAY)") $(if $(WAV),--wav $(WAV)) $(if $(TEXT),--text "$(TEXT)")
 
 test: install chromium $(HELM) $(COMPOSECHECK)
 	scripts/install-redis.sh >/dev/null

@@ -132,7 +132,7 @@ async def cmd_up(args: argparse.Namespace) -> int:
                  "PCMU/PCMA)\n" if stack.sip else "") +
               "Ctrl-C stops everything.\n", flush=True)
         code = 0
-        if args.say or args.wav:
+        if args.say or args.wav or args.text:
             args.token_url, args.room, args.identity, args.timeout = \
                 stack.token_url, f"demo-{secrets.token_hex(3)}", "demo-user", 60.0
             code = await cmd_call(args)
@@ -457,6 +457,21 @@ def _bus_arguments(parser: argparse.ArgumentParser) -> None:
                         "$VOICEBUS_NATS_NKEY_FILE)")
 
 
+def _caller_arguments(parser: argparse.ArgumentParser, who: str) -> None:
+    """What a call says and to whom: ``voicebus call``'s and ``voicebus up``'s alike, so the
+    one call code (``cmd_call``) finds every one of them on either."""
+    parser.add_argument("--agent", default="", help="the agent profile to talk to (GET "
+                        "/api/agents lists them; default: the default one)")
+    parser.add_argument("--wav", type=Path, action="append",
+                        help=f"{who} this spoken question (repeatable)")
+    parser.add_argument("--say", action="append",
+                        help=f"{who} this sentence, said by Piper (repeatable)")
+    parser.add_argument("--text", action="append",
+                        help=f"{who} this in the chat, after the spoken ones (repeatable)")
+    parser.add_argument("--out", type=Path, default=Path("reply.wav"),
+                        help="where the agent's voice is recorded")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="voicebus", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -479,10 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "-1: no gateway)")
     up.add_argument("--redis", action="store_true", help="a Redis for livekit-server even with "
                     "one node: its SIP API needs one (`voicebus sip setup`)")
-    up.add_argument("--wav", type=Path, action="append", help="ask this once it is up (a call)")
-    up.add_argument("--say", action="append", help="ask this sentence (Piper) once it is up")
-    up.add_argument("--out", type=Path, default=Path("reply.wav"), help="where that reply goes")
-    up.add_argument("--once", action="store_true", help="stop after the --wav/--say call")
+    _caller_arguments(up, "once it is up, a call (as `voicebus call`) asks")
+    up.add_argument("--once", action="store_true", help="stop after the --wav/--say/--text call")
     up.add_argument("--audio-dir", type=Path, help="turn the development file edges on for WAV "
                     "files below this folder (`voicebus session`); off by default")
     up.set_defaults(run=cmd_up)
@@ -499,14 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the token service (it also dispatches the agent)")
     call.add_argument("--room", default=f"call-{secrets.token_hex(3)}")
     call.add_argument("--identity", default="caller")
-    call.add_argument("--agent", default="", help="the agent profile to talk to (GET /api/agents "
-                      "lists them; default: the default one)")
-    call.add_argument("--wav", type=Path, action="append", help="a spoken question (repeatable)")
-    call.add_argument("--say", action="append", help="a sentence for Piper to say (repeatable)")
-    call.add_argument("--text", action="append", help="a message typed into the chat, after the "
-                      "spoken ones (repeatable)")
-    call.add_argument("--out", type=Path, default=Path("reply.wav"),
-                      help="where the agent's voice is recorded")
+    _caller_arguments(call, "the caller asks")
     call.add_argument("--timeout", type=float, default=60.0, help="seconds to wait per reply")
     call.set_defaults(run=cmd_call)
 

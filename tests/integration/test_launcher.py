@@ -13,6 +13,7 @@ import socket
 import sys
 import textwrap
 import time
+import wave
 
 import pytest
 
@@ -152,3 +153,24 @@ async def test_a_rolling_redeploy_replaces_every_replica_and_the_session_goes_on
         await nc.close()
         codes = await stack.stop()
     assert all(code == 0 for code in codes.values()), logs.dump()
+
+
+async def test_voicebus_up_asks_what_it_is_given_then_stops_with_once(tmp_path) -> None:
+    """`make up SAY=...`: once the stack is up, a call says the sentence and types the text, the
+    agent answers both out loud, the reply is recorded, and `--once` stops it all with exit 0."""
+    out = tmp_path / "reply.wav"
+    up = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "voicebus", "up", "--port", "0", "--livekit-port", "0",
+        "--nats-port", "0", "--sip-port", "-1", "--say", "What time is it?",
+        "--text", "Thank you.", "--out", str(out), "--once",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    printed, _ = await asyncio.wait_for(up.communicate(), 300)
+    lines = printed.decode()
+    assert up.returncode == 0, lines[-4000:]
+    said = re.findall(r"^  you:   (.*)$", lines, re.M)
+    assert len(said) == 2 and "time" in said[0].lower() and said[1] == "Thank you.", lines[-3000:]
+    answers = re.findall(r"^  agent: (.*)$", lines, re.M)
+    assert len(answers) == 3, lines[-3000:]  # the greeting, then one answer each
+    assert "time" in answers[1].lower() and "thank you" in answers[2].lower(), answers
+    with wave.open(str(out)) as wav:
+        assert wav.getnframes() / wav.getframerate() > 1.0  # the agent's voice, both replies
