@@ -52,6 +52,12 @@ def producers_of(stages: tuple[str, ...]) -> set[str]:
     return {p for s in stages for p in (s, *SPEAKS_FOR.get(s, ()))}
 
 
+# Stages that wait for another's StageReady: the judge (egress) greets once the stages that
+# speak (LLM, TTS) have claimed the session. Replayed without them, it would wait for a claim
+# that never comes while the recorded greeting plays, and decide no greeting at all.
+WAITS_FOR = {"egress": ("llm", "tts")}
+
+
 def inputs_of(stages: tuple[str, ...]) -> set[tuple[str, str]]:
     """(producer, kind) of every topic the stages consume that none of them produces."""
     own = producers_of(stages)
@@ -63,6 +69,8 @@ def inputs_of(stages: tuple[str, ...]) -> set[tuple[str, str]]:
             # (A usage reading is no stage's input: a replay's own usage is its stages'.)
             wanted |= {(t.producer, t.kind) for t in topics if t.producer not in own
                        and t.kind not in ("ready", "error", "handover", "usage")}
+        wanted |= {(producer, "ready") for producer in WAITS_FOR.get(stage, ())
+                   if producer not in own}
     return wanted
 
 
@@ -267,10 +275,15 @@ def timings(events: list[ev.AnyEvent], producers: set[str]) -> dict[str, list[fl
 
 def diff(recorded: record.Recording, replayed: record.Recording) -> dict[str, Any]:
     """The changes from ``recorded`` to ``replayed``, for the stages the replay ran."""
-    after_events = [e for _, _, e in replayed.events()]
-    # The stages that ran are those that claimed the replay; everything else in its capture
-    # is what the replay fed them (the recording's own events, unchanged).
-    ran = tuple(sorted({e.stage for e in after_events if isinstance(e, ev.StageReady)}))
+    entries = replayed.events()
+    after_events = [e for _, _, e in entries]
+    # The stages that ran are those the replay handed the session to; everything else in its
+    # capture is what the replay fed them (the recording's own events, unchanged), the claims
+    # of the stages a judge waits for among them (WAITS_FOR). A capture without handovers
+    # names them by their claims.
+    topics = [sj.parse(subject)[1] for subject, _, _ in entries]
+    ran = tuple(sorted({t.producer for t in topics if t.kind == "handover"}
+                       or {e.stage for e in after_events if isinstance(e, ev.StageReady)}))
     producers = producers_of(ran)
     before_events = [e for _, _, e in recorded.events()]
     before, after = _facts(before_events, producers), _facts(after_events, producers)

@@ -324,6 +324,19 @@ async def test_the_recorded_call_replays_into_stt_unchanged(turn_stack, barge) -
     assert len(result["timings"]["replayed"]["stt_compute_ms"]) == 2  # both questions
 
 
+async def test_the_recorded_call_replays_into_egress_unchanged(turn_stack, barge) -> None:
+    """The judge alone, fed what the other stages said: the same greeting (which waits for the
+    LLM's and the TTS's claims, replayed too), the same answers, and the same barge-in."""
+    _, nc, _ = turn_stack
+    recording = await record.export(nc.jetstream(), BARGE)
+    done = await replay.replay(nc, recording, "egress", speed=1.0)
+    result = replay.diff(recording, await record.export(nc.jetstream(), done.session))
+    assert result["stages"] == ["egress", "floor"] and not result["changed"], \
+        replay.render(result)
+    verdicts = [e for _, _, e in recording.events() if isinstance(e, ev.Verdict)]
+    assert (0, "greet") in [(v.turn, v.action) for v in verdicts]  # so it was compared
+
+
 async def test_the_recorded_call_into_a_changed_llm_names_exactly_its_replies(
         turn_stack, barge) -> None:
     stack, nc, _ = turn_stack

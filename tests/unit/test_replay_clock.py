@@ -1,8 +1,10 @@
-"""A replayed event is re-stamped as sent now, and the clock readings it carries move with it."""
+"""A replayed event is re-stamped as sent now, and the clock readings it carries move with it;
+what a stage replayed alone is fed."""
 
 import time
 
 from proto import events as ev
+from voicebus import replay
 from voicebus.replay import _moved
 
 
@@ -22,3 +24,12 @@ def test_an_event_without_timing_is_only_re_stamped():
     frame = ev.AudioFrame(session="old", seq=1, ts_ns=1, pcm=bytes(640), sample_rate=16000)
     moved = _moved(frame, "new")
     assert moved.session == "new" and moved.ts_ns > 1 and moved.pcm == frame.pcm
+
+
+def test_a_judge_replayed_alone_is_fed_the_claims_it_waits_for() -> None:
+    """Into egress: the LLM's and the TTS's StageReady are replayed too (the greeting waits for
+    them); no stage is fed a claim it does not wait for, nor its own."""
+    readies = {into: {producer for producer, kind in replay.inputs_of(replay.stages_of(into))
+                      if kind == "ready"} for into in replay.TARGETS}
+    assert readies == {"stt": set(), "llm": set(), "tts": set(), "egress": {"llm", "tts"},
+                       "all": set()}
