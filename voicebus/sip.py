@@ -42,7 +42,8 @@ def check(setup: SipSetup) -> None:
         # An open trunk would let anyone on the Internet place calls that cost the agent's
         # compute (and a provider's money, when the agent calls out).
         raise SipSetupError("name the trunk provider's addresses (--allowed-address) or set "
-                            "digest credentials (--auth-username/--auth-password)")
+                            "digest credentials (--auth-username, and the password in "
+                            "VOICEBUS_SIP_AUTH_PASSWORD)")
     if bool(setup.auth_username) != bool(setup.auth_password):
         raise SipSetupError("digest authentication needs both a username and a password")
     try:  # the rooms are voicebus sessions: their names must be session ids
