@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import secrets
 import shutil
@@ -51,8 +52,11 @@ async def connect_operator(args: argparse.Namespace) -> nats.NATS:
     async def quiet(_exc: Exception) -> None:  # the failure is reported below, once
         return None
 
+    # A tool fails fast: nats-py retries even a first connection (by default 60 times, 2 s
+    # apart, so a command against the wrong port sat silent for two minutes).
     options: dict[str, Any] = {"inbox_prefix": inbox_prefix(OPERATOR), "allow_reconnect": False,
-                               "error_cb": quiet}
+                               "error_cb": quiet, "max_reconnect_attempts": 3,
+                               "reconnect_time_wait": 1, "connect_timeout": 5}
     if seed:
         options["nkeys_seed"] = seed
     try:
@@ -423,8 +427,20 @@ async def cmd_bench(args: argparse.Namespace) -> int:
                                           replicas={"stt": args.stt_replicas, **args.replicas},
                                           spread_s=args.spread,
                                           capture=args.record, providers=args.providers)
-    print(json.dumps(result, indent=None if args.json else 2))
+    print(json.dumps(finite(result), indent=None if args.json else 2, allow_nan=False))
     return 0
+
+
+def finite(value: Any) -> Any:
+    """``value`` with every NaN or infinity (a percentile of nothing) as null: JSON has no NaN,
+    and parsers other than Python's refuse it."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(item) for item in value]
+    return value
 
 
 def _replica_counts(text: str) -> dict[str, int]:

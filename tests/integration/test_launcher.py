@@ -17,7 +17,7 @@ import wave
 
 import pytest
 
-from voicebus.launcher import PortTaken, Stack
+from voicebus.launcher import PortTaken, Stack, free_port
 
 # A launcher as `voicebus up` runs it, small: nats-server and one stage; it prints its
 # children's pids and waits.
@@ -174,3 +174,16 @@ async def test_voicebus_up_asks_what_it_is_given_then_stops_with_once(tmp_path) 
     assert "time" in answers[1].lower() and "thank you" in answers[2].lower(), answers
     with wave.open(str(out)) as wav:
         assert wav.getnframes() / wav.getframerate() > 1.0  # the agent's voice, both replies
+
+
+@pytest.mark.parametrize("command", [["tap"], ["record", "list"], ["redeploy", "llm"]])
+async def test_an_operator_command_without_a_bus_says_so_at_once(command: list[str]) -> None:
+    """Pointed at a port where no nats-server listens, a tool says it cannot connect and exits
+    1 within seconds (nats-py alone retried a first connection for two minutes, silently)."""
+    port = free_port()
+    tool = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "voicebus", *command, "--nats", f"nats://127.0.0.1:{port}",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    _, err = await asyncio.wait_for(tool.communicate(), 60)
+    assert tool.returncode == 1, err.decode()
+    assert f"cannot connect to nats://127.0.0.1:{port}" in err.decode(), err.decode()

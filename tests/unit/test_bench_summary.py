@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
 from proto import events as ev
@@ -304,3 +306,16 @@ def test_a_drafted_turn_is_ready_at_its_confirmation_and_only_unhidden_compute_c
     assert result["v2v_ms"]["p50"] == 536.0  # the confirmation, not the first frame (435)
     assert result["compute_ms"]["llm"]["p50"] == 0.0 and result["compute_ms"]["tts"]["p50"] == 0.0
     assert result["overhead_ms"]["p50"] == 536.0 - 320.0 - 200.0 - 15.0
+
+
+def test_bench_json_has_null_where_a_percentile_had_no_values() -> None:
+    """`voicebus bench … --json` prints one JSON object that any parser reads: a percentile of
+    no values (NaN in Python) is null."""
+    from voicebus.cli import finite
+
+    result = {"stable_ms": {"p50": float("nan"), "p95": float("inf"), "n": 0},
+              "per_turn": [{"v2v": 412.5, "in": float("-inf")}], "runs": (1, 2.5), "ok": True}
+    printed = json.dumps(finite(result), allow_nan=False)
+    assert json.loads(printed) == {"stable_ms": {"p50": None, "p95": None, "n": 0},
+                                   "per_turn": [{"v2v": 412.5, "in": None}], "runs": [1, 2.5],
+                                   "ok": True}
