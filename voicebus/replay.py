@@ -277,13 +277,16 @@ def diff(recorded: record.Recording, replayed: record.Recording) -> dict[str, An
     """The changes from ``recorded`` to ``replayed``, for the stages the replay ran."""
     entries = replayed.events()
     after_events = [e for _, _, e in entries]
-    # The stages that ran are those the replay handed the session to; everything else in its
+    # The stages that ran are those a replay handed the session to; everything else in its
     # capture is what the replay fed them (the recording's own events, unchanged), the claims
-    # of the stages a judge waits for among them (WAITS_FOR). A capture without handovers
-    # names them by their claims.
+    # of the stages a judge waits for among them (WAITS_FOR). A replay never dispatches
+    # (ctl.start); a live session does, and hands over only when a replica drains: its
+    # stages are those that claimed it.
     topics = [sj.parse(subject)[1] for subject, _, _ in entries]
-    ran = tuple(sorted({t.producer for t in topics if t.kind == "handover"}
-                       or {e.stage for e in after_events if isinstance(e, ev.StageReady)}))
+    replayed_into = {t.producer for t in topics if t.kind == "handover"}
+    if sj.CTL_START in topics or not replayed_into:
+        replayed_into = {e.stage for e in after_events if isinstance(e, ev.StageReady)}
+    ran = tuple(sorted(replayed_into))
     producers = producers_of(ran)
     before_events = [e for _, _, e in recorded.events()]
     before, after = _facts(before_events, producers), _facts(after_events, producers)

@@ -164,7 +164,12 @@ async def test_voicebus_up_asks_what_it_is_given_then_stops_with_once(tmp_path) 
         "--nats-port", "0", "--sip-port", "-1", "--say", "What time is it?",
         "--text", "Thank you.", "--out", str(out), "--once",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-    printed, _ = await asyncio.wait_for(up.communicate(), 300)
+    try:
+        printed, _ = await asyncio.wait_for(up.communicate(), 300)
+    finally:
+        if up.returncode is None:  # timed out: its stack must not run on through the suite
+            up.send_signal(signal.SIGINT)
+            await asyncio.wait_for(up.wait(), 60)
     lines = printed.decode()
     assert up.returncode == 0, lines[-4000:]
     said = re.findall(r"^  you:   (.*)$", lines, re.M)
@@ -184,6 +189,11 @@ async def test_an_operator_command_without_a_bus_says_so_at_once(command: list[s
     tool = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "voicebus", *command, "--nats", f"nats://127.0.0.1:{port}",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    _, err = await asyncio.wait_for(tool.communicate(), 60)
+    try:
+        _, err = await asyncio.wait_for(tool.communicate(), 60)
+    finally:
+        if tool.returncode is None:
+            tool.kill()
+            await tool.wait()
     assert tool.returncode == 1, err.decode()
     assert f"cannot connect to nats://127.0.0.1:{port}" in err.decode(), err.decode()

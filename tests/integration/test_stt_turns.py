@@ -287,9 +287,10 @@ async def test_user_idle_turns_count_up_per_listening_and_never_while_the_agent_
     assert entry.value == b"2"  # an idle turn is a turn like any other
 
     # The user speaks: a real turn, and the idle count starts again. The agent's state stays
-    # "listening" here (say it let a backchannel pass), so the timer runs from the turn's end.
-    # Said once the user's speech has begun (an open turn arms no idle timer): said before, a
-    # stall of the test of IDLE_S before the speech edge would rightly make turn 3 an idle one.
+    # "listening" here (say it let a backchannel pass), so the next idle turn counts from the
+    # later of the turn's end and that state. It is said once the user's speech has begun:
+    # said before, a stall of the test of IDLE_S before the speech edge would rightly make
+    # turn 3 an idle one. (A timer armed before speech and cancelled by it: test_stt_endpoint.)
     saying = asyncio.create_task(user.say("what time is it"))
     await user.bus.tap.wait_for(lambda: user.bus.tap.of(ev.SpeechStarted, user.session),
                                 10, "the speech edge")
