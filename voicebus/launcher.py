@@ -189,15 +189,10 @@ def sip_phone_binary() -> str:
     return _installed("install-sip-phone.sh", "the SIP phone")
 
 
-def sip_port(wanted: int) -> int:
-    """``wanted`` when UDP and TCP are both free there, else a free port (5060 is often taken
-    by a softphone or a PBX on a developer's machine)."""
-    return udp_port(wanted)
-
-
 def udp_port(wanted: int = 0) -> int:
     """``wanted`` when UDP and TCP are both free there, else a port free for both: for a server
-    that listens on both (SIP, livekit-server's media)."""
+    that listens on both (SIP, whose 5060 a softphone or a PBX on a developer's machine often
+    holds; livekit-server's media)."""
     if wanted and _bindable("127.0.0.1", wanted, udp=True):
         return wanted
     return free_port(udp=True)
@@ -515,7 +510,7 @@ class Stack:
     async def start_sip(self) -> Proc:
         """The SIP gateway as the role ``sip``, on ``sip_port`` (5060 for ``voicebus up``,
         unless taken). Up once it takes a TCP connection on that port."""
-        self.sip_port = sip_port(self.sip_port)
+        self.sip_port = udp_port(self.sip_port)
         env = {**os.environ, **self.env, **self.role_env("sip"),
                "VOICEBUS_SIP_LISTEN": f"127.0.0.1:{self.sip_port}"}
         if self.metrics:

@@ -35,7 +35,7 @@ from services.ingress.audio import Resampler, read_wav
 from tests.conftest import running_stack
 from tests.e2e.test_phone import hear
 from voicebus.client import Tap
-from voicebus.launcher import offline_ear, udp_port
+from voicebus.launcher import free_port, offline_ear, udp_port
 from voicebus.speech import say_to_wav
 
 pytestmark = pytest.mark.e2e
@@ -137,7 +137,7 @@ async def phone_stack(tmp_path_factory: pytest.TempPathFactory):
 async def start_gateway(stack, **env: str) -> Gateway:
     """A gateway process as the role ``sip``, with its metrics on a port of its own."""
     binary = tool("scripts/install-sip-gateway.sh")
-    port, metrics_port = udp_port(), udp_port()
+    port, metrics_port = udp_port(), free_port()
     env = {**os.environ, **stack.role_env("sip"), "VOICEBUS_SIP_LISTEN": f"127.0.0.1:{port}",
            "VOICEBUS_LOG_LEVEL": "info", "VOICEBUS_METRICS_PORT": str(metrics_port), **env}
     process = await asyncio.create_subprocess_exec(binary, env=env, stderr=asyncio.subprocess.PIPE)
