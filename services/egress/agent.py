@@ -124,15 +124,25 @@ class AgentParticipant:
         """Run ``job`` after the ones before it; failures are logged, never raised here."""
         self._jobs.put_nowait(job)
 
+    async def flush(self, timeout: float = JOB_TIMEOUT_S) -> None:
+        """Until what was submitted so far (and since) has gone out, or ``timeout``: the last
+        words of a session are sent before its end takes the agent out of the room."""
+        if self._worker is not None and not self._worker.done():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._jobs.join(), timeout)
+
     async def _run_jobs(self) -> None:
         while (job := await self._jobs.get()) is not None:
-            if self.room.connection_state == rtc.ConnectionState.CONN_DISCONNECTED:
-                continue  # out of the room (rejoining): what it would say is set again after
             try:
+                if self.room.connection_state == rtc.ConnectionState.CONN_DISCONNECTED:
+                    continue  # out of the room (rejoining): what it would say is set again after
                 # Bounded: a call into a room that drops under it must not stall the queue.
                 await asyncio.wait_for(job(), JOB_TIMEOUT_S)
             except Exception as exc:  # a room hiccup must not end the session
                 log.warning("room update failed: %s", exc or type(exc).__name__)
+            finally:
+                self._jobs.task_done()
+        self._jobs.task_done()  # the None that ended the loop
 
     async def aclose(self) -> None:
         if self.keeper is not None:

@@ -471,7 +471,17 @@ class EgressWorker(SessionWorker[EgressConfig]):
 
     def end_session(self, reason: str) -> None:
         self.log.info("ending the session: %s", reason)
-        self.spawn(self.emit(sj.FLOOR_END, ev.SessionEnd, reason=reason), "end")
+        self.spawn(self._end_session(reason), "end")
+
+    async def _end_session(self, reason: str) -> None:
+        # The goodbye's final transcript is still queued for the room: the end takes the agent
+        # out of it, so it waits until that line has gone out. A worker closed meanwhile (a
+        # handover) still ends the session: its successor's record no longer holds the goodbye.
+        try:
+            if self.agent is not None:
+                await self.agent.flush()
+        finally:
+            await self.emit(sj.FLOOR_END, ev.SessionEnd, reason=reason)
 
     def record(self, record: FloorRecord) -> None:
         # Writes are coalesced: only the newest record matters, and never two at once.
