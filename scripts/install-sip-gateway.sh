@@ -20,12 +20,21 @@ esac
 STAMP="$DEST/source.sha256"
 SUM="$(cd "$SRC" && { cat go.mod go.sum; find . -name '*.go' -print0 | LC_ALL=C sort -z \
     | xargs -0 sha256sum; } | sha256sum | cut -d' ' -f1)"
-if [[ -x "$BIN" && -x "$PHONE" && -f "$STAMP" && "$(cat "$STAMP")" == "$SUM" ]]; then
+built() { [[ -x "$BIN" && -x "$PHONE" && -f "$STAMP" && "$(cat "$STAMP")" == "$SUM" ]]; }
+if built; then
     echo "$WANTED"
     exit 0
 fi
 command -v go >/dev/null || { echo "install-sip-gateway: Go is needed to build $SRC" >&2; exit 1; }
 mkdir -p "$DEST"
+# One build at a time (two `voicebus up`s, or two test workers, after a change to the source):
+# whoever waited finds it built.
+exec 9>"$DEST/.lock"
+flock 9
+if built; then
+    echo "$WANTED"
+    exit 0
+fi
 echo "install-sip-gateway: building services/sip and its phone (first time only; a minute or two)" >&2
 # -mod=readonly: go.sum must already hold every module (a missing pin fails the build).
 build() {

@@ -13,6 +13,7 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/emiago/diago"
@@ -150,9 +151,8 @@ func (g *gateway) dial(m *nats.Msg) {
 	}
 	c := g.newCall(directionOutbound)
 	c.log = g.log.With("session", c.session, "callee", req.Target)
-	ctx, cancel := context.WithTimeout(g.ctx, time.Duration(req.AnswerTimeoutMs)*time.Millisecond)
-	d, med, err := g.invite(ctx, c, target, req.CallerID)
-	cancel()
+	d, med, err := g.invite(g.ctx, time.Duration(req.AnswerTimeoutMs)*time.Millisecond, c, target,
+		req.CallerID)
 	if err != nil {
 		refusal := dialFailure(err, g.ctx.Err() != nil)
 		c.log.Info("call not answered", "error", refusal.Error, "status", refusal.Status, "why", err)
@@ -176,9 +176,11 @@ func (g *gateway) dial(m *nats.Msg) {
 	}
 }
 
-// invite calls target and waits for the answer (ctx bounds the ringing: then CANCEL).
-func (g *gateway) invite(ctx context.Context, c *call, target sip.Uri, callerID string) (
-	*diago.DialogClientSession, *diago.DialogMedia, error) {
+// invite calls target and waits up to ring for the answer. A callee that is ringing by then
+// gets a CANCEL; one that never answered at all is given up on at once (sipgo would wait out
+// the INVITE's Timer B, 32 s, since a CANCEL may only follow a response).
+func (g *gateway) invite(parent context.Context, ring time.Duration, c *call, target sip.Uri,
+	callerID string) (*diago.DialogClientSession, *diago.DialogMedia, error) {
 	if !readyFlag.Load() {
 		return nil, nil, errNotReady
 	}
@@ -186,22 +188,43 @@ func (g *gateway) invite(ctx context.Context, c *call, target sip.Uri, callerID 
 	if err != nil {
 		return nil, nil, err
 	}
-	opts := diago.InviteClientOptions{OnMediaUpdate: c.mediaUpdated}
+	var heard atomic.Bool
+	opts := diago.InviteClientOptions{OnMediaUpdate: c.mediaUpdated,
+		OnResponse: func(*sip.Response) error { heard.Store(true); return nil }}
 	if callerID != "" {
 		opts.WithCaller("", callerID, g.fromHost())
 	}
+	ctx, cancel := context.WithCancelCause(parent)
+	defer cancel(nil)
+	rang := time.AfterFunc(ring, func() {
+		if heard.Load() {
+			cancel(context.DeadlineExceeded)
+		} else {
+			cancel(sipgo.WaitAnswerForceCancelErr)
+		}
+	})
 	med, err := d.Invite(ctx, opts)
+	rang.Stop()
 	if err == nil {
 		err = d.Ack(ctx)
 	}
 	if err != nil {
 		_ = d.Close()
+		switch context.Cause(ctx) {
+		case sipgo.WaitAnswerForceCancelErr:
+			err = errNoResponse
+		case context.DeadlineExceeded:
+			err = errors.Join(context.DeadlineExceeded, err)
+		}
 		return nil, nil, err
 	}
 	return d, med, nil
 }
 
-var errNotReady = errors.New("the gateway is not ready (starting, stopping, or the bus is away)")
+var (
+	errNotReady   = errors.New("the gateway is not ready (starting, stopping, or the bus is away)")
+	errNoResponse = errors.New("no response from the callee before answer_timeout_ms")
+)
 
 // fromHost: the host of the From the callee sees, ours as the world reaches it.
 func (g *gateway) fromHost() string {
@@ -283,7 +306,7 @@ func dialFailure(err error, stopping bool) *DialReply {
 		return &DialReply{Error: "failed", Reason: err.Error()}
 	case errors.Is(err, context.DeadlineExceeded):
 		return &DialReply{Error: "no_answer", Reason: "no answer before answer_timeout_ms"}
-	case unreachable(err):
+	case errors.Is(err, errNoResponse) || unreachable(err):
 		return &DialReply{Error: "unreachable", Reason: err.Error()}
 	}
 	return &DialReply{Error: "failed", Reason: err.Error()}

@@ -1096,6 +1096,37 @@ async def test_a_busy_callee_gives_a_clear_error_reply(phone_stack, gateway, sip
 
 
 @pytest.mark.asyncio(loop_scope="module")
+async def test_a_callee_that_never_responds_is_given_up_on_at_the_ring_timeout(phone_stack,
+                                                                             gateway) -> None:
+    """A target that takes the INVITE and says nothing, not even 100 Trying (a dead phone, a
+    wrong port): the reply says unreachable once the ring timeout is up. A CANCEL may only
+    follow a response, so without one the INVITE would live out its Timer B (32 s) and the
+    operator's ``--ring-timeout`` would mean nothing."""
+    from proto import codec
+
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    silent.bind(("127.0.0.1", 0))
+    silent.setblocking(False)
+    target = f"sip:nobody@127.0.0.1:{silent.getsockname()[1]}"
+    before = await gateway.problems("dial_unreachable")
+    nc = await phone_stack.connect()
+    try:
+        request = ev.DialRequest(target=target, greeting="Hi", answer_timeout_ms=2000)
+        started = time.monotonic()
+        msg = await nc.request(sj.SIP_DIAL, codec.encode(request), timeout=20)
+        waited = time.monotonic() - started
+        invite = silent.recv(65536)
+    finally:
+        await nc.close()
+        silent.close()
+    assert invite.startswith(b"INVITE " + target.encode()), invite[:200]
+    reply = codec.decode_dial(msg.data)
+    assert reply.error == "unreachable" and "no response" in reply.reason, reply
+    assert waited >= 2.0  # it rang for the time asked
+    assert await gateway.problems("dial_unreachable") == before + 1
+
+
+@pytest.mark.asyncio(loop_scope="module")
 async def test_a_phone_that_goes_silent_without_a_bye_is_hung_up(phone_stack, sipp,
                                                                    tmp_path) -> None:
     """A phone that vanishes (no BYE, no packet: its network went) must not hold a session and
