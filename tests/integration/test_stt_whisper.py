@@ -5,7 +5,9 @@ STT stage process configured with it."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,6 +21,7 @@ from proto import subjects as sj
 from services.ingress.audio import FRAME_BYTES, Resampler, read_wav
 from services.stt.config import SttConfig
 from services.stt.provider import SttResult
+from services.stt.providers import whisper
 from services.stt.providers.whisper import WhisperCppStt
 from services.tts.config import TtsConfig
 from services.tts.providers.piper import PiperTts
@@ -136,6 +139,31 @@ async def test_silence_and_nothing_give_an_empty_final(stt) -> None:
     assert await transcribe(stt, frames(b"", paced=False)) == [SttResult("", final=True)]
     quiet = await transcribe(stt, frames(bytes(2 * 16000), paced=False))
     assert quiet == [SttResult("", final=True)]
+
+
+class _AbortedMidDecode(threading.Event):
+    """Clear when the decode starts; set once whisper.cpp itself asks (an abort mid-encode,
+    as when speech resumes under a speculative final)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked = 0
+
+    def is_set(self) -> bool:
+        self.asked += 1
+        return self.asked > 1
+
+
+async def test_an_aborted_decode_is_quiet_and_whisper_logs_go_to_the_logger(
+        stt, speech, capfd, caplog) -> None:
+    abort = _AbortedMidDecode()
+    with caplog.at_level(logging.DEBUG, logger=whisper.__name__):
+        assert await asyncio.to_thread(stt.decode, speech, abort) is None
+        whisper._whisper_log(4, "something broke\n")  # an error of a decode not aborted
+    assert abort.asked > 2  # whisper.cpp asked, and stopped
+    assert "failed" not in capfd.readouterr().err  # nothing of it on the process's stderr
+    assert [(r.levelno, r.getMessage()) for r in caplog.records
+            if r.levelno >= logging.WARNING] == [(logging.ERROR, "whisper.cpp: something broke")]
 
 
 async def test_errors_of_the_frames_pass_through_and_a_cut_turn_stops(stt, speech) -> None:

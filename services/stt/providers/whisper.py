@@ -21,11 +21,16 @@ perhaps another session's — so the words depended on what was decoded before.
 
 whisper.cpp releases the GIL, so decodes run in a worker thread beside the event loop. One
 model context decodes one utterance at a time: concurrent utterances queue for it.
+
+whisper.cpp's own log lines go to this module's logger (its loading chatter at DEBUG), not to
+the process's stderr; the "failed to encode" of a decode aborted on purpose is not an error
+and is dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import math
 import re
@@ -58,6 +63,33 @@ CONTEXT_MARGIN = 128
 PARTIAL_CONTEXT_MARGIN = 64
 
 
+# ggml's log levels (ggml_log_level) → logging's; CONT (5) goes on the line before: DEBUG.
+_LEVELS = {1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING, 4: logging.ERROR}
+_decoding = threading.local()  # the abort event of the decode running on this thread
+_logs_routed = False
+
+
+def _whisper_log(level: int, text: str, *_: object) -> None:
+    abort = getattr(_decoding, "abort", None)
+    if abort is not None and abort.is_set():
+        return  # what an aborted decode says about itself ("failed to encode")
+    if text := text.rstrip():
+        log.log(_LEVELS.get(level, logging.DEBUG), "whisper.cpp: %s", text)
+
+
+def _route_whisper_logs() -> None:
+    """Once per process: whisper.cpp's log into ``log``. Undone at exit, so nothing calls
+    into an interpreter that is shutting down."""
+    global _logs_routed
+    if _logs_routed:
+        return
+    import _pywhispercpp
+
+    _pywhispercpp.whisper_log_set(_whisper_log)
+    atexit.register(_pywhispercpp.whisper_log_set, None)
+    _logs_routed = True
+
+
 class WhisperCppStt:
     name = "whisper"
 
@@ -77,9 +109,10 @@ class WhisperCppStt:
             "beam_size": beam_size, "patience": -1.0}} if beam_size > 0 else {}
         # No flash attention (pywhispercpp turns it on): see the module docstring. Without it
         # the decoder reads exactly this decode's frames, and a decode is no slower.
+        _route_whisper_logs()
         self._model = Model(str(model_path), n_threads=threads, print_progress=False,
-                            print_realtime=False, redirect_whispercpp_logs_to=None,
-                            context_params={"flash_attn": False}, **search)
+                            print_realtime=False, context_params={"flash_attn": False},
+                            **search)
         self.partial_interval_ms = max(MIN_PARTIAL_MS, partial_interval_ms)
         self.speculate_ms = max(FRAME_MS, speculate_ms)
         self._lock = threading.Lock()  # one decode at a time in the model's context
@@ -128,6 +161,7 @@ class WhisperCppStt:
         with self._lock:
             if abort.is_set():
                 return None
+            _decoding.abort = abort
             try:
                 segments = self._model.transcribe(
                     audio, language="en", no_context=True, no_timestamps=False,
@@ -137,6 +171,8 @@ class WhisperCppStt:
             except Exception as exc:
                 raise ProviderError(f"whisper failed: {exc}", provider=self.name,
                                     retryable=False) from exc
+            finally:
+                _decoding.abort = None
         if abort.is_set():
             return None
         return dedupe(" ".join(segment.text.strip() for segment in segments))
