@@ -75,9 +75,10 @@ async def test_a_person_talks_to_the_agent_in_the_browser(lk_stack, chromium, tm
             await expect(page.locator("#mic")).to_have_attribute("data-on", "true")
 
             # The agent greets, then answers: the echo LLM repeats the question and adds
-            # "got it.".
+            # "got it.". A greeting late on a busy machine is cut by the question (seen once:
+            # "Hello! How"), and its line then holds what was heard: its first word at least.
             agent = page.locator('#transcript [data-speaker="agent"][data-final="true"]')
-            await expect(agent.first).to_contain_text("how can i help", ignore_case=True,
+            await expect(agent.first).to_contain_text("hello", ignore_case=True,
                                                       timeout=TIMEOUT_MS)
             answer = agent.filter(has_text=re.compile("got it", re.IGNORECASE))
             await expect(answer.first).to_be_visible(timeout=TIMEOUT_MS)
