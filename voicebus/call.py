@@ -97,10 +97,11 @@ class Caller:
         self.identity = identity
         self.room = rtc.Room()
         # Speech is queued up to a second ahead: a caller process starved for a moment (a busy
-        # test machine: stalls of 200-300 ms were seen) must not leave a gap in its speech that
-        # the VAD would take for the end of a sentence, or the STT for a lost word. The silence
-        # between turns stays SILENCE_AHEAD_S ahead, so speech starts about as soon as it is
-        # said. The measures stay exact: they count what is queued before each frame.
+        # test machine; 200 ms ahead was not enough beside a busy loop) must not leave a gap in
+        # its speech that the VAD would take for the end of a sentence, or the STT for a lost
+        # word. The silence between turns stays SILENCE_AHEAD_S ahead, so speech starts about
+        # as soon as it is said. The measures stay exact: they count what is queued before each
+        # frame.
         self.source = rtc.AudioSource(MIC_RATE, 1, queue_size_ms=1000)
         self.segments: dict[str, Segment] = {}
         # The same transcripts as the legacy transcription packets (clients of protocol < 3
