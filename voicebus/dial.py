@@ -21,8 +21,8 @@ from proto import events as ev
 from proto import subjects as sj
 
 # The gateway replies only when the phone stopped ringing: give it the ringing time and then
-# the time SIP may take to give up on an unreachable target (its transaction timer, 32 s, and
-# the wait for the 487 after a CANCEL, 32 s).
+# the time SIP may still take (a callee that rang gets a CANCEL, and its 487 is waited for up to
+# 32 s; one that never responded is given up on at the ringing time), with room to spare.
 REPLY_MARGIN_S = 70.0
 
 

@@ -475,13 +475,16 @@ class EgressWorker(SessionWorker[EgressConfig]):
 
     async def _end_session(self, reason: str) -> None:
         # The goodbye's final transcript is still queued for the room: the end takes the agent
-        # out of it, so it waits until that line has gone out. A worker closed meanwhile (a
-        # handover) still ends the session: its successor's record no longer holds the goodbye.
+        # out of it, so it waits until that line has gone out. A worker closed meanwhile by a
+        # handover still ends the session (its successor's record no longer holds the
+        # goodbye), and is not handed over; one closed by an end from elsewhere says nothing.
+        self.ended = True
         try:
             if self.agent is not None:
                 await self.agent.flush()
         finally:
-            await self.emit(sj.FLOOR_END, ev.SessionEnd, reason=reason)
+            if self.session not in self.service._ended:
+                await self.emit(sj.FLOOR_END, ev.SessionEnd, reason=reason)
 
     def record(self, record: FloorRecord) -> None:
         # Writes are coalesced: only the newest record matters, and never two at once.

@@ -110,6 +110,8 @@ class SessionWorker(Generic[C]):
         self._subs: list[Subscription] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._subjects: dict[sj.Topic, str] = {}
+        # This worker ended the session itself (an agent's goodbye): it is not handed over.
+        self.ended = False
 
     async def subscribe_inputs(self) -> None:
         """Subscribe to this session's inputs (before the lease is taken: no side effects)."""
@@ -459,7 +461,9 @@ class StageService(Generic[C]):
             await worker.close()
             self.workers.pop(worker.session, None)
             await self._release(worker.session)
-            if others:
+            if worker.ended:
+                pass  # nothing to hand over: its own end is on the bus
+            elif others:
                 await self._republish(worker)
             else:
                 worker.log.warning("no other %s replica is running: session released, not handed "

@@ -177,7 +177,7 @@ func (g *gateway) dial(m *nats.Msg) {
 }
 
 // invite calls target and waits up to ring for the answer. A callee that is ringing by then
-// gets a CANCEL; one that never answered at all is given up on at once (sipgo would wait out
+// gets a CANCEL; one that never responded at all is given up on at once (sipgo would wait out
 // the INVITE's Timer B, 32 s, since a CANCEL may only follow a response).
 func (g *gateway) invite(parent context.Context, ring time.Duration, c *call, target sip.Uri,
 	callerID string) (*diago.DialogClientSession, *diago.DialogMedia, error) {
@@ -210,10 +210,12 @@ func (g *gateway) invite(parent context.Context, ring time.Duration, c *call, ta
 	}
 	if err != nil {
 		_ = d.Close()
-		switch context.Cause(ctx) {
-		case sipgo.WaitAnswerForceCancelErr:
+		switch cause := context.Cause(ctx); {
+		case cause == sipgo.WaitAnswerForceCancelErr && !heard.Load():
 			err = errNoResponse
-		case context.DeadlineExceeded:
+		case cause == sipgo.WaitAnswerForceCancelErr, cause == context.DeadlineExceeded:
+			// (A first response that came just as the time was up: counted as rung out, though
+			// no CANCEL went; that callee stops ringing on its own.)
 			err = errors.Join(context.DeadlineExceeded, err)
 		}
 		return nil, nil, err

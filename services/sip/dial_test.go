@@ -126,6 +126,8 @@ func TestDialFailures(t *testing.T) {
 		{&sipgo.ErrDialogResponse{Res: response(480, "Temporarily Unavailable")}, "no_answer", 480},
 		{&sipgo.ErrDialogResponse{Res: response(404, "Not Found")}, "refused", 404},
 		{context.DeadlineExceeded, "no_answer", 0},
+		{errors.Join(context.DeadlineExceeded, context.Canceled), "no_answer", 0},
+		{errNoResponse, "unreachable", 0},
 		{errors.Join(errors.New("transaction terminated"), sip.ErrTransactionTimeout), "unreachable", 0},
 		{errors.New("no SDP in response"), "failed", 0},
 	} {

@@ -24,7 +24,7 @@ model context decodes one utterance at a time: concurrent utterances queue for i
 
 whisper.cpp's own log lines go to this module's logger (its loading chatter at DEBUG), not to
 the process's stderr; the "failed to encode" of a decode aborted on purpose is not an error
-and is dropped.
+and goes to DEBUG too.
 """
 
 from __future__ import annotations
@@ -70,11 +70,18 @@ _logs_routed = False
 
 
 def _whisper_log(level: int, text: str, *_: object) -> None:
-    abort = getattr(_decoding, "abort", None)
-    if abort is not None and abort.is_set():
-        return  # what an aborted decode says about itself ("failed to encode")
-    if text := text.rstrip():
-        log.log(_LEVELS.get(level, logging.DEBUG), "whisper.cpp: %s", text)
+    # Called from inside whisper.cpp: nothing may be raised back into it.
+    try:
+        if not (text := text.rstrip()):
+            return
+        abort = getattr(_decoding, "abort", None)
+        if abort is not None and abort.is_set():
+            # What a decode aborted on purpose says about itself ("failed to encode").
+            log.debug("whisper.cpp (aborted decode): %s", text)
+        else:
+            log.log(_LEVELS.get(level, logging.DEBUG), "whisper.cpp: %s", text)
+    except BaseException:  # noqa: BLE001 - a log line is not worth a crash
+        pass
 
 
 def _route_whisper_logs() -> None:
