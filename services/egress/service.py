@@ -483,7 +483,7 @@ class EgressWorker(SessionWorker[EgressConfig]):
             if self.agent is not None:
                 await self.agent.flush()
         finally:
-            if self.session not in self.service._ended:
+            if not self.service.has_ended(self.session):
                 await self.emit(sj.FLOOR_END, ev.SessionEnd, reason=reason)
 
     def record(self, record: FloorRecord) -> None:

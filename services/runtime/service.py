@@ -399,6 +399,10 @@ class StageService(Generic[C]):
         )
         log.info("claimed session", extra={"stage": self.stage, "session": session})
 
+    def has_ended(self, session: str) -> bool:
+        """A SessionEnd for ``session`` has come (recently)."""
+        return session in self._ended
+
     async def _on_end(self, end: ev.SessionEnd) -> None:
         self._ended[end.session] = None
         while len(self._ended) > 10_000:  # remembered only to stop claims in flight
@@ -462,8 +466,8 @@ class StageService(Generic[C]):
             self.workers.pop(worker.session, None)
             await self._release(worker.session)
             if worker.ended:
-                pass  # nothing to hand over: its own end is on the bus
-            elif others:
+                return  # nothing to hand over: its own end is on the bus
+            if others:
                 await self._republish(worker)
             else:
                 worker.log.warning("no other %s replica is running: session released, not handed "
