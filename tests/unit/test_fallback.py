@@ -233,7 +233,8 @@ class FakeStt:
         self.listening = asyncio.Event()  # it has heard a frame
 
     async def stream(self, frames: AsyncIterator[bytes], *,
-                     partials: object = None) -> AsyncIterator[SttResult]:
+                     partials: object = None,
+                     voiced: object = None) -> AsyncIterator[SttResult]:
         heard: list[bytes] = []
         self.heard.append(heard)
         async for frame in frames:
@@ -323,7 +324,8 @@ async def test_stt_partials_bind_nothing_the_utterance_moves_on(fault: str) -> N
 async def test_stt_final_commits_a_later_failure_is_an_error() -> None:
     class FinalThenFail(FakeStt):
         async def stream(self, frames: AsyncIterator[bytes], *,
-                         partials: object = None) -> AsyncIterator[SttResult]:
+                         partials: object = None,
+                         voiced: object = None) -> AsyncIterator[SttResult]:
             async for _ in frames:
                 pass
             yield SttResult("done", final=True)

@@ -108,7 +108,8 @@ class ScriptedStt:
         self.fail_next = False
 
     async def stream(self, frames: AsyncIterator[bytes], *,
-                     partials: object = None) -> AsyncIterator[SttResult]:
+                     partials: object = None,
+                     voiced: object = None) -> AsyncIterator[SttResult]:
         text = self.script.pop(0)
         fail, self.fail_next = self.fail_next, False
         first = True
@@ -334,7 +335,8 @@ class EarlyStt:
         self.script = list(script)
 
     async def stream(self, frames: AsyncIterator[bytes], *,
-                     partials: object = None) -> AsyncIterator[SttResult]:
+                     partials: object = None,
+                     voiced: object = None) -> AsyncIterator[SttResult]:
         early, final = self.script.pop(0)
         first = True
         async for _ in frames:
@@ -448,7 +450,8 @@ class UnfinishedStt(ScriptedStt):
         self.heard = asyncio.Event()
 
     async def stream(self, frames: AsyncIterator[bytes], *,
-                     partials: object = None) -> AsyncIterator[SttResult]:
+                     partials: object = None,
+                     voiced: object = None) -> AsyncIterator[SttResult]:
         async for _ in frames:
             pass
         self.heard.set()
