@@ -14,8 +14,9 @@ SAMPLE_RATE = INGRESS_RATE  # what ingress publishes
 
 class SttResult(msgspec.Struct, frozen=True):
     """A partial, or the utterance's one final. ``stable`` (a partial): the words the final
-    will have if the speech ends now; a provider that knows them early says so, and the agent
-    starts preparing its answer before the end of speech is certain."""
+    will most likely have if the speech ends now; a provider that knows them early says so, and
+    the agent starts preparing its answer before the end of speech is certain (a final with
+    other words throws that answer away)."""
 
     text: str
     final: bool = False

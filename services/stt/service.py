@@ -71,12 +71,32 @@ class SttFallback(FallbackAdapter[SttProvider]):
 
     def stream(self, frames: AsyncIterator[bytes], *, partials: WantPartials = None,
                voiced: Voiced = None) -> AsyncIterator[SttResult]:
-        # (A provider taking over hears the utterance again from the start; ``voiced`` then
-        # speaks of the newest frame, not the one replayed. It only steers when a draft is
-        # decoded, never what the final holds.)
-        return self.run(lambda provider, replay: provider.stream(replay, partials=partials,
-                                                                 voiced=voiced),
-                        frames, READY_END)
+        if voiced is None:
+            return self.run(lambda provider, replay: provider.stream(replay, partials=partials),
+                            frames, READY_END)
+        # The VAD's word goes with its frame: the chain reads frames ahead of a provider, and a
+        # provider taking over hears the utterance again from the start.
+        flags: list[bool | None] = []
+
+        async def flagged() -> AsyncIterator[bytes]:
+            async for pcm in frames:
+                flags.append(voiced())
+                yield pcm
+
+        def start(provider: SttProvider, replay: AsyncIterator[bytes]) -> AsyncIterator[SttResult]:
+            taken = 0
+
+            async def counted() -> AsyncIterator[bytes]:
+                nonlocal taken
+                async with aclosing(replay):
+                    async for pcm in replay:
+                        taken += 1
+                        yield pcm
+
+            return provider.stream(counted(), partials=partials,
+                                   voiced=lambda: flags[taken - 1] if taken else None)
+
+        return self.run(start, flagged(), READY_END)
 
     async def probe(self, provider: SttProvider) -> None:
         async def silence() -> AsyncIterator[bytes]:

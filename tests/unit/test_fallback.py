@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import aclosing
 
 import pytest
@@ -230,15 +230,20 @@ class FakeStt:
         self.partial_then_fail = partial_then_fail
         self.partial_then_stall = partial_then_stall
         self.heard: list[list[bytes]] = []
+        self.voiced: list[list[bool | None]] = []  # the VAD's word on each frame heard
         self.listening = asyncio.Event()  # it has heard a frame
 
     async def stream(self, frames: AsyncIterator[bytes], *,
                      partials: object = None,
-                     voiced: object = None) -> AsyncIterator[SttResult]:
+                     voiced: Callable[[], bool | None] | None = None,
+                     ) -> AsyncIterator[SttResult]:
         heard: list[bytes] = []
+        flags: list[bool | None] = []
         self.heard.append(heard)
+        self.voiced.append(flags)
         async for frame in frames:
             heard.append(frame)
+            flags.append(None if voiced is None else voiced())
             self.listening.set()
             if len(heard) == self.fail_at:
                 raise APIConnectionError("socket closed", provider=self.name)
@@ -289,6 +294,26 @@ async def test_stt_replays_the_utterance_from_the_start_to_the_next_provider() -
     results = await asyncio.wait_for(task, 5)
     assert results == [SttResult("6 frames", final=True)]
     assert second.heard == [frames]  # all of it, in order, though the first had heard three
+    await chain.aclose()
+
+
+async def test_each_frame_reaches_a_provider_with_the_vads_word_on_it() -> None:
+    """The chain reads frames ahead of the provider, and the next provider hears them again:
+    ``voiced`` still speaks of the frame the provider took, not of the newest one."""
+    first, second = FakeStt(fail_at=3), FakeStt()
+    chain = stt_chain(first, second)
+    flags = [True, True, False, True, False, False]
+    newest: list[bool | None] = [None]
+
+    async def frames() -> AsyncIterator[bytes]:
+        for n, flag in enumerate(flags):
+            newest[0] = flag  # as the stage's utterance does, just before the frame goes
+            yield bytes([n]) * 640
+
+    results = await asyncio.wait_for(
+        transcripts(chain.stream(frames(), voiced=lambda: newest[0])), 5)
+    assert results == [SttResult("6 frames", final=True)]
+    assert first.voiced == [flags[:3]] and second.voiced == [flags]
     await chain.aclose()
 
 

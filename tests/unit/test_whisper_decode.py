@@ -165,3 +165,30 @@ async def test_without_the_vads_word_a_loud_frame_is_speech(
     assert utterance.speculative
     utterance.feed(LOUD)
     assert not utterance.speculative and utterance.ready is None
+
+
+async def test_a_draft_running_at_the_end_of_speech_still_goes_out_before_the_final(
+        hears: whisper.WhisperCppStt) -> None:
+    """The edge can come before the tail's quiet: the draft's words are handed out (the agent
+    prepares its answer from them) and the final is decoded over everything."""
+    utterance = whisper._Utterance(hears)
+    for _ in range(10):
+        utterance.feed(LOUD, True)
+    for _ in range(TAIL_STARTS + 1):
+        utterance.feed(LOUD, False)
+    assert utterance.running is not None and not utterance.whole
+    assert await utterance.draft_at_end() == SttResult(f"heard {14 * FRAME}", stable=True)
+    assert await utterance.finish() == f"heard {15 * FRAME}"
+
+
+async def test_no_draft_at_the_end_when_the_decode_ahead_covers_everything(
+        hears: whisper.WhisperCppStt) -> None:
+    utterance = whisper._Utterance(hears)
+    for _ in range(10):
+        utterance.feed(LOUD, True)
+    for _ in range(TAIL_STARTS):
+        utterance.feed(QUIET, False)
+    assert utterance.speculative and utterance.whole
+    assert await utterance.draft_at_end() is None  # that decode is the final itself
+    assert await utterance.finish() == f"heard {14 * FRAME}"
+    assert len(hears._model.decodes) == 1

@@ -146,14 +146,15 @@ async def _measure(stt: Any, clips: list[tuple[str, str, tuple[str, ...], bytes]
     before_edge: list[float] = []
     thrown = 0
     by_voice: dict[str, list[int]] = {}
+    # The VAD's verdicts first: its CPU is ingress's, not the provider's.
+    voiced = [_voiced(audio + bytes(32 * quiet_ms), vad) for _, _, _, audio in clips]
     cpu_before, audio_s = time.process_time(), 0.0
-    for voice, text, keys, audio in clips:
+    for (voice, text, keys, audio), flags in zip(clips, voiced):
         audio += bytes(16000 * 2 * quiet_ms // 1000)
         audio_s += len(audio) / 32000
         edge: list[float] = []
         final = ""
         stable: list[tuple[float, str]] = []
-        flags = _voiced(audio, vad)
         now: list[bool | None] = [None]
         async for res in stt.stream(_frames(audio, pace, edge, flags, now),
                                     voiced=lambda: now[0]):

@@ -159,6 +159,8 @@ class WhisperCppStt:
             async for pcm in frames:
                 if result := utt.feed(pcm, None if voiced is None else voiced()):
                     yield result
+            if draft := await utt.draft_at_end():
+                yield draft
             final = await utt.finish()
         finally:
             utt.abandon()  # the consumer closed us, or the task was cancelled: stop decoding
@@ -242,7 +244,7 @@ class _Utterance:
             self.drafted = self.drafted or self.quiet < self.stt.speculate_ms
             self._stop()  # a partial now would only delay the final
             self._start(speculative=True)
-        elif self.heard and self.running is None and \
+        elif self.heard and self.running is None and self.ready is None and \
                 self.since_partial >= self.stt.partial_interval_ms and \
                 self.quiet < self.stt.speculate_ms and \
                 len(self.audio) >= SAMPLE_RATE * 2 * MIN_AUDIO_S and \
@@ -293,6 +295,19 @@ class _Utterance:
             self.running.add_done_callback(_retrieve)
             self.running = None
         self.speculative = False
+
+    async def draft_at_end(self) -> SttResult | None:
+        """The end of speech came during a draft decoded on the VAD's quiet, which lacks the
+        tail: its words still go out first (the agent prepares its answer from them while the
+        final is decoded), rather than the draft being thrown away."""
+        if self.running is None or not self.speculative or self.whole:
+            return None
+        try:
+            await asyncio.wait([self.running])
+        except asyncio.CancelledError:
+            self._stop()
+            raise
+        return self._collect()
 
     async def finish(self) -> str:
         """The end of speech: the final's text."""
