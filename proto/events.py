@@ -80,9 +80,6 @@ class AudioFrame(Event, frozen=True, tag="audio"):
     # identity); each speaker's frames are a stream, and an audio clock, of their own. Empty:
     # the session's one user.
     speaker: str = ""
-    # From ingress: whether its VAD counted this frame as speech (the newest window it judged,
-    # with the hysteresis of an utterance under way). None: not judged (TTS, egress, SIP).
-    voiced: bool | None = None
 
 
 class SpeechStarted(Event, frozen=True, tag="vad.start"):

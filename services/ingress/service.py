@@ -74,20 +74,16 @@ class IngressConfig(LiveKitConfig, frozen=True, kw_only=True):
         return ChatLimits(max_chars=min(self.chat_max_chars, ev.MAX_CHAT_CHARS),
                           burst=self.chat_burst, per_minute=self.chat_per_minute)
 
-    def vad(self) -> VadSegmenter:
-        """A speaker's VAD as configured."""
-        return VadSegmenter(
-            threshold=self.vad_threshold, neg_threshold=self.vad_neg_threshold,
-            min_speech_ms=self.vad_min_speech_ms, silence_ms=self.vad_silence_ms,
-            energy_floor_dbfs=self.vad_energy_floor_dbfs)
-
 
 class Listener:
     """One speaker's audio on its way to the bus: its VAD, its audio clock, its utterance."""
 
     def __init__(self, config: IngressConfig, speaker: str) -> None:
         self.speaker = speaker
-        self.vad = config.vad()
+        self.vad = VadSegmenter(
+            threshold=config.vad_threshold, neg_threshold=config.vad_neg_threshold,
+            min_speech_ms=config.vad_min_speech_ms, silence_ms=config.vad_silence_ms,
+            energy_floor_dbfs=config.vad_energy_floor_dbfs)
         self.pts = 0
         # Publish time of recent frames by pts, to stamp SpeechEnded with its last speech frame.
         self.sent_at: dict[int, int] = {}
@@ -303,14 +299,11 @@ class IngressWorker(SessionWorker[IngressConfig]):
         horizon = 5000 // FRAME_MS  # remember publish times for the last 5 s
         who = Listener(self.config, speaker)
         async for pcm in frames:
-            # The VAD first, so the frame says whether it is speech; its edges after it.
-            edges = who.vad.push(pcm, who.pts)
             frame = await self.emit(sj.INGRESS_AUDIO, ev.AudioFrame, pcm=pcm,
-                                    sample_rate=SAMPLE_RATE, pts_ms=who.pts, speaker=speaker,
-                                    voiced=who.vad.voiced)
+                                    sample_rate=SAMPLE_RATE, pts_ms=who.pts, speaker=speaker)
             who.sent_at[who.pts] = frame.ts_ns
             who.sent_at.pop(who.pts - horizon * FRAME_MS, None)
-            for edge in edges:
+            for edge in who.vad.push(pcm, who.pts):
                 await self._publish_edge(who, edge)
             who.pts += FRAME_MS
 

@@ -149,9 +149,6 @@ class VadSegmenter:
         # conversation is one side listening. None: no floor.
         self._floor_power = -1.0 if energy_floor_dbfs is None else 10 ** (energy_floor_dbfs / 10)
         self.windows_skipped = 0
-        # Whether the newest window judged counted as speech (what ingress tells the STT with
-        # each frame: docs/turn-taking.md, "Preemptive replies").
-        self.voiced = False
         self._window = np.zeros(WINDOW_SAMPLES, dtype=np.int16)
         self._scaled = np.zeros(WINDOW_SAMPLES, dtype=np.float32)
         self.last_probability = 0.0
@@ -169,7 +166,6 @@ class VadSegmenter:
         self._last_speech_end = 0
         self._last_speech_frame = 0
         self._gated = False
-        self.voiced = False
 
     def push(self, frame: bytes, pts_ms: int) -> tuple[VadEdge, ...]:
         """Add one frame whose first sample is at ``pts_ms``; return the edges it completed.
@@ -210,7 +206,6 @@ class VadSegmenter:
             self._gated = False
             prob = self.detector.process_samples(self._scaled)
         self.last_probability = prob
-        self.voiced = prob >= (self.neg_threshold if self.in_speech else self.threshold)
         start_ms = self._window_start // SAMPLES_PER_MS
         end_ms = start_ms + WINDOW_MS
         self._fill = 0

@@ -14,9 +14,8 @@ SAMPLE_RATE = INGRESS_RATE  # what ingress publishes
 
 class SttResult(msgspec.Struct, frozen=True):
     """A partial, or the utterance's one final. ``stable`` (a partial): the words the final
-    will most likely have if the speech ends now; a provider that knows them early says so, and
-    the agent starts preparing its answer before the end of speech is certain (a final with
-    other words throws that answer away)."""
+    will have if the speech ends now; a provider that knows them early says so, and the agent
+    starts preparing its answer before the end of speech is certain."""
 
     text: str
     final: bool = False
@@ -30,19 +29,12 @@ class SttResult(msgspec.Struct, frozen=True):
 # partials come for free, may ignore it.
 WantPartials = Callable[[], bool] | None
 
-# Whether ingress's VAD counted the frame the provider took last as speech (None: not known,
-# e.g. frames that never passed the VAD). Loud audio the VAD does not call speech is mostly a
-# word's unvoiced tail ("much", "cats"): a provider that decodes ahead of the end of speech
-# may start on the VAD's quiet rather than the microphone's, but must not drop that tail from
-# its final. A provider that does not decode ahead ignores it.
-Voiced = Callable[[], bool | None] | None
-
 
 class SttProvider(Protocol):
     name: str
 
-    def stream(self, frames: AsyncIterator[bytes], *, partials: WantPartials = None,
-               voiced: Voiced = None) -> AsyncIterator[SttResult]:
+    def stream(self, frames: AsyncIterator[bytes], *,
+               partials: WantPartials = None) -> AsyncIterator[SttResult]:
         """Transcribe one utterance of 16 kHz mono s16le frames.
 
         Yields partial results while frames arrive and exactly one final result after the

@@ -37,7 +37,7 @@ from services.runtime.service import ProviderStage, SessionWorker
 from services.runtime.turns import words
 from services.stt.config import SttConfig
 from services.stt.endpoint import EndOfTurnHolds, IdleWatch, TurnSoFar
-from services.stt.provider import (PROVIDERS, SAMPLE_RATE, SttProvider, SttResult, Voiced,
+from services.stt.provider import (PROVIDERS, SAMPLE_RATE, SttProvider, SttResult,
                                    WantPartials)
 
 STATE_BUCKET = "voicebus_sessions"
@@ -69,34 +69,10 @@ class SttFallback(FallbackAdapter[SttProvider]):
         # Partials are shown but bind nothing: until a final, the utterance can move on.
         return item.final
 
-    def stream(self, frames: AsyncIterator[bytes], *, partials: WantPartials = None,
-               voiced: Voiced = None) -> AsyncIterator[SttResult]:
-        if voiced is None:
-            return self.run(lambda provider, replay: provider.stream(replay, partials=partials),
-                            frames, READY_END)
-        # The VAD's word goes with its frame: the chain reads frames ahead of a provider, and a
-        # provider taking over hears the utterance again from the start.
-        flags: list[bool | None] = []
-
-        async def flagged() -> AsyncIterator[bytes]:
-            async for pcm in frames:
-                flags.append(voiced())
-                yield pcm
-
-        def start(provider: SttProvider, replay: AsyncIterator[bytes]) -> AsyncIterator[SttResult]:
-            taken = 0
-
-            async def counted() -> AsyncIterator[bytes]:
-                nonlocal taken
-                async with aclosing(replay):
-                    async for pcm in replay:
-                        taken += 1
-                        yield pcm
-
-            return provider.stream(counted(), partials=partials,
-                                   voiced=lambda: flags[taken - 1] if taken else None)
-
-        return self.run(start, flagged(), READY_END)
+    def stream(self, frames: AsyncIterator[bytes], *,
+               partials: WantPartials = None) -> AsyncIterator[SttResult]:
+        return self.run(lambda provider, replay: provider.stream(replay, partials=partials),
+                        frames, READY_END)
 
     async def probe(self, provider: SttProvider) -> None:
         async def silence() -> AsyncIterator[bytes]:
@@ -112,9 +88,7 @@ class Utterance:
     """Frames of one utterance on their way to the provider."""
 
     def __init__(self) -> None:
-        self.queue: asyncio.Queue[tuple[bytes, bool | None] | None] = asyncio.Queue()
-        # Whether the VAD called the frame the provider took last speech (None: not known).
-        self.voiced: bool | None = None
+        self.queue: asyncio.Queue[bytes | None] = asyncio.Queue()
         self.frames = 0
         self.speech_frames = 0  # after the speech edge (the pre-roll is not speech)
         self.vad_speech_ms = 0
@@ -128,10 +102,10 @@ class Utterance:
         # Begun while the agent only listened: its partials are not wanted while that lasts.
         self.began_listened_to = False
 
-    def push(self, pcm: bytes, *, speech: bool = True, voiced: bool | None = None) -> None:
+    def push(self, pcm: bytes, *, speech: bool = True) -> None:
         self.frames += 1
         self.speech_frames += int(speech)
-        self.queue.put_nowait((pcm, voiced))
+        self.queue.put_nowait(pcm)
 
     def end(self, edge: ev.SpeechEnded | None = None) -> None:
         """End of speech: the VAD's edge, or None when the VAD did not close it."""
@@ -149,8 +123,7 @@ class Utterance:
         return self.vad_speech_ms or self.speech_frames * ev.FRAME_MS
 
     async def frames_iter(self) -> AsyncIterator[bytes]:
-        while (item := await self.queue.get()) is not None:
-            pcm, self.voiced = item
+        while (pcm := await self.queue.get()) is not None:
             yield pcm
 
 
@@ -276,7 +249,7 @@ class SttWorker(SessionWorker[SttConfig]):
         if utterance is None:
             self._preroll(frame.speaker).append(frame.pcm)
             return
-        utterance.push(frame.pcm, voiced=frame.voiced)
+        utterance.push(frame.pcm)
         if utterance.frames >= MAX_UTTERANCE_FRAMES:
             self.end_utterance(frame.speaker)
 
@@ -492,8 +465,7 @@ class SttWorker(SessionWorker[SttConfig]):
             # Closed on every way out (a cancelled turn too): a provider's socket must not
             # outlive its turn.
             async with contextlib.aclosing(provider.stream(
-                    utt.frames_iter(), partials=lambda: self._want_partials(utt),
-                    voiced=lambda: utt.voiced)) as stream:
+                    utt.frames_iter(), partials=lambda: self._want_partials(utt))) as stream:
                 async for result in stream:
                     name = answered_by(stream, provider)
                     if result.stable:

@@ -70,13 +70,6 @@ def _check_session(tap, session: str, keys: list[str]) -> None:
     n = len(keys)
     assert len(tap.of(ev.SpeechStarted, session)) == n
     assert len(tap.of(ev.SpeechEnded, session)) == n
-    # Every frame says whether the VAD heard speech in it: the speech between the edges does,
-    # the quiet before the first one does not.
-    frames = tap.of(ev.AudioFrame, session, sj.INGRESS_AUDIO)
-    assert frames and all(f.voiced is not None for f in frames)
-    first = tap.of(ev.SpeechStarted, session)[0].pts_ms
-    assert not any(f.voiced for f in frames if f.pts_ms < first - 100)
-    assert any(f.voiced for f in frames if first <= f.pts_ms)
     finals = tap.of(ev.Transcript, session, final=True)
     assert [f.turn for f in finals] == list(range(1, n + 1))
     assert tap.of(ev.Transcript, session, final=False), "no partial transcripts"

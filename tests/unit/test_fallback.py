@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 
 import pytest
@@ -230,20 +230,14 @@ class FakeStt:
         self.partial_then_fail = partial_then_fail
         self.partial_then_stall = partial_then_stall
         self.heard: list[list[bytes]] = []
-        self.voiced: list[list[bool | None]] = []  # the VAD's word on each frame heard
         self.listening = asyncio.Event()  # it has heard a frame
 
     async def stream(self, frames: AsyncIterator[bytes], *,
-                     partials: object = None,
-                     voiced: Callable[[], bool | None] | None = None,
-                     ) -> AsyncIterator[SttResult]:
+                     partials: object = None) -> AsyncIterator[SttResult]:
         heard: list[bytes] = []
-        flags: list[bool | None] = []
         self.heard.append(heard)
-        self.voiced.append(flags)
         async for frame in frames:
             heard.append(frame)
-            flags.append(None if voiced is None else voiced())
             self.listening.set()
             if len(heard) == self.fail_at:
                 raise APIConnectionError("socket closed", provider=self.name)
@@ -297,26 +291,6 @@ async def test_stt_replays_the_utterance_from_the_start_to_the_next_provider() -
     await chain.aclose()
 
 
-async def test_each_frame_reaches_a_provider_with_the_vads_word_on_it() -> None:
-    """The chain reads frames ahead of the provider, and the next provider hears them again:
-    ``voiced`` still speaks of the frame the provider took, not of the newest one."""
-    first, second = FakeStt(fail_at=3), FakeStt()
-    chain = stt_chain(first, second)
-    flags = [True, True, False, True, False, False]
-    newest: list[bool | None] = [None]
-
-    async def frames() -> AsyncIterator[bytes]:
-        for n, flag in enumerate(flags):
-            newest[0] = flag  # as the stage's utterance does, just before the frame goes
-            yield bytes([n]) * 640
-
-    results = await asyncio.wait_for(
-        transcripts(chain.stream(frames(), voiced=lambda: newest[0])), 5)
-    assert results == [SttResult("6 frames", final=True)]
-    assert first.voiced == [flags[:3]] and second.voiced == [flags]
-    await chain.aclose()
-
-
 async def test_stt_budget_runs_from_the_end_of_speech() -> None:
     slow, spare = FakeStt(), FakeStt()
     chain = stt_chain(slow, spare, budget=0.05)
@@ -349,8 +323,7 @@ async def test_stt_partials_bind_nothing_the_utterance_moves_on(fault: str) -> N
 async def test_stt_final_commits_a_later_failure_is_an_error() -> None:
     class FinalThenFail(FakeStt):
         async def stream(self, frames: AsyncIterator[bytes], *,
-                         partials: object = None,
-                         voiced: object = None) -> AsyncIterator[SttResult]:
+                         partials: object = None) -> AsyncIterator[SttResult]:
             async for _ in frames:
                 pass
             yield SttResult("done", final=True)

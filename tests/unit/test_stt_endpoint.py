@@ -108,8 +108,7 @@ class ScriptedStt:
         self.fail_next = False
 
     async def stream(self, frames: AsyncIterator[bytes], *,
-                     partials: object = None,
-                     voiced: object = None) -> AsyncIterator[SttResult]:
+                     partials: object = None) -> AsyncIterator[SttResult]:
         text = self.script.pop(0)
         fail, self.fail_next = self.fail_next, False
         first = True
@@ -335,8 +334,7 @@ class EarlyStt:
         self.script = list(script)
 
     async def stream(self, frames: AsyncIterator[bytes], *,
-                     partials: object = None,
-                     voiced: object = None) -> AsyncIterator[SttResult]:
+                     partials: object = None) -> AsyncIterator[SttResult]:
         early, final = self.script.pop(0)
         first = True
         async for _ in frames:
@@ -450,8 +448,7 @@ class UnfinishedStt(ScriptedStt):
         self.heard = asyncio.Event()
 
     async def stream(self, frames: AsyncIterator[bytes], *,
-                     partials: object = None,
-                     voiced: object = None) -> AsyncIterator[SttResult]:
+                     partials: object = None) -> AsyncIterator[SttResult]:
         async for _ in frames:
             pass
         self.heard.set()

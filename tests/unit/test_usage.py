@@ -167,8 +167,7 @@ class FakeStt:
         self.frames = frames
 
     async def stream(self, frames: AsyncIterator[bytes], *,
-                     partials: object = None,
-                     voiced: object = None) -> AsyncIterator[SttResult]:
+                     partials: object = None) -> AsyncIterator[SttResult]:
         heard = 0
         async for _ in frames:
             heard += 1

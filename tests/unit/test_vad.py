@@ -91,21 +91,6 @@ def test_edges_from_scripted_probabilities() -> None:
     assert not vad.in_speech
 
 
-def test_each_window_says_whether_it_is_speech_with_the_utterances_hysteresis() -> None:
-    # What ingress sends with every frame (AudioFrame.voiced): 0.4 is not speech before an
-    # utterance starts (under threshold) but is inside one (over neg_threshold).
-    probs = [0.4, 0.9, 0.9, 0.4, 0.2, 0.0, 0.0]
-    vad = VadSegmenter(detector=Scripted(probs), min_speech_ms=64, silence_ms=SILENCE_MS,
-                       energy_floor_dbfs=None)
-    verdicts = []
-    for k in range(len(probs)):
-        vad.push(silence(WINDOW_MS), k * WINDOW_MS)
-        verdicts.append(vad.voiced)
-    assert verdicts == [False, True, True, True, False, False, False]
-    vad.reset()
-    assert not vad.voiced
-
-
 def test_min_speech_zero_starts_on_one_window_and_reset_forgets() -> None:
     vad = VadSegmenter(detector=Scripted([0.0, 0.7] + [0.0] * 20), min_speech_ms=0,
                        silence_ms=100, energy_floor_dbfs=None)

@@ -5,9 +5,7 @@ The voices are synthetic ones from Debian (espeak-ng variants at several speeds,
 voices); Piper's joe, which the tests speak with, is kept out. Each phrase is spoken by each
 voice, resampled to 16 kHz, and streamed into the provider as the STT stage does: 20 ms frames
 at the microphone's pace (``--pace 1``; ``0`` for as fast as it takes them), then the quiet the
-VAD waits before its end edge (``VOICEBUS_VAD_SILENCE_MS``), where the frames end. Each frame
-comes with ingress's VAD verdict on it (``voiced``), as the stage passes it on. Reported per
-provider:
+VAD waits before its end edge (``VOICEBUS_VAD_SILENCE_MS``), where the frames end. Reported per provider:
 
 - ``keywords_kept``: the share of each phrase's key words in its final (numbers as words);
 - ``wer``: word error rate of the finals against the phrases;
@@ -36,7 +34,6 @@ import numpy as np
 
 from services.ingress.audio import FRAME_BYTES, Resampler, read_wav
 from services.ingress.service import IngressConfig
-from services.ingress.vad import VadSegmenter
 from services.runtime.providers import load_provider
 from services.stt.config import SttConfig
 from services.stt.provider import PROVIDERS
@@ -125,39 +122,34 @@ async def run_stt_bench(providers: list[str], pace: float = 1.0, voices: int = 0
              for i, (voice, command) in enumerate(chosen_voices)
              for j, (text, keys) in enumerate(chosen_phrases)]
     config = SttConfig.from_env(os.environ)
-    ingress = IngressConfig.from_env(os.environ)
-    quiet_ms, vad = ingress.vad_silence_ms, ingress.vad()
+    quiet_ms = IngressConfig.from_env(os.environ).vad_silence_ms
     result: dict[str, Any] = {"voices": [v for v, _ in chosen_voices],
                               "phrases": len(chosen_phrases), "pace": pace, "providers": {}}
     for name in providers:
         stt = load_provider("stt", PROVIDERS, name, config)
         try:
-            result["providers"][name] = await _measure(stt, clips, pace, quiet_ms, vad)
+            result["providers"][name] = await _measure(stt, clips, pace, quiet_ms)
         finally:
             await stt.aclose()
     return result
 
 
 async def _measure(stt: Any, clips: list[tuple[str, str, tuple[str, ...], bytes]],
-                   pace: float, quiet_ms: int, vad: VadSegmenter) -> dict[str, Any]:
+                   pace: float, quiet_ms: int) -> dict[str, Any]:
     kept = total = 0
     errors: list[float] = []
     after_edge: list[float] = []
     before_edge: list[float] = []
     thrown = 0
     by_voice: dict[str, list[int]] = {}
-    # The VAD's verdicts first: its CPU is ingress's, not the provider's.
-    voiced = [_voiced(audio + bytes(32 * quiet_ms), vad) for _, _, _, audio in clips]
     cpu_before, audio_s = time.process_time(), 0.0
-    for (voice, text, keys, audio), flags in zip(clips, voiced):
+    for voice, text, keys, audio in clips:
         audio += bytes(16000 * 2 * quiet_ms // 1000)
         audio_s += len(audio) / 32000
         edge: list[float] = []
         final = ""
         stable: list[tuple[float, str]] = []
-        now: list[bool | None] = [None]
-        async for res in stt.stream(_frames(audio, pace, edge, flags, now),
-                                    voiced=lambda: now[0]):
+        async for res in stt.stream(_frames(audio, pace, edge)):
             if res.stable:
                 stable.append((time.perf_counter(), res.text))
             if res.final:
@@ -183,22 +175,10 @@ async def _measure(stt: Any, clips: list[tuple[str, str, tuple[str, ...], bytes]
     }
 
 
-def _voiced(audio: bytes, vad: VadSegmenter) -> list[bool]:
-    """The VAD's verdict on each frame of ``audio``, as ingress sends it with the frame."""
-    vad.reset()
-    flags = []
-    for n, i in enumerate(range(0, len(audio) - FRAME_BYTES + 1, FRAME_BYTES)):
-        vad.push(audio[i:i + FRAME_BYTES], n * 20)
-        flags.append(vad.voiced)
-    return flags
-
-
-async def _frames(audio: bytes, pace: float, edge: list[float], flags: list[bool],
-                  now: list[bool | None]):
+async def _frames(audio: bytes, pace: float, edge: list[float]):
     started = time.perf_counter()
     for n, i in enumerate(range(0, len(audio) - FRAME_BYTES + 1, FRAME_BYTES)):
         if pace > 0:
             await asyncio.sleep(max(0.0, started + (n + 1) * 0.02 / pace - time.perf_counter()))
-        now[0] = flags[n]
         yield audio[i:i + FRAME_BYTES]
     edge.append(time.perf_counter())  # the last frame: the VAD's end edge

@@ -28,8 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import msgspec
-
 from services.ingress.audio import FRAME_BYTES
 from services.ingress.service import IngressConfig
 from services.ingress.vad import VadSegmenter
@@ -152,7 +150,10 @@ async def run_turns_bench(provider: str, silence_ms: list[int], statement_ms: li
     settings: dict[str, Any] = {}
     try:
         for silence, statement in [(a, b) for a in silence_ms for b in statement_ms]:
-            vad = msgspec.structs.replace(vad_config, vad_silence_ms=silence).vad()
+            vad = VadSegmenter(threshold=vad_config.vad_threshold,
+                               neg_threshold=vad_config.vad_neg_threshold,
+                               min_speech_ms=vad_config.vad_min_speech_ms, silence_ms=silence,
+                               energy_floor_dbfs=vad_config.vad_energy_floor_dbfs)
             holds = EndOfTurnHolds(stt_config.stt_eot_question_ms, statement,
                                    stt_config.stt_eot_incomplete_ms, stt_config.stt_eot_brief_ms)
             cutoffs, waits, waited, examples = [0, 0], [], 0, []

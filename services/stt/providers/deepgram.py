@@ -35,7 +35,7 @@ from services.runtime.errors import (
     ProviderError,
 )
 from services.stt.config import SttConfig
-from services.stt.provider import SAMPLE_RATE, SttResult, Voiced, WantPartials
+from services.stt.provider import SAMPLE_RATE, SttResult, WantPartials
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +99,8 @@ class DeepgramStt:
                  provider.params["language"], extra={"stage": "stt", "provider": cls.name})
         return provider
 
-    async def stream(self, frames: AsyncIterator[bytes], *, partials: WantPartials = None,
-                     voiced: Voiced = None) -> AsyncIterator[SttResult]:
+    async def stream(self, frames: AsyncIterator[bytes], *,
+                     partials: WantPartials = None) -> AsyncIterator[SttResult]:
         """Partials as Deepgram revises its hypothesis, then one final after ``frames`` ends.
 
         An error raised by ``frames`` itself is the caller's and passes through unchanged.

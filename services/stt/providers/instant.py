@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from services.stt.config import SttConfig
-from services.stt.provider import SAMPLE_RATE, SttResult, Voiced, WantPartials
+from services.stt.provider import SAMPLE_RATE, SttResult, WantPartials
 
 BYTES_PER_MS = SAMPLE_RATE * 2 // 1000
 
@@ -28,8 +28,8 @@ class InstantStt:
     def from_config(cls, cfg: SttConfig) -> InstantStt:
         return cls(cfg.stt_instant_text, cfg.stt_partial_interval_ms)
 
-    async def stream(self, frames: AsyncIterator[bytes], *, partials: WantPartials = None,
-                     voiced: Voiced = None) -> AsyncIterator[SttResult]:
+    async def stream(self, frames: AsyncIterator[bytes], *,
+                     partials: WantPartials = None) -> AsyncIterator[SttResult]:
         """A partial every ``partial_interval_ms`` of audio with one more of the words (so
         barge-in sees speech as with a real recogniser), then all of them as the final."""
         heard = since = 0

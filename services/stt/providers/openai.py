@@ -19,7 +19,7 @@ from services.runtime.config import require_key
 from services.runtime.errors import ProviderError
 from services.runtime.openai_api import OpenAIConfig, make_client, map_openai_error
 from services.stt.config import SttConfig
-from services.stt.provider import SAMPLE_RATE, SttResult, Voiced, WantPartials
+from services.stt.provider import SAMPLE_RATE, SttResult, WantPartials
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +52,8 @@ class OpenAIStt:
                  extra={"stage": "stt", "provider": cls.name})
         return provider
 
-    async def stream(self, frames: AsyncIterator[bytes], *, partials: WantPartials = None,
-                     voiced: Voiced = None) -> AsyncIterator[SttResult]:
+    async def stream(self, frames: AsyncIterator[bytes], *,
+                     partials: WantPartials = None) -> AsyncIterator[SttResult]:
         """One final once ``frames`` has ended. An error raised by ``frames`` itself is the
         caller's and passes through unchanged."""
         pcm = bytearray()

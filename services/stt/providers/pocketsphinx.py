@@ -26,7 +26,7 @@ from pocketsphinx import Decoder
 
 from services.runtime.errors import ConfigError, ProviderError
 from services.stt.config import SttConfig
-from services.stt.provider import SAMPLE_RATE, SttResult, Voiced, WantPartials
+from services.stt.provider import SAMPLE_RATE, SttResult, WantPartials
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +70,8 @@ class PocketSphinxStt:
         """How many decoders exist: the most utterances that ever ran at once."""
         return self._loaded
 
-    async def stream(self, frames: AsyncIterator[bytes], *, partials: WantPartials = None,
-                     voiced: Voiced = None) -> AsyncIterator[SttResult]:
+    async def stream(self, frames: AsyncIterator[bytes], *,
+                     partials: WantPartials = None) -> AsyncIterator[SttResult]:
         """Partials at most every ``partial_interval_ms`` of audio, then one final.
 
         Decoder failures become ``ProviderError``; an error raised by ``frames`` itself is the

@@ -56,7 +56,7 @@ from services.runtime.sarvam import (
     sdk_error,
 )
 from services.stt.config import SttConfig
-from services.stt.provider import SAMPLE_RATE, SttResult, Voiced, WantPartials
+from services.stt.provider import SAMPLE_RATE, SttResult, WantPartials
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +109,8 @@ class SarvamStt:
                  extra={"stage": "stt", "provider": cls.name})
         return provider
 
-    async def stream(self, frames: AsyncIterator[bytes], *, partials: WantPartials = None,
-                     voiced: Voiced = None) -> AsyncIterator[SttResult]:
+    async def stream(self, frames: AsyncIterator[bytes], *,
+                     partials: WantPartials = None) -> AsyncIterator[SttResult]:
         """Partials as Sarvam revises its hypothesis, then one final after ``frames`` ends.
 
         An error raised by ``frames`` itself is the caller's and passes through unchanged.

@@ -10,13 +10,6 @@ Whisper is not a streaming model, so one utterance is decoded again as it grows:
   whole utterance is decoded; if nothing loud came by the end of speech (the VAD's edge, some
   200 ms of silence later), that decode is the final, ready at or before the edge. Speech that
   resumes throws it away (a decode still running is aborted).
-- **a draft on the VAD's quiet**: a word may end in a sound the VAD does not call speech (the
-  "ch" of "much", the "s" of "cats"), loud enough to keep the microphone's quiet from starting.
-  The VAD's edge counts from the voiced end, so the decode above would begin only at the edge.
-  When the stage says which frames the VAD called speech (``voiced``), the utterance is also
-  decoded once the VAD has heard ``speculate_ms`` without speech: its words go out as stable
-  (the agent prepares its answer), but that decode lacks the tail, so unless nothing loud
-  came after its audio, the final is decoded again over everything ("cat" is not "cats").
 
 Each decode runs on the audio's own length (``audio_ctx``) rather than Whisper's fixed 30 s
 window, which makes it ~6x cheaper; with that, Whisper repeats itself unless the tokens are
@@ -50,7 +43,7 @@ import numpy as np
 
 from services.runtime.errors import ConfigError, ProviderError
 from services.stt.config import SttConfig
-from services.stt.provider import SAMPLE_RATE, SttResult, Voiced, WantPartials
+from services.stt.provider import SAMPLE_RATE, SttResult, WantPartials
 from services.stt.providers.whisper_model import ggml_model
 
 log = logging.getLogger(__name__)
@@ -148,8 +141,8 @@ class WhisperCppStt:
                    partial_interval_ms=cfg.stt_partial_interval_ms,
                    beam_size=cfg.whisper_beam_size, speculate_ms=cfg.whisper_speculate_ms)
 
-    async def stream(self, frames: AsyncIterator[bytes], *, partials: WantPartials = None,
-                     voiced: Voiced = None) -> AsyncIterator[SttResult]:
+    async def stream(self, frames: AsyncIterator[bytes], *,
+                     partials: WantPartials = None) -> AsyncIterator[SttResult]:
         """Partials while frames arrive (while ``partials`` says they are wanted), then one
         final (see the module docstring)."""
         if self._closed:
@@ -157,10 +150,8 @@ class WhisperCppStt:
         utt = _Utterance(self, partials)
         try:
             async for pcm in frames:
-                if result := utt.feed(pcm, None if voiced is None else voiced()):
+                if result := utt.feed(pcm):
                     yield result
-            if draft := await utt.draft_at_end():
-                yield draft
             final = await utt.finish()
         finally:
             utt.abandon()  # the consumer closed us, or the task was cancelled: stop decoding
@@ -204,47 +195,31 @@ class _Utterance:
         self.audio = bytearray()
         self.since_partial = 0  # ms
         self.quiet = 0  # ms of quiet at the end so far
-        self.unvoiced = 0  # ms at the end so far that the VAD did not call speech
         self.running: asyncio.Task[str | None] | None = None
         self.running_abort = threading.Event()
         self.speculative = False  # what is running is the final, decoded ahead
-        self.whole = False  # …and nothing loud came after its audio: it may be the final
-        self.drafted = False  # decoded ahead on the VAD's quiet since the speech last went on
         self.ready: str | None = None  # a speculative final that nothing has contradicted
         self.last_partial = ""
-        self.last_stable = ""
         self.heard = False  # a loud frame came (the pre-roll before it is quiet)
 
-    def feed(self, pcm: bytes, voiced: bool | None = None) -> SttResult | None:
-        """Take a frame (``voiced``: whether the VAD called it speech; None: not known); a new
-        partial when one is ready: the speculative final is a stable one (the final's words,
-        unless the speech goes on)."""
+    def feed(self, pcm: bytes) -> SttResult | None:
+        """Take a frame; a new partial when one is ready: the speculative final is a stable
+        one (the final's words, unless the speech goes on)."""
         self.audio += pcm
         self.since_partial += FRAME_MS
         loud = bool(len(pcm)) and int(np.abs(np.frombuffer(pcm, np.int16)).max()) > LOUD
         self.quiet = 0 if loud else self.quiet + FRAME_MS
-        self.unvoiced = 0 if voiced is not False else self.unvoiced + FRAME_MS
         self.heard = self.heard or loud
-        if loud and voiced is not False:
-            self.drafted = False
-            self.last_stable = ""
-            if self.ready is not None or self.speculative:
-                self.ready = None  # the user goes on: the final decoded ahead is stale
-                if self.speculative:
-                    self._stop()
-        elif loud:
-            # A tail the VAD does not call speech: what was decoded ahead stays a draft, and the
-            # final needs this audio too.
-            self.ready = None
-            self.whole = False
+        if loud and (self.ready is not None or self.speculative):
+            self.ready = None  # the user goes on: the final decoded ahead is stale
+            if self.speculative:
+                self._stop()
         out = self._collect()
-        if self.heard and self.ready is None and not self.speculative and (
-                self.quiet >= self.stt.speculate_ms
-                or (self.unvoiced >= self.stt.speculate_ms and not self.drafted)):
-            self.drafted = self.drafted or self.quiet < self.stt.speculate_ms
+        if self.heard and self.quiet >= self.stt.speculate_ms and self.ready is None \
+                and not self.speculative:
             self._stop()  # a partial now would only delay the final
             self._start(speculative=True)
-        elif self.heard and self.running is None and self.ready is None and \
+        elif self.heard and self.running is None and \
                 self.since_partial >= self.stt.partial_interval_ms and \
                 self.quiet < self.stt.speculate_ms and \
                 len(self.audio) >= SAMPLE_RATE * 2 * MIN_AUDIO_S and \
@@ -267,13 +242,9 @@ class _Utterance:
         text = task.result()
         if self.speculative:
             self.speculative = False
-            if text is None:
-                return None
-            if self.whole:
+            if text is not None and self.quiet > 0:
                 self.ready = text
-            if text and text != self.last_stable:
-                self.last_stable = text
-                return SttResult(text, stable=True)
+                return SttResult(text, stable=True) if text else None
             return None
         if text and text != self.last_partial:
             self.last_partial = text
@@ -283,7 +254,6 @@ class _Utterance:
     def _start(self, *, speculative: bool) -> None:
         self.running_abort = abort = threading.Event()
         self.speculative = speculative
-        self.whole = speculative
         margin = CONTEXT_MARGIN if speculative else PARTIAL_CONTEXT_MARGIN
         self.running = asyncio.ensure_future(
             asyncio.to_thread(self.stt.decode, bytes(self.audio), abort, margin))
@@ -296,22 +266,9 @@ class _Utterance:
             self.running = None
         self.speculative = False
 
-    async def draft_at_end(self) -> SttResult | None:
-        """The end of speech came during a draft decoded on the VAD's quiet, which lacks the
-        tail: its words still go out first (the agent prepares its answer from them while the
-        final is decoded), rather than the draft being thrown away."""
-        if self.running is None or not self.speculative or self.whole:
-            return None
-        try:
-            await asyncio.wait([self.running])
-        except asyncio.CancelledError:
-            self._stop()
-            raise
-        return self._collect()
-
     async def finish(self) -> str:
         """The end of speech: the final's text."""
-        if self.running is not None and self.speculative and self.whole:
+        if self.running is not None and self.speculative and self.quiet > 0:
             try:
                 text = await asyncio.shield(self.running)
             finally:
