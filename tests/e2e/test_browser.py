@@ -34,9 +34,10 @@ BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backgr
                 "--no-first-run", "--use-fake-ui-for-media-stream",
                 "--use-fake-device-for-media-stream", "--autoplay-policy=no-user-gesture-required"]
 # Chromium's fake microphone starts the file when the page opens the microphone and loops it.
-# The lead gives ingress time to subscribe to the new track; the long tail keeps the question
-# from coming round again while the test waits for the answer.
-LEAD_MS, TAIL_MS = 2500, 30000
+# The lead gives ingress time to subscribe to the new track and the greeting (~1.5 s) time to
+# be heard before the question cuts it (a busy machine starts it late); the long tail keeps
+# the question from coming round again while the test waits for the answer.
+LEAD_MS, TAIL_MS = 4000, 30000
 TIMEOUT_MS = 60_000
 
 
