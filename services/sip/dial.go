@@ -176,9 +176,10 @@ func (g *gateway) dial(m *nats.Msg) {
 	}
 }
 
-// invite calls target and waits up to ring for the answer. A callee that is ringing by then
-// gets a CANCEL; one that never responded at all is given up on at once (sipgo would wait out
-// the INVITE's Timer B, 32 s, since a CANCEL may only follow a response).
+// invite calls target and waits up to ring for the answer, or until parent ends (the gateway
+// stopping). A callee that is ringing by then gets a CANCEL; one that never responded at all is
+// given up on at once (sipgo would wait out the INVITE's Timer B, 32 s, since a CANCEL may only
+// follow a response).
 func (g *gateway) invite(parent context.Context, ring time.Duration, c *call, target sip.Uri,
 	callerID string) (*diago.DialogClientSession, *diago.DialogMedia, error) {
 	if !readyFlag.Load() {
@@ -194,22 +195,35 @@ func (g *gateway) invite(parent context.Context, ring time.Duration, c *call, ta
 	if callerID != "" {
 		opts.WithCaller("", callerID, g.fromHost())
 	}
-	ctx, cancel := context.WithCancelCause(parent)
+	// Not a child of parent: a child would be cancelled with parent's cause, and an INVITE that
+	// nothing answered would then live on while the gateway stops, until the closing transport
+	// broke a retransmission (up to 4 s apart; the gateway waits 5 s for its calls), and the
+	// operator would hear of a closed connection, if at all. Parent's end is passed on below,
+	// with the cause that lets such an INVITE go at once.
+	ctx, cancel := context.WithCancelCause(context.WithoutCancel(parent))
 	defer cancel(nil)
-	rang := time.AfterFunc(ring, func() {
-		if heard.Load() {
-			cancel(context.DeadlineExceeded)
-		} else {
-			cancel(sipgo.WaitAnswerForceCancelErr)
+	giveUp := func(rungOut error) func() {
+		return func() {
+			if heard.Load() {
+				cancel(rungOut) // a CANCEL goes to the ringing callee
+			} else {
+				cancel(sipgo.WaitAnswerForceCancelErr)
+			}
 		}
-	})
+	}
+	rang := time.AfterFunc(ring, giveUp(context.DeadlineExceeded))
+	stopping := context.AfterFunc(parent, giveUp(context.Canceled))
 	med, err := d.Invite(ctx, opts)
 	rang.Stop()
+	stopping()
 	if err == nil {
 		err = d.Ack(ctx)
 	}
 	if err != nil {
 		_ = d.Close()
+		if parent.Err() != nil {
+			return nil, nil, fmt.Errorf("the gateway is stopping: %w", err)
+		}
 		switch cause := context.Cause(ctx); {
 		case cause == sipgo.WaitAnswerForceCancelErr && !heard.Load():
 			err = errNoResponse

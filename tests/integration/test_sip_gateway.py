@@ -32,10 +32,10 @@ import soxr
 from proto import events as ev
 from proto import subjects as sj
 from services.ingress.audio import Resampler, read_wav
-from tests.conftest import running_stack
+from tests.conftest import LogTail, running_stack
 from tests.e2e.test_phone import hear
 from voicebus.client import Tap
-from voicebus.launcher import free_port, offline_ear, udp_port
+from voicebus.launcher import Stack, free_port, offline_ear, udp_port
 from voicebus.speech import say_to_wav
 
 pytestmark = pytest.mark.e2e
@@ -1124,6 +1124,40 @@ async def test_a_callee_that_never_responds_is_given_up_on_at_the_ring_timeout(p
     assert reply.error == "unreachable" and "no response" in reply.reason, reply
     assert waited >= 2.0  # it rang for the time asked
     assert await gateway.problems("dial_unreachable") == before + 1
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_a_gateway_told_to_stop_mid_dial_still_answers_the_operator(tmp_path) -> None:
+    """A dial to a target that never responds, and the gateway is stopped: the operator is told
+    at once that it is stopping. Without a response the INVITE may not be cancelled: it lived on
+    until the closing transport broke its next retransmission (they come up to 4 s apart), and
+    the reply, if it came before the gateway's 5 s wait for its calls ran out, spoke of a closed
+    connection. The bus alone (no stages): the dial never reaches one, and no other gateway
+    takes the request."""
+    from proto import codec
+
+    stack = Stack(tmp_path, sink=LogTail(tmp_path / "stack.log"))
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    silent.bind(("127.0.0.1", 0))
+    silent.setblocking(False)
+    target = f"sip:nobody@127.0.0.1:{silent.getsockname()[1]}"
+    nc = None
+    try:
+        await stack.start_nats()
+        gw = await start_gateway(stack)
+        nc = await stack.connect()
+        request = ev.DialRequest(target=target, greeting="Hi", answer_timeout_ms=60_000)
+        asked = asyncio.create_task(nc.request(sj.SIP_DIAL, codec.encode(request), timeout=30))
+        invite = await asyncio.wait_for(asyncio.get_running_loop().sock_recv(silent, 65536), 20)
+        assert invite.startswith(b"INVITE " + target.encode()), invite[:200]
+        await stop_gateway(gw)  # exits with 0 (within 10 s)
+        reply = codec.decode_dial((await asked).data)
+    finally:
+        if nc is not None:
+            await nc.close()
+        silent.close()
+        await stack.stop()
+    assert reply.error == "failed" and "stopping" in reply.reason, reply
 
 
 @pytest.mark.asyncio(loop_scope="module")
