@@ -33,6 +33,7 @@ from services.runtime.livekit import (
 
 MIC_RATE = 48000
 MIC_FRAME = MIC_RATE // 100  # 10 ms, what WebRTC itself uses
+SILENCE_AHEAD_S = 0.1  # the silence queued ahead of the microphone between turns
 RECORD_RATE = 24000
 # A sample above this (of 32767) counts as sound: well above Opus's noise on digital silence.
 LOUD = 500
@@ -95,10 +96,13 @@ class Caller:
         self.room_name = room
         self.identity = identity
         self.room = rtc.Room()
-        # 200 ms queued ahead: a caller process starved for a moment (a busy test machine) must
-        # not leave a gap in its speech that the VAD would take for the end of a sentence. The
-        # measures stay exact: they count what is queued before each frame.
-        self.source = rtc.AudioSource(MIC_RATE, 1, queue_size_ms=200)
+        # Speech is queued up to a second ahead: a caller process starved for a moment (a busy
+        # test machine: stalls of 200-300 ms were seen) must not leave a gap in its speech that
+        # the VAD would take for the end of a sentence, or the STT for a lost word ("what time
+        # is it" heard as "what i miss it"). The silence between turns stays SILENCE_AHEAD_S
+        # ahead, so speech starts about as soon as it is said. The measures stay exact: they
+        # count what is queued before each frame.
+        self.source = rtc.AudioSource(MIC_RATE, 1, queue_size_ms=1000)
         self.segments: dict[str, Segment] = {}
         # The same transcripts as the legacy transcription packets (clients of protocol < 3
         # read these): segment id -> (text, final), the latest of each.
@@ -228,6 +232,8 @@ class Caller:
         self._speech.extend(frames[:last_loud + 1])
         await self._speech_done.wait()
         self._speech.extend(frames[last_loud + 1:])
+        # The last loud frame is queued; it leaves the microphone at ``speech_end``.
+        await asyncio.sleep(max(0.0, self.turn.speech_end - time.monotonic()))
         return self.turn
 
     async def send_text(self, text: str) -> Turn:
@@ -240,7 +246,13 @@ class Caller:
     async def _microphone(self) -> None:
         silence = bytes(MIC_FRAME * 2)
         while True:
-            pcm = self._speech.popleft() if self._speech else silence
+            if self._speech:
+                pcm = self._speech.popleft()
+            elif self.source.queued_duration > SILENCE_AHEAD_S:
+                await asyncio.sleep(MIC_FRAME / MIC_RATE)
+                continue
+            else:
+                pcm = silence
             await self.source.capture_frame(rtc.AudioFrame(pcm, MIC_RATE, 1, MIC_FRAME))
             if self._onset is not None and pcm is self._onset[0]:
                 # This frame leaves after what is queued before it; its first loud sample
