@@ -218,7 +218,8 @@ class Caller:
     # ---- speaking ------------------------------------------------------------------------------
 
     async def say(self, pcm: bytes, sample_rate: int) -> Turn:
-        """Speak ``pcm`` (mono s16le); return when its last sample has left the microphone.
+        """Speak ``pcm`` (mono s16le); return when its last loud sample has left the
+        microphone (the quiet after it is still queued).
         Starts a new ``Turn`` record."""
         audio = _resample(pcm, sample_rate, MIC_RATE)
         frames = [audio[i:i + MIC_FRAME * 2] for i in range(0, len(audio), MIC_FRAME * 2)]

@@ -197,8 +197,8 @@ func (g *gateway) invite(parent context.Context, ring time.Duration, c *call, ta
 	}
 	// Not a child of parent: a child would be cancelled with parent's cause, and an INVITE that
 	// nothing answered would then live on while the gateway stops, until the closing transport
-	// broke a retransmission (up to 4 s apart; the gateway waits 5 s for its calls), and the
-	// operator would hear of a closed connection, if at all. Parent's end is passed on below,
+	// broke a retransmission (0.5, 1, 2, 4, 8… s apart; the gateway waits 5 s for its calls),
+	// and the operator would hear of a closed connection, if at all. Parent's end is passed on below,
 	// with the cause that lets such an INVITE go at once.
 	ctx, cancel := context.WithCancelCause(context.WithoutCancel(parent))
 	defer cancel(nil)

@@ -142,7 +142,12 @@ async def start_gateway(stack, **env: str) -> Gateway:
            "VOICEBUS_LOG_LEVEL": "info", "VOICEBUS_METRICS_PORT": str(metrics_port), **env}
     process = await asyncio.create_subprocess_exec(binary, env=env, stderr=asyncio.subprocess.PIPE)
     gw = Gateway(process, port, metrics_port)
-    await gw.line(r"voicebus-sip ready", 20)
+    try:
+        await gw.line(r"voicebus-sip ready", 20)
+    except BaseException:  # not ready: it must not outlive the test, retrying the bus for ever
+        process.kill()
+        await process.wait()
+        raise
     return gw
 
 
@@ -1130,7 +1135,7 @@ async def test_a_callee_that_never_responds_is_given_up_on_at_the_ring_timeout(p
 async def test_a_gateway_told_to_stop_mid_dial_still_answers_the_operator(tmp_path) -> None:
     """A dial to a target that never responds, and the gateway is stopped: the operator is told
     at once that it is stopping. Without a response the INVITE may not be cancelled: it lived on
-    until the closing transport broke its next retransmission (they come up to 4 s apart), and
+    until the closing transport broke its next retransmission (0.5, 1, 2, 4, 8… s apart), and
     the reply, if it came before the gateway's 5 s wait for its calls ran out, spoke of a closed
     connection. The bus alone (no stages): the dial never reaches one, and no other gateway
     takes the request."""
@@ -1141,7 +1146,7 @@ async def test_a_gateway_told_to_stop_mid_dial_still_answers_the_operator(tmp_pa
     silent.bind(("127.0.0.1", 0))
     silent.setblocking(False)
     target = f"sip:nobody@127.0.0.1:{silent.getsockname()[1]}"
-    nc = None
+    nc = gw = asked = None
     try:
         await stack.start_nats()
         gw = await start_gateway(stack)
@@ -1153,6 +1158,11 @@ async def test_a_gateway_told_to_stop_mid_dial_still_answers_the_operator(tmp_pa
         await stop_gateway(gw)  # exits with 0 (within 10 s)
         reply = codec.decode_dial((await asked).data)
     finally:
+        if asked is not None and not asked.done():
+            asked.cancel()
+        if gw is not None and gw.process.returncode is None:  # the test failed before its stop
+            gw.process.kill()
+            await gw.process.wait()
         if nc is not None:
             await nc.close()
         silent.close()
