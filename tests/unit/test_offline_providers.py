@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import AsyncIterator, Iterable
 from contextlib import aclosing
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -189,6 +191,36 @@ async def test_early_close_stops_synthesis(tts: PiperTts) -> None:
     assert first.chunk == 0 and first.pcm
     assert pulled == [0]  # the second chunk was never even asked for
     assert [p.chunk for p in await speak(tts, "Still here.")] == [0]
+
+
+async def cpu_idle_after(script: str) -> float:
+    """The CPU seconds a fresh interpreter spends in the 200 ms after ``script`` (its last act
+    the work of a model) has returned: what the model's threads burn once their work is done."""
+    idle = ("\nimport time as _time\n_before = _time.process_time()\n_time.sleep(0.2)\n"
+            "print(_time.process_time() - _before)\n")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", script + idle, cwd=Path(__file__).parents[2],
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode == 0, err.decode()
+    return float(out.decode().split()[-1])
+
+
+async def test_piper_burns_no_cpu_once_a_sentence_is_made() -> None:
+    """onnxruntime's threads spin for ~45 ms after each run unless told to stop: CPU that
+    the other sessions and stages on the machine want."""
+    burnt = await cpu_idle_after(
+        "import asyncio\n"
+        "from services.tts.config import TtsConfig\n"
+        "from services.tts.providers.piper import PiperTts\n"
+        "tts = PiperTts.from_config(TtsConfig(piper_deterministic=True))\n"
+        "async def chunks():\n"
+        "    yield 'Where is the nearest train station?'\n"
+        "async def main():\n"
+        "    async for _ in tts.synthesize(chunks()):\n"
+        "        pass\n"
+        "asyncio.run(main())\n")  # the session lives on, as in the TTS stage
+    assert burnt < 0.010, f"{burnt * 1000:.1f} ms of CPU after the synthesis"
 
 
 async def test_unknown_voice_fails_at_startup() -> None:
