@@ -2,15 +2,37 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import sys
 
 import pytest
 
 from proto import events as ev
+from services.runtime import service
 from services.runtime.bus import SeqGaps
 from services.runtime.logs import JsonFormatter, Throttle, redact
 from services.tts.service import _Framer
+
+
+def test_a_stage_asks_for_the_gil_back_sooner_than_python_does(monkeypatch) -> None:
+    """A stage's loop waits at most 0.5 ms, not CPython's 5, for a thread of its own that
+    runs Python to hand the GIL back."""
+    seen: list[float] = []
+
+    def run(work) -> None:  # where the stage would run; what it runs with is the point
+        work.close()
+        seen.append(sys.getswitchinterval())
+
+    before = sys.getswitchinterval()
+    monkeypatch.setattr(asyncio, "run", run)
+    monkeypatch.setattr(service, "exit_process", lambda code: None)
+    try:
+        service.main(service.StageService)
+    finally:
+        sys.setswitchinterval(before)
+    assert before == 0.005 and seen == [0.0005]
 
 
 def test_throttle_allows_one_line_per_interval_and_counts_the_rest(monkeypatch) -> None:
