@@ -99,7 +99,7 @@ def _load_voice(model_path: Path, config_path: Path) -> PiperVoice:
     options.add_session_config_entry("session.force_spinning_stop", "1")
     session = onnxruntime.InferenceSession(str(model_path), sess_options=options,
                                            providers=["CPUExecutionProvider"])
-    return PiperVoice(session=session, config=config)
+    return PiperVoice(session=session, config=config, download_dir=Path.cwd())
 
 
 def _next_pcm(audio: Iterator[Any]) -> bytes | None:
