@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, make_server
@@ -117,6 +119,31 @@ E2E_LATENCY = Histogram(
     "Egress: from the end of the user's speech to the first frame of the reply played",
     buckets=TURN_BUCKETS,
 )
+
+
+# Python's cyclic garbage collector stops the whole process while it runs: a stage's event loop,
+# and every session on it, waits. Full collections of a model stage's startup heap took 16-84 ms
+# (docs/benchmarks.md, "The garbage collector's pauses"), hence ``StageService.settle_heap``.
+GC_PAUSE = Histogram(
+    "voicebus_gc_pause_seconds", "How long each garbage collection held the process",
+    ["stage", "generation"], buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25),
+)
+GC_FROZEN = Gauge("voicebus_gc_frozen_objects", "Objects of the startup heap that the garbage "
+                  "collector no longer scans", ["stage"])
+
+
+def watch_gc(stage: str) -> None:
+    """Times every garbage collection of this process into ``GC_PAUSE``."""
+    started = [0.0]
+    pauses = [GC_PAUSE.labels(stage, str(generation)) for generation in range(3)]
+
+    def timed(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            pauses[info["generation"]].observe(time.perf_counter() - started[0])
+
+    gc.callbacks.append(timed)
 
 
 READY = Gauge("voicebus_ready", "1 from joining $SRV discovery until draining: the replica "

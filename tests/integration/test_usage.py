@@ -198,6 +198,14 @@ async def test_every_stage_reports_each_turns_usage_and_cost_and_the_record_keep
     assert value(tts_m, "voicebus_cost_usd_total", stage="tts",
                  provider="instant") == pytest.approx(sum(u.cost_usd for u in spoken_by))
 
+    # ---- the garbage collector: each stage froze what it loaded, and times its pauses -----
+    for stage, port in run.stack.metrics_ports.items():
+        samples = await metrics_of(port)
+        assert value(samples, "voicebus_gc_frozen_objects", stage=stage) > 10_000, stage
+        # settle_heap's own full collection, at least
+        assert value(samples, "voicebus_gc_pause_seconds_count", stage=stage,
+                     generation="2") >= 1, stage
+
     # ---- the record: captured, exported as a file, read back ----------------------------
     js = run.nc.jetstream()
     await stored(js, len(usages))

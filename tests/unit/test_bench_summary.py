@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
 from proto import events as ev
 from voicebus.bench import bargein, livekit
 from voicebus.call import Turn
-from voicebus.bench.pipeline import call_minutes, sessions_per_core, stats, summarise
+from voicebus.bench.pipeline import (call_minutes, gc_between, gc_figures, sessions_per_core,
+                                     stats, summarise)
 from voicebus.client import Tap
 
 MS = 1_000_000
@@ -319,3 +322,19 @@ def test_bench_json_has_null_where_a_percentile_had_no_values() -> None:
     assert json.loads(printed) == {"stable_ms": {"p50": None, "p95": None, "n": 0},
                                    "per_turn": [{"v2v": 412.5, "in": None}], "runs": [1, 2.5],
                                    "ok": True}
+
+
+def test_the_garbage_collections_of_a_run_are_read_from_a_stages_metrics() -> None:
+    registry = CollectorRegistry()
+    pauses = Histogram("voicebus_gc_pause_seconds", "", ["stage", "generation"],
+                       registry=registry, buckets=(0.001, 0.01, 0.1))
+    for generation, seconds in (("0", 0.0004), ("0", 0.0006), ("1", 0.02)):
+        pauses.labels("stt", generation).observe(seconds)
+    before = gc_figures(generate_latest(registry).decode())
+    assert before == {"collections": 3, "full": 0, "full_ms": 0, "over_10ms": 1,
+                      "ms": pytest.approx(21)}
+    pauses.labels("stt", "2").observe(0.05)
+    pauses.labels("stt", "0").observe(0.002)
+    after = gc_figures(generate_latest(registry).decode())
+    assert gc_between({"stt": before}, {"stt": after}) == {"stt": {
+        "collections": 2, "full": 1, "full_ms": 50.0, "over_10ms": 1, "ms": 52.0}}

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import sys
 
 import pytest
+from prometheus_client import REGISTRY
 
 from proto import events as ev
-from services.runtime import service
+from services.runtime import metrics, service
 from services.runtime.bus import SeqGaps
 from services.runtime.logs import JsonFormatter, Throttle, redact
 from services.tts.service import _Framer
@@ -33,6 +35,37 @@ def test_a_stage_asks_for_the_gil_back_sooner_than_python_does(monkeypatch) -> N
     finally:
         sys.setswitchinterval(before)
     assert seen == [service.GIL_SWITCH_S] and seen[0] < before
+
+
+def test_what_a_replica_loaded_is_kept_out_of_every_later_collection() -> None:
+    """Once settled, the heap a stage started with is frozen: a collection no longer scans it.
+    What is made afterwards (a session's objects) is collected as before."""
+    loaded = [object()]  # like a model's tables, kept for the process's life
+    replica = service.StageService.__new__(service.StageService)
+    replica.stage = "settle-test"
+    try:
+        replica.settle_heap()
+        made_after = [object()]
+        scanned = gc.get_objects()
+        assert not any(obj is loaded for obj in scanned)
+        assert any(obj is made_after for obj in scanned)
+        frozen = REGISTRY.get_sample_value("voicebus_gc_frozen_objects", {"stage": "settle-test"})
+        assert frozen == gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+
+
+def test_each_garbage_collection_is_timed_by_generation() -> None:
+    hooks = list(gc.callbacks)
+    labels = {"stage": "gc-test", "generation": "2"}
+    try:
+        metrics.watch_gc("gc-test")
+        before = REGISTRY.get_sample_value("voicebus_gc_pause_seconds_count", labels)
+        gc.collect()
+        assert REGISTRY.get_sample_value("voicebus_gc_pause_seconds_count", labels) == before + 1
+        assert REGISTRY.get_sample_value("voicebus_gc_pause_seconds_sum", labels) > 0
+    finally:
+        gc.callbacks[:] = hooks  # this test's hook goes with it
 
 
 def test_throttle_allows_one_line_per_interval_and_counts_the_rest(monkeypatch) -> None:

@@ -15,7 +15,9 @@ questions (Piper-spoken), and measures from the events on the bus:
   the confirming verdict, and only the LLM and TTS time that outlasted the hold counts;
   ``drafted`` says how many turns were;
 - what capture costs (``--record off|events|all``): CPU seconds of every process over the
-  run (nats-server's writes included), and the recording stream's bytes per minute of call.
+  run (nats-server's writes included), and the recording stream's bytes per minute of call;
+- ``gc``: each stage process's garbage collections over the run, sessions' ends included (each
+  user hangs up once answered), from its ``voicebus_gc_pause_seconds``.
 """
 
 from __future__ import annotations
@@ -25,10 +27,12 @@ import math
 import os
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 from proto import events as ev
 from proto import subjects as sj
@@ -70,6 +74,72 @@ def cpu_seconds(stack: Stack) -> dict[str, float]:
     return out
 
 
+GC_KEYS = ("collections", "full", "full_ms", "over_10ms", "ms")
+
+
+def _gc_of(port: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+        return gc_figures(reply.read().decode())
+
+
+def gc_figures(text: str) -> dict[str, float]:
+    """One process's garbage collections so far, from the ``voicebus_gc_pause_seconds`` of its
+    /metrics page."""
+    out = dict.fromkeys(GC_KEYS, 0.0)
+    for family in text_string_to_metric_families(text):
+        if family.name != "voicebus_gc_pause_seconds":
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_count"):
+                out["collections"] += sample.value
+                out["over_10ms"] += sample.value
+                if sample.labels["generation"] == "2":
+                    out["full"] += sample.value
+            elif sample.name.endswith("_sum"):
+                out["ms"] += sample.value * 1000
+                if sample.labels["generation"] == "2":
+                    out["full_ms"] += sample.value * 1000
+            elif sample.name.endswith("_bucket") and float(sample.labels["le"]) == 0.01:
+                out["over_10ms"] -= sample.value
+    return out
+
+
+async def gc_pauses(stack: Stack) -> dict[str, dict[str, float]]:
+    """Per stage process: its garbage collections so far (``Stack(metrics=True)``)."""
+    out = {}
+    for name, port in stack.metrics_ports.items():
+        try:
+            out[name] = await asyncio.to_thread(_gc_of, port)
+        except OSError:
+            continue  # exited
+    return out
+
+
+async def sessions_closed(stack: Stack, timeout: float = 10.0) -> None:
+    """Until every stage process reports no session (``voicebus_sessions_active``), so that
+    what closing them cost is in the figures; at most ``timeout`` seconds."""
+    def open_sessions() -> float:
+        total = 0.0
+        for port in stack.metrics_ports.values():
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+                for family in text_string_to_metric_families(reply.read().decode()):
+                    if family.name == "voicebus_sessions_active":
+                        total += sum(sample.value for sample in family.samples)
+        return total
+
+    deadline = time.monotonic() + timeout
+    while await asyncio.to_thread(open_sessions) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+
+
+def gc_between(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]
+               ) -> dict[str, dict[str, float]]:
+    """What the run's garbage collections cost each process: how many, how many were full and
+    their milliseconds, how many held it over 10 ms, and the milliseconds of all of them."""
+    return {name: {key: round(now[key] - before.get(name, {}).get(key, 0.0), 2)
+                   for key in GC_KEYS} for name, now in sorted(after.items())}
+
+
 async def capture_bytes(nc: Any) -> int:
     try:
         return (await nc.jetstream().stream_info(record.STREAM)).state.bytes
@@ -101,7 +171,7 @@ async def run_pipeline_bench(sessions: int, turns: int, replicas: dict[str, int]
     if capture:
         env["VOICEBUS_RECORD"] = capture
     stack = Stack(workdir, sink=lambda line: log_file.write(line + "\n"),
-                  replicas=replicas, env=env,
+                  replicas=replicas, env=env, metrics=True,
                   audio_dir=workdir)  # the questions are WAV files: file edges on, there
     wavs = [await say_to_wav(PROMPTS[i % len(PROMPTS)], workdir / f"q{i}.wav", lead_ms=300)
             for i in range(turns)]
@@ -115,25 +185,24 @@ async def run_pipeline_bench(sessions: int, turns: int, replicas: dict[str, int]
         await tap.watch(subject)
     names = [f"bench-{i}" for i in range(sessions)]
     started = time.monotonic()
-    cpu_before = cpu_seconds(stack)
+    cpu_before, gc_before = cpu_seconds(stack), await gc_pauses(stack)
     try:
         async def one(index: int, name: str) -> None:
             await asyncio.sleep(index * spread_s / sessions)
             await dispatch(nc, tap, name, wav_in=[str(w) for w in wavs], timeout=60)
+            try:
+                await tap.wait_for(lambda: len(tap.of(ev.Playback, name, final=True)) >= turns,
+                                   30 + turns * 25, "every turn to be played")
+            except TimeoutError:
+                pass  # report what completed; turns_completed tells the shortfall
+            # The user hangs up once answered, as callers do: the others may still be talking
+            # while the stages close this session.
+            await end_session(nc, name)
 
         await asyncio.gather(*(one(i, n) for i, n in enumerate(names)))
-
-        def finished() -> bool:
-            return all(len(tap.of(ev.Playback, n, final=True)) >= turns for n in names)
-
-        try:
-            await tap.wait_for(finished, 30 + turns * 25, "every turn to be played")
-        except TimeoutError:
-            pass  # report what completed; turns_completed tells the shortfall
         elapsed = time.monotonic() - started
-        for name in names:
-            await end_session(nc, name)
-        cpu_after = cpu_seconds(stack)
+        await sessions_closed(stack)
+        cpu_after, gc_after = cpu_seconds(stack), await gc_pauses(stack)
         stored = await capture_bytes(nc)
     finally:
         await tap.close()
@@ -147,6 +216,7 @@ async def run_pipeline_bench(sessions: int, turns: int, replicas: dict[str, int]
                   providers=providers, sessions_per_core=sessions_per_core(cpu, minutes),
                   capture=capture or os.environ.get("VOICEBUS_RECORD", "all"),
                   cpu_s={"total": round(sum(cpu.values()), 2), **cpu},
+                  gc=gc_between(gc_before, gc_after),
                   call_minutes=round(minutes, 2), capture_bytes=stored,
                   capture_bytes_per_call_minute=round(stored / minutes) if minutes else 0,
                   logs=str(log_path))
