@@ -220,6 +220,7 @@ func (g *gateway) invite(parent context.Context, ring time.Duration, c *call, ta
 		err = d.Ack(ctx)
 	}
 	if err != nil {
+		g.hangUpCrossed(d)
 		_ = d.Close()
 		if parent.Err() != nil {
 			return nil, nil, fmt.Errorf("the gateway is stopping: %w", err)
@@ -235,6 +236,32 @@ func (g *gateway) invite(parent context.Context, ring time.Duration, c *call, ta
 		return nil, nil, err
 	}
 	return d, med, nil
+}
+
+// hangUpCrossed ends a call the callee answered as our CANCEL crossed its 200 OK: sipgo keeps
+// that 200 as the INVITE's response and gives up the dial, but the callee is off the hook,
+// sending the 200 again until it is ACKed. It gets its ACK, then a BYE (RFC 3261 9.1, 15), and
+// the dial stays given up; counted as the problem dial_answered_as_cancelled.
+func (g *gateway) hangUpCrossed(d *diago.DialogClientSession) {
+	res := d.InviteResponse
+	if res == nil || !res.IsSuccess() {
+		return
+	}
+	count("dial_answered_as_cancelled")
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	// sipgo's own Ack and Bye: diago's would start the media of a call nobody will have.
+	err := d.DialogClientSession.Ack(ctx)
+	if err == nil {
+		err = d.DialogClientSession.Bye(ctx)
+	}
+	to := d.InviteRequest.Recipient.String()
+	if err != nil {
+		g.log.Warn("cannot hang up a callee that answered as its dial was cancelled", "to", to,
+			"error", err)
+		return
+	}
+	g.log.Info("hung up a callee that answered as its dial was cancelled", "to", to)
 }
 
 var (

@@ -992,6 +992,76 @@ BUSY = """  <send retrans="500">
 """
 
 
+# The callee rings, and answers just as the gateway's CANCEL (at the ring timeout) reaches it:
+# it answers the CANCEL 200 (RFC 3261 9.2), and the INVITE 200 too, its answer already on the
+# way, rather than 487. An answered phone must get its ACK and, since the dial was given up, a
+# BYE. (SIPp goes on from a resent message only at a received one: the INVITE's 200 comes last.)
+CROSSES = """  <send>
+    <![CDATA[
+      SIP/2.0 180 Ringing
+      [last_Via:]
+      [last_From:]
+      [last_To:];tag=[pid]SIPpTag01[call_number]
+      [last_Call-ID:]
+      [last_CSeq:]
+      Contact: <sip:callee@[local_ip]:[local_port];transport=[transport]>
+      Content-Length: 0
+
+    ]]>
+  </send>
+  <recv request="CANCEL" timeout="30000"/>
+  <send>
+    <![CDATA[
+      SIP/2.0 200 OK
+      [last_Via:]
+      [last_From:]
+      [last_To:];tag=[pid]SIPpTag01[call_number]
+      [last_Call-ID:]
+      [last_CSeq:]
+      Content-Length: 0
+
+    ]]>
+  </send>
+  <send retrans="500">
+    <![CDATA[
+      SIP/2.0 200 OK
+      [last_Via:]
+      [last_From:]
+      [last_To:];tag=[pid]SIPpTag01[call_number]
+      [last_Call-ID:]
+      CSeq: [last_cseq_number] INVITE
+      Contact: <sip:callee@[local_ip]:[local_port];transport=[transport]>
+      Content-Type: application/sdp
+      Content-Length: [len]
+
+      v=0
+      o=callee 53655765 2353687637 IN IP4 127.0.0.1
+      s=-
+      c=IN IP4 127.0.0.1
+      t=0 0
+      m=audio {rtp_port} RTP/AVP 0
+      a=rtpmap:0 PCMU/8000
+      a=sendrecv
+
+    ]]>
+  </send>
+  <recv request="ACK" timeout="10000" crlf="true"/>
+  <recv request="BYE" timeout="10000"/>
+  <send>
+    <![CDATA[
+      SIP/2.0 200 OK
+      [last_Via:]
+      [last_From:]
+      [last_To:]
+      [last_Call-ID:]
+      [last_CSeq:]
+      Content-Length: 0
+
+    ]]>
+  </send>
+"""
+
+
 def udp_bound(port: int) -> bool:
     """Something listens on UDP ``port`` (without binding it: that would race the owner)."""
     for table in ("/proc/net/udp", "/proc/net/udp6"):
@@ -1129,6 +1199,36 @@ async def test_a_callee_that_never_responds_is_given_up_on_at_the_ring_timeout(p
     assert reply.error == "unreachable" and "no response" in reply.reason, reply
     assert waited >= 2.0  # it rang for the time asked
     assert await gateway.problems("dial_unreachable") == before + 1
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_a_callee_that_answers_as_the_dial_is_cancelled_is_acked_and_hung_up(
+        phone_stack, gateway, sipp, tmp_path) -> None:
+    """The ring timeout's CANCEL crosses the callee's 200 OK: the dial is still given up (no
+    answer, no session), and the phone, off the hook, gets its ACK and then a BYE rather than
+    resending its 200 until its own timer ends the call."""
+    from proto import codec
+
+    before = await gateway.problems("dial_answered_as_cancelled")
+    sipp_process, target = await callee(sipp, tmp_path, CROSSES)
+    nc = await phone_stack.connect()
+    tap = Tap(nc)
+    try:
+        await tap.watch(sj.everything())
+        request = ev.DialRequest(target=target, greeting="Hi", answer_timeout_ms=1500)
+        msg = await nc.request(sj.SIP_DIAL, codec.encode(request), timeout=60)
+        out, _ = await asyncio.wait_for(sipp_process.communicate(), 40)
+        assert sipp_process.returncode == 0, out.decode(errors="replace")[-4000:]
+    finally:
+        if sipp_process.returncode is None:
+            sipp_process.kill()
+            await sipp_process.communicate()
+        await tap.close()
+        await nc.close()
+    assert codec.decode_dial(msg.data).error == "no_answer"
+    assert not [s for s in tap.of(ev.PhoneSessionStart) if s.caller == target]
+    await gateway.line(r"hung up a callee that answered as its dial was cancelled", 10)
+    assert await gateway.problems("dial_answered_as_cancelled") == before + 1
 
 
 @pytest.mark.asyncio(loop_scope="module")
