@@ -20,9 +20,9 @@ from proto import codec
 from proto import events as ev
 from proto import subjects as sj
 
-# The gateway replies only when the phone stopped ringing: give it the ringing time and then
-# the time SIP may still take (a callee that rang gets a CANCEL, and its 487 is waited for up to
-# 32 s; one that never responded is given up on at the ringing time), with room to spare.
+# The gateway replies once the phone stopped ringing: answered, refused, or given up on at the
+# ringing time (a CANCEL's 487 is not waited for). The margin is for a callee that answers
+# and the session that must start before the reply, on a busy gateway, with room to spare.
 REPLY_MARGIN_S = 70.0
 
 

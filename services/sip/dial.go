@@ -151,15 +151,38 @@ func (g *gateway) dial(m *nats.Msg) {
 	}
 	c := g.newCall(directionOutbound)
 	c.log = g.log.With("session", c.session, "callee", req.Target)
+	// The dial's outcome, decided once: given up (the ring timeout, the gateway stopping) while
+	// the CANCEL still waits for the callee's 487, which may take 32 s or never come; or the
+	// INVITE's own end. The operator hears the first.
+	var outcome atomic.Pointer[DialReply]
+	givenUp := func(refusal *DialReply) {
+		if outcome.CompareAndSwap(nil, refusal) {
+			g.reply(m, refusal)
+		}
+	}
 	d, med, err := g.invite(g.ctx, time.Duration(req.AnswerTimeoutMs)*time.Millisecond, c, target,
-		req.CallerID)
+		req.CallerID, givenUp)
 	if err != nil {
 		refusal := dialFailure(err, g.ctx.Err() != nil)
 		c.log.Info("call not answered", "error", refusal.Error, "status", refusal.Status, "why", err)
-		g.refuseDial(m, refusal)
+		if outcome.CompareAndSwap(nil, refusal) {
+			g.refuseDial(m, refusal)
+		} else { // answered when the dial was given up: counted as that
+			refusal = outcome.Load()
+			count("dial_" + refusal.Error)
+			callsTotal.WithLabelValues(directionOutbound, refusal.Error).Inc()
+		}
 		return
 	}
 	defer func() { _ = d.Close() }()
+	if !outcome.CompareAndSwap(nil, &DialReply{Session: c.session}) {
+		// Picked up just as the dial was given up, and the operator told so: hung up.
+		g.hangUpCrossed(d, false)
+		refusal := outcome.Load()
+		count("dial_" + refusal.Error)
+		callsTotal.WithLabelValues(directionOutbound, refusal.Error).Inc()
+		return
+	}
 	c.signalIP = hostIP(d.InviteResponse.Source())
 	// Logged once here rather than on every line: c.log is read by diago's goroutines from now.
 	c.log.Info("callee picked up", "call_id", d.InviteRequest.CallID().Value())
@@ -180,8 +203,11 @@ func (g *gateway) dial(m *nats.Msg) {
 // stopping). A callee that is ringing by then gets a CANCEL; one that never responded at all is
 // given up on at once (sipgo would wait out the INVITE's Timer B, 32 s, since a CANCEL may only
 // follow a response).
+//
+// givenUp hears of the give-up as the CANCEL goes: the dial's answer is known then, while the
+// INVITE lives on until the callee's 487 (or an answer that crossed the CANCEL, hung up here).
 func (g *gateway) invite(parent context.Context, ring time.Duration, c *call, target sip.Uri,
-	callerID string) (*diago.DialogClientSession, *diago.DialogMedia, error) {
+	callerID string, givenUp func(*DialReply)) (*diago.DialogClientSession, *diago.DialogMedia, error) {
 	if !readyFlag.Load() {
 		return nil, nil, errNotReady
 	}
@@ -202,17 +228,20 @@ func (g *gateway) invite(parent context.Context, ring time.Duration, c *call, ta
 	// with the cause that lets such an INVITE go at once.
 	ctx, cancel := context.WithCancelCause(context.WithoutCancel(parent))
 	defer cancel(nil)
-	giveUp := func(rungOut error) func() {
+	giveUp := func(rungOut error, refusal *DialReply) func() {
 		return func() {
 			if heard.Load() {
 				cancel(rungOut) // a CANCEL goes to the ringing callee
+				givenUp(refusal)
 			} else {
 				cancel(sipgo.WaitAnswerForceCancelErr)
 			}
 		}
 	}
-	rang := time.AfterFunc(ring, giveUp(context.DeadlineExceeded))
-	stopping := context.AfterFunc(parent, giveUp(context.Canceled))
+	rang := time.AfterFunc(ring, giveUp(context.DeadlineExceeded,
+		dialFailure(context.DeadlineExceeded, false)))
+	stopping := context.AfterFunc(parent, giveUp(context.Canceled,
+		&DialReply{Error: "failed", Reason: "the gateway is stopping"}))
 	med, err := d.Invite(ctx, opts)
 	rang.Stop()
 	stopping()
@@ -220,7 +249,7 @@ func (g *gateway) invite(parent context.Context, ring time.Duration, c *call, ta
 		err = d.Ack(ctx)
 	}
 	if err != nil {
-		g.hangUpCrossed(d)
+		g.hangUpCrossed(d, true)
 		_ = d.Close()
 		if parent.Err() != nil {
 			return nil, nil, fmt.Errorf("the gateway is stopping: %w", err)
@@ -238,11 +267,11 @@ func (g *gateway) invite(parent context.Context, ring time.Duration, c *call, ta
 	return d, med, nil
 }
 
-// hangUpCrossed ends a call the callee answered as our CANCEL crossed its 200 OK: sipgo keeps
-// that 200 as the INVITE's response and gives up the dial, but the callee is off the hook,
-// sending the 200 again until it is ACKed. It gets its ACK, then a BYE (RFC 3261 9.1, 15), and
-// the dial stays given up; counted as the problem dial_answered_as_cancelled.
-func (g *gateway) hangUpCrossed(d *diago.DialogClientSession) {
+// hangUpCrossed ends a call the callee answered as the dial was given up. Most often its 200 OK
+// crossed our CANCEL: sipgo keeps that 200 as the INVITE's response and fails the INVITE, but the
+// callee is off the hook, sending the 200 again until it is ACKed: with ack it gets its ACK
+// (RFC 3261 9.1, 13.2.2.4). Then a BYE. Counted as the problem dial_answered_as_cancelled.
+func (g *gateway) hangUpCrossed(d *diago.DialogClientSession, ack bool) {
 	res := d.InviteResponse
 	if res == nil || !res.IsSuccess() {
 		return
@@ -251,17 +280,20 @@ func (g *gateway) hangUpCrossed(d *diago.DialogClientSession) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	// sipgo's own Ack and Bye: diago's would start the media of a call nobody will have.
-	err := d.DialogClientSession.Ack(ctx)
+	var err error
+	if ack {
+		err = d.DialogClientSession.Ack(ctx)
+	}
 	if err == nil {
 		err = d.DialogClientSession.Bye(ctx)
 	}
 	to := d.InviteRequest.Recipient.String()
 	if err != nil {
-		g.log.Warn("cannot hang up a callee that answered as its dial was cancelled", "to", to,
+		g.log.Warn("cannot hang up a callee that answered as its dial was given up", "to", to,
 			"error", err)
 		return
 	}
-	g.log.Info("hung up a callee that answered as its dial was cancelled", "to", to)
+	g.log.Info("hung up a callee that answered as its dial was given up", "to", to)
 }
 
 var (

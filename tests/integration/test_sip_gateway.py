@@ -1062,6 +1062,11 @@ CROSSES = """  <send>
 """
 
 
+# A callee that rings, takes the CANCEL (200) and then says nothing more: no 487 (RFC 3261 9.1
+# warns that an old UAS may never send one). sipgo waits for it up to 64*T1, 32 s.
+NEVER_487 = CROSSES.split('  <send retrans="500">')[0]
+
+
 def udp_bound(port: int) -> bool:
     """Something listens on UDP ``port`` (without binding it: that would race the owner)."""
     for table in ("/proc/net/udp", "/proc/net/udp6"):
@@ -1227,8 +1232,33 @@ async def test_a_callee_that_answers_as_the_dial_is_cancelled_is_acked_and_hung_
         await nc.close()
     assert codec.decode_dial(msg.data).error == "no_answer"
     assert not [s for s in tap.of(ev.PhoneSessionStart) if s.caller == target]
-    await gateway.line(r"hung up a callee that answered as its dial was cancelled", 10)
+    await gateway.line(r"hung up a callee that answered as its dial was given up", 10)
     assert await gateway.problems("dial_answered_as_cancelled") == before + 1
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_a_dial_that_rang_out_is_answered_without_waiting_for_the_487(
+        phone_stack, gateway, sipp, tmp_path) -> None:
+    """The operator hears "no_answer" as the CANCEL goes at the ring timeout, not after the
+    callee's 487, which this callee never sends (sipgo would wait 32 s for it)."""
+    from proto import codec
+
+    sipp_process, target = await callee(sipp, tmp_path, NEVER_487)
+    nc = await phone_stack.connect()
+    try:
+        request = ev.DialRequest(target=target, greeting="Hi", answer_timeout_ms=1500)
+        started = time.monotonic()
+        msg = await nc.request(sj.SIP_DIAL, codec.encode(request), timeout=60)
+        waited = time.monotonic() - started
+        out, _ = await asyncio.wait_for(sipp_process.communicate(), 30)
+        assert sipp_process.returncode == 0, out.decode(errors="replace")[-4000:]
+    finally:
+        if sipp_process.returncode is None:
+            sipp_process.kill()
+            await sipp_process.communicate()
+        await nc.close()
+    assert codec.decode_dial(msg.data).error == "no_answer"
+    assert 1.5 <= waited < 20, waited  # it rang for the time asked; 33.5 s waits for the 487
 
 
 @pytest.mark.asyncio(loop_scope="module")
