@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import bisect
 import gc
+import itertools
 import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.exposition import ThreadingWSGIServer
 
 REJECTED = Counter(
@@ -124,26 +127,55 @@ E2E_LATENCY = Histogram(
 # Python's cyclic garbage collector stops the whole process while it runs: a stage's event loop,
 # and every session on it, waits. Full collections of a model stage's startup heap took 16-84 ms
 # (docs/benchmarks.md, "The garbage collector's pauses"), hence ``StageService.settle_heap``.
-GC_PAUSE = Histogram(
-    "voicebus_gc_pause_seconds", "How long each garbage collection held the process",
-    ["stage", "generation"], buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25),
-)
+GC_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25)
 GC_FROZEN = Gauge("voicebus_gc_frozen_objects", "Objects of the startup heap that the garbage "
                   "collector no longer scans", ["stage"])
 
 
-def watch_gc(stage: str) -> None:
-    """Times every garbage collection of this process into ``GC_PAUSE``."""
-    started = [0.0]
-    pauses = [GC_PAUSE.labels(stage, str(generation)) for generation in range(3)]
+class GcPauses:
+    """``voicebus_gc_pause_seconds{stage,generation}``: how long each garbage collection held
+    the process. The timing hook only counts into plain lists, read when /metrics is scraped: a
+    collection can begin in any thread at any allocation, one holding a metric's lock too, and
+    a hook that took that lock again would hang the process."""
 
-    def timed(phase: str, info: dict[str, int]) -> None:
+    def __init__(self) -> None:
+        self.stage = ""
+        self.started = 0.0
+        self.counts = [[0] * (len(GC_BUCKETS) + 1) for _ in range(3)]  # per bucket, +Inf last
+        self.seconds = [0.0] * 3
+
+    def hook(self, phase: str, info: dict[str, int]) -> None:
+        # One collection at a time runs in a process, its two calls in the same thread.
         if phase == "start":
-            started[0] = time.perf_counter()
-        else:
-            pauses[info["generation"]].observe(time.perf_counter() - started[0])
+            self.started = time.perf_counter()
+            return
+        took = time.perf_counter() - self.started
+        generation = info["generation"]
+        self.counts[generation][bisect.bisect_left(GC_BUCKETS, took)] += 1
+        self.seconds[generation] += took
 
-    gc.callbacks.append(timed)
+    def collect(self) -> Iterable[HistogramMetricFamily]:
+        if not self.stage:
+            return
+        family = HistogramMetricFamily("voicebus_gc_pause_seconds", "How long each garbage "
+                                       "collection held the process", labels=["stage", "generation"])
+        for generation in range(3):
+            counts, total = list(self.counts[generation]), self.seconds[generation]
+            bounds = [*map(str, GC_BUCKETS), "+Inf"]
+            family.add_metric([self.stage, str(generation)],
+                              list(zip(bounds, itertools.accumulate(counts))), total)
+        yield family
+
+
+GC_PAUSES = GcPauses()
+REGISTRY.register(GC_PAUSES)
+
+
+def watch_gc(stage: str) -> None:
+    """Times every garbage collection of this process, as ``stage``, from now on."""
+    GC_PAUSES.stage = stage
+    if GC_PAUSES.hook not in gc.callbacks:
+        gc.callbacks.append(GC_PAUSES.hook)
 
 
 READY = Gauge("voicebus_ready", "1 from joining $SRV discovery until draining: the replica "

@@ -288,6 +288,7 @@ class StageService(Generic[C]):
         self.leases = Leases(self.bus, self.stage, self.replica, int(self.config.lease_ttl))
         await self.leases.open()
         self.state = await self.bus.key_value(STATE_BUCKET, ttl=self.config.state_ttl)
+        self.settle_heap()  # before any session: what they make is theirs to collect
         # A session comes from dispatch, or from a replica of ours that hands it over…
         for topic in (sj.CTL_START, sj.HANDOVER[self.stage]):
             self._claim_subs.append(await self.bus.subscribe(
@@ -306,7 +307,6 @@ class StageService(Generic[C]):
             name="sessions", subject=f"voicebus.{self.stage}.{self.replica}.sessions",
             handler=self._list_sessions,
         )
-        self.settle_heap()
         log.info("%s replica %s ready", self.stage, self.replica, extra={"stage": self.stage})
         metrics.READY.labels(self.stage).set(1)
         metrics.set_readiness(lambda: not stop.is_set() and self.bus.nc.is_connected)

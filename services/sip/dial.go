@@ -155,32 +155,22 @@ func (g *gateway) dial(m *nats.Msg) {
 	// the CANCEL still waits for the callee's 487, which may take 32 s or never come; or the
 	// INVITE's own end. The operator hears the first.
 	var outcome atomic.Pointer[DialReply]
-	givenUp := func(refusal *DialReply) {
+	refuse := func(refusal *DialReply) {
 		if outcome.CompareAndSwap(nil, refusal) {
-			g.reply(m, refusal)
+			g.refuseDial(m, refusal)
 		}
 	}
 	d, med, err := g.invite(g.ctx, time.Duration(req.AnswerTimeoutMs)*time.Millisecond, c, target,
-		req.CallerID, givenUp)
+		req.CallerID, refuse)
 	if err != nil {
 		refusal := dialFailure(err, g.ctx.Err() != nil)
 		c.log.Info("call not answered", "error", refusal.Error, "status", refusal.Status, "why", err)
-		if outcome.CompareAndSwap(nil, refusal) {
-			g.refuseDial(m, refusal)
-		} else { // answered when the dial was given up: counted as that
-			refusal = outcome.Load()
-			count("dial_" + refusal.Error)
-			callsTotal.WithLabelValues(directionOutbound, refusal.Error).Inc()
-		}
+		refuse(refusal) // unless it was, when given up
 		return
 	}
 	defer func() { _ = d.Close() }()
 	if !outcome.CompareAndSwap(nil, &DialReply{Session: c.session}) {
-		// Picked up just as the dial was given up, and the operator told so: hung up.
-		g.hangUpCrossed(d, false)
-		refusal := outcome.Load()
-		count("dial_" + refusal.Error)
-		callsTotal.WithLabelValues(directionOutbound, refusal.Error).Inc()
+		g.hangUpCrossed(d, false) // picked up just as the dial was given up, and the operator told so
 		return
 	}
 	c.signalIP = hostIP(d.InviteResponse.Source())
@@ -249,7 +239,9 @@ func (g *gateway) invite(parent context.Context, ring time.Duration, c *call, ta
 		err = d.Ack(ctx)
 	}
 	if err != nil {
-		g.hangUpCrossed(d, true)
+		if ctx.Err() != nil { // given up: an answer that crossed the CANCEL is hung up
+			g.hangUpCrossed(d, true)
+		}
 		_ = d.Close()
 		if parent.Err() != nil {
 			return nil, nil, fmt.Errorf("the gateway is stopping: %w", err)
@@ -271,6 +263,9 @@ func (g *gateway) invite(parent context.Context, ring time.Duration, c *call, ta
 // crossed our CANCEL: sipgo keeps that 200 as the INVITE's response and fails the INVITE, but the
 // callee is off the hook, sending the 200 again until it is ACKed: with ack it gets its ACK
 // (RFC 3261 9.1, 13.2.2.4). Then a BYE. Counted as the problem dial_answered_as_cancelled.
+// Not caught: a callee that answers the CANCEL 481 after its 200 (its INVITE transaction gone,
+// as RFC 3261 without RFC 6026 allows). sipgo then fails the INVITE on the 481 without reading
+// the 200, and that callee ends the call itself when no ACK comes (32 s).
 func (g *gateway) hangUpCrossed(d *diago.DialogClientSession, ack bool) {
 	res := d.InviteResponse
 	if res == nil || !res.IsSuccess() {

@@ -23,6 +23,7 @@ questions (Piper-spoken), and measures from the events on the bus:
 from __future__ import annotations
 
 import asyncio
+import collections
 import math
 import os
 import tempfile
@@ -121,10 +122,14 @@ async def sessions_closed(stack: Stack, timeout: float = 10.0) -> None:
     def open_sessions() -> float:
         total = 0.0
         for port in stack.metrics_ports.values():
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
-                for family in text_string_to_metric_families(reply.read().decode()):
-                    if family.name == "voicebus_sessions_active":
-                        total += sum(sample.value for sample in family.samples)
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as page:
+                    text = page.read().decode()
+            except OSError:
+                continue  # exited
+            for family in text_string_to_metric_families(text):
+                if family.name == "voicebus_sessions_active":
+                    total += sum(sample.value for sample in family.samples)
         return total
 
     deadline = time.monotonic() + timeout
@@ -190,17 +195,31 @@ async def run_pipeline_bench(sessions: int, turns: int, replicas: dict[str, int]
         async def one(index: int, name: str) -> None:
             await asyncio.sleep(index * spread_s / sessions)
             await dispatch(nc, tap, name, wav_in=[str(w) for w in wavs], timeout=60)
-            try:
-                await tap.wait_for(lambda: len(tap.of(ev.Playback, name, final=True)) >= turns,
-                                   30 + turns * 25, "every turn to be played")
-            except TimeoutError:
-                pass  # report what completed; turns_completed tells the shortfall
-            # The user hangs up once answered, as callers do: the others may still be talking
-            # while the stages close this session.
-            await end_session(nc, name)
 
+        pending = set(names)
+
+        def answered() -> set[str]:
+            played = collections.Counter(p.session for p in tap.of(ev.Playback, final=True))
+            return {name for name in pending if played[name] >= turns}
+
+        async def hang_ups() -> None:
+            """Each user hangs up once answered, as callers do: the others may still be talking
+            while the stages close that session."""
+            while pending:
+                done = await tap.wait_for(answered, 30 + turns * 25, "every turn to be played")
+                for name in done:
+                    await end_session(nc, name)
+                pending.difference_update(done)
+
+        hanging_up = asyncio.create_task(hang_ups())
         await asyncio.gather(*(one(i, n) for i, n in enumerate(names)))
+        try:
+            await hanging_up
+        except TimeoutError:
+            pass  # report what completed; turns_completed tells the shortfall
         elapsed = time.monotonic() - started
+        for name in pending:
+            await end_session(nc, name)
         await sessions_closed(stack)
         cpu_after, gc_after = cpu_seconds(stack), await gc_pauses(stack)
         stored = await capture_bytes(nc)
