@@ -31,7 +31,12 @@ from services.runtime.logs import Throttle
 
 T = TypeVar("T")
 # How long a JetStream request is tried again while its stream has no leader (a node died).
-JS_ELECTION_S = 10.0
+# nats-server's Raft followers wait 4-9 s without a leader before they campaign (its
+# minElectionTimeoutDefault and maxElectionTimeoutDefault); a vote split between the two nodes
+# left starts that wait again. 20 s covers a second round: at 10 s, a turn counter's write
+# could fail, and its turn with it, when the first round did not elect (a loaded machine saw
+# the KV streams without a leader for over 5 s).
+JS_ELECTION_S = 20.0
 _NO_LEADER = (NoStreamResponseError, ServiceUnavailableError, nats.errors.NoRespondersError,
               nats.errors.TimeoutError)
 

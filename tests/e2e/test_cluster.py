@@ -16,7 +16,7 @@ from proto import events as ev
 from proto import subjects as sj
 from services.llm.provider import ChatMessage
 from services.llm.service import HISTORY_BUCKET
-from services.runtime.bus import Bus
+from services.runtime.bus import JS_ELECTION_S, Bus
 from services.ingress.audio import read_wav
 from tests.conftest import running_stack
 from voicebus.call import Caller
@@ -29,8 +29,8 @@ SESSION = "clustered"
 
 
 # How long the history's stream may be without a leader after its node died: the stages wait
-# the same out (Bus.jetstream), and so does this test's own read of what they kept.
-ELECTION_S = 20.0
+# that out (Bus.jetstream), and so does this test's own read of what they kept.
+ELECTION_S = JS_ELECTION_S
 
 
 async def kept(nc, session: str, turns: list[int]) -> list[int]:
