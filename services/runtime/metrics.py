@@ -29,6 +29,10 @@ SESSIONS_CLAIMED = Counter("voicebus_sessions_claimed", "Sessions claimed", ["st
 SESSIONS_HANDED_OVER = Counter(
     "voicebus_sessions_handed_over", "Sessions released to another replica", ["stage"]
 )
+LEASE_REFRESH_FAILED = Counter(
+    "voicebus_lease_refresh_failures", "Session lease refreshes that failed (JetStream "
+    "unreachable or electing a leader; the lease lapses after its TTL)", ["stage"]
+)
 SESSIONS_TAKEN_OVER = Counter(
     "voicebus_sessions_taken_over", "Sessions taken over from a replica that died", ["stage"]
 )

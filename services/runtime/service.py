@@ -42,7 +42,7 @@ from services.runtime.fallback import FallbackAdapter, chain_names
 from services.runtime.leases import Leases
 from services.runtime.ledger import RECORD_CODEC, STATE_BUCKET, FloorRecord, TurnLedger, floor_key
 from services.runtime.livekit import exit_process
-from services.runtime.logs import setup_logging
+from services.runtime.logs import Throttle, setup_logging
 from services.runtime.providers import load_provider
 
 log = logging.getLogger(__name__)
@@ -261,6 +261,9 @@ class StageService(Generic[C]):
         self._claiming: set[str] = set()
         self._ended: dict[str, None] = {}  # recently ended sessions, oldest first
         self._lease_rev: dict[str, int] = {}
+        # A lease refresh fails four times a second per session while JetStream elects a
+        # leader (up to Bus.jetstream's 20 s): one line per interval says it, the metric counts.
+        self._lease_log = Throttle()
 
     def load_agents(self) -> None:
         """The agent profiles (services/runtime/agents.py) and this stage's settings for each:
@@ -469,7 +472,10 @@ class StageService(Generic[C]):
             if worker is not None:  # off the refresher's path: the other leases are due too
                 self._in_background(worker.close(), f"drop-{session}")
         except Exception as exc:
-            log.warning("lease refresh failed: %s", exc, extra={"stage": self.stage})
+            metrics.LEASE_REFRESH_FAILED.labels(self.stage).inc()
+            if (held := self._lease_log.allow("refresh")) is not None:
+                more = f" (+{held} more since last report)" if held else ""
+                log.warning("lease refresh failed: %s%s", exc, more, extra={"stage": self.stage})
 
     async def _hand_over_all(self) -> None:
         others: set[str] = set()

@@ -55,6 +55,30 @@ def test_what_a_replica_loaded_is_kept_out_of_every_later_collection() -> None:
         gc.unfreeze()
 
 
+async def test_a_lease_refresh_failing_through_an_election_is_counted_and_logged_once(
+        caplog) -> None:
+    """JetStream without a leader fails every refresh, four a second per session: each is
+    counted, one line says so."""
+    class Unanswered:
+        ttl = 1
+
+        async def refresh(self, session: str, revision: int) -> int:
+            raise TimeoutError("nats: no response from stream")
+
+    replica = service.StageService.__new__(service.StageService)
+    replica.stage = "lease-test"
+    replica.leases, replica.workers, replica._lease_rev = Unanswered(), {}, {}
+    replica._lease_log = service.Throttle()
+    labels = {"stage": "lease-test"}
+    before = REGISTRY.get_sample_value("voicebus_lease_refresh_failures_total", labels) or 0.0
+    with caplog.at_level(logging.WARNING, logger="services.runtime.service"):
+        for _ in range(12):
+            await replica._refresh("s1")
+    assert REGISTRY.get_sample_value("voicebus_lease_refresh_failures_total", labels) == before + 12
+    said = [r.getMessage() for r in caplog.records if "lease refresh failed" in r.getMessage()]
+    assert said == ["lease refresh failed: nats: no response from stream"]
+
+
 def test_each_garbage_collection_is_timed_by_generation() -> None:
     hooks = list(gc.callbacks)
     labels = {"stage": "gc-test", "generation": "2"}
