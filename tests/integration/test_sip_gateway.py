@@ -922,7 +922,9 @@ CALLEE = """<?xml version="1.0" encoding="ISO-8859-1" ?>
 {answer}</scenario>
 """
 
-ANSWERS = """  <send>
+# The callee's parts: it rings; it answers (SDP: PCMU and keys, on {rtp_port}); it takes the
+# ACK and, later, the BYE.
+RINGING = """  <send>
     <![CDATA[
       SIP/2.0 180 Ringing
       [last_Via:]
@@ -935,7 +937,8 @@ ANSWERS = """  <send>
 
     ]]>
   </send>
-  <send retrans="500">
+"""
+PICKS_UP = """  <send retrans="500">
     <![CDATA[
       SIP/2.0 200 OK
       [last_Via:]
@@ -960,7 +963,8 @@ ANSWERS = """  <send>
 
     ]]>
   </send>
-  <recv request="ACK" crlf="true"/>
+"""
+HANGS_UP = """  <recv request="ACK" crlf="true"/>
   <recv request="BYE" timeout="150000"/>
   <send>
     <![CDATA[
@@ -975,6 +979,7 @@ ANSWERS = """  <send>
     ]]>
   </send>
 """
+ANSWERS = RINGING + PICKS_UP + HANGS_UP
 
 BUSY = """  <send retrans="500">
     <![CDATA[
@@ -996,63 +1001,13 @@ BUSY = """  <send retrans="500">
 # it answers the CANCEL 200 (RFC 3261 9.2), and the INVITE 200 too, its answer already on the
 # way, rather than 487. An answered phone must get its ACK and, since the dial was given up, a
 # BYE. (SIPp goes on from a resent message only at a received one: the INVITE's 200 comes last.)
-CROSSES = """  <send>
-    <![CDATA[
-      SIP/2.0 180 Ringing
-      [last_Via:]
-      [last_From:]
-      [last_To:];tag=[pid]SIPpTag01[call_number]
-      [last_Call-ID:]
-      [last_CSeq:]
-      Contact: <sip:callee@[local_ip]:[local_port];transport=[transport]>
-      Content-Length: 0
-
-    ]]>
-  </send>
-  <recv request="CANCEL" timeout="30000"/>
+CROSSES = (RINGING + """  <recv request="CANCEL" timeout="30000"/>
   <send>
     <![CDATA[
       SIP/2.0 200 OK
       [last_Via:]
       [last_From:]
       [last_To:];tag=[pid]SIPpTag01[call_number]
-      [last_Call-ID:]
-      [last_CSeq:]
-      Content-Length: 0
-
-    ]]>
-  </send>
-  <send retrans="500">
-    <![CDATA[
-      SIP/2.0 200 OK
-      [last_Via:]
-      [last_From:]
-      [last_To:];tag=[pid]SIPpTag01[call_number]
-      [last_Call-ID:]
-      CSeq: [last_cseq_number] INVITE
-      Contact: <sip:callee@[local_ip]:[local_port];transport=[transport]>
-      Content-Type: application/sdp
-      Content-Length: [len]
-
-      v=0
-      o=callee 53655765 2353687637 IN IP4 127.0.0.1
-      s=-
-      c=IN IP4 127.0.0.1
-      t=0 0
-      m=audio {rtp_port} RTP/AVP 0
-      a=rtpmap:0 PCMU/8000
-      a=sendrecv
-
-    ]]>
-  </send>
-  <recv request="ACK" timeout="10000" crlf="true"/>
-  <recv request="BYE" timeout="10000"/>
-  <send>
-    <![CDATA[
-      SIP/2.0 200 OK
-      [last_Via:]
-      [last_From:]
-      [last_To:]
       [last_Call-ID:]
       [last_CSeq:]
       Content-Length: 0
@@ -1060,6 +1015,9 @@ CROSSES = """  <send>
     ]]>
   </send>
 """
+           + PICKS_UP.replace("[last_CSeq:]", "CSeq: [last_cseq_number] INVITE")
+           + HANGS_UP.replace('crlf="true"', 'timeout="10000" crlf="true"')
+           .replace('timeout="150000"', 'timeout="10000"'))
 
 
 # A callee that rings, takes the CANCEL (200) and sends its 487 only 8 s later (RFC 3261 9.1
