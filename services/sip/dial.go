@@ -170,7 +170,7 @@ func (g *gateway) dial(m *nats.Msg) {
 	}
 	defer func() { _ = d.Close() }()
 	if !outcome.CompareAndSwap(nil, &DialReply{Session: c.session}) {
-		g.hangUpCrossed(d, false) // picked up just as the dial was given up, and the operator told so
+		g.hangUpAnswered(d, false, true) // picked up just as the dial was given up, and the operator told so
 		return
 	}
 	c.signalIP = hostIP(d.InviteResponse.Source())
@@ -239,9 +239,7 @@ func (g *gateway) invite(parent context.Context, ring time.Duration, c *call, ta
 		err = d.Ack(ctx)
 	}
 	if err != nil {
-		if ctx.Err() != nil { // given up: an answer that crossed the CANCEL is hung up
-			g.hangUpCrossed(d, true)
-		}
+		g.hangUpAnswered(d, true, ctx.Err() != nil)
 		_ = d.Close()
 		if parent.Err() != nil {
 			return nil, nil, fmt.Errorf("the gateway is stopping: %w", err)
@@ -259,19 +257,25 @@ func (g *gateway) invite(parent context.Context, ring time.Duration, c *call, ta
 	return d, med, nil
 }
 
-// hangUpCrossed ends a call the callee answered as the dial was given up. Most often its 200 OK
-// crossed our CANCEL: sipgo keeps that 200 as the INVITE's response and fails the INVITE, but the
-// callee is off the hook, sending the 200 again until it is ACKed: with ack it gets its ACK
-// (RFC 3261 9.1, 13.2.2.4). Then a BYE. Counted as the problem dial_answered_as_cancelled.
-// Not caught: a callee that answers the CANCEL 481 after its 200 (its INVITE transaction gone,
-// as RFC 3261 without RFC 6026 allows). sipgo then fails the INVITE on the 481 without reading
-// the 200, and that callee ends the call itself when no ACK comes (32 s).
-func (g *gateway) hangUpCrossed(d *diago.DialogClientSession, ack bool) {
+// hangUpAnswered ends a call the callee answered (2xx) but the dial does not take up: given up
+// (the ring timeout, the gateway stopping) as the answer came, or an answer diago could not
+// take (no SDP in it, no codec in common), or an ACK that failed. The callee is off the hook,
+// sending its 200 again until it is ACKed: with ack it gets its ACK (RFC 3261 13.2.2.4), then a
+// BYE. Counted as the problem dial_answered_as_cancelled or dial_answer_refused. Most often
+// the 200 crossed our CANCEL: sipgo then keeps it as the INVITE's response and fails the
+// INVITE. Not caught: a callee that answers the CANCEL 481 after its 200 (its INVITE
+// transaction gone, as RFC 3261 without RFC 6026 allows); sipgo then fails the INVITE on the
+// 481 without reading the 200, and that callee ends the call itself when no ACK comes (32 s).
+func (g *gateway) hangUpAnswered(d *diago.DialogClientSession, ack, givenUp bool) {
 	res := d.InviteResponse
 	if res == nil || !res.IsSuccess() {
 		return
 	}
-	count("dial_answered_as_cancelled")
+	kind, why := "dial_answer_refused", "its answer could not be taken up"
+	if givenUp {
+		kind, why = "dial_answered_as_cancelled", "it answered as its dial was given up"
+	}
+	count(kind)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	// sipgo's own Ack and Bye: diago's would start the media of a call nobody will have.
@@ -284,11 +288,10 @@ func (g *gateway) hangUpCrossed(d *diago.DialogClientSession, ack bool) {
 	}
 	to := d.InviteRequest.Recipient.String()
 	if err != nil {
-		g.log.Warn("cannot hang up a callee that answered as its dial was given up", "to", to,
-			"error", err)
+		g.log.Warn("cannot hang up a callee: "+why, "to", to, "error", err)
 		return
 	}
-	g.log.Info("hung up a callee that answered as its dial was given up", "to", to)
+	g.log.Info("hung up a callee: "+why, "to", to)
 }
 
 var (

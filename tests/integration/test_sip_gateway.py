@@ -1020,6 +1020,17 @@ CROSSES = (RINGING + """  <recv request="CANCEL" timeout="30000"/>
            .replace('timeout="150000"', 'timeout="10000"'))
 
 
+# A callee that answers with no SDP (an offer was made: the answer must carry one, RFC 3264):
+# the gateway cannot take that call up, and the phone, off the hook, must still be ACKed and
+# hung up.
+NO_SDP = (RINGING + PICKS_UP[:PICKS_UP.index("      Content-Type:")] + """      Content-Length: 0
+
+    ]]>
+  </send>
+""" + HANGS_UP.replace('crlf="true"', 'timeout="10000" crlf="true"')
+          .replace('timeout="150000"', 'timeout="10000"'))
+
+
 # A callee that rings, takes the CANCEL (200) and sends its 487 only 8 s later (RFC 3261 9.1
 # warns that one may never come; sipgo waits up to 64*T1, 32 s, for it).
 SLOW_487 = CROSSES.split('  <send retrans="500">')[0] + """  <pause milliseconds="8000"/>
@@ -1204,8 +1215,38 @@ async def test_a_callee_that_answers_as_the_dial_is_cancelled_is_acked_and_hung_
         await nc.close()
     assert codec.decode_dial(msg.data).error == "no_answer"
     assert not [s for s in tap.of(ev.PhoneSessionStart) if s.caller == target]
-    await gateway.line(r"hung up a callee that answered as its dial was given up", 10)
+    await gateway.line(r"hung up a callee: it answered as its dial was given up", 10)
     assert await gateway.problems("dial_answered_as_cancelled") == before + 1
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_an_answer_the_gateway_cannot_take_is_acked_and_hung_up(
+        phone_stack, gateway, sipp, tmp_path) -> None:
+    """A 200 OK with no SDP: the dial fails with the reason, no session starts, and the callee
+    gets its ACK and a BYE rather than resending its 200 until its own timer ends the call."""
+    from proto import codec
+
+    before = await gateway.problems("dial_answer_refused")
+    sipp_process, target = await callee(sipp, tmp_path, NO_SDP)
+    nc = await phone_stack.connect()
+    tap = Tap(nc)
+    try:
+        await tap.watch(sj.everything())
+        request = ev.DialRequest(target=target, greeting="Hi", answer_timeout_ms=20_000)
+        msg = await nc.request(sj.SIP_DIAL, codec.encode(request), timeout=60)
+        out, _ = await asyncio.wait_for(sipp_process.communicate(), 40)
+        assert sipp_process.returncode == 0, out.decode(errors="replace")[-4000:]
+    finally:
+        if sipp_process.returncode is None:
+            sipp_process.kill()
+            await sipp_process.communicate()
+        await tap.close()
+        await nc.close()
+    reply = codec.decode_dial(msg.data)
+    assert reply.error == "failed" and "SDP" in reply.reason, reply
+    assert not [s for s in tap.of(ev.PhoneSessionStart) if s.caller == target]
+    await gateway.line(r"hung up a callee: its answer could not be taken up", 10)
+    assert await gateway.problems("dial_answer_refused") == before + 1
 
 
 @pytest.mark.asyncio(loop_scope="module")

@@ -205,18 +205,22 @@ async def run_pipeline_bench(sessions: int, turns: int, replicas: dict[str, int]
         async def hang_ups() -> None:
             """Each user hangs up once answered, as callers do: the others may still be talking
             while the stages close that session."""
+            deadline = time.monotonic() + spread_s + 30 + turns * 25
             while pending:
-                done = await tap.wait_for(answered, 30 + turns * 25, "every turn to be played")
+                done = await tap.wait_for(answered, max(0.0, deadline - time.monotonic()),
+                                          "every turn to be played")
                 for name in done:
                     await end_session(nc, name)
                 pending.difference_update(done)
 
         hanging_up = asyncio.create_task(hang_ups())
-        await asyncio.gather(*(one(i, n) for i, n in enumerate(names)))
         try:
+            await asyncio.gather(*(one(i, n) for i, n in enumerate(names)))
             await hanging_up
         except TimeoutError:
             pass  # report what completed; turns_completed tells the shortfall
+        finally:
+            hanging_up.cancel()
         elapsed = time.monotonic() - started
         for name in pending:
             await end_session(nc, name)
