@@ -165,7 +165,7 @@ func (g *gateway) dial(m *nats.Msg) {
 	if err != nil {
 		refusal := dialFailure(err, g.ctx.Err() != nil)
 		c.log.Info("call not answered", "error", refusal.Error, "status", refusal.Status, "why", err)
-		refuse(refusal) // unless it was, when given up
+		refuse(refusal) // unless it was refused already, as it was given up
 		return
 	}
 	defer func() { _ = d.Close() }()

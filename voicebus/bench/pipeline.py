@@ -78,9 +78,9 @@ def cpu_seconds(stack: Stack) -> dict[str, float]:
 GC_KEYS = ("collections", "full", "full_ms", "over_10ms", "ms")
 
 
-def _gc_of(port: int) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
-        return gc_figures(reply.read().decode())
+def _metrics_page(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as page:
+        return page.read().decode()
 
 
 def gc_figures(text: str) -> dict[str, float]:
@@ -110,7 +110,7 @@ async def gc_pauses(stack: Stack) -> dict[str, dict[str, float]]:
     out = {}
     for name, port in stack.metrics_ports.items():
         try:
-            out[name] = await asyncio.to_thread(_gc_of, port)
+            out[name] = gc_figures(await asyncio.to_thread(_metrics_page, port))
         except OSError:
             continue  # exited
     return out
@@ -123,8 +123,7 @@ async def sessions_closed(stack: Stack, timeout: float = 10.0) -> None:
         total = 0.0
         for port in stack.metrics_ports.values():
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as page:
-                    text = page.read().decode()
+                text = _metrics_page(port)
             except OSError:
                 continue  # exited
             for family in text_string_to_metric_families(text):
