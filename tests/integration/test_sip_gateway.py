@@ -23,6 +23,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -1189,22 +1190,22 @@ async def test_a_callee_that_never_responds_is_given_up_on_at_the_ring_timeout(p
     assert await gateway.problems("dial_unreachable") == before + 1
 
 
-@pytest.mark.asyncio(loop_scope="module")
-async def test_a_callee_that_answers_as_the_dial_is_cancelled_is_acked_and_hung_up(
-        phone_stack, gateway, sipp, tmp_path) -> None:
-    """The ring timeout's CANCEL crosses the callee's 200 OK: the dial is still given up (no
-    answer, no session), and the phone, off the hook, gets its ACK and then a BYE rather than
-    resending its 200 until its own timer ends the call."""
+async def dial_scripted_callee(phone_stack, sipp: str, tmp_path: Path, scenario: str,
+                               answer_timeout_ms: int) -> tuple[ev.DialReply, float, list[Any]]:
+    """A dial request on the bus to SIPp playing ``scenario`` as the callee, which must run to
+    its end: the reply, the seconds it took, and the sessions started for that callee."""
     from proto import codec
 
-    before = await gateway.problems("dial_answered_as_cancelled")
-    sipp_process, target = await callee(sipp, tmp_path, CROSSES)
+    sipp_process, target = await callee(sipp, tmp_path, scenario)
     nc = await phone_stack.connect()
     tap = Tap(nc)
     try:
         await tap.watch(sj.everything())
-        request = ev.DialRequest(target=target, greeting="Hi", answer_timeout_ms=1500)
+        request = ev.DialRequest(target=target, greeting="Hi",
+                                 answer_timeout_ms=answer_timeout_ms)
+        started = time.monotonic()
         msg = await nc.request(sj.SIP_DIAL, codec.encode(request), timeout=60)
+        waited = time.monotonic() - started
         out, _ = await asyncio.wait_for(sipp_process.communicate(), 40)
         assert sipp_process.returncode == 0, out.decode(errors="replace")[-4000:]
     finally:
@@ -1213,8 +1214,20 @@ async def test_a_callee_that_answers_as_the_dial_is_cancelled_is_acked_and_hung_
             await sipp_process.communicate()
         await tap.close()
         await nc.close()
-    assert codec.decode_dial(msg.data).error == "no_answer"
-    assert not [s for s in tap.of(ev.PhoneSessionStart) if s.caller == target]
+    started_for = [s for s in tap.of(ev.PhoneSessionStart) if s.caller == target]
+    return codec.decode_dial(msg.data), waited, started_for
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_a_callee_that_answers_as_the_dial_is_cancelled_is_acked_and_hung_up(
+        phone_stack, gateway, sipp, tmp_path) -> None:
+    """The ring timeout's CANCEL crosses the callee's 200 OK: the dial is still given up (no
+    answer, no session), and the phone, off the hook, gets its ACK and then a BYE rather than
+    resending its 200 until its own timer ends the call."""
+    before = await gateway.problems("dial_answered_as_cancelled")
+    reply, _, sessions = await dial_scripted_callee(phone_stack, sipp, tmp_path, CROSSES, 1500)
+    assert reply.error == "no_answer"
+    assert not sessions
     await gateway.line(r"hung up a callee: it answered as its dial was given up", 10)
     assert await gateway.problems("dial_answered_as_cancelled") == before + 1
 
@@ -1224,27 +1237,10 @@ async def test_an_answer_the_gateway_cannot_take_is_acked_and_hung_up(
         phone_stack, gateway, sipp, tmp_path) -> None:
     """A 200 OK with no SDP: the dial fails with the reason, no session starts, and the callee
     gets its ACK and a BYE rather than resending its 200 until its own timer ends the call."""
-    from proto import codec
-
     before = await gateway.problems("dial_answer_refused")
-    sipp_process, target = await callee(sipp, tmp_path, NO_SDP)
-    nc = await phone_stack.connect()
-    tap = Tap(nc)
-    try:
-        await tap.watch(sj.everything())
-        request = ev.DialRequest(target=target, greeting="Hi", answer_timeout_ms=20_000)
-        msg = await nc.request(sj.SIP_DIAL, codec.encode(request), timeout=60)
-        out, _ = await asyncio.wait_for(sipp_process.communicate(), 40)
-        assert sipp_process.returncode == 0, out.decode(errors="replace")[-4000:]
-    finally:
-        if sipp_process.returncode is None:
-            sipp_process.kill()
-            await sipp_process.communicate()
-        await tap.close()
-        await nc.close()
-    reply = codec.decode_dial(msg.data)
+    reply, _, sessions = await dial_scripted_callee(phone_stack, sipp, tmp_path, NO_SDP, 20_000)
     assert reply.error == "failed" and "SDP" in reply.reason, reply
-    assert not [s for s in tap.of(ev.PhoneSessionStart) if s.caller == target]
+    assert not sessions
     await gateway.line(r"hung up a callee: its answer could not be taken up", 10)
     assert await gateway.problems("dial_answer_refused") == before + 1
 
@@ -1254,23 +1250,8 @@ async def test_a_dial_that_rang_out_is_answered_without_waiting_for_the_487(
         phone_stack, gateway, sipp, tmp_path) -> None:
     """The operator hears "no_answer" as the CANCEL goes at the ring timeout, not when the
     callee's 487 comes, 8 s later here (it might never come: sipgo would wait 32 s)."""
-    from proto import codec
-
-    sipp_process, target = await callee(sipp, tmp_path, SLOW_487)
-    nc = await phone_stack.connect()
-    try:
-        request = ev.DialRequest(target=target, greeting="Hi", answer_timeout_ms=1500)
-        started = time.monotonic()
-        msg = await nc.request(sj.SIP_DIAL, codec.encode(request), timeout=60)
-        waited = time.monotonic() - started
-        out, _ = await asyncio.wait_for(sipp_process.communicate(), 30)
-        assert sipp_process.returncode == 0, out.decode(errors="replace")[-4000:]
-    finally:
-        if sipp_process.returncode is None:
-            sipp_process.kill()
-            await sipp_process.communicate()
-        await nc.close()
-    assert codec.decode_dial(msg.data).error == "no_answer"
+    reply, waited, _ = await dial_scripted_callee(phone_stack, sipp, tmp_path, SLOW_487, 1500)
+    assert reply.error == "no_answer"
     assert 1.5 <= waited < 6, waited  # it rang for the time asked; 9.5 s waits for the 487
 
 
