@@ -401,7 +401,8 @@ async def cmd_bench(args: argparse.Namespace) -> int:
         try:
             result = await run_turns_bench(
                 args.provider, [int(ms) for ms in args.silence_ms.split(",") if ms],
-                [int(ms) for ms in args.statement_ms.split(",") if ms], voices=args.voices, phrases=args.phrases, pause_ms=args.pause_ms)
+                [int(ms) for ms in args.statement_ms.split(",") if ms], voices=args.voices,
+                phrases=args.phrases, pause_ms=args.pause_ms, smart_turn=args.smart_turn)
         except RuntimeError as exc:
             print(f"voicebus bench turns: {exc}", file=sys.stderr)
             return 2
@@ -663,6 +664,9 @@ def build_parser() -> argparse.ArgumentParser:
     turns.add_argument("--voices", type=int, default=0, help="the first N voices (0: all)")
     turns.add_argument("--phrases", type=int, default=0,
                        help="the first N of bench stt's phrases (0: all)")
+    turns.add_argument("--smart-turn", action="store_true",
+                       help="also ask the audio end-of-turn model Smart Turn v3.2 (its weights "
+                       "come from PyPI's pipecat-ai wheel the first time)")
     turns.add_argument("--json", action="store_true", help="one line of JSON")
     turns.set_defaults(run=cmd_bench)
     livekit = bench_sub.add_parser("livekit", help="voice-to-voice at a user in a LiveKit room")

@@ -17,13 +17,21 @@ out, which only ever shortens the wait, so the cut-offs counted are an upper bou
 - ``hanging_waited``: hanging phrases answered once, with all their words;
 - ``wait_ms``: the user's last speech sample → the turn's final, for complete sentences
   (the VAD's silence window plus the hold), p50 / p95.
+
+``--smart-turn`` also asks an audio end-of-turn model (``smart_turn.py``) about every end of
+speech the VAD finds, at the first setting: the ends of sentences (each clip's last utterance)
+against the pauses inside them (the others: at a comma, after a hanging phrase), at the VAD's
+end edge and after 100 ms of quiet, and replays the rule with a statement or question held like
+a lone answer when the model hears the speaker unfinished at the edge (``lengthened``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,15 +114,19 @@ class Ear:
         return self.heard[key]
 
 
-def answered(utterances: list[Utterance], texts: list[str],
-             holds: EndOfTurnHolds) -> list[tuple[int, str, int]]:
+def answered(utterances: list[Utterance], texts: list[str], holds: EndOfTurnHolds,
+             unfinished: list[bool] | None = None) -> list[tuple[int, str, int]]:
     """The turns the end-of-turn rule closes with words: (final at ms, text, last speech ms).
-    A turn goes on when the next utterance starts within the hold after an end edge."""
+    A turn goes on when the next utterance starts within the hold after an end edge. An
+    utterance ``unfinished`` (by the audio model) waits at least as long as a lone answer."""
     out: list[tuple[int, str, int]] = []
     so_far = ""
     for index, (utterance, text) in enumerate(zip(utterances, texts)):
         so_far = joined(so_far, text)
-        release = utterance.edge_ms + holds.hold_ms(so_far)
+        hold = holds.hold_ms(so_far)
+        if unfinished is not None and unfinished[index] and words(so_far):
+            hold = max(hold, holds.brief_ms)
+        release = utterance.edge_ms + hold
         following = utterances[index + 1] if index + 1 < len(utterances) else None
         if following is not None and following.started_ms < release:
             continue
@@ -125,8 +137,8 @@ def answered(utterances: list[Utterance], texts: list[str],
 
 
 async def run_turns_bench(provider: str, silence_ms: list[int], statement_ms: list[int],
-                          voices: int = 0, phrases: int = 0,
-                          pause_ms: int = 700) -> dict[str, Any]:
+                          voices: int = 0, phrases: int = 0, pause_ms: int = 700,
+                          smart_turn: bool = False) -> dict[str, Any]:
     if missing := missing_tools():
         raise RuntimeError(f"the unseen voices need {', '.join(missing)} "
                            f"(Debian: apt-get install {' '.join(missing)})")
@@ -181,6 +193,17 @@ async def run_turns_bench(provider: str, silence_ms: list[int], statement_ms: li
                 "wait_ms": stats([float(w) for w in waits]),
                 "missed": examples[:8],
             }
+        if smart_turn:
+            vad = VadSegmenter(threshold=vad_config.vad_threshold,
+                               neg_threshold=vad_config.vad_neg_threshold,
+                               min_speech_ms=vad_config.vad_min_speech_ms,
+                               silence_ms=silence_ms[0],
+                               energy_floor_dbfs=vad_config.vad_energy_floor_dbfs)
+            holds = EndOfTurnHolds(stt_config.stt_eot_question_ms, statement_ms[0],
+                                   stt_config.stt_eot_incomplete_ms, stt_config.stt_eot_brief_ms)
+            settings["smart_turn"] = await _ask_smart_turn(
+                complete, hanging, vad, holds, ear, stt_config,
+                f"silence {silence_ms[0]} / statement {statement_ms[0]}")
     finally:
         await stt.aclose()
     return {"provider": provider, "voices": [v for v, _ in chosen], "pause_ms": pause_ms,
@@ -188,3 +211,58 @@ async def run_turns_bench(provider: str, silence_ms: list[int], statement_ms: li
                          "brief": stt_config.stt_eot_brief_ms,
                          "incomplete": stt_config.stt_eot_incomplete_ms},
             "settings": settings}
+
+
+# After this much quiet, whether the model could end the turn before the VAD's window.
+EARLY_MS = 100
+EARLY_P = 0.9
+
+
+async def _ask_smart_turn(complete: list[tuple[bool, bytes]], hanging: list[bytes],
+                          vad: VadSegmenter, holds: EndOfTurnHolds, ear: Ear,
+                          stt_config: SttConfig, setting: str) -> dict[str, Any]:
+    """What the audio model hears at each end of speech, and the rule with its say."""
+    from voicebus.bench.smart_turn import FILE, WHEEL, SmartTurn, fetch
+
+    model = SmartTurn(await asyncio.to_thread(fetch, Path(stt_config.whisper_cache)))
+    tail = bytes(16000 * 2 * TAIL_MS // 1000)
+    ends = {"at_edge": [0, 0], f"complete_after_{EARLY_MS}ms": [0, 0]}  # [ends, pauses]
+    counted = [0, 0]
+    cutoffs, waits, waited, ms = [0, 0], [], 0, []
+    clips = [(paused, audio, False) for paused, audio in complete]
+    clips += [(False, audio, True) for audio in hanging]
+    for paused, audio, hangs in clips:
+        utterances, clip = segment(audio, vad, stt_config.stt_preroll_ms), audio + tail
+        unfinished = []
+        for index, utterance in enumerate(utterances):
+            is_end = index == len(utterances) - 1
+            started = time.perf_counter()
+            at_edge = model.complete(clip[:utterance.edge_ms * 32])
+            ms.append((time.perf_counter() - started) * 1000)
+            early = model.complete(clip[:(utterance.last_speech_ms + EARLY_MS) * 32])
+            counted[not is_end] += 1
+            ends["at_edge"][not is_end] += at_edge >= 0.5
+            ends[f"complete_after_{EARLY_MS}ms"][not is_end] += early >= EARLY_P
+            unfinished.append(at_edge < 0.5)
+        turns = answered(utterances, [await ear(u.audio) for u in utterances], holds,
+                         unfinished)
+        if hangs:
+            waited += len(turns) == 1
+            continue
+        cutoffs[paused] += len(turns) > 1
+        if turns:
+            release, _, last_speech = turns[-1]
+            waits.append(release - last_speech)
+    return {
+        "model": f"{FILE} ({WHEEL})", "setting": setting, "ms_per_call": stats(ms),
+        "sentence_ends": counted[0], "pauses_inside": counted[1],
+        # Judged finished (p >= 0.5) at the VAD's end edge: all ends, no pauses, is right.
+        "ends_heard_finished": ends["at_edge"][0],
+        "pauses_heard_finished": ends["at_edge"][1],
+        # Sure (p >= EARLY_P) after EARLY_MS of quiet: a turn the model could end sooner…
+        "ends_sure_early": ends[f"complete_after_{EARLY_MS}ms"][0],
+        # …and a sentence it would cut.
+        "pauses_sure_early": ends[f"complete_after_{EARLY_MS}ms"][1],
+        "lengthened": {"false_cutoffs": cutoffs[False], "paused_cutoffs": cutoffs[True],
+                       "hanging_waited": waited, "wait_ms": stats([float(w) for w in waits])},
+    }
