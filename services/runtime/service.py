@@ -385,10 +385,13 @@ class StageService(Generic[C]):
             # Subscribe before taking the lease, so a lease in KV means "listening": upstream
             # stages may check it to know their events will be heard.
             await worker.subscribe_inputs()
-            revision = await self.leases.acquire(session)
             if taken_from is None:  # what a successor needs to know, if we die
+                # Stored before the lease is taken: a lease that lapses always has a start to
+                # be taken over from, and a store that waits out a JetStream election (up to
+                # JS_ELECTION_S) cannot outlast a lease the refresher does not renew yet.
                 await self.bus.put(self.state, f"{session}.start",
                                    codec.encode(worker.start_event))
+            revision = await self.leases.acquire(session)
         except KeyWrongLastSequenceError:
             if taken_from is None:
                 log.warning("session already leased by another %s replica; not claiming",

@@ -79,6 +79,46 @@ async def test_a_lease_refresh_failing_through_an_election_is_counted_and_logged
     assert said == ["lease refresh failed: nats: no response from stream"]
 
 
+async def test_a_claim_stores_the_sessions_start_before_it_takes_the_lease() -> None:
+    """A lease is renewed only once its session is claimed. Were the start stored after the
+    lease was taken, a store waiting out a JetStream election would outlast the lease, and a
+    lease that lapsed before its start was stored could not be taken over."""
+    done: list[str] = []
+
+    class Bus:
+        async def put(self, bucket: object, key: str, value: bytes) -> None:
+            done.append(f"stored {key}")
+
+        async def publish(self, subject: str, event: object) -> None:
+            done.append("ready")
+
+    class Leases:
+        async def acquire(self, session: str) -> int:
+            done.append(f"leased {session}")
+            return 7
+
+    class Worker:
+        session, start_event = "s1", ev.SessionStart(session="s1")
+
+        async def subscribe_inputs(self) -> None:
+            done.append("subscribed")
+
+        async def on_claimed(self) -> None:
+            pass
+
+        def event(self, kind: type, **fields: object) -> object:
+            return kind(session=self.session, **fields)
+
+    replica = service.StageService.__new__(service.StageService)
+    replica.stage, replica.replica, replica.state = "llm", "llm-a", object()
+    replica.bus, replica.leases = Bus(), Leases()
+    replica.workers, replica._lease_rev, replica._claiming, replica._ended = {}, {}, {"s1"}, {}
+    worker = Worker()
+    await replica._claim(worker)
+    assert done == ["subscribed", "stored s1.start", "leased s1", "ready"]
+    assert replica.workers == {"s1": worker} and replica._lease_rev == {"s1": 7}
+
+
 def test_each_garbage_collection_is_timed_by_generation() -> None:
     hooks = list(gc.callbacks)
     labels = {"stage": "gc-test", "generation": "2"}
