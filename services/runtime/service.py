@@ -445,9 +445,13 @@ class StageService(Generic[C]):
         metrics.SESSIONS_ACTIVE.labels(self.stage).set(len(self.workers))
         self._lease_rev.pop(session, None)
         try:
-            await self.leases.release(session)
+            # Waited for no longer than the lease lives: a release held up by a JetStream
+            # election (up to JS_ELECTION_S) would hold up a handover or a shutdown's drain.
+            async with asyncio.timeout(self.leases.ttl):
+                await self.leases.release(session)
         except Exception as exc:  # the lease expires on its own anyway
-            log.warning("could not release lease: %s", exc, extra={"stage": self.stage})
+            log.warning("could not release lease: %s", str(exc) or type(exc).__name__,
+                        extra={"stage": self.stage})
 
     async def _refresh_leases(self) -> None:
         # Four renewals per lifetime: a lease lapses only after 3/4 of it without one.

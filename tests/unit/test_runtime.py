@@ -119,6 +119,26 @@ async def test_a_claim_stores_the_sessions_start_before_it_takes_the_lease() -> 
     assert replica.workers == {"s1": worker} and replica._lease_rev == {"s1": 7}
 
 
+async def test_a_release_held_up_by_an_election_is_waited_for_no_longer_than_the_lease_lives(
+        caplog) -> None:
+    """The lease expires on its own within its TTL: a handover or a shutdown does not wait
+    out a JetStream election (up to 20 s) to delete it sooner."""
+    class Unanswered:
+        ttl = 0.2
+
+        async def release(self, session: str) -> None:
+            await asyncio.sleep(30)
+
+    replica = service.StageService.__new__(service.StageService)
+    replica.stage, replica.leases, replica.workers, replica._lease_rev = "llm", Unanswered(), {}, {}
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with caplog.at_level(logging.WARNING, logger="services.runtime.service"):
+        await replica._release("s1")
+    assert loop.time() - started < 5
+    assert [r.getMessage() for r in caplog.records] == ["could not release lease: TimeoutError"]
+
+
 def test_each_garbage_collection_is_timed_by_generation() -> None:
     hooks = list(gc.callbacks)
     labels = {"stage": "gc-test", "generation": "2"}
