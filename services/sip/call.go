@@ -41,6 +41,8 @@ type gateway struct {
 	// trunk for numbers, and diago to place calls with.
 	phone phoneSettings
 	dg    *diago.Diago
+	// Dials given up with no answer in hand, whose callee may still answer (stray.go).
+	strays *strayAnswers
 }
 
 // wait for the calls in progress to hang up (on shutdown), at most timeout.

@@ -240,6 +240,11 @@ func (g *gateway) invite(parent context.Context, ring time.Duration, c *call, ta
 	}
 	if err != nil {
 		g.hangUpAnswered(d, true, ctx.Err() != nil)
+		if ctx.Err() != nil && (d.InviteResponse == nil || !d.InviteResponse.IsSuccess()) {
+			// Given up with no answer in hand: one may come yet, when no transaction is left
+			// to take it (a callee that answered our CANCEL 481 after its 200).
+			g.strays.expect(d.InviteRequest, d.DialogClientSession.UA)
+		}
 		_ = d.Close()
 		if parent.Err() != nil {
 			return nil, nil, fmt.Errorf("the gateway is stopping: %w", err)
@@ -263,9 +268,9 @@ func (g *gateway) invite(parent context.Context, ring time.Duration, c *call, ta
 // sending its 200 again until it is ACKed: with ack it gets its ACK (RFC 3261 13.2.2.4), then a
 // BYE. Counted as the problem dial_answered_as_cancelled or dial_answer_refused. Most often
 // the 200 crossed our CANCEL: sipgo then keeps it as the INVITE's response and fails the
-// INVITE. Not caught: a callee that answers the CANCEL 481 after its 200 (its INVITE
-// transaction gone, as RFC 3261 without RFC 6026 allows); sipgo then fails the INVITE on the
-// 481 without reading the 200, and that callee ends the call itself when no ACK comes (32 s).
+// INVITE. A callee that answers the CANCEL 481 after its 200 (its INVITE transaction gone, as
+// RFC 3261 without RFC 6026 allows) makes sipgo fail the INVITE on the 481 without reading the
+// 200: its resent 200s are caught by stray.go.
 func (g *gateway) hangUpAnswered(d *diago.DialogClientSession, ack, givenUp bool) {
 	res := d.InviteResponse
 	if res == nil || !res.IsSuccess() {

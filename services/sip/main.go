@@ -33,6 +33,7 @@ import (
 	"github.com/emiago/diago"
 	"github.com/emiago/diago/media"
 	"github.com/emiago/sipgo"
+	"github.com/emiago/sipgo/sip"
 	"github.com/nats-io/nats.go"
 )
 
@@ -196,7 +197,11 @@ func run() error {
 		return fmt.Errorf("VOICEBUS_METRICS_PORT %d: %w", cfg.metricsPort, err)
 	}
 
-	ua, err := sipgo.NewUA(sipgo.WithUserAgent("voicebus-sip"))
+	// Responses no transaction takes: a callee answering a dial given up on (stray.go).
+	strays := newStrayAnswers(log)
+	ua, err := sipgo.NewUA(sipgo.WithUserAgent("voicebus-sip"),
+		sipgo.WithUserAgentTransactionLayerOptions(
+			sip.WithTransactionLayerUnhandledResponseHandler(strays.handle)))
 	if err != nil {
 		return err
 	}
@@ -220,7 +225,7 @@ func run() error {
 	}
 	dg := diago.NewDiago(ua, opts...)
 	srv.OnRegister(cfg.admission.handleRegister)
-	gw := &gateway{nc: nc, cfg: cfg, log: log, ctx: ctx, phone: phone}
+	gw := &gateway{nc: nc, cfg: cfg, log: log, ctx: ctx, phone: phone, strays: strays}
 	if err := startDialer(gw, dg); err != nil { // dial.go: dial requests from the bus
 		return err
 	}

@@ -1021,6 +1021,33 @@ CROSSES = (RINGING + """  <recv request="CANCEL" timeout="30000"/>
            .replace('timeout="150000"', 'timeout="10000"'))
 
 
+# The same crossing, with a callee whose INVITE transaction ended at its 200: it answers the
+# CANCEL 481 (RFC 3261 9.2, without RFC 6026), and sends its 200 again until an ACK comes. sipgo
+# ends the dial on the 481 without reading the first 200; the resent ones, which no
+# transaction takes any more, must still get their ACK, and the call a BYE.
+CROSSES_481 = (RINGING + """  <recv request="CANCEL" timeout="30000"/>
+"""
+               + PICKS_UP.replace(' retrans="500"', "")
+               .replace("[last_CSeq:]", "CSeq: [last_cseq_number] INVITE")
+               + """  <send>
+    <![CDATA[
+      SIP/2.0 481 Call/Transaction Does Not Exist
+      [last_Via:]
+      [last_From:]
+      [last_To:];tag=[pid]SIPpTag01[call_number]
+      [last_Call-ID:]
+      [last_CSeq:]
+      Content-Length: 0
+
+    ]]>
+  </send>
+  <pause milliseconds="500"/>
+"""
+               + PICKS_UP.replace("[last_CSeq:]", "CSeq: [last_cseq_number] INVITE")
+               + HANGS_UP.replace('crlf="true"', 'timeout="10000" crlf="true"')
+               .replace('timeout="150000"', 'timeout="10000"'))
+
+
 # A callee that answers with no SDP (an offer was made: the answer must carry one, RFC 3264):
 # the gateway cannot take that call up, and the phone, off the hook, must still be ACKed and
 # hung up.
@@ -1229,6 +1256,22 @@ async def test_a_callee_that_answers_as_the_dial_is_cancelled_is_acked_and_hung_
     assert reply.error == "no_answer"
     assert not sessions
     await gateway.line(r"hung up a callee: it answered as its dial was given up", 10)
+    assert await gateway.problems("dial_answered_as_cancelled") == before + 1
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_an_answer_resent_after_the_callee_refused_the_cancel_is_acked_and_hung_up(
+        phone_stack, gateway, sipp, tmp_path) -> None:
+    """The callee answers 200, then answers the CANCEL 481, then resends its 200: sipgo's dial
+    ended on the 481, so no transaction takes the resent 200s. They are still ACKed and the
+    call hung up (before, the phone resent its 200 until its own timer ended the call)."""
+    before = await gateway.problems("dial_answered_as_cancelled")
+    reply, _, sessions = await dial_scripted_callee(phone_stack, sipp, tmp_path, CROSSES_481,
+                                                    1500)
+    assert reply.error == "no_answer"
+    assert not sessions
+    await gateway.line(r"hung up a callee: it answered as its dial was given up.*"
+                       r"its INVITE had ended", 10)
     assert await gateway.problems("dial_answered_as_cancelled") == before + 1
 
 
