@@ -13,6 +13,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"strings"
 	"sync"
 	"time"
 
@@ -32,7 +33,9 @@ type strayAnswers struct {
 type strayDial struct {
 	invite *sip.Request
 	ua     *sipgo.DialogUA // the client the INVITE went out with: the same transport and Via
-	hungUp bool
+	// The calls hung up, by the callee's To tag: a forking proxy may bring answers from
+	// several phones, each a dialog of its own that needs its own ACK and BYE.
+	hungUp map[string]bool
 }
 
 func newStrayAnswers(log *slog.Logger) *strayAnswers {
@@ -47,7 +50,7 @@ func (s *strayAnswers) expect(invite *sip.Request, ua *sipgo.DialogUA) {
 	}
 	id := callID.Value()
 	s.mu.Lock()
-	s.dials[id] = &strayDial{invite: invite, ua: ua}
+	s.dials[id] = &strayDial{invite: invite, ua: ua, hungUp: map[string]bool{}}
 	s.mu.Unlock()
 	time.AfterFunc(s.keep, func() {
 		s.mu.Lock()
@@ -56,29 +59,33 @@ func (s *strayAnswers) expect(invite *sip.Request, ua *sipgo.DialogUA) {
 	})
 }
 
-// handle takes every response no transaction matches (sipgo's unhandled-response handler, on
-// the transport's goroutine): a 2xx to one of the given-up INVITEs is ACKed, and the call it
-// opened hung up once. Anything else is a retransmission nobody needs.
+// handle takes every response no transaction matches (sipgo's unhandled-response handler, each
+// in a goroutine of its own): a 2xx to one of the given-up INVITEs is ACKed, and the call it
+// opened hung up once its ACK is out. Anything else is a retransmission nobody needs.
 func (s *strayAnswers) handle(res *sip.Response) {
-	cseq, callID := res.CSeq(), res.CallID()
-	if !res.IsSuccess() || cseq == nil || cseq.MethodName != sip.INVITE || callID == nil {
+	cseq, callID, to := res.CSeq(), res.CallID(), res.To()
+	if !res.IsSuccess() || cseq == nil || cseq.MethodName != sip.INVITE || callID == nil ||
+		to == nil {
 		return
 	}
 	s.mu.Lock()
 	dial := s.dials[callID.Value()]
-	first := dial != nil && !dial.hungUp
-	if first {
-		dial.hungUp = true
-	}
 	s.mu.Unlock()
 	if dial == nil {
 		return
 	}
-	to := dial.invite.Recipient.String()
+	tag, _ := to.Params.Get("tag")
+	target := dial.invite.Recipient.String()
 	if err := dial.ua.Client.WriteRequest(inDialog(sip.ACK, dial.invite, res, cseq.SeqNo)); err != nil {
-		s.log.Warn("cannot ACK a callee that answered its given-up dial", "to", to, "error", err)
+		// Not marked hung up: the callee's next resend is ACKed again, and then hung up.
+		s.log.Warn("cannot ACK a callee that answered its given-up dial", "to", target,
+			"error", err)
 		return
 	}
+	s.mu.Lock()
+	first := !dial.hungUp[tag]
+	dial.hungUp[tag] = true
+	s.mu.Unlock()
 	if !first {
 		return
 	}
@@ -92,11 +99,11 @@ func (s *strayAnswers) handle(res *sip.Response) {
 			err = fmt.Errorf("its BYE was answered %d %s", reply.StatusCode, reply.Reason)
 		}
 		if err != nil {
-			s.log.Warn("cannot hang up a callee: it answered as its dial was given up", "to", to,
-				"error", err)
+			s.log.Warn("cannot hang up a callee: it answered as its dial was given up",
+				"to", target, "error", err)
 			return
 		}
-		s.log.Info("hung up a callee: it answered as its dial was given up", "to", to,
+		s.log.Info("hung up a callee: it answered as its dial was given up", "to", target,
 			"after", "its INVITE had ended")
 	}()
 }
@@ -110,11 +117,25 @@ func inDialog(method sip.RequestMethod, invite *sip.Request, res *sip.Response,
 	if contact := res.Contact(); contact != nil {
 		target = contact.Address
 	}
-	req := sip.NewRequest(method, *target.Clone())
+	records := res.GetHeaders("Record-Route")
+	routes := make([]string, 0, len(records)+1)
+	for i := len(records) - 1; i >= 0; i-- {
+		routes = append(routes, records[i].Value())
+	}
+	uri := target.Clone()
+	if len(routes) > 0 && !strings.Contains(routes[0], ";lr") {
+		// A strict router first (RFC 3261 12.2.1.1): it is the Request-URI, the callee's
+		// Contact the last route.
+		var first sip.Uri
+		if err := sip.ParseUri(strings.Trim(routes[0], "<>"), &first); err == nil {
+			uri = &first
+			routes = append(routes[1:], "<"+target.String()+">")
+		}
+	}
+	req := sip.NewRequest(method, *uri)
 	req.SipVersion = invite.SipVersion
-	routes := res.GetHeaders("Record-Route")
-	for i := len(routes) - 1; i >= 0; i-- {
-		req.AppendHeader(sip.NewHeader("Route", routes[i].Value()))
+	for _, route := range routes {
+		req.AppendHeader(sip.NewHeader("Route", route))
 	}
 	maxForwards := sip.MaxForwardsHeader(70)
 	req.AppendHeader(&maxForwards)
