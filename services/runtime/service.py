@@ -407,7 +407,7 @@ class StageService(Generic[C]):
             self._claiming.discard(session)
         if session in self._ended:  # ended while we were claiming it
             await worker.close()
-            await self.leases.release(session)
+            await self._release(session)
             return
         self._lease_rev[session] = revision
         self.workers[session] = worker
@@ -445,8 +445,9 @@ class StageService(Generic[C]):
         metrics.SESSIONS_ACTIVE.labels(self.stage).set(len(self.workers))
         self._lease_rev.pop(session, None)
         try:
-            # Waited for no longer than the lease lives: a release held up by a JetStream
-            # election (up to JS_ELECTION_S) would hold up a handover or a shutdown's drain.
+            # Waited for no longer than the lease lives: a delete held up by a JetStream
+            # election waits out nats-py's request timeout (5 s), which would hold up a
+            # handover or a shutdown's drain for a key that expires within its TTL anyway.
             async with asyncio.timeout(self.leases.ttl):
                 await self.leases.release(session)
         except Exception as exc:  # the lease expires on its own anyway

@@ -122,7 +122,8 @@ async def test_a_claim_stores_the_sessions_start_before_it_takes_the_lease() -> 
 async def test_a_release_held_up_by_an_election_is_waited_for_no_longer_than_the_lease_lives(
         caplog) -> None:
     """The lease expires on its own within its TTL: a handover or a shutdown does not wait
-    out a JetStream election (up to 20 s) to delete it sooner."""
+    out a JetStream election (a delete with no leader waits nats-py's 5 s) to delete it
+    sooner."""
     class Unanswered:
         ttl = 0.2
 

@@ -11,7 +11,7 @@ import pytest
 
 from services.stt.endpoint import EndOfTurnHolds
 from voicebus.bench import smart_turn as st
-from voicebus.bench.turns import Utterance, answered
+from voicebus.bench.turns import Utterance, answered, auc
 
 
 def tone(hz: float, seconds: float, amplitude: int = 8000) -> bytes:
@@ -120,3 +120,9 @@ def test_a_statement_heard_unfinished_waits_like_a_lone_answer() -> None:
         (2720 + 50, "turn off the lights then lock the door", 2500)]
     # The model never shortens a hold: a hanging phrase still waits its own.
     assert answered([first], ["I want to"], HOLDS, [True]) == [(1220 + 1500, "I want to", 1000)]
+
+
+def test_auc_counts_the_pairs_an_end_scores_above_a_pause() -> None:
+    assert auc([0.9, 0.8], [0.1, 0.2]) == 1.0
+    assert auc([0.1], [0.9]) == 0.0
+    assert auc([0.5, 0.9], [0.5, 0.1]) == 0.875  # (0.5 + 1 + 1 + 1) / 4

@@ -226,8 +226,10 @@ async def _ask_smart_turn(complete: list[tuple[bool, bytes]], hanging: list[byte
 
     model = SmartTurn(await asyncio.to_thread(fetch, Path(stt_config.whisper_cache)))
     tail = bytes(16000 * 2 * TAIL_MS // 1000)
-    ends = {"at_edge": [0, 0], f"complete_after_{EARLY_MS}ms": [0, 0]}  # [ends, pauses]
-    counted = [0, 0]
+    # The model's scores at each end of speech: [sentence ends, pauses inside], at the VAD's
+    # end edge and after EARLY_MS of quiet.
+    scores: dict[str, tuple[list[float], list[float]]] = {"at_edge": ([], []),
+                                                           f"after_{EARLY_MS}ms": ([], [])}
     cutoffs, waits, waited, ms = [0, 0], [], 0, []
     clips = [(paused, audio, False) for paused, audio in complete]
     clips += [(False, audio, True) for audio in hanging]
@@ -240,9 +242,8 @@ async def _ask_smart_turn(complete: list[tuple[bool, bytes]], hanging: list[byte
             at_edge = model.complete(clip[:utterance.edge_ms * 32])
             ms.append((time.perf_counter() - started) * 1000)
             early = model.complete(clip[:(utterance.last_speech_ms + EARLY_MS) * 32])
-            counted[not is_end] += 1
-            ends["at_edge"][not is_end] += at_edge >= 0.5
-            ends[f"complete_after_{EARLY_MS}ms"][not is_end] += early >= EARLY_P
+            scores["at_edge"][not is_end].append(at_edge)
+            scores[f"after_{EARLY_MS}ms"][not is_end].append(early)
             unfinished.append(at_edge < 0.5)
         turns = answered(utterances, [await ear(u.audio) for u in utterances], holds,
                          unfinished)
@@ -253,16 +254,31 @@ async def _ask_smart_turn(complete: list[tuple[bool, bytes]], hanging: list[byte
         if turns:
             release, _, last_speech = turns[-1]
             waits.append(release - last_speech)
+    (edge_ends, edge_pauses), (early_ends, early_pauses) = scores.values()
     return {
         "model": f"{FILE} ({WHEEL})", "setting": setting, "ms_per_call": stats(ms),
-        "sentence_ends": counted[0], "pauses_inside": counted[1],
+        "sentence_ends": len(edge_ends), "pauses_inside": len(edge_pauses),
         # Judged finished (p >= 0.5) at the VAD's end edge: all ends, no pauses, is right.
-        "ends_heard_finished": ends["at_edge"][0],
-        "pauses_heard_finished": ends["at_edge"][1],
+        "ends_heard_finished": sum(p >= 0.5 for p in edge_ends),
+        "pauses_heard_finished": sum(p >= 0.5 for p in edge_pauses),
         # Sure (p >= EARLY_P) after EARLY_MS of quiet: a turn the model could end sooner…
-        "ends_sure_early": ends[f"complete_after_{EARLY_MS}ms"][0],
-        # …and a sentence it would cut.
-        "pauses_sure_early": ends[f"complete_after_{EARLY_MS}ms"][1],
+        "ends_sure_early": sum(p >= EARLY_P for p in early_ends),
+        # …and a sentence it would cut (a lower bound: the VAD's window splits no pause
+        # shorter than itself, so the pauses between EARLY_MS and it are not counted).
+        "pauses_sure_early": sum(p >= EARLY_P for p in early_pauses),
+        # How well the scores tell ends from pauses: the chance that an end scores above a
+        # pause (0.5: a coin; 1: always).
+        "auc": {"at_edge": auc(edge_ends, edge_pauses),
+                f"after_{EARLY_MS}ms": auc(early_ends, early_pauses)},
         "lengthened": {"false_cutoffs": cutoffs[False], "paused_cutoffs": cutoffs[True],
                        "hanging_waited": waited, "wait_ms": stats([float(w) for w in waits])},
     }
+
+
+def auc(positives: list[float], negatives: list[float]) -> float:
+    """The chance that a random positive scores above a random negative (a tie counts half):
+    the area under the ROC curve, by counting pairs."""
+    if not positives or not negatives:
+        return float("nan")
+    wins = sum((p > n) + 0.5 * (p == n) for p in positives for n in negatives)
+    return round(wins / (len(positives) * len(negatives)), 3)
