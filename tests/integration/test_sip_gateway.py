@@ -982,19 +982,27 @@ HANGS_UP = """  <recv request="ACK" crlf="true"/>
 """
 ANSWERS = RINGING + PICKS_UP + HANGS_UP
 
-BUSY = """  <send retrans="500">
+
+
+def reply(status: str, *, cseq: str = "[last_CSeq:]", resent: bool = False) -> str:
+    """The callee's bodiless ``status`` to the last request it got (``cseq`` names another),
+    with its tag; ``resent`` every 500 ms until the next message comes."""
+    return f"""  <send{' retrans="500"' if resent else ''}>
     <![CDATA[
-      SIP/2.0 486 Busy Here
+      SIP/2.0 {status}
       [last_Via:]
       [last_From:]
       [last_To:];tag=[pid]SIPpTag01[call_number]
       [last_Call-ID:]
-      [last_CSeq:]
+      {cseq}
       Content-Length: 0
 
     ]]>
   </send>
-  <recv request="ACK" crlf="true"/>
+"""
+
+
+BUSY = reply("486 Busy Here", resent=True) + """  <recv request="ACK" crlf="true"/>
 """
 
 
@@ -1002,20 +1010,9 @@ BUSY = """  <send retrans="500">
 # it answers the CANCEL 200 (RFC 3261 9.2), and the INVITE 200 too, its answer already on the
 # way, rather than 487. An answered phone must get its ACK and, since the dial was given up, a
 # BYE. (SIPp goes on from a resent message only at a received one: the INVITE's 200 comes last.)
-CROSSES = (RINGING + """  <recv request="CANCEL" timeout="30000"/>
-  <send>
-    <![CDATA[
-      SIP/2.0 200 OK
-      [last_Via:]
-      [last_From:]
-      [last_To:];tag=[pid]SIPpTag01[call_number]
-      [last_Call-ID:]
-      [last_CSeq:]
-      Content-Length: 0
-
-    ]]>
-  </send>
+CANCELLED = RINGING + """  <recv request="CANCEL" timeout="30000"/>
 """
+CROSSES = (CANCELLED + reply("200 OK")
            + PICKS_UP.replace("[last_CSeq:]", "CSeq: [last_cseq_number] INVITE")
            + HANGS_UP.replace('crlf="true"', 'timeout="10000" crlf="true"')
            .replace('timeout="150000"', 'timeout="10000"'))
@@ -1025,23 +1022,11 @@ CROSSES = (RINGING + """  <recv request="CANCEL" timeout="30000"/>
 # CANCEL 481 (RFC 3261 9.2, without RFC 6026), and sends its 200 again until an ACK comes. sipgo
 # ends the dial on the 481 without reading the first 200; the resent ones, which no
 # transaction takes any more, must still get their ACK, and the call a BYE.
-CROSSES_481 = (RINGING + """  <recv request="CANCEL" timeout="30000"/>
-"""
+CROSSES_481 = (CANCELLED
                + PICKS_UP.replace(' retrans="500"', "")
                .replace("[last_CSeq:]", "CSeq: [last_cseq_number] INVITE")
-               + """  <send>
-    <![CDATA[
-      SIP/2.0 481 Call/Transaction Does Not Exist
-      [last_Via:]
-      [last_From:]
-      [last_To:];tag=[pid]SIPpTag01[call_number]
-      [last_Call-ID:]
-      [last_CSeq:]
-      Content-Length: 0
-
-    ]]>
-  </send>
-  <pause milliseconds="500"/>
+               + reply("481 Call/Transaction Does Not Exist")
+               + """  <pause milliseconds="500"/>
 """
                + PICKS_UP.replace("[last_CSeq:]", "CSeq: [last_cseq_number] INVITE")
                + HANGS_UP.replace('crlf="true"', 'timeout="10000" crlf="true"')
@@ -1061,21 +1046,12 @@ NO_SDP = (RINGING + PICKS_UP[:PICKS_UP.index("      Content-Type:")] + """      
 
 # A callee that rings, takes the CANCEL (200) and sends its 487 only 8 s later (RFC 3261 9.1
 # warns that one may never come; sipgo waits up to 64*T1, 32 s, for it).
-SLOW_487 = CROSSES.split('  <send retrans="500">')[0] + """  <pause milliseconds="8000"/>
-  <send retrans="500">
-    <![CDATA[
-      SIP/2.0 487 Request Terminated
-      [last_Via:]
-      [last_From:]
-      [last_To:];tag=[pid]SIPpTag01[call_number]
-      [last_Call-ID:]
-      CSeq: [last_cseq_number] INVITE
-      Content-Length: 0
-
-    ]]>
-  </send>
-  <recv request="ACK" timeout="10000" crlf="true"/>
+SLOW_487 = (CANCELLED + reply("200 OK") + """  <pause milliseconds="8000"/>
 """
+            + reply("487 Request Terminated", cseq="CSeq: [last_cseq_number] INVITE",
+                    resent=True)
+            + """  <recv request="ACK" timeout="10000" crlf="true"/>
+""")
 
 
 def udp_bound(port: int) -> bool:
