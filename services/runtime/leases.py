@@ -122,8 +122,25 @@ class Leases:
         return ack.seq
 
     async def release(self, session: str) -> None:
+        """Delete our lease, and only ours, by revision: a release that lands late (held up
+        past its caller's wait by a JetStream election) must not delete the lease another
+        replica took meanwhile, which would let a third take the session too."""
         assert self.kv is not None
-        await self.kv.delete(self.key(session))
+        key = self.key(session)
+        for _ in range(_ACQUIRE_TRIES):
+            try:
+                last = await self.bus.js.get_msg(STREAM, subject=PREFIX + key)
+            except NotFoundError:
+                return  # expired, and its marker gone: nothing to release
+            if _is_free(last.headers) or last.data != self.replica:
+                return  # free already, or another replica's now
+            try:
+                await self.kv.delete(key, last=last.seq)
+                return
+            except APIError as exc:
+                if exc.err_code != _WRONG_LAST_SEQUENCE:
+                    raise
+                # Changed between the read and the delete (our own refresh landing): again.
 
     async def holder(self, stage: str, session: str) -> str | None:
         """The replica of ``stage`` that holds the session, if any."""

@@ -94,3 +94,21 @@ async def test_another_replicas_lease_is_refused_and_named(bare_stack):
     assert await mine.holder("llm", SESSION) == "llm-b"
     held = await theirs.acquire(SESSION)  # its own already: taken as it is, no new revision
     assert held > first and await theirs.acquire(SESSION) == held
+
+
+async def test_a_late_release_leaves_the_successors_lease_alone(bare_stack):
+    """A release held up past its lease's life (a JetStream election; the stage waits for it
+    no longer than the TTL) lands after another replica took the key over the marker: it must
+    not delete that lease, which would let a third replica take the session too."""
+    _, nc, _ = bare_stack
+    bus = await _bus(nc)
+    mine, theirs = Leases(bus, "llm", "llm-a", ttl=1), Leases(bus, "llm", "llm-b", ttl=30)
+    await mine.open()
+    await theirs.open()
+    await mine.acquire(SESSION)
+    await _marker_of(bus, mine.key(SESSION))
+    await theirs.acquire(SESSION)
+    await mine.release(SESSION)  # late: the session is theirs now
+    assert await mine.holder("llm", SESSION) == "llm-b"
+    await theirs.release(SESSION)  # their own: deleted
+    assert await mine.holder("llm", SESSION) is None
