@@ -36,8 +36,9 @@ STREAM = f"KV_{LEASE_BUCKET}"
 PREFIX = f"$KV.{LEASE_BUCKET}."
 # nats-server keeps a delete marker this long (its minimum): long enough for every watcher.
 MARKER_TTL = 1
-# JetStream's error code for "wrong last sequence": a lost race for a key.
-_WRONG_LAST_SEQUENCE = 10071
+# JetStream's error codes for "wrong last sequence": a lost race for a key. A clustered
+# stream answers 10164 while another write to the key that expects a sequence is in flight.
+_WRONG_LAST_SEQUENCE = (10071, 10164)
 # Reads and writes of a lease that changed in between (a marker written or expired meanwhile)
 # before giving up; only another replica's lease, seen, refuses at once.
 _ACQUIRE_TRIES = 4
@@ -116,7 +117,7 @@ class Leases:
                 PREFIX + key, self.replica, stream=STREAM, msg_ttl=self.ttl,
                 headers={"Nats-Expected-Last-Subject-Sequence": str(revision)})
         except APIError as exc:
-            if exc.err_code == _WRONG_LAST_SEQUENCE:
+            if exc.err_code in _WRONG_LAST_SEQUENCE:
                 raise KeyWrongLastSequenceError(description=str(exc)) from None
             raise
         return ack.seq
@@ -138,9 +139,10 @@ class Leases:
                 await self.kv.delete(key, last=last.seq)
                 return
             except APIError as exc:
-                if exc.err_code != _WRONG_LAST_SEQUENCE:
+                if exc.err_code not in _WRONG_LAST_SEQUENCE:
                     raise
                 # Changed between the read and the delete (our own refresh landing): again.
+        log.warning("lease %s kept changing while it was released: left to expire", key)
 
     async def holder(self, stage: str, session: str) -> str | None:
         """The replica of ``stage`` that holds the session, if any."""

@@ -469,6 +469,8 @@ class StageService(Generic[C]):
             try:
                 revision = await self.leases.refresh(session, self._lease_rev.get(session, 0))
             except KeyWrongLastSequenceError:
+                if session not in self.workers:
+                    return  # released meanwhile (ended, handed over): not to be taken back
                 revision = await self.leases.acquire(session)
                 log.warning("lease had expired; renewed", extra={"stage": self.stage, "session": session})
             if session in self.workers:

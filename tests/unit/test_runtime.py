@@ -140,6 +140,64 @@ async def test_a_release_held_up_by_an_election_is_waited_for_no_longer_than_the
     assert [r.getMessage() for r in caplog.records] == ["could not release lease: TimeoutError"]
 
 
+async def test_a_refresh_that_lost_its_lease_to_a_release_does_not_take_it_back() -> None:
+    """The session was released (ended, handed over) while a refresh was in flight: the
+    refresh finds the key changed, and must not acquire the lease again, which would make the
+    successor refuse the session until it expired."""
+    from nats.js.errors import KeyWrongLastSequenceError
+
+    acquired: list[str] = []
+
+    class Released:
+        ttl = 1
+
+        async def refresh(self, session: str, revision: int) -> int:
+            raise KeyWrongLastSequenceError(description="deleted")
+
+        async def acquire(self, session: str) -> int:
+            acquired.append(session)
+            return 9
+
+    replica = service.StageService.__new__(service.StageService)
+    replica.stage, replica.leases, replica._lease_rev = "llm", Released(), {"s1": 4}
+    replica.workers = {}
+    replica._lease_log = service.Throttle()
+    await replica._refresh("s1")
+    assert acquired == []
+    replica.workers = {"s1": object()}  # still ours: a lapsed lease is taken back
+    await replica._refresh("s1")
+    assert acquired == ["s1"] and replica._lease_rev["s1"] == 9
+
+
+async def test_a_release_racing_a_refresh_deletes_the_newer_revision() -> None:
+    """Our refresh lands between the release's read and its delete: the delete by revision is
+    refused (10164 on a clustered stream, 10071 on one node), and is made again over the
+    refresh's revision rather than given up, which would leave our lease in the successor's
+    way."""
+    from types import SimpleNamespace
+
+    from nats.js.errors import APIError
+
+    from services.runtime.leases import Leases
+
+    revisions, deletes = iter([5, 6]), []
+
+    class Js:
+        async def get_msg(self, stream: str, subject: str) -> SimpleNamespace:
+            return SimpleNamespace(seq=next(revisions), data=b"llm-a", headers=None)
+
+    class Kv:
+        async def delete(self, key: str, last: int) -> None:
+            deletes.append(last)
+            if last == 5:
+                raise APIError(code=400, err_code=10164, description="wrong last sequence")
+
+    leases = Leases(SimpleNamespace(js=Js()), "llm", "llm-a", ttl=1)
+    leases.kv = Kv()
+    await leases.release("s1")
+    assert deletes == [5, 6]
+
+
 def test_each_garbage_collection_is_timed_by_generation() -> None:
     hooks = list(gc.callbacks)
     labels = {"stage": "gc-test", "generation": "2"}
