@@ -1010,9 +1010,9 @@ BUSY = reply("486 Busy Here", resent=True) + """  <recv request="ACK" crlf="true
 # it answers the CANCEL 200 (RFC 3261 9.2), and the INVITE 200 too, its answer already on the
 # way, rather than 487. An answered phone must get its ACK and, since the dial was given up, a
 # BYE. (SIPp goes on from a resent message only at a received one: the INVITE's 200 comes last.)
-CANCELLED = RINGING + """  <recv request="CANCEL" timeout="30000"/>
+RINGS_TILL_CANCEL = RINGING + """  <recv request="CANCEL" timeout="30000"/>
 """
-CROSSES = (CANCELLED + reply("200 OK")
+CROSSES = (RINGS_TILL_CANCEL + reply("200 OK")
            + PICKS_UP.replace("[last_CSeq:]", "CSeq: [last_cseq_number] INVITE")
            + HANGS_UP.replace('crlf="true"', 'timeout="10000" crlf="true"')
            .replace('timeout="150000"', 'timeout="10000"'))
@@ -1022,7 +1022,7 @@ CROSSES = (CANCELLED + reply("200 OK")
 # CANCEL 481 (RFC 3261 9.2, without RFC 6026), and sends its 200 again until an ACK comes. sipgo
 # ends the dial on the 481 without reading the first 200; the resent ones, which no
 # transaction takes any more, must still get their ACK, and the call a BYE.
-CROSSES_481 = (CANCELLED
+CROSSES_481 = (RINGS_TILL_CANCEL
                + PICKS_UP.replace(' retrans="500"', "")
                .replace("[last_CSeq:]", "CSeq: [last_cseq_number] INVITE")
                + reply("481 Call/Transaction Does Not Exist")
@@ -1046,7 +1046,7 @@ NO_SDP = (RINGING + PICKS_UP[:PICKS_UP.index("      Content-Type:")] + """      
 
 # A callee that rings, takes the CANCEL (200) and sends its 487 only 8 s later (RFC 3261 9.1
 # warns that one may never come; sipgo waits up to 64*T1, 32 s, for it).
-SLOW_487 = (CANCELLED + reply("200 OK") + """  <pause milliseconds="8000"/>
+SLOW_487 = (RINGS_TILL_CANCEL + reply("200 OK") + """  <pause milliseconds="8000"/>
 """
             + reply("487 Request Terminated", cseq="CSeq: [last_cseq_number] INVITE",
                     resent=True)
