@@ -27,7 +27,7 @@ from proto import events as ev
 from proto.subjects import Topic
 from services.runtime import metrics, tracing
 from services.runtime.config import nats_servers
-from services.runtime.logs import Throttle
+from services.runtime.logs import Throttle, held_back
 
 T = TypeVar("T")
 # How long a JetStream request is tried again while its stream has no leader (a node died).
@@ -197,9 +197,8 @@ class Bus:
         metrics.REJECTED.labels(self.stage, reason).inc()
         held = self._throttle.allow(reason)
         if held is not None:
-            more = f" (+{held} more since last report)" if held else ""
             log.warning("rejected message on %s: %s: %s%s", subject[:120], reason, detail[:200],
-                        more, extra={"stage": self.stage})
+                        held_back(held), extra={"stage": self.stage})
 
     async def key_value(self, bucket: str, ttl: float = 0.0, history: int = 1) -> KeyValue:
         """Open a JetStream KV bucket, creating it on first use (``replicas`` copies)."""

@@ -68,6 +68,11 @@ class Throttle:
         return None
 
 
+def held_back(held: int) -> str:
+    """The end of a throttled line: how many like it ``Throttle.allow`` held back before it."""
+    return f" (+{held} more since last report)" if held else ""
+
+
 class _Redact(logging.Filter):
     """Writes ``<redacted>`` for each secret in a record's message."""
 

@@ -42,7 +42,7 @@ from services.runtime.fallback import FallbackAdapter, chain_names
 from services.runtime.leases import Leases
 from services.runtime.ledger import RECORD_CODEC, STATE_BUCKET, FloorRecord, TurnLedger, floor_key
 from services.runtime.livekit import exit_process
-from services.runtime.logs import Throttle, setup_logging
+from services.runtime.logs import Throttle, held_back, setup_logging
 from services.runtime.providers import load_provider
 
 log = logging.getLogger(__name__)
@@ -484,8 +484,8 @@ class StageService(Generic[C]):
         except Exception as exc:
             metrics.LEASE_REFRESH_FAILED.labels(self.stage).inc()
             if (held := self._lease_log.allow("refresh")) is not None:
-                more = f" (+{held} more since last report)" if held else ""
-                log.warning("lease refresh failed: %s%s", exc, more, extra={"stage": self.stage})
+                log.warning("lease refresh failed: %s%s", exc, held_back(held),
+                            extra={"stage": self.stage})
 
     async def _hand_over_all(self) -> None:
         others: set[str] = set()

@@ -41,7 +41,7 @@ from services.runtime import metrics
 from services.runtime.bus import Bus, Stopped
 from services.runtime.config import BaseConfig
 from services.runtime.errors import ConfigError
-from services.runtime.logs import Throttle, setup_logging
+from services.runtime.logs import Throttle, held_back, setup_logging
 
 log = logging.getLogger("voicebus.tools")
 
@@ -161,8 +161,7 @@ class ToolServer:
         metrics.REJECTED.labels(ROLE, reason).inc()
         held = _throttle.allow(reason)
         if held is not None:
-            more = f" (+{held} more since last report)" if held else ""
-            log.warning("refused a call of %s: %s%s", name, detail[:200], more,
+            log.warning("refused a call of %s: %s%s", name, detail[:200], held_back(held),
                         extra={"stage": ROLE})
         await _reply_error(request, 400, detail)
 

@@ -1138,27 +1138,10 @@ async def test_voicebus_dial_calls_out_and_the_callee_hears_the_greeting(
 async def test_a_busy_callee_gives_a_clear_error_reply(phone_stack, gateway, sipp, tmp_path) -> None:
     """The dial request straight on the bus: a callee that answers 486 Busy Here makes the
     reply say so, with the status, and no session starts."""
-    from proto import codec
-
     busy_before = await gateway.problems("dial_busy")
-    sipp_process, target = await callee(sipp, tmp_path, BUSY)
-    nc = await phone_stack.connect()
-    tap = Tap(nc)
-    try:
-        await tap.watch(sj.everything())
-        request = ev.DialRequest(target=target, greeting="Hi", answer_timeout_ms=20_000)
-        msg = await nc.request(sj.SIP_DIAL, codec.encode(request), timeout=60)
-        reply = codec.decode_dial(msg.data)
-        out, _ = await asyncio.wait_for(sipp_process.communicate(), 30)
-        assert sipp_process.returncode == 0, out.decode(errors="replace")[-4000:]
-    finally:
-        if sipp_process.returncode is None:
-            sipp_process.kill()
-            await sipp_process.communicate()
-        await tap.close()
-        await nc.close()
+    reply, _, sessions = await dial_scripted_callee(phone_stack, sipp, tmp_path, BUSY, 20_000)
     assert reply == ev.DialReply(error="busy", status=486, reason="486 Busy Here")
-    assert not [s for s in tap.of(ev.PhoneSessionStart) if s.caller == target]
+    assert not sessions
     assert await gateway.problems("dial_busy") == busy_before + 1
 
 
